@@ -1,0 +1,72 @@
+//! `qmig`: inspect, round-trip and extract QEMU live-migration streams.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod extract;
+mod inspect;
+mod progress;
+mod roundtrip;
+
+/// Tools for QEMU live-migration streams.
+#[derive(Parser, Debug)]
+#[command(name = "qmig", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Summarise a stream: header, machine, capabilities, sections, commands,
+    /// RAM blocks and per-block record counts.
+    Inspect {
+        /// The migration stream (e.g. written by `migrate file:PATH`).
+        stream: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Print one line per item (offset, section, block, page offset, kind, payload length).
+        #[arg(long)]
+        records: bool,
+        /// A captured return path (destination → source) to summarise too.
+        #[arg(long, value_name = "FILE")]
+        return_path: Option<PathBuf>,
+    },
+    /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
+    Roundtrip {
+        /// The migration stream.
+        stream: PathBuf,
+    },
+    /// Write the final content of every RAM block as a raw image, plus manifest.json.
+    Extract {
+        /// The migration stream.
+        stream: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Inspect {
+            stream,
+            json,
+            records,
+            return_path,
+        } => inspect::run(&stream, json, records, return_path.as_deref()),
+        Cmd::Roundtrip { stream } => roundtrip::run(&stream),
+        Cmd::Extract { stream, output } => extract::run(&stream, &output),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qmig: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

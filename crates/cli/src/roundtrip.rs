@@ -1,0 +1,57 @@
+//! `qmig roundtrip`: re-serialize every item and compare with the input.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+use std::process::ExitCode;
+
+use qmig_wire::StreamReader;
+
+pub fn run(path: &Path) -> Result<ExitCode, String> {
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut orig = BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| e.to_string())?);
+    let mut rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
+    let pb = crate::progress::bytes(total, "roundtrip");
+    let mut out = Vec::with_capacity(1 << 16);
+    let mut want = Vec::with_capacity(1 << 16);
+    let mut items = 0u64;
+    loop {
+        let ri = match rd.next_item() {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                println!("parse error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let (off, item) = (ri.offset, ri.item);
+        out.clear();
+        item.write(&mut out);
+        want.resize(out.len(), 0);
+        orig.read_exact(&mut want).map_err(|e| format!("re-reading input at {off}: {e}"))?;
+        if out != want {
+            let i = out.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            println!(
+                "difference at offset {}: item {} at {} ({}), re-serialized byte {:#04x}, original {:#04x}",
+                off + i as u64,
+                items,
+                off,
+                item.kind_name(),
+                out[i],
+                want[i]
+            );
+            return Ok(ExitCode::from(1));
+        }
+        items += 1;
+        pb.set_position(off);
+    }
+    pb.finish_and_clear();
+    let mut extra = [0u8; 1];
+    if orig.read(&mut extra).map_err(|e| e.to_string())? != 0 {
+        println!("difference: input has bytes after the last item at offset {}", rd.decoder().position());
+        return Ok(ExitCode::from(1));
+    }
+    println!("identical: {items} items, {} bytes", rd.decoder().position());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,430 @@
+//! RAM section records: `be64 offset|flags`, an optional counted block name,
+//! then a body that depends on the flags.
+
+use crate::error::{fail, PResult};
+use crate::names::{counted_name, put_counted};
+use nom::bytes::streaming::take;
+use nom::number::streaming::{be_u16, be_u32, be_u64, be_u8};
+
+/// RAM record flag bits (below the target page size).
+pub mod flags {
+    /// Obsolete "full" flag; never sent by QEMU >= 1.x.
+    pub const FULL: u64 = 0x01;
+    /// A page whose bytes all equal the fill byte (0).
+    pub const ZERO: u64 = 0x02;
+    /// The block list (only in the RAM START section).
+    pub const MEM_SIZE: u64 = 0x04;
+    /// A raw page.
+    pub const PAGE: u64 = 0x08;
+    /// End of the section payload.
+    pub const EOS: u64 = 0x10;
+    /// Same block as the previous page record: no name follows.
+    pub const CONTINUE: u64 = 0x20;
+    /// An XBZRLE-encoded page.
+    pub const XBZRLE: u64 = 0x40;
+    /// RDMA hook.
+    pub const HOOK: u64 = 0x80;
+    /// A zlib-compressed page (QEMU <= 9.0).
+    pub const COMPRESS_PAGE: u64 = 0x100;
+    /// Multifd channels flush marker.
+    pub const MULTIFD_FLUSH: u64 = 0x200;
+}
+
+/// Magic of a mapped-ram block header.
+pub const MAPPED_RAM_HEADER_LEN: usize = 28;
+
+/// Parsing context for RAM records: what the stream announced so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamContext {
+    /// log2 of the target page size (12 on x86).
+    pub page_bits: u32,
+    /// POSTCOPY_ADVISE was seen; `Some(summary)` when it carried one.
+    pub postcopy_advised: Option<Option<u64>>,
+    /// The source's host page size (blocks with another page size carry it when postcopy is advised).
+    pub host_page_size: u64,
+    /// `x-ignore-shared` capability: each MEM_SIZE block carries its guest address.
+    pub ignore_shared: bool,
+    /// `mapped-ram` capability.
+    pub mapped_ram: bool,
+}
+
+impl Default for RamContext {
+    fn default() -> Self {
+        RamContext {
+            page_bits: 12,
+            postcopy_advised: None,
+            host_page_size: 4096,
+            ignore_shared: false,
+            mapped_ram: false,
+        }
+    }
+}
+
+impl RamContext {
+    /// Target page size in bytes.
+    pub fn page_size(&self) -> usize {
+        1usize << self.page_bits
+    }
+}
+
+/// zlib's `compressBound` for `n` input bytes.
+pub fn compress_bound(n: u32) -> u32 {
+    n + (n >> 12) + (n >> 14) + (n >> 25) + 13
+}
+
+/// One entry of the MEM_SIZE block list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemBlock<'a> {
+    /// Block idstr, e.g. `pc.ram`.
+    pub name: &'a str,
+    /// Used length in bytes.
+    pub used_length: u64,
+    /// Page size, present when postcopy is advised and it differs from the host page size.
+    pub page_size: Option<u64>,
+    /// Guest address, present with `x-ignore-shared`.
+    pub addr: Option<u64>,
+}
+
+/// Body of a RAM record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RamBody<'a> {
+    /// MEM_SIZE: the block list; the record's `offset` is the total.
+    MemSize(Vec<MemBlock<'a>>),
+    /// ZERO with its fill byte (QEMU >= 8.2 only accepts 0).
+    Zero {
+        /// Fill byte.
+        fill: u8,
+    },
+    /// PAGE: one raw target page.
+    Page(&'a [u8]),
+    /// XBZRLE: encoded bytes (header byte 1 and be16 length implied).
+    Xbzrle(&'a [u8]),
+    /// COMPRESS_PAGE: a zlib stream (be32 length implied).
+    Compressed(&'a [u8]),
+    /// EOS: end of this section's RAM payload.
+    Eos,
+    /// HOOK: an RDMA control point, no payload on this channel.
+    Hook,
+    /// MULTIFD_FLUSH: multifd sync point, no payload.
+    MultifdFlush,
+}
+
+/// The kind of a RAM record, for counting and listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RamKind {
+    /// MEM_SIZE.
+    MemSize,
+    /// ZERO.
+    Zero,
+    /// PAGE.
+    Page,
+    /// XBZRLE.
+    Xbzrle,
+    /// COMPRESS_PAGE.
+    Compressed,
+    /// EOS.
+    Eos,
+    /// HOOK.
+    Hook,
+    /// MULTIFD_FLUSH.
+    MultifdFlush,
+}
+
+impl RamKind {
+    /// Upper-case wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RamKind::MemSize => "MEM_SIZE",
+            RamKind::Zero => "ZERO",
+            RamKind::Page => "PAGE",
+            RamKind::Xbzrle => "XBZRLE",
+            RamKind::Compressed => "COMPRESS_PAGE",
+            RamKind::Eos => "EOS",
+            RamKind::Hook => "HOOK",
+            RamKind::MultifdFlush => "MULTIFD_FLUSH",
+        }
+    }
+}
+
+/// A RAM record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamRecord<'a> {
+    /// Page-aligned offset in the block (for MEM_SIZE: the total of all block lengths).
+    pub offset: u64,
+    /// Flag bits as sent (including CONTINUE).
+    pub flags: u64,
+    /// The block name when sent, `None` when the record continues the previous block
+    /// (or carries no block at all: MEM_SIZE, EOS, HOOK, MULTIFD_FLUSH).
+    pub block: Option<&'a str>,
+    /// The body.
+    pub body: RamBody<'a>,
+}
+
+impl<'a> RamRecord<'a> {
+    /// The record's kind.
+    pub fn kind(&self) -> RamKind {
+        match self.body {
+            RamBody::MemSize(_) => RamKind::MemSize,
+            RamBody::Zero { .. } => RamKind::Zero,
+            RamBody::Page(_) => RamKind::Page,
+            RamBody::Xbzrle(_) => RamKind::Xbzrle,
+            RamBody::Compressed(_) => RamKind::Compressed,
+            RamBody::Eos => RamKind::Eos,
+            RamBody::Hook => RamKind::Hook,
+            RamBody::MultifdFlush => RamKind::MultifdFlush,
+        }
+    }
+
+    /// Whether this record addresses a page (and so a block).
+    pub fn is_page(&self) -> bool {
+        self.flags & (flags::ZERO | flags::PAGE | flags::XBZRLE | flags::COMPRESS_PAGE) != 0
+    }
+
+    /// Length of the variable payload (page bytes, encoded bytes...).
+    pub fn payload_len(&self) -> usize {
+        match &self.body {
+            RamBody::Page(d) | RamBody::Xbzrle(d) | RamBody::Compressed(d) => d.len(),
+            RamBody::Zero { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    /// A ZERO record.
+    pub fn zero(offset: u64, block: Option<&'a str>) -> Self {
+        Self::page_like(offset, flags::ZERO, block, RamBody::Zero { fill: 0 })
+    }
+
+    /// A PAGE record.
+    pub fn page(offset: u64, block: Option<&'a str>, data: &'a [u8]) -> Self {
+        Self::page_like(offset, flags::PAGE, block, RamBody::Page(data))
+    }
+
+    /// An XBZRLE record.
+    pub fn xbzrle(offset: u64, block: Option<&'a str>, data: &'a [u8]) -> Self {
+        Self::page_like(offset, flags::XBZRLE, block, RamBody::Xbzrle(data))
+    }
+
+    /// A COMPRESS_PAGE record.
+    pub fn compressed(offset: u64, block: Option<&'a str>, data: &'a [u8]) -> Self {
+        Self::page_like(offset, flags::COMPRESS_PAGE, block, RamBody::Compressed(data))
+    }
+
+    /// An EOS record.
+    pub fn eos() -> Self {
+        RamRecord {
+            offset: 0,
+            flags: flags::EOS,
+            block: None,
+            body: RamBody::Eos,
+        }
+    }
+
+    /// A MEM_SIZE record; the total is computed from the blocks.
+    pub fn mem_size(blocks: Vec<MemBlock<'a>>) -> Self {
+        let total = blocks.iter().map(|b| b.used_length).sum();
+        RamRecord {
+            offset: total,
+            flags: flags::MEM_SIZE,
+            block: None,
+            body: RamBody::MemSize(blocks),
+        }
+    }
+
+    fn page_like(offset: u64, f: u64, block: Option<&'a str>, body: RamBody<'a>) -> Self {
+        RamRecord {
+            offset,
+            flags: if block.is_some() { f } else { f | flags::CONTINUE },
+            block,
+            body,
+        }
+    }
+
+    /// Serializes the record.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.offset | self.flags).to_be_bytes());
+        if let Some(b) = self.block {
+            put_counted(out, b);
+        }
+        match &self.body {
+            RamBody::MemSize(blocks) => {
+                for b in blocks {
+                    put_counted(out, b.name);
+                    out.extend_from_slice(&b.used_length.to_be_bytes());
+                    if let Some(ps) = b.page_size {
+                        out.extend_from_slice(&ps.to_be_bytes());
+                    }
+                    if let Some(a) = b.addr {
+                        out.extend_from_slice(&a.to_be_bytes());
+                    }
+                }
+            }
+            RamBody::Zero { fill } => out.push(*fill),
+            RamBody::Page(d) => out.extend_from_slice(d),
+            RamBody::Xbzrle(d) => {
+                out.push(1);
+                out.extend_from_slice(&(d.len() as u16).to_be_bytes());
+                out.extend_from_slice(d);
+            }
+            RamBody::Compressed(d) => {
+                out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+                out.extend_from_slice(d);
+            }
+            RamBody::Eos | RamBody::Hook | RamBody::MultifdFlush => {}
+        }
+    }
+}
+
+/// Parses one RAM record.
+///
+/// `have_block` says whether a block was named earlier on this channel (for
+/// CONTINUE); the caller tracks the name itself.
+pub(crate) fn parse_ram_record<'a>(
+    i: &'a [u8],
+    ctx: &RamContext,
+    have_block: bool,
+) -> PResult<'a, RamRecord<'a>> {
+    let at = i;
+    let (i, word) = be_u64(i)?;
+    let page_mask = (1u64 << ctx.page_bits) - 1;
+    let f = word & page_mask;
+    let offset = word & !page_mask;
+    let kind = f & !flags::CONTINUE;
+    let page_flags = flags::ZERO | flags::PAGE | flags::XBZRLE | flags::COMPRESS_PAGE;
+    // Exactly one kind bit, as QEMU's loader's switch requires.
+    let body_kind = match kind {
+        flags::ZERO | flags::PAGE | flags::XBZRLE | flags::COMPRESS_PAGE => kind,
+        flags::MEM_SIZE | flags::EOS | flags::HOOK | flags::MULTIFD_FLUSH
+            if f & flags::CONTINUE == 0 =>
+        {
+            kind
+        }
+        _ => fail!(at, BadRamFlags { flags: f }),
+    };
+    let (i, block) = if body_kind & page_flags != 0 {
+        if f & flags::CONTINUE != 0 {
+            if !have_block {
+                fail!(at, ContinueWithoutBlock {});
+            }
+            (i, None)
+        } else {
+            let (i, name) = counted_name(i, "RAM block name")?;
+            (i, Some(name))
+        }
+    } else {
+        (i, None)
+    };
+    let ps = ctx.page_size();
+    let (i, body) = match body_kind {
+        flags::ZERO => {
+            let (i, fill) = be_u8(i)?;
+            (i, RamBody::Zero { fill })
+        }
+        flags::PAGE => {
+            let (i, d) = take(ps)(i)?;
+            (i, RamBody::Page(d))
+        }
+        flags::XBZRLE => {
+            let hat = i;
+            let (i, h) = be_u8(i)?;
+            if h != 1 {
+                fail!(hat, XbzrleHeader { found: h });
+            }
+            let lat = i;
+            let (i, len) = be_u16(i)?;
+            if len as usize > ps {
+                fail!(lat, XbzrleLength { len: len as u32, page_size: ps as u32 });
+            }
+            let (i, d) = take(len as usize)(i)?;
+            (i, RamBody::Xbzrle(d))
+        }
+        flags::COMPRESS_PAGE => {
+            let lat = i;
+            let (i, len) = be_u32(i)?;
+            let bound = compress_bound(ps as u32);
+            if len > bound {
+                fail!(lat, CompressLength { len: len, page_size: ps as u32, bound: bound });
+            }
+            let (i, d) = take(len as usize)(i)?;
+            (i, RamBody::Compressed(d))
+        }
+        flags::MEM_SIZE => {
+            let (i, blocks) = parse_mem_size(i, offset, ctx)?;
+            (i, RamBody::MemSize(blocks))
+        }
+        flags::EOS => (i, RamBody::Eos),
+        flags::HOOK => (i, RamBody::Hook),
+        _ => (i, RamBody::MultifdFlush),
+    };
+    Ok((
+        i,
+        RamRecord {
+            offset,
+            flags: f,
+            block,
+            body,
+        },
+    ))
+}
+
+/// Parses the MEM_SIZE block list that follows the header word.
+fn parse_mem_size<'a>(
+    mut i: &'a [u8],
+    total: u64,
+    ctx: &RamContext,
+) -> PResult<'a, Vec<MemBlock<'a>>> {
+    if ctx.mapped_ram {
+        fail!(i, Unsupported { what: "mapped-ram streams (pages live at file offsets, not in records)" });
+    }
+    let mut blocks = Vec::new();
+    let mut sum: u64 = 0;
+    while sum < total {
+        let at = i;
+        let (r, name) = counted_name(i, "RAM block name")?;
+        let (r, used_length) = be_u64(r)?;
+        sum = match sum.checked_add(used_length) {
+            Some(s) => s,
+            None => fail!(at, MemSize { total: total, sum: u64::MAX, why: "block lengths overflow u64" }),
+        };
+        if sum > total {
+            fail!(at, MemSize { total: total, sum: sum, why: "block lengths add up to more than the total" });
+        }
+        let (r, page_size) = match ctx.postcopy_advised {
+            Some(summary) => page_size_field(r, summary, ctx.host_page_size)?,
+            None => (r, None),
+        };
+        let (r, addr) = if ctx.ignore_shared {
+            let (r, a) = be_u64(r)?;
+            (r, Some(a))
+        } else {
+            (r, None)
+        };
+        blocks.push(MemBlock {
+            name,
+            used_length,
+            page_size,
+            addr,
+        });
+        i = r;
+    }
+    Ok((i, blocks))
+}
+
+/// Decides whether a block entry carries a page-size field, when postcopy is
+/// advised. A field is present only for blocks whose page size differs from
+/// the host page size: if the ADVISE summary says every block uses the host
+/// page size, none is present; otherwise the next eight bytes are a page size
+/// iff they form a power of two above the host page size that the summary
+/// includes (a block name would start with a non-zero length byte, and the
+/// records that may follow the list have values below the page size).
+fn page_size_field(i: &[u8], summary: Option<u64>, host: u64) -> PResult<'_, Option<u64>> {
+    if summary == Some(host) {
+        return Ok((i, None));
+    }
+    let (r, v) = be_u64(i)?;
+    let in_summary = summary.is_none_or(|s| s & v == v);
+    if v.is_power_of_two() && v > host && in_summary && v >> 56 == 0 {
+        Ok((r, Some(v)))
+    } else {
+        Ok((i, None))
+    }
+}

@@ -1,0 +1,161 @@
+//! Two-phase decoder: validate the whole encoded page, then apply it.
+
+use crate::uleb128;
+use crate::XbzrleError;
+
+/// Applies an XBZRLE-encoded page onto `page`, the destination's current content of that
+/// page, turning it into the source's new content.
+///
+/// The input is validated completely before the first byte of `page` is written, so on
+/// error `page` is untouched: a page is always either its old or its new content. An
+/// empty input is valid and leaves the page unchanged.
+///
+/// Accepted inputs are exactly those QEMU's destination accepts (`load_xbzrle` +
+/// `xbzrle_decode_buffer`), including non-minimal 2-byte lengths such as `80 00`.
+///
+/// # Errors
+/// The first rule broken, scanning from the start of `encoded`; see [`XbzrleError`]:
+/// [`InputTooLong`](XbzrleError::InputTooLong),
+/// [`LengthTooLong`](XbzrleError::LengthTooLong),
+/// [`TruncatedLength`](XbzrleError::TruncatedLength),
+/// [`ZeroSkipRun`](XbzrleError::ZeroSkipRun), [`ZeroDataRun`](XbzrleError::ZeroDataRun),
+/// [`RunPastPageEnd`](XbzrleError::RunPastPageEnd),
+/// [`RunPastInputEnd`](XbzrleError::RunPastInputEnd).
+///
+/// # Examples
+/// ```
+/// let old = [0u8; 16];
+/// let mut new = old;
+/// new[3] = 7;
+/// let mut out = [0u8; 16];
+/// let len = qmig_xbzrle::encode(&old, &new, &mut out).unwrap();
+/// assert_eq!(&out[..len], &[3, 1, 7]); // skip 3, then 1 literal byte
+///
+/// let mut page = old;
+/// qmig_xbzrle::decode(&out[..len], &mut page).unwrap();
+/// assert_eq!(page, new);
+///
+/// // A zero-length data run is rejected and leaves the page alone.
+/// assert!(qmig_xbzrle::decode(&[3, 0], &mut page).is_err());
+/// assert_eq!(page, new);
+/// ```
+pub fn decode(encoded: &[u8], page: &mut [u8]) -> Result<(), XbzrleError> {
+    validate(encoded, page.len())?;
+    apply_validated(encoded, page);
+    Ok(())
+}
+
+/// Checks that `encoded` is a well-formed XBZRLE page for a page of `page_len` bytes,
+/// without applying it. [`decode`] calls this first.
+///
+/// # Errors
+/// As for [`decode`].
+pub fn validate(encoded: &[u8], page_len: usize) -> Result<(), XbzrleError> {
+    let len = encoded.len();
+    if len > page_len {
+        return Err(XbzrleError::InputTooLong { len, page_len });
+    }
+    let mut i = 0usize;
+    let mut d = 0usize;
+    while i < len {
+        let position = i;
+        let (zrun, w) = read_len(encoded, i)?;
+        if zrun == 0 && i != 0 {
+            return Err(XbzrleError::ZeroSkipRun { position });
+        }
+        i += w;
+        let page_offset = d;
+        d += zrun;
+        if d > page_len {
+            return Err(XbzrleError::RunPastPageEnd {
+                position,
+                page_offset,
+                end: d,
+                page_len,
+            });
+        }
+        let position = i;
+        let (nzrun, w) = read_len(encoded, i)?;
+        if nzrun == 0 {
+            return Err(XbzrleError::ZeroDataRun { position });
+        }
+        i += w;
+        if d + nzrun > page_len {
+            return Err(XbzrleError::RunPastPageEnd {
+                position,
+                page_offset: d,
+                end: d + nzrun,
+                page_len,
+            });
+        }
+        if nzrun > len - i {
+            return Err(XbzrleError::RunPastInputEnd {
+                position,
+                len: nzrun,
+                available: len - i,
+            });
+        }
+        i += nzrun;
+        d += nzrun;
+    }
+    Ok(())
+}
+
+#[inline]
+fn read_len(encoded: &[u8], i: usize) -> Result<(usize, usize), XbzrleError> {
+    match uleb128::decode(&encoded[i..]) {
+        Ok((v, w)) => Ok((v as usize, w)),
+        Err(uleb128::DecodeError::Truncated) => Err(XbzrleError::TruncatedLength { position: i }),
+        Err(uleb128::DecodeError::TooLong) => Err(XbzrleError::LengthTooLong { position: i }),
+    }
+}
+
+/// Second phase: `encoded` has passed [`validate`] for `page.len()`, so no check here can
+/// fail; the slice indexing that remains is only the compiler's bounds checks.
+#[inline]
+fn apply_validated(encoded: &[u8], page: &mut [u8]) {
+    let len = encoded.len();
+    let mut i = 0usize;
+    let mut d = 0usize;
+    while i < len {
+        let (zrun, w) = read_len_unchecked(encoded, i);
+        i += w;
+        d += zrun;
+        let (nzrun, w) = read_len_unchecked(encoded, i);
+        i += w;
+        copy_run(&mut page[d..d + nzrun], &encoded[i..i + nzrun]);
+        i += nzrun;
+        d += nzrun;
+    }
+}
+
+/// Reads a length already known to be well formed.
+#[inline(always)]
+fn read_len_unchecked(encoded: &[u8], i: usize) -> (usize, usize) {
+    let b0 = encoded[i];
+    if b0 < 0x80 {
+        (usize::from(b0), 1)
+    } else {
+        (
+            usize::from(b0 & 0x7F) | (usize::from(encoded[i + 1]) << 7),
+            2,
+        )
+    }
+}
+
+/// `dst.copy_from_slice(src)` with short runs done as two overlapping fixed-size moves
+/// instead of a call into `memcpy`.
+#[inline(always)]
+fn copy_run(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    debug_assert_eq!(n, dst.len());
+    if n >= 8 && n <= 16 {
+        dst[..8].copy_from_slice(&src[..8]);
+        dst[n - 8..].copy_from_slice(&src[n - 8..]);
+    } else if n >= 4 && n < 8 {
+        dst[..4].copy_from_slice(&src[..4]);
+        dst[n - 4..].copy_from_slice(&src[n - 4..]);
+    } else {
+        dst.copy_from_slice(src);
+    }
+}

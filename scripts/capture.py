@@ -1,0 +1,479 @@
+#!/usr/bin/env python3
+"""Capture real QEMU migration streams plus oracles for qmig's test corpus.
+
+usage: capture.py [--out DIR] [--max-size BYTES] [--keep-tmp] SCENARIO... | all | --list
+
+Each scenario writes DIR/<name>/:
+  stream | stream.gz     the main migration stream (gzip'd when larger than --max-size)
+  rp                     recorded return path (relay scenarios only)
+  query-migrate.json     {"source": final query-migrate, "destination": ... (if any)}
+  oracle.json            machine, QEMU version, capabilities/parameters, RAM layout,
+                         sha256 digests of the source's pmemsave per RAM block range,
+                         expected record counts (see tests/data/README.md)
+
+Every capture is self-checked with the independent reader scripts/qemustream.py: QEMU's
+counters must match the records in the stream and every digest must match the memory
+reconstructed from the stream; otherwise the capture fails.
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qmp  # noqa: E402
+import qemustream  # noqa: E402
+from relay import Relay  # noqa: E402
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(SCRIPTS)
+MiB = 1 << 20
+HOLE = (0xA0000, 0x100000)
+BIOS_FILE = "/usr/share/seabios/bios-256k.bin"
+
+PC = {"args": ["-M", "pc", "-m", "2"], "ram": 2 * MiB, "layout": [("pc.ram", 0, 2 * MiB)]}
+Q35 = {"args": ["-M", "q35", "-m", "4",
+                "-object", "memory-backend-ram,id=m0,size=2M",
+                "-object", "memory-backend-ram,id=m1,size=2M",
+                "-numa", "node,nodeid=0,memdev=m0", "-numa", "node,nodeid=1,memdev=m1"],
+       "ram": 4 * MiB, "layout": [("m0", 0, 2 * MiB), ("m1", 2 * MiB, 2 * MiB)]}
+
+# guest: dict(start, size, writes) for scripts/guest/build.sh
+G_SMALL = {"start": 0x100000, "size": 48 * 4096, "writes": 2}
+G_XBZ = {"start": 0x100000, "size": 128 * 4096, "writes": 2}
+# XBZRLE rounds are so cheap that QEMU syncs again within a millisecond: the guest must
+# dirty continuously (tiny delay) and the bandwidth is lowered once XBZRLE starts
+# ("slow_after"), or a sync can find nothing dirty and the migration converges early.
+G_XBZ_FAST = dict(G_XBZ, delay=0x1000)
+
+SCENARIOS = {
+    "q10-stopped": dict(
+        qemu="10", machine=PC, guest=G_XBZ, flow="stopped",
+        about="QEMU 10, guest booted and dirtying, then `stop`, one migration to file:"),
+    "q10-passes": dict(
+        qemu="10", machine=PC, guest=G_SMALL, flow="passes", min_syncs=5,
+        params={"max-bandwidth": 2_000_000},
+        about="QEMU 10, running guest, max-bandwidth 2 MB/s, >= 5 dirty syncs, then stop"),
+    "q10-xbzrle": dict(
+        qemu="10", machine=PC, guest=G_XBZ_FAST, flow="passes", min_syncs=3, min_xbzrle=1100,
+        caps={"xbzrle": True}, slow_after=(2, 8_000),
+        params={"max-bandwidth": 2_000_000, "xbzrle-cache-size": 4 * MiB},
+        about="QEMU 10, running guest, xbzrle, passes until >= 1100 XBZRLE pages, then stop"),
+    "q10-zpd-none": dict(
+        qemu="10", machine=PC, guest=G_SMALL, flow="stopped",
+        params={"zero-page-detection": "none"},
+        about="QEMU 10, stopped guest, zero-page-detection=none (zero pages sent as PAGE)"),
+    "q10-postcopy": dict(
+        qemu="10", machine=PC, guest=G_XBZ, flow="postcopy", min_syncs=2,
+        caps={"postcopy-ram": True}, params={"max-bandwidth": 1_000_000},
+        about="QEMU 10 -> QEMU 10 over the recording relay, postcopy-ram, "
+              "migrate-start-postcopy after the first pass, running destination"),
+    "q10-return-path": dict(
+        qemu="10", machine=PC, guest=G_SMALL, flow="relay", min_syncs=3,
+        caps={"return-path": True}, params={"max-bandwidth": 2_000_000},
+        about="QEMU 10 -> QEMU 10 precopy over the recording relay with return-path"),
+    "q35-backends": dict(
+        qemu="10", machine=Q35, guest={"start": 0x180000, "size": 256 * 4096, "writes": 1},
+        flow="passes", min_syncs=3, params={"max-bandwidth": 4_000_000},
+        about="QEMU 10 -M q35, two memory-backend-ram NUMA nodes (m0, m1), guest dirties "
+              "[1.5 MiB, 2.5 MiB) across both, passes then stop"),
+    "q72-plain": dict(
+        qemu="7.2", machine=PC, guest=G_SMALL, flow="passes", min_syncs=5,
+        params={"max-bandwidth": 2_000_000},
+        about="QEMU 7.2, running guest, max-bandwidth 2 MB/s, >= 5 dirty syncs, then stop"),
+    "q72-xbzrle": dict(
+        qemu="7.2", machine=PC, guest=G_XBZ_FAST, flow="passes", min_syncs=3, min_xbzrle=1100,
+        caps={"xbzrle": True}, slow_after=(2, 8_000),
+        params={"max-bandwidth": 2_000_000, "xbzrle-cache-size": 4 * MiB},
+        about="QEMU 7.2, running guest, xbzrle, passes until >= 1100 XBZRLE pages, then stop"),
+    "q72-compress": dict(
+        qemu="7.2", machine=PC, guest=G_SMALL, flow="passes", min_syncs=3,
+        caps={"compress": True},
+        params={"max-bandwidth": 2_000_000, "compress-level": 1, "compress-threads": 2},
+        about="QEMU 7.2, running guest, compress capability, compress-level 1, 2 threads"),
+    "q72-compress6": dict(
+        qemu="7.2", machine=PC, guest=G_SMALL, flow="stopped",
+        caps={"compress": True}, params={"compress-level": 6, "compress-threads": 2},
+        about="QEMU 7.2, stopped guest, compress capability, compress-level 6"),
+}
+
+
+def log(*a):
+    print("[capture]", *a, file=sys.stderr, flush=True)
+
+
+def sha256(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def build_guest(g, out):
+    cmd = [os.path.join(SCRIPTS, "guest", "build.sh"), "-o", out, "-s", hex(g["start"]),
+           "-n", hex(g["size"]), "-w", str(g["writes"]), "-d", hex(g.get("delay", 0x100000))]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def machine_args(sc, img, serial):
+    return (sc["machine"]["args"] + ["-nodefaults", "-display", "none",
+            "-drive", f"file={img},format=raw,if=ide", "-serial", f"file:{serial}"])
+
+
+def set_caps_params(vm, caps, params):
+    if caps:
+        vm.cmd("migrate-set-capabilities",
+               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+    if params:
+        vm.cmd("migrate-set-parameters", **params)
+
+
+def wait_guest(serial, n=3, timeout=30):
+    qmp.wait_file_size(serial, n, timeout)
+
+
+def wait_progress(vm, sc, timeout=120):
+    """Poll query-migrate until the scenario's dirty-sync / XBZRLE targets are reached."""
+    deadline = time.monotonic() + timeout
+    slowed = False
+    while True:
+        st = vm.cmd("query-migrate")
+        if st.get("status") in ("failed", "cancelled"):
+            raise qmp.QMPError(f"migration {st['status']}: {st}")
+        syncs = st.get("ram", {}).get("dirty-sync-count", 0)
+        xb = st.get("xbzrle-cache", {}).get("pages", 0)
+        if not slowed and "slow_after" in sc and syncs >= sc["slow_after"][0]:
+            vm.cmd("migrate-set-parameters", **{"max-bandwidth": sc["slow_after"][1]})
+            slowed = True
+        if syncs >= sc.get("min_syncs", 0) and xb >= sc.get("min_xbzrle", 0):
+            return st
+        if st.get("status") == "completed":
+            raise qmp.QMPError(f"migration completed before targets were reached: {st}")
+        if time.monotonic() > deadline:
+            raise qmp.QMPError(f"targets not reached in {timeout}s: {st}")
+        time.sleep(0.02)
+
+
+def mtree_check(vm, layout):
+    """Cross-check the scenario's guest-physical layout against `info mtree -f`."""
+    text = vm.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
+    names = {b for b, _, _ in layout}
+    pat = re.compile(r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?")
+    seen = 0
+    for line in text.splitlines():
+        m = pat.match(line)
+        if not m or m.group(3) not in names:
+            continue
+        lo, hi, name = int(m.group(1), 16), int(m.group(2), 16) + 1, m.group(3)
+        off = int(m.group(4), 16) if m.group(4) else 0
+        for b, gpa, size in layout:
+            if b == name:
+                if not (gpa <= lo and hi <= gpa + size and lo - gpa == off):
+                    raise RuntimeError(f"layout mismatch: {line.strip()} vs {layout}")
+                seen += 1
+    if not seen:
+        raise RuntimeError(f"no RAM of {names} found in info mtree -f")
+
+
+def ram_blocks_hmp(vm):
+    text = vm.cmd("human-monitor-command", **{"command-line": "info ramblock"})
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 7:
+            out.append({"name": f[0], "page_size": f[1] + " " + f[2], "offset": f[3],
+                        "used": int(f[4], 16), "max": int(f[5], 16)})
+    return out
+
+
+def digests(mem, layout):
+    """Digest entries for each RAM range outside the [0xA0000, 0x100000) hole."""
+    out = []
+    for blk, gpa, size in layout:
+        cuts = [(gpa, gpa + size)]
+        pieces = []
+        for lo, hi in cuts:
+            if lo < HOLE[0] < hi or lo < HOLE[1] < hi or (HOLE[0] <= lo and hi <= HOLE[1]):
+                if lo < HOLE[0]:
+                    pieces.append((lo, HOLE[0]))
+                if hi > HOLE[1]:
+                    pieces.append((HOLE[1], hi))
+            else:
+                pieces.append((lo, hi))
+        for lo, hi in pieces:
+            out.append({"block": blk, "offset": lo - gpa, "length": hi - lo, "gpa": lo,
+                        "sha256": sha256(mem[lo:hi])})
+    return out
+
+
+class Capture:
+    def __init__(self, name, sc, outroot, workdir, max_size):
+        self.name, self.sc = name, sc
+        self.out = os.path.join(outroot, name)
+        self.work = os.path.join(workdir, name)
+        self.max_size = max_size
+        os.makedirs(self.work, exist_ok=True)
+        self.binary = qmp.qemu_binary(sc["qemu"])
+        self.src = self.dst = None
+
+    def start(self, name, extra, img):
+        serial = os.path.join(self.work, f"{name}.serial")
+        args = machine_args(self.sc, img, serial) + extra
+        vm = qmp.Qemu(self.binary, args, self.work, name)
+        vm.serial = serial
+        return vm
+
+    def run(self):
+        sc = self.sc
+        img = build_guest(sc["guest"], os.path.join(self.work, "guest.img"))
+        stream = os.path.join(self.work, "stream")
+        rp = os.path.join(self.work, "rp")
+        caps, params = sc.get("caps", {}), dict(sc.get("params", {}))
+        self.src = src = self.start("src", [], img)
+        version = qmp.version_string(src.qmp)
+        wait_guest(src.serial)
+        mtree_check(src, sc["machine"]["layout"])
+        ramblocks = ram_blocks_hmp(src)
+        dst_final = None
+        flow = sc["flow"]
+        if sc["qemu"] == "10":
+            uri = f"file:{stream}"
+        else:
+            uri = f"exec:cat > {stream}"
+        relay = None
+        if flow in ("relay", "postcopy"):
+            dimg = os.path.join(self.work, "guest-dst.img")
+            shutil.copy(img, dimg)
+            dport = qmp.free_port()
+            self.dst = dst = self.start("dst", ["-incoming", f"tcp:127.0.0.1:{dport}"], dimg)
+            set_caps_params(dst, caps, {})
+            relay = Relay(0, dport, stream, rp).start()
+            uri = f"tcp:127.0.0.1:{relay.port}"
+        set_caps_params(src, caps, params)
+        if flow != "stopped":
+            # Never converge on its own: the script decides when to stop the guest.
+            src.cmd("migrate-set-parameters", **{"downtime-limit": 1})
+
+        if flow == "stopped":
+            src.cmd("stop")
+            src.cmd("migrate", uri=uri)
+        elif flow in ("passes", "relay"):
+            src.cmd("migrate", uri=uri)
+            wait_progress(src, sc)
+            src.cmd("stop")
+            src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40,
+                                                  "downtime-limit": 2000})
+        elif flow == "postcopy":
+            src.cmd("migrate", uri=uri)
+            wait_progress(src, sc)
+            src.cmd("migrate-start-postcopy")
+            src.cmd("migrate-set-parameters", **{"downtime-limit": 2000})
+        final = qmp.wait_migration(src.qmp, timeout=180)
+        src_status = src.cmd("query-status")["status"]
+        if self.dst:
+            dst_final = qmp.wait_migration(self.dst.qmp, timeout=60)
+            relay.wait(60)
+            if relay.thread.is_alive():
+                raise RuntimeError("relay did not finish")
+        elif sc["qemu"] == "7.2":
+            time.sleep(0.5)  # let `cat` flush
+        ram = sc["machine"]["ram"]
+        memfile = os.path.join(self.work, "src.mem")
+        qmp.pmemsave(src.qmp, 0, ram, memfile)
+        mem = open(memfile, "rb").read()
+        dst_digests = None
+        if self.dst and flow == "relay":
+            dmem = os.path.join(self.work, "dst.mem")
+            qmp.pmemsave(self.dst.qmp, 0, ram, dmem)
+            dst_digests = digests(open(dmem, "rb").read(), sc["machine"]["layout"])
+        src.quit()
+        if self.dst:
+            self.dst.quit()
+
+        data = qemustream.load(stream)
+        ref = qemustream.Stream(data, decode=True)
+        ents = digests(mem, sc["machine"]["layout"])
+        for e in ents:
+            got = sha256(ref.images[e["block"]][e["offset"]:e["offset"] + e["length"]])
+            if got != e["sha256"]:
+                raise RuntimeError(f"{self.name}: reference reader disagrees with pmemsave "
+                                   f"on {e['block']}@{e['offset']:#x}+{e['length']:#x}")
+        if dst_digests is not None and [d["sha256"] for d in dst_digests] != \
+                [e["sha256"] for e in ents]:
+            raise RuntimeError("destination memory differs from source memory")
+        rom = []
+        if "pc.bios" in ref.blocks and os.path.exists(BIOS_FILE):
+            bios = open(BIOS_FILE, "rb").read()
+            if len(bios) == ref.blocks["pc.bios"]["length"]:
+                if bytes(ref.images["pc.bios"]) == bios:
+                    rom.append({"block": "pc.bios", "offset": 0, "length": len(bios),
+                                "sha256": sha256(bios), "source": BIOS_FILE})
+                else:
+                    log(f"{self.name}: pc.bios in stream differs from {BIOS_FILE}; no ROM digest")
+
+        expect, notes = self.expectations(final, ref)
+        rp_summary = None
+        if os.path.exists(rp) and os.path.getsize(rp):
+            msgs = qemustream.parse_return_path(open(rp, "rb").read())
+            counts = {}
+            for m, _ in msgs:
+                counts[m] = counts.get(m, 0) + 1
+            rp_summary = {"bytes": os.path.getsize(rp), "messages": counts}
+
+        oracle = {
+            "scenario": self.name,
+            "about": sc["about"],
+            "qemu_version": version,
+            "qemu_binary": " ".join(self.binary),
+            "machine_args": sc["machine"]["args"] + ["-nodefaults", "-display", "none"],
+            "guest": {"dirty_start": sc["guest"]["start"], "dirty_size": sc["guest"]["size"],
+                      "writes_per_page": sc["guest"]["writes"],
+                      "delay_tsc": sc["guest"].get("delay", 0x100000),
+                      "build": "scripts/guest/build.sh -s START -n SIZE -w WRITES -d DELAY"},
+            "flow": flow,
+            "uri": uri.split(":")[0],
+            "capabilities": caps,
+            "parameters": params,
+            "parameters_later": ({"max-bandwidth": sc["slow_after"][1],
+                                  "after_dirty_sync": sc["slow_after"][0]}
+                                 if "slow_after" in sc else None),
+            "source_status_after": src_status,
+            "ram_size": ram,
+            "layout": [{"block": b, "gpa": g, "size": s} for b, g, s in sc["machine"]["layout"]],
+            "hole": list(HOLE),
+            "pmemsave": {"address": 0, "size": len(mem), "sha256": sha256(mem)},
+            "digests": ents + rom,
+            "expect": expect,
+            "expect_notes": notes,
+            "reference": {
+                "reader": "scripts/qemustream.py",
+                "blocks": [ref.blocks[n] for n in ref.block_order],
+                "totals": {k: ref.totals[k] for k in
+                           ("zero", "page", "xbzrle", "compressed", "eos")},
+                "commands": ref.commands,
+                "vmdesc": ref.vmdesc is not None,
+                "stream_bytes": len(data),
+            },
+            "return_path": rp_summary,
+            "ramblocks_hmp": ramblocks,
+        }
+        self.store(stream, rp, final, dst_final, oracle)
+        return oracle
+
+    def expectations(self, final, ref):
+        """Counter equalities QEMU guarantees, each verified against the stream."""
+        ram = final.get("ram", {})
+        t = ref.totals
+        expect, notes = {}, []
+        pairs = [("totals.zero", "zero", "ram.duplicate", ram.get("duplicate")),
+                 ("totals.page", "page", "ram.normal", ram.get("normal"))]
+        if "xbzrle-cache" in final:
+            pairs.append(("totals.xbzrle", "xbzrle", "xbzrle-cache.pages",
+                          final["xbzrle-cache"].get("pages")))
+        if "compression" in final:
+            pairs.append(("totals.compressed", "compressed", "compression.pages",
+                          final["compression"].get("pages")))
+        for key, tk, qname, qval in pairs:
+            if qval is None:
+                continue
+            if qval == t[tk]:
+                expect[key] = qval
+                notes.append(f"{key} == {qname} ({qval})")
+            else:
+                notes.append(f"NOT asserted: {key}={t[tk]} but {qname}={qval}")
+                log(f"{self.name}: stream {key}={t[tk]} != query-migrate {qname}={qval}")
+        return expect, notes
+
+    def store(self, stream, rp, final, dst_final, oracle):
+        if os.path.isdir(self.out):
+            shutil.rmtree(self.out)
+        os.makedirs(self.out)
+        size = os.path.getsize(stream)
+        if self.max_size and size > self.max_size:
+            with open(stream, "rb") as f, open(os.path.join(self.out, "stream.gz"), "wb") as g:
+                with gzip.GzipFile(fileobj=g, mode="wb", mtime=0, filename="") as z:
+                    shutil.copyfileobj(f, z)
+            oracle["stream_file"] = "stream.gz"
+        else:
+            shutil.copy(stream, os.path.join(self.out, "stream"))
+            oracle["stream_file"] = "stream"
+        if os.path.exists(rp):
+            shutil.copy(rp, os.path.join(self.out, "rp"))
+            oracle["rp_file"] = "rp"
+        qm = {"source": final}
+        if dst_final is not None:
+            qm["destination"] = dst_final
+        with open(os.path.join(self.out, "query-migrate.json"), "w") as f:
+            json.dump(qm, f, indent=1, sort_keys=True)
+            f.write("\n")
+        with open(os.path.join(self.out, "oracle.json"), "w") as f:
+            json.dump(oracle, f, indent=1)
+            f.write("\n")
+
+    def cleanup(self):
+        for vm in (self.src, self.dst):
+            if vm:
+                vm.kill()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*")
+    ap.add_argument("--out", default=os.path.join(REPO, "tests", "data"))
+    ap.add_argument("--max-size", type=int, default=2 * MiB,
+                    help="gzip streams larger than this (0: never)")
+    ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--retries", type=int, default=1)
+    a = ap.parse_args()
+    if a.list:
+        for n, sc in SCENARIOS.items():
+            print(f"{n:16} {sc['about']}")
+        return 0
+    names = list(SCENARIOS) if a.scenarios in ([], ["all"]) else a.scenarios
+    for n in names:
+        if n not in SCENARIOS:
+            sys.exit(f"unknown scenario {n}; use --list")
+    work = tempfile.mkdtemp(prefix="qmig-capture.", dir="/tmp")
+    failed = []
+    try:
+        for n in names:
+            for attempt in range(a.retries + 1):
+                cap = Capture(n, SCENARIOS[n], a.out, os.path.join(work, f"{attempt}"),
+                              a.max_size)
+                t0 = time.monotonic()
+                try:
+                    o = cap.run()
+                    r = o["reference"]
+                    log(f"{n}: ok in {time.monotonic() - t0:.1f}s, {r['stream_bytes']} bytes, "
+                        f"totals {r['totals']}")
+                    break
+                except Exception as e:  # noqa: BLE001
+                    log(f"{n}: attempt {attempt + 1} failed: {e}")
+                    for vm in (cap.src, cap.dst):
+                        if vm:
+                            log(f"  {vm.name} log: {vm.read_log().strip()[-500:]}")
+                finally:
+                    cap.cleanup()
+            else:
+                failed.append(n)
+    finally:
+        if not a.keep_tmp:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work dir kept: {work}")
+    if failed:
+        log("FAILED: " + " ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Install the QEMU peers used by qmig's interop tests (Debian bookworm, run as root).
+#
+#  * QEMU 10 (qemu-system-x86 from bookworm-backports) system-wide,
+#  * build dependencies of the qmig crates (zlib1g-dev, libclang-dev),
+#  * QEMU 7.2 (bookworm's own qemu-system-x86) unpacked privately into
+#    $QMIG_QEMU72_PREFIX (default /opt/qemu-7.2); run it with scripts/qemu72.
+#
+# Idempotent and non-interactive: re-running it is cheap when everything is present.
+set -euo pipefail
+
+PREFIX="${QMIG_QEMU72_PREFIX:-/opt/qemu-7.2}"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[install-qemu] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-qemu.sh: must run as root" >&2
+    exit 1
+fi
+
+SRC=/etc/apt/sources.list.d/backports.sources
+want_src='Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg'
+
+updated=0
+apt_update() {
+    if [ "$updated" -eq 0 ]; then
+        log "apt-get update"
+        apt-get update -qq
+        updated=1
+    fi
+}
+
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    log "adding bookworm-backports to $SRC"
+    printf '%s\n' "$want_src" > "$SRC"
+    apt_update
+fi
+
+# --- QEMU 10 from backports + build deps --------------------------------------------
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'; }
+need=()
+major="$(qemu_major || true)"
+if [ -z "$major" ] || [ "$major" -lt 10 ]; then
+    need+=(qemu-system-x86)
+fi
+for p in zlib1g-dev libclang-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    apt_update
+    log "installing ${need[*]}"
+    # -t backports only raises the priority of backports; zlib/libclang come from bookworm.
+    apt-get install -y -q --no-install-recommends -t bookworm-backports "${need[@]}"
+fi
+major="$(qemu_major)"
+if [ "$major" -lt 10 ]; then
+    echo "install-qemu.sh: expected QEMU >= 10 from backports, got $(qemu-system-x86_64 --version | head -1)" >&2
+    exit 1
+fi
+log "system QEMU: $(qemu-system-x86_64 --version | head -1)"
+
+# --- QEMU 7.2 privately --------------------------------------------------------------
+bin72="$PREFIX/usr/bin/qemu-system-x86_64"
+if [ -x "$bin72" ] && [ -f "$PREFIX/.qmig-qemu72-version" ]; then
+    log "QEMU 7.2 already in $PREFIX ($(cat "$PREFIX/.qmig-qemu72-version"))"
+else
+    apt_update
+    # Pick, per package, the newest 7.2 version offered (bookworm / bookworm-security).
+    # Versions differ between packages (binNMU suffixes like +b3 only on arch:any ones).
+    v72() { apt-cache madison "$1" | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
+            | grep -E '^1:7\.2' | sort -V | tail -1; }
+    specs=()
+    for p in qemu-system-x86 qemu-system-common qemu-system-data; do
+        v="$(v72 "$p")"
+        if [ -z "$v" ]; then
+            echo "install-qemu.sh: no 7.2 version of $p found in apt-cache" >&2
+            exit 1
+        fi
+        specs+=("$p=$v")
+    done
+    ver="${specs[0]#*=}"
+    log "downloading ${specs[*]}"
+    tmp="$(mktemp -d /tmp/qmig-qemu72.XXXXXX)"
+    trap 'rm -rf "$tmp"' EXIT
+    chown _apt "$tmp" 2>/dev/null || true
+    (cd "$tmp" && apt-get download -q "${specs[@]}")
+    mkdir -p "$PREFIX"
+    for deb in "$tmp"/*.deb; do
+        log "unpacking $(basename "$deb")"
+        dpkg -x "$deb" "$PREFIX"
+    done
+    echo "$ver" > "$PREFIX/.qmig-qemu72-version"
+fi
+
+# Shared libraries: the 7.2 binary must link against bookworm's libraries. Report any
+# missing ones (they would be pulled in by installing bookworm's qemu-system-x86 deps).
+missing="$(ldd "$bin72" 2>/dev/null | awk '/not found/{print $1}' || true)"
+if [ -n "$missing" ]; then
+    echo "install-qemu.sh: QEMU 7.2 is missing shared libraries: $missing" >&2
+    exit 1
+fi
+here="$(cd "$(dirname "$0")" && pwd)"
+QMIG_QEMU72_PREFIX="$PREFIX" "$here/qemu72" --version | head -1 | sed 's/^/[install-qemu] private QEMU: /' >&2
