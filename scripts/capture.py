@@ -47,7 +47,8 @@ Q35 = {"args": ["-M", "q35", "-m", "4",
        "ram": 4 * MiB, "layout": [("m0", 0, 2 * MiB), ("m1", 2 * MiB, 2 * MiB)]}
 
 # guest: dict(start, size, writes) for scripts/guest/build.sh
-G_SMALL = {"start": 0x100000, "size": 48 * 4096, "writes": 2}
+G_TINY = {"start": 0x100000, "size": 16 * 4096, "writes": 2}
+G_SMALL = {"start": 0x100000, "size": 32 * 4096, "writes": 2}
 G_XBZ = {"start": 0x100000, "size": 128 * 4096, "writes": 2}
 # XBZRLE rounds are so cheap that QEMU syncs again within a millisecond: the guest must
 # dirty continuously (tiny delay) and the bandwidth is lowered once XBZRLE starts
@@ -56,7 +57,7 @@ G_XBZ_FAST = dict(G_XBZ, delay=0x1000)
 
 SCENARIOS = {
     "q10-stopped": dict(
-        qemu="10", machine=PC, guest=G_XBZ, flow="stopped",
+        qemu="10", machine=PC, guest=G_SMALL, flow="stopped",
         about="QEMU 10, guest booted and dirtying, then `stop`, one migration to file:"),
     "q10-passes": dict(
         qemu="10", machine=PC, guest=G_SMALL, flow="passes", min_syncs=5,
@@ -73,18 +74,20 @@ SCENARIOS = {
         about="QEMU 10, stopped guest, zero-page-detection=none (zero pages sent as PAGE)"),
     "q10-postcopy": dict(
         qemu="10", machine=PC, guest=G_XBZ, flow="postcopy", min_syncs=2,
-        caps={"postcopy-ram": True}, params={"max-bandwidth": 1_000_000},
+        caps={"postcopy-ram": True},
+        params={"max-bandwidth": 1_000_000, "max-postcopy-bandwidth": 200_000},
         about="QEMU 10 -> QEMU 10 over the recording relay, postcopy-ram, "
-              "migrate-start-postcopy after the first pass, running destination"),
+              "migrate-start-postcopy after the first pass, running destination, "
+              "max-postcopy-bandwidth 200 kB/s so the destination faults (page requests)"),
     "q10-return-path": dict(
-        qemu="10", machine=PC, guest=G_SMALL, flow="relay", min_syncs=3,
+        qemu="10", machine=PC, guest=G_TINY, flow="relay", min_syncs=3,
         caps={"return-path": True}, params={"max-bandwidth": 2_000_000},
         about="QEMU 10 -> QEMU 10 precopy over the recording relay with return-path"),
     "q35-backends": dict(
-        qemu="10", machine=Q35, guest={"start": 0x180000, "size": 256 * 4096, "writes": 1},
+        qemu="10", machine=Q35, guest={"start": 0x1F0000, "size": 32 * 4096, "writes": 1},
         flow="passes", min_syncs=3, params={"max-bandwidth": 4_000_000},
         about="QEMU 10 -M q35, two memory-backend-ram NUMA nodes (m0, m1), guest dirties "
-              "[1.5 MiB, 2.5 MiB) across both, passes then stop"),
+              "[1.9375 MiB, 2.0625 MiB) across both, passes then stop"),
     "q72-plain": dict(
         qemu="7.2", machine=PC, guest=G_SMALL, flow="passes", min_syncs=5,
         params={"max-bandwidth": 2_000_000},
@@ -251,7 +254,11 @@ class Capture:
             dimg = os.path.join(self.work, "guest-dst.img")
             shutil.copy(img, dimg)
             dport = qmp.free_port()
-            self.dst = dst = self.start("dst", ["-incoming", f"tcp:127.0.0.1:{dport}"], dimg)
+            # Precopy destination: -S so it stays paused and its memory can be compared
+            # (without -S a QEMU 10 destination starts the guest even though the source
+            # was stopped). Postcopy destination: running, so the guest faults.
+            extra = ["-incoming", f"tcp:127.0.0.1:{dport}"] + (["-S"] if flow == "relay" else [])
+            self.dst = dst = self.start("dst", extra, dimg)
             set_caps_params(dst, caps, {})
             relay = Relay(0, dport, stream, rp).start()
             uri = f"tcp:127.0.0.1:{relay.port}"
@@ -272,8 +279,8 @@ class Capture:
         elif flow == "postcopy":
             src.cmd("migrate", uri=uri)
             wait_progress(src, sc)
+            # downtime-limit stays at 1 ms so precopy cannot complete first.
             src.cmd("migrate-start-postcopy")
-            src.cmd("migrate-set-parameters", **{"downtime-limit": 2000})
         final = qmp.wait_migration(src.qmp, timeout=180)
         src_status = src.cmd("query-status")["status"]
         if self.dst:
@@ -292,6 +299,7 @@ class Capture:
             dmem = os.path.join(self.work, "dst.mem")
             qmp.pmemsave(self.dst.qmp, 0, ram, dmem)
             dst_digests = digests(open(dmem, "rb").read(), sc["machine"]["layout"])
+            dst_status = self.dst.cmd("query-status")["status"]
         src.quit()
         if self.dst:
             self.dst.quit()
@@ -306,7 +314,10 @@ class Capture:
                                    f"on {e['block']}@{e['offset']:#x}+{e['length']:#x}")
         if dst_digests is not None and [d["sha256"] for d in dst_digests] != \
                 [e["sha256"] for e in ents]:
-            raise RuntimeError("destination memory differs from source memory")
+            bad = [f"{d['block']}@{d['offset']:#x}" for d, e in zip(dst_digests, ents)
+                   if d["sha256"] != e["sha256"]]
+            raise RuntimeError(f"destination memory differs from source memory: {bad} "
+                               f"(destination status {dst_status})")
         rom = []
         if "pc.bios" in ref.blocks and os.path.exists(BIOS_FILE):
             bios = open(BIOS_FILE, "rb").read()
@@ -402,9 +413,11 @@ class Capture:
             oracle["stream_file"] = "stream.gz"
         else:
             shutil.copy(stream, os.path.join(self.out, "stream"))
+            os.chmod(os.path.join(self.out, "stream"), 0o644)
             oracle["stream_file"] = "stream"
         if os.path.exists(rp):
             shutil.copy(rp, os.path.join(self.out, "rp"))
+            os.chmod(os.path.join(self.out, "rp"), 0o644)
             oracle["rp_file"] = "rp"
         qm = {"source": final}
         if dst_final is not None:

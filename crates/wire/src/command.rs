@@ -316,3 +316,11 @@ fn parse_discard<'a>(at: &'a [u8], p: &'a [u8]) -> Result<Discard<'a>, nom::Err<
     Ok(Discard { block, ranges })
 }
 
+
+/// Decodes one command (type byte 0x08 included) at the start of `buf`.
+///
+/// # Errors
+/// [`crate::WireError`] with the absolute offset (`base` + position).
+pub fn decode_command(buf: &[u8], base: u64, max_packaged: u32) -> Result<(Command<'_>, usize), crate::WireError> {
+    crate::error::finish(buf, base, "command", parse_command(buf, max_packaged))
+}

@@ -356,3 +356,26 @@ macro_rules! fail {
     };
 }
 pub(crate) use fail;
+
+/// Maps an internal parser result on `buf` (which starts at absolute offset
+/// `base`) to the public form: the value and the bytes it took, or an error
+/// with an absolute offset (truncation included).
+pub(crate) fn finish<T>(
+    buf: &[u8],
+    base: u64,
+    what: &'static str,
+    r: PResult<'_, T>,
+) -> Result<(T, usize), WireError> {
+    match r {
+        Ok((rest, v)) => Ok((v, buf.len() - rest.len())),
+        Err(nom::Err::Incomplete(_)) => Err(WireError::Truncated {
+            offset: base,
+            end: base + buf.len() as u64,
+            what,
+        }),
+        Err(nom::Err::Error(e)) | Err(nom::Err::Failure(e)) => {
+            let rel = (buf.len() - e.remaining.min(buf.len())) as u64;
+            Err(e.err.shifted(base + rel))
+        }
+    }
+}

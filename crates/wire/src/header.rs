@@ -198,3 +198,12 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
         },
     ))
 }
+
+/// Decodes the configuration section (type byte included) at the start of
+/// `buf`. It needs the byte after the last subsection to know the list ended.
+///
+/// # Errors
+/// [`crate::WireError`] with the absolute offset (`base` + position).
+pub fn decode_configuration(buf: &[u8], base: u64) -> Result<(Configuration<'_>, usize), crate::WireError> {
+    crate::error::finish(buf, base, "configuration section", parse_configuration(buf))
+}

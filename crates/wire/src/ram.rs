@@ -428,3 +428,18 @@ fn page_size_field(i: &[u8], summary: Option<u64>, host: u64) -> PResult<'_, Opt
         Ok((i, None))
     }
 }
+
+/// Decodes one RAM record at the start of `buf` (absolute offset `base`),
+/// returning it and its length.
+///
+/// # Errors
+/// [`crate::WireError`] with the absolute offset of the rule broken, or
+/// `Truncated` if `buf` ends inside the record.
+pub fn decode_record<'a>(
+    buf: &'a [u8],
+    base: u64,
+    ctx: &RamContext,
+    have_block: bool,
+) -> Result<(RamRecord<'a>, usize), crate::WireError> {
+    crate::error::finish(buf, base, "RAM record", parse_ram_record(buf, ctx, have_block))
+}

@@ -318,12 +318,9 @@ impl<'a> Iterator for ReturnPathReader<'a> {
 /// # Errors
 /// A [`WireError`] with the offset relative to `base`.
 pub fn decode_rp_message(buf: &[u8], base: u64) -> Result<Option<(RpMessage<'_>, usize)>, WireError> {
-    match parse_rp_message(buf, crate::return_path::DEFAULT_MAX_BITMAP) {
-        Ok((r, m)) => Ok(Some((m, buf.len() - r.len()))),
-        Err(nom::Err::Incomplete(_)) => Ok(None),
-        Err(nom::Err::Error(e)) | Err(nom::Err::Failure(e)) => {
-            let rel = (buf.len() - e.remaining.min(buf.len())) as u64;
-            Err(e.err.shifted(base + rel))
-        }
+    match crate::error::finish(buf, base, "return-path message", parse_rp_message(buf, crate::return_path::DEFAULT_MAX_BITMAP)) {
+        Ok(x) => Ok(Some(x)),
+        Err(e) if e.is_truncation() => Ok(None),
+        Err(e) => Err(e),
     }
 }

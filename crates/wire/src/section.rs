@@ -155,3 +155,11 @@ pub(crate) fn parse_footer(i: &[u8], expected: u32) -> PResult<'_, u32> {
     }
     Ok((i, id))
 }
+
+/// Decodes a START/PART/END/FULL section header at the start of `buf`.
+///
+/// # Errors
+/// [`crate::WireError`] with the absolute offset (`base` + position).
+pub fn decode_section_header(buf: &[u8], base: u64) -> Result<(SectionHeader<'_>, usize), crate::WireError> {
+    crate::error::finish(buf, base, "section header", parse_section_header(buf))
+}

@@ -1,0 +1,1 @@
+//! Destination state machine (work in progress).
