@@ -372,6 +372,7 @@ class Capture:
                 "stream_bytes": len(data),
             },
             "return_path": rp_summary,
+            "destination_memory_matches_source": (True if dst_digests is not None else None),
             "ramblocks_hmp": ramblocks,
         }
         self.store(stream, rp, final, dst_final, oracle)

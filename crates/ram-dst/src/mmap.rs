@@ -1,0 +1,228 @@
+//! Guest memory backed by sparse files, one per block, mapped shared into the
+//! process: pages written land in the page cache of the image file, pages
+//! never written stay holes.
+//!
+//! This is the only module of the crate with `unsafe` code.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use crate::memory::{check_range, GuestMemory};
+
+/// One mapped block image.
+#[derive(Debug)]
+struct Mapped {
+    name: String,
+    file_name: String,
+    file: File,
+    /// Start of a shared read-write mapping of `len` bytes of `file`, or
+    /// `None` when `len` is 0.
+    map: Option<NonNull<u8>>,
+    len: u64,
+}
+
+impl Mapped {
+    fn unmap(&mut self) {
+        if let Some(p) = self.map.take() {
+            // SAFETY: `p` and `len` are exactly the address and length returned by
+            // / passed to the successful mmap in `map()`; the mapping is dropped
+            // from `self` first, so no slice into it can outlive this call (slices
+            // borrow `self` mutably).
+            let r = unsafe { libc::munmap(p.as_ptr().cast(), self.len as usize) };
+            debug_assert_eq!(r, 0);
+        }
+    }
+
+    fn map(&mut self) -> io::Result<()> {
+        self.unmap();
+        if self.len == 0 {
+            return Ok(());
+        }
+        let len = usize::try_from(self.len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "block too large"))?;
+        // SAFETY: a fresh mapping chosen by the kernel (null hint), of a file
+        // descriptor we own and keep open for the mapping's lifetime; the file was
+        // extended to `len` bytes before, so every mapped byte is backed.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.map = NonNull::new(p.cast());
+        Ok(())
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        self.unmap();
+    }
+}
+
+/// Guest memory in sparse image files `DIR/<name>.img`, mapped with `mmap`.
+///
+/// Bytes written are visible in the files right away (shared mapping); holes
+/// stay holes until a page is written. Discards punch holes.
+#[derive(Debug)]
+pub struct MmapMemory {
+    dir: PathBuf,
+    blocks: Vec<Mapped>,
+}
+
+/// What [`MmapMemory::files`] lists per block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFile {
+    /// RAM block name.
+    pub name: String,
+    /// File name inside the directory.
+    pub file_name: String,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+impl MmapMemory {
+    /// Memory whose block images will be created in `dir` (created if missing).
+    ///
+    /// # Errors
+    /// The directory cannot be created.
+    pub fn create(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(MmapMemory {
+            dir: dir.to_path_buf(),
+            blocks: Vec::new(),
+        })
+    }
+
+    /// The block images so far.
+    pub fn files(&self) -> Vec<ImageFile> {
+        self.blocks
+            .iter()
+            .map(|b| ImageFile {
+                name: b.name.clone(),
+                file_name: b.file_name.clone(),
+                length: b.len,
+            })
+            .collect()
+    }
+
+    /// The directory holding the images.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A file name for block `name`: unsafe characters replaced, unique in the directory.
+    fn file_name_for(&self, name: &str) -> String {
+        let mut s: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        while s.starts_with('.') {
+            s.replace_range(0..1, "_");
+        }
+        let base = s.clone();
+        let mut n = 1;
+        while self.blocks.iter().any(|b| b.file_name == format!("{s}.img")) || s == "manifest" {
+            n += 1;
+            s = format!("{base}-{n}");
+        }
+        format!("{s}.img")
+    }
+
+    fn get(&mut self, index: usize) -> io::Result<&mut Mapped> {
+        self.blocks
+            .get_mut(index)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no block {index}")))
+    }
+}
+
+impl GuestMemory for MmapMemory {
+    fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> io::Result<()> {
+        if index == self.blocks.len() {
+            let file_name = self.file_name_for(name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(self.dir.join(&file_name))?;
+            self.blocks.push(Mapped {
+                name: name.to_string(),
+                file_name,
+                file,
+                map: None,
+                len: 0,
+            });
+        }
+        let b = self.get(index)?;
+        b.unmap();
+        b.file.set_len(len)?;
+        b.len = len;
+        b.map()
+    }
+
+    #[inline]
+    fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> io::Result<&mut [u8]> {
+        let b = self.get(index)?;
+        let r = check_range(index, offset, len, b.len)?;
+        let Some(base) = b.map else {
+            // Only a 0-byte block has no mapping, and only an empty range fits it.
+            return Ok(&mut []);
+        };
+        // SAFETY: `r.start <= b.len`, the length of the mapping at `base` (checked
+        // just above), so the result stays inside the mapping or one past its end.
+        let start = unsafe { base.as_ptr().add(r.start) };
+        // SAFETY: `start..start + r.len()` lies within the `b.len`-byte mapping
+        // (checked above); the mapping lives until `b` is unmapped, which needs
+        // `&mut self`, so it outlives the returned borrow of `self`. No other slice
+        // of it exists (all are handed out through `&mut self`). Another process
+        // may write the file concurrently; like any shared memory that only
+        // changes byte values.
+        let s = unsafe { std::slice::from_raw_parts_mut(start, r.len()) };
+        Ok(s)
+    }
+
+    fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
+        let b = self.get(index)?;
+        let end = offset.checked_add(len).filter(|&e| e <= b.len);
+        if end.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range outside block"));
+        }
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range too large"));
+        };
+        // SAFETY: fallocate on a descriptor we own, within the file's length; the
+        // kernel drops the range from the page cache and from our shared mapping,
+        // which then reads zeros: no Rust reference into the mapping is live here
+        // (we hold `&mut self`).
+        let r = unsafe {
+            libc::fallocate(
+                b.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                o,
+                l,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // Filesystems without hole punching: write zeros.
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(1 << 20) as usize;
+            self.bytes_mut(index, at, n)?.fill(0);
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
