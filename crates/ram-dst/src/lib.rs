@@ -1,1 +1,40 @@
-//! Destination state machine (work in progress).
+//! # qmig-ram-dst
+//!
+//! The destination side of QEMU's RAM migration, as a sans-IO state machine:
+//! [`RamDst`] takes the items of a migration stream (from `qmig-wire`) and
+//! applies the RAM records (ZERO, PAGE, XBZRLE, COMPRESS_PAGE) to a
+//! [`GuestMemory`], checking the announced block layout (MEM_SIZE) against the
+//! local one, keeping a received bitmap per block, and following the postcopy
+//! commands (ADVISE → DISCARD → LISTEN → RUN → END). What it needs from the
+//! outside world — PONGs, return-path messages, atomic page placement — comes
+//! out as [`Action`]s from [`RamDst::poll_action`].
+//!
+//! Memories: [`VecMemory`] (tests, benchmarks) and [`MmapMemory`] (sparse
+//! image files mapped shared; the only `unsafe` code in the crate).
+//!
+//! Every check that keeps a hostile stream from writing outside a block is
+//! done before memory is touched; every error names the stream offset.
+//!
+//! ```
+//! use qmig_ram_dst::{Action, Config, RamDst, VecMemory};
+//! use qmig_wire::{Command, Item};
+//!
+//! let mut dst = RamDst::new(Config::default(), VecMemory::new())?;
+//! dst.handle_item(100, 9, &Item::Command(Command::Ping(7)))?;
+//! assert_eq!(dst.poll_action(), Some(Action::Pong(7)));
+//! assert_eq!(dst.applied_up_to(), 109);
+//! # Ok::<(), qmig_ram_dst::RamDstError>(())
+//! ```
+#![warn(missing_docs)]
+
+mod bitmap;
+mod dst;
+mod error;
+mod memory;
+mod mmap;
+
+pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply, PageBitmap};
+pub use dst::{Action, BlockState, Config, Layout, LocalBlock, Placement, PostcopyState, RamDst, Stats, MAX_PAGE_SIZE};
+pub use error::RamDstError;
+pub use memory::{GuestMemory, VecMemory};
+pub use mmap::{ImageFile, MmapMemory};

@@ -1,0 +1,937 @@
+//! The destination state machine: [`RamDst`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use qmig_wire::{Command, Item, MemBlock, RamBody, RamRecord, ReadItem};
+
+use crate::bitmap::{write_recv_bitmap_reply, PageBitmap};
+use crate::memory::GuestMemory;
+use crate::RamDstError;
+
+/// Largest block page size accepted from a stream (1 GiB huge pages).
+pub const MAX_PAGE_SIZE: u64 = 1 << 30;
+
+/// A RAM block the destination has before the stream starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBlock {
+    /// Block idstr, e.g. `pc.ram`.
+    pub name: String,
+    /// Current length in bytes.
+    pub used_length: u64,
+    /// Largest length a resize may give it.
+    pub max_length: u64,
+    /// The block's (host) page size: 4 KiB, or a huge page size.
+    pub page_size: u64,
+    /// Whether MEM_SIZE may resize it (up to `max_length`).
+    pub resizable: bool,
+}
+
+impl LocalBlock {
+    /// A fixed-size block with 4 KiB pages.
+    pub fn fixed(name: &str, used_length: u64) -> Self {
+        LocalBlock {
+            name: name.to_string(),
+            used_length,
+            max_length: used_length,
+            page_size: 4096,
+            resizable: false,
+        }
+    }
+}
+
+/// Where the destination's RAM layout comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// The destination has these blocks; MEM_SIZE is checked against them.
+    Fixed(Vec<LocalBlock>),
+    /// Replay: create whatever blocks MEM_SIZE lists (resizable, page size as
+    /// announced or the host page size).
+    Adopt,
+}
+
+/// What happens to a host page assembled in postcopy mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Write it into the [`GuestMemory`] (replay; no OS help needed).
+    Apply,
+    /// Hand it out as an [`Action::PlaceHostPage`] / [`Action::PlaceZeroPage`]
+    /// for the host to place atomically (e.g. with `UFFDIO_COPY`); the memory
+    /// is not touched.
+    Emit,
+}
+
+/// Configuration of a [`RamDst`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Local blocks, or adopt the source's.
+    pub layout: Layout,
+    /// Postcopy placement policy.
+    pub placement: Placement,
+    /// log2 of the target page size expected (12); a stream announcing
+    /// another one is refused unless adopting before any block exists.
+    pub target_page_bits: u32,
+    /// The destination's host page size: the page size of blocks that
+    /// MEM_SIZE gives no page size for.
+    pub host_page_size: u64,
+    /// In [`Layout::Adopt`] mode, the most bytes all blocks together may take.
+    pub max_adopted_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            layout: Layout::Adopt,
+            placement: Placement::Apply,
+            target_page_bits: 12,
+            host_page_size: 4096,
+            max_adopted_bytes: 1 << 40,
+        }
+    }
+}
+
+/// The incoming postcopy state (QEMU's `PostcopyState` on the destination).
+///
+/// ```text
+///  None ─ADVISE─► Advised ─DISCARD─► Discarding ─┐
+///                    │               (DISCARD)*   │
+///                    └────────LISTEN──────────────┴─► Listening ─RUN─► Running ─EOF─► End
+/// ```
+/// A stream that never leaves `None`/`Advised`/`Discarding` is plain precopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PostcopyState {
+    /// No postcopy advised.
+    None,
+    /// POSTCOPY_ADVISE received.
+    Advised,
+    /// At least one POSTCOPY_RAM_DISCARD received.
+    Discarding,
+    /// POSTCOPY_LISTEN received: RAM records are postcopy records.
+    Listening,
+    /// POSTCOPY_RUN received: the guest may run.
+    Running,
+    /// The postcopy stream ended.
+    End,
+}
+
+/// Something the host of the state machine must do, from [`RamDst::poll_action`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The source asked for a return path (OPEN_RETURN_PATH).
+    OpenReturnPath,
+    /// Send a PONG with this value on the return path.
+    Pong(u32),
+    /// A ZERO record had a non-zero fill byte; it was applied as a fill
+    /// (QEMU before 8.2 does the same; later versions refuse it).
+    NonZeroFill {
+        /// Stream offset of the record.
+        offset: u64,
+        /// Block index.
+        block: usize,
+        /// Page offset in the block.
+        page_offset: u64,
+        /// The fill byte.
+        fill: u8,
+    },
+    /// Place `data` (one whole host page) at `offset` of `block` atomically
+    /// ([`Placement::Emit`] only). Its received bits are already set.
+    PlaceHostPage {
+        /// Block index.
+        block: usize,
+        /// Host-page-aligned offset in the block.
+        offset: u64,
+        /// The host page.
+        data: Vec<u8>,
+    },
+    /// Place a zero host page of `len` bytes at `offset` of `block`
+    /// ([`Placement::Emit`] only).
+    PlaceZeroPage {
+        /// Block index.
+        block: usize,
+        /// Host-page-aligned offset in the block.
+        offset: u64,
+        /// Host page size.
+        len: u64,
+    },
+    /// The postcopy state changed (register userfaultfd on `Listening`, start
+    /// the guest on `Running`, tear down on `End`).
+    PostcopyState(PostcopyState),
+    /// The source asked for a block's received bitmap (RECV_BITMAP command):
+    /// answer with [`RamDst::recv_bitmap_reply`].
+    SendRecvBitmap {
+        /// Block index.
+        block: usize,
+    },
+    /// The source asked to resume postcopy (POSTCOPY_RESUME): send RESUME_ACK.
+    ResumeAck,
+    /// MEM_SIZE resized a block.
+    BlockResized {
+        /// Block index.
+        block: usize,
+        /// New used length.
+        len: u64,
+    },
+}
+
+/// Counters of what was applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// ZERO records.
+    pub zero: u64,
+    /// ZERO records with a non-zero fill byte.
+    pub nonzero_fill: u64,
+    /// PAGE records.
+    pub page: u64,
+    /// XBZRLE records.
+    pub xbzrle: u64,
+    /// COMPRESS_PAGE records.
+    pub compressed: u64,
+    /// MEM_SIZE records.
+    pub mem_size: u64,
+    /// Target pages dropped by POSTCOPY_RAM_DISCARD.
+    pub discarded_pages: u64,
+    /// Host pages placed in postcopy mode (with data).
+    pub placed_host_pages: u64,
+    /// Zero host pages placed in postcopy mode.
+    pub placed_zero_pages: u64,
+}
+
+/// The destination's view of one RAM block.
+#[derive(Debug, Clone)]
+pub struct BlockState {
+    name: String,
+    used_length: u64,
+    max_length: u64,
+    page_size: u64,
+    resizable: bool,
+    received: PageBitmap,
+    /// Pages that may hold non-zero bytes (so a ZERO record must really write).
+    nonzero: PageBitmap,
+}
+
+impl BlockState {
+    /// Block idstr.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Current used length.
+    pub fn used_length(&self) -> u64 {
+        self.used_length
+    }
+
+    /// Maximum length.
+    pub fn max_length(&self) -> u64 {
+        self.max_length
+    }
+
+    /// The block's (host) page size.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Whether MEM_SIZE may resize it.
+    pub fn resizable(&self) -> bool {
+        self.resizable
+    }
+
+    /// The received bitmap: one bit per target page.
+    pub fn received(&self) -> &PageBitmap {
+        &self.received
+    }
+}
+
+/// A host page being assembled in postcopy mode.
+#[derive(Debug)]
+struct HostPage {
+    block: usize,
+    start: u64,
+    next: u64,
+    all_zero: bool,
+    data: Vec<u8>,
+}
+
+/// The sans-IO RAM destination: feed it the items of a migration stream,
+/// collect the actions it asks for.
+///
+/// Call [`RamDst::handle_item`] (or [`RamDst::handle_read_item`]) for every
+/// item of the stream in order, then drain [`RamDst::poll_action`] before
+/// feeding the next item. RAM records are applied to the [`GuestMemory`];
+/// commands move the postcopy state machine ([`PostcopyState`]). Nothing
+/// here does I/O, spawns threads or reads a clock.
+///
+/// Every item is applied whole or not at all. After an error the machine
+/// stops: [`RamDst::applied_up_to`] says where, and later input is refused.
+///
+/// ```
+/// use qmig_ram_dst::{Config, RamDst, VecMemory};
+/// use qmig_wire::{MemBlock, RamRecord, Item};
+///
+/// let mut dst = RamDst::new(Config::default(), VecMemory::new())?;
+/// let blocks = vec![MemBlock { name: "pc.ram", used_length: 8192, page_size: None, addr: None }];
+/// dst.handle_item(0, 20, &Item::Ram(RamRecord::mem_size(blocks)))?;
+/// let page = [7u8; 4096];
+/// dst.handle_item(20, 4104, &Item::Ram(RamRecord::page(4096, Some("pc.ram"), &page)))?;
+/// assert_eq!(dst.memory().block("pc.ram").unwrap()[4096..], page[..]);
+/// assert!(dst.blocks()[0].received().get(1));
+/// # Ok::<(), qmig_ram_dst::RamDstError>(())
+/// ```
+#[derive(Debug)]
+pub struct RamDst<M> {
+    memory: M,
+    adopt: bool,
+    placement: Placement,
+    host_page_size: u64,
+    max_adopted_bytes: u64,
+    page_bits: u32,
+    blocks: Vec<BlockState>,
+    by_name: HashMap<String, usize>,
+    current: Option<usize>,
+    postcopy: PostcopyState,
+    host_page: Option<HostPage>,
+    actions: VecDeque<Action>,
+    stats: Stats,
+    applied_to: u64,
+    stopped: bool,
+    scratch: Vec<u8>,
+    inflate: flate2::Decompress,
+}
+
+impl<M: GuestMemory> RamDst<M> {
+    /// A destination with `config`'s layout over `memory`. In [`Layout::Fixed`]
+    /// mode the memory is given every local block now.
+    ///
+    /// # Errors
+    /// [`RamDstError::BadSize`] for a local block whose sizes are not page
+    /// multiples (or page size not a power of two), [`RamDstError::Memory`]
+    /// when the memory cannot create a block.
+    pub fn new(config: Config, mut memory: M) -> Result<Self, RamDstError> {
+        let tps = 1u64 << config.target_page_bits;
+        let mut blocks = Vec::new();
+        let mut by_name = HashMap::new();
+        let adopt = matches!(config.layout, Layout::Adopt);
+        if let Layout::Fixed(local) = config.layout {
+            for (i, b) in local.into_iter().enumerate() {
+                let bad = |why: String| RamDstError::BadSize { offset: 0, why: format!("local block \"{}\": {why}", b.name) };
+                if !b.page_size.is_power_of_two() || b.page_size < tps || b.page_size > MAX_PAGE_SIZE {
+                    return Err(bad(format!("page size {:#x}", b.page_size)));
+                }
+                if b.used_length % b.page_size != 0 || b.max_length < b.used_length {
+                    return Err(bad(format!("length {:#x} (max {:#x})", b.used_length, b.max_length)));
+                }
+                if by_name.insert(b.name.clone(), i).is_some() {
+                    return Err(bad("listed twice".into()));
+                }
+                memory
+                    .set_block_len(i, &b.name, b.used_length)
+                    .map_err(|source| RamDstError::Memory { offset: 0, source })?;
+                let pages = b.used_length / tps;
+                blocks.push(BlockState {
+                    name: b.name,
+                    used_length: b.used_length,
+                    max_length: b.max_length,
+                    page_size: b.page_size,
+                    resizable: b.resizable,
+                    received: PageBitmap::new(pages),
+                    nonzero: PageBitmap::new(pages),
+                });
+            }
+        }
+        Ok(RamDst {
+            memory,
+            adopt,
+            placement: config.placement,
+            host_page_size: config.host_page_size,
+            max_adopted_bytes: config.max_adopted_bytes,
+            page_bits: config.target_page_bits,
+            blocks,
+            by_name,
+            current: None,
+            postcopy: PostcopyState::None,
+            host_page: None,
+            actions: VecDeque::new(),
+            stats: Stats::default(),
+            applied_to: 0,
+            stopped: false,
+            scratch: Vec::new(),
+            inflate: flate2::Decompress::new(true),
+        })
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &M {
+        &self.memory
+    }
+
+    /// The guest memory, mutably (e.g. for a host that places pages itself).
+    pub fn memory_mut(&mut self) -> &mut M {
+        &mut self.memory
+    }
+
+    /// Gives the memory back.
+    pub fn into_memory(self) -> M {
+        self.memory
+    }
+
+    /// The blocks, by index.
+    pub fn blocks(&self) -> &[BlockState] {
+        &self.blocks
+    }
+
+    /// Index of the block called `name`.
+    pub fn block_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Target page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        1 << self.page_bits
+    }
+
+    /// The postcopy state.
+    pub fn postcopy_state(&self) -> PostcopyState {
+        self.postcopy
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Stream offset just past the last item applied.
+    pub fn applied_up_to(&self) -> u64 {
+        self.applied_to
+    }
+
+    /// Whether an error stopped the machine.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The next action for the host, if any. Drain after every `handle_*`.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Writes the return-path RECV_BITMAP message for block `index` (framed
+    /// message, be64 size, little-endian bitmap, end marker) to `out`.
+    /// Returns false for an unknown index.
+    pub fn recv_bitmap_reply(&self, index: usize, out: &mut Vec<u8>) -> bool {
+        match self.blocks.get(index) {
+            Some(b) => {
+                write_recv_bitmap_reply(&b.name, &b.received, out);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Handles an item from [`qmig_wire::StreamReader`].
+    ///
+    /// # Errors
+    /// As for [`RamDst::handle_item`].
+    pub fn handle_read_item(&mut self, ri: &ReadItem<'_>) -> Result<(), RamDstError> {
+        self.handle_item(ri.offset, ri.len, &ri.item)
+    }
+
+    /// Handles one stream item of `len` bytes at stream offset `offset`.
+    /// Items other than the configuration, RAM records, commands and EOF are
+    /// accepted and ignored.
+    ///
+    /// # Errors
+    /// A [`RamDstError`] naming `offset` when the item breaks a rule; the item
+    /// is then not applied and the machine stops.
+    pub fn handle_item(&mut self, offset: u64, len: usize, item: &Item<'_>) -> Result<(), RamDstError> {
+        if self.stopped {
+            return Err(RamDstError::Stopped { offset: self.applied_to });
+        }
+        let r = match item {
+            Item::Configuration(c) => self.handle_configuration(offset, c.target_page_bits()),
+            Item::Ram(rec) => self.handle_record(offset, rec),
+            Item::Command(c) => self.handle_command(offset, c),
+            Item::Eof => self.handle_eof(offset),
+            _ => Ok(()),
+        };
+        match r {
+            Ok(()) => {
+                self.applied_to = offset + len as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.stopped = true;
+                self.applied_to = offset;
+                Err(e)
+            }
+        }
+    }
+
+    fn handle_configuration(&mut self, at: u64, bits: Option<u32>) -> Result<(), RamDstError> {
+        let Some(bits) = bits else { return Ok(()) };
+        if bits == self.page_bits {
+            return Ok(());
+        }
+        if self.adopt && self.blocks.is_empty() && (9..=30).contains(&bits) {
+            self.page_bits = bits;
+            return Ok(());
+        }
+        Err(RamDstError::PageSizeMismatch {
+            offset: at,
+            name: "target page size".into(),
+            local: 1 << self.page_bits,
+            remote: 1u64.checked_shl(bits).unwrap_or(0),
+        })
+    }
+
+    /// Applies one RAM record at stream offset `at` (without the bookkeeping
+    /// of [`RamDst::handle_item`]: prefer that).
+    fn handle_record(&mut self, at: u64, rec: &RamRecord<'_>) -> Result<(), RamDstError> {
+        if self.postcopy >= PostcopyState::Listening {
+            return self.apply_postcopy(at, rec);
+        }
+        let tps = self.page_size();
+        match &rec.body {
+            RamBody::Zero { fill } => {
+                let (b, off) = self.resolve(at, rec)?;
+                let p = off / tps;
+                let blk = &mut self.blocks[b];
+                if *fill != 0 || blk.nonzero.get(p) {
+                    let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    mem.fill(*fill);
+                }
+                if *fill != 0 {
+                    blk.nonzero.set(p);
+                    self.stats.nonzero_fill += 1;
+                    self.actions.push_back(Action::NonZeroFill { offset: at, block: b, page_offset: off, fill: *fill });
+                } else {
+                    blk.nonzero.clear(p);
+                }
+                blk.received.set(p);
+                self.stats.zero += 1;
+                self.current = Some(b);
+            }
+            RamBody::Page(data) => {
+                self.check_page_len(at, data.len())?;
+                let (b, off) = self.resolve(at, rec)?;
+                let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                mem.copy_from_slice(data);
+                let blk = &mut self.blocks[b];
+                blk.nonzero.set(off / tps);
+                blk.received.set(off / tps);
+                self.stats.page += 1;
+                self.current = Some(b);
+            }
+            RamBody::Xbzrle(enc) => {
+                let (b, off) = self.resolve(at, rec)?;
+                let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                // decode() validates the whole encoding before it writes a byte.
+                qmig_xbzrle::decode(enc, mem).map_err(|source| RamDstError::Xbzrle {
+                    offset: at,
+                    block: self.blocks[b].name.clone(),
+                    page_offset: off,
+                    source,
+                })?;
+                let blk = &mut self.blocks[b];
+                blk.nonzero.set(off / tps);
+                blk.received.set(off / tps);
+                self.stats.xbzrle += 1;
+                self.current = Some(b);
+            }
+            RamBody::Compressed(z) => {
+                let (b, off) = self.resolve(at, rec)?;
+                if let Err(why) = self.inflate_page(z) {
+                    return Err(RamDstError::Compressed { offset: at, block: self.blocks[b].name.clone(), page_offset: off, why });
+                }
+                let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                mem.copy_from_slice(&self.scratch[..tps as usize]);
+                let blk = &mut self.blocks[b];
+                blk.nonzero.set(off / tps);
+                blk.received.set(off / tps);
+                self.stats.compressed += 1;
+                self.current = Some(b);
+            }
+            RamBody::MemSize(list) => self.handle_mem_size(at, rec.offset, list)?,
+            RamBody::Eos | RamBody::MultifdFlush | RamBody::Hook => {}
+        }
+        Ok(())
+    }
+
+    fn check_page_len(&self, at: u64, len: usize) -> Result<(), RamDstError> {
+        if len as u64 != self.page_size() {
+            return Err(RamDstError::BadSize {
+                offset: at,
+                why: format!("PAGE record of {len} bytes, target page size is {}", self.page_size()),
+            });
+        }
+        Ok(())
+    }
+
+    /// The block and page offset a page record addresses, checked.
+    #[inline]
+    fn resolve(&self, at: u64, rec: &RamRecord<'_>) -> Result<(usize, u64), RamDstError> {
+        let b = match rec.block {
+            Some(name) => match self.current {
+                Some(c) if self.blocks[c].name == name => c,
+                _ => *self.by_name.get(name).ok_or_else(|| RamDstError::UnknownBlock { offset: at, name: name.to_string() })?,
+            },
+            None => self.current.ok_or(RamDstError::NoCurrentBlock { offset: at })?,
+        };
+        let blk = &self.blocks[b];
+        let tps = self.page_size();
+        if rec.offset % tps != 0 || rec.offset.checked_add(tps).is_none_or(|e| e > blk.used_length) {
+            return Err(RamDstError::PageOutOfBlock {
+                offset: at,
+                block: blk.name.clone(),
+                page_offset: rec.offset,
+                used_length: blk.used_length,
+            });
+        }
+        Ok((b, rec.offset))
+    }
+
+    /// Inflates one COMPRESS_PAGE body into `scratch`; it must give exactly one page.
+    fn inflate_page(&mut self, z: &[u8]) -> Result<(), String> {
+        let tps = self.page_size() as usize;
+        self.scratch.resize(tps + 1, 0);
+        self.inflate.reset(true);
+        let st = self
+            .inflate
+            .decompress(z, &mut self.scratch, flate2::FlushDecompress::Finish)
+            .map_err(|e| format!("zlib error: {e}"))?;
+        if st != flate2::Status::StreamEnd {
+            return Err("zlib stream incomplete or inflating to more than a page".into());
+        }
+        if self.inflate.total_out() != tps as u64 {
+            return Err(format!("inflates to {} bytes, not one page of {tps}", self.inflate.total_out()));
+        }
+        Ok(())
+    }
+
+    fn handle_mem_size(&mut self, at: u64, total: u64, list: &[MemBlock<'_>]) -> Result<(), RamDstError> {
+        let tps = self.page_size();
+        let bad = |why: String| RamDstError::BadSize { offset: at, why };
+        let sum = list.iter().try_fold(0u64, |a, b| a.checked_add(b.used_length));
+        if sum != Some(total) {
+            return Err(bad(format!("MEM_SIZE total {total:#x} differs from the sum of its block lengths")));
+        }
+        enum Plan<'a> {
+            New { name: &'a str, len: u64, page_size: u64 },
+            Resize { index: usize, len: u64 },
+        }
+        let mut plans = Vec::new();
+        let mut seen = HashSet::new();
+        // Bytes all blocks take after this record (adopt mode's cap).
+        let mut after: u64 = self.blocks.iter().filter(|b| !list.iter().any(|m| m.name == b.name)).map(|b| b.used_length).sum();
+        let advised = self.postcopy != PostcopyState::None;
+        for mb in list {
+            if !seen.insert(mb.name) {
+                return Err(bad(format!("block \"{}\" listed twice in MEM_SIZE", mb.name)));
+            }
+            if mb.used_length % tps != 0 {
+                return Err(bad(format!("block \"{}\" length {:#x} is not a multiple of the target page size", mb.name, mb.used_length)));
+            }
+            after = after.saturating_add(mb.used_length);
+            match self.by_name.get(mb.name) {
+                Some(&i) => {
+                    let blk = &self.blocks[i];
+                    if advised {
+                        let remote = mb.page_size.unwrap_or(self.host_page_size);
+                        if remote != blk.page_size {
+                            return Err(RamDstError::PageSizeMismatch {
+                                offset: at,
+                                name: blk.name.clone(),
+                                local: blk.page_size,
+                                remote,
+                            });
+                        }
+                    }
+                    if blk.used_length != mb.used_length {
+                        if !blk.resizable || mb.used_length > blk.max_length || mb.used_length % blk.page_size != 0 {
+                            return Err(RamDstError::LengthMismatch {
+                                offset: at,
+                                name: blk.name.clone(),
+                                local: blk.used_length,
+                                remote: mb.used_length,
+                                max: blk.max_length,
+                                resizable: blk.resizable,
+                            });
+                        }
+                        plans.push(Plan::Resize { index: i, len: mb.used_length });
+                    }
+                }
+                None if self.adopt => {
+                    let ps = mb.page_size.unwrap_or(self.host_page_size);
+                    if !ps.is_power_of_two() || ps < tps || ps > MAX_PAGE_SIZE || mb.used_length % ps != 0 {
+                        return Err(bad(format!("block \"{}\" page size {ps:#x} (length {:#x})", mb.name, mb.used_length)));
+                    }
+                    plans.push(Plan::New { name: mb.name, len: mb.used_length, page_size: ps });
+                }
+                None => return Err(RamDstError::UnknownBlock { offset: at, name: mb.name.to_string() }),
+            }
+        }
+        if self.adopt && after > self.max_adopted_bytes {
+            return Err(bad(format!("blocks would take {after:#x} bytes, more than the limit {:#x}", self.max_adopted_bytes)));
+        }
+        for p in plans {
+            match p {
+                Plan::New { name, len, page_size } => {
+                    let index = self.blocks.len();
+                    self.memory.set_block_len(index, name, len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    self.blocks.push(BlockState {
+                        name: name.to_string(),
+                        used_length: len,
+                        max_length: self.max_adopted_bytes,
+                        page_size,
+                        resizable: true,
+                        received: PageBitmap::new(len / tps),
+                        nonzero: PageBitmap::new(len / tps),
+                    });
+                    self.by_name.insert(name.to_string(), index);
+                }
+                Plan::Resize { index, len } => {
+                    let blk = &mut self.blocks[index];
+                    self.memory.set_block_len(index, &blk.name, len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    blk.used_length = len;
+                    blk.received.resize(len / tps);
+                    blk.nonzero.resize(len / tps);
+                    self.actions.push_back(Action::BlockResized { block: index, len });
+                }
+            }
+        }
+        self.stats.mem_size += 1;
+        Ok(())
+    }
+
+    fn set_postcopy(&mut self, s: PostcopyState) {
+        if self.postcopy != s {
+            self.postcopy = s;
+            self.actions.push_back(Action::PostcopyState(s));
+        }
+    }
+
+    fn handle_command(&mut self, at: u64, cmd: &Command<'_>) -> Result<(), RamDstError> {
+        use PostcopyState as S;
+        let state = self.postcopy;
+        let illegal = |event: &'static str| RamDstError::IllegalTransition { offset: at, state, event };
+        match cmd {
+            Command::OpenReturnPath => self.actions.push_back(Action::OpenReturnPath),
+            Command::Ping(v) => self.actions.push_back(Action::Pong(*v)),
+            Command::PostcopyAdvise(advise) => {
+                if state != S::None {
+                    return Err(illegal("POSTCOPY_ADVISE"));
+                }
+                if let Some(a) = advise {
+                    if a.target_page_size != self.page_size() {
+                        return Err(RamDstError::PageSizeMismatch {
+                            offset: at,
+                            name: "target page size (POSTCOPY_ADVISE)".into(),
+                            local: self.page_size(),
+                            remote: a.target_page_size,
+                        });
+                    }
+                    if !self.adopt {
+                        let local = self.blocks.iter().fold(0, |s, b| s | b.page_size);
+                        if a.page_size_summary != local {
+                            return Err(RamDstError::PageSizeMismatch {
+                                offset: at,
+                                name: "page size summary (POSTCOPY_ADVISE)".into(),
+                                local,
+                                remote: a.page_size_summary,
+                            });
+                        }
+                    }
+                }
+                self.set_postcopy(S::Advised);
+            }
+            Command::RamDiscard(d) => {
+                if !matches!(state, S::Advised | S::Discarding) {
+                    return Err(illegal("POSTCOPY_RAM_DISCARD"));
+                }
+                self.discard(at, d)?;
+                self.set_postcopy(S::Discarding);
+            }
+            Command::PostcopyListen => {
+                if !matches!(state, S::Advised | S::Discarding) {
+                    return Err(illegal("POSTCOPY_LISTEN"));
+                }
+                self.set_postcopy(S::Listening);
+            }
+            Command::PostcopyRun => {
+                if state != S::Listening {
+                    return Err(illegal("POSTCOPY_RUN"));
+                }
+                self.set_postcopy(S::Running);
+            }
+            Command::PostcopyResume => {
+                if !matches!(state, S::Listening | S::Running) {
+                    return Err(illegal("POSTCOPY_RESUME"));
+                }
+                self.actions.push_back(Action::ResumeAck);
+            }
+            Command::RecvBitmap { block } => {
+                let Some(&i) = self.by_name.get(*block) else {
+                    return Err(RamDstError::UnknownBlock { offset: at, name: block.to_string() });
+                };
+                self.actions.push_back(Action::SendRecvBitmap { block: i });
+            }
+            Command::Packaged { .. } | Command::SwitchoverStart => {}
+            Command::EnableColo => return Err(RamDstError::Unsupported { offset: at, what: "COLO".into() }),
+            Command::Unknown { cmd, .. } => {
+                return Err(RamDstError::Unsupported { offset: at, what: format!("command {cmd}") });
+            }
+            // Command is non-exhaustive in spirit: anything new is refused.
+            #[allow(unreachable_patterns)]
+            _ => return Err(RamDstError::Unsupported { offset: at, what: format!("command {}", cmd.name()) }),
+        }
+        Ok(())
+    }
+
+    /// POSTCOPY_RAM_DISCARD: every range is checked before any is applied.
+    fn discard(&mut self, at: u64, d: &qmig_wire::Discard<'_>) -> Result<(), RamDstError> {
+        let Some(&b) = self.by_name.get(d.block) else {
+            return Err(RamDstError::UnknownBlock { offset: at, name: d.block.to_string() });
+        };
+        let tps = self.page_size();
+        let blk = &self.blocks[b];
+        for r in &d.ranges {
+            let err = |why| RamDstError::Discard { offset: at, block: blk.name.clone(), start: r.start, len: r.len, why };
+            if r.start % blk.page_size != 0 || r.len % blk.page_size != 0 {
+                return Err(err("not aligned to the block's page size"));
+            }
+            if r.start.checked_add(r.len).is_none_or(|e| e > blk.used_length) {
+                return Err(err("outside the block"));
+            }
+        }
+        for r in &d.ranges {
+            let (p, n) = (r.start / tps, r.len / tps);
+            let blk = &mut self.blocks[b];
+            if blk.nonzero.any_in_range(p, n) {
+                self.memory.discard(b, r.start, r.len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                blk.nonzero.clear_range(p, n);
+            }
+            blk.received.clear_range(p, n);
+            self.stats.discarded_pages += n;
+        }
+        Ok(())
+    }
+
+    fn handle_eof(&mut self, at: u64) -> Result<(), RamDstError> {
+        if let Some(hp) = &self.host_page {
+            return Err(RamDstError::PostcopyOrder {
+                offset: at,
+                block: self.blocks[hp.block].name.clone(),
+                page_offset: hp.next,
+                why: "the stream ended inside a host page".into(),
+            });
+        }
+        if matches!(self.postcopy, PostcopyState::Listening | PostcopyState::Running) {
+            self.set_postcopy(PostcopyState::End);
+        }
+        Ok(())
+    }
+
+    /// A RAM record once the destination listens: target pages are gathered
+    /// into host pages, placed whole.
+    fn apply_postcopy(&mut self, at: u64, rec: &RamRecord<'_>) -> Result<(), RamDstError> {
+        let (fill, data) = match &rec.body {
+            RamBody::Zero { fill } => (*fill, None),
+            RamBody::Page(d) => {
+                self.check_page_len(at, d.len())?;
+                (0, Some(*d))
+            }
+            RamBody::Eos | RamBody::MultifdFlush => return Ok(()),
+            _ => return Err(RamDstError::NotInPostcopy { offset: at, kind: rec.kind().name() }),
+        };
+        if self.postcopy == PostcopyState::End {
+            return Err(RamDstError::IllegalTransition { offset: at, state: self.postcopy, event: "RAM page record" });
+        }
+        let (b, off) = self.resolve(at, rec)?;
+        let tps = self.page_size();
+        let hps = self.blocks[b].page_size;
+        let within = off % hps;
+        let order = |why: &str| RamDstError::PostcopyOrder {
+            offset: at,
+            block: self.blocks[b].name.clone(),
+            page_offset: off,
+            why: why.to_string(),
+        };
+        match &self.host_page {
+            None if within != 0 => return Err(order("a host page must start with its first target page")),
+            Some(_) if within == 0 => return Err(order("the previous host page is incomplete")),
+            Some(hp) if hp.block != b || hp.next != off => {
+                return Err(order(&format!("expected {:#x} of \"{}\"", hp.next, self.blocks[hp.block].name)))
+            }
+            _ => {}
+        }
+        let hp = self.host_page.get_or_insert_with(|| HostPage {
+            block: b,
+            start: off,
+            next: off,
+            all_zero: true,
+            data: Vec::new(),
+        });
+        match data {
+            Some(d) => {
+                hp.data.extend_from_slice(d);
+                hp.all_zero = false;
+            }
+            None => {
+                hp.data.resize(hp.data.len() + tps as usize, fill);
+                if fill != 0 {
+                    hp.all_zero = false;
+                    self.stats.nonzero_fill += 1;
+                    self.actions.push_back(Action::NonZeroFill { offset: at, block: b, page_offset: off, fill });
+                }
+                self.stats.zero += 1;
+            }
+        }
+        if data.is_some() {
+            self.stats.page += 1;
+        }
+        hp.next = off + tps;
+        self.current = Some(b);
+        if within + tps == hps {
+            let Some(hp) = self.host_page.take() else { return Ok(()) };
+            self.place(at, hp)?;
+        }
+        Ok(())
+    }
+
+    fn place(&mut self, at: u64, hp: HostPage) -> Result<(), RamDstError> {
+        let tps = self.page_size();
+        let len = hp.data.len() as u64;
+        let (p, n) = (hp.start / tps, len / tps);
+        let b = hp.block;
+        match self.placement {
+            Placement::Apply => {
+                let blk = &mut self.blocks[b];
+                if hp.all_zero {
+                    if blk.nonzero.any_in_range(p, n) {
+                        self.memory.discard(b, hp.start, len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                        blk.nonzero.clear_range(p, n);
+                    }
+                } else {
+                    let mem = self.memory.bytes_mut(b, hp.start, hp.data.len()).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    mem.copy_from_slice(&hp.data);
+                    blk.nonzero.set_range(p, n);
+                }
+            }
+            Placement::Emit => {
+                let blk = &mut self.blocks[b];
+                if hp.all_zero {
+                    blk.nonzero.clear_range(p, n);
+                    self.actions.push_back(Action::PlaceZeroPage { block: b, offset: hp.start, len });
+                } else {
+                    blk.nonzero.set_range(p, n);
+                    self.actions.push_back(Action::PlaceHostPage { block: b, offset: hp.start, data: hp.data });
+                }
+            }
+        }
+        self.blocks[b].received.set_range(p, n);
+        if hp.all_zero {
+            self.stats.placed_zero_pages += 1;
+        } else {
+            self.stats.placed_host_pages += 1;
+        }
+        Ok(())
+    }
+}
