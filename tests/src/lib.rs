@@ -40,7 +40,11 @@ impl Capture {
     pub fn expectations(&self) -> Vec<(String, u64)> {
         self.oracle["expect"]
             .as_object()
-            .map(|m| m.iter().filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n))).collect())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -79,7 +83,10 @@ pub fn captures() -> Vec<Capture> {
     let Ok(rd) = std::fs::read_dir(data_dir()) else {
         return out;
     };
-    let mut dirs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
     dirs.sort();
     for dir in dirs {
         let plain = dir.join("stream");
@@ -87,7 +94,10 @@ pub fn captures() -> Vec<Capture> {
         let (stream_path, stream) = if plain.exists() {
             (plain.clone(), std::fs::read(&plain).expect("read stream"))
         } else if gz.exists() {
-            (gz.clone(), gunzip(&std::fs::read(&gz).expect("read stream.gz")))
+            (
+                gz.clone(),
+                gunzip(&std::fs::read(&gz).expect("read stream.gz")),
+            )
         } else {
             continue;
         };
@@ -98,7 +108,11 @@ pub fn captures() -> Vec<Capture> {
                 .unwrap_or(serde_json::Value::Null)
         };
         out.push(Capture {
-            name: dir.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+            name: dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
             rp: std::fs::read(dir.join("rp")).ok(),
             oracle: read_json("oracle.json"),
             query_migrate: read_json("query-migrate.json"),
@@ -117,6 +131,8 @@ pub fn captures() -> Vec<Capture> {
 pub fn gunzip(b: &[u8]) -> Vec<u8> {
     use std::io::Read;
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(b).read_to_end(&mut out).expect("gunzip");
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .expect("gunzip");
     out
 }

@@ -16,7 +16,16 @@ fn items(c: &Capture) -> Vec<(u64, Item<'_>)> {
 fn corpus_is_present() {
     let caps = captures();
     let names: Vec<&str> = caps.iter().map(|c| c.name.as_str()).collect();
-    for want in ["q10-stopped", "q10-passes", "q10-xbzrle", "q10-postcopy", "q72-compress", "q72-xbzrle", "q35-backends", "q10-zpd-none"] {
+    for want in [
+        "q10-stopped",
+        "q10-passes",
+        "q10-xbzrle",
+        "q10-postcopy",
+        "q72-compress",
+        "q72-xbzrle",
+        "q35-backends",
+        "q10-zpd-none",
+    ] {
         assert!(names.contains(&want), "missing capture {want}: {names:?}");
     }
 }
@@ -27,15 +36,29 @@ fn every_capture_roundtrips() {
         let mut out = Vec::with_capacity(c.stream.len());
         let its = items(&c);
         for (off, it) in &its {
-            assert_eq!(*off as usize, out.len(), "{}: item offsets are contiguous", c.name);
+            assert_eq!(
+                *off as usize,
+                out.len(),
+                "{}: item offsets are contiguous",
+                c.name
+            );
             it.write(&mut out);
         }
         assert!(out == c.stream, "{}: re-serialization differs", c.name);
-        assert!(matches!(its.last(), Some((_, Item::Eof | Item::Vmdesc(_)))), "{}: ends with EOF or vmdesc", c.name);
+        assert!(
+            matches!(its.last(), Some((_, Item::Eof | Item::Vmdesc(_)))),
+            "{}: ends with EOF or vmdesc",
+            c.name
+        );
     }
 }
 
-fn counts(its: &[(u64, Item<'_>)]) -> (BTreeMap<&'static str, u64>, BTreeMap<String, BTreeMap<&'static str, u64>>) {
+fn counts(
+    its: &[(u64, Item<'_>)],
+) -> (
+    BTreeMap<&'static str, u64>,
+    BTreeMap<String, BTreeMap<&'static str, u64>>,
+) {
     let mut totals = BTreeMap::new();
     let mut per_block: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
     let mut cur = String::new();
@@ -54,7 +77,11 @@ fn counts(its: &[(u64, Item<'_>)]) -> (BTreeMap<&'static str, u64>, BTreeMap<Str
             };
             *totals.entry(k).or_insert(0) += 1;
             if r.is_page() {
-                *per_block.entry(cur.clone()).or_default().entry(k).or_insert(0) += 1;
+                *per_block
+                    .entry(cur.clone())
+                    .or_default()
+                    .entry(k)
+                    .or_insert(0) += 1;
             }
         }
     }
@@ -76,15 +103,29 @@ fn counts_match_qemu_and_reference_reader() {
         }
         if c.qemu_major() >= 10 {
             let ram = &c.query_migrate["source"]["ram"];
-            assert_eq!(totals.get("zero").copied().unwrap_or(0), ram["duplicate"].as_u64().unwrap(), "{}: ram.duplicate", c.name);
-            assert_eq!(totals.get("page").copied().unwrap_or(0), ram["normal"].as_u64().unwrap(), "{}: ram.normal", c.name);
+            assert_eq!(
+                totals.get("zero").copied().unwrap_or(0),
+                ram["duplicate"].as_u64().unwrap(),
+                "{}: ram.duplicate",
+                c.name
+            );
+            assert_eq!(
+                totals.get("page").copied().unwrap_or(0),
+                ram["normal"].as_u64().unwrap(),
+                "{}: ram.normal",
+                c.name
+            );
         }
         // The independent Python reader's counts (scripts/qemustream.py).
         if let Some(blocks) = c.oracle["reference"]["blocks"].as_array() {
             for b in blocks {
                 let name = b["name"].as_str().unwrap();
                 for k in ["zero", "page", "xbzrle", "compressed"] {
-                    let ours = per_block.get(name).and_then(|m| m.get(k)).copied().unwrap_or(0);
+                    let ours = per_block
+                        .get(name)
+                        .and_then(|m| m.get(k))
+                        .copied()
+                        .unwrap_or(0);
                     assert_eq!(ours, b[k].as_u64().unwrap(), "{}: block {name} {k}", c.name);
                 }
             }
@@ -103,7 +144,12 @@ fn return_paths_parse_and_roundtrip() {
             m.write(&mut out);
         }
         assert_eq!(&out, rp, "{}", c.name);
-        assert!(msgs.iter().any(|(_, m)| matches!(m, qmig_wire::RpMessage::Shut(0))), "{}: SHUT(0)", c.name);
+        assert!(
+            msgs.iter()
+                .any(|(_, m)| matches!(m, qmig_wire::RpMessage::Shut(0))),
+            "{}: SHUT(0)",
+            c.name
+        );
         seen += 1;
     }
     assert!(seen >= 1);
@@ -126,7 +172,9 @@ fn every_prefix_is_a_truncation() {
         loop {
             let pos = dec.position() as usize;
             let step = dec.decode(&s[pos..], true).unwrap();
-            let Step::Item { item, len } = step else { break };
+            let Step::Item { item, len } = step else {
+                break;
+            };
             checkpoints.push((dec.clone(), pos, len));
             dec.commit(&item, len);
         }
@@ -135,11 +183,21 @@ fn every_prefix_is_a_truncation() {
                 match d.decode(&s[*start..end], true) {
                     Err(e) => {
                         assert!(e.is_truncation(), "{}: prefix {end}: {e}", c.name);
-                        assert!(e.offset() <= end as u64, "{}: prefix {end}: offset {} beyond", c.name, e.offset());
+                        assert!(
+                            e.offset() <= end as u64,
+                            "{}: prefix {end}: offset {} beyond",
+                            c.name,
+                            e.offset()
+                        );
                     }
                     Ok(Step::Item { item, len }) => {
                         // Only a zero-length item may complete on a shorter prefix.
-                        assert!(len == 0 && end == *start, "{}: prefix {end} decoded {}", c.name, item.kind_name());
+                        assert!(
+                            len == 0 && end == *start,
+                            "{}: prefix {end} decoded {}",
+                            c.name,
+                            item.kind_name()
+                        );
                     }
                     // The prefix that ends right after EOF is a complete stream.
                     Ok(Step::End) if end == *start && d.phase() == qmig_wire::Phase::AfterEof => {}
@@ -159,9 +217,16 @@ fn every_prefix_is_a_truncation() {
                 last = Some(it.map(|(o, i)| (o, i.kind_name())));
             }
             match last {
-                Some(Err(e)) => assert!(e.is_truncation() || e.offset() as usize <= end, "{}: prefix {end}: {e}", c.name),
+                Some(Err(e)) => assert!(
+                    e.is_truncation() || e.offset() as usize <= end,
+                    "{}: prefix {end}: {e}",
+                    c.name
+                ),
                 Some(Ok((_, "EOF"))) => {}
-                Some(Ok((o, k))) => panic!("{}: prefix {end} parsed completely, last item {k} at {o}", c.name),
+                Some(Ok((o, k))) => panic!(
+                    "{}: prefix {end} parsed completely, last item {k} at {o}",
+                    c.name
+                ),
                 None => panic!("{}: prefix {end}: no items", c.name),
             }
         }
@@ -186,7 +251,12 @@ fn stream_reader_matches_slice_reader() {
         let mut r = qmig_wire::StreamReader::new(Trickle(&c.stream, 1));
         let mut i = 0;
         while let Some(ri) = r.next_item().unwrap_or_else(|e| panic!("{}: {e}", c.name)) {
-            assert_eq!((ri.offset, &ri.item), (want[i].0, &want[i].1), "{}: item {i}", c.name);
+            assert_eq!(
+                (ri.offset, &ri.item),
+                (want[i].0, &want[i].1),
+                "{}: item {i}",
+                c.name
+            );
             i += 1;
         }
         assert_eq!(i, want.len(), "{}", c.name);

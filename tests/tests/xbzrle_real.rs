@@ -27,7 +27,8 @@ fn reencoding_every_real_xbzrle_record_gives_qemus_bytes() {
             match &r.body {
                 RamBody::MemSize(blocks) => {
                     for b in blocks {
-                        mem.entry(b.name.to_string()).or_insert_with(|| vec![0; b.used_length as usize]);
+                        mem.entry(b.name.to_string())
+                            .or_insert_with(|| vec![0; b.used_length as usize]);
                     }
                 }
                 RamBody::Zero { fill } => mem.get_mut(&cur).unwrap()[o..o + page_size].fill(*fill),
@@ -38,17 +39,31 @@ fn reencoding_every_real_xbzrle_record_gives_qemus_bytes() {
                 RamBody::Compressed(z) => {
                     use std::io::Read;
                     let page = &mut mem.get_mut(&cur).unwrap()[o..o + page_size];
-                    flate2::read::ZlibDecoder::new(&z[..]).read_exact(page).unwrap();
+                    flate2::read::ZlibDecoder::new(&z[..])
+                        .read_exact(page)
+                        .unwrap();
                 }
                 RamBody::Xbzrle(enc) => {
                     let page = &mut mem.get_mut(&cur).unwrap()[o..o + page_size];
                     let old = page.to_vec();
-                    qmig_xbzrle::decode(enc, page).unwrap_or_else(|e| panic!("{} at {off}: {e}", c.name));
-                    let n = qmig_xbzrle::encode(&old, page, &mut out[..page_size])
-                        .unwrap_or_else(|_| panic!("{} at {off}: qmig overflows where QEMU did not", c.name));
-                    assert!(out[..n] == enc[..], "{} at {off}: qmig's encoding differs from QEMU's ({n} vs {} bytes)", c.name, enc.len());
-                    let r = qmig_xbzrle::reference::encode(&old, page, &mut out[..page_size]).unwrap();
-                    assert!(out[..r] == enc[..], "{} at {off}: reference encoder differs", c.name);
+                    qmig_xbzrle::decode(enc, page)
+                        .unwrap_or_else(|e| panic!("{} at {off}: {e}", c.name));
+                    let n = qmig_xbzrle::encode(&old, page, &mut out[..page_size]).unwrap_or_else(
+                        |_| panic!("{} at {off}: qmig overflows where QEMU did not", c.name),
+                    );
+                    assert!(
+                        out[..n] == enc[..],
+                        "{} at {off}: qmig's encoding differs from QEMU's ({n} vs {} bytes)",
+                        c.name,
+                        enc.len()
+                    );
+                    let r =
+                        qmig_xbzrle::reference::encode(&old, page, &mut out[..page_size]).unwrap();
+                    assert!(
+                        out[..r] == enc[..],
+                        "{} at {off}: reference encoder differs",
+                        c.name
+                    );
                     checked += 1;
                 }
                 _ => {}
@@ -56,9 +71,18 @@ fn reencoding_every_real_xbzrle_record_gives_qemus_bytes() {
         }
         if checked > 0 {
             *per_major.entry(c.qemu_major()).or_default() += checked;
-            eprintln!("{}: {checked} XBZRLE records re-encoded identically", c.name);
+            eprintln!(
+                "{}: {checked} XBZRLE records re-encoded identically",
+                c.name
+            );
         }
     }
-    assert!(per_major.get(&10).copied().unwrap_or(0) >= 1000, "QEMU 10 XBZRLE records: {per_major:?}");
-    assert!(per_major.get(&7).copied().unwrap_or(0) >= 1000, "QEMU 7.2 XBZRLE records: {per_major:?}");
+    assert!(
+        per_major.get(&10).copied().unwrap_or(0) >= 1000,
+        "QEMU 10 XBZRLE records: {per_major:?}"
+    );
+    assert!(
+        per_major.get(&7).copied().unwrap_or(0) >= 1000,
+        "QEMU 7.2 XBZRLE records: {per_major:?}"
+    );
 }

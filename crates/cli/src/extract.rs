@@ -158,17 +158,24 @@ impl Session {
 
     /// Applies one item; actions are handed to `on_action`.
     #[inline]
-    pub(crate) fn handle(&mut self, ri: &ReadItem<'_>, mut on_action: impl FnMut(Action)) -> Result<(), StopError> {
+    pub(crate) fn handle(
+        &mut self,
+        ri: &ReadItem<'_>,
+        mut on_action: impl FnMut(Action),
+    ) -> Result<(), StopError> {
         match &ri.item {
             Item::Ram(_) => self.dst.handle_read_item(ri).map_err(StopError::Dst)?,
             Item::Vmdesc(j) => {
-                fs::write(self.outdir.join("vmdesc.json"), j).map_err(|e| StopError::Io(format!("vmdesc.json: {e}")))?;
+                fs::write(self.outdir.join("vmdesc.json"), j)
+                    .map_err(|e| StopError::Io(format!("vmdesc.json: {e}")))?;
                 self.vmdesc = true;
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
             }
             _ => {
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
-                self.device.handle(ri).map_err(|e| StopError::Io(format!("device-state.bin: {e}")))?;
+                self.device
+                    .handle(ri)
+                    .map_err(|e| StopError::Io(format!("device-state.bin: {e}")))?;
             }
         }
         while let Some(a) = self.dst.poll_action() {
@@ -179,7 +186,10 @@ impl Session {
 
     /// Flushes the device state and writes `manifest.json`.
     pub(crate) fn finish(&mut self, err: Option<&StopError>, extra: Value) -> Result<(), String> {
-        self.device.out.flush().map_err(|e| format!("device-state.bin: {e}"))?;
+        self.device
+            .out
+            .flush()
+            .map_err(|e| format!("device-state.bin: {e}"))?;
         let st = self.dst.stats();
         let mut manifest = json!({
             "blocks": self.dst.memory().files().iter().map(|i| json!({"name": i.name, "file": i.file_name, "length": i.length})).collect::<Vec<_>>(),
@@ -198,8 +208,11 @@ impl Session {
         if let (Value::Object(m), Value::Object(x)) = (&mut manifest, extra) {
             m.extend(x);
         }
-        fs::write(self.outdir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n")
-            .map_err(|e| format!("manifest.json: {e}"))
+        fs::write(
+            self.outdir.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| format!("manifest.json: {e}"))
     }
 }
 
@@ -229,13 +242,19 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
     s.finish(result.as_ref().err(), json!({}))?;
     let applied_to = s.dst.applied_up_to();
     if let Err(e) = result {
-        eprintln!("qmig: extract stopped: {e}; images hold the stream applied up to offset {applied_to}");
+        eprintln!(
+            "qmig: extract stopped: {e}; images hold the stream applied up to offset {applied_to}"
+        );
         return Ok(ExitCode::from(1));
     }
     let fills = s.dst.stats().nonzero_fill;
     if fills > 0 {
         eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills)");
     }
-    eprintln!("extracted {} blocks to {}", s.dst.blocks().len(), outdir.display());
+    eprintln!(
+        "extracted {} blocks to {}",
+        s.dst.blocks().len(),
+        outdir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -45,13 +45,27 @@ struct Summary {
     error: Option<String>,
 }
 
-pub fn run(path: &Path, json_out: bool, records: bool, rp: Option<&Path>) -> Result<ExitCode, String> {
+pub fn run(
+    path: &Path,
+    json_out: bool,
+    records: bool,
+    rp: Option<&Path>,
+) -> Result<ExitCode, String> {
     let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
     let pb = crate::progress::bytes(total, "inspect");
     let mut s = Summary::default();
-    for k in ["zero", "page", "xbzrle", "compressed", "eos", "mem_size", "hook", "multifd_flush"] {
+    for k in [
+        "zero",
+        "page",
+        "xbzrle",
+        "compressed",
+        "eos",
+        "mem_size",
+        "hook",
+        "multifd_flush",
+    ] {
         s.totals.insert(k, 0);
     }
     let stdout = std::io::stdout();
@@ -85,9 +99,12 @@ pub fn run(path: &Path, json_out: bool, records: bool, rp: Option<&Path>) -> Res
             Item::Section(h) => {
                 *s.section_counts.entry(h.kind.name()).or_default() += 1;
                 if let Some(id) = h.ident {
-                    s.sections
-                        .entry(h.section_id)
-                        .or_insert((id.idstr.to_string(), id.instance, id.version, h.kind.name()));
+                    s.sections.entry(h.section_id).or_insert((
+                        id.idstr.to_string(),
+                        id.instance,
+                        id.version,
+                        h.kind.name(),
+                    ));
                 }
                 cur_section = dec
                     .sections()
@@ -142,7 +159,9 @@ pub fn run(path: &Path, json_out: bool, records: bool, rp: Option<&Path>) -> Res
             }
             Item::DeviceData(d) => s.device_bytes += d.len() as u64,
             Item::Command(c) => {
-                let mut v = json!({"offset": off, "name": c.name(), "depth": dec.package_depth()});
+                // The decoder is already past the item: PACKAGED itself opened one level.
+                let depth = dec.package_depth() - usize::from(matches!(c, Command::Packaged { .. }));
+                let mut v = json!({"offset": off, "name": c.name(), "depth": depth});
                 match c {
                     Command::Ping(x) => v["value"] = json!(x),
                     Command::PostcopyAdvise(Some(a)) => {
@@ -196,7 +215,12 @@ pub fn run(path: &Path, json_out: bool, records: bool, rp: Option<&Path>) -> Res
         }
     } else if json_out {
         let v = to_json(&s, rp_summary);
-        writeln!(out, "{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        )
+        .map_err(|e| e.to_string())?;
     } else {
         print_text(&mut out, &s, rp_summary.as_ref()).map_err(|e| e.to_string())?;
     }
@@ -218,14 +242,24 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
             } else {
                 ("-", "-".into())
             };
-            format!("{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<14} {}", r.kind().name(), r.payload_len())
+            format!(
+                "{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<14} {}",
+                r.kind().name(),
+                r.payload_len()
+            )
         }
         Item::Section(h) => {
             let name = h
                 .ident
                 .map(|i| format!("{} inst={} ver={}", i.idstr, i.instance, i.version))
                 .unwrap_or_default();
-            format!("{off:>12} {:<24} {:<24} {:>14} {:<14} {len} {name}", format!("{}", h.section_id), "-", "-", h.kind.name())
+            format!(
+                "{off:>12} {:<24} {:<24} {:>14} {:<14} {len} {name}",
+                format!("{}", h.section_id),
+                "-",
+                "-",
+                h.kind.name()
+            )
         }
         Item::Command(c) => {
             let extra = match c {
@@ -234,9 +268,20 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 Command::Packaged { len } => format!(" len={len}"),
                 _ => String::new(),
             };
-            format!("{off:>12} {:<24} {:<24} {:>14} {:<14} {len}{extra}", "-", "-", "-", c.name())
+            format!(
+                "{off:>12} {:<24} {:<24} {:>14} {:<14} {len}{extra}",
+                "-",
+                "-",
+                "-",
+                c.name()
+            )
         }
-        other => format!("{off:>12} {section:<24} {:<24} {:>14} {:<14} {len}", "-", "-", other.kind_name()),
+        other => format!(
+            "{off:>12} {section:<24} {:<24} {:>14} {:<14} {len}",
+            "-",
+            "-",
+            other.kind_name()
+        ),
     }
 }
 
@@ -268,8 +313,12 @@ fn return_path_summary(p: &Path) -> Result<RpSummary, String> {
                 match m {
                     RpMessage::Shut(v) => s.shut = Some(v),
                     RpMessage::Pong(v) => s.pongs.push(v),
-                    RpMessage::ReqPages { len, .. } | RpMessage::ReqPagesId { len, .. } => s.requested_bytes += len as u64,
-                    RpMessage::RecvBitmap { block, bitmap } => s.bitmaps.push((block.to_string(), bitmap.len())),
+                    RpMessage::ReqPages { len, .. } | RpMessage::ReqPagesId { len, .. } => {
+                        s.requested_bytes += len as u64
+                    }
+                    RpMessage::RecvBitmap { block, bitmap } => {
+                        s.bitmaps.push((block.to_string(), bitmap.len()))
+                    }
                     _ => {}
                 }
             }
@@ -334,15 +383,28 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
 }
 
 fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std::io::Result<()> {
-    writeln!(out, "stream version {}  machine {}  target page {} bytes", s.version, s.machine, 1u64 << s.page_bits.unwrap_or(12))?;
+    writeln!(
+        out,
+        "stream version {}  machine {}  target page {} bytes",
+        s.version,
+        s.machine,
+        1u64 << s.page_bits.unwrap_or(12)
+    )?;
     if !s.capabilities.is_empty() {
         writeln!(out, "capabilities: {}", s.capabilities.join(", "))?;
     }
     writeln!(out, "sections:")?;
     for (id, (n, inst, ver, kind)) in &s.sections {
-        writeln!(out, "  {id:>4} {n:<40} instance {inst:<4} version {ver:<4} {kind}")?;
+        writeln!(
+            out,
+            "  {id:>4} {n:<40} instance {inst:<4} version {ver:<4} {kind}"
+        )?;
     }
-    let hc: Vec<String> = s.section_counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let hc: Vec<String> = s
+        .section_counts
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     writeln!(out, "section headers: {}", hc.join(", "))?;
     if !s.commands.is_empty() {
         writeln!(out, "commands:")?;
@@ -356,11 +418,22 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
                 }
             }
             let depth = c["depth"].as_u64().unwrap_or(0) as usize;
-            writeln!(out, "  {:>12} {}{}{}", c["offset"], "  ".repeat(depth), c["name"].as_str().unwrap_or(""), extra)?;
+            writeln!(
+                out,
+                "  {:>12} {}{}{}",
+                c["offset"],
+                "  ".repeat(depth),
+                c["name"].as_str().unwrap_or(""),
+                extra
+            )?;
         }
     }
     writeln!(out, "RAM blocks:")?;
-    writeln!(out, "  {:<32} {:>12} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}", "name", "length", "zero", "page", "xbzrle", "compr", "page size", "discarded")?;
+    writeln!(
+        out,
+        "  {:<32} {:>12} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "name", "length", "zero", "page", "xbzrle", "compr", "page size", "discarded"
+    )?;
     for n in &s.block_order {
         let b = &s.blocks[n];
         writeln!(
@@ -371,21 +444,40 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
             b.page,
             b.xbzrle,
             b.compressed,
-            b.page_size.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            b.page_size
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             b.discarded_bytes
         )?;
     }
     let t: Vec<String> = s.totals.iter().map(|(k, v)| format!("{k} {v}")).collect();
     writeln!(out, "totals: {}", t.join(", "))?;
-    writeln!(out, "RAM bytes {}  device bytes {}  length {}  EOF {}", s.ram_bytes, s.device_bytes, s.end, if s.eof { "yes" } else { "no" })?;
+    writeln!(
+        out,
+        "RAM bytes {}  device bytes {}  length {}  EOF {}",
+        s.ram_bytes,
+        s.device_bytes,
+        s.end,
+        if s.eof { "yes" } else { "no" }
+    )?;
     match s.vmdesc_len {
-        Some(l) => writeln!(out, "vmdesc: {l} bytes, {} devices", s.vmdesc_devices.map(|d| d.to_string()).unwrap_or_else(|| "?".into()))?,
+        Some(l) => writeln!(
+            out,
+            "vmdesc: {l} bytes, {} devices",
+            s.vmdesc_devices
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "?".into())
+        )?,
         None => writeln!(out, "vmdesc: none")?,
     }
     if let Some(rp) = rp {
         let m: Vec<String> = rp.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         writeln!(out, "return path ({} bytes): {}", rp.len, m.join(", "))?;
-        writeln!(out, "  requested bytes {}  shut {:?}  pongs {:?}", rp.requested_bytes, rp.shut, rp.pongs)?;
+        writeln!(
+            out,
+            "  requested bytes {}  shut {:?}  pongs {:?}",
+            rp.requested_bytes, rp.shut, rp.pongs
+        )?;
         for (b, l) in &rp.bitmaps {
             writeln!(out, "  received bitmap {b}: {l} bytes")?;
         }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod extract;
 mod inspect;
 mod progress;
+mod recv;
 mod roundtrip;
 
 /// Tools for QEMU live-migration streams.
@@ -48,6 +49,23 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Receive a live precopy migration from a QEMU source (`migrate tcp:...`) into
+    /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
+    Recv {
+        /// Where to listen: tcp:HOST:PORT.
+        #[arg(long, value_name = "tcp:HOST:PORT")]
+        listen: String,
+        /// Output directory (created if missing).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The local RAM layout to check the source's against (a manifest.json or
+        /// {"blocks":[{"name","length"}]}); default: adopt the source's layout.
+        #[arg(long, value_name = "MANIFEST")]
+        blocks: Option<PathBuf>,
+        /// Also record the whole incoming stream, byte for byte, in this file.
+        #[arg(long, value_name = "STREAM")]
+        save: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +79,12 @@ fn main() -> ExitCode {
         } => inspect::run(&stream, json, records, return_path.as_deref()),
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
+        Cmd::Recv {
+            listen,
+            output,
+            blocks,
+            save,
+        } => recv::run(&listen, &output, blocks.as_deref(), save.as_deref()),
     };
     match r {
         Ok(code) => code,

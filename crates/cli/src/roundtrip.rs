@@ -29,7 +29,8 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
         out.clear();
         item.write(&mut out);
         want.resize(out.len(), 0);
-        orig.read_exact(&mut want).map_err(|e| format!("re-reading input at {off}: {e}"))?;
+        orig.read_exact(&mut want)
+            .map_err(|e| format!("re-reading input at {off}: {e}"))?;
         if out != want {
             let i = out.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
             println!(
@@ -49,9 +50,15 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
     pb.finish_and_clear();
     let mut extra = [0u8; 1];
     if orig.read(&mut extra).map_err(|e| e.to_string())? != 0 {
-        println!("difference: input has bytes after the last item at offset {}", rd.decoder().position());
+        println!(
+            "difference: input has bytes after the last item at offset {}",
+            rd.decoder().position()
+        );
         return Ok(ExitCode::from(1));
     }
-    println!("identical: {items} items, {} bytes", rd.decoder().position());
+    println!(
+        "identical: {items} items, {} bytes",
+        rd.decoder().position()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -37,9 +37,19 @@ fn roundtrip_inspect_extract_every_capture() {
         let s = stream_file(&c, &dir);
 
         let out = qmig().arg("roundtrip").arg(&s).output().unwrap();
-        assert!(out.status.success(), "{}: roundtrip: {}", c.name, String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}: roundtrip: {}",
+            c.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
 
-        let out = qmig().arg("inspect").arg(&s).arg("--json").output().unwrap();
+        let out = qmig()
+            .arg("inspect")
+            .arg(&s)
+            .arg("--json")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}: inspect failed", c.name);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         for (k, want) in c.expectations() {
@@ -53,25 +63,55 @@ fn roundtrip_inspect_extract_every_capture() {
         let blocks = v["blocks"].as_array().unwrap();
         for k in ["zero", "page", "xbzrle", "compressed"] {
             let sum: u64 = blocks.iter().map(|b| b[k].as_u64().unwrap()).sum();
-            assert_eq!(sum, v["totals"][k].as_u64().unwrap(), "{}: sum of blocks' {k}", c.name);
+            assert_eq!(
+                sum,
+                v["totals"][k].as_u64().unwrap(),
+                "{}: sum of blocks' {k}",
+                c.name
+            );
         }
         for b in blocks {
-            assert!(b["name"].is_string() && b["length"].as_u64().unwrap() > 0, "{}: block {b}", c.name);
+            assert!(
+                b["name"].is_string() && b["length"].as_u64().unwrap() > 0,
+                "{}: block {b}",
+                c.name
+            );
         }
 
         let outdir = dir.join("out");
-        let out = qmig().arg("extract").arg(&s).arg("-o").arg(&outdir).output().unwrap();
-        assert!(out.status.success(), "{}: extract: {}", c.name, String::from_utf8_lossy(&out.stderr));
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
+        let out = qmig()
+            .arg("extract")
+            .arg(&s)
+            .arg("-o")
+            .arg(&outdir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: extract: {}",
+            c.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
         let digests = c.digests();
         assert!(!digests.is_empty(), "{}: oracle digests", c.name);
         for (block, off, len, sha) in digests {
-            let e = m["blocks"].as_array().unwrap().iter().find(|b| b["name"] == block.as_str());
+            let e = m["blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == block.as_str());
             let e = e.unwrap_or_else(|| panic!("{}: block {block} not extracted", c.name));
             let img = std::fs::read(outdir.join(e["file"].as_str().unwrap())).unwrap();
             assert_eq!(img.len() as u64, e["length"].as_u64().unwrap());
             let part = &img[off as usize..(off + len) as usize];
-            assert_eq!(sha256::hex(part), sha, "{}: {block} [{off:#x}, +{len:#x}) differs from the source's memory", c.name);
+            assert_eq!(
+                sha256::hex(part),
+                sha,
+                "{}: {block} [{off:#x}, +{len:#x}) differs from the source's memory",
+                c.name
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -81,17 +121,27 @@ fn roundtrip_inspect_extract_every_capture() {
 /// manifest records where it stopped, and the pages applied so far are there.
 #[test]
 fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
-    let c = captures().into_iter().find(|c| c.name == "q10-stopped").expect("q10-stopped");
+    let c = captures()
+        .into_iter()
+        .find(|c| c.name == "q10-stopped")
+        .expect("q10-stopped");
     let dir = scratch("trunc");
     let cut = c.stream.len() / 2 + 1234;
     let s = dir.join("cut");
     std::fs::write(&s, &c.stream[..cut]).unwrap();
     let outdir = dir.join("out");
-    let out = qmig().arg("extract").arg(&s).arg("-o").arg(&outdir).output().unwrap();
+    let out = qmig()
+        .arg("extract")
+        .arg(&s)
+        .arg("-o")
+        .arg(&outdir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("offset"), "{err}");
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["complete"], false);
     let stop = m["applied_up_to"].as_u64().unwrap();
     assert!(stop > 0 && stop <= cut as u64, "applied_up_to {stop}");
@@ -108,7 +158,12 @@ fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
                 cur = b.to_string();
             }
             if let qmig_wire::RamBody::Page(d) = r.body {
-                let e = m["blocks"].as_array().unwrap().iter().find(|b| b["name"] == cur.as_str()).unwrap();
+                let e = m["blocks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|b| b["name"] == cur.as_str())
+                    .unwrap();
                 let img = std::fs::read(outdir.join(e["file"].as_str().unwrap())).unwrap();
                 assert_eq!(&img[r.offset as usize..r.offset as usize + d.len()], d);
                 checked += 1;
@@ -121,7 +176,10 @@ fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
 
 #[test]
 fn roundtrip_reports_parse_errors_with_offset() {
-    let c = captures().into_iter().find(|c| c.name == "q10-stopped").unwrap();
+    let c = captures()
+        .into_iter()
+        .find(|c| c.name == "q10-stopped")
+        .unwrap();
     let dir = scratch("corrupt");
     let mut bytes = c.stream.clone();
     // Corrupt the RAM START section's idstr length: a zero-length name.

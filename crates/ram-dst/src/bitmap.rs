@@ -60,7 +60,11 @@ impl PageBitmap {
             let w = i / 64;
             let lo = i % 64;
             let hi = (end - w * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
             f(&mut self.words[w as usize], mask);
             i = (w + 1) * 64;
         }
@@ -159,7 +163,11 @@ impl PageBitmap {
 /// then the be64 size, the little-endian bitmap and the end marker.
 pub fn write_recv_bitmap_reply(block: &str, bitmap: &PageBitmap, out: &mut Vec<u8>) {
     let bytes = bitmap.to_le_bytes();
-    RpMessage::RecvBitmap { block, bitmap: &bytes }.write(out);
+    RpMessage::RecvBitmap {
+        block,
+        bitmap: &bytes,
+    }
+    .write(out);
 }
 
 /// Parses a RECV_BITMAP return-path message (as written by
@@ -175,16 +183,28 @@ pub fn parse_recv_bitmap_reply(
     pages_of: impl Fn(&str) -> Option<u64>,
 ) -> Result<(String, PageBitmap, usize), RamDstError> {
     let Some((msg, len)) = qmig_wire::decode_rp_message(buf, 0)? else {
-        return Err(RamDstError::Bitmap { offset: buf.len() as u64, why: "message truncated".into() });
+        return Err(RamDstError::Bitmap {
+            offset: buf.len() as u64,
+            why: "message truncated".into(),
+        });
     };
     let RpMessage::RecvBitmap { block, bitmap } = msg else {
-        return Err(RamDstError::Bitmap { offset: 0, why: format!("{} message, not RECV_BITMAP", msg.name()) });
+        return Err(RamDstError::Bitmap {
+            offset: 0,
+            why: format!("{} message, not RECV_BITMAP", msg.name()),
+        });
     };
     let Some(pages) = pages_of(block) else {
-        return Err(RamDstError::UnknownBlock { offset: 0, name: block.to_string() });
+        return Err(RamDstError::UnknownBlock {
+            offset: 0,
+            name: block.to_string(),
+        });
     };
     let bm = PageBitmap::from_le_bytes(bitmap, pages).map_err(|e| match e {
-        RamDstError::Bitmap { why, .. } => RamDstError::Bitmap { offset: 4 + 1 + block.len() as u64, why },
+        RamDstError::Bitmap { why, .. } => RamDstError::Bitmap {
+            offset: 4 + 1 + block.len() as u64,
+            why,
+        },
         other => other,
     })?;
     Ok((block.to_string(), bm, len))

@@ -311,12 +311,21 @@ impl<M: GuestMemory> RamDst<M> {
         let adopt = matches!(config.layout, Layout::Adopt);
         if let Layout::Fixed(local) = config.layout {
             for (i, b) in local.into_iter().enumerate() {
-                let bad = |why: String| RamDstError::BadSize { offset: 0, why: format!("local block \"{}\": {why}", b.name) };
-                if !b.page_size.is_power_of_two() || b.page_size < tps || b.page_size > MAX_PAGE_SIZE {
+                let bad = |why: String| RamDstError::BadSize {
+                    offset: 0,
+                    why: format!("local block \"{}\": {why}", b.name),
+                };
+                if !b.page_size.is_power_of_two()
+                    || b.page_size < tps
+                    || b.page_size > MAX_PAGE_SIZE
+                {
                     return Err(bad(format!("page size {:#x}", b.page_size)));
                 }
                 if b.used_length % b.page_size != 0 || b.max_length < b.used_length {
-                    return Err(bad(format!("length {:#x} (max {:#x})", b.used_length, b.max_length)));
+                    return Err(bad(format!(
+                        "length {:#x} (max {:#x})",
+                        b.used_length, b.max_length
+                    )));
                 }
                 if by_name.insert(b.name.clone(), i).is_some() {
                     return Err(bad("listed twice".into()));
@@ -441,9 +450,16 @@ impl<M: GuestMemory> RamDst<M> {
     /// # Errors
     /// A [`RamDstError`] naming `offset` when the item breaks a rule; the item
     /// is then not applied and the machine stops.
-    pub fn handle_item(&mut self, offset: u64, len: usize, item: &Item<'_>) -> Result<(), RamDstError> {
+    pub fn handle_item(
+        &mut self,
+        offset: u64,
+        len: usize,
+        item: &Item<'_>,
+    ) -> Result<(), RamDstError> {
         if self.stopped {
-            return Err(RamDstError::Stopped { offset: self.applied_to });
+            return Err(RamDstError::Stopped {
+                offset: self.applied_to,
+            });
         }
         let r = match item {
             Item::Configuration(c) => self.handle_configuration(offset, c.target_page_bits()),
@@ -495,13 +511,21 @@ impl<M: GuestMemory> RamDst<M> {
                 let p = off / tps;
                 let blk = &mut self.blocks[b];
                 if *fill != 0 || blk.nonzero.get(p) {
-                    let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    let mem = self
+                        .memory
+                        .bytes_mut(b, off, tps as usize)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
                     mem.fill(*fill);
                 }
                 if *fill != 0 {
                     blk.nonzero.set(p);
                     self.stats.nonzero_fill += 1;
-                    self.actions.push_back(Action::NonZeroFill { offset: at, block: b, page_offset: off, fill: *fill });
+                    self.actions.push_back(Action::NonZeroFill {
+                        offset: at,
+                        block: b,
+                        page_offset: off,
+                        fill: *fill,
+                    });
                 } else {
                     blk.nonzero.clear(p);
                 }
@@ -512,7 +536,10 @@ impl<M: GuestMemory> RamDst<M> {
             RamBody::Page(data) => {
                 self.check_page_len(at, data.len())?;
                 let (b, off) = self.resolve(at, rec)?;
-                let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                let mem = self
+                    .memory
+                    .bytes_mut(b, off, tps as usize)
+                    .map_err(|source| RamDstError::Memory { offset: at, source })?;
                 mem.copy_from_slice(data);
                 let blk = &mut self.blocks[b];
                 blk.nonzero.set(off / tps);
@@ -522,7 +549,10 @@ impl<M: GuestMemory> RamDst<M> {
             }
             RamBody::Xbzrle(enc) => {
                 let (b, off) = self.resolve(at, rec)?;
-                let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                let mem = self
+                    .memory
+                    .bytes_mut(b, off, tps as usize)
+                    .map_err(|source| RamDstError::Memory { offset: at, source })?;
                 // decode() validates the whole encoding before it writes a byte.
                 qmig_xbzrle::decode(enc, mem).map_err(|source| RamDstError::Xbzrle {
                     offset: at,
@@ -539,9 +569,17 @@ impl<M: GuestMemory> RamDst<M> {
             RamBody::Compressed(z) => {
                 let (b, off) = self.resolve(at, rec)?;
                 if let Err(why) = self.inflate_page(z) {
-                    return Err(RamDstError::Compressed { offset: at, block: self.blocks[b].name.clone(), page_offset: off, why });
+                    return Err(RamDstError::Compressed {
+                        offset: at,
+                        block: self.blocks[b].name.clone(),
+                        page_offset: off,
+                        why,
+                    });
                 }
-                let mem = self.memory.bytes_mut(b, off, tps as usize).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                let mem = self
+                    .memory
+                    .bytes_mut(b, off, tps as usize)
+                    .map_err(|source| RamDstError::Memory { offset: at, source })?;
                 mem.copy_from_slice(&self.scratch[..tps as usize]);
                 let blk = &mut self.blocks[b];
                 blk.nonzero.set(off / tps);
@@ -559,7 +597,10 @@ impl<M: GuestMemory> RamDst<M> {
         if len as u64 != self.page_size() {
             return Err(RamDstError::BadSize {
                 offset: at,
-                why: format!("PAGE record of {len} bytes, target page size is {}", self.page_size()),
+                why: format!(
+                    "PAGE record of {len} bytes, target page size is {}",
+                    self.page_size()
+                ),
             });
         }
         Ok(())
@@ -571,13 +612,26 @@ impl<M: GuestMemory> RamDst<M> {
         let b = match rec.block {
             Some(name) => match self.current {
                 Some(c) if self.blocks[c].name == name => c,
-                _ => *self.by_name.get(name).ok_or_else(|| RamDstError::UnknownBlock { offset: at, name: name.to_string() })?,
+                _ => *self
+                    .by_name
+                    .get(name)
+                    .ok_or_else(|| RamDstError::UnknownBlock {
+                        offset: at,
+                        name: name.to_string(),
+                    })?,
             },
-            None => self.current.ok_or(RamDstError::NoCurrentBlock { offset: at })?,
+            None => self
+                .current
+                .ok_or(RamDstError::NoCurrentBlock { offset: at })?,
         };
         let blk = &self.blocks[b];
         let tps = self.page_size();
-        if rec.offset % tps != 0 || rec.offset.checked_add(tps).is_none_or(|e| e > blk.used_length) {
+        if rec.offset % tps != 0
+            || rec
+                .offset
+                .checked_add(tps)
+                .is_none_or(|e| e > blk.used_length)
+        {
             return Err(RamDstError::PageOutOfBlock {
                 offset: at,
                 block: blk.name.clone(),
@@ -601,33 +655,63 @@ impl<M: GuestMemory> RamDst<M> {
             return Err("zlib stream incomplete or inflating to more than a page".into());
         }
         if self.inflate.total_out() != tps as u64 {
-            return Err(format!("inflates to {} bytes, not one page of {tps}", self.inflate.total_out()));
+            return Err(format!(
+                "inflates to {} bytes, not one page of {tps}",
+                self.inflate.total_out()
+            ));
         }
         Ok(())
     }
 
-    fn handle_mem_size(&mut self, at: u64, total: u64, list: &[MemBlock<'_>]) -> Result<(), RamDstError> {
+    fn handle_mem_size(
+        &mut self,
+        at: u64,
+        total: u64,
+        list: &[MemBlock<'_>],
+    ) -> Result<(), RamDstError> {
         let tps = self.page_size();
         let bad = |why: String| RamDstError::BadSize { offset: at, why };
-        let sum = list.iter().try_fold(0u64, |a, b| a.checked_add(b.used_length));
+        let sum = list
+            .iter()
+            .try_fold(0u64, |a, b| a.checked_add(b.used_length));
         if sum != Some(total) {
-            return Err(bad(format!("MEM_SIZE total {total:#x} differs from the sum of its block lengths")));
+            return Err(bad(format!(
+                "MEM_SIZE total {total:#x} differs from the sum of its block lengths"
+            )));
         }
         enum Plan<'a> {
-            New { name: &'a str, len: u64, page_size: u64 },
-            Resize { index: usize, len: u64 },
+            New {
+                name: &'a str,
+                len: u64,
+                page_size: u64,
+            },
+            Resize {
+                index: usize,
+                len: u64,
+            },
         }
         let mut plans = Vec::new();
         let mut seen = HashSet::new();
         // Bytes all blocks take after this record (adopt mode's cap).
-        let mut after: u64 = self.blocks.iter().filter(|b| !list.iter().any(|m| m.name == b.name)).map(|b| b.used_length).sum();
+        let mut after: u64 = self
+            .blocks
+            .iter()
+            .filter(|b| !list.iter().any(|m| m.name == b.name))
+            .map(|b| b.used_length)
+            .sum();
         let advised = self.postcopy != PostcopyState::None;
         for mb in list {
             if !seen.insert(mb.name) {
-                return Err(bad(format!("block \"{}\" listed twice in MEM_SIZE", mb.name)));
+                return Err(bad(format!(
+                    "block \"{}\" listed twice in MEM_SIZE",
+                    mb.name
+                )));
             }
             if mb.used_length % tps != 0 {
-                return Err(bad(format!("block \"{}\" length {:#x} is not a multiple of the target page size", mb.name, mb.used_length)));
+                return Err(bad(format!(
+                    "block \"{}\" length {:#x} is not a multiple of the target page size",
+                    mb.name, mb.used_length
+                )));
             }
             after = after.saturating_add(mb.used_length);
             match self.by_name.get(mb.name) {
@@ -645,7 +729,10 @@ impl<M: GuestMemory> RamDst<M> {
                         }
                     }
                     if blk.used_length != mb.used_length {
-                        if !blk.resizable || mb.used_length > blk.max_length || mb.used_length % blk.page_size != 0 {
+                        if !blk.resizable
+                            || mb.used_length > blk.max_length
+                            || mb.used_length % blk.page_size != 0
+                        {
                             return Err(RamDstError::LengthMismatch {
                                 offset: at,
                                 name: blk.name.clone(),
@@ -655,27 +742,55 @@ impl<M: GuestMemory> RamDst<M> {
                                 resizable: blk.resizable,
                             });
                         }
-                        plans.push(Plan::Resize { index: i, len: mb.used_length });
+                        plans.push(Plan::Resize {
+                            index: i,
+                            len: mb.used_length,
+                        });
                     }
                 }
                 None if self.adopt => {
                     let ps = mb.page_size.unwrap_or(self.host_page_size);
-                    if !ps.is_power_of_two() || ps < tps || ps > MAX_PAGE_SIZE || mb.used_length % ps != 0 {
-                        return Err(bad(format!("block \"{}\" page size {ps:#x} (length {:#x})", mb.name, mb.used_length)));
+                    if !ps.is_power_of_two()
+                        || ps < tps
+                        || ps > MAX_PAGE_SIZE
+                        || mb.used_length % ps != 0
+                    {
+                        return Err(bad(format!(
+                            "block \"{}\" page size {ps:#x} (length {:#x})",
+                            mb.name, mb.used_length
+                        )));
                     }
-                    plans.push(Plan::New { name: mb.name, len: mb.used_length, page_size: ps });
+                    plans.push(Plan::New {
+                        name: mb.name,
+                        len: mb.used_length,
+                        page_size: ps,
+                    });
                 }
-                None => return Err(RamDstError::UnknownBlock { offset: at, name: mb.name.to_string() }),
+                None => {
+                    return Err(RamDstError::UnknownBlock {
+                        offset: at,
+                        name: mb.name.to_string(),
+                    })
+                }
             }
         }
         if self.adopt && after > self.max_adopted_bytes {
-            return Err(bad(format!("blocks would take {after:#x} bytes, more than the limit {:#x}", self.max_adopted_bytes)));
+            return Err(bad(format!(
+                "blocks would take {after:#x} bytes, more than the limit {:#x}",
+                self.max_adopted_bytes
+            )));
         }
         for p in plans {
             match p {
-                Plan::New { name, len, page_size } => {
+                Plan::New {
+                    name,
+                    len,
+                    page_size,
+                } => {
                     let index = self.blocks.len();
-                    self.memory.set_block_len(index, name, len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    self.memory
+                        .set_block_len(index, name, len)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
                     self.blocks.push(BlockState {
                         name: name.to_string(),
                         used_length: len,
@@ -689,11 +804,14 @@ impl<M: GuestMemory> RamDst<M> {
                 }
                 Plan::Resize { index, len } => {
                     let blk = &mut self.blocks[index];
-                    self.memory.set_block_len(index, &blk.name, len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    self.memory
+                        .set_block_len(index, &blk.name, len)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
                     blk.used_length = len;
                     blk.received.resize(len / tps);
                     blk.nonzero.resize(len / tps);
-                    self.actions.push_back(Action::BlockResized { block: index, len });
+                    self.actions
+                        .push_back(Action::BlockResized { block: index, len });
                 }
             }
         }
@@ -711,7 +829,11 @@ impl<M: GuestMemory> RamDst<M> {
     fn handle_command(&mut self, at: u64, cmd: &Command<'_>) -> Result<(), RamDstError> {
         use PostcopyState as S;
         let state = self.postcopy;
-        let illegal = |event: &'static str| RamDstError::IllegalTransition { offset: at, state, event };
+        let illegal = |event: &'static str| RamDstError::IllegalTransition {
+            offset: at,
+            state,
+            event,
+        };
         match cmd {
             Command::OpenReturnPath => self.actions.push_back(Action::OpenReturnPath),
             Command::Ping(v) => self.actions.push_back(Action::Pong(*v)),
@@ -769,18 +891,34 @@ impl<M: GuestMemory> RamDst<M> {
             }
             Command::RecvBitmap { block } => {
                 let Some(&i) = self.by_name.get(*block) else {
-                    return Err(RamDstError::UnknownBlock { offset: at, name: block.to_string() });
+                    return Err(RamDstError::UnknownBlock {
+                        offset: at,
+                        name: block.to_string(),
+                    });
                 };
                 self.actions.push_back(Action::SendRecvBitmap { block: i });
             }
             Command::Packaged { .. } | Command::SwitchoverStart => {}
-            Command::EnableColo => return Err(RamDstError::Unsupported { offset: at, what: "COLO".into() }),
+            Command::EnableColo => {
+                return Err(RamDstError::Unsupported {
+                    offset: at,
+                    what: "COLO".into(),
+                })
+            }
             Command::Unknown { cmd, .. } => {
-                return Err(RamDstError::Unsupported { offset: at, what: format!("command {cmd}") });
+                return Err(RamDstError::Unsupported {
+                    offset: at,
+                    what: format!("command {cmd}"),
+                });
             }
             // Command is non-exhaustive in spirit: anything new is refused.
             #[allow(unreachable_patterns)]
-            _ => return Err(RamDstError::Unsupported { offset: at, what: format!("command {}", cmd.name()) }),
+            _ => {
+                return Err(RamDstError::Unsupported {
+                    offset: at,
+                    what: format!("command {}", cmd.name()),
+                })
+            }
         }
         Ok(())
     }
@@ -788,16 +926,28 @@ impl<M: GuestMemory> RamDst<M> {
     /// POSTCOPY_RAM_DISCARD: every range is checked before any is applied.
     fn discard(&mut self, at: u64, d: &qmig_wire::Discard<'_>) -> Result<(), RamDstError> {
         let Some(&b) = self.by_name.get(d.block) else {
-            return Err(RamDstError::UnknownBlock { offset: at, name: d.block.to_string() });
+            return Err(RamDstError::UnknownBlock {
+                offset: at,
+                name: d.block.to_string(),
+            });
         };
         let tps = self.page_size();
         let blk = &self.blocks[b];
         for r in &d.ranges {
-            let err = |why| RamDstError::Discard { offset: at, block: blk.name.clone(), start: r.start, len: r.len, why };
+            let err = |why| RamDstError::Discard {
+                offset: at,
+                block: blk.name.clone(),
+                start: r.start,
+                len: r.len,
+                why,
+            };
             if r.start % blk.page_size != 0 || r.len % blk.page_size != 0 {
                 return Err(err("not aligned to the block's page size"));
             }
-            if r.start.checked_add(r.len).is_none_or(|e| e > blk.used_length) {
+            if r.start
+                .checked_add(r.len)
+                .is_none_or(|e| e > blk.used_length)
+            {
                 return Err(err("outside the block"));
             }
         }
@@ -805,7 +955,9 @@ impl<M: GuestMemory> RamDst<M> {
             let (p, n) = (r.start / tps, r.len / tps);
             let blk = &mut self.blocks[b];
             if blk.nonzero.any_in_range(p, n) {
-                self.memory.discard(b, r.start, r.len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                self.memory
+                    .discard(b, r.start, r.len)
+                    .map_err(|source| RamDstError::Memory { offset: at, source })?;
                 blk.nonzero.clear_range(p, n);
             }
             blk.received.clear_range(p, n);
@@ -823,7 +975,10 @@ impl<M: GuestMemory> RamDst<M> {
                 why: "the stream ended inside a host page".into(),
             });
         }
-        if matches!(self.postcopy, PostcopyState::Listening | PostcopyState::Running) {
+        if matches!(
+            self.postcopy,
+            PostcopyState::Listening | PostcopyState::Running
+        ) {
             self.set_postcopy(PostcopyState::End);
         }
         Ok(())
@@ -839,10 +994,19 @@ impl<M: GuestMemory> RamDst<M> {
                 (0, Some(*d))
             }
             RamBody::Eos | RamBody::MultifdFlush => return Ok(()),
-            _ => return Err(RamDstError::NotInPostcopy { offset: at, kind: rec.kind().name() }),
+            _ => {
+                return Err(RamDstError::NotInPostcopy {
+                    offset: at,
+                    kind: rec.kind().name(),
+                })
+            }
         };
         if self.postcopy == PostcopyState::End {
-            return Err(RamDstError::IllegalTransition { offset: at, state: self.postcopy, event: "RAM page record" });
+            return Err(RamDstError::IllegalTransition {
+                offset: at,
+                state: self.postcopy,
+                event: "RAM page record",
+            });
         }
         let (b, off) = self.resolve(at, rec)?;
         let tps = self.page_size();
@@ -855,10 +1019,15 @@ impl<M: GuestMemory> RamDst<M> {
             why: why.to_string(),
         };
         match &self.host_page {
-            None if within != 0 => return Err(order("a host page must start with its first target page")),
+            None if within != 0 => {
+                return Err(order("a host page must start with its first target page"))
+            }
             Some(_) if within == 0 => return Err(order("the previous host page is incomplete")),
             Some(hp) if hp.block != b || hp.next != off => {
-                return Err(order(&format!("expected {:#x} of \"{}\"", hp.next, self.blocks[hp.block].name)))
+                return Err(order(&format!(
+                    "expected {:#x} of \"{}\"",
+                    hp.next, self.blocks[hp.block].name
+                )))
             }
             _ => {}
         }
@@ -879,7 +1048,12 @@ impl<M: GuestMemory> RamDst<M> {
                 if fill != 0 {
                     hp.all_zero = false;
                     self.stats.nonzero_fill += 1;
-                    self.actions.push_back(Action::NonZeroFill { offset: at, block: b, page_offset: off, fill });
+                    self.actions.push_back(Action::NonZeroFill {
+                        offset: at,
+                        block: b,
+                        page_offset: off,
+                        fill,
+                    });
                 }
                 self.stats.zero += 1;
             }
@@ -890,7 +1064,9 @@ impl<M: GuestMemory> RamDst<M> {
         hp.next = off + tps;
         self.current = Some(b);
         if within + tps == hps {
-            let Some(hp) = self.host_page.take() else { return Ok(()) };
+            let Some(hp) = self.host_page.take() else {
+                return Ok(());
+            };
             self.place(at, hp)?;
         }
         Ok(())
@@ -906,11 +1082,16 @@ impl<M: GuestMemory> RamDst<M> {
                 let blk = &mut self.blocks[b];
                 if hp.all_zero {
                     if blk.nonzero.any_in_range(p, n) {
-                        self.memory.discard(b, hp.start, len).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                        self.memory
+                            .discard(b, hp.start, len)
+                            .map_err(|source| RamDstError::Memory { offset: at, source })?;
                         blk.nonzero.clear_range(p, n);
                     }
                 } else {
-                    let mem = self.memory.bytes_mut(b, hp.start, hp.data.len()).map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    let mem = self
+                        .memory
+                        .bytes_mut(b, hp.start, hp.data.len())
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
                     mem.copy_from_slice(&hp.data);
                     blk.nonzero.set_range(p, n);
                 }
@@ -919,10 +1100,18 @@ impl<M: GuestMemory> RamDst<M> {
                 let blk = &mut self.blocks[b];
                 if hp.all_zero {
                     blk.nonzero.clear_range(p, n);
-                    self.actions.push_back(Action::PlaceZeroPage { block: b, offset: hp.start, len });
+                    self.actions.push_back(Action::PlaceZeroPage {
+                        block: b,
+                        offset: hp.start,
+                        len,
+                    });
                 } else {
                     blk.nonzero.set_range(p, n);
-                    self.actions.push_back(Action::PlaceHostPage { block: b, offset: hp.start, data: hp.data });
+                    self.actions.push_back(Action::PlaceHostPage {
+                        block: b,
+                        offset: hp.start,
+                        data: hp.data,
+                    });
                 }
             }
         }

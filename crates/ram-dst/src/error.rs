@@ -125,7 +125,9 @@ pub enum RamDstError {
         event: &'static str,
     },
     /// A record kind not allowed once the destination listens for postcopy pages.
-    #[error("offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed)")]
+    #[error(
+        "offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed)"
+    )]
     NotInPostcopy {
         /// Stream offset of the record.
         offset: u64,

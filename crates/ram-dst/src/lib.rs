@@ -34,7 +34,13 @@ mod memory;
 mod mmap;
 
 pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply, PageBitmap};
-pub use dst::{Action, BlockState, Config, Layout, LocalBlock, Placement, PostcopyState, RamDst, Stats, MAX_PAGE_SIZE};
+pub use dst::{
+    Action, BlockState, Config, Layout, LocalBlock, Placement, PostcopyState, RamDst, Stats,
+    MAX_PAGE_SIZE,
+};
 pub use error::RamDstError;
 pub use memory::{GuestMemory, VecMemory};
 pub use mmap::{ImageFile, MmapMemory};
+
+#[cfg(test)]
+mod tests;

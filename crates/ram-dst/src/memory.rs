@@ -31,9 +31,9 @@ pub trait GuestMemory {
     /// As for [`GuestMemory::bytes_mut`].
     fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
         let mut at = offset;
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "discard range overflows"))?;
+        let end = offset.checked_add(len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "discard range overflows")
+        })?;
         while at < end {
             let n = (end - at).min(1 << 20) as usize;
             self.bytes_mut(index, at, n)?.fill(0);
@@ -51,7 +51,12 @@ fn out_of_range(index: usize, offset: u64, len: u64, have: u64) -> io::Error {
 }
 
 /// Checks `offset..offset + len` against a block of `have` bytes; returns the range as `usize`.
-pub(crate) fn check_range(index: usize, offset: u64, len: usize, have: u64) -> io::Result<std::ops::Range<usize>> {
+pub(crate) fn check_range(
+    index: usize,
+    offset: u64,
+    len: usize,
+    have: u64,
+) -> io::Result<std::ops::Range<usize>> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= have => Ok(offset as usize..end as usize),
         _ => Err(out_of_range(index, offset, len as u64, have)),
@@ -76,7 +81,10 @@ impl VecMemory {
 
     /// Empty memory that refuses to hold more than `limit` bytes in total.
     pub fn with_limit(limit: u64) -> Self {
-        VecMemory { blocks: Vec::new(), limit }
+        VecMemory {
+            blocks: Vec::new(),
+            limit,
+        }
     }
 
     /// The blocks: name and content.
@@ -86,7 +94,10 @@ impl VecMemory {
 
     /// The content of the block called `name`.
     pub fn block(&self, name: &str) -> Option<&[u8]> {
-        self.blocks.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.blocks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -100,13 +111,21 @@ impl GuestMemory for VecMemory {
             .map(|(_, (_, v))| v.len() as u64)
             .sum();
         if others.checked_add(len).is_none_or(|t| t > self.limit) || usize::try_from(len).is_err() {
-            return Err(io::Error::new(io::ErrorKind::OutOfMemory, format!("block {name} of {len:#x} bytes exceeds the memory limit")));
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("block {name} of {len:#x} bytes exceeds the memory limit"),
+            ));
         }
         match index.cmp(&self.blocks.len()) {
             std::cmp::Ordering::Less => self.blocks[index].1.resize(len as usize, 0),
-            std::cmp::Ordering::Equal => self.blocks.push((name.to_string(), vec![0; len as usize])),
+            std::cmp::Ordering::Equal => {
+                self.blocks.push((name.to_string(), vec![0; len as usize]))
+            }
             std::cmp::Ordering::Greater => {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("block index {index} skips ahead")))
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("block index {index} skips ahead"),
+                ))
             }
         }
         Ok(())

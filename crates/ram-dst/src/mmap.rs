@@ -41,7 +41,8 @@ impl Mapped {
         if self.len == 0 {
             return Ok(());
         }
-        let len = usize::try_from(self.len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "block too large"))?;
+        let len = usize::try_from(self.len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "block too large"))?;
         // SAFETY: a fresh mapping chosen by the kernel (null hint), of a file
         // descriptor we own and keep open for the mapping's lifetime; the file was
         // extended to `len` bytes before, so every mapped byte is backed.
@@ -124,14 +125,25 @@ impl MmapMemory {
     fn file_name_for(&self, name: &str) -> String {
         let mut s: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         while s.starts_with('.') {
             s.replace_range(0..1, "_");
         }
         let base = s.clone();
         let mut n = 1;
-        while self.blocks.iter().any(|b| b.file_name == format!("{s}.img")) || s == "manifest" {
+        while self
+            .blocks
+            .iter()
+            .any(|b| b.file_name == format!("{s}.img"))
+            || s == "manifest"
+        {
             n += 1;
             s = format!("{base}-{n}");
         }
@@ -195,10 +207,16 @@ impl GuestMemory for MmapMemory {
         let b = self.get(index)?;
         let end = offset.checked_add(len).filter(|&e| e <= b.len);
         if end.is_none() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range outside block"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "discard range outside block",
+            ));
         }
         let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "discard range too large",
+            ));
         };
         // SAFETY: fallocate on a descriptor we own, within the file's length; the
         // kernel drops the range from the page cache and from our shared mapping,

@@ -75,11 +75,13 @@ fn streams() -> Vec<(String, Vec<u8>)> {
     }
     if let Some(p) = std::env::var_os("QMIG_BENCH_STREAM") {
         let p = PathBuf::from(p);
-        let bytes = std::fs::read(&p)
-            .unwrap_or_else(|e| panic!("QMIG_BENCH_STREAM={}: {e}", p.display()));
+        let bytes =
+            std::fs::read(&p).unwrap_or_else(|e| panic!("QMIG_BENCH_STREAM={}: {e}", p.display()));
         let name = format!(
             "env-{}",
-            p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+            p.file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
         );
         out.push((name, bytes));
     }
@@ -100,7 +102,10 @@ fn bench(c: &mut Criterion) {
     for (name, bytes) in streams() {
         let items = count_items(&bytes);
         let mib = bytes.len() as f64 / f64::from(1 << 20);
-        println!("stream {name}: {} bytes ({mib:.1} MiB), {items} items", bytes.len());
+        println!(
+            "stream {name}: {} bytes ({mib:.1} MiB), {items} items",
+            bytes.len()
+        );
         let mut g = c.benchmark_group(format!("parse/{name}"));
         g.throughput(Throughput::Bytes(bytes.len() as u64));
         if bytes.len() > 16 << 20 {
@@ -194,7 +199,12 @@ fn report() {
                     .map(|(d, n)| d.as_secs_f64() / *n as f64)
             };
             let Some(m) = mean("memcpy") else { continue };
-            for b in ["memcpy", "slice_reader", "slice_reader+write", "stream_reader"] {
+            for b in [
+                "memcpy",
+                "slice_reader",
+                "slice_reader+write",
+                "stream_reader",
+            ] {
                 if let Some(x) = mean(b) {
                     println!(
                         "  {s:24} {b:20} {:10.3} ms/iter  ratio {:6.2}",

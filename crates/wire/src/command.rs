@@ -219,7 +219,15 @@ pub(crate) fn parse_command(i: &[u8], max_packaged: u32) -> PResult<'_, Command<
     let name = command_name(c);
     if let Some(fl) = fixed_len(c) {
         if len != fl {
-            fail!(at, CommandLength { cmd: c, name: name, len: len, why: "which differs from the fixed length of this command" });
+            fail!(
+                at,
+                CommandLength {
+                    cmd: c,
+                    name: name,
+                    len: len,
+                    why: "which differs from the fixed length of this command"
+                }
+            );
         }
     }
     let (rest, p) = take(len as usize)(i)?;
@@ -236,7 +244,15 @@ pub(crate) fn parse_command(i: &[u8], max_packaged: u32) -> PResult<'_, Command<
                     target_page_size: tps,
                 }))
             }
-            _ => fail!(at, CommandLength { cmd: c, name: name, len: len, why: "but ADVISE must be 0 or 16 bytes" }),
+            _ => fail!(
+                at,
+                CommandLength {
+                    cmd: c,
+                    name: name,
+                    len: len,
+                    why: "but ADVISE must be 0 or 16 bytes"
+                }
+            ),
         },
         cmd::POSTCOPY_LISTEN => Command::PostcopyListen,
         cmd::POSTCOPY_RUN => Command::PostcopyRun,
@@ -244,7 +260,14 @@ pub(crate) fn parse_command(i: &[u8], max_packaged: u32) -> PResult<'_, Command<
         cmd::PACKAGED => {
             let n = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
             if n > max_packaged {
-                fail!(i, TooLarge { what: "PACKAGED nested stream", len: n as u64, cap: max_packaged as u64 });
+                fail!(
+                    i,
+                    TooLarge {
+                        what: "PACKAGED nested stream",
+                        len: n as u64,
+                        cap: max_packaged as u64
+                    }
+                );
             }
             Command::Packaged { len: n }
         }
@@ -253,7 +276,15 @@ pub(crate) fn parse_command(i: &[u8], max_packaged: u32) -> PResult<'_, Command<
         cmd::RECV_BITMAP => {
             let block = payload_name(i, p, "RECV_BITMAP block name")?;
             if p.len() != 1 + block.len() {
-                fail!(at, CommandLength { cmd: c, name: name, len: len, why: "but must be 1 + the block name length" });
+                fail!(
+                    at,
+                    CommandLength {
+                        cmd: c,
+                        name: name,
+                        len: len,
+                        why: "but must be 1 + the block name length"
+                    }
+                );
             }
             Command::RecvBitmap { block }
         }
@@ -264,41 +295,97 @@ pub(crate) fn parse_command(i: &[u8], max_packaged: u32) -> PResult<'_, Command<
 }
 
 /// A counted name at the start of a complete payload `p` (which starts at `at`).
-fn payload_name<'a>(at: &'a [u8], p: &'a [u8], what: &'static str) -> Result<&'a str, nom::Err<crate::error::PErr>> {
+fn payload_name<'a>(
+    at: &'a [u8],
+    p: &'a [u8],
+    what: &'static str,
+) -> Result<&'a str, nom::Err<crate::error::PErr>> {
     let n = match p.first() {
         Some(&n) => n as usize,
-        None => fail!(at, BadName { what: what, why: "missing" }),
+        None => fail!(
+            at,
+            BadName {
+                what: what,
+                why: "missing"
+            }
+        ),
     };
     if n == 0 {
-        fail!(at, BadName { what: what, why: "length is 0" });
+        fail!(
+            at,
+            BadName {
+                what: what,
+                why: "length is 0"
+            }
+        );
     }
     if p.len() < 1 + n {
-        fail!(at, BadName { what: what, why: "runs past the end of the command payload" });
+        fail!(
+            at,
+            BadName {
+                what: what,
+                why: "runs past the end of the command payload"
+            }
+        );
     }
     match check_name(&p[1..1 + n]) {
         Ok(s) => Ok(s),
-        Err(why) => fail!(at, BadName { what: what, why: why }),
+        Err(why) => fail!(
+            at,
+            BadName {
+                what: what,
+                why: why
+            }
+        ),
     }
 }
 
 /// Parses the RAM_DISCARD payload `p` (complete, starting at `at`).
-fn parse_discard<'a>(at: &'a [u8], p: &'a [u8]) -> Result<Discard<'a>, nom::Err<crate::error::PErr>> {
+fn parse_discard<'a>(
+    at: &'a [u8],
+    p: &'a [u8],
+) -> Result<Discard<'a>, nom::Err<crate::error::PErr>> {
     if p.len() < 3 {
-        fail!(at, Discard { why: "payload shorter than version + name length + terminator" });
+        fail!(
+            at,
+            Discard {
+                why: "payload shorter than version + name length + terminator"
+            }
+        );
     }
     if p[0] != DISCARD_VERSION {
-        fail!(at, Discard { why: "unknown version byte (only 0 is defined)" });
+        fail!(
+            at,
+            Discard {
+                why: "unknown version byte (only 0 is defined)"
+            }
+        );
     }
     let block = payload_name(&at[1..], &p[1..], "RAM_DISCARD block name")?;
     let mut pos = 2 + block.len();
     match p.get(pos) {
         Some(0) => pos += 1,
-        Some(_) => fail!(&at[pos..], Discard { why: "block name not followed by a 0 byte" }),
-        None => fail!(&at[pos..], Discard { why: "block name not followed by a 0 byte" }),
+        Some(_) => fail!(
+            &at[pos..],
+            Discard {
+                why: "block name not followed by a 0 byte"
+            }
+        ),
+        None => fail!(
+            &at[pos..],
+            Discard {
+                why: "block name not followed by a 0 byte"
+            }
+        ),
     }
     let body = &p[pos..];
     if body.len() % 16 != 0 {
-        fail!(&at[pos..], Discard { why: "range list length is not a multiple of 16 bytes" });
+        fail!(
+            &at[pos..],
+            Discard {
+                why: "range list length is not a multiple of 16 bytes"
+            }
+        );
     }
     let ranges = body
         .chunks_exact(16)
@@ -316,11 +403,14 @@ fn parse_discard<'a>(at: &'a [u8], p: &'a [u8]) -> Result<Discard<'a>, nom::Err<
     Ok(Discard { block, ranges })
 }
 
-
 /// Decodes one command (type byte 0x08 included) at the start of `buf`.
 ///
 /// # Errors
 /// [`crate::WireError`] with the absolute offset (`base` + position).
-pub fn decode_command(buf: &[u8], base: u64, max_packaged: u32) -> Result<(Command<'_>, usize), crate::WireError> {
+pub fn decode_command(
+    buf: &[u8],
+    base: u64,
+    max_packaged: u32,
+) -> Result<(Command<'_>, usize), crate::WireError> {
     crate::error::finish(buf, base, "command", parse_command(buf, max_packaged))
 }

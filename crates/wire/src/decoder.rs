@@ -336,7 +336,11 @@ impl Decoder {
                     Err(WireError::Truncated {
                         offset: self.pos,
                         end: self.pos + buf.len() as u64,
-                        what: if self.packages.is_empty() { what } else { "item that crosses the end of its PACKAGED stream" },
+                        what: if self.packages.is_empty() {
+                            what
+                        } else {
+                            "item that crosses the end of its PACKAGED stream"
+                        },
                     })
                 } else {
                     Ok(Step::NeedMore)
@@ -382,7 +386,10 @@ impl Decoder {
                 None => Ok(Step::NeedMore),
             },
             Phase::Footer { section_id } => {
-                if self.footers == Some(false) || (self.footers.is_none() && buf.first().is_some_and(|&b| b != section::FOOTER)) {
+                if self.footers == Some(false)
+                    || (self.footers.is_none()
+                        && buf.first().is_some_and(|&b| b != section::FOOTER))
+                {
                     // Old machine types send no footers: the next section follows.
                     return self.decode_top(buf, eof);
                 }
@@ -394,10 +401,20 @@ impl Decoder {
             }
             Phase::AfterEof | Phase::Done => {
                 if buf.is_empty() {
-                    return if eof { Ok(Step::End) } else { Err(nom::Err::Incomplete(nom::Needed::new(1))) };
+                    return if eof {
+                        Ok(Step::End)
+                    } else {
+                        Err(nom::Err::Incomplete(nom::Needed::new(1)))
+                    };
                 }
                 if self.phase == Phase::Done || buf[0] != section::VMDESCRIPTION {
-                    return Err(PErr::at(buf, WireError::Structure { offset: 0, why: "unexpected bytes after the end of the stream" }));
+                    return Err(PErr::at(
+                        buf,
+                        WireError::Structure {
+                            offset: 0,
+                            why: "unexpected bytes after the end of the stream",
+                        },
+                    ));
                 }
                 let (r, j) = crate::vmdesc::parse_vmdesc(buf, self.limits.max_vmdesc)?;
                 Ok(Step::Item {
@@ -417,41 +434,93 @@ impl Decoder {
         match ty {
             section::EOF => {
                 if !self.packages.is_empty() {
-                    return Err(PErr::at(buf, WireError::Structure { offset: 0, why: "EOF inside a PACKAGED stream" }));
+                    return Err(PErr::at(
+                        buf,
+                        WireError::Structure {
+                            offset: 0,
+                            why: "EOF inside a PACKAGED stream",
+                        },
+                    ));
                 }
-                Ok(Step::Item { item: Item::Eof, len: 1 })
+                Ok(Step::Item {
+                    item: Item::Eof,
+                    len: 1,
+                })
             }
             section::START | section::PART | section::END | section::FULL => {
                 let (r, h) = section::parse_section_header(buf)?;
                 match h.ident {
                     None => {
                         if !self.sections.contains_key(&h.section_id) {
-                            return Err(PErr::at(buf, WireError::SectionNotStarted { offset: 0, section_id: h.section_id }));
+                            return Err(PErr::at(
+                                buf,
+                                WireError::SectionNotStarted {
+                                    offset: 0,
+                                    section_id: h.section_id,
+                                },
+                            ));
                         }
                     }
                     Some(id) => {
                         if id.idstr == "ram" && id.version != 4 {
-                            return Err(PErr::at(buf, WireError::Unsupported { offset: 0, what: "RAM section version other than 4" }));
+                            return Err(PErr::at(
+                                buf,
+                                WireError::Unsupported {
+                                    offset: 0,
+                                    what: "RAM section version other than 4",
+                                },
+                            ));
                         }
                     }
                 }
-                Ok(Step::Item { item: Item::Section(h), len: item_len(r) })
+                Ok(Step::Item {
+                    item: Item::Section(h),
+                    len: item_len(r),
+                })
             }
             section::COMMAND => {
                 let (r, c) = command::parse_command(buf, self.limits.max_packaged)?;
                 if let Command::Packaged { .. } = c {
                     if self.packages.len() >= MAX_PACKAGE_DEPTH {
-                        return Err(PErr::at(buf, WireError::Structure { offset: 0, why: "PACKAGED nested too deeply" }));
+                        return Err(PErr::at(
+                            buf,
+                            WireError::Structure {
+                                offset: 0,
+                                why: "PACKAGED nested too deeply",
+                            },
+                        ));
                     }
                 }
-                Ok(Step::Item { item: Item::Command(c), len: item_len(r) })
+                Ok(Step::Item {
+                    item: Item::Command(c),
+                    len: item_len(r),
+                })
             }
-            section::VMDESCRIPTION => Err(PErr::at(buf, WireError::Structure { offset: 0, why: "vmdesc trailer before EOF" })),
-            section::FOOTER => Err(PErr::at(buf, WireError::Structure { offset: 0, why: "section footer outside a section" })),
-            header::SUBSECTION | header::CONFIGURATION => {
-                Err(PErr::at(buf, WireError::Structure { offset: 0, why: "subsection or configuration outside its place" }))
-            }
-            b => Err(PErr::at(buf, WireError::UnknownSectionType { offset: 0, byte: b })),
+            section::VMDESCRIPTION => Err(PErr::at(
+                buf,
+                WireError::Structure {
+                    offset: 0,
+                    why: "vmdesc trailer before EOF",
+                },
+            )),
+            section::FOOTER => Err(PErr::at(
+                buf,
+                WireError::Structure {
+                    offset: 0,
+                    why: "section footer outside a section",
+                },
+            )),
+            header::SUBSECTION | header::CONFIGURATION => Err(PErr::at(
+                buf,
+                WireError::Structure {
+                    offset: 0,
+                    why: "subsection or configuration outside its place",
+                },
+            )),
+            b => Err(PErr::at(
+                buf,
+                WireError::UnknownSectionType { offset: 0, byte: b },
+            )),
         }
     }
 
@@ -471,7 +540,9 @@ impl Decoder {
             )
         };
         if self.footers == Some(false) {
-            return Err(dev_err("the stream has no section footers, so device sections cannot be delimited"));
+            return Err(dev_err(
+                "the stream has no section footers, so device sections cannot be delimited",
+            ));
         }
         let idb = id.to_be_bytes();
         let mut from = 0;
@@ -529,7 +600,15 @@ impl Decoder {
         let Some(&ty) = rest.first() else {
             return if eof { Tri::Yes } else { Tri::NeedMore };
         };
-        let need = |n: usize| if rest.len() >= n { None } else if eof { Some(Tri::No) } else { Some(Tri::NeedMore) };
+        let need = |n: usize| {
+            if rest.len() >= n {
+                None
+            } else if eof {
+                Some(Tri::No)
+            } else {
+                Some(Tri::NeedMore)
+            }
+        };
         match ty {
             section::EOF => {
                 if !self.packages.is_empty() || self.eof_hint.is_some() {
@@ -624,11 +703,18 @@ impl Decoder {
                         },
                     );
                 }
-                let is_ram = self.sections.get(&h.section_id).is_some_and(|s| s.idstr == "ram");
+                let is_ram = self
+                    .sections
+                    .get(&h.section_id)
+                    .is_some_and(|s| s.idstr == "ram");
                 self.phase = if is_ram {
-                    Phase::RamPayload { section_id: h.section_id }
+                    Phase::RamPayload {
+                        section_id: h.section_id,
+                    }
                 } else {
-                    Phase::Device { section_id: h.section_id }
+                    Phase::Device {
+                        section_id: h.section_id,
+                    }
                 };
             }
             Item::Ram(r) => {
@@ -637,7 +723,11 @@ impl Decoder {
                 }
                 if let RamBody::Eos = r.body {
                     if let Phase::RamPayload { section_id } = self.phase {
-                        self.phase = if self.footers == Some(false) { Phase::Top } else { Phase::Footer { section_id } };
+                        self.phase = if self.footers == Some(false) {
+                            Phase::Top
+                        } else {
+                            Phase::Footer { section_id }
+                        };
                     }
                 }
             }

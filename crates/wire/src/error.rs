@@ -118,7 +118,9 @@ pub enum WireError {
         page_size: u32,
     },
     /// COMPRESS_PAGE length larger than zlib's compressBound of a page.
-    #[error("offset {offset}: COMPRESS_PAGE length {len} exceeds compressBound({page_size}) = {bound}")]
+    #[error(
+        "offset {offset}: COMPRESS_PAGE length {len} exceeds compressBound({page_size}) = {bound}"
+    )]
     CompressLength {
         /// Offset of the length field.
         offset: u64,
@@ -190,7 +192,9 @@ pub enum WireError {
         expected: &'static str,
     },
     /// A received bitmap whose end marker is wrong.
-    #[error("offset {offset}: received bitmap end marker {found:#018x}, expected 0x0123456789abcdef")]
+    #[error(
+        "offset {offset}: received bitmap end marker {found:#018x}, expected 0x0123456789abcdef"
+    )]
     BitmapEndMarker {
         /// Offset of the marker.
         offset: u64,

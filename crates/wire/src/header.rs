@@ -123,17 +123,32 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
     let at = i;
     let (i, ty) = be_u8(i)?;
     if ty != CONFIGURATION {
-        fail!(at, Configuration { why: "stream header not followed by a configuration section (0x07)" });
+        fail!(
+            at,
+            Configuration {
+                why: "stream header not followed by a configuration section (0x07)"
+            }
+        );
     }
     let at = i;
     let (i, len) = be_u32(i)?;
     if len == 0 || len > MAX_MACHINE_NAME {
-        fail!(at, Configuration { why: "machine type name length is 0 or above 4096" });
+        fail!(
+            at,
+            Configuration {
+                why: "machine type name length is 0 or above 4096"
+            }
+        );
     }
     let (mut i, name) = take(len as usize)(i)?;
     let machine = match crate::names::check_name(name) {
         Ok(m) => m,
-        Err(_) => fail!(at, Configuration { why: "machine type name is not printable ASCII" }),
+        Err(_) => fail!(
+            at,
+            Configuration {
+                why: "machine type name is not printable ASCII"
+            }
+        ),
     };
     let mut subsections = Vec::new();
     loop {
@@ -151,7 +166,12 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
             "configuration/target-page-bits" => {
                 let (r, bits) = be_u32(r)?;
                 if !(9..=30).contains(&bits) {
-                    fail!(r, Configuration { why: "target-page-bits outside 9..=30" });
+                    fail!(
+                        r,
+                        Configuration {
+                            why: "target-page-bits outside 9..=30"
+                        }
+                    );
                 }
                 (r, ConfigBody::TargetPageBits(bits))
             }
@@ -204,6 +224,9 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
 ///
 /// # Errors
 /// [`crate::WireError`] with the absolute offset (`base` + position).
-pub fn decode_configuration(buf: &[u8], base: u64) -> Result<(Configuration<'_>, usize), crate::WireError> {
+pub fn decode_configuration(
+    buf: &[u8],
+    base: u64,
+) -> Result<(Configuration<'_>, usize), crate::WireError> {
     crate::error::finish(buf, base, "configuration section", parse_configuration(buf))
 }

@@ -11,12 +11,24 @@ pub(crate) fn counted_name<'a>(i: &'a [u8], what: &'static str) -> PResult<'a, &
     let at = i;
     let (i, len) = be_u8(i)?;
     if len == 0 {
-        fail!(at, BadName { what: what, why: "length is 0" });
+        fail!(
+            at,
+            BadName {
+                what: what,
+                why: "length is 0"
+            }
+        );
     }
     let (i, bytes) = take(len as usize)(i)?;
     match check_name(bytes) {
         Ok(s) => Ok((i, s)),
-        Err(why) => fail!(at, BadName { what: what, why: why }),
+        Err(why) => fail!(
+            at,
+            BadName {
+                what: what,
+                why: why
+            }
+        ),
     }
 }
 

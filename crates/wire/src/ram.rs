@@ -206,7 +206,12 @@ impl<'a> RamRecord<'a> {
 
     /// A COMPRESS_PAGE record.
     pub fn compressed(offset: u64, block: Option<&'a str>, data: &'a [u8]) -> Self {
-        Self::page_like(offset, flags::COMPRESS_PAGE, block, RamBody::Compressed(data))
+        Self::page_like(
+            offset,
+            flags::COMPRESS_PAGE,
+            block,
+            RamBody::Compressed(data),
+        )
     }
 
     /// An EOS record.
@@ -233,7 +238,11 @@ impl<'a> RamRecord<'a> {
     fn page_like(offset: u64, f: u64, block: Option<&'a str>, body: RamBody<'a>) -> Self {
         RamRecord {
             offset,
-            flags: if block.is_some() { f } else { f | flags::CONTINUE },
+            flags: if block.is_some() {
+                f
+            } else {
+                f | flags::CONTINUE
+            },
             block,
             body,
         }
@@ -332,7 +341,13 @@ pub(crate) fn parse_ram_record<'a>(
             let lat = i;
             let (i, len) = be_u16(i)?;
             if len as usize > ps {
-                fail!(lat, XbzrleLength { len: len as u32, page_size: ps as u32 });
+                fail!(
+                    lat,
+                    XbzrleLength {
+                        len: len as u32,
+                        page_size: ps as u32
+                    }
+                );
             }
             let (i, d) = take(len as usize)(i)?;
             (i, RamBody::Xbzrle(d))
@@ -342,7 +357,14 @@ pub(crate) fn parse_ram_record<'a>(
             let (i, len) = be_u32(i)?;
             let bound = compress_bound(ps as u32);
             if len > bound {
-                fail!(lat, CompressLength { len: len, page_size: ps as u32, bound: bound });
+                fail!(
+                    lat,
+                    CompressLength {
+                        len: len,
+                        page_size: ps as u32,
+                        bound: bound
+                    }
+                );
             }
             let (i, d) = take(len as usize)(i)?;
             (i, RamBody::Compressed(d))
@@ -373,7 +395,12 @@ fn parse_mem_size<'a>(
     ctx: &RamContext,
 ) -> PResult<'a, Vec<MemBlock<'a>>> {
     if ctx.mapped_ram {
-        fail!(i, Unsupported { what: "mapped-ram streams (pages live at file offsets, not in records)" });
+        fail!(
+            i,
+            Unsupported {
+                what: "mapped-ram streams (pages live at file offsets, not in records)"
+            }
+        );
     }
     let mut blocks = Vec::new();
     let mut sum: u64 = 0;
@@ -383,10 +410,24 @@ fn parse_mem_size<'a>(
         let (r, used_length) = be_u64(r)?;
         sum = match sum.checked_add(used_length) {
             Some(s) => s,
-            None => fail!(at, MemSize { total: total, sum: u64::MAX, why: "block lengths overflow u64" }),
+            None => fail!(
+                at,
+                MemSize {
+                    total: total,
+                    sum: u64::MAX,
+                    why: "block lengths overflow u64"
+                }
+            ),
         };
         if sum > total {
-            fail!(at, MemSize { total: total, sum: sum, why: "block lengths add up to more than the total" });
+            fail!(
+                at,
+                MemSize {
+                    total: total,
+                    sum: sum,
+                    why: "block lengths add up to more than the total"
+                }
+            );
         }
         let (r, page_size) = match ctx.postcopy_advised {
             Some(summary) => page_size_field(r, summary, ctx.host_page_size)?,
@@ -441,5 +482,10 @@ pub fn decode_record<'a>(
     ctx: &RamContext,
     have_block: bool,
 ) -> Result<(RamRecord<'a>, usize), crate::WireError> {
-    crate::error::finish(buf, base, "RAM record", parse_ram_record(buf, ctx, have_block))
+    crate::error::finish(
+        buf,
+        base,
+        "RAM record",
+        parse_ram_record(buf, ctx, have_block),
+    )
 }

@@ -191,7 +191,12 @@ impl<R: Read> StreamReader<R> {
             self.start = 0;
         }
         if self.buf.len() - self.end < self.chunk / 2 {
-            let max = self.dec.limits().max_device_section.max(self.dec.limits().max_packaged as usize) + self.chunk;
+            let max = self
+                .dec
+                .limits()
+                .max_device_section
+                .max(self.dec.limits().max_packaged as usize)
+                + self.chunk;
             if self.buf.len() >= max {
                 return Err(WireError::TooLarge {
                     offset: self.dec.position(),
@@ -215,7 +220,12 @@ impl<R: Read> StreamReader<R> {
                     return Ok(());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(WireError::Io { offset: at, source: e }),
+                Err(e) => {
+                    return Err(WireError::Io {
+                        offset: at,
+                        source: e,
+                    })
+                }
             }
         }
     }
@@ -235,7 +245,10 @@ impl<R: Read + Seek> StreamReader<R> {
     /// I/O errors while seeking or reading the tail.
     pub fn new_seekable(mut inner: R) -> Result<Self, WireError> {
         let limits = Limits::default();
-        let io = |e| WireError::Io { offset: 0, source: e };
+        let io = |e| WireError::Io {
+            offset: 0,
+            source: e,
+        };
         let origin = inner.stream_position().map_err(io)?;
         let end = inner.seek(SeekFrom::End(0)).map_err(io)?;
         let total = end - origin;
@@ -317,8 +330,16 @@ impl<'a> Iterator for ReturnPathReader<'a> {
 ///
 /// # Errors
 /// A [`WireError`] with the offset relative to `base`.
-pub fn decode_rp_message(buf: &[u8], base: u64) -> Result<Option<(RpMessage<'_>, usize)>, WireError> {
-    match crate::error::finish(buf, base, "return-path message", parse_rp_message(buf, crate::return_path::DEFAULT_MAX_BITMAP)) {
+pub fn decode_rp_message(
+    buf: &[u8],
+    base: u64,
+) -> Result<Option<(RpMessage<'_>, usize)>, WireError> {
+    match crate::error::finish(
+        buf,
+        base,
+        "return-path message",
+        parse_rp_message(buf, crate::return_path::DEFAULT_MAX_BITMAP),
+    ) {
         Ok(x) => Ok(Some(x)),
         Err(e) if e.is_truncation() => Ok(None),
         Err(e) => Err(e),

@@ -157,7 +157,15 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
         if ok {
             Ok(())
         } else {
-            fail!(at, ReturnPathLength { msg_type: t, name: message_name(t), len: len, expected: expected })
+            fail!(
+                at,
+                ReturnPathLength {
+                    msg_type: t,
+                    name: message_name(t),
+                    len: len,
+                    expected: expected
+                }
+            )
         }
     };
     match t {
@@ -178,10 +186,24 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
     let name_at = |off: usize, what: &'static str| -> Result<&[u8], nom::Err<crate::error::PErr>> {
         let n = p[off] as usize;
         if n == 0 {
-            fail!(&i[off..], BadName { what: what, why: "length is 0" });
+            fail!(
+                &i[off..],
+                BadName {
+                    what: what,
+                    why: "length is 0"
+                }
+            );
         }
         if p.len() != off + 1 + n {
-            fail!(at, ReturnPathLength { msg_type: t, name: message_name(t), len: len, expected: "exactly the fixed fields + the counted block name" });
+            fail!(
+                at,
+                ReturnPathLength {
+                    msg_type: t,
+                    name: message_name(t),
+                    len: len,
+                    expected: "exactly the fixed fields + the counted block name"
+                }
+            );
         }
         Ok(&p[off + 1..])
     };
@@ -197,7 +219,13 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
             let nb = name_at(12, "REQ_PAGES_ID block name")?;
             let block = match check_name(nb) {
                 Ok(b) => b,
-                Err(why) => fail!(&i[12..], BadName { what: "REQ_PAGES_ID block name", why: why }),
+                Err(why) => fail!(
+                    &i[12..],
+                    BadName {
+                        what: "REQ_PAGES_ID block name",
+                        why: why
+                    }
+                ),
             };
             RpMessage::ReqPagesId {
                 start: be64(p),
@@ -210,12 +238,25 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
             let nb = name_at(0, "RECV_BITMAP block name")?;
             let block = match check_name(nb) {
                 Ok(b) => b,
-                Err(why) => fail!(i, BadName { what: "RECV_BITMAP block name", why: why }),
+                Err(why) => fail!(
+                    i,
+                    BadName {
+                        what: "RECV_BITMAP block name",
+                        why: why
+                    }
+                ),
             };
             let size_at = rest;
             let (r, size) = be_u64(rest)?;
             if size > max_bitmap {
-                fail!(size_at, TooLarge { what: "received bitmap", len: size, cap: max_bitmap });
+                fail!(
+                    size_at,
+                    TooLarge {
+                        what: "received bitmap",
+                        len: size,
+                        cap: max_bitmap
+                    }
+                );
             }
             if size % 8 != 0 {
                 fail!(size_at, BitmapSize { size: size });
@@ -235,4 +276,3 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
     };
     Ok((rest, m))
 }
-

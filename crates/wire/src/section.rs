@@ -147,11 +147,23 @@ pub(crate) fn parse_footer(i: &[u8], expected: u32) -> PResult<'_, u32> {
     let at = i;
     let (i, b) = be_u8(i)?;
     if b != FOOTER {
-        fail!(at, MissingFooter { section_id: expected, byte: b });
+        fail!(
+            at,
+            MissingFooter {
+                section_id: expected,
+                byte: b
+            }
+        );
     }
     let (i, id) = be_u32(i)?;
     if id != expected {
-        fail!(at, FooterMismatch { expected: expected, found: id });
+        fail!(
+            at,
+            FooterMismatch {
+                expected: expected,
+                found: id
+            }
+        );
     }
     Ok((i, id))
 }
@@ -160,6 +172,9 @@ pub(crate) fn parse_footer(i: &[u8], expected: u32) -> PResult<'_, u32> {
 ///
 /// # Errors
 /// [`crate::WireError`] with the absolute offset (`base` + position).
-pub fn decode_section_header(buf: &[u8], base: u64) -> Result<(SectionHeader<'_>, usize), crate::WireError> {
+pub fn decode_section_header(
+    buf: &[u8],
+    base: u64,
+) -> Result<(SectionHeader<'_>, usize), crate::WireError> {
     crate::error::finish(buf, base, "section header", parse_section_header(buf))
 }

@@ -13,7 +13,14 @@ pub(crate) fn parse_vmdesc(i: &[u8], max: u32) -> PResult<'_, &[u8]> {
     let at = i;
     let (i, len) = be_u32(i)?;
     if len > max {
-        fail!(at, TooLarge { what: "vmdesc JSON", len: len as u64, cap: max as u64 });
+        fail!(
+            at,
+            TooLarge {
+                what: "vmdesc JSON",
+                len: len as u64,
+                cap: max as u64
+            }
+        );
     }
     take(len as usize)(i)
 }
@@ -42,8 +49,12 @@ pub fn find_trailer(tail: &[u8]) -> Option<usize> {
     loop {
         if tail[q] == b'{' && q >= 6 {
             let h = q - 6;
-            let len = u32::from_be_bytes([tail[h + 2], tail[h + 3], tail[h + 4], tail[h + 5]]) as usize;
-            if tail[h] == crate::section::EOF && tail[h + 1] == crate::section::VMDESCRIPTION && len == n - q {
+            let len =
+                u32::from_be_bytes([tail[h + 2], tail[h + 3], tail[h + 4], tail[h + 5]]) as usize;
+            if tail[h] == crate::section::EOF
+                && tail[h + 1] == crate::section::VMDESCRIPTION
+                && len == n - q
+            {
                 return Some(h);
             }
         }

@@ -53,27 +53,47 @@ fn build<'a>(off: u64, block: &'a Option<String>, r: &'a R) -> RamRecord<'a> {
         R::Xbzrle(d) => RamRecord::xbzrle(off, b, d),
         R::Compressed(d) => RamRecord::compressed(off, b, d),
         R::Eos => RamRecord::eos(),
-        R::Hook => RamRecord { offset: 0, flags: flags::HOOK, block: None, body: RamBody::Hook },
-        R::Flush => RamRecord { offset: 0, flags: flags::MULTIFD_FLUSH, block: None, body: RamBody::MultifdFlush },
+        R::Hook => RamRecord {
+            offset: 0,
+            flags: flags::HOOK,
+            block: None,
+            body: RamBody::Hook,
+        },
+        R::Flush => RamRecord {
+            offset: 0,
+            flags: flags::MULTIFD_FLUSH,
+            block: None,
+            body: RamBody::MultifdFlush,
+        },
     }
 }
 
 fn commands() -> impl Strategy<Value = (u16, Vec<u8>)> {
     // A command as (number, encoded payload) produced through the typed API.
-    let discard = (name(), prop::collection::vec((any::<u64>(), any::<u64>()), 0..12)).prop_map(|(n, r)| {
-        let mut out = Vec::new();
-        Command::RamDiscard(Discard {
-            block: &n,
-            ranges: r.iter().map(|&(start, len)| DiscardRange { start, len }).collect(),
-        })
-        .write(&mut out);
-        (6u16, out)
-    });
+    let discard = (
+        name(),
+        prop::collection::vec((any::<u64>(), any::<u64>()), 0..12),
+    )
+        .prop_map(|(n, r)| {
+            let mut out = Vec::new();
+            Command::RamDiscard(Discard {
+                block: &n,
+                ranges: r
+                    .iter()
+                    .map(|&(start, len)| DiscardRange { start, len })
+                    .collect(),
+            })
+            .write(&mut out);
+            (6u16, out)
+        });
     let simple = prop_oneof![
         Just(Command::OpenReturnPath),
         any::<u32>().prop_map(Command::Ping),
         Just(Command::PostcopyAdvise(None)),
-        (any::<u64>(), any::<u64>()).prop_map(|(a, b)| Command::PostcopyAdvise(Some(Advise { page_size_summary: a, target_page_size: b }))),
+        (any::<u64>(), any::<u64>()).prop_map(|(a, b)| Command::PostcopyAdvise(Some(Advise {
+            page_size_summary: a,
+            target_page_size: b
+        }))),
         Just(Command::PostcopyListen),
         Just(Command::PostcopyRun),
         (0u32..(256 << 20)).prop_map(|len| Command::Packaged { len }),
@@ -93,7 +113,11 @@ fn commands() -> impl Strategy<Value = (u16, Vec<u8>)> {
     });
     let unknown = (12u16.., prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(c, p)| {
         let mut out = Vec::new();
-        Command::Unknown { cmd: c, payload: &p }.write(&mut out);
+        Command::Unknown {
+            cmd: c,
+            payload: &p,
+        }
+        .write(&mut out);
         (c, out)
     });
     prop_oneof![discard, simple, bitmap, unknown]
@@ -101,19 +125,60 @@ fn commands() -> impl Strategy<Value = (u16, Vec<u8>)> {
 
 fn rp_messages() -> impl Strategy<Value = Vec<u8>> {
     let m = prop_oneof![
-        any::<u32>().prop_map(|v| { let mut o = Vec::new(); RpMessage::Shut(v).write(&mut o); o }),
-        any::<u32>().prop_map(|v| { let mut o = Vec::new(); RpMessage::Pong(v).write(&mut o); o }),
-        (any::<u64>(), any::<u32>(), name()).prop_map(|(s, l, n)| { let mut o = Vec::new(); RpMessage::ReqPagesId { start: s, len: l, block: &n }.write(&mut o); o }),
-        (any::<u64>(), any::<u32>()).prop_map(|(s, l)| { let mut o = Vec::new(); RpMessage::ReqPages { start: s, len: l }.write(&mut o); o }),
+        any::<u32>().prop_map(|v| {
+            let mut o = Vec::new();
+            RpMessage::Shut(v).write(&mut o);
+            o
+        }),
+        any::<u32>().prop_map(|v| {
+            let mut o = Vec::new();
+            RpMessage::Pong(v).write(&mut o);
+            o
+        }),
+        (any::<u64>(), any::<u32>(), name()).prop_map(|(s, l, n)| {
+            let mut o = Vec::new();
+            RpMessage::ReqPagesId {
+                start: s,
+                len: l,
+                block: &n,
+            }
+            .write(&mut o);
+            o
+        }),
+        (any::<u64>(), any::<u32>()).prop_map(|(s, l)| {
+            let mut o = Vec::new();
+            RpMessage::ReqPages { start: s, len: l }.write(&mut o);
+            o
+        }),
         (name(), prop::collection::vec(any::<u64>(), 0..40)).prop_map(|(n, w)| {
             let bits: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
             let mut o = Vec::new();
-            RpMessage::RecvBitmap { block: &n, bitmap: &bits }.write(&mut o);
+            RpMessage::RecvBitmap {
+                block: &n,
+                bitmap: &bits,
+            }
+            .write(&mut o);
             o
         }),
-        any::<u32>().prop_map(|v| { let mut o = Vec::new(); RpMessage::ResumeAck(v).write(&mut o); o }),
-        Just({ let mut o = Vec::new(); RpMessage::SwitchoverAck.write(&mut o); o }),
-        (8u16.., prop::collection::vec(any::<u8>(), 0..100)).prop_map(|(t, p)| { let mut o = Vec::new(); RpMessage::Unknown { msg_type: t, payload: &p }.write(&mut o); o }),
+        any::<u32>().prop_map(|v| {
+            let mut o = Vec::new();
+            RpMessage::ResumeAck(v).write(&mut o);
+            o
+        }),
+        Just({
+            let mut o = Vec::new();
+            RpMessage::SwitchoverAck.write(&mut o);
+            o
+        }),
+        (8u16.., prop::collection::vec(any::<u8>(), 0..100)).prop_map(|(t, p)| {
+            let mut o = Vec::new();
+            RpMessage::Unknown {
+                msg_type: t,
+                payload: &p,
+            }
+            .write(&mut o);
+            o
+        }),
     ];
     prop::collection::vec(m, 0..20).prop_map(|v| v.concat())
 }

@@ -73,7 +73,11 @@ impl PageCache {
         let n = Self::slot_count(cache_size, page_size)?;
         let mut slots = Vec::new();
         slots.resize_with(n, || None);
-        Ok(Self { page_size, slots, used: 0 })
+        Ok(Self {
+            page_size,
+            slots,
+            used: 0,
+        })
     }
 
     fn slot_count(cache_size: u64, page_size: usize) -> Result<usize, XbzrleError> {
@@ -81,7 +85,10 @@ impl PageCache {
             return Err(XbzrleError::ZeroPageSize);
         }
         if cache_size < page_size as u64 {
-            return Err(XbzrleError::CacheSmallerThanPage { cache_size, page_size });
+            return Err(XbzrleError::CacheSmallerThanPage {
+                cache_size,
+                page_size,
+            });
         }
         let slots = cache_size / page_size as u64;
         if !slots.is_power_of_two() {
@@ -171,7 +178,12 @@ impl PageCache {
     ///
     /// # Panics
     /// If `data.len()` is not the page size.
-    pub fn insert(&mut self, addr: u64, data: &[u8], generation: u64) -> Result<&mut [u8], InsertRefused> {
+    pub fn insert(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+        generation: u64,
+    ) -> Result<&mut [u8], InsertRefused> {
         assert_eq!(data.len(), self.page_size, "page of the wrong size");
         let e = self.claim(addr, generation)?;
         e.copy_from_slice(data);

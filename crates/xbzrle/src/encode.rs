@@ -61,7 +61,8 @@ pub(crate) fn diff_mask_swar(a: &[u8], b: &[u8]) -> u64 {
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (wa, wb) in (&mut ca).zip(&mut cb) {
-        let x = u64::from_le_bytes(wa.try_into().unwrap()) ^ u64::from_le_bytes(wb.try_into().unwrap());
+        let x =
+            u64::from_le_bytes(wa.try_into().unwrap()) ^ u64::from_le_bytes(wb.try_into().unwrap());
         // High bit of each byte set iff the byte is non-zero.
         let nz = (((x & LO7) + LO7) | x) & HI;
         mask |= ((nz >> 7).wrapping_mul(GATHER) >> 56) << k;
@@ -78,7 +79,12 @@ pub(crate) fn diff_mask_swar(a: &[u8], b: &[u8]) -> u64 {
 /// 64-byte block. Always inlined so each kernel gets its own specialised copy (and, for
 /// SIMD kernels, the target features of the calling function).
 #[inline(always)]
-pub(crate) fn encode_core<M>(old: &[u8], new: &[u8], out: &mut [u8], mask: M) -> Result<usize, Overflow>
+pub(crate) fn encode_core<M>(
+    old: &[u8],
+    new: &[u8],
+    out: &mut [u8],
+    mask: M,
+) -> Result<usize, Overflow>
 where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
 {
@@ -207,8 +213,8 @@ mod simd {
     use super::{encode_core, BLOCK};
     use crate::Overflow;
     use core::arch::x86_64::{
-        __m128i, __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm_cmpeq_epi8,
-        _mm_loadu_si128, _mm_movemask_epi8,
+        __m128i, __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8,
     };
 
     pub(super) fn encode_x86(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {

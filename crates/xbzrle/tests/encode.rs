@@ -19,7 +19,11 @@ fn enc(old: &[u8], new: &[u8], dlen: usize) -> Result<Vec<u8>, Overflow> {
 
 fn with_changed(len: usize, changed: impl Fn(usize) -> bool) -> (Vec<u8>, Vec<u8>) {
     let old: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
-    let new = old.iter().enumerate().map(|(i, &b)| if changed(i) { !b } else { b }).collect();
+    let new = old
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| if changed(i) { !b } else { b })
+        .collect();
     (old, new)
 }
 
@@ -103,7 +107,11 @@ fn every_limit_for_small_pages() {
 /// Builds page pairs by flipping bytes one at a time and keeps every pair whose encoding
 /// (without a limit) is within 2 bytes of the page size; checks them at limit = page
 /// size. Returns which (distance, ends-with-data-run) combinations were hit.
-fn near_limit_search(len: usize, seed: u64, rounds: usize) -> std::collections::BTreeSet<(i64, bool)> {
+fn near_limit_search(
+    len: usize,
+    seed: u64,
+    rounds: usize,
+) -> std::collections::BTreeSet<(i64, bool)> {
     let mut rng = Rng(seed);
     let mut hit = std::collections::BTreeSet::new();
     for round in 0..rounds {
@@ -137,15 +145,22 @@ fn near_limit_search(len: usize, seed: u64, rounds: usize) -> std::collections::
                 }
             }
             // Change one more run; big steps while far from the limit.
-            let step = if dist < -(max_run as i64) - 8 { max_run } else { 1 + rng.below(max_run.min(2)) };
-            let pos = if rng.below(4) == 0 { len - step } else { rng.below(len - step + 1) };
-            let pos = if round % 2 == 0 { (last + 1 + rng.below(3)).min(len - step) } else { pos };
+            let step = if dist < -(max_run as i64) - 8 {
+                max_run
+            } else {
+                1 + rng.below(max_run.min(2))
+            };
+            let pos = if rng.below(4) == 0 {
+                len - step
+            } else {
+                rng.below(len - step + 1)
+            };
+            let pos = if round % 2 == 0 {
+                (last + 1 + rng.below(3)).min(len - step)
+            } else {
+                pos
+            };
             last = pos + step;
-            for b in &mut new[pos..pos + step] {
-                if *b == old[pos] || rng.below(8) != 0 {
-                    *b = rng.other(old[pos..pos + step][0]) ^ 0;
-                }
-            }
             for i in pos..pos + step {
                 if new[i] == old[i] {
                     new[i] = rng.other(old[i]);
@@ -161,7 +176,10 @@ fn near_the_overflow_limit_4k() {
     let hit = near_limit_search(4096, 7, 60);
     for dist in -2..=2 {
         for ends in [false, true] {
-            assert!(hit.contains(&(dist, ends)), "never reached distance {dist}, ends in data {ends}: {hit:?}");
+            assert!(
+                hit.contains(&(dist, ends)),
+                "never reached distance {dist}, ends in data {ends}: {hit:?}"
+            );
         }
     }
 }
@@ -185,7 +203,10 @@ fn page_pair(len: impl Strategy<Value = usize>) -> impl Strategy<Value = (Vec<u8
     len.prop_flat_map(|len| {
         (
             proptest::collection::vec(any::<u8>(), len),
-            proptest::collection::vec((0..len, 1..=len.min(600), any::<u8>(), any::<bool>()), 0..40),
+            proptest::collection::vec(
+                (0..len, 1..=len.min(600), any::<u8>(), any::<bool>()),
+                0..40,
+            ),
         )
     })
     .prop_map(|(old, edits)| {
@@ -194,7 +215,11 @@ fn page_pair(len: impl Strategy<Value = usize>) -> impl Strategy<Value = (Vec<u8
         for (pos, run, x, sparse) in edits {
             let end = (pos + run).min(len);
             for (k, b) in new[pos..end].iter_mut().enumerate() {
-                let xor = if sparse { x & (k as u8).wrapping_mul(37) } else { x };
+                let xor = if sparse {
+                    x & (k as u8).wrapping_mul(37)
+                } else {
+                    x
+                };
                 *b ^= xor;
             }
         }

@@ -17,7 +17,11 @@ fn every_value_roundtrips() {
             assert_eq!(buf[..2], [(v & 0x7F) as u8 | 0x80, (v >> 7) as u8]);
         }
         assert_eq!(uleb128::decode(&buf[..n]), Ok((v, n)));
-        assert_eq!(uleb128::decode(&buf), Ok((v, n)), "trailing bytes are not consumed");
+        assert_eq!(
+            uleb128::decode(&buf),
+            Ok((v, n)),
+            "trailing bytes are not consumed"
+        );
     }
 }
 

@@ -47,9 +47,19 @@ pub fn check(old: &[u8], new: &[u8], dlen: usize) -> Result<usize, Overflow> {
     for (name, f) in encoders {
         let mut got = vec![0x5Au8; dlen];
         let g = f(old, new, &mut got);
-        assert_eq!(g, r, "{name}: result differs (len {}, dlen {dlen})", new.len());
+        assert_eq!(
+            g,
+            r,
+            "{name}: result differs (len {}, dlen {dlen})",
+            new.len()
+        );
         if let Ok(n) = r {
-            assert_eq!(got[..n], want[..n], "{name}: bytes differ (len {}, dlen {dlen})", new.len());
+            assert_eq!(
+                got[..n],
+                want[..n],
+                "{name}: bytes differ (len {}, dlen {dlen})",
+                new.len()
+            );
         }
     }
     if let Ok(n) = r {
@@ -58,7 +68,10 @@ pub fn check(old: &[u8], new: &[u8], dlen: usize) -> Result<usize, Overflow> {
             decode(&want[..n], &mut page).expect("own encoding decodes");
             assert_eq!(page, new, "roundtrip");
         }
-        assert_eq!(reference::decode(&want[..n], old).as_deref().unwrap_or(new), new);
+        assert_eq!(
+            reference::decode(&want[..n], old).as_deref().unwrap_or(new),
+            new
+        );
     }
     r
 }

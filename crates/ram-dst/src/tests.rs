@@ -1,0 +1,673 @@
+//! Unit tests: one per transition and per check.
+
+use std::io::Write;
+
+use qmig_wire::{Advise, Command, Discard, DiscardRange, Item, MemBlock, RamRecord};
+
+use crate::*;
+
+const PS: u64 = 4096;
+
+fn mb(name: &str, len: u64) -> MemBlock<'_> {
+    MemBlock { name, used_length: len, page_size: None, addr: None }
+}
+
+fn adopt() -> RamDst<VecMemory> {
+    RamDst::new(Config::default(), VecMemory::new()).unwrap()
+}
+
+fn fixed(blocks: Vec<LocalBlock>) -> RamDst<VecMemory> {
+    RamDst::new(Config { layout: Layout::Fixed(blocks), ..Config::default() }, VecMemory::new()).unwrap()
+}
+
+fn emit(blocks: Vec<LocalBlock>) -> RamDst<VecMemory> {
+    RamDst::new(Config { layout: Layout::Fixed(blocks), placement: Placement::Emit, ..Config::default() }, VecMemory::new()).unwrap()
+}
+
+/// Feeds `item` at `at` (length 10).
+fn feed(d: &mut RamDst<VecMemory>, at: u64, item: Item<'_>) -> Result<(), RamDstError> {
+    d.handle_item(at, 10, &item)
+}
+
+fn ram(r: RamRecord<'_>) -> Item<'_> {
+    Item::Ram(r)
+}
+
+fn cmd(c: Command<'_>) -> Item<'_> {
+    Item::Command(c)
+}
+
+fn actions(d: &mut RamDst<VecMemory>) -> Vec<Action> {
+    std::iter::from_fn(|| d.poll_action()).collect()
+}
+
+fn with_ram(len: u64) -> RamDst<VecMemory> {
+    let mut d = adopt();
+    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("pc.ram", len)]))).unwrap();
+    d
+}
+
+fn mem(d: &RamDst<VecMemory>) -> &[u8] {
+    d.memory().block("pc.ram").unwrap()
+}
+
+// ---- MEM_SIZE and the layout --------------------------------------------------------
+
+#[test]
+fn adopt_creates_blocks() {
+    let mut d = adopt();
+    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS), mb("vga.vram", 2 * PS)]))).unwrap();
+    assert_eq!(d.blocks().len(), 2);
+    assert_eq!(d.blocks()[1].name(), "vga.vram");
+    assert_eq!(d.memory().block("vga.vram").unwrap().len(), 2 * PS as usize);
+    assert_eq!(d.block_index("pc.ram"), Some(0));
+    assert_eq!(d.stats().mem_size, 1);
+}
+
+#[test]
+fn adopt_refuses_more_than_the_cap() {
+    let mut d = RamDst::new(Config { max_adopted_bytes: 4 * PS, ..Config::default() }, VecMemory::new()).unwrap();
+    let e = feed(&mut d, 33, ram(RamRecord::mem_size(vec![mb("a", 4 * PS), mb("b", PS)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::BadSize { offset: 33, .. }), "{e}");
+    assert!(d.blocks().is_empty(), "nothing created");
+}
+
+#[test]
+fn fixed_unknown_block_is_named() {
+    let mut d = fixed(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    let e = feed(&mut d, 17, ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS), mb("mystery", PS)]))).unwrap_err();
+    assert!(matches!(&e, RamDstError::UnknownBlock { offset: 17, name } if name == "mystery"));
+    assert!(e.to_string().contains("mystery") && e.to_string().contains("offset 17"));
+}
+
+#[test]
+fn fixed_length_mismatch() {
+    let mut d = fixed(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    let e = feed(&mut d, 5, ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::LengthMismatch { offset: 5, local: 16384, remote: 32768, resizable: false, .. }));
+}
+
+#[test]
+fn resizable_block_resizes_up_to_max() {
+    let b = LocalBlock { resizable: true, max_length: 8 * PS, ..LocalBlock::fixed("acpi", 2 * PS) };
+    let mut d = fixed(vec![b.clone()]);
+    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("acpi", 6 * PS)]))).unwrap();
+    assert_eq!(d.blocks()[0].used_length(), 6 * PS);
+    assert_eq!(d.blocks()[0].received().len(), 6);
+    assert_eq!(d.memory().block("acpi").unwrap().len(), 6 * PS as usize);
+    assert_eq!(actions(&mut d), vec![Action::BlockResized { block: 0, len: 6 * PS }]);
+    let mut d = fixed(vec![b]);
+    let e = feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("acpi", 9 * PS)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::LengthMismatch { max: 32768, resizable: true, .. }));
+}
+
+#[test]
+fn page_size_checked_only_when_advised() {
+    let huge = LocalBlock { page_size: 2 << 20, ..LocalBlock::fixed("mem", 4 << 20) };
+    // Not advised: no page size field, no check.
+    let mut d = fixed(vec![huge.clone()]);
+    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("mem", 4 << 20)]))).unwrap();
+    // Advised, the stream says 4 KiB (no field): mismatch.
+    let mut d = fixed(vec![huge.clone()]);
+    feed(&mut d, 0, cmd(Command::PostcopyAdvise(None))).unwrap();
+    let e = feed(&mut d, 9, ram(RamRecord::mem_size(vec![mb("mem", 4 << 20)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::PageSizeMismatch { offset: 9, local: 0x200000, remote: 4096, .. }), "{e}");
+    // Advised, matching field.
+    let mut d = fixed(vec![huge]);
+    feed(&mut d, 0, cmd(Command::PostcopyAdvise(None))).unwrap();
+    let m = MemBlock { page_size: Some(2 << 20), ..mb("mem", 4 << 20) };
+    feed(&mut d, 9, ram(RamRecord::mem_size(vec![m]))).unwrap();
+}
+
+#[test]
+fn mem_size_bad_sizes() {
+    let mut d = adopt();
+    let e = feed(&mut d, 1, ram(RamRecord::mem_size(vec![mb("pc.ram", PS + 1)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::BadSize { .. }));
+    let mut d = adopt();
+    let mut r = RamRecord::mem_size(vec![mb("pc.ram", PS)]);
+    r.offset = 2 * PS;
+    assert!(matches!(feed(&mut d, 1, ram(r)), Err(RamDstError::BadSize { .. })));
+    let mut d = adopt();
+    let e = feed(&mut d, 1, ram(RamRecord::mem_size(vec![mb("a", PS), mb("a", PS)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::BadSize { .. }));
+    let mut d = adopt();
+    let mut r = RamRecord::mem_size(vec![mb("a", PS)]);
+    r.body = qmig_wire::RamBody::MemSize(vec![mb("a", u64::MAX & !0xfff), mb("b", PS)]);
+    assert!(matches!(feed(&mut d, 1, ram(r)), Err(RamDstError::BadSize { .. })));
+    let mut d = adopt();
+    let m = MemBlock { page_size: Some(3 * PS), ..mb("a", 6 * PS) };
+    assert!(matches!(feed(&mut d, 1, ram(RamRecord::mem_size(vec![m]))), Err(RamDstError::BadSize { .. })));
+}
+
+#[test]
+fn bad_local_layout_is_refused() {
+    let b = LocalBlock { page_size: 3000, ..LocalBlock::fixed("x", PS) };
+    assert!(RamDst::new(Config { layout: Layout::Fixed(vec![b]), ..Config::default() }, VecMemory::new()).is_err());
+    let b = LocalBlock::fixed("x", PS + 8);
+    assert!(RamDst::new(Config { layout: Layout::Fixed(vec![b]), ..Config::default() }, VecMemory::new()).is_err());
+}
+
+// ---- page records ------------------------------------------------------------------
+
+#[test]
+fn page_then_continue() {
+    let mut d = with_ram(4 * PS);
+    let a = [1u8; 4096];
+    let b = [2u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 20, ram(RamRecord::page(2 * PS, None, &b))).unwrap();
+    assert_eq!(&mem(&d)[..4096], &a[..]);
+    assert_eq!(&mem(&d)[8192..12288], &b[..]);
+    assert_eq!(mem(&d)[4096], 0);
+    assert_eq!(d.blocks()[0].received().iter_ones().collect::<Vec<_>>(), vec![0, 2]);
+    assert_eq!(d.stats().page, 2);
+    assert_eq!(d.applied_up_to(), 30);
+}
+
+#[test]
+fn zero_page_clears_written_page_and_nonzero_fill_is_reported() {
+    let mut d = with_ram(2 * PS);
+    let a = [9u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 20, ram(RamRecord::zero(PS, None))).unwrap();
+    assert!(mem(&d).iter().all(|&b| b == 0));
+    let mut r = RamRecord::zero(0, None);
+    r.body = qmig_wire::RamBody::Zero { fill: 0x5a };
+    feed(&mut d, 30, ram(r)).unwrap();
+    assert!(mem(&d)[..4096].iter().all(|&b| b == 0x5a));
+    assert_eq!(actions(&mut d), vec![Action::NonZeroFill { offset: 30, block: 0, page_offset: 0, fill: 0x5a }]);
+    assert_eq!(d.stats().nonzero_fill, 1);
+    assert_eq!(d.stats().zero, 2);
+}
+
+#[test]
+fn page_offset_at_used_length_is_refused() {
+    let mut d = with_ram(4 * PS);
+    let a = [1u8; 4096];
+    let e = feed(&mut d, 77, ram(RamRecord::page(4 * PS, Some("pc.ram"), &a))).unwrap_err();
+    assert!(matches!(e, RamDstError::PageOutOfBlock { offset: 77, page_offset: 16384, used_length: 16384, .. }));
+    assert_eq!(d.applied_up_to(), 77);
+    assert!(d.is_stopped());
+    // Later input is refused.
+    assert!(matches!(feed(&mut d, 87, ram(RamRecord::page(0, None, &a))), Err(RamDstError::Stopped { offset: 77 })));
+    assert!(mem(&d).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn page_offset_overflowing_u64_is_refused() {
+    let mut d = with_ram(4 * PS);
+    let a = [1u8; 4096];
+    let e = feed(&mut d, 1, ram(RamRecord::page(u64::MAX & !0xfff, Some("pc.ram"), &a))).unwrap_err();
+    assert!(matches!(e, RamDstError::PageOutOfBlock { .. }));
+}
+
+#[test]
+fn unaligned_page_offset_is_refused() {
+    let mut d = with_ram(4 * PS);
+    let e = feed(&mut d, 1, ram(RamRecord::zero(100, Some("pc.ram")))).unwrap_err();
+    assert!(matches!(e, RamDstError::PageOutOfBlock { page_offset: 100, .. }));
+}
+
+#[test]
+fn continue_before_any_block_is_refused() {
+    let mut d = with_ram(4 * PS);
+    let e = feed(&mut d, 42, ram(RamRecord::zero(0, None))).unwrap_err();
+    assert!(matches!(e, RamDstError::NoCurrentBlock { offset: 42 }));
+}
+
+#[test]
+fn unknown_block_in_page_record() {
+    let mut d = with_ram(4 * PS);
+    let e = feed(&mut d, 42, ram(RamRecord::zero(0, Some("nope")))).unwrap_err();
+    assert!(matches!(&e, RamDstError::UnknownBlock { offset: 42, name } if name == "nope"));
+}
+
+#[test]
+fn short_page_is_refused() {
+    let mut d = with_ram(4 * PS);
+    let a = [1u8; 100];
+    assert!(matches!(feed(&mut d, 1, ram(RamRecord::page(0, Some("pc.ram"), &a))), Err(RamDstError::BadSize { .. })));
+}
+
+#[test]
+fn xbzrle_applies_onto_the_current_page() {
+    let mut d = with_ram(2 * PS);
+    let old = [3u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(PS, Some("pc.ram"), &old))).unwrap();
+    let mut new = old;
+    new[100..104].copy_from_slice(b"qmig");
+    let mut enc = vec![0u8; 4096];
+    let n = qmig_xbzrle::encode(&old, &new, &mut enc).unwrap();
+    feed(&mut d, 20, ram(RamRecord::xbzrle(PS, None, &enc[..n]))).unwrap();
+    assert_eq!(&mem(&d)[4096..], &new[..]);
+    assert_eq!(d.stats().xbzrle, 1);
+}
+
+#[test]
+fn bad_xbzrle_leaves_the_page_alone() {
+    let mut d = with_ram(2 * PS);
+    let old = [3u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &old))).unwrap();
+    // A data run that runs past the page end.
+    let enc = [0x80, 0x20, 0x10, 1, 2];
+    let e = feed(&mut d, 20, ram(RamRecord::xbzrle(0, None, &enc))).unwrap_err();
+    assert!(matches!(e, RamDstError::Xbzrle { offset: 20, page_offset: 0, .. }), "{e}");
+    assert_eq!(&mem(&d)[..4096], &old[..]);
+    assert!(!d.blocks()[0].received().get(1));
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(1));
+    z.write_all(data).unwrap();
+    z.finish().unwrap()
+}
+
+#[test]
+fn compressed_page_inflates_to_one_page() {
+    let mut d = with_ram(2 * PS);
+    let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let z = deflate(&page);
+    feed(&mut d, 10, ram(RamRecord::compressed(PS, Some("pc.ram"), &z))).unwrap();
+    assert_eq!(&mem(&d)[4096..], &page[..]);
+    assert_eq!(d.stats().compressed, 1);
+}
+
+#[test]
+fn compressed_page_errors() {
+    for (what, z) in [
+        ("short", deflate(&[1u8; 4000])),
+        ("long", deflate(&[1u8; 4097])),
+        ("garbage", vec![0x78, 0x01, 0xff, 0xff, 0xff]),
+        ("truncated", deflate(&[7u8; 4096])[..5].to_vec()),
+    ] {
+        let mut d = with_ram(2 * PS);
+        let e = feed(&mut d, 50, ram(RamRecord::compressed(0, Some("pc.ram"), &z))).unwrap_err();
+        assert!(matches!(e, RamDstError::Compressed { offset: 50, .. }), "{what}: {e}");
+        assert!(mem(&d).iter().all(|&b| b == 0), "{what}");
+    }
+}
+
+#[test]
+fn target_page_size_from_configuration() {
+    use qmig_wire::{ConfigBody, ConfigSubsection, Configuration};
+    let c = Configuration {
+        machine: "pc",
+        subsections: vec![ConfigSubsection { name: "configuration/target-page-bits", version: 1, body: ConfigBody::TargetPageBits(13) }],
+    };
+    let mut d = adopt();
+    feed(&mut d, 0, Item::Configuration(c.clone())).unwrap();
+    assert_eq!(d.page_size(), 8192);
+    let mut d = fixed(vec![LocalBlock::fixed("pc.ram", PS)]);
+    assert!(matches!(feed(&mut d, 8, Item::Configuration(c)), Err(RamDstError::PageSizeMismatch { offset: 8, .. })));
+}
+
+// ---- commands ----------------------------------------------------------------------
+
+#[test]
+fn ping_and_open_return_path() {
+    let mut d = adopt();
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    feed(&mut d, 5, cmd(Command::Ping(0x42))).unwrap();
+    assert_eq!(actions(&mut d), vec![Action::OpenReturnPath, Action::Pong(0x42)]);
+}
+
+#[test]
+fn unknown_command_is_refused() {
+    let mut d = adopt();
+    let e = feed(&mut d, 3, cmd(Command::Unknown { cmd: 99, payload: &[] })).unwrap_err();
+    assert!(matches!(e, RamDstError::Unsupported { offset: 3, .. }));
+}
+
+fn discard<'a>(block: &'a str, ranges: &[(u64, u64)]) -> Item<'a> {
+    cmd(Command::RamDiscard(Discard {
+        block,
+        ranges: ranges.iter().map(|&(start, len)| DiscardRange { start, len }).collect(),
+    }))
+}
+
+#[test]
+fn discard_drops_pages_and_received_bits() {
+    let mut d = with_ram(8 * PS);
+    let a = [1u8; 4096];
+    for p in 0..8 {
+        feed(&mut d, 10 + p, ram(RamRecord::page(p * PS, Some("pc.ram"), &a))).unwrap();
+    }
+    feed(&mut d, 100, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 110, discard("pc.ram", &[(PS, 2 * PS), (6 * PS, PS)])).unwrap();
+    assert_eq!(d.postcopy_state(), PostcopyState::Discarding);
+    assert_eq!(d.blocks()[0].received().iter_ones().collect::<Vec<_>>(), vec![0, 3, 4, 5, 7]);
+    assert!(mem(&d)[4096..12288].iter().all(|&b| b == 0));
+    assert!(mem(&d)[12288..16384].iter().all(|&b| b == 1));
+    assert_eq!(d.stats().discarded_pages, 3);
+    // Several discards in a row are fine.
+    feed(&mut d, 120, discard("pc.ram", &[(0, PS)])).unwrap();
+}
+
+#[test]
+fn discard_is_checked_before_anything_is_dropped() {
+    let cases: [(&str, &[(u64, u64)]); 5] = [
+        ("unaligned start", &[(0, PS), (100, PS)]),
+        ("unaligned length", &[(0, PS), (0, 100)]),
+        ("past the end", &[(0, PS), (7 * PS, 2 * PS)]),
+        ("overflow", &[(0, PS), (PS, u64::MAX & !0xfff)]),
+        ("start past the end", &[(0, PS), (9 * PS, 0)]),
+    ];
+    for (what, ranges) in cases {
+        let mut d = with_ram(8 * PS);
+        let a = [1u8; 4096];
+        feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+        feed(&mut d, 20, cmd(Command::PostcopyAdvise(None))).unwrap();
+        let e = feed(&mut d, 30, discard("pc.ram", ranges)).unwrap_err();
+        assert!(matches!(e, RamDstError::Discard { offset: 30, .. }), "{what}: {e}");
+        assert!(d.blocks()[0].received().get(0), "{what}: first range must not be applied");
+        assert_eq!(mem(&d)[0], 1, "{what}");
+    }
+    let mut d = with_ram(8 * PS);
+    feed(&mut d, 20, cmd(Command::PostcopyAdvise(None))).unwrap();
+    assert!(matches!(feed(&mut d, 30, discard("nope", &[])), Err(RamDstError::UnknownBlock { .. })));
+}
+
+#[test]
+fn discard_alignment_follows_the_block_page_size() {
+    let huge = LocalBlock { page_size: 8192, ..LocalBlock::fixed("m", 8 * PS) };
+    let mut d = fixed(vec![huge]);
+    feed(&mut d, 0, cmd(Command::PostcopyAdvise(None))).unwrap();
+    assert!(matches!(feed(&mut d, 30, discard("m", &[(PS, PS)])), Err(RamDstError::Discard { .. })));
+}
+
+// ---- postcopy state machine ----------------------------------------------------------
+
+fn illegal(r: Result<(), RamDstError>, state: PostcopyState) {
+    match r {
+        Err(RamDstError::IllegalTransition { state: s, .. }) => assert_eq!(s, state),
+        other => panic!("expected an illegal transition from {state:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn postcopy_full_sequence() {
+    let mut d = with_ram(4 * PS);
+    assert_eq!(d.postcopy_state(), PostcopyState::None);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(Advise { page_size_summary: PS, target_page_size: PS })))).unwrap();
+    feed(&mut d, 2, discard("pc.ram", &[(0, PS)])).unwrap();
+    feed(&mut d, 3, cmd(Command::PostcopyListen)).unwrap();
+    feed(&mut d, 4, cmd(Command::PostcopyRun)).unwrap();
+    feed(&mut d, 5, Item::Eof).unwrap();
+    assert_eq!(d.postcopy_state(), PostcopyState::End);
+    use PostcopyState as P;
+    let states: Vec<_> = actions(&mut d)
+        .into_iter()
+        .filter_map(|a| if let Action::PostcopyState(s) = a { Some(s) } else { None })
+        .collect();
+    assert_eq!(states, vec![P::Advised, P::Discarding, P::Listening, P::Running, P::End]);
+}
+
+#[test]
+fn listen_straight_after_advise() {
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 3, cmd(Command::PostcopyListen)).unwrap();
+    assert_eq!(d.postcopy_state(), PostcopyState::Listening);
+}
+
+#[test]
+fn illegal_transitions() {
+    use PostcopyState as P;
+    let mut d = with_ram(4 * PS);
+    illegal(feed(&mut d, 1, cmd(Command::PostcopyListen)), P::None);
+    let mut d = with_ram(4 * PS);
+    illegal(feed(&mut d, 1, cmd(Command::PostcopyRun)), P::None);
+    let mut d = with_ram(4 * PS);
+    illegal(feed(&mut d, 1, discard("pc.ram", &[])), P::None);
+    let mut d = with_ram(4 * PS);
+    illegal(feed(&mut d, 1, cmd(Command::PostcopyResume)), P::None);
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    illegal(feed(&mut d, 2, cmd(Command::PostcopyAdvise(None))), P::Advised);
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    illegal(feed(&mut d, 2, cmd(Command::PostcopyRun)), P::Advised);
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
+    illegal(feed(&mut d, 3, discard("pc.ram", &[])), P::Listening);
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
+    illegal(feed(&mut d, 3, cmd(Command::PostcopyListen)), P::Listening);
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
+    feed(&mut d, 3, cmd(Command::PostcopyRun)).unwrap();
+    illegal(feed(&mut d, 4, cmd(Command::PostcopyRun)), P::Running);
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
+    let e = feed(&mut d, 3, ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)]))).unwrap_err();
+    assert!(matches!(e, RamDstError::NotInPostcopy { kind: "MEM_SIZE", .. }));
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
+    feed(&mut d, 3, Item::Eof).unwrap();
+    illegal(feed(&mut d, 4, ram(RamRecord::zero(0, Some("pc.ram")))), P::End);
+}
+
+#[test]
+fn advise_checks_page_sizes() {
+    let mut d = with_ram(4 * PS);
+    let e = feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(Advise { page_size_summary: PS, target_page_size: 8192 })))).unwrap_err();
+    assert!(matches!(e, RamDstError::PageSizeMismatch { offset: 1, remote: 8192, .. }));
+    let mut d = fixed(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    let a = Advise { page_size_summary: PS | (2 << 20), target_page_size: PS };
+    assert!(matches!(feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(a)))), Err(RamDstError::PageSizeMismatch { .. })));
+}
+
+fn listening(d: &mut RamDst<VecMemory>) {
+    feed(d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(d, 2, cmd(Command::PostcopyListen)).unwrap();
+    let _ = actions(d);
+}
+
+fn huge_block() -> LocalBlock {
+    LocalBlock { page_size: 2 * PS, ..LocalBlock::fixed("pc.ram", 8 * PS) }
+}
+
+#[test]
+fn postcopy_refuses_xbzrle_and_compressed() {
+    let mut d = with_ram(4 * PS);
+    listening(&mut d);
+    let e = feed(&mut d, 9, ram(RamRecord::xbzrle(0, Some("pc.ram"), &[]))).unwrap_err();
+    assert!(matches!(e, RamDstError::NotInPostcopy { offset: 9, kind: "XBZRLE" }));
+    let mut d = with_ram(4 * PS);
+    listening(&mut d);
+    let e = feed(&mut d, 9, ram(RamRecord::compressed(0, Some("pc.ram"), &[]))).unwrap_err();
+    assert!(matches!(e, RamDstError::NotInPostcopy { kind: "COMPRESS_PAGE", .. }));
+    let mut d = with_ram(4 * PS);
+    listening(&mut d);
+    feed(&mut d, 9, ram(RamRecord::eos())).unwrap();
+}
+
+#[test]
+fn postcopy_assembles_host_pages_and_emits_placements() {
+    let mut d = emit(vec![huge_block()]);
+    listening(&mut d);
+    let a = [1u8; 4096];
+    let b = [2u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    assert!(actions(&mut d).is_empty(), "half a host page is not placed");
+    assert!(!d.blocks()[0].received().get(2));
+    feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &b))).unwrap();
+    let mut want = a.to_vec();
+    want.extend_from_slice(&b);
+    assert_eq!(actions(&mut d), vec![Action::PlaceHostPage { block: 0, offset: 2 * PS, data: want }]);
+    assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
+    assert!(mem(&d).iter().all(|&x| x == 0), "Emit mode leaves memory to the host");
+    feed(&mut d, 30, ram(RamRecord::zero(4 * PS, None))).unwrap();
+    feed(&mut d, 40, ram(RamRecord::zero(5 * PS, None))).unwrap();
+    assert_eq!(actions(&mut d), vec![Action::PlaceZeroPage { block: 0, offset: 4 * PS, len: 2 * PS }]);
+    assert_eq!(d.stats().placed_host_pages, 1);
+    assert_eq!(d.stats().placed_zero_pages, 1);
+}
+
+#[test]
+fn postcopy_apply_mode_writes_memory() {
+    let mut d = fixed(vec![huge_block()]);
+    listening(&mut d);
+    let a = [1u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    assert_eq!(mem(&d)[0], 0, "not placed before the host page is complete");
+    feed(&mut d, 20, ram(RamRecord::zero(PS, None))).unwrap();
+    assert_eq!(&mem(&d)[..4096], &a[..]);
+    assert!(mem(&d)[4096..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn postcopy_order_is_enforced() {
+    let a = [1u8; 4096];
+    // Starting in the middle of a host page.
+    let mut d = fixed(vec![huge_block()]);
+    listening(&mut d);
+    let e = feed(&mut d, 10, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap_err();
+    assert!(matches!(e, RamDstError::PostcopyOrder { offset: 10, page_offset: 4096, .. }));
+    // Skipping a target page.
+    let mut d = fixed(vec![huge_block()]);
+    listening(&mut d);
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    assert!(matches!(feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))), Err(RamDstError::PostcopyOrder { .. })));
+    // A new host page before the previous one is complete.
+    let mut d = fixed(vec![huge_block()]);
+    listening(&mut d);
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    assert!(matches!(feed(&mut d, 20, ram(RamRecord::page(2 * PS, None, &a))), Err(RamDstError::PostcopyOrder { .. })));
+    // The stream ends inside a host page.
+    let mut d = fixed(vec![huge_block()]);
+    listening(&mut d);
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    assert!(matches!(feed(&mut d, 20, Item::Eof), Err(RamDstError::PostcopyOrder { offset: 20, .. })));
+}
+
+#[test]
+fn recv_bitmap_command_and_resume() {
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 1, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
+    assert_eq!(actions(&mut d), vec![Action::SendRecvBitmap { block: 0 }]);
+    assert!(matches!(feed(&mut d, 2, cmd(Command::RecvBitmap { block: "x" })), Err(RamDstError::UnknownBlock { .. })));
+    let mut d = with_ram(4 * PS);
+    listening(&mut d);
+    feed(&mut d, 3, cmd(Command::PostcopyResume)).unwrap();
+    assert_eq!(actions(&mut d), vec![Action::ResumeAck]);
+}
+
+// ---- received bitmap wire form -------------------------------------------------------
+
+#[test]
+fn recv_bitmap_reply_round_trip() {
+    let mut d = with_ram(130 * PS);
+    let a = [1u8; 4096];
+    for p in [0u64, 1, 63, 64, 129] {
+        feed(&mut d, 10, ram(RamRecord::page(p * PS, Some("pc.ram"), &a))).unwrap();
+    }
+    let mut out = Vec::new();
+    assert!(d.recv_bitmap_reply(0, &mut out));
+    assert!(!d.recv_bitmap_reply(5, &mut Vec::new()));
+    // be16 type 5, be16 len 7, counted name, be64 size 24, 24 bytes, end marker.
+    assert_eq!(&out[..4], &[0, 5, 0, 7]);
+    assert_eq!(&out[4..11], b"\x06pc.ram");
+    assert_eq!(&out[11..19], &24u64.to_be_bytes());
+    assert_eq!(out[19], 0b11);
+    assert_eq!(out[19 + 7], 0x80);
+    assert_eq!(out[19 + 8], 1);
+    assert_eq!(out[19 + 16], 0b10);
+    assert_eq!(&out[43..], &0x0123_4567_89ab_cdefu64.to_be_bytes());
+    let (name, bm, len) = parse_recv_bitmap_reply(&out, |n| (n == "pc.ram").then_some(130)).unwrap();
+    assert_eq!((name.as_str(), len), ("pc.ram", out.len()));
+    assert_eq!(&bm, d.blocks()[0].received());
+    assert!(matches!(parse_recv_bitmap_reply(&out, |_| None), Err(RamDstError::UnknownBlock { .. })));
+    assert!(matches!(parse_recv_bitmap_reply(&out, |_| Some(500)), Err(RamDstError::Bitmap { .. })));
+    let mut bad = out.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert!(parse_recv_bitmap_reply(&bad, |_| Some(130)).is_err());
+    assert!(parse_recv_bitmap_reply(&out[..20], |_| Some(130)).is_err());
+}
+
+#[test]
+fn bitmap_sizes_round_up_to_8_bytes() {
+    assert_eq!(PageBitmap::new(0).to_le_bytes().len(), 0);
+    assert_eq!(PageBitmap::new(1).to_le_bytes().len(), 8);
+    assert_eq!(PageBitmap::new(64).to_le_bytes().len(), 8);
+    assert_eq!(PageBitmap::new(65).to_le_bytes().len(), 16);
+    let mut b = PageBitmap::new(10);
+    b.set(9);
+    let bytes = b.to_le_bytes();
+    assert_eq!(bytes, vec![0, 2, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(PageBitmap::from_le_bytes(&bytes, 10).unwrap(), b);
+    // A bit past the end.
+    assert!(PageBitmap::from_le_bytes(&bytes, 9).is_err());
+    assert!(PageBitmap::from_le_bytes(&bytes[..4], 10).is_err());
+}
+
+#[test]
+fn bitmap_ranges() {
+    let mut b = PageBitmap::new(200);
+    b.set_range(3, 130);
+    assert_eq!(b.count_ones(), 130);
+    assert!(b.any_in_range(132, 5) && !b.any_in_range(133, 50));
+    b.clear_range(64, 64);
+    assert_eq!(b.count_ones(), 66);
+    b.set_range(190, 100);
+    assert_eq!(b.count_ones(), 76);
+    b.resize(195);
+    assert_eq!(b.count_ones(), 71);
+    b.resize(300);
+    assert!(!b.get(196));
+}
+
+// ---- mmap'd memory -------------------------------------------------------------------
+
+#[test]
+fn mmap_memory_writes_files_sparsely_and_punches_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mem = MmapMemory::create(&dir).unwrap();
+    let mut d = RamDst::new(Config::default(), mem).unwrap();
+    let len = 64u64 << 20;
+    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", len), mb("a/b", PS), mb("manifest", PS)]))).unwrap();
+    let a = [0xabu8; 4096];
+    d.handle_item(10, 10, &ram(RamRecord::page(5 * PS, Some("pc.ram"), &a))).unwrap();
+    d.handle_item(20, 10, &ram(RamRecord::page(0, Some("a/b"), &a))).unwrap();
+    let files = d.memory().files();
+    assert_eq!(files[0].file_name, "pc.ram.img");
+    assert_eq!(files[1].file_name, "a_b.img");
+    assert_eq!(files[2].file_name, "manifest-2.img", "never clobbers manifest.json's stem");
+    let img = dir.join("pc.ram.img");
+    let content = std::fs::read(&img).unwrap();
+    assert_eq!(content.len() as u64, len);
+    assert_eq!(&content[5 * 4096..6 * 4096], &a[..]);
+    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 1 << 20, "image stays sparse");
+    d.handle_item(30, 10, &cmd(Command::PostcopyAdvise(None))).unwrap();
+    d.handle_item(40, 10, &discard("pc.ram", &[(4 * PS, 4 * PS)])).unwrap();
+    let content = std::fs::read(&img).unwrap();
+    assert!(content[5 * 4096..6 * 4096].iter().all(|&b| b == 0));
+    // Out-of-range access is refused by the memory itself.
+    let mut m = d.into_memory();
+    assert!(m.bytes_mut(0, len - 4095, 4096).is_err());
+    assert!(m.bytes_mut(7, 0, 1).is_err());
+    m.set_block_len(1, "a/b", 2 * PS).unwrap();
+    assert_eq!(m.bytes_mut(1, 0, 4096).unwrap()[0], 0xab);
+    drop(m);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn vec_memory_limit_and_bounds() {
+    let mut m = VecMemory::with_limit(3 * PS);
+    m.set_block_len(0, "a", 2 * PS).unwrap();
+    assert!(m.set_block_len(1, "b", 2 * PS).is_err());
+    assert!(m.set_block_len(5, "b", PS).is_err());
+    assert!(m.bytes_mut(0, 2 * PS, 1).is_err());
+    assert!(m.bytes_mut(0, u64::MAX, 2).is_err());
+    m.discard(0, 0, PS).unwrap();
+    assert!(m.discard(0, PS, 2 * PS).is_err());
+}

@@ -1,0 +1,1 @@
+//! Source state machine (work in progress).
