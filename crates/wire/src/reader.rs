@@ -230,6 +230,12 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// Bytes of buffer currently allocated (bounded by the largest item plus
+    /// one read chunk), for monitoring memory use.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Consumes the reader, returning the inner source.
     pub fn into_inner(self) -> R {
         self.inner
