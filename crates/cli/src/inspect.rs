@@ -2,12 +2,11 @@
 //! every item with `--records`.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use qmig_wire::{Command, ConfigBody, Item, RamBody, RamKind, RpMessage, StreamReader};
+use qmig_wire::{Command, ConfigBody, Item, RamBody, RamKind, RpMessage};
 use serde_json::{json, Value};
 
 #[derive(Default, Clone)]
@@ -51,9 +50,7 @@ pub fn run(
     records: bool,
     rp: Option<&Path>,
 ) -> Result<ExitCode, String> {
-    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
+    let (mut rd, total) = crate::input::open_stream(path)?;
     let pb = crate::progress::bytes(total, "inspect");
     let mut s = Summary::default();
     for k in [
@@ -160,7 +157,8 @@ pub fn run(
             Item::DeviceData(d) => s.device_bytes += d.len() as u64,
             Item::Command(c) => {
                 // The decoder is already past the item: PACKAGED itself opened one level.
-                let depth = dec.package_depth() - usize::from(matches!(c, Command::Packaged { .. }));
+                let depth =
+                    dec.package_depth() - usize::from(matches!(c, Command::Packaged { .. }));
                 let mut v = json!({"offset": off, "name": c.name(), "depth": depth});
                 match c {
                     Command::Ping(x) => v["value"] = json!(x),

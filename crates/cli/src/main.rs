@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod extract;
+mod input;
 mod inspect;
 mod progress;
 mod recv;

@@ -5,13 +5,18 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 use std::process::ExitCode;
 
-use qmig_wire::StreamReader;
-
 pub fn run(path: &Path) -> Result<ExitCode, String> {
-    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if !std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .is_file()
+    {
+        return Err(format!(
+            "{}: roundtrip needs a regular file (it reads the input twice)",
+            path.display()
+        ));
+    }
     let mut orig = BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| e.to_string())?);
-    let mut rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
+    let (mut rd, total) = crate::input::open_stream(path)?;
     let pb = crate::progress::bytes(total, "roundtrip");
     let mut out = Vec::with_capacity(1 << 16);
     let mut want = Vec::with_capacity(1 << 16);
