@@ -14,6 +14,10 @@ Each scenario writes DIR/<name>/:
 Every capture is self-checked with the independent reader scripts/qemustream.py: QEMU's
 counters must match the records in the stream and every digest must match the memory
 reconstructed from the stream; otherwise the capture fails.
+
+Scenarios needing host setup (q10-hugepage-postcopy: 2 MiB hugepages on a hugetlbfs at
+/dev/hugepages) do it themselves, idempotently, as root; where impossible they are
+reported as SKIPPED (exit status unaffected) instead of failing.
 """
 
 import argparse
@@ -45,6 +49,16 @@ Q35 = {"args": ["-M", "q35", "-m", "4",
                 "-object", "memory-backend-ram,id=m1,size=2M",
                 "-numa", "node,nodeid=0,memdev=m0", "-numa", "node,nodeid=1,memdev=m1"],
        "ram": 4 * MiB, "layout": [("m0", 0, 2 * MiB), ("m1", 2 * MiB, 2 * MiB)]}
+HUGEPAGES = "/dev/hugepages"
+# pc with two NUMA nodes: m0 (anonymous RAM, 4 KiB pages) = GPA [0, 4 MiB) with the usual
+# hole, hp (hugetlbfs file, 2 MiB pages) = GPA [4 MiB, 8 MiB). Needs setup_hugepages().
+PC_HUGE = {"args": ["-M", "pc", "-m", "8",
+                    "-object", "memory-backend-ram,id=m0,size=4M",
+                    "-numa", "node,nodeid=0,memdev=m0",
+                    "-object", f"memory-backend-file,id=hp,size=4M,mem-path={HUGEPAGES},share=on",
+                    "-numa", "node,nodeid=1,memdev=hp"],
+           "ram": 8 * MiB, "layout": [("m0", 0, 4 * MiB), ("hp", 4 * MiB, 4 * MiB)],
+           "hugepages": 16}
 
 # guest: dict(start, size, writes) for scripts/guest/build.sh
 G_TINY = {"start": 0x100000, "size": 16 * 4096, "writes": 2}
@@ -79,6 +93,15 @@ SCENARIOS = {
         about="QEMU 10 -> QEMU 10 over the recording relay, postcopy-ram, "
               "migrate-start-postcopy after the first pass, running destination, "
               "max-postcopy-bandwidth 200 kB/s so the destination faults (page requests)"),
+    "q10-hugepage-postcopy": dict(
+        qemu="10", machine=PC_HUGE,
+        guest={"start": 0x3C0000, "size": 128 * 4096, "writes": 2},
+        flow="postcopy", min_syncs=2, caps={"postcopy-ram": True},
+        params={"max-bandwidth": 1_000_000, "max-postcopy-bandwidth": 200_000},
+        about="QEMU 10 -> QEMU 10 over the recording relay, postcopy-ram, -M pc -m 8 with "
+              "NUMA nodes m0 (4 MiB RAM) and hp (4 MiB hugetlbfs, 2 MiB pages); guest "
+              "dirties [3.75 MiB, 4.25 MiB) across both; migrate-start-postcopy after the "
+              "first pass, running destination"),
     "q10-return-path": dict(
         qemu="10", machine=PC, guest=G_TINY, flow="relay", min_syncs=3,
         caps={"return-path": True}, params={"max-bandwidth": 2_000_000},
@@ -111,6 +134,57 @@ SCENARIOS = {
 
 def log(*a):
     print("[capture]", *a, file=sys.stderr, flush=True)
+
+
+class Skip(Exception):
+    """The scenario cannot run on this host (e.g. no hugepages); not a failure."""
+
+
+def hugepage_free():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+def setup_hugepages(want):
+    """Idempotently provide `want` free 2 MiB hugepages on a hugetlbfs at HUGEPAGES.
+
+    Raises Skip (with the reason) when that is impossible here: not root, no hugetlbfs,
+    the kernel cannot allocate the pages, or the default hugepage size is not 2 MiB.
+    """
+    if not os.path.exists("/proc/sys/vm/nr_hugepages"):
+        raise Skip("kernel without hugetlbfs support (/proc/sys/vm/nr_hugepages missing)")
+    with open("/proc/meminfo") as f:
+        meminfo = f.read()
+    m = re.search(r"^Hugepagesize:\s+(\d+) kB", meminfo, re.M)
+    if not m or int(m.group(1)) != 2048:
+        raise Skip(f"default hugepage size is not 2 MiB ({m.group(0) if m else 'unknown'})")
+    try:
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            total = int(f.read())
+        free = hugepage_free()
+        if free < want:
+            with open("/proc/sys/vm/nr_hugepages", "w") as f:
+                f.write(f"{total + want - free}\n")
+        mounted = False
+        with open("/proc/mounts") as f:
+            for line in f:
+                fs = line.split()
+                if len(fs) >= 3 and fs[1] == HUGEPAGES and fs[2] == "hugetlbfs":
+                    mounted = True
+        if not mounted:
+            os.makedirs(HUGEPAGES, exist_ok=True)
+            subprocess.run(["mount", "-t", "hugetlbfs", "none", HUGEPAGES], check=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise Skip(f"cannot set up hugepages (needs root): {e}")
+    free = hugepage_free()
+    if free < want:
+        raise Skip(f"only {free} free 2 MiB hugepages after setup, need {want}")
+    return {"mount": HUGEPAGES, "free_before_capture": free,
+            "nr_hugepages": int(open("/proc/sys/vm/nr_hugepages").read())}
 
 
 def sha256(b):
@@ -234,6 +308,9 @@ class Capture:
 
     def run(self):
         sc = self.sc
+        self.hugepages = None
+        if sc["machine"].get("hugepages"):
+            self.hugepages = setup_hugepages(sc["machine"]["hugepages"])
         img = build_guest(sc["guest"], os.path.join(self.work, "guest.img"))
         stream = os.path.join(self.work, "stream")
         rp = os.path.join(self.work, "rp")
@@ -375,6 +452,17 @@ class Capture:
             "destination_memory_matches_source": (True if dst_digests is not None else None),
             "ramblocks_hmp": ramblocks,
         }
+        if self.hugepages:
+            oracle["hugepages"] = self.hugepages
+        if ref.advise is not None:
+            oracle["reference"]["postcopy_advise"] = list(ref.advise)
+        if ref.discards:
+            per = {}
+            for blk, _, ln in ref.discards:
+                d = per.setdefault(blk, {"ranges": 0, "bytes": 0})
+                d["ranges"] += 1
+                d["bytes"] += ln
+            oracle["reference"]["discards"] = per
         self.store(stream, rp, final, dst_final, oracle)
         return oracle
 
@@ -456,7 +544,7 @@ def main():
         if n not in SCENARIOS:
             sys.exit(f"unknown scenario {n}; use --list")
     work = tempfile.mkdtemp(prefix="qmig-capture.", dir="/tmp")
-    failed = []
+    failed, skipped = [], []
     try:
         for n in names:
             for attempt in range(a.retries + 1):
@@ -468,6 +556,10 @@ def main():
                     r = o["reference"]
                     log(f"{n}: ok in {time.monotonic() - t0:.1f}s, {r['stream_bytes']} bytes, "
                         f"totals {r['totals']}")
+                    break
+                except Skip as e:
+                    log(f"{n}: SKIPPED: {e}")
+                    skipped.append(n)
                     break
                 except Exception as e:  # noqa: BLE001
                     log(f"{n}: attempt {attempt + 1} failed: {e}")
@@ -483,6 +575,8 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"work dir kept: {work}")
+    if skipped:
+        log("SKIPPED (host cannot run them): " + " ".join(skipped))
     if failed:
         log("FAILED: " + " ".join(failed))
         return 1

@@ -295,10 +295,11 @@ def main():
         for n in c.notes:
             print(f"FAIL {c.name}: {n}", file=sys.stderr)
     who = "reference reader" if a.reference else qmig
-    print(f"\n{'capture':18} {'roundtrip':9} {'inspect':7} {'extract':7}  "
+    w = max([18] + [len(r[0]) for r in rows])
+    print(f"\n{'capture':{w}} {'roundtrip':9} {'inspect':7} {'extract':7}  "
           f"{'zero':>5} {'page':>5} {'xbzrle':>6} {'compr':>5} {'eos':>4}  result")
     for name, r, ok, t in rows:
-        print(f"{name:18} {r.get('roundtrip', '?'):9} {r.get('inspect', '?'):7} "
+        print(f"{name:{w}} {r.get('roundtrip', '?'):9} {r.get('inspect', '?'):7} "
               f"{r.get('extract', '?'):7}  {t['zero']:5} {t['page']:5} {t['xbzrle']:6} "
               f"{t['compressed']:5} {t['eos']:4}  {'PASS' if ok else 'FAIL'}")
     print(f"\n{len(rows) - failed}/{len(rows)} captures pass ({who})")

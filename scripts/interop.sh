@@ -6,7 +6,8 @@
 # 1. installs QEMU (scripts/install-qemu.sh; needs root, idempotent; skip with
 #    QMIG_SKIP_INSTALL=1),
 # 2. captures fresh streams of every scenario (scripts/capture.py --list) into a temp dir
-#    (no size limit, no gzip),
+#    (no size limit, no gzip); scenarios this host cannot run (q10-hugepage-postcopy
+#    without root/hugetlbfs) are reported as SKIPPED and do not fail the suite,
 # 3. checks each one with scripts/check_capture.py: `qmig roundtrip` exits 0,
 #    `qmig inspect --json` counts match the stream and QEMU's counters, `qmig extract`
 #    images match the source's pmemsave digests,
