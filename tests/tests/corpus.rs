@@ -262,3 +262,27 @@ fn stream_reader_matches_slice_reader() {
         assert_eq!(i, want.len(), "{}", c.name);
     }
 }
+
+/// The hugepage-backed block carries its page size in MEM_SIZE (postcopy was
+/// advised with a summary that includes 2 MiB); the others do not.
+#[test]
+fn mem_size_page_size_field_from_real_hugepage_stream() {
+    let c = captures().into_iter().find(|c| c.name == "q10-hugepage-postcopy").expect("capture");
+    let its = items(&c);
+    let advise = its.iter().find_map(|(_, i)| match i {
+        Item::Command(qmig_wire::Command::PostcopyAdvise(Some(a))) => Some(*a),
+        _ => None,
+    });
+    assert_eq!(advise.map(|a| a.page_size_summary), Some(0x201000));
+    let blocks = its
+        .iter()
+        .find_map(|(_, i)| match i {
+            Item::Ram(qmig_wire::RamRecord { body: qmig_wire::RamBody::MemSize(b), .. }) => Some(b.clone()),
+            _ => None,
+        })
+        .expect("MEM_SIZE");
+    for b in &blocks {
+        let want = (b.name == "hp").then_some(0x200000);
+        assert_eq!(b.page_size, want, "block {}", b.name);
+    }
+}
