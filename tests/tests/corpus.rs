@@ -53,12 +53,13 @@ fn every_capture_roundtrips() {
     }
 }
 
-fn counts(
-    its: &[(u64, Item<'_>)],
-) -> (
+/// Record counts: totals by kind, and by block then kind.
+type Counts = (
     BTreeMap<&'static str, u64>,
     BTreeMap<String, BTreeMap<&'static str, u64>>,
-) {
+);
+
+fn counts(its: &[(u64, Item<'_>)]) -> Counts {
     let mut totals = BTreeMap::new();
     let mut per_block: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
     let mut cur = String::new();
@@ -267,7 +268,10 @@ fn stream_reader_matches_slice_reader() {
 /// advised with a summary that includes 2 MiB); the others do not.
 #[test]
 fn mem_size_page_size_field_from_real_hugepage_stream() {
-    let c = captures().into_iter().find(|c| c.name == "q10-hugepage-postcopy").expect("capture");
+    let c = captures()
+        .into_iter()
+        .find(|c| c.name == "q10-hugepage-postcopy")
+        .expect("capture");
     let its = items(&c);
     let advise = its.iter().find_map(|(_, i)| match i {
         Item::Command(qmig_wire::Command::PostcopyAdvise(Some(a))) => Some(*a),
@@ -277,7 +281,10 @@ fn mem_size_page_size_field_from_real_hugepage_stream() {
     let blocks = its
         .iter()
         .find_map(|(_, i)| match i {
-            Item::Ram(qmig_wire::RamRecord { body: qmig_wire::RamBody::MemSize(b), .. }) => Some(b.clone()),
+            Item::Ram(qmig_wire::RamRecord {
+                body: qmig_wire::RamBody::MemSize(b),
+                ..
+            }) => Some(b.clone()),
             _ => None,
         })
         .expect("MEM_SIZE");

@@ -14,7 +14,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use qmig_ram_dst::{Action, Config, Layout, MmapMemory, RamDst, RamDstError};
+use qmig_ram_dst::{
+    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MmapMemory, RamDst, RamDstError,
+};
 use qmig_wire::{Item, ReadItem, SectionKind, StreamReader, WireError};
 use serde_json::{json, Value};
 
@@ -117,20 +119,42 @@ impl DeviceState {
     }
 }
 
+/// Guest memory kept as image files in a directory.
+pub(crate) trait Images: GuestMemory {
+    /// The images so far.
+    fn images(&self) -> Vec<ImageFile>;
+}
+
+impl Images for MmapMemory {
+    fn images(&self) -> Vec<ImageFile> {
+        self.files()
+    }
+}
+
+impl Images for FileMemory {
+    fn images(&self) -> Vec<ImageFile> {
+        self.files()
+    }
+}
+
 /// A stream being applied into a directory: block images, device state,
-/// vmdesc, manifest. Shared by `extract` and `recv`.
-pub(crate) struct Session {
-    pub(crate) dst: RamDst<MmapMemory>,
+/// vmdesc, manifest. Shared by `extract` (pwrite'd images) and `recv` (mmap'd).
+pub(crate) struct Session<M> {
+    pub(crate) dst: RamDst<M>,
     outdir: PathBuf,
     source: String,
     device: DeviceState,
     vmdesc: bool,
 }
 
-impl Session {
-    /// Starts a session writing into `outdir` (created if missing).
-    pub(crate) fn new(outdir: &Path, layout: Layout, source: String) -> Result<Self, String> {
-        let mem = MmapMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+impl<M: Images> Session<M> {
+    /// Starts a session writing into `outdir` (which must exist) through `mem`.
+    pub(crate) fn new(
+        outdir: &Path,
+        mem: M,
+        layout: Layout,
+        source: String,
+    ) -> Result<Self, String> {
         let cfg = Config {
             layout,
             ..Config::default()
@@ -184,15 +208,29 @@ impl Session {
         Ok(())
     }
 
-    /// Flushes the device state and writes `manifest.json`.
-    pub(crate) fn finish(&mut self, err: Option<&StopError>, extra: Value) -> Result<(), String> {
-        self.device
-            .out
+    /// Flushes the images and the device state and writes `manifest.json`;
+    /// returns `result`, or the flush error if the stream itself went fine.
+    pub(crate) fn finish(
+        &mut self,
+        result: Result<(), StopError>,
+        extra: Value,
+    ) -> Result<Result<(), StopError>, String> {
+        let flushed = self
+            .dst
+            .memory_mut()
             .flush()
-            .map_err(|e| format!("device-state.bin: {e}"))?;
+            .map_err(|e| StopError::Io(format!("block images: {e}")))
+            .and_then(|()| {
+                self.device
+                    .out
+                    .flush()
+                    .map_err(|e| StopError::Io(format!("device-state.bin: {e}")))
+            });
+        let result = result.and(flushed);
+        let err = result.as_ref().err();
         let st = self.dst.stats();
         let mut manifest = json!({
-            "blocks": self.dst.memory().files().iter().map(|i| json!({"name": i.name, "file": i.file_name, "length": i.length})).collect::<Vec<_>>(),
+            "blocks": self.dst.memory().images().iter().map(|i| json!({"name": i.name, "file": i.file_name, "length": i.length})).collect::<Vec<_>>(),
             "page_size": self.dst.page_size(),
             "source": self.source,
             "complete": err.is_none(),
@@ -212,7 +250,8 @@ impl Session {
             self.outdir.join("manifest.json"),
             serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n",
         )
-        .map_err(|e| format!("manifest.json: {e}"))
+        .map_err(|e| format!("manifest.json: {e}"))?;
+        Ok(result)
     }
 }
 
@@ -220,8 +259,20 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
     let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);
     fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mut rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
-    let mut s = Session::new(outdir, Layout::Adopt, path.display().to_string())?;
+    let rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
+    // Images written with combined pwrites: faster than faulting pages into
+    // mappings when the stream is read from a file.
+    let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+    let s = Session::new(outdir, mem, Layout::Adopt, path.display().to_string())?;
+    extract_with(rd, s, total, outdir)
+}
+
+fn extract_with<M: Images>(
+    mut rd: StreamReader<File>,
+    mut s: Session<M>,
+    total: u64,
+    outdir: &Path,
+) -> Result<ExitCode, String> {
     let pb = crate::progress::bytes(total, "extract");
     let mut n = 0u32;
     let result: Result<(), StopError> = loop {
@@ -239,7 +290,7 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
         }
     };
     pb.finish_and_clear();
-    s.finish(result.as_ref().err(), json!({}))?;
+    let result = s.finish(result, json!({}))?;
     let applied_to = s.dst.applied_up_to();
     if let Err(e) = result {
         eprintln!(

@@ -113,7 +113,7 @@ pub fn run(
                 if let Some(b) = r.block {
                     cur_block = b.to_string();
                 }
-                s.ram_bytes += (dec.position() - off) as u64;
+                s.ram_bytes += dec.position() - off;
                 let key = match r.kind() {
                     RamKind::Zero => "zero",
                     RamKind::Page => "page",

@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qmig_ram_dst::{Action, Layout, LocalBlock};
+use qmig_ram_dst::{Action, Layout, LocalBlock, MmapMemory};
 use qmig_wire::{Item, RpMessage, StreamReader};
 use serde_json::{json, Value};
 
@@ -44,7 +44,10 @@ impl Read for Tee {
             Ok(n) => n,
             Err(e)
                 if self.after_eof.get()
-                    && matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
             {
                 0
             }
@@ -85,7 +88,10 @@ fn read_layout(path: &Path) -> Result<Layout, String> {
         let name = b.get("name").and_then(Value::as_str);
         let len = b.get("length").and_then(Value::as_u64);
         let (Some(name), Some(len)) = (name, len) else {
-            return Err(format!("{}: every block needs \"name\" and \"length\"", path.display()));
+            return Err(format!(
+                "{}: every block needs \"name\" and \"length\"",
+                path.display()
+            ));
         };
         let mut lb = LocalBlock::fixed(name, len);
         if let Some(m) = b.get("max_length").and_then(Value::as_u64) {
@@ -107,27 +113,52 @@ fn progress() -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} recv {msg} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} recv {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
 }
 
-pub fn run(listen: &str, outdir: &Path, blocks: Option<&Path>, save: Option<&Path>) -> Result<ExitCode, String> {
+pub fn run(
+    listen: &str,
+    outdir: &Path,
+    blocks: Option<&Path>,
+    save: Option<&Path>,
+) -> Result<ExitCode, String> {
     let addr = parse_listen(listen)?;
     let layout = match blocks {
         Some(p) => read_layout(p)?,
         None => Layout::Adopt,
     };
+    let listener = TcpListener::bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+    receive(listener, outdir, layout, save, listen)
+}
+
+/// Takes one migration on `listener` (see the module documentation).
+fn receive(
+    listener: TcpListener,
+    outdir: &Path,
+    layout: Layout,
+    save: Option<&Path>,
+    listen: &str,
+) -> Result<ExitCode, String> {
     std::fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mut session = Session::new(outdir, layout, listen.to_string())?;
+    let mem = MmapMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+    let mut session = Session::new(outdir, mem, layout, listen.to_string())?;
     let save_file = match save {
-        Some(p) => Some(BufWriter::with_capacity(1 << 20, File::create(p).map_err(|e| format!("{}: {e}", p.display()))?)),
+        Some(p) => Some(BufWriter::with_capacity(
+            1 << 20,
+            File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
         None => None,
     };
-    let listener = TcpListener::bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     eprintln!("qmig recv: listening on {local}");
-    let (sock, peer) = listener.accept().map_err(|e| format!("accept on {local}: {e}"))?;
+    let (sock, peer) = listener
+        .accept()
+        .map_err(|e| format!("accept on {local}: {e}"))?;
     drop(listener);
     let _ = sock.set_nodelay(true);
     eprintln!("qmig recv: migration from {peer}");
@@ -223,7 +254,7 @@ pub fn run(listen: &str, outdir: &Path, blocks: Option<&Path>, save: Option<&Pat
         "seconds": secs,
         "saved_stream": save.map(|p| p.display().to_string()),
     });
-    session.finish(result.as_ref().err(), extra)?;
+    let result = session.finish(result, extra)?;
     let applied = session.dst.applied_up_to();
     if let Err(e) = result {
         eprintln!("qmig recv: stopped: {e}; images hold the stream applied up to offset {applied}");
@@ -248,4 +279,117 @@ pub fn run(listen: &str, outdir: &Path, blocks: Option<&Path>, save: Option<&Pat
         if rp_open { "SHUT sent" } else { "none" }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    //! `receive` against a fake source: a thread that sends a real capture
+    //! (tests/data) over loopback TCP and reads the return path.
+
+    use super::*;
+    use std::io::Read;
+    use std::path::PathBuf;
+
+    fn capture(name: &str) -> Vec<u8> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data")
+            .join(name)
+            .join("stream");
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("qmig-recv-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// Runs `receive` while a source thread sends `stream` (then keeps the socket
+    /// open, as QEMU does with a return path, until SHUT or `close_after`).
+    /// Returns the exit code, the manifest and the return-path bytes.
+    fn run_with(
+        stream: Vec<u8>,
+        layout: Layout,
+        tag: &str,
+        close_after: bool,
+    ) -> (ExitCode, Value, Vec<u8>, PathBuf) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let src = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&stream).unwrap();
+            if close_after {
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            let mut rp = Vec::new();
+            let _ = s.read_to_end(&mut rp);
+            rp
+        });
+        let out = tmpdir(tag);
+        let save = out.with_extension("saved");
+        let code = receive(listener, &out, layout, Some(&save), "test").unwrap();
+        let rp = src.join().unwrap();
+        let m: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        (code, m, rp, save)
+    }
+
+    #[test]
+    fn return_path_gets_pong_and_shut_while_the_socket_stays_open() {
+        let stream = capture("q10-return-path");
+        let (code, m, rp, save) = run_with(stream.clone(), Layout::Adopt, "rp", false);
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(m["complete"], true);
+        assert_eq!(m["return_path"], true);
+        assert_eq!(m["applied_up_to"], stream.len() as u64);
+        let msgs = qmig_wire::parse_return_path(&rp).unwrap();
+        assert!(
+            matches!(msgs.first(), Some((_, RpMessage::Pong(1)))),
+            "{msgs:?}"
+        );
+        assert!(
+            matches!(msgs.last(), Some((_, RpMessage::Shut(0)))),
+            "{msgs:?}"
+        );
+        assert_eq!(
+            std::fs::read(&save).unwrap(),
+            stream,
+            "--save is byte for byte"
+        );
+    }
+
+    #[test]
+    fn truncated_stream_fails_with_offset_and_shut_1() {
+        let stream = capture("q10-return-path");
+        let cut = stream.len() / 2;
+        let (code, m, rp, _) = run_with(stream[..cut].to_vec(), Layout::Adopt, "cut", true);
+        assert_ne!(code, ExitCode::SUCCESS);
+        assert_eq!(m["complete"], false);
+        assert!(m["error_offset"].as_u64().is_some_and(|o| o <= cut as u64));
+        assert!(m["applied_up_to"].as_u64().is_some_and(|o| o <= cut as u64));
+        let msgs = qmig_wire::parse_return_path(&rp).unwrap();
+        assert!(
+            matches!(msgs.last(), Some((_, RpMessage::Shut(1)))),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn layout_mismatch_is_refused_by_name() {
+        let stream = capture("q10-stopped");
+        let layout = Layout::Fixed(vec![LocalBlock::fixed("pc.ram", 1 << 20)]);
+        let (code, m, _, _) = run_with(stream, layout, "layout", true);
+        assert_ne!(code, ExitCode::SUCCESS);
+        let err = m["error"].as_str().unwrap();
+        assert!(err.contains("pc.ram") && err.contains("offset"), "{err}");
+    }
+
+    #[test]
+    fn listen_address_is_checked() {
+        assert!(parse_listen("tcp:127.0.0.1:4444").is_ok());
+        assert!(parse_listen("tcp:[::1]:4444").is_ok());
+        assert!(parse_listen("unix:/x").is_err());
+        assert!(parse_listen("tcp:127.0.0.1").is_err());
+    }
 }

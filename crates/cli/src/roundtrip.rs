@@ -1,6 +1,5 @@
 //! `qmig roundtrip`: re-serialize every item and compare with the input.
 
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 use std::process::ExitCode;
@@ -15,7 +14,7 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
             path.display()
         ));
     }
-    let mut orig = BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| e.to_string())?);
+    let mut orig = BufReader::with_capacity(1 << 20, crate::input::open_input(path)?.0);
     let (mut rd, total) = crate::input::open_stream(path)?;
     let pb = crate::progress::bytes(total, "roundtrip");
     let mut out = Vec::with_capacity(1 << 16);

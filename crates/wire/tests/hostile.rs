@@ -260,7 +260,7 @@ fn packaged_cap_is_configurable() {
 fn mem_size_overflow_and_mismatch() {
     let ctx = RamContext::default();
     // Two blocks whose lengths overflow u64.
-    let mut r = (u64::MAX & !0xfff | flags::MEM_SIZE).to_be_bytes().to_vec();
+    let mut r = (!0xfffu64 | flags::MEM_SIZE).to_be_bytes().to_vec();
     r.extend_from_slice(b"\x01a");
     r.extend_from_slice(&0xffff_ffff_ffff_0000u64.to_be_bytes());
     r.extend_from_slice(b"\x01b");

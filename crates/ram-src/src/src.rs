@@ -1,0 +1,791 @@
+//! The source state machine: [`RamSrc`].
+
+use qmig_wire::ram::flags;
+use qmig_xbzrle::{PageCache, SaveOutcome};
+
+use crate::compress::PageCompressor;
+use crate::zero::is_zero;
+use crate::RamSrcError;
+
+/// Target page size of x86 (and of every QEMU target qmig has met).
+pub const DEFAULT_PAGE_SIZE: usize = 4096;
+
+/// QEMU's default `xbzrle-cache-size` (64 MiB).
+pub const DEFAULT_XBZRLE_CACHE_SIZE: u64 = 64 << 20;
+
+/// One RAM block of the source, in QEMU's RAM block list order (which is the
+/// MEM_SIZE order and the order pages are scanned in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrcBlock {
+    /// Block idstr, e.g. `pc.ram` (at most 255 bytes).
+    pub name: String,
+    /// Used length in bytes (a non-zero multiple of the target page size).
+    pub used_length: u64,
+    /// Start of the block in QEMU's `ram_addr_t` space. Only XBZRLE uses it:
+    /// the page cache is keyed (and direct-mapped) by `ram_addr + offset`.
+    pub ram_addr: u64,
+    /// The page-size field of this block's MEM_SIZE entry, when one is sent
+    /// (postcopy advised and the block's page size differs from the host's).
+    pub mem_size_page_size: Option<u64>,
+    /// The guest-address field of this block's MEM_SIZE entry (`x-ignore-shared`).
+    pub mem_size_addr: Option<u64>,
+    /// The block's host page size: the dirty target pages of one host page
+    /// are sent together, as QEMU's `ram_save_host_page` does. Normally the
+    /// target page size.
+    pub host_page_size: u64,
+}
+
+impl SrcBlock {
+    /// A block with 4 KiB host pages, no optional MEM_SIZE fields and
+    /// `ram_addr` 0 (see [`SrcBlock::sequential`]).
+    #[must_use]
+    pub fn new(name: &str, used_length: u64) -> Self {
+        SrcBlock {
+            name: name.to_string(),
+            used_length,
+            ram_addr: 0,
+            mem_size_page_size: None,
+            mem_size_addr: None,
+            host_page_size: DEFAULT_PAGE_SIZE as u64,
+        }
+    }
+
+    /// Blocks from `(name, used_length)` pairs, laid out back to back in
+    /// `ram_addr` space in list order. (QEMU places blocks by creation order
+    /// and maximum length, which a stream does not tell; only XBZRLE cache
+    /// collisions depend on it.)
+    #[must_use]
+    pub fn sequential<'a>(blocks: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<SrcBlock> {
+        let mut at = 0u64;
+        blocks
+            .into_iter()
+            .map(|(name, len)| {
+                let mut b = SrcBlock::new(name, len);
+                b.ram_addr = at;
+                at = at.saturating_add(len);
+                b
+            })
+            .collect()
+    }
+}
+
+/// What the source sends besides ZERO and PAGE records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Target page size in bytes (a power of two, 512..=1 GiB).
+    pub page_size: usize,
+    /// XBZRLE with a page cache of this many bytes (`cache / page` must be a
+    /// power of two), or `None`.
+    pub xbzrle_cache_size: Option<u64>,
+    /// COMPRESS_PAGE records (QEMU ≤ 9.0 `compress` capability) at this zlib
+    /// level, or `None`.
+    pub compress_level: Option<u32>,
+    /// `zero-page-detection=legacy` (ZERO records); `false` is QEMU ≥ 9.0's
+    /// `none`, sending zero pages as PAGE.
+    pub zero_page_detection: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            page_size: DEFAULT_PAGE_SIZE,
+            xbzrle_cache_size: None,
+            compress_level: None,
+            zero_page_detection: true,
+        }
+    }
+}
+
+/// The machine's state. Calls allowed in each:
+///
+/// ```text
+///  Setup ──poll_setup──► Iterating ──poll_complete──► Done
+///                         │  ▲
+///                         └──┘ handle_dirty, handle_sync, poll_iterate
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Nothing sent yet: call [`RamSrc::poll_setup`].
+    Setup,
+    /// The block list was sent: iterate, report dirty pages, sync.
+    Iterating,
+    /// The final pass was sent; nothing more to do.
+    Done,
+}
+
+/// How a call to [`RamSrc::poll_iterate`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Progress {
+    /// The byte budget was used up; dirty pages may remain.
+    Budget,
+    /// A whole round over RAM found nothing dirty: the pass is over. Sync
+    /// (or complete) next.
+    Clean,
+}
+
+/// Counters, named after QEMU's `query-migrate` fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// PAGE records (`ram.normal`).
+    pub normal: u64,
+    /// ZERO records (`ram.duplicate`).
+    pub duplicate: u64,
+    /// XBZRLE records (`xbzrle-cache.pages`).
+    pub xbzrle_pages: u64,
+    /// Bytes of XBZRLE records after the 8-byte header word (`xbzrle-cache.bytes`).
+    pub xbzrle_bytes: u64,
+    /// XBZRLE cache misses (`xbzrle-cache.cache-miss`).
+    pub xbzrle_cache_miss: u64,
+    /// XBZRLE encodings that overflowed a page and went out as PAGE
+    /// (`xbzrle-cache.overflow`).
+    pub xbzrle_overflow: u64,
+    /// Dirty pages found unchanged against the XBZRLE cache and not sent.
+    pub xbzrle_unchanged: u64,
+    /// COMPRESS_PAGE records (`compression.pages` minus zero pages).
+    pub compressed_pages: u64,
+    /// Bytes of zlib data in COMPRESS_PAGE records (`compression.compressed-size`).
+    pub compressed_bytes: u64,
+    /// Every byte of RAM section payload written (`ram.transferred` minus
+    /// section headers and footers).
+    pub transferred: u64,
+    /// Dirty-bitmap syncs so far: the generation (`ram.dirty-sync-count`).
+    pub dirty_sync_count: u64,
+    /// Calls that sent at least one page (QEMU's `iterations`).
+    pub iterations: u64,
+}
+
+/// A bitmap of target pages.
+#[derive(Debug, Clone, Default)]
+struct Bits {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Bits {
+    fn new(len: usize) -> Self {
+        Bits {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    fn set_all(&mut self) -> u64 {
+        self.words.fill(!0);
+        if self.len % 64 != 0 {
+            if let Some(w) = self.words.last_mut() {
+                *w = (1u64 << (self.len % 64)) - 1;
+            }
+        }
+        self.len as u64
+    }
+
+    fn set(&mut self, i: usize) {
+        self.words[i / 64] |= 1 << (i % 64);
+    }
+
+    /// Clears bit `i`, returning whether it was set.
+    fn test_and_clear(&mut self, i: usize) -> bool {
+        let w = &mut self.words[i / 64];
+        let m = 1u64 << (i % 64);
+        let was = *w & m != 0;
+        *w &= !m;
+        was
+    }
+
+    /// The first set bit in `[from, limit)`, or `limit`.
+    fn next_set(&self, from: usize, limit: usize) -> usize {
+        let limit = limit.min(self.len);
+        if from >= limit {
+            return limit;
+        }
+        let mut wi = from / 64;
+        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        loop {
+            if w != 0 {
+                let i = wi * 64 + w.trailing_zeros() as usize;
+                return i.min(limit);
+            }
+            wi += 1;
+            if wi * 64 >= limit {
+                return limit;
+            }
+            w = self.words[wi];
+        }
+    }
+
+    /// ORs `other` into `self`, returning how many bits became set.
+    fn merge(&mut self, other: &mut Bits) -> u64 {
+        let mut n = 0;
+        for (a, b) in self.words.iter_mut().zip(other.words.iter_mut()) {
+            n += u64::from((*b & !*a).count_ones());
+            *a |= *b;
+            *b = 0;
+        }
+        n
+    }
+}
+
+/// Read access to the source's guest memory, one byte slice per block (in
+/// the order of the blocks given to [`RamSrc::new`]).
+pub trait GuestRam {
+    /// The bytes of block `index`; at least its `used_length` long.
+    fn block(&self, index: usize) -> &[u8];
+    /// Number of blocks.
+    fn blocks(&self) -> usize;
+}
+
+impl<T: AsRef<[u8]>> GuestRam for [T] {
+    fn block(&self, index: usize) -> &[u8] {
+        self[index].as_ref()
+    }
+    fn blocks(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T: AsRef<[u8]>> GuestRam for Vec<T> {
+    fn block(&self, index: usize) -> &[u8] {
+        self[index].as_ref()
+    }
+    fn blocks(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The source side of QEMU's RAM migration, sans IO: it writes the payload
+/// of the `ram` section (records up to and including EOS) into a caller's
+/// buffer; the caller frames sections and moves bytes.
+///
+/// Order of calls: [`poll_setup`](Self::poll_setup) (START payload: MEM_SIZE,
+/// EOS; every page becomes dirty and the generation is 1), then any number of
+/// [`poll_iterate`](Self::poll_iterate) (one PART payload each, at most about
+/// `budget` bytes), with [`handle_dirty`](Self::handle_dirty) to report pages
+/// the guest wrote and [`handle_sync`](Self::handle_sync) to make them visible
+/// (QEMU's dirty-bitmap sync, which bumps the generation), and finally
+/// [`poll_complete`](Self::poll_complete) (END payload: a sync, then every
+/// dirty page regardless of budget, XBZRLE without cache updates, EOS).
+///
+/// Page decisions follow QEMU: the scan resumes where it stopped and wraps
+/// around the block list (`find_dirty_block`); the block name is written
+/// only when the block differs from the previous page record's; a zero page
+/// is ZERO (and refreshes its XBZRLE cache entry once XBZRLE has started);
+/// XBZRLE starts when the scan first wraps past the last block; with
+/// compression (and before XBZRLE starts) a page continuing the previous
+/// record's block is a COMPRESS_PAGE, the first page of a block a PAGE.
+///
+/// ```
+/// use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock};
+///
+/// let blocks = SrcBlock::sequential([("pc.ram", 8192)]);
+/// let mut mem = vec![vec![0u8; 8192]];
+/// mem[0][4096] = 1;
+/// let mut src = RamSrc::new(blocks, Config::default())?;
+/// let mut out = Vec::new();
+/// src.poll_setup(&mut out)?;
+/// out.clear();
+/// assert_eq!(src.poll_iterate(&mem, usize::MAX, &mut out)?, Progress::Clean);
+/// assert_eq!((src.counters().duplicate, src.counters().normal), (1, 1));
+/// // The guest writes page 0; a sync makes it dirty; completion sends it.
+/// mem[0][0] = 9;
+/// src.handle_dirty(0, 0, 1)?;
+/// out.clear();
+/// src.poll_complete(&mem, &mut out)?;
+/// assert_eq!(src.counters().normal, 2);
+/// # Ok::<(), qmig_ram_src::RamSrcError>(())
+/// ```
+#[derive(Debug)]
+pub struct RamSrc {
+    blocks: Vec<SrcBlock>,
+    pages: Vec<usize>,
+    host_pages: Vec<usize>,
+    page_size: usize,
+    page_bits: u32,
+    zero_detection: bool,
+    state: State,
+    /// Pages to send (QEMU's migration bitmap).
+    dirty: Vec<Bits>,
+    /// Pages the guest wrote since the last sync (the dirty log).
+    log: Vec<Bits>,
+    dirty_count: u64,
+    /// Where the last search stopped (`last_seen_block`, `last_page`).
+    cursor: Option<(usize, usize)>,
+    /// The block of the last page record (`last_sent_block`).
+    last_sent: Option<usize>,
+    xbzrle: Option<PageCache>,
+    xbzrle_started: bool,
+    encoded: Vec<u8>,
+    compressor: Option<PageCompressor>,
+    last_stage: bool,
+    counters: Counters,
+}
+
+impl RamSrc {
+    /// A source for `blocks` (in QEMU's block list order).
+    ///
+    /// # Errors
+    /// [`RamSrcError::Layout`] for an empty or too long name, an empty block, a duplicate
+    /// name, a length that is not a page multiple, a bad host page size;
+    /// [`RamSrcError::Config`] for a bad page size, XBZRLE cache size or
+    /// compress level.
+    pub fn new(blocks: Vec<SrcBlock>, config: Config) -> Result<Self, RamSrcError> {
+        let ps = config.page_size;
+        if !ps.is_power_of_two() || !(512..=1 << 30).contains(&ps) {
+            return Err(RamSrcError::Config {
+                why: format!("target page size {ps} is not a power of two in 512..=1GiB"),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut pages = Vec::with_capacity(blocks.len());
+        let mut host_pages = Vec::with_capacity(blocks.len());
+        for b in &blocks {
+            let bad = |why: String| RamSrcError::Layout {
+                why: format!("block \"{}\": {why}", b.name),
+            };
+            if b.name.is_empty() || b.name.len() > 255 {
+                return Err(bad("name must be 1..=255 bytes".into()));
+            }
+            if !seen.insert(b.name.as_str()) {
+                return Err(bad("listed twice".into()));
+            }
+            if b.used_length == 0 {
+                // MEM_SIZE lists blocks until their lengths add up to the
+                // total: an empty block could not be told apart.
+                return Err(bad("empty block (MEM_SIZE cannot carry it)".into()));
+            }
+            if b.used_length % ps as u64 != 0 {
+                return Err(bad(format!(
+                    "length {:#x} is not a multiple of the page size",
+                    b.used_length
+                )));
+            }
+            if !b.host_page_size.is_power_of_two() || b.host_page_size < ps as u64 {
+                return Err(bad(format!("host page size {:#x}", b.host_page_size)));
+            }
+            let n = usize::try_from(b.used_length / ps as u64)
+                .map_err(|_| bad("too many pages".into()))?;
+            pages.push(n);
+            host_pages.push((b.host_page_size / ps as u64) as usize);
+        }
+        let xbzrle = match config.xbzrle_cache_size {
+            Some(size) => Some(PageCache::new(size, ps).map_err(|e| RamSrcError::Config {
+                why: format!("XBZRLE cache: {e}"),
+            })?),
+            None => None,
+        };
+        let compressor = match config.compress_level {
+            Some(l) => Some(PageCompressor::new(l).map_err(|why| RamSrcError::Config { why })?),
+            None => None,
+        };
+        Ok(RamSrc {
+            dirty: pages.iter().map(|&n| Bits::new(n)).collect(),
+            log: pages.iter().map(|&n| Bits::new(n)).collect(),
+            blocks,
+            pages,
+            host_pages,
+            page_size: ps,
+            page_bits: ps.trailing_zeros(),
+            zero_detection: config.zero_page_detection,
+            state: State::Setup,
+            dirty_count: 0,
+            cursor: None,
+            last_sent: None,
+            xbzrle,
+            xbzrle_started: false,
+            encoded: vec![0; ps],
+            compressor,
+            last_stage: false,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The blocks, in scan order.
+    #[must_use]
+    pub fn blocks(&self) -> &[SrcBlock] {
+        &self.blocks
+    }
+
+    /// The state.
+    #[must_use]
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Counters so far.
+    #[must_use]
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The generation (dirty-sync count) XBZRLE ages are measured in.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.counters.dirty_sync_count
+    }
+
+    /// Pages still to send (dirty in the migration bitmap).
+    #[must_use]
+    pub fn remaining_pages(&self) -> u64 {
+        self.dirty_count
+    }
+
+    /// Whether XBZRLE is in use now (it starts after the first full round).
+    #[must_use]
+    pub fn xbzrle_started(&self) -> bool {
+        self.xbzrle_started
+    }
+
+    /// The XBZRLE page cache, when XBZRLE is configured.
+    #[must_use]
+    pub fn xbzrle_cache(&self) -> Option<&PageCache> {
+        self.xbzrle.as_ref()
+    }
+
+    fn expect(&self, call: &'static str, want: State) -> Result<(), RamSrcError> {
+        if self.state == want {
+            Ok(())
+        } else {
+            Err(RamSrcError::State {
+                call,
+                state: self.state,
+            })
+        }
+    }
+
+    /// Writes the START payload: MEM_SIZE with the block list, then EOS.
+    /// Every page becomes dirty and the first sync happens (generation 1),
+    /// as in QEMU's `ram_save_setup`.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Setup`].
+    pub fn poll_setup(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
+        self.expect("poll_setup", State::Setup)?;
+        let start = out.len();
+        let total: u64 = self.blocks.iter().map(|b| b.used_length).sum();
+        out.extend_from_slice(&(total | flags::MEM_SIZE).to_be_bytes());
+        for b in &self.blocks {
+            out.push(b.name.len() as u8);
+            out.extend_from_slice(b.name.as_bytes());
+            out.extend_from_slice(&b.used_length.to_be_bytes());
+            if let Some(ps) = b.mem_size_page_size {
+                out.extend_from_slice(&ps.to_be_bytes());
+            }
+            if let Some(a) = b.mem_size_addr {
+                out.extend_from_slice(&a.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&flags::EOS.to_be_bytes());
+        self.dirty_count = self.dirty.iter_mut().map(Bits::set_all).sum();
+        for l in &mut self.log {
+            l.words.fill(0);
+        }
+        self.counters.dirty_sync_count = 1;
+        self.counters.transferred += (out.len() - start) as u64;
+        self.state = State::Iterating;
+        Ok(())
+    }
+
+    /// Reports that the guest wrote bytes `[offset, offset + len)` of block
+    /// `block`: the pages become dirty at the next sync.
+    ///
+    /// # Errors
+    /// [`RamSrcError::NoSuchBlock`], [`RamSrcError::OutOfBlock`], or
+    /// [`RamSrcError::State`] after completion.
+    pub fn handle_dirty(&mut self, block: usize, offset: u64, len: u64) -> Result<(), RamSrcError> {
+        if self.state == State::Done {
+            return Err(RamSrcError::State {
+                call: "handle_dirty",
+                state: self.state,
+            });
+        }
+        let b = self.blocks.get(block).ok_or(RamSrcError::NoSuchBlock {
+            index: block,
+            blocks: self.blocks.len(),
+        })?;
+        match offset.checked_add(len) {
+            Some(end) if end <= b.used_length => {
+                if len == 0 {
+                    return Ok(());
+                }
+                let first = (offset >> self.page_bits) as usize;
+                let last = ((end - 1) >> self.page_bits) as usize;
+                for p in first..=last {
+                    self.log[block].set(p);
+                }
+                Ok(())
+            }
+            _ => Err(RamSrcError::OutOfBlock {
+                block: b.name.clone(),
+                offset,
+                len,
+                used_length: b.used_length,
+            }),
+        }
+    }
+
+    /// Reports that the guest wrote target page `page` of block `block`.
+    ///
+    /// # Errors
+    /// As for [`handle_dirty`](Self::handle_dirty).
+    pub fn handle_dirty_page(&mut self, block: usize, page: u64) -> Result<(), RamSrcError> {
+        let ps = self.page_size as u64;
+        self.handle_dirty(block, page.saturating_mul(ps), ps)
+    }
+
+    /// The dirty-bitmap sync: pages reported since the last sync become dirty
+    /// and the generation goes up by one. Returns how many pages became dirty.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Iterating`].
+    pub fn handle_sync(&mut self) -> Result<u64, RamSrcError> {
+        self.expect("handle_sync", State::Iterating)?;
+        let mut n = 0;
+        for (d, l) in self.dirty.iter_mut().zip(self.log.iter_mut()) {
+            n += d.merge(l);
+        }
+        self.dirty_count += n;
+        self.counters.dirty_sync_count += 1;
+        Ok(n)
+    }
+
+    /// Writes one PART payload: dirty pages while fewer than `budget` bytes
+    /// were written by this call (QEMU checks its rate limit before each
+    /// page), then EOS.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Iterating`];
+    /// [`RamSrcError::MemoryMismatch`] when `mem` does not cover the blocks;
+    /// [`RamSrcError::Compress`].
+    pub fn poll_iterate<M: GuestRam + ?Sized>(
+        &mut self,
+        mem: &M,
+        budget: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Progress, RamSrcError> {
+        self.expect("poll_iterate", State::Iterating)?;
+        self.check_memory(mem)?;
+        let start = out.len();
+        let mut progress = Progress::Budget;
+        while out.len() - start < budget {
+            if self.find_and_save(mem, out)? == 0 {
+                progress = Progress::Clean;
+                break;
+            }
+            self.counters.iterations += 1;
+        }
+        out.extend_from_slice(&flags::EOS.to_be_bytes());
+        self.counters.transferred += (out.len() - start) as u64;
+        Ok(progress)
+    }
+
+    /// Writes the END payload: a sync, then every dirty page (no budget; the
+    /// XBZRLE cache is not updated any more), then EOS.
+    ///
+    /// # Errors
+    /// As for [`poll_iterate`](Self::poll_iterate).
+    pub fn poll_complete<M: GuestRam + ?Sized>(
+        &mut self,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RamSrcError> {
+        self.expect("poll_complete", State::Iterating)?;
+        self.check_memory(mem)?;
+        self.last_stage = true;
+        self.handle_sync()?;
+        let start = out.len();
+        while self.find_and_save(mem, out)? != 0 {
+            self.counters.iterations += 1;
+        }
+        out.extend_from_slice(&flags::EOS.to_be_bytes());
+        self.counters.transferred += (out.len() - start) as u64;
+        self.state = State::Done;
+        Ok(())
+    }
+
+    fn check_memory<M: GuestRam + ?Sized>(&self, mem: &M) -> Result<(), RamSrcError> {
+        for (i, b) in self.blocks.iter().enumerate() {
+            let have = if i < mem.blocks() {
+                mem.block(i).len() as u64
+            } else {
+                0
+            };
+            if have < b.used_length {
+                return Err(RamSrcError::MemoryMismatch {
+                    block: b.name.clone(),
+                    have,
+                    want: b.used_length,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `ram_find_and_save_block`: from where the last search stopped,
+    /// find the next dirty page (wrapping around the block list) and send
+    /// its host page. Returns the number of pages sent; 0 when a complete
+    /// round found nothing dirty.
+    fn find_and_save<M: GuestRam + ?Sized>(
+        &mut self,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, RamSrcError> {
+        let n = self.blocks.len();
+        if self.pages.iter().all(|&p| p == 0) {
+            return Ok(0);
+        }
+        let (start_blk, start_page) = self.cursor.unwrap_or((0, 0));
+        let (mut blk, mut page) = (start_blk, start_page);
+        let mut complete_round = false;
+        loop {
+            page = self.dirty[blk].next_set(page, self.pages[blk]);
+            if complete_round && blk == start_blk && page >= start_page {
+                self.cursor = Some((blk, page));
+                return Ok(0);
+            }
+            if page >= self.pages[blk] {
+                page = 0;
+                blk += 1;
+                if blk == n {
+                    blk = 0;
+                    complete_round = true;
+                    if self.xbzrle.is_some() {
+                        self.xbzrle_started = true;
+                    }
+                }
+                continue;
+            }
+            let sent = self.save_host_page(blk, &mut page, mem, out)?;
+            if sent > 0 {
+                self.cursor = Some((blk, page));
+                return Ok(sent);
+            }
+        }
+    }
+
+    /// QEMU's `ram_save_host_page`: sends the dirty target pages of the host
+    /// page holding `*page`, from `*page` on; leaves `*page` at the end of
+    /// the host page (or the block).
+    fn save_host_page<M: GuestRam + ?Sized>(
+        &mut self,
+        blk: usize,
+        page: &mut usize,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, RamSrcError> {
+        let hp = self.host_pages[blk];
+        let end = ((*page / hp + 1) * hp).min(self.pages[blk]);
+        let mut sent = 0;
+        let mut p = *page;
+        while p < end {
+            if self.dirty[blk].test_and_clear(p) {
+                self.dirty_count -= 1;
+                sent += self.save_target_page(blk, p, mem, out)?;
+            }
+            p = self.dirty[blk].next_set(p + 1, end);
+        }
+        *page = end;
+        Ok(sent)
+    }
+
+    fn header(&mut self, out: &mut Vec<u8>, blk: usize, offset: u64, flag: u64) {
+        if self.last_sent == Some(blk) {
+            out.extend_from_slice(&(offset | flag | flags::CONTINUE).to_be_bytes());
+        } else {
+            out.extend_from_slice(&(offset | flag).to_be_bytes());
+            let name = self.blocks[blk].name.as_bytes();
+            out.push(name.len() as u8);
+            out.extend_from_slice(name);
+            self.last_sent = Some(blk);
+        }
+    }
+
+    /// QEMU's `ram_save_target_page` for one dirty page. Returns 1 when a
+    /// record was written, 0 when XBZRLE found the page unchanged.
+    fn save_target_page<M: GuestRam + ?Sized>(
+        &mut self,
+        blk: usize,
+        page: usize,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, RamSrcError> {
+        let ps = self.page_size;
+        let offset = (page as u64) << self.page_bits;
+        let data = &mem.block(blk)[page * ps..(page + 1) * ps];
+        let zero = self.zero_detection && is_zero(data);
+
+        // Compression (QEMU <= 9.0, only until XBZRLE starts): pages that
+        // continue the last record's block went to the compression threads,
+        // which send zero pages as ZERO; the first page of a block is sent
+        // by the migration thread below, as ZERO or PAGE.
+        if self.last_sent == Some(blk) && !self.xbzrle_started {
+            if let Some(c) = self.compressor.as_mut() {
+                if zero {
+                    self.write_zero(out, blk, offset);
+                    return Ok(1);
+                }
+                let z = c.compress(data).map_err(|why| RamSrcError::Compress {
+                    block: self.blocks[blk].name.clone(),
+                    offset,
+                    why,
+                })?;
+                out.extend_from_slice(
+                    &(offset | flags::COMPRESS_PAGE | flags::CONTINUE).to_be_bytes(),
+                );
+                out.extend_from_slice(&(z.len() as u32).to_be_bytes());
+                out.extend_from_slice(z);
+                self.counters.compressed_pages += 1;
+                self.counters.compressed_bytes += z.len() as u64;
+                return Ok(1);
+            }
+        }
+
+        if zero {
+            self.write_zero(out, blk, offset);
+            // A page sent as zero replaces its (stale) cached copy.
+            if self.xbzrle_started {
+                let addr = self.blocks[blk].ram_addr + offset;
+                let generation = self.counters.dirty_sync_count;
+                if let Some(cache) = self.xbzrle.as_mut() {
+                    let _ = cache.insert_zero(addr, generation);
+                }
+            }
+            return Ok(1);
+        }
+
+        if self.xbzrle_started {
+            let addr = self.blocks[blk].ram_addr + offset;
+            let generation = self.counters.dirty_sync_count;
+            if let Some(cache) = self.xbzrle.as_mut() {
+                match cache.save_page(addr, data, generation, self.last_stage, &mut self.encoded) {
+                    SaveOutcome::Miss { .. } => self.counters.xbzrle_cache_miss += 1,
+                    SaveOutcome::Overflow => self.counters.xbzrle_overflow += 1,
+                    SaveOutcome::Unchanged => {
+                        self.counters.xbzrle_unchanged += 1;
+                        return Ok(0);
+                    }
+                    SaveOutcome::Encoded(len) => {
+                        let at = out.len();
+                        self.header(out, blk, offset, flags::XBZRLE);
+                        out.push(1);
+                        out.extend_from_slice(&(len as u16).to_be_bytes());
+                        out.extend_from_slice(&self.encoded[..len]);
+                        self.counters.xbzrle_pages += 1;
+                        self.counters.xbzrle_bytes += (out.len() - at - 8) as u64;
+                        return Ok(1);
+                    }
+                }
+            }
+        }
+
+        self.header(out, blk, offset, flags::PAGE);
+        out.extend_from_slice(data);
+        self.counters.normal += 1;
+        Ok(1)
+    }
+
+    fn write_zero(&mut self, out: &mut Vec<u8>, blk: usize, offset: u64) {
+        self.header(out, blk, offset, flags::ZERO);
+        out.push(0);
+        self.counters.duplicate += 1;
+    }
+}
