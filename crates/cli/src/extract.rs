@@ -256,10 +256,8 @@ impl<M: Images> Session<M> {
 }
 
 pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
-    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
     fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let rd = StreamReader::new_seekable(f).map_err(|e| e.to_string())?;
+    let (rd, total) = crate::input::open_stream(path)?;
     // Images written with combined pwrites: faster than faulting pages into
     // mappings when the stream is read from a file.
     let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
@@ -268,7 +266,7 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
 }
 
 fn extract_with<M: Images>(
-    mut rd: StreamReader<File>,
+    mut rd: StreamReader<crate::input::Input>,
     mut s: Session<M>,
     total: u64,
     outdir: &Path,

@@ -536,11 +536,9 @@ impl<M: GuestMemory> RamDst<M> {
             RamBody::Page(data) => {
                 self.check_page_len(at, data.len())?;
                 let (b, off) = self.resolve(at, rec)?;
-                let mem = self
-                    .memory
-                    .bytes_mut(b, off, tps as usize)
+                self.memory
+                    .write(b, off, data)
                     .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                mem.copy_from_slice(data);
                 let blk = &mut self.blocks[b];
                 blk.nonzero.set(off / tps);
                 blk.received.set(off / tps);
@@ -576,11 +574,9 @@ impl<M: GuestMemory> RamDst<M> {
                         why,
                     });
                 }
-                let mem = self
-                    .memory
-                    .bytes_mut(b, off, tps as usize)
+                self.memory
+                    .write(b, off, &self.scratch[..tps as usize])
                     .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                mem.copy_from_slice(&self.scratch[..tps as usize]);
                 let blk = &mut self.blocks[b];
                 blk.nonzero.set(off / tps);
                 blk.received.set(off / tps);
@@ -1088,11 +1084,9 @@ impl<M: GuestMemory> RamDst<M> {
                         blk.nonzero.clear_range(p, n);
                     }
                 } else {
-                    let mem = self
-                        .memory
-                        .bytes_mut(b, hp.start, hp.data.len())
+                    self.memory
+                        .write(b, hp.start, &hp.data)
                         .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                    mem.copy_from_slice(&hp.data);
                     blk.nonzero.set_range(p, n);
                 }
             }

@@ -9,8 +9,10 @@
 //! outside world — PONGs, return-path messages, atomic page placement — comes
 //! out as [`Action`]s from [`RamDst::poll_action`].
 //!
-//! Memories: [`VecMemory`] (tests, benchmarks) and [`MmapMemory`] (sparse
-//! image files mapped shared; the only `unsafe` code in the crate).
+//! Memories: [`VecMemory`] (tests, benchmarks), [`MmapMemory`] (sparse
+//! image files mapped shared; the only `unsafe` code in the crate) and
+//! [`FileMemory`] (sparse image files written with combined `pwrite`s; the
+//! fastest for replaying a stream from a file).
 //!
 //! Every check that keeps a hostile stream from writing outside a block is
 //! done before memory is touched; every error names the stream offset.
@@ -30,6 +32,7 @@
 mod bitmap;
 mod dst;
 mod error;
+mod file;
 mod memory;
 mod mmap;
 
@@ -39,6 +42,7 @@ pub use dst::{
     MAX_PAGE_SIZE,
 };
 pub use error::RamDstError;
+pub use file::FileMemory;
 pub use memory::{GuestMemory, VecMemory};
 pub use mmap::{ImageFile, MmapMemory};
 

@@ -25,6 +25,26 @@ pub trait GuestMemory {
     /// An unknown block or a range outside it.
     fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> io::Result<&mut [u8]>;
 
+    /// Writes `data` at `offset` of block `index` (a whole page or host page).
+    /// Backends may buffer it until the next other call or [`GuestMemory::flush`].
+    ///
+    /// # Errors
+    /// As for [`GuestMemory::bytes_mut`].
+    #[inline]
+    fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.bytes_mut(index, offset, data.len())?
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Makes everything written so far reach the backing store (files).
+    ///
+    /// # Errors
+    /// The backend's write error.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Drops `offset..offset + len` of block `index`: afterwards it reads as zero.
     ///
     /// # Errors
@@ -64,10 +84,16 @@ pub(crate) fn check_range(
 }
 
 /// Guest memory held in `Vec`s, one per block (for tests, fuzzing, benchmarks).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VecMemory {
     blocks: Vec<(String, Vec<u8>)>,
     limit: u64,
+}
+
+impl Default for VecMemory {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl VecMemory {

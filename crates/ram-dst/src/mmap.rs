@@ -121,33 +121,8 @@ impl MmapMemory {
         &self.dir
     }
 
-    /// A file name for block `name`: unsafe characters replaced, unique in the directory.
     fn file_name_for(&self, name: &str) -> String {
-        let mut s: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        while s.starts_with('.') {
-            s.replace_range(0..1, "_");
-        }
-        let base = s.clone();
-        let mut n = 1;
-        while self
-            .blocks
-            .iter()
-            .any(|b| b.file_name == format!("{s}.img"))
-            || s == "manifest"
-        {
-            n += 1;
-            s = format!("{base}-{n}");
-        }
-        format!("{s}.img")
+        image_file_name(name, |f| self.blocks.iter().any(|b| b.file_name == f))
     }
 
     fn get(&mut self, index: usize) -> io::Result<&mut Mapped> {
@@ -218,19 +193,11 @@ impl GuestMemory for MmapMemory {
                 "discard range too large",
             ));
         };
-        // SAFETY: fallocate on a descriptor we own, within the file's length; the
-        // kernel drops the range from the page cache and from our shared mapping,
-        // which then reads zeros: no Rust reference into the mapping is live here
-        // (we hold `&mut self`).
-        let r = unsafe {
-            libc::fallocate(
-                b.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if r == 0 {
+        // The kernel drops the range from the page cache and from our shared
+        // mapping, which then reads zeros; no Rust reference into the mapping is
+        // live here (we hold `&mut self`).
+        let r = punch_hole(&b.file, o, l);
+        if r.is_ok() {
             return Ok(());
         }
         // Filesystems without hole punching: write zeros.
@@ -242,5 +209,52 @@ impl GuestMemory for MmapMemory {
             at += n as u64;
         }
         Ok(())
+    }
+}
+
+/// A file name for block `name`: unsafe characters replaced, `.img` appended,
+/// a `-N` suffix added while `taken` says the name is used (never `manifest`).
+pub(crate) fn image_file_name(name: &str, taken: impl Fn(&str) -> bool) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    while s.starts_with('.') {
+        s.replace_range(0..1, "_");
+    }
+    let base = s.clone();
+    let mut n = 1;
+    while taken(&format!("{s}.img")) || s == "manifest" {
+        n += 1;
+        s = format!("{base}-{n}");
+    }
+    format!("{s}.img")
+}
+
+/// Punches a hole `offset..offset + len` into `file` (keeping its size).
+///
+/// # Errors
+/// The filesystem does not support it, or the range is invalid.
+pub(crate) fn punch_hole(file: &File, offset: libc::off_t, len: libc::off_t) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; `file` is an open
+    // descriptor we borrow for the duration of the call.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

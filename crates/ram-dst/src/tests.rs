@@ -9,7 +9,12 @@ use crate::*;
 const PS: u64 = 4096;
 
 fn mb(name: &str, len: u64) -> MemBlock<'_> {
-    MemBlock { name, used_length: len, page_size: None, addr: None }
+    MemBlock {
+        name,
+        used_length: len,
+        page_size: None,
+        addr: None,
+    }
 }
 
 fn adopt() -> RamDst<VecMemory> {
@@ -17,11 +22,26 @@ fn adopt() -> RamDst<VecMemory> {
 }
 
 fn fixed(blocks: Vec<LocalBlock>) -> RamDst<VecMemory> {
-    RamDst::new(Config { layout: Layout::Fixed(blocks), ..Config::default() }, VecMemory::new()).unwrap()
+    RamDst::new(
+        Config {
+            layout: Layout::Fixed(blocks),
+            ..Config::default()
+        },
+        VecMemory::new(),
+    )
+    .unwrap()
 }
 
 fn emit(blocks: Vec<LocalBlock>) -> RamDst<VecMemory> {
-    RamDst::new(Config { layout: Layout::Fixed(blocks), placement: Placement::Emit, ..Config::default() }, VecMemory::new()).unwrap()
+    RamDst::new(
+        Config {
+            layout: Layout::Fixed(blocks),
+            placement: Placement::Emit,
+            ..Config::default()
+        },
+        VecMemory::new(),
+    )
+    .unwrap()
 }
 
 /// Feeds `item` at `at` (length 10).
@@ -56,7 +76,15 @@ fn mem(d: &RamDst<VecMemory>) -> &[u8] {
 #[test]
 fn adopt_creates_blocks() {
     let mut d = adopt();
-    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS), mb("vga.vram", 2 * PS)]))).unwrap();
+    feed(
+        &mut d,
+        0,
+        ram(RamRecord::mem_size(vec![
+            mb("pc.ram", 8 * PS),
+            mb("vga.vram", 2 * PS),
+        ])),
+    )
+    .unwrap();
     assert_eq!(d.blocks().len(), 2);
     assert_eq!(d.blocks()[1].name(), "vga.vram");
     assert_eq!(d.memory().block("vga.vram").unwrap().len(), 2 * PS as usize);
@@ -66,8 +94,20 @@ fn adopt_creates_blocks() {
 
 #[test]
 fn adopt_refuses_more_than_the_cap() {
-    let mut d = RamDst::new(Config { max_adopted_bytes: 4 * PS, ..Config::default() }, VecMemory::new()).unwrap();
-    let e = feed(&mut d, 33, ram(RamRecord::mem_size(vec![mb("a", 4 * PS), mb("b", PS)]))).unwrap_err();
+    let mut d = RamDst::new(
+        Config {
+            max_adopted_bytes: 4 * PS,
+            ..Config::default()
+        },
+        VecMemory::new(),
+    )
+    .unwrap();
+    let e = feed(
+        &mut d,
+        33,
+        ram(RamRecord::mem_size(vec![mb("a", 4 * PS), mb("b", PS)])),
+    )
+    .unwrap_err();
     assert!(matches!(e, RamDstError::BadSize { offset: 33, .. }), "{e}");
     assert!(d.blocks().is_empty(), "nothing created");
 }
@@ -75,7 +115,15 @@ fn adopt_refuses_more_than_the_cap() {
 #[test]
 fn fixed_unknown_block_is_named() {
     let mut d = fixed(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
-    let e = feed(&mut d, 17, ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS), mb("mystery", PS)]))).unwrap_err();
+    let e = feed(
+        &mut d,
+        17,
+        ram(RamRecord::mem_size(vec![
+            mb("pc.ram", 4 * PS),
+            mb("mystery", PS),
+        ])),
+    )
+    .unwrap_err();
     assert!(matches!(&e, RamDstError::UnknownBlock { offset: 17, name } if name == "mystery"));
     assert!(e.to_string().contains("mystery") && e.to_string().contains("offset 17"));
 }
@@ -83,69 +131,176 @@ fn fixed_unknown_block_is_named() {
 #[test]
 fn fixed_length_mismatch() {
     let mut d = fixed(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
-    let e = feed(&mut d, 5, ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS)]))).unwrap_err();
-    assert!(matches!(e, RamDstError::LengthMismatch { offset: 5, local: 16384, remote: 32768, resizable: false, .. }));
+    let e = feed(
+        &mut d,
+        5,
+        ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS)])),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        RamDstError::LengthMismatch {
+            offset: 5,
+            local: 16384,
+            remote: 32768,
+            resizable: false,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn resizable_block_resizes_up_to_max() {
-    let b = LocalBlock { resizable: true, max_length: 8 * PS, ..LocalBlock::fixed("acpi", 2 * PS) };
+    let b = LocalBlock {
+        resizable: true,
+        max_length: 8 * PS,
+        ..LocalBlock::fixed("acpi", 2 * PS)
+    };
     let mut d = fixed(vec![b.clone()]);
-    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("acpi", 6 * PS)]))).unwrap();
+    feed(
+        &mut d,
+        0,
+        ram(RamRecord::mem_size(vec![mb("acpi", 6 * PS)])),
+    )
+    .unwrap();
     assert_eq!(d.blocks()[0].used_length(), 6 * PS);
     assert_eq!(d.blocks()[0].received().len(), 6);
     assert_eq!(d.memory().block("acpi").unwrap().len(), 6 * PS as usize);
-    assert_eq!(actions(&mut d), vec![Action::BlockResized { block: 0, len: 6 * PS }]);
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::BlockResized {
+            block: 0,
+            len: 6 * PS
+        }]
+    );
     let mut d = fixed(vec![b]);
-    let e = feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("acpi", 9 * PS)]))).unwrap_err();
-    assert!(matches!(e, RamDstError::LengthMismatch { max: 32768, resizable: true, .. }));
+    let e = feed(
+        &mut d,
+        0,
+        ram(RamRecord::mem_size(vec![mb("acpi", 9 * PS)])),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        RamDstError::LengthMismatch {
+            max: 32768,
+            resizable: true,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn page_size_checked_only_when_advised() {
-    let huge = LocalBlock { page_size: 2 << 20, ..LocalBlock::fixed("mem", 4 << 20) };
+    let huge = LocalBlock {
+        page_size: 2 << 20,
+        ..LocalBlock::fixed("mem", 4 << 20)
+    };
     // Not advised: no page size field, no check.
     let mut d = fixed(vec![huge.clone()]);
-    feed(&mut d, 0, ram(RamRecord::mem_size(vec![mb("mem", 4 << 20)]))).unwrap();
+    feed(
+        &mut d,
+        0,
+        ram(RamRecord::mem_size(vec![mb("mem", 4 << 20)])),
+    )
+    .unwrap();
     // Advised, the stream says 4 KiB (no field): mismatch.
     let mut d = fixed(vec![huge.clone()]);
     feed(&mut d, 0, cmd(Command::PostcopyAdvise(None))).unwrap();
-    let e = feed(&mut d, 9, ram(RamRecord::mem_size(vec![mb("mem", 4 << 20)]))).unwrap_err();
-    assert!(matches!(e, RamDstError::PageSizeMismatch { offset: 9, local: 0x200000, remote: 4096, .. }), "{e}");
+    let e = feed(
+        &mut d,
+        9,
+        ram(RamRecord::mem_size(vec![mb("mem", 4 << 20)])),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::PageSizeMismatch {
+                offset: 9,
+                local: 0x200000,
+                remote: 4096,
+                ..
+            }
+        ),
+        "{e}"
+    );
     // Advised, matching field.
     let mut d = fixed(vec![huge]);
     feed(&mut d, 0, cmd(Command::PostcopyAdvise(None))).unwrap();
-    let m = MemBlock { page_size: Some(2 << 20), ..mb("mem", 4 << 20) };
+    let m = MemBlock {
+        page_size: Some(2 << 20),
+        ..mb("mem", 4 << 20)
+    };
     feed(&mut d, 9, ram(RamRecord::mem_size(vec![m]))).unwrap();
 }
 
 #[test]
 fn mem_size_bad_sizes() {
     let mut d = adopt();
-    let e = feed(&mut d, 1, ram(RamRecord::mem_size(vec![mb("pc.ram", PS + 1)]))).unwrap_err();
+    let e = feed(
+        &mut d,
+        1,
+        ram(RamRecord::mem_size(vec![mb("pc.ram", PS + 1)])),
+    )
+    .unwrap_err();
     assert!(matches!(e, RamDstError::BadSize { .. }));
     let mut d = adopt();
     let mut r = RamRecord::mem_size(vec![mb("pc.ram", PS)]);
     r.offset = 2 * PS;
-    assert!(matches!(feed(&mut d, 1, ram(r)), Err(RamDstError::BadSize { .. })));
+    assert!(matches!(
+        feed(&mut d, 1, ram(r)),
+        Err(RamDstError::BadSize { .. })
+    ));
     let mut d = adopt();
-    let e = feed(&mut d, 1, ram(RamRecord::mem_size(vec![mb("a", PS), mb("a", PS)]))).unwrap_err();
+    let e = feed(
+        &mut d,
+        1,
+        ram(RamRecord::mem_size(vec![mb("a", PS), mb("a", PS)])),
+    )
+    .unwrap_err();
     assert!(matches!(e, RamDstError::BadSize { .. }));
     let mut d = adopt();
     let mut r = RamRecord::mem_size(vec![mb("a", PS)]);
-    r.body = qmig_wire::RamBody::MemSize(vec![mb("a", u64::MAX & !0xfff), mb("b", PS)]);
-    assert!(matches!(feed(&mut d, 1, ram(r)), Err(RamDstError::BadSize { .. })));
+    r.body = qmig_wire::RamBody::MemSize(vec![mb("a", !0xfffu64), mb("b", PS)]);
+    assert!(matches!(
+        feed(&mut d, 1, ram(r)),
+        Err(RamDstError::BadSize { .. })
+    ));
     let mut d = adopt();
-    let m = MemBlock { page_size: Some(3 * PS), ..mb("a", 6 * PS) };
-    assert!(matches!(feed(&mut d, 1, ram(RamRecord::mem_size(vec![m]))), Err(RamDstError::BadSize { .. })));
+    let m = MemBlock {
+        page_size: Some(3 * PS),
+        ..mb("a", 6 * PS)
+    };
+    assert!(matches!(
+        feed(&mut d, 1, ram(RamRecord::mem_size(vec![m]))),
+        Err(RamDstError::BadSize { .. })
+    ));
 }
 
 #[test]
 fn bad_local_layout_is_refused() {
-    let b = LocalBlock { page_size: 3000, ..LocalBlock::fixed("x", PS) };
-    assert!(RamDst::new(Config { layout: Layout::Fixed(vec![b]), ..Config::default() }, VecMemory::new()).is_err());
+    let b = LocalBlock {
+        page_size: 3000,
+        ..LocalBlock::fixed("x", PS)
+    };
+    assert!(RamDst::new(
+        Config {
+            layout: Layout::Fixed(vec![b]),
+            ..Config::default()
+        },
+        VecMemory::new()
+    )
+    .is_err());
     let b = LocalBlock::fixed("x", PS + 8);
-    assert!(RamDst::new(Config { layout: Layout::Fixed(vec![b]), ..Config::default() }, VecMemory::new()).is_err());
+    assert!(RamDst::new(
+        Config {
+            layout: Layout::Fixed(vec![b]),
+            ..Config::default()
+        },
+        VecMemory::new()
+    )
+    .is_err());
 }
 
 // ---- page records ------------------------------------------------------------------
@@ -160,7 +315,10 @@ fn page_then_continue() {
     assert_eq!(&mem(&d)[..4096], &a[..]);
     assert_eq!(&mem(&d)[8192..12288], &b[..]);
     assert_eq!(mem(&d)[4096], 0);
-    assert_eq!(d.blocks()[0].received().iter_ones().collect::<Vec<_>>(), vec![0, 2]);
+    assert_eq!(
+        d.blocks()[0].received().iter_ones().collect::<Vec<_>>(),
+        vec![0, 2]
+    );
     assert_eq!(d.stats().page, 2);
     assert_eq!(d.applied_up_to(), 30);
 }
@@ -176,7 +334,15 @@ fn zero_page_clears_written_page_and_nonzero_fill_is_reported() {
     r.body = qmig_wire::RamBody::Zero { fill: 0x5a };
     feed(&mut d, 30, ram(r)).unwrap();
     assert!(mem(&d)[..4096].iter().all(|&b| b == 0x5a));
-    assert_eq!(actions(&mut d), vec![Action::NonZeroFill { offset: 30, block: 0, page_offset: 0, fill: 0x5a }]);
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::NonZeroFill {
+            offset: 30,
+            block: 0,
+            page_offset: 0,
+            fill: 0x5a
+        }]
+    );
     assert_eq!(d.stats().nonzero_fill, 1);
     assert_eq!(d.stats().zero, 2);
 }
@@ -186,11 +352,22 @@ fn page_offset_at_used_length_is_refused() {
     let mut d = with_ram(4 * PS);
     let a = [1u8; 4096];
     let e = feed(&mut d, 77, ram(RamRecord::page(4 * PS, Some("pc.ram"), &a))).unwrap_err();
-    assert!(matches!(e, RamDstError::PageOutOfBlock { offset: 77, page_offset: 16384, used_length: 16384, .. }));
+    assert!(matches!(
+        e,
+        RamDstError::PageOutOfBlock {
+            offset: 77,
+            page_offset: 16384,
+            used_length: 16384,
+            ..
+        }
+    ));
     assert_eq!(d.applied_up_to(), 77);
     assert!(d.is_stopped());
     // Later input is refused.
-    assert!(matches!(feed(&mut d, 87, ram(RamRecord::page(0, None, &a))), Err(RamDstError::Stopped { offset: 77 })));
+    assert!(matches!(
+        feed(&mut d, 87, ram(RamRecord::page(0, None, &a))),
+        Err(RamDstError::Stopped { offset: 77 })
+    ));
     assert!(mem(&d).iter().all(|&b| b == 0));
 }
 
@@ -198,7 +375,12 @@ fn page_offset_at_used_length_is_refused() {
 fn page_offset_overflowing_u64_is_refused() {
     let mut d = with_ram(4 * PS);
     let a = [1u8; 4096];
-    let e = feed(&mut d, 1, ram(RamRecord::page(u64::MAX & !0xfff, Some("pc.ram"), &a))).unwrap_err();
+    let e = feed(
+        &mut d,
+        1,
+        ram(RamRecord::page(!0xfffu64, Some("pc.ram"), &a)),
+    )
+    .unwrap_err();
     assert!(matches!(e, RamDstError::PageOutOfBlock { .. }));
 }
 
@@ -206,7 +388,13 @@ fn page_offset_overflowing_u64_is_refused() {
 fn unaligned_page_offset_is_refused() {
     let mut d = with_ram(4 * PS);
     let e = feed(&mut d, 1, ram(RamRecord::zero(100, Some("pc.ram")))).unwrap_err();
-    assert!(matches!(e, RamDstError::PageOutOfBlock { page_offset: 100, .. }));
+    assert!(matches!(
+        e,
+        RamDstError::PageOutOfBlock {
+            page_offset: 100,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -227,7 +415,10 @@ fn unknown_block_in_page_record() {
 fn short_page_is_refused() {
     let mut d = with_ram(4 * PS);
     let a = [1u8; 100];
-    assert!(matches!(feed(&mut d, 1, ram(RamRecord::page(0, Some("pc.ram"), &a))), Err(RamDstError::BadSize { .. })));
+    assert!(matches!(
+        feed(&mut d, 1, ram(RamRecord::page(0, Some("pc.ram"), &a))),
+        Err(RamDstError::BadSize { .. })
+    ));
 }
 
 #[test]
@@ -252,7 +443,17 @@ fn bad_xbzrle_leaves_the_page_alone() {
     // A data run that runs past the page end.
     let enc = [0x80, 0x20, 0x10, 1, 2];
     let e = feed(&mut d, 20, ram(RamRecord::xbzrle(0, None, &enc))).unwrap_err();
-    assert!(matches!(e, RamDstError::Xbzrle { offset: 20, page_offset: 0, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            RamDstError::Xbzrle {
+                offset: 20,
+                page_offset: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(&mem(&d)[..4096], &old[..]);
     assert!(!d.blocks()[0].received().get(1));
 }
@@ -268,7 +469,12 @@ fn compressed_page_inflates_to_one_page() {
     let mut d = with_ram(2 * PS);
     let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     let z = deflate(&page);
-    feed(&mut d, 10, ram(RamRecord::compressed(PS, Some("pc.ram"), &z))).unwrap();
+    feed(
+        &mut d,
+        10,
+        ram(RamRecord::compressed(PS, Some("pc.ram"), &z)),
+    )
+    .unwrap();
     assert_eq!(&mem(&d)[4096..], &page[..]);
     assert_eq!(d.stats().compressed, 1);
 }
@@ -282,8 +488,16 @@ fn compressed_page_errors() {
         ("truncated", deflate(&[7u8; 4096])[..5].to_vec()),
     ] {
         let mut d = with_ram(2 * PS);
-        let e = feed(&mut d, 50, ram(RamRecord::compressed(0, Some("pc.ram"), &z))).unwrap_err();
-        assert!(matches!(e, RamDstError::Compressed { offset: 50, .. }), "{what}: {e}");
+        let e = feed(
+            &mut d,
+            50,
+            ram(RamRecord::compressed(0, Some("pc.ram"), &z)),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, RamDstError::Compressed { offset: 50, .. }),
+            "{what}: {e}"
+        );
         assert!(mem(&d).iter().all(|&b| b == 0), "{what}");
     }
 }
@@ -293,13 +507,20 @@ fn target_page_size_from_configuration() {
     use qmig_wire::{ConfigBody, ConfigSubsection, Configuration};
     let c = Configuration {
         machine: "pc",
-        subsections: vec![ConfigSubsection { name: "configuration/target-page-bits", version: 1, body: ConfigBody::TargetPageBits(13) }],
+        subsections: vec![ConfigSubsection {
+            name: "configuration/target-page-bits",
+            version: 1,
+            body: ConfigBody::TargetPageBits(13),
+        }],
     };
     let mut d = adopt();
     feed(&mut d, 0, Item::Configuration(c.clone())).unwrap();
     assert_eq!(d.page_size(), 8192);
     let mut d = fixed(vec![LocalBlock::fixed("pc.ram", PS)]);
-    assert!(matches!(feed(&mut d, 8, Item::Configuration(c)), Err(RamDstError::PageSizeMismatch { offset: 8, .. })));
+    assert!(matches!(
+        feed(&mut d, 8, Item::Configuration(c)),
+        Err(RamDstError::PageSizeMismatch { offset: 8, .. })
+    ));
 }
 
 // ---- commands ----------------------------------------------------------------------
@@ -309,20 +530,34 @@ fn ping_and_open_return_path() {
     let mut d = adopt();
     feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
     feed(&mut d, 5, cmd(Command::Ping(0x42))).unwrap();
-    assert_eq!(actions(&mut d), vec![Action::OpenReturnPath, Action::Pong(0x42)]);
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::OpenReturnPath, Action::Pong(0x42)]
+    );
 }
 
 #[test]
 fn unknown_command_is_refused() {
     let mut d = adopt();
-    let e = feed(&mut d, 3, cmd(Command::Unknown { cmd: 99, payload: &[] })).unwrap_err();
+    let e = feed(
+        &mut d,
+        3,
+        cmd(Command::Unknown {
+            cmd: 99,
+            payload: &[],
+        }),
+    )
+    .unwrap_err();
     assert!(matches!(e, RamDstError::Unsupported { offset: 3, .. }));
 }
 
 fn discard<'a>(block: &'a str, ranges: &[(u64, u64)]) -> Item<'a> {
     cmd(Command::RamDiscard(Discard {
         block,
-        ranges: ranges.iter().map(|&(start, len)| DiscardRange { start, len }).collect(),
+        ranges: ranges
+            .iter()
+            .map(|&(start, len)| DiscardRange { start, len })
+            .collect(),
     }))
 }
 
@@ -331,12 +566,25 @@ fn discard_drops_pages_and_received_bits() {
     let mut d = with_ram(8 * PS);
     let a = [1u8; 4096];
     for p in 0..8 {
-        feed(&mut d, 10 + p, ram(RamRecord::page(p * PS, Some("pc.ram"), &a))).unwrap();
+        feed(
+            &mut d,
+            10 + p,
+            ram(RamRecord::page(p * PS, Some("pc.ram"), &a)),
+        )
+        .unwrap();
     }
     feed(&mut d, 100, cmd(Command::PostcopyAdvise(None))).unwrap();
-    feed(&mut d, 110, discard("pc.ram", &[(PS, 2 * PS), (6 * PS, PS)])).unwrap();
+    feed(
+        &mut d,
+        110,
+        discard("pc.ram", &[(PS, 2 * PS), (6 * PS, PS)]),
+    )
+    .unwrap();
     assert_eq!(d.postcopy_state(), PostcopyState::Discarding);
-    assert_eq!(d.blocks()[0].received().iter_ones().collect::<Vec<_>>(), vec![0, 3, 4, 5, 7]);
+    assert_eq!(
+        d.blocks()[0].received().iter_ones().collect::<Vec<_>>(),
+        vec![0, 3, 4, 5, 7]
+    );
     assert!(mem(&d)[4096..12288].iter().all(|&b| b == 0));
     assert!(mem(&d)[12288..16384].iter().all(|&b| b == 1));
     assert_eq!(d.stats().discarded_pages, 3);
@@ -350,7 +598,7 @@ fn discard_is_checked_before_anything_is_dropped() {
         ("unaligned start", &[(0, PS), (100, PS)]),
         ("unaligned length", &[(0, PS), (0, 100)]),
         ("past the end", &[(0, PS), (7 * PS, 2 * PS)]),
-        ("overflow", &[(0, PS), (PS, u64::MAX & !0xfff)]),
+        ("overflow", &[(0, PS), (PS, !0xfffu64)]),
         ("start past the end", &[(0, PS), (9 * PS, 0)]),
     ];
     for (what, ranges) in cases {
@@ -359,21 +607,36 @@ fn discard_is_checked_before_anything_is_dropped() {
         feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
         feed(&mut d, 20, cmd(Command::PostcopyAdvise(None))).unwrap();
         let e = feed(&mut d, 30, discard("pc.ram", ranges)).unwrap_err();
-        assert!(matches!(e, RamDstError::Discard { offset: 30, .. }), "{what}: {e}");
-        assert!(d.blocks()[0].received().get(0), "{what}: first range must not be applied");
+        assert!(
+            matches!(e, RamDstError::Discard { offset: 30, .. }),
+            "{what}: {e}"
+        );
+        assert!(
+            d.blocks()[0].received().get(0),
+            "{what}: first range must not be applied"
+        );
         assert_eq!(mem(&d)[0], 1, "{what}");
     }
     let mut d = with_ram(8 * PS);
     feed(&mut d, 20, cmd(Command::PostcopyAdvise(None))).unwrap();
-    assert!(matches!(feed(&mut d, 30, discard("nope", &[])), Err(RamDstError::UnknownBlock { .. })));
+    assert!(matches!(
+        feed(&mut d, 30, discard("nope", &[])),
+        Err(RamDstError::UnknownBlock { .. })
+    ));
 }
 
 #[test]
 fn discard_alignment_follows_the_block_page_size() {
-    let huge = LocalBlock { page_size: 8192, ..LocalBlock::fixed("m", 8 * PS) };
+    let huge = LocalBlock {
+        page_size: 8192,
+        ..LocalBlock::fixed("m", 8 * PS)
+    };
     let mut d = fixed(vec![huge]);
     feed(&mut d, 0, cmd(Command::PostcopyAdvise(None))).unwrap();
-    assert!(matches!(feed(&mut d, 30, discard("m", &[(PS, PS)])), Err(RamDstError::Discard { .. })));
+    assert!(matches!(
+        feed(&mut d, 30, discard("m", &[(PS, PS)])),
+        Err(RamDstError::Discard { .. })
+    ));
 }
 
 // ---- postcopy state machine ----------------------------------------------------------
@@ -389,7 +652,15 @@ fn illegal(r: Result<(), RamDstError>, state: PostcopyState) {
 fn postcopy_full_sequence() {
     let mut d = with_ram(4 * PS);
     assert_eq!(d.postcopy_state(), PostcopyState::None);
-    feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(Advise { page_size_summary: PS, target_page_size: PS })))).unwrap();
+    feed(
+        &mut d,
+        1,
+        cmd(Command::PostcopyAdvise(Some(Advise {
+            page_size_summary: PS,
+            target_page_size: PS,
+        }))),
+    )
+    .unwrap();
     feed(&mut d, 2, discard("pc.ram", &[(0, PS)])).unwrap();
     feed(&mut d, 3, cmd(Command::PostcopyListen)).unwrap();
     feed(&mut d, 4, cmd(Command::PostcopyRun)).unwrap();
@@ -398,9 +669,18 @@ fn postcopy_full_sequence() {
     use PostcopyState as P;
     let states: Vec<_> = actions(&mut d)
         .into_iter()
-        .filter_map(|a| if let Action::PostcopyState(s) = a { Some(s) } else { None })
+        .filter_map(|a| {
+            if let Action::PostcopyState(s) = a {
+                Some(s)
+            } else {
+                None
+            }
+        })
         .collect();
-    assert_eq!(states, vec![P::Advised, P::Discarding, P::Listening, P::Running, P::End]);
+    assert_eq!(
+        states,
+        vec![P::Advised, P::Discarding, P::Listening, P::Running, P::End]
+    );
 }
 
 #[test]
@@ -424,7 +704,10 @@ fn illegal_transitions() {
     illegal(feed(&mut d, 1, cmd(Command::PostcopyResume)), P::None);
     let mut d = with_ram(4 * PS);
     feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
-    illegal(feed(&mut d, 2, cmd(Command::PostcopyAdvise(None))), P::Advised);
+    illegal(
+        feed(&mut d, 2, cmd(Command::PostcopyAdvise(None))),
+        P::Advised,
+    );
     let mut d = with_ram(4 * PS);
     feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
     illegal(feed(&mut d, 2, cmd(Command::PostcopyRun)), P::Advised);
@@ -444,23 +727,58 @@ fn illegal_transitions() {
     let mut d = with_ram(4 * PS);
     feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
     feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
-    let e = feed(&mut d, 3, ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)]))).unwrap_err();
-    assert!(matches!(e, RamDstError::NotInPostcopy { kind: "MEM_SIZE", .. }));
+    let e = feed(
+        &mut d,
+        3,
+        ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)])),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        RamDstError::NotInPostcopy {
+            kind: "MEM_SIZE",
+            ..
+        }
+    ));
     let mut d = with_ram(4 * PS);
     feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
     feed(&mut d, 2, cmd(Command::PostcopyListen)).unwrap();
     feed(&mut d, 3, Item::Eof).unwrap();
-    illegal(feed(&mut d, 4, ram(RamRecord::zero(0, Some("pc.ram")))), P::End);
+    illegal(
+        feed(&mut d, 4, ram(RamRecord::zero(0, Some("pc.ram")))),
+        P::End,
+    );
 }
 
 #[test]
 fn advise_checks_page_sizes() {
     let mut d = with_ram(4 * PS);
-    let e = feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(Advise { page_size_summary: PS, target_page_size: 8192 })))).unwrap_err();
-    assert!(matches!(e, RamDstError::PageSizeMismatch { offset: 1, remote: 8192, .. }));
+    let e = feed(
+        &mut d,
+        1,
+        cmd(Command::PostcopyAdvise(Some(Advise {
+            page_size_summary: PS,
+            target_page_size: 8192,
+        }))),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        RamDstError::PageSizeMismatch {
+            offset: 1,
+            remote: 8192,
+            ..
+        }
+    ));
     let mut d = fixed(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
-    let a = Advise { page_size_summary: PS | (2 << 20), target_page_size: PS };
-    assert!(matches!(feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(a)))), Err(RamDstError::PageSizeMismatch { .. })));
+    let a = Advise {
+        page_size_summary: PS | (2 << 20),
+        target_page_size: PS,
+    };
+    assert!(matches!(
+        feed(&mut d, 1, cmd(Command::PostcopyAdvise(Some(a)))),
+        Err(RamDstError::PageSizeMismatch { .. })
+    ));
 }
 
 fn listening(d: &mut RamDst<VecMemory>) {
@@ -470,7 +788,10 @@ fn listening(d: &mut RamDst<VecMemory>) {
 }
 
 fn huge_block() -> LocalBlock {
-    LocalBlock { page_size: 2 * PS, ..LocalBlock::fixed("pc.ram", 8 * PS) }
+    LocalBlock {
+        page_size: 2 * PS,
+        ..LocalBlock::fixed("pc.ram", 8 * PS)
+    }
 }
 
 #[test]
@@ -478,11 +799,28 @@ fn postcopy_refuses_xbzrle_and_compressed() {
     let mut d = with_ram(4 * PS);
     listening(&mut d);
     let e = feed(&mut d, 9, ram(RamRecord::xbzrle(0, Some("pc.ram"), &[]))).unwrap_err();
-    assert!(matches!(e, RamDstError::NotInPostcopy { offset: 9, kind: "XBZRLE" }));
+    assert!(matches!(
+        e,
+        RamDstError::NotInPostcopy {
+            offset: 9,
+            kind: "XBZRLE"
+        }
+    ));
     let mut d = with_ram(4 * PS);
     listening(&mut d);
-    let e = feed(&mut d, 9, ram(RamRecord::compressed(0, Some("pc.ram"), &[]))).unwrap_err();
-    assert!(matches!(e, RamDstError::NotInPostcopy { kind: "COMPRESS_PAGE", .. }));
+    let e = feed(
+        &mut d,
+        9,
+        ram(RamRecord::compressed(0, Some("pc.ram"), &[])),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        RamDstError::NotInPostcopy {
+            kind: "COMPRESS_PAGE",
+            ..
+        }
+    ));
     let mut d = with_ram(4 * PS);
     listening(&mut d);
     feed(&mut d, 9, ram(RamRecord::eos())).unwrap();
@@ -500,12 +838,29 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
     feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &b))).unwrap();
     let mut want = a.to_vec();
     want.extend_from_slice(&b);
-    assert_eq!(actions(&mut d), vec![Action::PlaceHostPage { block: 0, offset: 2 * PS, data: want }]);
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::PlaceHostPage {
+            block: 0,
+            offset: 2 * PS,
+            data: want
+        }]
+    );
     assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
-    assert!(mem(&d).iter().all(|&x| x == 0), "Emit mode leaves memory to the host");
+    assert!(
+        mem(&d).iter().all(|&x| x == 0),
+        "Emit mode leaves memory to the host"
+    );
     feed(&mut d, 30, ram(RamRecord::zero(4 * PS, None))).unwrap();
     feed(&mut d, 40, ram(RamRecord::zero(5 * PS, None))).unwrap();
-    assert_eq!(actions(&mut d), vec![Action::PlaceZeroPage { block: 0, offset: 4 * PS, len: 2 * PS }]);
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::PlaceZeroPage {
+            block: 0,
+            offset: 4 * PS,
+            len: 2 * PS
+        }]
+    );
     assert_eq!(d.stats().placed_host_pages, 1);
     assert_eq!(d.stats().placed_zero_pages, 1);
 }
@@ -529,22 +884,38 @@ fn postcopy_order_is_enforced() {
     let mut d = fixed(vec![huge_block()]);
     listening(&mut d);
     let e = feed(&mut d, 10, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap_err();
-    assert!(matches!(e, RamDstError::PostcopyOrder { offset: 10, page_offset: 4096, .. }));
+    assert!(matches!(
+        e,
+        RamDstError::PostcopyOrder {
+            offset: 10,
+            page_offset: 4096,
+            ..
+        }
+    ));
     // Skipping a target page.
     let mut d = fixed(vec![huge_block()]);
     listening(&mut d);
     feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
-    assert!(matches!(feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))), Err(RamDstError::PostcopyOrder { .. })));
+    assert!(matches!(
+        feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))),
+        Err(RamDstError::PostcopyOrder { .. })
+    ));
     // A new host page before the previous one is complete.
     let mut d = fixed(vec![huge_block()]);
     listening(&mut d);
     feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
-    assert!(matches!(feed(&mut d, 20, ram(RamRecord::page(2 * PS, None, &a))), Err(RamDstError::PostcopyOrder { .. })));
+    assert!(matches!(
+        feed(&mut d, 20, ram(RamRecord::page(2 * PS, None, &a))),
+        Err(RamDstError::PostcopyOrder { .. })
+    ));
     // The stream ends inside a host page.
     let mut d = fixed(vec![huge_block()]);
     listening(&mut d);
     feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
-    assert!(matches!(feed(&mut d, 20, Item::Eof), Err(RamDstError::PostcopyOrder { offset: 20, .. })));
+    assert!(matches!(
+        feed(&mut d, 20, Item::Eof),
+        Err(RamDstError::PostcopyOrder { offset: 20, .. })
+    ));
 }
 
 #[test]
@@ -552,7 +923,10 @@ fn recv_bitmap_command_and_resume() {
     let mut d = with_ram(4 * PS);
     feed(&mut d, 1, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
     assert_eq!(actions(&mut d), vec![Action::SendRecvBitmap { block: 0 }]);
-    assert!(matches!(feed(&mut d, 2, cmd(Command::RecvBitmap { block: "x" })), Err(RamDstError::UnknownBlock { .. })));
+    assert!(matches!(
+        feed(&mut d, 2, cmd(Command::RecvBitmap { block: "x" })),
+        Err(RamDstError::UnknownBlock { .. })
+    ));
     let mut d = with_ram(4 * PS);
     listening(&mut d);
     feed(&mut d, 3, cmd(Command::PostcopyResume)).unwrap();
@@ -580,11 +954,18 @@ fn recv_bitmap_reply_round_trip() {
     assert_eq!(out[19 + 8], 1);
     assert_eq!(out[19 + 16], 0b10);
     assert_eq!(&out[43..], &0x0123_4567_89ab_cdefu64.to_be_bytes());
-    let (name, bm, len) = parse_recv_bitmap_reply(&out, |n| (n == "pc.ram").then_some(130)).unwrap();
+    let (name, bm, len) =
+        parse_recv_bitmap_reply(&out, |n| (n == "pc.ram").then_some(130)).unwrap();
     assert_eq!((name.as_str(), len), ("pc.ram", out.len()));
     assert_eq!(&bm, d.blocks()[0].received());
-    assert!(matches!(parse_recv_bitmap_reply(&out, |_| None), Err(RamDstError::UnknownBlock { .. })));
-    assert!(matches!(parse_recv_bitmap_reply(&out, |_| Some(500)), Err(RamDstError::Bitmap { .. })));
+    assert!(matches!(
+        parse_recv_bitmap_reply(&out, |_| None),
+        Err(RamDstError::UnknownBlock { .. })
+    ));
+    assert!(matches!(
+        parse_recv_bitmap_reply(&out, |_| Some(500)),
+        Err(RamDstError::Bitmap { .. })
+    ));
     let mut bad = out.clone();
     *bad.last_mut().unwrap() ^= 1;
     assert!(parse_recv_bitmap_reply(&bad, |_| Some(130)).is_err());
@@ -633,21 +1014,40 @@ fn mmap_memory_writes_files_sparsely_and_punches_holes() {
     let mem = MmapMemory::create(&dir).unwrap();
     let mut d = RamDst::new(Config::default(), mem).unwrap();
     let len = 64u64 << 20;
-    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", len), mb("a/b", PS), mb("manifest", PS)]))).unwrap();
+    d.handle_item(
+        0,
+        10,
+        &ram(RamRecord::mem_size(vec![
+            mb("pc.ram", len),
+            mb("a/b", PS),
+            mb("manifest", PS),
+        ])),
+    )
+    .unwrap();
     let a = [0xabu8; 4096];
-    d.handle_item(10, 10, &ram(RamRecord::page(5 * PS, Some("pc.ram"), &a))).unwrap();
-    d.handle_item(20, 10, &ram(RamRecord::page(0, Some("a/b"), &a))).unwrap();
+    d.handle_item(10, 10, &ram(RamRecord::page(5 * PS, Some("pc.ram"), &a)))
+        .unwrap();
+    d.handle_item(20, 10, &ram(RamRecord::page(0, Some("a/b"), &a)))
+        .unwrap();
     let files = d.memory().files();
     assert_eq!(files[0].file_name, "pc.ram.img");
     assert_eq!(files[1].file_name, "a_b.img");
-    assert_eq!(files[2].file_name, "manifest-2.img", "never clobbers manifest.json's stem");
+    assert_eq!(
+        files[2].file_name, "manifest-2.img",
+        "never clobbers manifest.json's stem"
+    );
     let img = dir.join("pc.ram.img");
     let content = std::fs::read(&img).unwrap();
     assert_eq!(content.len() as u64, len);
     assert_eq!(&content[5 * 4096..6 * 4096], &a[..]);
-    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 1 << 20, "image stays sparse");
-    d.handle_item(30, 10, &cmd(Command::PostcopyAdvise(None))).unwrap();
-    d.handle_item(40, 10, &discard("pc.ram", &[(4 * PS, 4 * PS)])).unwrap();
+    assert!(
+        std::fs::metadata(&img).unwrap().blocks() * 512 < 1 << 20,
+        "image stays sparse"
+    );
+    d.handle_item(30, 10, &cmd(Command::PostcopyAdvise(None)))
+        .unwrap();
+    d.handle_item(40, 10, &discard("pc.ram", &[(4 * PS, 4 * PS)]))
+        .unwrap();
     let content = std::fs::read(&img).unwrap();
     assert!(content[5 * 4096..6 * 4096].iter().all(|&b| b == 0));
     // Out-of-range access is refused by the memory itself.
@@ -670,4 +1070,46 @@ fn vec_memory_limit_and_bounds() {
     assert!(m.bytes_mut(0, u64::MAX, 2).is_err());
     m.discard(0, 0, PS).unwrap();
     assert!(m.discard(0, PS, 2 * PS).is_err());
+}
+
+#[test]
+fn file_memory_combines_writes_and_writes_back_modified_pages() {
+    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut d = RamDst::new(Config::default(), FileMemory::create(&dir).unwrap()).unwrap();
+    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS)])))
+        .unwrap();
+    let a = [1u8; 4096];
+    let b = [2u8; 4096];
+    for p in 0..3 {
+        d.handle_item(10, 10, &ram(RamRecord::page(p * PS, Some("pc.ram"), &a)))
+            .unwrap();
+    }
+    // XBZRLE reads the buffered page back, modifies it, writes it back later.
+    let mut new = a;
+    new[10] = 9;
+    let mut enc = vec![0u8; 4096];
+    let n = qmig_xbzrle::encode(&a, &new, &mut enc).unwrap();
+    d.handle_item(20, 10, &ram(RamRecord::xbzrle(PS, None, &enc[..n])))
+        .unwrap();
+    d.handle_item(30, 10, &ram(RamRecord::page(7 * PS, None, &b)))
+        .unwrap();
+    d.handle_item(40, 10, &ram(RamRecord::zero(0, None)))
+        .unwrap();
+    d.handle_item(50, 10, &cmd(Command::PostcopyAdvise(None)))
+        .unwrap();
+    d.handle_item(60, 10, &discard("pc.ram", &[(2 * PS, PS)]))
+        .unwrap();
+    d.memory_mut().flush().unwrap();
+    let img = std::fs::read(dir.join("pc.ram.img")).unwrap();
+    assert!(img[..4096].iter().all(|&x| x == 0));
+    assert_eq!(&img[4096..8192], &new[..]);
+    assert!(img[8192..12288].iter().all(|&x| x == 0), "discarded");
+    assert_eq!(&img[7 * 4096..], &b[..]);
+    assert_eq!(d.memory().files()[0].length, 8 * PS);
+    let mut m = d.into_memory();
+    assert!(m.write(0, 8 * PS, &a).is_err());
+    assert!(m.bytes_mut(1, 0, 1).is_err());
+    drop(m);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
