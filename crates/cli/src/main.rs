@@ -71,47 +71,7 @@ enum Cmd {
     },
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
-    Send {
-        /// Directory with manifest.json and block images.
-        #[arg(long, value_name = "DIR")]
-        ram: PathBuf,
-        /// Stream whose header, configuration, device sections and vmdesc are reused.
-        #[arg(long, value_name = "STREAM")]
-        template: PathBuf,
-        /// Destination: tcp:HOST:PORT, file:PATH or exec:CMD.
-        #[arg(long, value_name = "URI")]
-        to: String,
-        /// Use XBZRLE after the first pass.
-        #[arg(long)]
-        xbzrle: bool,
-        /// XBZRLE cache size in bytes (default 64 MiB).
-        #[arg(long, value_name = "BYTES", requires = "xbzrle")]
-        cache_size: Option<u64>,
-        /// Send COMPRESS_PAGE records at this zlib level (for QEMU <= 9.0 destinations).
-        #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
-        compress: Option<u32>,
-        /// Number of passes; before passes 2..=N a workload changes pages (N is the final pass).
-        #[arg(long, default_value_t = 1)]
-        passes: u32,
-        /// Fraction of the first block's pages changed before each later pass.
-        #[arg(long, default_value_t = 0.05)]
-        dirty_fraction: f64,
-        /// Workload PRNG seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Rate limit in bytes per second (QEMU's max-bandwidth; 0 = unlimited).
-        #[arg(long, value_name = "BYTES_PER_SEC")]
-        max_bandwidth: Option<u64>,
-        /// Send zero pages as PAGE (QEMU's zero-page-detection=none).
-        #[arg(long)]
-        no_zero_detection: bool,
-        /// Write the memory the destination must end with (manifest + images) here.
-        #[arg(long, value_name = "DIR")]
-        final_ram: Option<PathBuf>,
-        /// Print the counters as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Send(send::SendArgs),
     /// Compare two streams record by record, ignoring how RAM is split into
     /// sections; exit 0 iff no difference.
     Diff {
@@ -142,36 +102,7 @@ fn main() -> ExitCode {
             blocks,
             save,
         } => recv::run(&listen, &output, blocks.as_deref(), save.as_deref()),
-        Cmd::Send {
-            ram,
-            template,
-            to,
-            xbzrle,
-            cache_size,
-            compress,
-            passes,
-            dirty_fraction,
-            seed,
-            max_bandwidth,
-            no_zero_detection,
-            final_ram,
-            json,
-        } => send::run(&send::SendArgs {
-            ram,
-            template,
-            to,
-            xbzrle,
-            cache_size,
-            compress,
-            passes,
-            dirty_fraction,
-            seed,
-            max_bandwidth,
-            no_zero_detection,
-            final_ram,
-            json,
-        })
-        .map_err(|e| e.to_string()),
+        Cmd::Send(args) => send::run(&args).map_err(|e| e.to_string()),
         Cmd::Diff { a, b, records } => diff::run(&a, &b, records).map_err(|e| e.to_string()),
     };
     match r {

@@ -23,33 +23,46 @@ use qmig_wire::SectionKind;
 use serde_json::{json, Value};
 
 /// Options of `qmig send`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SendArgs {
     /// Directory with manifest.json and block images.
+    #[arg(long, value_name = "DIR")]
     pub ram: PathBuf,
-    /// Template stream.
+    /// Stream whose header, configuration, device sections and vmdesc are reused.
+    #[arg(long, value_name = "STREAM")]
     pub template: PathBuf,
-    /// tcp:HOST:PORT, file:PATH or exec:CMD.
+    /// Destination: tcp:HOST:PORT, file:PATH or exec:CMD.
+    #[arg(long, value_name = "URI")]
     pub to: String,
-    /// XBZRLE after the first pass.
+    /// Use XBZRLE after the first pass.
+    #[arg(long)]
     pub xbzrle: bool,
-    /// XBZRLE cache size in bytes.
+    /// XBZRLE cache size in bytes (default 64 MiB).
+    #[arg(long, value_name = "BYTES", requires = "xbzrle")]
     pub cache_size: Option<u64>,
-    /// COMPRESS_PAGE at this zlib level.
+    /// Send COMPRESS_PAGE records at this zlib level (for QEMU <= 9.0 destinations).
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
     pub compress: Option<u32>,
-    /// Number of passes (the last one is the completion stage).
+    /// Number of passes; before passes 2..=N a workload changes pages (N is the final pass).
+    #[arg(long, default_value_t = 1)]
     pub passes: u32,
-    /// Fraction of the first block's pages the workload changes between passes.
+    /// Fraction of the first block's pages changed before each later pass.
+    #[arg(long, default_value_t = 0.05)]
     pub dirty_fraction: f64,
-    /// Workload seed.
+    /// Workload PRNG seed.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Bytes per second (0 or absent: unlimited).
+    /// Rate limit in bytes per second (QEMU's max-bandwidth; 0 = unlimited).
+    #[arg(long, value_name = "BYTES_PER_SEC")]
     pub max_bandwidth: Option<u64>,
-    /// Send zero pages as PAGE (`zero-page-detection=none`).
+    /// Send zero pages as PAGE (QEMU's zero-page-detection=none).
+    #[arg(long)]
     pub no_zero_detection: bool,
-    /// Write the final memory here (manifest.json + images).
+    /// Write the memory the destination must end with (manifest + images) here.
+    #[arg(long, value_name = "DIR")]
     pub final_ram: Option<PathBuf>,
-    /// Print counters as JSON on stdout.
+    /// Print the counters as JSON on stdout.
+    #[arg(long)]
     pub json: bool,
 }
 
