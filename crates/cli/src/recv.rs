@@ -317,9 +317,11 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let src = std::thread::spawn(move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            s.write_all(&stream).unwrap();
+            // The receiver may refuse the stream and close early (layout
+            // mismatch): a failed write is then expected, not a test failure.
+            let _ = s.write_all(&stream);
             if close_after {
-                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let _ = s.shutdown(std::net::Shutdown::Write);
             }
             let mut rp = Vec::new();
             let _ = s.read_to_end(&mut rp);

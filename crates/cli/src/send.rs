@@ -19,7 +19,7 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock, Template, DEFAULT_XBZRLE_CACHE_SIZE};
-use qmig_wire::SectionKind;
+use qmig_wire::{Item, SectionKind};
 use serde_json::{json, Value};
 
 /// Options of `qmig send`.
@@ -154,8 +154,9 @@ impl Sink {
                 }
             }
             Sink::File(mut f) => {
+                // Like QEMU's file: migration, no fsync: the data is in the
+                // page cache when the command returns.
                 f.flush()?;
-                f.sync_all().ok();
                 Ok(())
             }
             Sink::Exec(mut c, stdin) => {
@@ -301,16 +302,28 @@ impl Pacer {
     }
 }
 
+/// Reads the template stream item by item (gzip'd or not) and keeps
+/// everything but its page records: a valid stream with the same container,
+/// MEM_SIZE list and device state, a few hundred KiB however large the
+/// template's RAM.
+fn template_skeleton(path: &Path) -> Result<Vec<u8>, Error> {
+    let (mut rd, _) = crate::input::open_stream(path)?;
+    let mut out = Vec::new();
+    while let Some(ri) = rd
+        .next_item()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+    {
+        match &ri.item {
+            Item::Ram(r) if r.is_page() => {}
+            it => it.write(&mut out),
+        }
+    }
+    Ok(out)
+}
+
 /// Runs `qmig send`.
 pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
-    let raw = fs::read(&a.template).map_err(|e| format!("{}: {e}", a.template.display()))?;
-    let tpl_bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut v = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut v)?;
-        v
-    } else {
-        raw
-    };
+    let tpl_bytes = template_skeleton(&a.template)?;
     let t = Template::parse(&tpl_bytes)?;
     let mut ram = load_ram(&a.ram)?;
     let page_size = 1usize << t.page_bits;
