@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qmig_ram_dst::{
-    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MmapMemory, RamDst, RamDstError,
+    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, MmapMemory, RamDst,
+    RamDstError,
 };
-use qmig_wire::{Item, ReadItem, SectionKind, StreamReader, WireError};
+use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
 use serde_json::{json, Value};
 
 /// Why applying a stream stopped.
@@ -257,23 +258,78 @@ impl<M: Images> Session<M> {
 
 pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
     fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let (rd, total) = crate::input::open_stream(path)?;
+    let (input, seekable) = crate::input::open_input(path)?;
     // Images written with combined pwrites: faster than faulting pages into
     // mappings when the stream is read from a file.
     let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let s = Session::new(outdir, mem, Layout::Adopt, path.display().to_string())?;
-    extract_with(rd, s, total, outdir)
+    let mut s = Session::new(outdir, mem, Layout::Adopt, path.display().to_string())?;
+    let result = match input {
+        // A regular file is mapped: the records are applied straight from the
+        // page cache, without a copy through read().
+        crate::input::Input::Plain(f) if seekable => {
+            let map = MappedInput::new(f).map_err(|e| format!("{}: {e}", path.display()))?;
+            apply_slice(&map, &mut s)
+        }
+        other => {
+            let (rd, total) = crate::input::reader_for(other, false, path)?;
+            apply_reader(rd, &mut s, total)
+        }
+    };
+    finish(s, result, outdir)
 }
 
-fn extract_with<M: Images>(
+/// How much of a mapped input is applied before its pages are released.
+const RELEASE_STEP: u64 = 32 << 20;
+
+/// Applies every item of a mapped stream.
+fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), StopError> {
+    let buf = map.as_slice();
+    let mut released = 0u64;
+    let pb = crate::progress::bytes(buf.len() as u64, "extract");
+    let mut rd = SliceReader::new(buf);
+    let mut n = 0u32;
+    let r = loop {
+        let (offset, item) = match rd.next() {
+            Some(Ok(x)) => x,
+            None => break Ok(()),
+            Some(Err(e)) => break Err(StopError::Wire(e)),
+        };
+        n = n.wrapping_add(1);
+        if n % 4096 == 0 {
+            pb.set_position(offset);
+            // Keep the resident set bounded: what is applied is not read again.
+            if offset - released > RELEASE_STEP {
+                map.release_prefix(offset as usize);
+                released = offset;
+            }
+        }
+        let decoder = rd.decoder();
+        let len = (decoder.position() - offset) as usize;
+        if let Err(e) = s.handle(
+            &ReadItem {
+                offset,
+                len,
+                item,
+                decoder,
+            },
+            |_| {},
+        ) {
+            break Err(e);
+        }
+    };
+    pb.finish_and_clear();
+    r
+}
+
+/// Applies every item read incrementally (pipes, gzip'd captures).
+fn apply_reader<M: Images>(
     mut rd: StreamReader<crate::input::Input>,
-    mut s: Session<M>,
+    s: &mut Session<M>,
     total: u64,
-    outdir: &Path,
-) -> Result<ExitCode, String> {
+) -> Result<(), StopError> {
     let pb = crate::progress::bytes(total, "extract");
     let mut n = 0u32;
-    let result: Result<(), StopError> = loop {
+    let r = loop {
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
@@ -288,6 +344,14 @@ fn extract_with<M: Images>(
         }
     };
     pb.finish_and_clear();
+    r
+}
+
+fn finish<M: Images>(
+    mut s: Session<M>,
+    result: Result<(), StopError>,
+    outdir: &Path,
+) -> Result<ExitCode, String> {
     let result = s.finish(result, json!({}))?;
     let applied_to = s.dst.applied_up_to();
     if let Err(e) = result {

@@ -59,6 +59,15 @@ pub fn open_input(path: &Path) -> Result<(Input, bool), String> {
 /// size for progress display (0 when unknown).
 pub fn open_stream(path: &Path) -> Result<(StreamReader<Input>, u64), String> {
     let (input, seekable) = open_input(path)?;
+    reader_for(input, seekable, path)
+}
+
+/// A reader over an opened input (see [`open_input`]).
+pub fn reader_for(
+    input: Input,
+    seekable: bool,
+    path: &Path,
+) -> Result<(StreamReader<Input>, u64), String> {
     if seekable {
         let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let r =

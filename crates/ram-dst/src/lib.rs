@@ -44,7 +44,7 @@ pub use dst::{
 pub use error::RamDstError;
 pub use file::FileMemory;
 pub use memory::{GuestMemory, VecMemory};
-pub use mmap::{ImageFile, MmapMemory};
+pub use mmap::{ImageFile, MappedInput, MmapMemory};
 
 #[cfg(test)]
 mod tests;

@@ -258,3 +258,97 @@ pub(crate) fn punch_hole(file: &File, offset: libc::off_t, len: libc::off_t) -> 
         Err(io::Error::last_os_error())
     }
 }
+
+/// A whole file mapped read-only, for replaying a captured stream without
+/// copying it through `read()` first.
+///
+/// The mapping is private and read-only. If another process truncates the
+/// file while it is mapped, reading past the new end raises `SIGBUS`: map
+/// only captures that are not being written.
+#[derive(Debug)]
+pub struct MappedInput {
+    ptr: Option<NonNull<u8>>,
+    len: usize,
+    _file: File,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; sharing `&[u8]`
+// views of it between threads is as safe as sharing any immutable slice.
+unsafe impl Send for MappedInput {}
+// SAFETY: as above: only immutable access is ever given out.
+unsafe impl Sync for MappedInput {}
+
+impl MappedInput {
+    /// Maps `file` (its current length) read-only.
+    ///
+    /// # Errors
+    /// The file's size cannot be read or `mmap` fails.
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large to map"))?;
+        if len == 0 {
+            return Ok(MappedInput {
+                ptr: None,
+                len,
+                _file: file,
+            });
+        }
+        // SAFETY: a fresh private read-only mapping chosen by the kernel (null
+        // hint) of `len` bytes of a descriptor we own and keep open as long as
+        // the mapping lives.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the hint only affects readahead; the range is the mapping above.
+        unsafe { libc::madvise(p, len, libc::MADV_SEQUENTIAL) };
+        Ok(MappedInput {
+            ptr: NonNull::new(p.cast()),
+            len,
+            _file: file,
+        })
+    }
+
+    /// Drops the pages of `0..upto` from this process's resident set (they
+    /// stay in the page cache). Reading them again faults the same file
+    /// content back in, so slices handed out before stay valid; this only
+    /// keeps a sequential reader's memory use bounded.
+    pub fn release_prefix(&self, upto: usize) {
+        let upto = upto.min(self.len) & !4095;
+        if let (Some(p), true) = (self.ptr, upto > 0) {
+            // SAFETY: the range is page-aligned and inside the private read-only
+            // mapping made in `new`; MADV_DONTNEED on it only discards this
+            // process's page-table entries for unmodified file pages.
+            unsafe { libc::madvise(p.as_ptr().cast(), upto, libc::MADV_DONTNEED) };
+        }
+    }
+
+    /// The file's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self.ptr {
+            // SAFETY: `p` points to a live read-only mapping of `len` bytes that
+            // is unmapped only in `drop`, after every borrow of `self` has ended.
+            Some(p) => unsafe { std::slice::from_raw_parts(p.as_ptr(), self.len) },
+            None => &[],
+        }
+    }
+}
+
+impl Drop for MappedInput {
+    fn drop(&mut self) {
+        if let Some(p) = self.ptr.take() {
+            // SAFETY: address and length of the mapping made in `new`; no slice
+            // into it can outlive `self`.
+            unsafe { libc::munmap(p.as_ptr().cast(), self.len) };
+        }
+    }
+}
