@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 struct BlockStats {
     length: u64,
     page_size: Option<u64>,
+    addr: Option<u64>,
     zero: u64,
     page: u64,
     xbzrle: u64,
@@ -133,6 +134,7 @@ pub fn run(
                         let e = s.blocks.entry(b.name.to_string()).or_default();
                         e.length = b.used_length;
                         e.page_size = b.page_size;
+                        e.addr = b.addr;
                     }
                 }
                 if r.is_page() {
@@ -336,7 +338,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         .map(|n| {
             let b = &s.blocks[n];
             json!({
-                "name": n, "length": b.length, "page_size": b.page_size,
+                "name": n, "length": b.length, "page_size": b.page_size, "addr": b.addr,
                 "zero": b.zero, "page": b.page, "xbzrle": b.xbzrle, "compressed": b.compressed,
                 "nonzero_fill": b.nonzero_fill,
                 "discard_ranges": b.discard_ranges, "discarded_bytes": b.discarded_bytes,
