@@ -59,6 +59,13 @@ PC_HUGE = {"args": ["-M", "pc", "-m", "8",
                     "-numa", "node,nodeid=1,memdev=hp"],
            "ram": 8 * MiB, "layout": [("m0", 0, 4 * MiB), ("hp", 4 * MiB, 4 * MiB)],
            "hugepages": 16}
+SHM = "/dev/shm"
+# pc whose whole RAM is one shared file-backed backend m0 (GPA [0, 8 MiB), usual hole);
+# "{shm}" in the args is replaced by a per-capture unique file under /dev/shm, removed
+# afterwards. With x-ignore-shared QEMU sends no pages of m0 (its content is the file).
+PC_SHARED = {"args": ["-M", "pc,memory-backend=m0", "-m", "8",
+                      "-object", "memory-backend-file,id=m0,size=8M,mem-path={shm},share=on"],
+             "ram": 8 * MiB, "layout": [("m0", 0, 8 * MiB)], "shared": ["m0"]}
 
 # guest: dict(start, size, writes) for scripts/guest/build.sh
 G_TINY = {"start": 0x100000, "size": 16 * 4096, "writes": 2}
@@ -93,6 +100,12 @@ SCENARIOS = {
         about="QEMU 10 -> QEMU 10 over the recording relay, postcopy-ram, "
               "migrate-start-postcopy after the first pass, running destination, "
               "max-postcopy-bandwidth 200 kB/s so the destination faults (page requests)"),
+    "q10-ignore-shared": dict(
+        qemu="10", machine=PC_SHARED, guest=G_SMALL, flow="stopped",
+        caps={"x-ignore-shared": True},
+        about="QEMU 10, -M pc,memory-backend=m0 with m0 a shared memory-backend-file in "
+              "/dev/shm, x-ignore-shared, guest booted and dirtying, then stop, one "
+              "migration to file: (m0 is not migrated)"),
     "q10-hugepage-postcopy": dict(
         qemu="10", machine=PC_HUGE,
         guest={"start": 0x3C0000, "size": 128 * 4096, "writes": 2},
@@ -198,8 +211,9 @@ def build_guest(g, out):
     return out
 
 
-def machine_args(sc, img, serial):
-    return (sc["machine"]["args"] + ["-nodefaults", "-display", "none",
+def machine_args(sc, img, serial, shm=None):
+    args = [a.replace("{shm}", shm) if shm else a for a in sc["machine"]["args"]]
+    return (args + ["-nodefaults", "-display", "none",
             "-drive", f"file={img},format=raw,if=ide", "-serial", f"file:{serial}"])
 
 
@@ -298,10 +312,15 @@ class Capture:
         os.makedirs(self.work, exist_ok=True)
         self.binary = qmp.qemu_binary(sc["qemu"])
         self.src = self.dst = None
+        # Unique backing file for scenarios with "{shm}" in their machine args.
+        self.shm = None
+        if any("{shm}" in a for a in sc["machine"]["args"]):
+            self.shm = os.path.join(SHM, f"qmig-capture.{name}.{os.getpid()}."
+                                         f"{os.urandom(4).hex()}")
 
     def start(self, name, extra, img):
         serial = os.path.join(self.work, f"{name}.serial")
-        args = machine_args(self.sc, img, serial) + extra
+        args = machine_args(self.sc, img, serial, self.shm) + extra
         vm = qmp.Qemu(self.binary, args, self.work, name)
         vm.serial = serial
         return vm
@@ -380,10 +399,17 @@ class Capture:
         src.quit()
         if self.dst:
             self.dst.quit()
+        shared = self.shared_blocks(mem)
+
 
         data = qemustream.load(stream)
         ref = qemustream.Stream(data, decode=True)
-        ents = digests(mem, sc["machine"]["layout"])
+        # Shared blocks (x-ignore-shared) are not in the stream: no digests for them.
+        ents = digests(mem, [x for x in sc["machine"]["layout"] if x[0] not in shared])
+        for blk in shared:
+            b = ref.blocks.get(blk)
+            if b is None or any(b[k] for k in ("zero", "page", "xbzrle", "compressed")):
+                raise RuntimeError(f"{self.name}: shared block {blk} has records: {b}")
         for e in ents:
             got = sha256(ref.images[e["block"]][e["offset"]:e["offset"] + e["length"]])
             if got != e["sha256"]:
@@ -419,7 +445,8 @@ class Capture:
             "about": sc["about"],
             "qemu_version": version,
             "qemu_binary": " ".join(self.binary),
-            "machine_args": sc["machine"]["args"] + ["-nodefaults", "-display", "none"],
+            "machine_args": [a.replace("{shm}", f"{SHM}/<unique>") for a in
+                             sc["machine"]["args"]] + ["-nodefaults", "-display", "none"],
             "guest": {"dirty_start": sc["guest"]["start"], "dirty_size": sc["guest"]["size"],
                       "writes_per_page": sc["guest"]["writes"],
                       "delay_tsc": sc["guest"].get("delay", 0x100000),
@@ -454,6 +481,12 @@ class Capture:
         }
         if self.hugepages:
             oracle["hugepages"] = self.hugepages
+        if ref.ignore_shared():
+            oracle["reference"]["config_capabilities"] = ref.capabilities()
+            oracle["reference"]["mem_size_addrs"] = {n: ref.blocks[n]["addr"]
+                                                     for n in ref.block_order}
+        if shared:
+            oracle["shared_blocks"] = shared
         if ref.advise is not None:
             oracle["reference"]["postcopy_advise"] = list(ref.advise)
         if ref.discards:
@@ -518,10 +551,40 @@ class Capture:
             json.dump(oracle, f, indent=1)
             f.write("\n")
 
+    def shared_blocks(self, mem):
+        """{block: note} for the machine's shared (not migrated) blocks; removes the
+        backing file after checking that it holds the source's final memory."""
+        out = {}
+        for blk in self.sc["machine"].get("shared", []):
+            gpa, size = next((g, n) for b, g, n in self.sc["machine"]["layout"] if b == blk)
+            with open(self.shm, "rb") as f:
+                content = f.read()
+            same = all(content[lo - gpa:hi - gpa] == mem[lo:hi]
+                       for lo, hi in ((gpa, HOLE[0]), (HOLE[1], gpa + size)))
+            if len(content) != size or not same:
+                raise RuntimeError(f"{self.name}: {self.shm} differs from pmemsave of {blk}")
+            out[blk] = {
+                "migrated": False,
+                "backing": f"memory-backend-file share=on, mem-path {SHM}/<unique> "
+                           "(removed after the capture)",
+                "note": "x-ignore-shared: the stream lists the block in MEM_SIZE but sends "
+                        "no page records for it (its content lives in the shared file); "
+                        "an extracted image is all zeros, so no digest is given. At capture "
+                        "time the backing file equalled the source's pmemsave outside the "
+                        "hole.",
+            }
+        self.remove_shm()
+        return out
+
+    def remove_shm(self):
+        if self.shm and os.path.exists(self.shm):
+            os.unlink(self.shm)
+
     def cleanup(self):
         for vm in (self.src, self.dst):
             if vm:
                 vm.kill()
+        self.remove_shm()
 
 
 def main():

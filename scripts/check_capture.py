@@ -10,7 +10,8 @@ of capture directories (e.g. tests/data). For every capture:
   inspect    `$QMIG inspect STREAM --json` (plus `--return-path RP` when the capture has
              a return path) prints one JSON object; `totals` has zero/page/xbzrle/
              compressed/eos and `blocks` [{name,length,zero,page,xbzrle,compressed}].
-             Totals and per-block counts must equal those of the independent reader
+             Totals and per-block counts (and `addr`, the MEM_SIZE guest address, for
+             x-ignore-shared streams) must equal those of the independent reader
              (oracle.json "reference"), and the QEMU counters listed in "expect"
              (e.g. totals.zero == ram.duplicate) must hold.
   extract    `$QMIG extract STREAM -o DIR` writes DIR/manifest.json
@@ -198,7 +199,9 @@ class Checker:
                 if b is None:
                     errs.append(f"block {rb['name']!r} missing")
                     continue
-                for k in ("length",) + COUNT_KEYS:
+                # addr: MEM_SIZE guest address, present with x-ignore-shared only.
+                keys = ("length",) + COUNT_KEYS + (("addr",) if "addr" in rb else ())
+                for k in keys:
                     if b.get(k) != rb[k]:
                         errs.append(f"block {rb['name']}.{k}={b.get(k)}, expected {rb[k]}")
             extra = set(got_b) - {rb["name"] for rb in ref["blocks"]}

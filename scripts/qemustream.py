@@ -229,6 +229,17 @@ class Stream:
             self.commands.append((name, payload.hex() if payload else None))
 
     # -- RAM ------------------------------------------------------------------------
+    def capabilities(self):
+        """Capabilities listed in the configuration section (QEMU sends the subsection
+        only when one of them, e.g. x-ignore-shared, is on)."""
+        for name, _, payload in self.config_subsections:
+            if name == "configuration/capabilities":
+                return payload
+        return []
+
+    def ignore_shared(self):
+        return "x-ignore-shared" in self.capabilities()
+
     def block_page_size(self, r):
         """Optional be64 page size after a MEM_SIZE block's length.
 
@@ -238,6 +249,8 @@ class Stream:
         sizes), so peek: a power of two above 4096 cannot be the next thing otherwise
         (a block name starts with a non-zero length byte; a record header never has
         all flag bits clear). It must also be one of the sizes in the ADVISE summary.
+        Caveat: with x-ignore-shared too, a guest address follows (or replaces) it and a
+        power-of-two address would be mistaken for a page size; no capture combines them.
         """
         if self.advise is None or r.p + 8 > r.end:
             return None
@@ -267,6 +280,10 @@ class Stream:
                     ps = self.block_page_size(r)
                     if ps is not None:
                         self.blocks[name]["page_size"] = ps
+                    if self.ignore_shared():
+                        # x-ignore-shared: be64 guest address (the block's mr->addr),
+                        # after the optional page size (QEMU ram_save_setup order).
+                        self.blocks[name]["addr"] = r.u64()
                     self.block_order.append(name)
                     if self.decode:
                         self.images[name] = bytearray(length)
@@ -360,6 +377,9 @@ class Stream:
             "machine": self.machine,
             "config_subsections": self.config_subsections,
             "mem_size_total": self.mem_size_total,
+            "ignore_shared": self.ignore_shared(),
+            "mem_size_addrs": ({n: self.blocks[n]["addr"] for n in self.block_order}
+                               if self.ignore_shared() else None),
             "postcopy_advise": None if self.advise is None else list(self.advise),
             "blocks": [self.blocks[n] for n in self.block_order],
             "totals": self.totals,

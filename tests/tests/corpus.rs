@@ -293,3 +293,36 @@ fn mem_size_page_size_field_from_real_hugepage_stream() {
         assert_eq!(b.page_size, want, "block {}", b.name);
     }
 }
+
+/// With `x-ignore-shared` in the configuration, every MEM_SIZE entry carries
+/// the block's guest address, and the shared block's pages are not sent.
+#[test]
+fn mem_size_addr_field_from_real_ignore_shared_stream() {
+    let c = captures()
+        .into_iter()
+        .find(|c| c.name == "q10-ignore-shared")
+        .expect("capture");
+    let its = items(&c);
+    let blocks = its
+        .iter()
+        .find_map(|(_, i)| match i {
+            Item::Ram(qmig_wire::RamRecord {
+                body: qmig_wire::RamBody::MemSize(b),
+                ..
+            }) => Some(b.clone()),
+            _ => None,
+        })
+        .expect("MEM_SIZE");
+    let want = c.oracle["reference"]["mem_size_addrs"]
+        .as_object()
+        .expect("reference addrs");
+    assert_eq!(blocks.len(), want.len());
+    for b in &blocks {
+        assert_eq!(b.addr, want[b.name].as_u64(), "block {}", b.name);
+    }
+    let (_, per_block) = counts(&its);
+    assert!(
+        !per_block.contains_key("m0"),
+        "shared block m0 has records: {per_block:?}"
+    );
+}

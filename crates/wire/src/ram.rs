@@ -389,11 +389,15 @@ pub(crate) fn parse_ram_record<'a>(
 }
 
 /// Parses the MEM_SIZE block list that follows the header word.
-fn parse_mem_size<'a>(
-    mut i: &'a [u8],
-    total: u64,
-    ctx: &RamContext,
-) -> PResult<'a, Vec<MemBlock<'a>>> {
+///
+/// Which optional fields each entry carries is derived from the stream: the
+/// guest address when the configuration lists `x-ignore-shared`, the page
+/// size when postcopy was advised and the block's page size differs from
+/// the host's. The latter is not announced per block, so where the bytes
+/// allow both readings (a value that could be a page size, see
+/// [`page_size_candidate`]) both are tried, and the one whose block lengths
+/// add up to the MEM_SIZE total, with valid names all the way, is taken.
+fn parse_mem_size<'a>(i: &'a [u8], total: u64, ctx: &RamContext) -> PResult<'a, Vec<MemBlock<'a>>> {
     if ctx.mapped_ram {
         fail!(
             i,
@@ -403,68 +407,150 @@ fn parse_mem_size<'a>(
         );
     }
     let mut blocks = Vec::new();
-    let mut sum: u64 = 0;
-    while sum < total {
-        let at = i;
-        let (r, name) = counted_name(i, "RAM block name")?;
-        let (r, used_length) = be_u64(r)?;
-        sum = match sum.checked_add(used_length) {
-            Some(s) => s,
-            None => fail!(
-                at,
+    let mut budget = MEM_SIZE_ATTEMPTS;
+    // First look for a reading followed by what QEMU sends after the list
+    // (EOS, or a MULTIFD_FLUSH / HOOK before it); failing that, any reading
+    // whose lengths add up.
+    match mem_size_entries(i, total, 0, ctx, &mut blocks, &mut budget, true) {
+        Ok((r, ())) => return Ok((r, blocks)),
+        Err(nom::Err::Incomplete(n)) => return Err(nom::Err::Incomplete(n)),
+        Err(_) => blocks.clear(),
+    }
+    let (r, ()) = mem_size_entries(i, total, 0, ctx, &mut blocks, &mut budget, false)?;
+    Ok((r, blocks))
+}
+
+/// Whether `i` starts with a record QEMU sends right after the block list.
+fn setup_trailer(i: &[u8]) -> PResult<'_, bool> {
+    let (_, v) = be_u64(i)?;
+    Ok((
+        i,
+        matches!(v, flags::EOS | flags::MULTIFD_FLUSH | flags::HOOK),
+    ))
+}
+
+/// How many alternative readings of an ambiguous block list are tried
+/// before giving up (each ambiguous entry doubles them).
+const MEM_SIZE_ATTEMPTS: u32 = 1024;
+
+/// Parses the entries after `sum` bytes of blocks, pushing them on `out`;
+/// backtracks over the page-size ambiguity.
+fn mem_size_entries<'a>(
+    i: &'a [u8],
+    total: u64,
+    sum: u64,
+    ctx: &RamContext,
+    out: &mut Vec<MemBlock<'a>>,
+    budget: &mut u32,
+    strict: bool,
+) -> PResult<'a, ()> {
+    if sum == total {
+        if strict && !setup_trailer(i)?.1 {
+            fail!(
+                i,
                 MemSize {
                     total: total,
-                    sum: u64::MAX,
-                    why: "block lengths overflow u64"
+                    sum: sum,
+                    why: "block list not followed by EOS"
                 }
-            ),
-        };
-        if sum > total {
+            );
+        }
+        return Ok((i, ()));
+    }
+    let at = i;
+    let (r, name) = counted_name(i, "RAM block name")?;
+    let (r, used_length) = be_u64(r)?;
+    let sum = match sum.checked_add(used_length) {
+        Some(s) => s,
+        None => fail!(
+            at,
+            MemSize {
+                total: total,
+                sum: u64::MAX,
+                why: "block lengths overflow u64"
+            }
+        ),
+    };
+    if sum > total {
+        fail!(
+            at,
+            MemSize {
+                total: total,
+                sum: sum,
+                why: "block lengths add up to more than the total"
+            }
+        );
+    }
+    let candidates: [Option<Option<u64>>; 2] = match ctx.postcopy_advised {
+        None => [Some(None), None],
+        Some(summary) => match page_size_candidate(r, summary, ctx.host_page_size)?.1 {
+            Some(ps) => [Some(Some(ps)), Some(None)],
+            None => [Some(None), None],
+        },
+    };
+    let mut first_err = None;
+    let mut incomplete = None;
+    for page_size in candidates.into_iter().flatten() {
+        if *budget == 0 {
             fail!(
                 at,
                 MemSize {
                     total: total,
                     sum: sum,
-                    why: "block lengths add up to more than the total"
+                    why: "block list too ambiguous to read (page-size fields)"
                 }
             );
         }
-        let (r, page_size) = match ctx.postcopy_advised {
-            Some(summary) => page_size_field(r, summary, ctx.host_page_size)?,
-            None => (r, None),
-        };
+        *budget -= 1;
+        let r = if page_size.is_some() { &r[8..] } else { r };
         let (r, addr) = if ctx.ignore_shared {
             let (r, a) = be_u64(r)?;
             (r, Some(a))
         } else {
             (r, None)
         };
-        blocks.push(MemBlock {
+        out.push(MemBlock {
             name,
             used_length,
             page_size,
             addr,
         });
-        i = r;
+        match mem_size_entries(r, total, sum, ctx, out, budget, strict) {
+            Ok(x) => return Ok(x),
+            // A reading that needs more input than there is loses to one that
+            // is complete and consistent; if none is, more input is needed.
+            Err(nom::Err::Incomplete(n)) => {
+                out.pop();
+                incomplete.get_or_insert(n);
+            }
+            Err(e) => {
+                out.pop();
+                first_err.get_or_insert(e);
+            }
+        }
     }
-    Ok((i, blocks))
+    if let Some(n) = incomplete {
+        return Err(nom::Err::Incomplete(n));
+    }
+    Err(first_err.unwrap_or(nom::Err::Incomplete(nom::Needed::Unknown)))
 }
 
-/// Decides whether a block entry carries a page-size field, when postcopy is
-/// advised. A field is present only for blocks whose page size differs from
-/// the host page size: if the ADVISE summary says every block uses the host
-/// page size, none is present; otherwise the next eight bytes are a page size
-/// iff they form a power of two above the host page size that the summary
-/// includes (a block name would start with a non-zero length byte, and the
-/// records that may follow the list have values below the page size).
-fn page_size_field(i: &[u8], summary: Option<u64>, host: u64) -> PResult<'_, Option<u64>> {
+/// Whether the eight bytes at `i` could be a block's page-size field, when
+/// postcopy is advised: only blocks whose page size differs from the host
+/// page size carry one. If the ADVISE summary says every block uses the host
+/// page size, none does; otherwise a candidate is a power of two above the
+/// host page size that the summary includes. A block name would start with a
+/// non-zero length byte (a value of at least 2^56), and the records that may
+/// follow the list have values below the page size, so outside
+/// `x-ignore-shared` (where a guest address follows) the answer is exact.
+fn page_size_candidate(i: &[u8], summary: Option<u64>, host: u64) -> PResult<'_, Option<u64>> {
     if summary == Some(host) {
         return Ok((i, None));
     }
-    let (r, v) = be_u64(i)?;
+    let (_, v) = be_u64(i)?;
     let in_summary = summary.is_none_or(|s| s & v == v);
     if v.is_power_of_two() && v > host && in_summary && v >> 56 == 0 {
-        Ok((r, Some(v)))
+        Ok((i, Some(v)))
     } else {
         Ok((i, None))
     }
