@@ -216,7 +216,7 @@ fuzz_target!(|data: &[u8]| {
                 let n = c.u8() % 4;
                 let ranges = (0..n)
                     .map(|_| {
-                        if c.u8() % 4 == 0 {
+                        if c.u8().is_multiple_of(4) {
                             DiscardRange {
                                 start: c.u64(),
                                 len: c.u64(),

@@ -295,7 +295,7 @@ fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), S
             Some(Err(e)) => break Err(StopError::Wire(e)),
         };
         n = n.wrapping_add(1);
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             pb.set_position(offset);
             // Keep the resident set bounded: what is applied is not read again.
             if offset - released > RELEASE_STEP {
@@ -336,7 +336,7 @@ fn apply_reader<M: Images>(
             Err(e) => break Err(StopError::Wire(e)),
         };
         n = n.wrapping_add(1);
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             pb.set_position(ri.offset);
         }
         if let Err(e) = s.handle(&ri, |_| {}) {

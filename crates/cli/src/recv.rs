@@ -189,7 +189,7 @@ fn receive(
             Err(e) => break Err(StopError::Wire(e)),
         };
         n = n.wrapping_add(1);
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             let st = session.dst.stats();
             pb.set_message(format!(
                 "{:.1} MiB, {} pages, {} zero, {} xbzrle",

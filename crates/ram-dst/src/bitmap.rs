@@ -94,7 +94,7 @@ impl PageBitmap {
     pub fn resize(&mut self, bits: u64) {
         self.words.resize(bits.div_ceil(64) as usize, 0);
         self.bits = bits;
-        if bits % 64 != 0 {
+        if !bits.is_multiple_of(64) {
             if let Some(last) = self.words.last_mut() {
                 *last &= (1u64 << (bits % 64)) - 1;
             }

@@ -321,7 +321,7 @@ impl<M: GuestMemory> RamDst<M> {
                 {
                     return Err(bad(format!("page size {:#x}", b.page_size)));
                 }
-                if b.used_length % b.page_size != 0 || b.max_length < b.used_length {
+                if !b.used_length.is_multiple_of(b.page_size) || b.max_length < b.used_length {
                     return Err(bad(format!(
                         "length {:#x} (max {:#x})",
                         b.used_length, b.max_length
@@ -622,7 +622,7 @@ impl<M: GuestMemory> RamDst<M> {
         };
         let blk = &self.blocks[b];
         let tps = self.page_size();
-        if rec.offset % tps != 0
+        if !rec.offset.is_multiple_of(tps)
             || rec
                 .offset
                 .checked_add(tps)
@@ -703,7 +703,7 @@ impl<M: GuestMemory> RamDst<M> {
                     mb.name
                 )));
             }
-            if mb.used_length % tps != 0 {
+            if !mb.used_length.is_multiple_of(tps) {
                 return Err(bad(format!(
                     "block \"{}\" length {:#x} is not a multiple of the target page size",
                     mb.name, mb.used_length
@@ -727,7 +727,7 @@ impl<M: GuestMemory> RamDst<M> {
                     if blk.used_length != mb.used_length {
                         if !blk.resizable
                             || mb.used_length > blk.max_length
-                            || mb.used_length % blk.page_size != 0
+                            || !mb.used_length.is_multiple_of(blk.page_size)
                         {
                             return Err(RamDstError::LengthMismatch {
                                 offset: at,
@@ -749,7 +749,7 @@ impl<M: GuestMemory> RamDst<M> {
                     if !ps.is_power_of_two()
                         || ps < tps
                         || ps > MAX_PAGE_SIZE
-                        || mb.used_length % ps != 0
+                        || !mb.used_length.is_multiple_of(ps)
                     {
                         return Err(bad(format!(
                             "block \"{}\" page size {ps:#x} (length {:#x})",
@@ -937,7 +937,7 @@ impl<M: GuestMemory> RamDst<M> {
                 len: r.len,
                 why,
             };
-            if r.start % blk.page_size != 0 || r.len % blk.page_size != 0 {
+            if !r.start.is_multiple_of(blk.page_size) || !r.len.is_multiple_of(blk.page_size) {
                 return Err(err("not aligned to the block's page size"));
             }
             if r.start

@@ -17,7 +17,7 @@ fn memory(bytes: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 2 == 0 {
+        if x.is_multiple_of(2) {
             let b = (i as u8) | 1;
             page.iter_mut().step_by(7).for_each(|p| *p = b);
         }

@@ -172,7 +172,7 @@ impl Bits {
 
     fn set_all(&mut self) -> u64 {
         self.words.fill(!0);
-        if self.len % 64 != 0 {
+        if !self.len.is_multiple_of(64) {
             if let Some(w) = self.words.last_mut() {
                 *w = (1u64 << (self.len % 64)) - 1;
             }

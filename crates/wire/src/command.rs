@@ -379,7 +379,7 @@ fn parse_discard<'a>(
         ),
     }
     let body = &p[pos..];
-    if body.len() % 16 != 0 {
+    if !body.len().is_multiple_of(16) {
         fail!(
             &at[pos..],
             Discard {

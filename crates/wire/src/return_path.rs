@@ -258,7 +258,7 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
                     }
                 );
             }
-            if size % 8 != 0 {
+            if !size.is_multiple_of(8) {
                 fail!(size_at, BitmapSize { size: size });
             }
             let (r, bitmap) = take(size as usize)(r)?;

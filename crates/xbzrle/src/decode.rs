@@ -58,6 +58,23 @@ pub fn validate(encoded: &[u8], page_len: usize) -> Result<(), XbzrleError> {
     let mut i = 0usize;
     let mut d = 0usize;
     while i < len {
+        // Common case first: both lengths one byte, every rule satisfied.
+        if let Some(&[z, n]) = encoded
+            .get(i..i + 2)
+            .map(|s| <&[u8; 2]>::try_from(s).unwrap())
+        {
+            let (z, n) = (usize::from(z), usize::from(n));
+            if z | n < 0x80
+                && (z != 0 || i == 0)
+                && n != 0
+                && d + z + n <= page_len
+                && i + 2 + n <= len
+            {
+                i += 2 + n;
+                d += z + n;
+                continue;
+            }
+        }
         let position = i;
         let (zrun, w) = read_len(encoded, i)?;
         if zrun == 0 && i != 0 {
@@ -118,6 +135,19 @@ fn apply_validated(encoded: &[u8], page: &mut [u8]) {
     let mut i = 0usize;
     let mut d = 0usize;
     while i < len {
+        if let Some(&[z, n]) = encoded
+            .get(i..i + 2)
+            .map(|s| <&[u8; 2]>::try_from(s).unwrap())
+        {
+            if (z | n) < 0x80 {
+                let (z, n) = (usize::from(z), usize::from(n));
+                d += z;
+                copy_run(&mut page[d..d + n], &encoded[i + 2..i + 2 + n]);
+                i += 2 + n;
+                d += n;
+                continue;
+            }
+        }
         let (zrun, w) = read_len_unchecked(encoded, i);
         i += w;
         d += zrun;
@@ -149,10 +179,10 @@ fn read_len_unchecked(encoded: &[u8], i: usize) -> (usize, usize) {
 fn copy_run(dst: &mut [u8], src: &[u8]) {
     let n = src.len();
     debug_assert_eq!(n, dst.len());
-    if n >= 8 && n <= 16 {
+    if (8..=16).contains(&n) {
         dst[..8].copy_from_slice(&src[..8]);
         dst[n - 8..].copy_from_slice(&src[n - 8..]);
-    } else if n >= 4 && n < 8 {
+    } else if (4..8).contains(&n) {
         dst[..4].copy_from_slice(&src[..4]);
         dst[n - 4..].copy_from_slice(&src[n - 4..]);
     } else {

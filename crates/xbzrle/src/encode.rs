@@ -88,6 +88,29 @@ pub(crate) fn encode_core<M>(
 where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
 {
+    // Runs can only exceed the 14-bit limit on pages above 16 KiB: a separate copy of the
+    // loop keeps those checks out of the common case.
+    if new.len() > MAX_RUN {
+        encode_loop::<M, true>(old, new, out, mask)
+    } else {
+        encode_loop::<M, false>(old, new, out, mask)
+    }
+}
+
+/// Output window of the fast path: 256 (above the at most 2 * 64 + 64 + 32 bytes one
+/// block can produce, plus the next `d + 2` check) + a 32-byte chunk.
+const FAST_OUT: usize = 256 + 32;
+
+#[inline(always)]
+fn encode_loop<M, const LONG: bool>(
+    old: &[u8],
+    new: &[u8],
+    out: &mut [u8],
+    mask: M,
+) -> Result<usize, Overflow>
+where
+    M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+{
     let len = new.len();
     let dlen = out.len();
     if len == 0 {
@@ -99,82 +122,185 @@ where
     }
     let old = &old[..len];
     let full = len - len % BLOCK;
-    let block_mask = |base: usize| -> u64 {
-        if base < full {
+
+    // The page is walked in 64-byte blocks. For each block, `m` has bit k set iff byte
+    // base+k changed, and `t` has bit k set iff byte base+k starts a new run (its
+    // changed-ness differs from the byte before; byte -1 counts as unchanged). Bits beyond
+    // `len` in a short last block are 0, which at most adds a run start exactly at `len`.
+    let mut d = 0usize; // output length so far
+    let mut start = 0usize; // start of the current run
+    let mut in_diff = false; // whether the current run is a changed (data) run
+    let mut carry = 0u64; // bit 63 of the previous block's `m`
+    let mut base = 0usize;
+    while base < len {
+        let m = if base < full {
             let a: &[u8; BLOCK] = old[base..base + BLOCK].try_into().unwrap();
             let b: &[u8; BLOCK] = new[base..base + BLOCK].try_into().unwrap();
             mask(a, b)
         } else {
-            diff_mask_swar(&old[base..], &new[base..])
-        }
-    };
-
-    // `t` holds the not yet consumed transitions of block `base`: bit k set iff byte
-    // base+k differs in "changed-ness" from the byte before it (byte -1 counts as
-    // unchanged). Bits beyond `len` in a short last block are 0 ("unchanged"), which at
-    // worst adds a transition exactly at `len`.
-    let mut base = 0usize;
-    let mut m = block_mask(0);
-    let mut t = m ^ (m << 1);
-    let mut carry = m >> 63;
-
-    macro_rules! next_transition {
-        () => {
-            loop {
-                if t != 0 {
-                    let p = base + t.trailing_zeros() as usize;
-                    t &= t - 1;
-                    break p;
-                }
-                base += BLOCK;
-                if base >= len {
-                    break len;
-                }
-                m = block_mask(base);
-                t = m ^ ((m << 1) | carry);
-                carry = m >> 63;
-            }
+            tail_mask(&old[base..], &new[base..])
         };
+        let mut t = m ^ ((m << 1) | carry);
+        carry = m >> 63;
+        if t == 0 {
+            base += BLOCK;
+            continue;
+        }
+        // Fast path, for blocks where none of QEMU's overflow checks can fire: while all
+        // data runs are at most 32 bytes, one block produces at most 64 two-byte lengths
+        // plus 64 + 32 literal bytes, within FAST_OUT - 34 bytes. Data bytes are copied
+        // as whole 32-byte chunks from a fixed window of `new` into a fixed window of
+        // `out`, with indexes masked to the window sizes (the masks never change them, by
+        // the bounds just given), so no bounds checks remain. A longer data run ends the
+        // fast path; the exact path below takes over for the rest of the block.
+        if base >= 32
+            && base + BLOCK + 64 <= len
+            && d + FAST_OUT <= dlen
+            && (!LONG || base + BLOCK - start <= MAX_RUN)
+        {
+            let nw: &[u8; 160] = new[base - 32..base + 128].try_into().unwrap();
+            let ow: &mut [u8; FAST_OUT] = (&mut out[d..d + FAST_OUT]).try_into().unwrap();
+            let mut o = 0usize;
+            let mut diff = if in_diff { usize::MAX } else { 0 };
+            loop {
+                // Common case: two runs ending in this block, a skip run shorter than 0x80
+                // and a data run of at most 16 bytes (one length byte each, one 16-byte
+                // chunk of data). The kind of run
+                // alternates, so a pair keeps `diff`: one tight loop for each kind.
+                if diff == 0 {
+                    while t & t.wrapping_sub(1) != 0 {
+                        // Skip run `start..p1`, then data run `p1..p2`.
+                        let t1 = t & (t - 1);
+                        let p1 = base + t.trailing_zeros() as usize;
+                        let p2 = base + t1.trailing_zeros() as usize;
+                        let (skip, data) = (p1 - start, p2 - p1);
+                        if (skip | ((data - 1) << 3)) >= 0x80 {
+                            break;
+                        }
+                        t = t1 & (t1 - 1);
+                        let oo = o & 255;
+                        ow[oo..oo + 2].copy_from_slice(&((skip | data << 8) as u16).to_le_bytes());
+                        let oo = (o + 2) & 255;
+                        let ls = (p1 + 32 - base) & 127;
+                        ow[oo..oo + 16].copy_from_slice(&nw[ls..ls + 16]);
+                        o += 2 + data;
+                        start = p2;
+                    }
+                } else {
+                    while t & t.wrapping_sub(1) != 0 {
+                        // Data run `start..p1`, then skip run `p1..p2`.
+                        let t1 = t & (t - 1);
+                        let p1 = base + t.trailing_zeros() as usize;
+                        let p2 = base + t1.trailing_zeros() as usize;
+                        let (data, skip) = (p1 - start, p2 - p1);
+                        if (skip | ((data - 1) << 3)) >= 0x80 {
+                            break;
+                        }
+                        t = t1 & (t1 - 1);
+                        ow[o & 255] = data as u8;
+                        let oo = (o + 1) & 255;
+                        let ls = (start + 32 - base) & 127;
+                        ow[oo..oo + 16].copy_from_slice(&nw[ls..ls + 16]);
+                        ow[(o + 1 + data) & 255] = skip as u8;
+                        o += 2 + data;
+                        start = p2;
+                    }
+                }
+                if t == 0 {
+                    break;
+                }
+                // One run, any length up to 0x3FFF for a skip run, 32 for a data run.
+                let p = base + t.trailing_zeros() as usize;
+                let r = p - start;
+                if diff != 0 && r > 32 {
+                    break;
+                }
+                t &= t - 1;
+                // 2-byte ULEB128 as one store (second byte is scratch when r < 0x80).
+                let high = r & !0x7F;
+                let two = usize::from(high != 0);
+                let v = (r + high + (two << 7)) as u16;
+                let oo = o & 255;
+                ow[oo..oo + 2].copy_from_slice(&v.to_le_bytes());
+                o += 1 + two;
+                // Literal bytes (scratch, overwritten next step, for a skip run).
+                let oo = o & 255;
+                let ls = (start + 32).wrapping_sub(base) & 127;
+                ow[oo..oo + 32].copy_from_slice(&nw[ls..ls + 32]);
+                o += r & diff;
+                diff = !diff;
+                start = p;
+            }
+            d += o;
+            in_diff = diff != 0;
+        }
+        {
+            // Exact checks, in QEMU's order.
+            while t != 0 {
+                let p = base + t.trailing_zeros() as usize;
+                t &= t - 1;
+                if in_diff {
+                    d = emit_data_checked::<LONG>(out, d, new, start, p)?;
+                    if p == len {
+                        return Ok(d);
+                    }
+                    // Checked before the next skip run, even a trailing one.
+                    if d + 2 > dlen {
+                        return Err(Overflow);
+                    }
+                } else {
+                    // A skip run ends before `len` here (a run start at `len` only
+                    // follows a changed byte).
+                    let zrun = p - start;
+                    if LONG && zrun > MAX_RUN {
+                        return Err(Overflow);
+                    }
+                    d += put_len(out, d, zrun);
+                    if d + 2 > dlen {
+                        return Err(Overflow);
+                    }
+                }
+                start = p;
+                in_diff = !in_diff;
+            }
+        }
+        base += BLOCK;
     }
+    if in_diff {
+        // The page ends in a data run.
+        d = emit_data_checked::<LONG>(out, d, new, start, len)?;
+    }
+    // Otherwise the trailing skip run is not sent; d == 0 means unchanged.
+    Ok(d)
+}
 
-    let mut d = 0usize;
-    let mut start = 0usize;
-    loop {
-        // Invariant: a skip run starts at `start` and `d + 2 <= dlen`.
-        let p = next_transition!();
-        if p >= len {
-            // Trailing skip run is not sent; d == 0 means unchanged.
-            return Ok(d);
-        }
-        let zrun = p - start;
-        if zrun > MAX_RUN {
-            return Err(Overflow);
-        }
-        d += put_len(out, d, zrun);
-        if d + 2 > dlen {
-            return Err(Overflow);
-        }
-        start = p;
-        let p = next_transition!();
-        let p = if p > len { len } else { p };
-        let nzrun = p - start;
-        if nzrun > MAX_RUN {
-            return Err(Overflow);
-        }
-        d += put_len(out, d, nzrun);
-        if d + nzrun > dlen {
-            return Err(Overflow);
-        }
-        copy_literal(out, d, new, start, nzrun);
-        d += nzrun;
-        if p == len {
-            return Ok(d);
-        }
-        if d + 2 > dlen {
-            return Err(Overflow);
-        }
-        start = p;
+/// Length and literal bytes of the data run `new[start..p]` with QEMU's checks (given
+/// `d + 2 <= out.len()`, established by the check after the preceding skip run).
+#[inline(always)]
+fn emit_data_checked<const LONG: bool>(
+    out: &mut [u8],
+    d: usize,
+    new: &[u8],
+    start: usize,
+    p: usize,
+) -> Result<usize, Overflow> {
+    let n = p - start;
+    if LONG && n > MAX_RUN {
+        return Err(Overflow);
     }
+    let d = d + put_len(out, d, n);
+    if d + n > out.len() {
+        return Err(Overflow);
+    }
+    copy_literal(out, d, new, start, n);
+    Ok(d + n)
+}
+
+/// Difference mask of the short last block (pages that are not a multiple of 64 bytes),
+/// kept out of line so the main loop's registers are not spent on its constants.
+#[inline(never)]
+fn tail_mask(old: &[u8], new: &[u8]) -> u64 {
+    diff_mask_swar(old, new)
 }
 
 /// Writes a run length (`v <= 0x3FFF`) at `out[d..]`, given `d + 2 <= out.len()`; always
@@ -201,8 +327,15 @@ fn copy_literal(out: &mut [u8], d: usize, src: &[u8], s: usize, n: usize) {
             o[C..].copy_from_slice(&i[C..]);
         }
     } else {
-        out[d..d + n].copy_from_slice(&src[s..s + n]);
+        copy_long(&mut out[d..d + n], &src[s..s + n]);
     }
+}
+
+/// `memcpy` kept out of line: inlined, LLVM merges it with the fixed-size short copies
+/// into one variable-length `memcpy` call, which is much slower for the short ones.
+#[inline(never)]
+fn copy_long(dst: &mut [u8], src: &[u8]) {
+    dst.copy_from_slice(src);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -218,9 +351,9 @@ mod simd {
     };
 
     pub(super) fn encode_x86(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of
-            // `encode_avx2`.
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi1") {
+            // SAFETY: the CPU supports AVX2 and BMI1 (checked just above), the only
+            // requirement of `encode_avx2`.
             unsafe { encode_avx2(old, new, out) }
         } else {
             encode_core(old, new, out, diff_mask_sse2)
@@ -228,12 +361,12 @@ mod simd {
     }
 
     /// # Safety
-    /// The CPU must support AVX2.
-    #[target_feature(enable = "avx2")]
+    /// The CPU must support AVX2 and BMI1.
+    #[target_feature(enable = "avx2,bmi1")]
     unsafe fn encode_avx2(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
         encode_core(old, new, out, |a, b| {
             // SAFETY: this closure only runs inside `encode_avx2`, whose caller has
-            // checked that the CPU supports AVX2.
+            // checked that the CPU supports AVX2 (and BMI1).
             unsafe { diff_mask_avx2(a, b) }
         })
     }
@@ -245,8 +378,8 @@ mod simd {
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn diff_mask_avx2(a: &[u8; BLOCK], b: &[u8; BLOCK]) -> u64 {
-        // SAFETY (all four loads): each pointer starts 0 or 32 bytes into a 64-byte array,
-        // so 32 bytes are readable; `loadu` has no alignment requirement.
+        // SAFETY: each of the four pointers below starts 0 or 32 bytes into a 64-byte
+        // array, so 32 bytes are readable; `loadu` has no alignment requirement.
         let a0 = unsafe { _mm256_loadu_si256(a.as_ptr().cast::<__m256i>()) };
         // SAFETY: as above.
         let a1 = unsafe { _mm256_loadu_si256(a[32..].as_ptr().cast::<__m256i>()) };
@@ -304,6 +437,45 @@ pub mod variants {
         #[cfg(not(target_arch = "x86_64"))]
         {
             super::encode_portable(old, new, out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff_mask_swar;
+
+    #[test]
+    fn swar_mask_every_byte_pattern() {
+        for pattern in 0..=255u32 {
+            for (base, delta) in [
+                (0u8, 0x80u8),
+                (0x80, 0x80),
+                (0x7F, 0x01),
+                (0xFF, 0xFF),
+                (0x01, 0x7F),
+                (0x00, 0x01),
+            ] {
+                let a = [base; 64];
+                let mut b = a;
+                let mut want = 0u64;
+                for (k, byte) in b.iter_mut().enumerate() {
+                    if pattern >> (k % 8) & 1 == 1 && (k / 8) % 3 != 1 {
+                        *byte ^= delta;
+                        want |= 1 << k;
+                    }
+                }
+                assert_eq!(diff_mask_swar(&a, &b), want, "pattern {pattern:#x}");
+                // Short (tail) lengths: bits at and above the length are 0.
+                for len in [0usize, 1, 7, 8, 13, 56, 63] {
+                    let w = if len == 64 {
+                        want
+                    } else {
+                        want & ((1u64 << len) - 1)
+                    };
+                    assert_eq!(diff_mask_swar(&a[..len], &b[..len]), w);
+                }
+            }
         }
     }
 }
