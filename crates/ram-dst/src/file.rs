@@ -11,8 +11,9 @@ use crate::memory::{check_range, GuestMemory};
 use crate::mmap::{image_file_name, punch_hole};
 use crate::ImageFile;
 
-/// Largest run of consecutive page writes buffered before it is written.
-const MAX_PENDING: usize = 4 << 20;
+/// Largest run of consecutive page writes buffered before it is written
+/// (small enough to stay in L2, so the copy in and the copy out hit cache).
+const MAX_PENDING: usize = 256 << 10;
 
 #[derive(Debug)]
 struct Image {
