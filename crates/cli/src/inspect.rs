@@ -68,6 +68,14 @@ pub fn run(
     }
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
+    if records {
+        writeln!(
+            out,
+            "{:>12} {:<24} {:<24} {:>14} {:<16} payload",
+            "offset", "section", "block", "page offset", "kind"
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let mut cur_section = String::from("-");
     let mut cur_block = String::from("-");
     loop {
@@ -243,7 +251,7 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 ("-", "-".into())
             };
             format!(
-                "{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<14} {}",
+                "{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<16} {}",
                 r.kind().name(),
                 r.payload_len()
             )
@@ -254,7 +262,7 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 .map(|i| format!("{} inst={} ver={}", i.idstr, i.instance, i.version))
                 .unwrap_or_default();
             format!(
-                "{off:>12} {:<24} {:<24} {:>14} {:<14} {len} {name}",
+                "{off:>12} {:<24} {:<24} {:>14} {:<16} {len} {name}",
                 format!("{}", h.section_id),
                 "-",
                 "-",
@@ -269,7 +277,7 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 _ => String::new(),
             };
             format!(
-                "{off:>12} {:<24} {:<24} {:>14} {:<14} {len}{extra}",
+                "{off:>12} {:<24} {:<24} {:>14} {:<16} {len}{extra}",
                 "-",
                 "-",
                 "-",
@@ -277,7 +285,7 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
             )
         }
         other => format!(
-            "{off:>12} {section:<24} {:<24} {:>14} {:<14} {len}",
+            "{off:>12} {section:<24} {:<24} {:>14} {:<16} {len}",
             "-",
             "-",
             other.kind_name()
