@@ -74,7 +74,7 @@ pub fn run(
             "{:>12} {:<24} {:<24} {:>14} {:<16} payload",
             "offset", "section", "block", "page offset", "kind"
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::output_error)?;
     }
     let mut cur_section = String::from("-");
     let mut cur_block = String::from("-");
@@ -206,7 +206,7 @@ pub fn run(
         }
         if records {
             let line = record_line(off, &item, &cur_section, &cur_block, dec.position() - off);
-            writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            writeln!(out, "{line}").map_err(crate::output_error)?;
         }
         if matches!(item, Item::Footer(_)) {
             cur_section = "-".into();
@@ -219,7 +219,7 @@ pub fn run(
     };
     if records {
         if let Some(e) = &s.error {
-            writeln!(out, "error: {e}").map_err(|e| e.to_string())?;
+            writeln!(out, "error: {e}").map_err(crate::output_error)?;
         }
     } else if json_out {
         let v = to_json(&s, rp_summary);
@@ -228,11 +228,11 @@ pub fn run(
             "{}",
             serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::output_error)?;
     } else {
-        print_text(&mut out, &s, rp_summary.as_ref()).map_err(|e| e.to_string())?;
+        print_text(&mut out, &s, rp_summary.as_ref()).map_err(crate::output_error)?;
     }
-    out.flush().map_err(|e| e.to_string())?;
+    out.flush().map_err(crate::output_error)?;
     if let Some(e) = &s.error {
         eprintln!("qmig: {e}");
         return Ok(ExitCode::from(1));

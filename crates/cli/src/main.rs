@@ -85,6 +85,19 @@ enum Cmd {
     },
 }
 
+/// Error text for a failed write to stdout; a closed pipe (`qmig inspect
+/// --records | head`) is not an error worth reporting.
+pub(crate) fn output_error(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        BROKEN_PIPE.to_string()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Marker for [`output_error`]'s closed pipe.
+const BROKEN_PIPE: &str = "\0broken pipe";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -107,6 +120,7 @@ fn main() -> ExitCode {
     };
     match r {
         Ok(code) => code,
+        Err(e) if e == BROKEN_PIPE => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qmig: {e}");
             ExitCode::from(2)
