@@ -1,0 +1,262 @@
+//! The fault thread: reads missing-fault events from a region's
+//! userfaultfd, reports each newly needed host page, accounts blocktime.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::blocktime::Blocktime;
+use crate::region::{Region, Shared};
+use crate::sys;
+use crate::UffdError;
+
+/// A missing fault on a host page not yet placed nor already reported:
+/// the caller should ask the source for it (REQ_PAGES).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The tag given to [`Region::spawn_fault_thread`] (e.g. the RAM block
+    /// index), so several regions can share one channel.
+    pub tag: usize,
+    /// Host-page-aligned offset of the faulting page within the region.
+    pub offset: u64,
+    /// Kernel thread id of the faulting thread, when the kernel reports it.
+    pub thread_id: Option<u32>,
+    /// Whether the access was a write.
+    pub write: bool,
+}
+
+/// Counters kept by the fault thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Missing-fault events read.
+    pub faults: u64,
+    /// Faults reported over the channel (first fault on a page).
+    pub reported: u64,
+    /// Faults on a page already reported and not yet placed (not reported again).
+    pub duplicates: u64,
+    /// Faults on a page already placed (the waiter is woken, nothing reported).
+    pub already_placed: u64,
+    /// Reports that could not be sent because the receiver was gone.
+    pub undelivered: u64,
+}
+
+/// A running fault thread. Stop it with [`FaultThread::stop`]; dropping it
+/// stops it too, discarding the result.
+#[derive(Debug)]
+pub struct FaultThread {
+    stop: OwnedFd,
+    handle: Option<JoinHandle<Result<FaultStats, UffdError>>>,
+    shared: Arc<Shared>,
+}
+
+impl Region {
+    /// Starts the fault thread of this region. Each missing fault on a host
+    /// page that is neither placed nor already reported is sent on `tx` as a
+    /// [`Fault`] tagged `tag`; faults on placed pages just wake their thread.
+    /// `blocktime` says how many vCPUs (or which threads) to account for;
+    /// it replaces the region's accounting, readable with
+    /// [`Region::blocktime`].
+    ///
+    /// # Errors
+    /// [`UffdError::FaultThreadRunning`] if this region already has one;
+    /// [`UffdError::Syscall`] when the stop eventfd or the thread cannot be
+    /// created.
+    pub fn spawn_fault_thread(
+        &self,
+        tag: usize,
+        blocktime: Blocktime,
+        tx: Sender<Fault>,
+    ) -> Result<FaultThread, UffdError> {
+        self.claim_fault_thread()?;
+        let started = (|| {
+            let stop = sys::eventfd()?;
+            let stop_dup = stop
+                .try_clone()
+                .map_err(|source| UffdError::Syscall { op: "dup", source })?;
+            self.shared.lock().blocktime = blocktime;
+            let shared = Arc::clone(&self.shared);
+            let handle = std::thread::Builder::new()
+                .name("uffd-fault".into())
+                .spawn(move || run(&shared, &stop_dup, tag, &tx))
+                .map_err(|source| UffdError::Syscall {
+                    op: "spawn",
+                    source,
+                })?;
+            Ok(FaultThread {
+                stop,
+                handle: Some(handle),
+                shared: Arc::clone(&self.shared),
+            })
+        })();
+        if started.is_err() {
+            self.shared.fault_thread.store(false, Ordering::Release);
+        }
+        started
+    }
+}
+
+impl FaultThread {
+    /// Tells the thread to stop, waits for it and returns its counters.
+    /// Threads still blocked on unplaced pages stay blocked.
+    ///
+    /// # Errors
+    /// The error that ended the thread early, if any (e.g. a failed read of
+    /// the userfaultfd); [`UffdError::FaultThreadPanicked`] if it panicked.
+    pub fn stop(mut self) -> Result<FaultStats, UffdError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<FaultStats, UffdError> {
+        let Some(h) = self.handle.take() else {
+            return Ok(FaultStats::default());
+        };
+        let one: u64 = 1;
+        let p: *const u64 = &one;
+        // SAFETY: writes the 8 bytes of `one` to our eventfd.
+        let r = unsafe { libc::write(self.stop.as_raw_fd(), p.cast(), 8) };
+        if r != 8 {
+            // The thread cannot be told to stop; do not block on it.
+            return Err(UffdError::Syscall {
+                op: "write(eventfd)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let res = h.join().unwrap_or(Err(UffdError::FaultThreadPanicked));
+        self.shared.fault_thread.store(false, Ordering::Release);
+        res
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// The thread body: poll the userfaultfd and the stop eventfd, read fault
+/// messages in batches, handle each.
+fn run(
+    shared: &Shared,
+    stop: &OwnedFd,
+    tag: usize,
+    tx: &Sender<Fault>,
+) -> Result<FaultStats, UffdError> {
+    let mut stats = FaultStats::default();
+    let mut msgs = [sys::UffdMsg::default(); 16];
+    let msg_size = std::mem::size_of::<sys::UffdMsg>();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: shared.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let fds_ptr = fds.as_mut_ptr();
+        // SAFETY: `fds_ptr` points to 2 initialised pollfds owned by this frame.
+        let r = unsafe { libc::poll(fds_ptr, 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(UffdError::Syscall {
+                op: "poll",
+                source: e,
+            });
+        }
+        if fds[1].revents != 0 {
+            return Ok(stats);
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(UffdError::Syscall {
+                op: "poll(userfaultfd)",
+                source: io::Error::other("userfaultfd reported an error condition"),
+            });
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        let buf = msgs.as_mut_ptr().cast::<libc::c_void>();
+        // SAFETY: `buf` is the start of `msgs`, writable for its whole size;
+        // any bit pattern is a valid `UffdMsg` (plain integers).
+        let n = unsafe { libc::read(shared.fd.as_raw_fd(), buf, msg_size * msgs.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Another reader took it, or a signal: poll again.
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => {
+                    return Err(UffdError::Syscall {
+                        op: "read(userfaultfd)",
+                        source: e,
+                    })
+                }
+            }
+        }
+        let count = n as usize / msg_size;
+        for m in &msgs[..count] {
+            if m.event == sys::EVENT_PAGEFAULT {
+                handle_fault(shared, m, tag, tx, &mut stats)?;
+            }
+        }
+    }
+}
+
+fn handle_fault(
+    shared: &Shared,
+    m: &sys::UffdMsg,
+    tag: usize,
+    tx: &Sender<Fault>,
+    stats: &mut FaultStats,
+) -> Result<(), UffdError> {
+    stats.faults += 1;
+    let ps = shared.page_size;
+    let Some(off) = (m.pf_address as usize)
+        .checked_sub(shared.map.addr)
+        .filter(|&o| o < shared.map.len)
+    else {
+        // Not ours (cannot happen with one region per fd); ignore.
+        return Ok(());
+    };
+    let page = off / ps;
+    let offset = (page * ps) as u64;
+    let thread_id = (m.pf_ptid != 0).then_some(m.pf_ptid);
+    let now = shared.now();
+    let mut t = shared.lock();
+    if t.received.get(page) {
+        drop(t);
+        // Placed between the fault and now: the copy woke the thread, but a
+        // spare wake-up is cheap and covers an EEXIST placement.
+        stats.already_placed += 1;
+        return shared.wake(page * ps, ps);
+    }
+    if let Some(tid) = thread_id {
+        t.blocktime.fault(tid, offset, now);
+    }
+    if t.requested.get(page) {
+        stats.duplicates += 1;
+        return Ok(());
+    }
+    t.requested.set(page);
+    drop(t);
+    stats.reported += 1;
+    let f = Fault {
+        tag,
+        offset,
+        thread_id,
+        write: m.pf_flags & sys::PAGEFAULT_FLAG_WRITE != 0,
+    };
+    if tx.send(f).is_err() {
+        stats.undelivered += 1;
+    }
+    Ok(())
+}
