@@ -7,7 +7,7 @@ use qmig_ram_dst::{Config, RamDst, VecMemory};
 use qmig_tests::sha256::hex as sha256_hex;
 use qmig_tests::{captures, Capture};
 use qmig_wire::header::Configuration;
-use qmig_wire::section::{SectionHeader, SectionIdent, SectionKind};
+use qmig_wire::section::SectionHeader;
 use qmig_wire::{Item, MemBlock, RamRecord, SliceReader};
 
 /// Replays a whole stream; returns the destination and the error, if any.
@@ -111,15 +111,7 @@ fn replay_of_a_synthetic_stream() {
             machine: "pc",
             subsections: vec![],
         }),
-        Item::Section(SectionHeader {
-            kind: SectionKind::Start,
-            section_id: 2,
-            ident: Some(SectionIdent {
-                idstr: "ram",
-                instance: 0,
-                version: 4,
-            }),
-        }),
+        Item::Section(SectionHeader::start(2, "ram", 0, 4)),
         Item::Ram(RamRecord::mem_size(vec![MemBlock {
             name: "pc.ram",
             used_length: 4 * 4096,
@@ -128,11 +120,7 @@ fn replay_of_a_synthetic_stream() {
         }])),
         Item::Ram(RamRecord::eos()),
         Item::Footer(2),
-        Item::Section(SectionHeader {
-            kind: SectionKind::Part,
-            section_id: 2,
-            ident: None,
-        }),
+        Item::Section(SectionHeader::part(2)),
         Item::Ram(RamRecord::page(4096, Some("pc.ram"), &page_a)),
         Item::Ram(RamRecord::zero(0, None)),
         Item::Ram(RamRecord::page(3 * 4096, None, &page_b)),

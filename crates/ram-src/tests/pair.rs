@@ -297,7 +297,7 @@ fn template_regenerates_itself() {
 /// header, config, START(MEM_SIZE pc.ram 8 KiB), PART(ZERO 0, PAGE 0x1000), [SWITCHOVER], END, EOF.
 fn synthetic_template(id: u32, footers: bool, switchover: bool) -> Vec<u8> {
     use qmig_wire::ram::flags;
-    use qmig_wire::{Command, Configuration, MemBlock, RamRecord, SectionHeader, SectionIdent};
+    use qmig_wire::{Command, Configuration, MemBlock, RamRecord, SectionHeader};
     let mut s = Vec::new();
     qmig_wire::header::write_header(&mut s);
     Configuration {
@@ -311,16 +311,7 @@ fn synthetic_template(id: u32, footers: bool, switchover: bool) -> Vec<u8> {
             qmig_wire::section::write_footer(s, id);
         }
     };
-    SectionHeader {
-        kind: SectionKind::Start,
-        section_id: id,
-        ident: Some(SectionIdent {
-            idstr: "ram",
-            instance: 0,
-            version: 4,
-        }),
-    }
-    .write(&mut s);
+    SectionHeader::start(id, "ram", 0, 4).write(&mut s);
     RamRecord::mem_size(vec![MemBlock {
         name: "pc.ram",
         used_length: 2 * PS as u64,
@@ -329,12 +320,7 @@ fn synthetic_template(id: u32, footers: bool, switchover: bool) -> Vec<u8> {
     }])
     .write(&mut s);
     foot(&mut s);
-    SectionHeader {
-        kind: SectionKind::Part,
-        section_id: id,
-        ident: None,
-    }
-    .write(&mut s);
+    SectionHeader::part(id).write(&mut s);
     RamRecord::zero(0, Some("pc.ram")).write(&mut s);
     let mut page = vec![0u8; PS];
     page[0] = 0x5a;
@@ -343,12 +329,7 @@ fn synthetic_template(id: u32, footers: bool, switchover: bool) -> Vec<u8> {
     if switchover {
         Command::SwitchoverStart.write(&mut s);
     }
-    SectionHeader {
-        kind: SectionKind::End,
-        section_id: id,
-        ident: None,
-    }
-    .write(&mut s);
+    SectionHeader::end(id).write(&mut s);
     foot(&mut s);
     s.push(0);
     s

@@ -11,7 +11,7 @@ use qmig_ram_dst::{
 };
 use qmig_uffd_host::{probe, Blocktime, Region};
 use qmig_wire::header::Configuration;
-use qmig_wire::section::{SectionHeader, SectionIdent, SectionKind};
+use qmig_wire::section::SectionHeader;
 use qmig_wire::{Advise, Command, Discard, DiscardRange, Item, MemBlock, RamRecord, SliceReader};
 
 const PS: u64 = 4096;
@@ -26,20 +26,8 @@ fn pattern(seed: u8) -> Vec<u8> {
 /// ADVISE, DISCARD, LISTEN, RUN, then postcopy RAM pages: a data page at 3,
 /// a zero page at 5, a data page at 6 (page 7 is never sent).
 fn stream(p3: &[u8], p6: &[u8]) -> Vec<u8> {
-    let ram_start = SectionHeader {
-        kind: SectionKind::Start,
-        section_id: 2,
-        ident: Some(SectionIdent {
-            idstr: "ram",
-            instance: 0,
-            version: 4,
-        }),
-    };
-    let ram_part = SectionHeader {
-        kind: SectionKind::Part,
-        section_id: 2,
-        ident: None,
-    };
+    let ram_start = SectionHeader::start(2, "ram", 0, 4);
+    let ram_part = SectionHeader::part(2);
     let items = [
         Item::Header { version: 3 },
         Item::Configuration(Configuration {

@@ -84,7 +84,51 @@ pub struct SectionHeader<'a> {
     pub ident: Option<SectionIdent<'a>>,
 }
 
-impl SectionHeader<'_> {
+impl<'a> SectionHeader<'a> {
+    /// A START header (first part of an iterative section such as `ram`).
+    pub fn start(section_id: u32, idstr: &'a str, instance: u32, version: u32) -> Self {
+        SectionHeader {
+            kind: SectionKind::Start,
+            section_id,
+            ident: Some(SectionIdent {
+                idstr,
+                instance,
+                version,
+            }),
+        }
+    }
+
+    /// A FULL header (a whole device section).
+    pub fn full(section_id: u32, idstr: &'a str, instance: u32, version: u32) -> Self {
+        SectionHeader {
+            kind: SectionKind::Full,
+            section_id,
+            ident: Some(SectionIdent {
+                idstr,
+                instance,
+                version,
+            }),
+        }
+    }
+
+    /// A PART header.
+    pub fn part(section_id: u32) -> Self {
+        SectionHeader {
+            kind: SectionKind::Part,
+            section_id,
+            ident: None,
+        }
+    }
+
+    /// An END header.
+    pub fn end(section_id: u32) -> Self {
+        SectionHeader {
+            kind: SectionKind::End,
+            section_id,
+            ident: None,
+        }
+    }
+
     /// Serializes the header.
     pub fn write(&self, out: &mut Vec<u8>) {
         out.push(self.kind.byte());

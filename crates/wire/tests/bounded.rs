@@ -26,16 +26,7 @@ impl Gen {
                 subsections: vec![],
             }
             .write(&mut self.buf);
-            SectionHeader {
-                kind: SectionKind::Start,
-                section_id: 1,
-                ident: Some(SectionIdent {
-                    idstr: "ram",
-                    instance: 0,
-                    version: 4,
-                }),
-            }
-            .write(&mut self.buf);
+            SectionHeader::start(1, "ram", 0, 4).write(&mut self.buf);
             RamRecord::mem_size(vec![MemBlock {
                 name: "pc.ram",
                 used_length: blocks,
@@ -47,12 +38,7 @@ impl Gen {
             write_footer(&mut self.buf, 1);
         }
         if self.done < self.parts {
-            SectionHeader {
-                kind: SectionKind::Part,
-                section_id: 1,
-                ident: None,
-            }
-            .write(&mut self.buf);
+            SectionHeader::part(1).write(&mut self.buf);
             let page = vec![(self.done % 251) as u8 | 1; 4096];
             for i in 0..256u64 {
                 let off = ((self.done as u64 * 256 + i) << 12) % blocks;
@@ -62,12 +48,7 @@ impl Gen {
             RamRecord::eos().write(&mut self.buf);
             write_footer(&mut self.buf, 1);
         } else if self.done == self.parts {
-            SectionHeader {
-                kind: SectionKind::End,
-                section_id: 1,
-                ident: None,
-            }
-            .write(&mut self.buf);
+            SectionHeader::end(1).write(&mut self.buf);
             RamRecord::eos().write(&mut self.buf);
             write_footer(&mut self.buf, 1);
             self.buf.push(0);

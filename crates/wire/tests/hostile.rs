@@ -16,16 +16,7 @@ fn prelude() -> Vec<u8> {
         subsections: vec![],
     }
     .write(&mut s);
-    SectionHeader {
-        kind: SectionKind::Start,
-        section_id: 2,
-        ident: Some(SectionIdent {
-            idstr: "ram",
-            instance: 0,
-            version: 4,
-        }),
-    }
-    .write(&mut s);
+    SectionHeader::start(2, "ram", 0, 4).write(&mut s);
     RamRecord::mem_size(vec![MemBlock {
         name: "pc.ram",
         used_length: 1 << 20,
@@ -97,12 +88,7 @@ fn footer_mismatch() {
 fn part_for_section_never_started() {
     let mut s = prelude();
     let at = s.len() as u64;
-    SectionHeader {
-        kind: SectionKind::Part,
-        section_id: 9,
-        ident: None,
-    }
-    .write(&mut s);
+    SectionHeader::part(9).write(&mut s);
     let e = first_error(&s);
     assert!(
         matches!(e, WireError::SectionNotStarted { section_id: 9, offset } if offset == at),
@@ -113,12 +99,7 @@ fn part_for_section_never_started() {
 #[test]
 fn continue_without_block() {
     let mut s = prelude();
-    SectionHeader {
-        kind: SectionKind::Part,
-        section_id: 2,
-        ident: None,
-    }
-    .write(&mut s);
+    SectionHeader::part(2).write(&mut s);
     let at = s.len() as u64;
     s.extend_from_slice(&(flags::ZERO | flags::CONTINUE).to_be_bytes());
     s.push(0);
@@ -383,16 +364,7 @@ fn command_fixed_lengths() {
 #[test]
 fn device_section_without_footer_is_reported() {
     let mut s = prelude();
-    SectionHeader {
-        kind: SectionKind::Full,
-        section_id: 5,
-        ident: Some(SectionIdent {
-            idstr: "timer",
-            instance: 0,
-            version: 2,
-        }),
-    }
-    .write(&mut s);
+    SectionHeader::full(5, "timer", 0, 2).write(&mut s);
     let payload_at = s.len() as u64;
     s.extend_from_slice(&[1, 2, 3, 4, 5, 6]);
     let e = first_error(&s);
@@ -418,16 +390,7 @@ fn packaged_nested_stream_is_delimited() {
     let mut s = prelude();
     let mut inner = Vec::new();
     Command::PostcopyListen.write(&mut inner);
-    SectionHeader {
-        kind: SectionKind::Full,
-        section_id: 7,
-        ident: Some(SectionIdent {
-            idstr: "timer",
-            instance: 0,
-            version: 2,
-        }),
-    }
-    .write(&mut inner);
+    SectionHeader::full(7, "timer", 0, 2).write(&mut inner);
     // Payload containing a footer-like pattern for another id, and one for
     // this id that is not followed by a plausible item.
     inner.extend_from_slice(&[0x7e, 0, 0, 0, 8, 0x7e, 0, 0, 0, 7, 0x99, 1, 2]);
@@ -440,12 +403,7 @@ fn packaged_nested_stream_is_delimited() {
     .write(&mut s);
     s.extend_from_slice(&inner);
     Command::Ping(4).write(&mut s);
-    SectionHeader {
-        kind: SectionKind::End,
-        section_id: 2,
-        ident: None,
-    }
-    .write(&mut s);
+    SectionHeader::end(2).write(&mut s);
     RamRecord::eos().write(&mut s);
     write_footer(&mut s, 2);
     s.push(0);

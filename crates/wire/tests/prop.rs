@@ -301,11 +301,11 @@ proptest! {
             Command::OpenReturnPath.write(&mut s);
             Command::Ping(p).write(&mut s);
         }
-        SectionHeader { kind: SectionKind::Start, section_id: 2, ident: Some(SectionIdent { idstr: "ram", instance: 0, version: 4 }) }.write(&mut s);
+        SectionHeader::start(2, "ram", 0, 4).write(&mut s);
         RamRecord::mem_size(vec![MemBlock { name: "pc.ram", used_length: 64 << 12, page_size: None, addr: None }]).write(&mut s);
         RamRecord::eos().write(&mut s);
         write_footer(&mut s, 2);
-        SectionHeader { kind: SectionKind::Part, section_id: 2, ident: None }.write(&mut s);
+        SectionHeader::part(2).write(&mut s);
         let data: Vec<Vec<u8>> = pages.iter().map(|(_, _, b)| vec![*b; 4096]).collect();
         for (i, (pg, zero, _)) in pages.iter().enumerate() {
             let block = if i == 0 { Some("pc.ram") } else { None };
@@ -313,12 +313,12 @@ proptest! {
         }
         RamRecord::eos().write(&mut s);
         write_footer(&mut s, 2);
-        SectionHeader { kind: SectionKind::End, section_id: 2, ident: None }.write(&mut s);
+        SectionHeader::end(2).write(&mut s);
         RamRecord::eos().write(&mut s);
         write_footer(&mut s, 2);
         for (i, (n, payload)) in devices.iter().enumerate() {
             let id = 10 + i as u32;
-            SectionHeader { kind: SectionKind::Full, section_id: id, ident: Some(SectionIdent { idstr: n, instance: 0, version: 1 }) }.write(&mut s);
+            SectionHeader::full(id, n, 0, 1).write(&mut s);
             s.extend_from_slice(payload);
             write_footer(&mut s, id);
         }
