@@ -278,16 +278,7 @@ fn mem_size_page_size_field_from_real_hugepage_stream() {
         _ => None,
     });
     assert_eq!(advise.map(|a| a.page_size_summary), Some(0x201000));
-    let blocks = its
-        .iter()
-        .find_map(|(_, i)| match i {
-            Item::Ram(qmig_wire::RamRecord {
-                body: qmig_wire::RamBody::MemSize(b),
-                ..
-            }) => Some(b.clone()),
-            _ => None,
-        })
-        .expect("MEM_SIZE");
+    let blocks = mem_size_blocks(&its);
     for b in &blocks {
         let want = (b.name == "hp").then_some(0x200000);
         assert_eq!(b.page_size, want, "block {}", b.name);
@@ -303,16 +294,7 @@ fn mem_size_addr_field_from_real_ignore_shared_stream() {
         .find(|c| c.name == "q10-ignore-shared")
         .expect("capture");
     let its = items(&c);
-    let blocks = its
-        .iter()
-        .find_map(|(_, i)| match i {
-            Item::Ram(qmig_wire::RamRecord {
-                body: qmig_wire::RamBody::MemSize(b),
-                ..
-            }) => Some(b.clone()),
-            _ => None,
-        })
-        .expect("MEM_SIZE");
+    let blocks = mem_size_blocks(&its);
     let want = c.oracle["reference"]["mem_size_addrs"]
         .as_object()
         .expect("reference addrs");
@@ -325,4 +307,17 @@ fn mem_size_addr_field_from_real_ignore_shared_stream() {
         !per_block.contains_key("m0"),
         "shared block m0 has records: {per_block:?}"
     );
+}
+
+/// The block list of the stream's MEM_SIZE record.
+fn mem_size_blocks<'a>(its: &[(u64, Item<'a>)]) -> Vec<qmig_wire::MemBlock<'a>> {
+    its.iter()
+        .find_map(|(_, i)| match i {
+            Item::Ram(qmig_wire::RamRecord {
+                body: qmig_wire::RamBody::MemSize(b),
+                ..
+            }) => Some(b.clone()),
+            _ => None,
+        })
+        .expect("MEM_SIZE")
 }
