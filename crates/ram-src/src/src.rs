@@ -1,6 +1,6 @@
 //! The source state machine: [`RamSrc`].
 
-use qmig_wire::ram::flags;
+use qmig_wire::{MemBlock, RamRecord};
 use qmig_xbzrle::{PageCache, SaveOutcome};
 
 use crate::compress::PageCompressor;
@@ -461,20 +461,18 @@ impl RamSrc {
     pub fn poll_setup(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
         self.expect("poll_setup", State::Setup)?;
         let start = out.len();
-        let total: u64 = self.blocks.iter().map(|b| b.used_length).sum();
-        out.extend_from_slice(&(total | flags::MEM_SIZE).to_be_bytes());
-        for b in &self.blocks {
-            out.push(b.name.len() as u8);
-            out.extend_from_slice(b.name.as_bytes());
-            out.extend_from_slice(&b.used_length.to_be_bytes());
-            if let Some(ps) = b.mem_size_page_size {
-                out.extend_from_slice(&ps.to_be_bytes());
-            }
-            if let Some(a) = b.mem_size_addr {
-                out.extend_from_slice(&a.to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&flags::EOS.to_be_bytes());
+        let list = self
+            .blocks
+            .iter()
+            .map(|b| MemBlock {
+                name: &b.name,
+                used_length: b.used_length,
+                page_size: b.mem_size_page_size,
+                addr: b.mem_size_addr,
+            })
+            .collect();
+        RamRecord::mem_size(list).write(out);
+        RamRecord::eos().write(out);
         self.dirty_count = self.dirty.iter_mut().map(Bits::set_all).sum();
         for l in &mut self.log {
             l.words.fill(0);
@@ -573,7 +571,7 @@ impl RamSrc {
             }
             self.counters.iterations += 1;
         }
-        out.extend_from_slice(&flags::EOS.to_be_bytes());
+        RamRecord::eos().write(out);
         self.counters.transferred += (out.len() - start) as u64;
         Ok(progress)
     }
@@ -596,7 +594,7 @@ impl RamSrc {
         while self.find_and_save(mem, out)? != 0 {
             self.counters.iterations += 1;
         }
-        out.extend_from_slice(&flags::EOS.to_be_bytes());
+        RamRecord::eos().write(out);
         self.counters.transferred += (out.len() - start) as u64;
         self.state = State::Done;
         Ok(())
@@ -687,15 +685,14 @@ impl RamSrc {
         Ok(sent)
     }
 
-    fn header(&mut self, out: &mut Vec<u8>, blk: usize, offset: u64, flag: u64) {
+    /// The block name a page record of `blk` carries: none when it continues
+    /// the block of the previous record (QEMU's CONTINUE), else the name.
+    fn block_ref(&mut self, blk: usize) -> Option<&str> {
         if self.last_sent == Some(blk) {
-            out.extend_from_slice(&(offset | flag | flags::CONTINUE).to_be_bytes());
+            None
         } else {
-            out.extend_from_slice(&(offset | flag).to_be_bytes());
-            let name = self.blocks[blk].name.as_bytes();
-            out.push(name.len() as u8);
-            out.extend_from_slice(name);
             self.last_sent = Some(blk);
+            Some(&self.blocks[blk].name)
         }
     }
 
@@ -728,11 +725,8 @@ impl RamSrc {
                     offset,
                     why,
                 })?;
-                out.extend_from_slice(
-                    &(offset | flags::COMPRESS_PAGE | flags::CONTINUE).to_be_bytes(),
-                );
-                out.extend_from_slice(&(z.len() as u32).to_be_bytes());
-                out.extend_from_slice(z);
+                // Same block as the last record, so always CONTINUE.
+                RamRecord::compressed(offset, None, z).write(out);
                 self.counters.compressed_pages += 1;
                 self.counters.compressed_bytes += z.len() as u64;
                 return Ok(1);
@@ -765,10 +759,13 @@ impl RamSrc {
                     }
                     SaveOutcome::Encoded(len) => {
                         let at = out.len();
-                        self.header(out, blk, offset, flags::XBZRLE);
-                        out.push(1);
-                        out.extend_from_slice(&(len as u16).to_be_bytes());
-                        out.extend_from_slice(&self.encoded[..len]);
+                        let block = if self.last_sent == Some(blk) {
+                            None
+                        } else {
+                            self.last_sent = Some(blk);
+                            Some(self.blocks[blk].name.as_str())
+                        };
+                        RamRecord::xbzrle(offset, block, &self.encoded[..len]).write(out);
                         self.counters.xbzrle_pages += 1;
                         self.counters.xbzrle_bytes += (out.len() - at - 8) as u64;
                         return Ok(1);
@@ -777,15 +774,13 @@ impl RamSrc {
             }
         }
 
-        self.header(out, blk, offset, flags::PAGE);
-        out.extend_from_slice(data);
+        RamRecord::page(offset, self.block_ref(blk), data).write(out);
         self.counters.normal += 1;
         Ok(1)
     }
 
     fn write_zero(&mut self, out: &mut Vec<u8>, blk: usize, offset: u64) {
-        self.header(out, blk, offset, flags::ZERO);
-        out.push(0);
+        RamRecord::zero(offset, self.block_ref(blk)).write(out);
         self.counters.duplicate += 1;
     }
 }
