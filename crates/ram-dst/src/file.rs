@@ -2,13 +2,13 @@
 //! writes are combined into large writes, which is faster than faulting pages
 //! into a mapping when a stream is replayed from a file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::memory::{check_range, GuestMemory};
-use crate::mmap::{image_file_name, punch_hole};
+use crate::mmap::{create_image, punch_hole};
 use crate::ImageFile;
 
 /// Largest run of consecutive page writes buffered before it is written
@@ -94,13 +94,9 @@ impl GuestMemory for FileMemory {
     fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> io::Result<()> {
         self.settle()?;
         if index == self.blocks.len() {
-            let file_name = image_file_name(name, |f| self.blocks.iter().any(|b| b.file_name == f));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(self.dir.join(&file_name))?;
+            let (file_name, file) = create_image(&self.dir, name, |f| {
+                self.blocks.iter().any(|b| b.file_name == f)
+            })?;
             self.blocks.push(Image {
                 name: name.to_string(),
                 file_name,

@@ -121,10 +121,6 @@ impl MmapMemory {
         &self.dir
     }
 
-    fn file_name_for(&self, name: &str) -> String {
-        image_file_name(name, |f| self.blocks.iter().any(|b| b.file_name == f))
-    }
-
     fn get(&mut self, index: usize) -> io::Result<&mut Mapped> {
         self.blocks
             .get_mut(index)
@@ -135,13 +131,9 @@ impl MmapMemory {
 impl GuestMemory for MmapMemory {
     fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> io::Result<()> {
         if index == self.blocks.len() {
-            let file_name = self.file_name_for(name);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(self.dir.join(&file_name))?;
+            let (file_name, file) = create_image(&self.dir, name, |f| {
+                self.blocks.iter().any(|b| b.file_name == f)
+            })?;
             self.blocks.push(Mapped {
                 name: name.to_string(),
                 file_name,
@@ -235,6 +227,23 @@ pub(crate) fn image_file_name(name: &str, taken: impl Fn(&str) -> bool) -> Strin
         s = format!("{base}-{n}");
     }
     format!("{s}.img")
+}
+
+/// Creates (truncating) the image file of block `name` in `dir`, under a
+/// file name that `taken` does not already use.
+pub(crate) fn create_image(
+    dir: &Path,
+    name: &str,
+    taken: impl Fn(&str) -> bool,
+) -> io::Result<(String, File)> {
+    let file_name = image_file_name(name, taken);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join(&file_name))?;
+    Ok((file_name, file))
 }
 
 /// Punches a hole `offset..offset + len` into `file` (keeping its size).
