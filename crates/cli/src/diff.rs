@@ -9,59 +9,58 @@
 //! counts of both streams; exit 0 iff no difference.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
-use qmig_wire::{Item, SectionKind, SliceReader, WireError};
+use qmig_wire::{Item, SectionKind, StreamReader, WireError};
+
+use crate::input::Input;
 
 type Error = Box<dyn std::error::Error>;
 
-/// One compared unit.
-#[derive(Debug)]
+/// What one compared unit is (its bytes and block live in the [`Normalizer`]).
+#[derive(Debug, Clone, Copy)]
 struct Entry {
     /// Stream offset.
     offset: u64,
     /// Kind name (RAM record kind, or item kind).
     kind: &'static str,
-    /// The block the record addresses (resolved through CONTINUE).
-    block: Option<String>,
+    /// Whether it is a page record (so it addresses the normalizer's block).
+    is_page: bool,
     /// Whether the block name is on the wire.
     name_sent: bool,
     /// Page offset in the block.
     page: Option<u64>,
-    /// The serialized item.
-    bytes: Vec<u8>,
 }
 
-/// Turns a stream into comparable entries.
-struct Normalizer<'a> {
-    reader: SliceReader<'a>,
+/// Turns a stream, read incrementally, into comparable entries. The current
+/// entry's serialized bytes and block are kept here, in buffers reused from
+/// one entry to the next.
+struct Normalizer {
+    reader: StreamReader<Input>,
     ram_id: Option<u32>,
-    block: Option<String>,
+    /// The block page records address (resolved through CONTINUE).
+    block: String,
+    /// The serialized current entry.
+    bytes: Vec<u8>,
     records_only: bool,
-    done: bool,
 }
 
-impl<'a> Normalizer<'a> {
-    fn new(buf: &'a [u8], records_only: bool) -> Self {
-        Normalizer {
-            reader: SliceReader::new(buf),
+impl Normalizer {
+    fn open(path: &Path, records_only: bool) -> Result<Self, Error> {
+        Ok(Normalizer {
+            reader: crate::input::open_stream(path)?.0,
             ram_id: None,
-            block: None,
+            block: String::new(),
+            bytes: Vec::new(),
             records_only,
-            done: false,
-        }
+        })
     }
 
     fn next_entry(&mut self) -> Result<Option<Entry>, WireError> {
-        while !self.done {
-            let Some(r) = self.reader.next() else {
-                self.done = true;
-                break;
-            };
-            let (offset, item) = r?;
-            match &item {
+        while let Some(ri) = self.reader.next_item()? {
+            let (offset, item) = (ri.offset, ri.item);
+            let entry = match &item {
                 Item::Section(h) => {
                     if let Some(id) = h.ident {
                         if id.idstr == "ram" && h.kind == SectionKind::Start {
@@ -71,6 +70,7 @@ impl<'a> Normalizer<'a> {
                     if Some(h.section_id) == self.ram_id {
                         continue;
                     }
+                    None
                 }
                 Item::Footer(id) if Some(*id) == self.ram_id => continue,
                 Item::Ram(rec) => {
@@ -78,57 +78,47 @@ impl<'a> Normalizer<'a> {
                         continue;
                     }
                     if let Some(b) = rec.block {
-                        self.block = Some(b.to_string());
+                        self.block.clear();
+                        self.block.push_str(b);
                     }
-                    let mut bytes = Vec::new();
-                    item.write(&mut bytes);
                     let is_page = rec.is_page();
-                    return Ok(Some(Entry {
+                    Some(Entry {
                         offset,
                         kind: rec.kind().name(),
-                        block: if is_page { self.block.clone() } else { None },
+                        is_page,
                         name_sent: rec.block.is_some(),
                         page: is_page.then_some(rec.offset),
-                        bytes,
-                    }));
+                    })
                 }
                 Item::PackageEnd => continue,
-                _ => {}
-            }
-            if self.records_only {
-                continue;
-            }
-            let mut bytes = Vec::new();
-            item.write(&mut bytes);
-            return Ok(Some(Entry {
-                offset,
-                kind: item.kind_name(),
-                block: None,
-                name_sent: false,
-                page: None,
-                bytes,
-            }));
+                _ => None,
+            };
+            let entry = match entry {
+                Some(e) => e,
+                None if self.records_only => continue,
+                None => Entry {
+                    offset,
+                    kind: item.kind_name(),
+                    is_page: false,
+                    name_sent: false,
+                    page: None,
+                },
+            };
+            self.bytes.clear();
+            item.write(&mut self.bytes);
+            return Ok(Some(entry));
         }
         Ok(None)
     }
-}
 
-fn load(p: &Path) -> Result<Vec<u8>, Error> {
-    let raw = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut v = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut v)
-            .map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(v)
-    } else {
-        Ok(raw)
+    fn block_of(&self, e: &Entry) -> Option<&str> {
+        e.is_page.then_some(self.block.as_str())
     }
 }
 
-fn describe(e: &Entry) -> String {
+fn describe(e: &Entry, n: &Normalizer) -> String {
     let mut s = format!("offset {} (0x{:x}): {}", e.offset, e.offset, e.kind);
-    if let Some(b) = &e.block {
+    if let Some(b) = n.block_of(e) {
         s += &format!(
             " block {b}{}",
             if e.name_sent {
@@ -141,35 +131,34 @@ fn describe(e: &Entry) -> String {
     if let Some(p) = e.page {
         s += &format!(" page 0x{p:x}");
     }
-    s += &format!(", {} bytes", e.bytes.len());
+    s += &format!(", {} bytes", n.bytes.len());
     s
 }
 
-fn why(a: &Entry, b: &Entry) -> String {
+fn why(a: &Entry, na: &Normalizer, b: &Entry, nb: &Normalizer) -> String {
     if a.kind != b.kind {
         "record kind".into()
     } else if a.page != b.page {
         "page offset".into()
-    } else if a.block != b.block {
+    } else if na.block_of(a) != nb.block_of(b) {
         "block".into()
     } else if a.name_sent != b.name_sent {
         "whether the block name is sent".into()
     } else {
-        let i = a
+        let i = na
             .bytes
             .iter()
-            .zip(&b.bytes)
+            .zip(&nb.bytes)
             .position(|(x, y)| x != y)
-            .unwrap_or(a.bytes.len().min(b.bytes.len()));
+            .unwrap_or(na.bytes.len().min(nb.bytes.len()));
         format!("content (first differing byte at +{i} of the item)")
     }
 }
 
 /// Runs `qmig diff`.
 pub fn run(a: &Path, b: &Path, records_only: bool) -> Result<ExitCode, Error> {
-    let (da, db) = (load(a)?, load(b)?);
-    let mut na = Normalizer::new(&da, records_only);
-    let mut nb = Normalizer::new(&db, records_only);
+    let mut na = Normalizer::open(a, records_only)?;
+    let mut nb = Normalizer::open(b, records_only)?;
     let mut counts: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
     let mut first: Option<String> = None;
     let mut index = 0u64;
@@ -191,26 +180,26 @@ pub fn run(a: &Path, b: &Path, records_only: bool) -> Result<ExitCode, Error> {
         }
         if first.is_none() {
             match (&ea, &eb) {
-                (Some(x), Some(y)) if x.kind == y.kind && x.bytes == y.bytes => {}
+                (Some(x), Some(y)) if x.kind == y.kind && na.bytes == nb.bytes => {}
                 (Some(x), Some(y)) => {
                     first = Some(format!(
                         "first difference at {} #{index}: {}\n  A: {}\n  B: {}",
                         if records_only { "record" } else { "item" },
-                        why(x, y),
-                        describe(x),
-                        describe(y)
+                        why(x, &na, y, &nb),
+                        describe(x, &na),
+                        describe(y, &nb)
                     ))
                 }
                 (Some(x), None) => {
                     first = Some(format!(
                         "B ends before A, at #{index}\n  A: {}",
-                        describe(x)
+                        describe(x, &na)
                     ))
                 }
                 (None, Some(y)) => {
                     first = Some(format!(
                         "A ends before B, at #{index}\n  B: {}",
-                        describe(y)
+                        describe(y, &nb)
                     ))
                 }
                 (None, None) => {}
