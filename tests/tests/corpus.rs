@@ -3,7 +3,7 @@
 //! prefix of it gives a truncation error (never a panic, never success).
 
 use qmig_tests::{captures, Capture};
-use qmig_wire::{Decoder, Item, Limits, RamKind, SliceReader, Step, StreamStart};
+use qmig_wire::{Item, RamKind, SliceReader, Step};
 use std::collections::BTreeMap;
 
 fn items(c: &Capture) -> Vec<(u64, Item<'_>)> {
@@ -168,7 +168,8 @@ fn return_paths_parse_and_roundtrip() {
 fn every_prefix_is_a_truncation() {
     for c in captures() {
         let s = &c.stream;
-        let mut dec = Decoder::with_start(StreamStart::Full, 0, Limits::default());
+        // Start from the decoder a slice reader sets up (vmdesc installed).
+        let mut dec = SliceReader::new(s).decoder().clone();
         let mut checkpoints = Vec::new();
         loop {
             let pos = dec.position() as usize;

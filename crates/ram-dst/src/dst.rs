@@ -486,7 +486,7 @@ impl<M: GuestMemory> RamDst<M> {
         if bits == self.page_bits {
             return Ok(());
         }
-        if self.adopt && self.blocks.is_empty() && (9..=30).contains(&bits) {
+        if self.adopt && self.blocks.is_empty() && qmig_wire::target_page::valid_page_bits(bits) {
             self.page_bits = bits;
             return Ok(());
         }

@@ -53,6 +53,11 @@ impl Pair {
                     self.dec.commit(&item, len);
                     self.consumed += len;
                 }
+                // The vmdesc comes last; PAGE sizes are declared.
+                Step::NeedVmdesc => self.dec.give_up_vmdesc(),
+                Step::PageSize { bits } => self
+                    .dec
+                    .set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred),
                 Step::NeedMore | Step::End => return,
             }
         }

@@ -245,6 +245,31 @@ pub enum WireError {
         /// What is not supported.
         what: &'static str,
     },
+    /// The vmdesc trailer is not a description QEMU writes.
+    #[error("offset {offset}: vmdesc: {why}")]
+    Vmdesc {
+        /// Offset of the trailer (or of the section it failed to describe).
+        offset: u64,
+        /// Rule broken.
+        why: &'static str,
+    },
+    /// The target page size is invalid, unknown, or sources disagree on it.
+    #[error("offset {offset}: target page size: {why}")]
+    PageSize {
+        /// Offset of the item that needed or announced it.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// The bytes can be read in more than one consistent way; qmig refuses to
+    /// choose.
+    #[error("offset {offset}: ambiguous stream: {why}")]
+    Ambiguous {
+        /// Offset where the readings part.
+        offset: u64,
+        /// The readings.
+        why: String,
+    },
     /// Reading the underlying input failed.
     #[error("offset {offset}: I/O error: {source}")]
     Io {
@@ -283,6 +308,9 @@ macro_rules! each_offset {
             | WireError::DeviceSection { offset: $o, .. }
             | WireError::Structure { offset: $o, .. }
             | WireError::Unsupported { offset: $o, .. }
+            | WireError::Vmdesc { offset: $o, .. }
+            | WireError::PageSize { offset: $o, .. }
+            | WireError::Ambiguous { offset: $o, .. }
             | WireError::Io { offset: $o, .. } => $body,
         }
     };

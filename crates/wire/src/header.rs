@@ -165,11 +165,11 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
         let (r, body) = match sname {
             "configuration/target-page-bits" => {
                 let (r, bits) = be_u32(r)?;
-                if !(9..=30).contains(&bits) {
+                if !crate::target_page::valid_page_bits(bits) {
                     fail!(
                         r,
                         Configuration {
-                            why: "target-page-bits outside 9..=30"
+                            why: "target-page-bits outside QEMU's range 10..=16 (1 KiB to 64 KiB)"
                         }
                     );
                 }

@@ -27,6 +27,7 @@
 
 pub mod command;
 pub mod decoder;
+pub mod devices;
 mod error;
 pub mod header;
 mod names;
@@ -34,7 +35,9 @@ pub mod ram;
 pub mod reader;
 pub mod return_path;
 pub mod section;
+pub mod target_page;
 pub mod vmdesc;
+pub mod vmstate;
 
 pub use command::{Advise, Command, Discard, DiscardRange};
 pub use decoder::{Decoder, Item, Limits, Phase, SectionInfo, Step, StreamStart};

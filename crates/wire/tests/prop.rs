@@ -257,7 +257,7 @@ proptest! {
     }
 
     #[test]
-    fn configuration_roundtrip(machine in "[a-z0-9.-]{1,40}", bits in prop::option::of(9u32..=16), caps in prop::option::of(prop::collection::vec("[a-z-]{1,20}", 0..4)), uuid in prop::option::of(any::<[u8; 16]>())) {
+    fn configuration_roundtrip(machine in "[a-z0-9.-]{1,40}", bits in prop::option::of(10u32..=16), caps in prop::option::of(prop::collection::vec("[a-z-]{1,20}", 0..4)), uuid in prop::option::of(any::<[u8; 16]>())) {
         let mut subsections = Vec::new();
         if let Some(b) = bits { subsections.push(ConfigSubsection { name: "configuration/target-page-bits", version: 1, body: ConfigBody::TargetPageBits(b) }); }
         let caps_ref: Option<Vec<&str>> = caps.as_ref().map(|c| c.iter().map(String::as_str).collect());
@@ -290,10 +290,28 @@ proptest! {
     #[test]
     fn synthetic_stream_roundtrip(
         pages in prop::collection::vec((0u64..64, any::<bool>(), any::<u8>()), 0..40),
-        devices in prop::collection::vec(("[a-z0-9_]{1,12}", prop::collection::vec(any::<u8>(), 0..200)), 0..6),
+        devices in prop::collection::vec(("[a-z0-9_]{1,12}", prop::collection::vec(any::<u8>(), 0..200), prop::option::of((0usize..200, 0usize..4))), 0..6),
         ping in prop::option::of(any::<u32>()),
         vmdesc in any::<bool>(),
     ) {
+        // Device payloads may hold copies of their own footer followed by
+        // what a section could start with (guest-controlled bytes).
+        let devices: Vec<(String, Vec<u8>)> = devices.into_iter().enumerate().map(|(i, (n, mut p, fake))| {
+            if let Some((at, kind)) = fake {
+                let id = 10 + i as u32;
+                let mut f = Vec::new();
+                write_footer(&mut f, id);
+                match kind {
+                    0 => { SectionHeader::part(2).write(&mut f); RamRecord::eos().write(&mut f); write_footer(&mut f, 2); }
+                    1 => SectionHeader::full(id + 100, "fake", 0, 1).write(&mut f),
+                    2 => f.push(0),
+                    _ => Command::Ping(7).write(&mut f),
+                }
+                let at = at.min(p.len());
+                p.splice(at..at, f);
+            }
+            (n, p)
+        }).collect();
         let mut s = Vec::new();
         write_header(&mut s);
         Configuration { machine: "pc-i440fx-10.0", subsections: vec![] }.write(&mut s);
@@ -318,23 +336,42 @@ proptest! {
         write_footer(&mut s, 2);
         for (i, (n, payload)) in devices.iter().enumerate() {
             let id = 10 + i as u32;
-            SectionHeader::full(id, n, 0, 1).write(&mut s);
+            SectionHeader::full(id, n, i as u32, 1).write(&mut s);
             s.extend_from_slice(payload);
             write_footer(&mut s, id);
         }
         s.push(0);
         if vmdesc {
-            qmig_wire::vmdesc::write_vmdesc(&mut s, br#"{"page_size":4096,"devices":[]}"#);
+            let devs: Vec<String> = devices.iter().enumerate().map(|(i, (n, p))| format!(
+                r#"{{"name":"{n}","instance_id":{i},"vmsd_name":"{n}","version":1,"fields":[{{"name":"data","type":"buffer","size":{}}}]}}"#, p.len())).collect();
+            let json = format!(r#"{{"page_size":4096,"devices":[{}]}}"#, devs.join(","));
+            qmig_wire::vmdesc::write_vmdesc(&mut s, json.as_bytes());
         }
+        // With a vmdesc every payload is read exactly; without one the
+        // reader either reads it exactly or refuses, never another reading.
         let mut again = Vec::new();
-        let mut device_spans = 0;
+        let mut payloads = Vec::new();
+        let mut failed = false;
         for it in SliceReader::new(&s) {
-            let (_, it) = it.unwrap();
-            if let Item::DeviceData(_) = it { device_spans += 1; }
-            it.write(&mut again);
+            match it {
+                Ok((_, it)) => {
+                    if let Item::DeviceData(d) = it { payloads.push(d.to_vec()); }
+                    it.write(&mut again);
+                }
+                Err(e) => {
+                    prop_assert!(!vmdesc, "with a vmdesc: {}", e);
+                    failed = true;
+                    break;
+                }
+            }
         }
-        prop_assert_eq!(device_spans, devices.len());
-        prop_assert_eq!(again, s);
+        let want: Vec<Vec<u8>> = devices.iter().map(|(_, p)| p.clone()).collect();
+        if failed {
+            prop_assert_eq!(&payloads[..], &want[..payloads.len()]);
+        } else {
+            prop_assert_eq!(payloads, want);
+            prop_assert_eq!(again, s);
+        }
     }
 
     /// Arbitrary bytes never panic the decoder, and whatever prefix parses
