@@ -28,6 +28,11 @@ struct Summary {
     version: u32,
     machine: String,
     page_bits: Option<u32>,
+    /// Target page size in force (bytes) and where it came from.
+    page_size: u64,
+    page_source: Option<&'static str>,
+    has_configuration: Option<bool>,
+    vmdesc_delimits: bool,
     capabilities: Vec<String>,
     uuid: Option<String>,
     sections: BTreeMap<u32, (String, u32, u32, &'static str)>,
@@ -89,6 +94,10 @@ pub fn run(
         };
         let (off, item, dec) = (ri.offset, ri.item, ri.decoder);
         s.end = dec.position();
+        s.page_size = dec.ram_context().page_size() as u64;
+        s.page_source = dec.page_size_source().map(|p| p.name());
+        s.has_configuration = dec.has_configuration();
+        s.vmdesc_delimits = dec.has_vmdesc();
         pb.set_position(off);
         match &item {
             Item::Header { version } => s.version = *version,
@@ -362,6 +371,10 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         "version": s.version,
         "machine": s.machine,
         "target_page_bits": s.page_bits,
+        "target_page_size": s.page_size,
+        "target_page_size_source": s.page_source,
+        "configuration_section": s.has_configuration,
+        "device_sections_delimited_by": if s.vmdesc_delimits { "vmdesc" } else { "footer" },
         "capabilities": s.capabilities,
         "uuid": s.uuid,
         "sections": sections,
@@ -393,10 +406,15 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
 fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std::io::Result<()> {
     writeln!(
         out,
-        "stream version {}  machine {}  target page {} bytes",
+        "stream version {}  machine {}  target page {} bytes ({})",
         s.version,
-        s.machine,
-        1u64 << s.page_bits.unwrap_or(12)
+        if s.has_configuration == Some(false) {
+            "(no configuration section)"
+        } else {
+            &s.machine
+        },
+        s.page_size,
+        s.page_source.unwrap_or("not needed")
     )?;
     if !s.capabilities.is_empty() {
         writeln!(out, "capabilities: {}", s.capabilities.join(", "))?;

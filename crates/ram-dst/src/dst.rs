@@ -439,7 +439,20 @@ impl<M: GuestMemory> RamDst<M> {
     ///
     /// # Errors
     /// As for [`RamDst::handle_item`].
+    /// The target page size is the decoder's (which may have it from the
+    /// vmdesc, the machine type or the records themselves rather than the
+    /// configuration section).
     pub fn handle_read_item(&mut self, ri: &ReadItem<'_>) -> Result<(), RamDstError> {
+        if let Item::Ram(_) = ri.item {
+            let bits = ri.decoder.ram_context().page_bits;
+            if bits != self.page_bits && !self.stopped {
+                if let Err(e) = self.handle_configuration(ri.offset, Some(bits)) {
+                    self.stopped = true;
+                    self.applied_to = ri.offset;
+                    return Err(e);
+                }
+            }
+        }
         self.handle_item(ri.offset, ri.len, &ri.item)
     }
 

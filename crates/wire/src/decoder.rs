@@ -335,6 +335,20 @@ impl Decoder {
                             });
                         }
                         Some(PageSizeSource::Configuration) => {}
+                        // RAM already read (a pipe reaches the vmdesc last):
+                        // it must have been read with the same size.
+                        Some(_)
+                            if self.ram_section != RamSection::NotStarted
+                                && bits != self.ram.page_bits =>
+                        {
+                            return Err(WireError::PageSize {
+                                offset: self.pos,
+                                why: format!(
+                                    "the RAM records were read with {}-byte pages but the vmdesc says page_size {ps}",
+                                    1u64 << self.ram.page_bits
+                                ),
+                            });
+                        }
                         _ => self.set_page_bits(bits, PageSizeSource::Vmdesc),
                     }
                 }
