@@ -449,9 +449,75 @@ class Stream:
         }
 
 
+def _live_summary(st, idstr, t, start, end):
+    d = st.live.setdefault(idstr, {"sections": 0, "payload_bytes": 0, "first_payloads": []})
+    d["sections"] += 1
+    d["payload_bytes"] += end - start
+    if len(d["first_payloads"]) < 4:
+        d["first_payloads"].append({"type": {1: "START", 2: "PART", 3: "END"}[t],
+                                    "hex": st.data[start:min(end, start + 48)].hex()})
+    return d
+
+
+def decode_spapr_htab(st, r, t):
+    """ppc64 pseries hash page table (QEMU hw/ppc/spapr.c htab_save_*): be32 header;
+    START: the header is htab_shift (log2 of the HPT size in bytes), or 0xFFFFFFFF when
+    there is no HPT, and nothing follows. PART/END: header 0, then chunks of be32 index,
+    be16 n_valid, be16 n_invalid, n_valid 16-byte HPTEs, ended by an all-zero chunk
+    header; or header 0xFFFFFFFF alone (no HPT)."""
+    start = r.p
+    hdr = r.u32()
+    chunks = valid = invalid = 0
+    if t != SEC_START and hdr != 0xFFFFFFFF:
+        if hdr != 0:
+            raise StreamError(f"spapr/htab: iteration header {hdr:#x} at {start}")
+        while True:
+            index, nv, ni = r.u32(), r.u16(), r.u16()
+            if index == 0 and nv == 0 and ni == 0:
+                break
+            r.take(16 * nv)
+            chunks += 1
+            valid += nv
+            invalid += ni
+    d = _live_summary(st, "spapr/htab", t, start, r.p)
+    if t == SEC_START:
+        d["htab_shift"] = hdr
+    for k, v in (("chunks", chunks), ("valid_hptes", valid), ("invalid_hptes", invalid)):
+        d[k] = d.get(k, 0) + v
+
+
+def decode_s390_stattrib(st, r, t):
+    """s390x storage attributes (CMMA; QEMU hw/s390x/s390-stattrib.c): be64 words whose
+    bits below the target page size are flags, above it a guest address: MORE (0x2) is
+    followed by be64 count and count attribute bytes (one per page from the address);
+    ERROR (0x4) is a failed source; DONE (0x8) marks the final state; EOS (0x1) ends the
+    section's payload."""
+    start = r.p
+    ps = st.resolve_page_size()
+    words = attrs = 0
+    while True:
+        v = r.u64()
+        words += 1
+        flags = v & (ps - 1)
+        if flags & 0x4:
+            raise StreamError(f"s390-storage_attributes: ERROR flag at {r.p - 8}")
+        if flags & ~0xF:
+            raise StreamError(f"s390-storage_attributes: flags {flags:#x} at {r.p - 8}")
+        if flags & 0x2:
+            n = r.u64()
+            r.take(n)
+            attrs += n
+        if flags & 0x1:
+            break
+    d = _live_summary(st, "s390-storage_attributes", t, start, r.p)
+    d["words"] = d.get("words", 0) + words
+    d["attribute_bytes"] = d.get("attribute_bytes", 0) + attrs
+
+
 # Decoders of non-RAM iterative sections, by idstr: fn(stream, reader, section_type)
 # consumes exactly the section's payload (up to, not including, the optional footer).
-LIVE_DECODERS = {}
+LIVE_DECODERS = {"spapr/htab": decode_spapr_htab,
+                 "s390-storage_attributes": decode_s390_stattrib}
 
 
 def parse_return_path(data):
