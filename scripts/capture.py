@@ -15,6 +15,13 @@ Every capture is self-checked with the independent reader scripts/qemustream.py:
 counters must match the records in the stream and every digest must match the memory
 reconstructed from the stream; otherwise the capture fails.
 
+The "arch" scenarios (ARCH_SCENARIOS: arm, aarch64, ppc, ppc64, s390x, sparc, sparc64 and
+QEMU 7.2 without section footers / configuration) migrate a stopped (-S) machine whose
+RAM holds `-device loader` data, digest every mapped RAM block piece by pmemsave, and have
+a destination QEMU load the stream back (its memory must equal the source's). Without
+the target's QEMU installed (QMIG_EXTRA_ARCHES=1 scripts/install-qemu.sh) they are
+SKIPPED.
+
 Scenarios needing host setup (q10-hugepage-postcopy: 2 MiB hugepages on a hugetlbfs at
 /dev/hugepages) do it themselves, idempotently, as root; where impossible they are
 reported as SKIPPED (exit status unaffected) instead of failing.
