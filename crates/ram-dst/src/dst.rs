@@ -727,7 +727,9 @@ impl<M: GuestMemory> RamDst<M> {
                 Some(&i) => {
                     let blk = &self.blocks[i];
                     if advised {
-                        let remote = mb.page_size.unwrap_or(self.host_page_size);
+                        // Absent: the block's page is the larger of the host
+                        // and target page (ram.c ram_load_precopy).
+                        let remote = mb.page_size.unwrap_or(self.host_page_size.max(tps));
                         if remote != blk.page_size {
                             return Err(RamDstError::PageSizeMismatch {
                                 offset: at,
@@ -758,7 +760,7 @@ impl<M: GuestMemory> RamDst<M> {
                     }
                 }
                 None if self.adopt => {
-                    let ps = mb.page_size.unwrap_or(self.host_page_size);
+                    let ps = mb.page_size.unwrap_or(self.host_page_size.max(tps));
                     if !ps.is_power_of_two()
                         || ps < tps
                         || ps > MAX_PAGE_SIZE

@@ -254,6 +254,7 @@ pub struct Decoder {
     ended: HashSet<u32>,
     ram_section: RamSection,
     has_configuration: Option<bool>,
+    section_kind: SectionKind,
 }
 
 /// Candidate target page bits tried, most common first, when the stream
@@ -299,6 +300,7 @@ impl Decoder {
             ended: HashSet::new(),
             ram_section: RamSection::NotStarted,
             has_configuration: None,
+            section_kind: SectionKind::Full,
         }
     }
 
@@ -798,6 +800,19 @@ impl Decoder {
                 },
             )
         };
+        if let Some(i) = info.filter(|i| i.iterative && crate::iterative::known(&i.idstr)) {
+            let (r, ()) = crate::iterative::parse_payload(
+                buf,
+                &i.idstr,
+                self.section_kind,
+                self.ram.page_bits,
+            )?;
+            let n = buf.len() - r.len();
+            return Ok(Step::Item {
+                item: Item::DeviceData(&buf[..n]),
+                len: n,
+            });
+        }
         let scan = match &self.devices {
             _ if self.scan_once => true,
             DeviceLengths::Known(t) => match info.and_then(|i| t.len_of(&i.idstr, i.instance)) {
@@ -1118,6 +1133,7 @@ impl Decoder {
                     );
                 }
                 self.scan_once = false;
+                self.section_kind = h.kind;
                 if h.kind == SectionKind::End {
                     self.ended.insert(h.section_id);
                 }

@@ -30,6 +30,7 @@ pub mod decoder;
 pub mod devices;
 mod error;
 pub mod header;
+pub mod iterative;
 mod names;
 pub mod ram;
 pub mod reader;
