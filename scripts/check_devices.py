@@ -85,7 +85,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="check_devices.")
     try:
         for s in streams:
+            s = os.path.abspath(s)
             name = os.path.relpath(os.path.realpath(s), ROOT)
+            if not os.path.isfile(s):
+                print(f"DIFF {name}: no such file")
+                differ += 1
+                continue
             path = s
             if s.endswith(".gz"):
                 path = os.path.join(tmp, "stream")

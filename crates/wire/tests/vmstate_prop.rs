@@ -19,8 +19,14 @@ fn chunk() -> impl Strategy<Value = Vec<u8>> {
             v.extend_from_slice(&id.to_be_bytes());
             v
         }),
-        (any::<u32>(), "[a-z0-9/:._]{1,20}", any::<u32>(), any::<u32>(), 0x01u8..=0x04).prop_map(
-            |(id, name, inst, ver, kind)| {
+        (
+            any::<u32>(),
+            "[a-z0-9/:._]{1,20}",
+            any::<u32>(),
+            any::<u32>(),
+            0x01u8..=0x04
+        )
+            .prop_map(|(id, name, inst, ver, kind)| {
                 let mut v = vec![kind];
                 v.extend_from_slice(&id.to_be_bytes());
                 v.push(name.len() as u8);
@@ -28,8 +34,7 @@ fn chunk() -> impl Strategy<Value = Vec<u8>> {
                 v.extend_from_slice(&inst.to_be_bytes());
                 v.extend_from_slice(&ver.to_be_bytes());
                 v
-            }
-        ),
+            }),
         Just(b"\x00\x06\x00\x00\x00\x02{}".to_vec()),
         Just(b"\x05\x05dev/s\x00\x00\x00\x01".to_vec()),
         Just(0x0000_0000_0000_7010u64.to_be_bytes().to_vec()),
