@@ -589,23 +589,25 @@ fn file_vmdesc(path: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
-/// Re-indents JSON text with 4 spaces, keeping key order and every token as
-/// written (what `analyze-migration.py -d desc` prints, modulo its escaping
-/// of non-ASCII text). `json` must be valid JSON.
-fn reindent(json: &[u8]) -> String {
-    fn nl(out: &mut Vec<u8>, depth: usize) {
-        out.push(b'\n');
-        out.extend(std::iter::repeat_n(b' ', depth * 4));
+/// Writes JSON text re-indented with 4 spaces, keeping key order and every
+/// token as written (what `analyze-migration.py -d desc` prints, modulo its
+/// escaping of non-ASCII text). `json` must be valid JSON.
+fn reindent(json: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    fn nl(out: &mut impl Write, depth: usize) -> std::io::Result<()> {
+        out.write_all(b"\n")?;
+        for _ in 0..depth {
+            out.write_all(b"    ")?;
+        }
+        Ok(())
     }
-    let mut out = Vec::with_capacity(json.len() * 2);
-    let mut depth = 0usize;
-    let mut i = 0;
     let next_sig = |mut k: usize| {
         while k < json.len() && json[k].is_ascii_whitespace() {
             k += 1;
         }
         k
     };
+    let mut depth = 0usize;
+    let mut i = 0;
     while i < json.len() {
         let b = json[i];
         match b {
@@ -615,36 +617,35 @@ fn reindent(json: &[u8]) -> String {
                 while i < json.len() && json[i] != b'"' {
                     i += if json[i] == b'\\' { 2 } else { 1 };
                 }
-                out.extend_from_slice(&json[start..(i + 1).min(json.len())]);
+                out.write_all(&json[start..(i + 1).min(json.len())])?;
             }
             b'{' | b'[' => {
                 let k = next_sig(i + 1);
                 if k < json.len() && (json[k] == b'}' || json[k] == b']') {
-                    out.push(b);
-                    out.push(json[k]);
+                    out.write_all(&[b, json[k]])?;
                     i = k;
                 } else {
-                    out.push(b);
+                    out.write_all(&[b])?;
                     depth += 1;
-                    nl(&mut out, depth);
+                    nl(out, depth)?;
                 }
             }
             b'}' | b']' => {
                 depth = depth.saturating_sub(1);
-                nl(&mut out, depth);
-                out.push(b);
+                nl(out, depth)?;
+                out.write_all(&[b])?;
             }
             b',' => {
-                out.push(b',');
-                nl(&mut out, depth);
+                out.write_all(b",")?;
+                nl(out, depth)?;
             }
-            b':' => out.extend_from_slice(b": "),
+            b':' => out.write_all(b": ")?,
             c if c.is_ascii_whitespace() => {}
-            c => out.push(c),
+            c => out.write_all(&[c])?,
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(())
 }
 
 /// `qmig inspect STREAM --vmdesc [FILE]`: prints the description.
@@ -658,7 +659,8 @@ pub fn run_vmdesc(path: &Path, file: Option<&Path>) -> Result<ExitCode, String> 
         .map_err(|e| format!("vmdesc is not valid JSON: {e}"))?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    writeln!(out, "{}", reindent(&json)).map_err(crate::output_error)?;
+    reindent(&json, &mut out).map_err(crate::output_error)?;
+    writeln!(out).map_err(crate::output_error)?;
     out.flush().map_err(crate::output_error)?;
     if let Err(e) = qmig_wire::VmDesc::parse(&json) {
         eprintln!("qmig: {e}");

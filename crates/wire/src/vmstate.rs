@@ -76,9 +76,11 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
-use serde::Serialize;
-use serde_json::{Map, Value as Json};
+use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
 
@@ -258,15 +260,8 @@ pub struct DeviceState {
     pub state: StructState,
 }
 
-fn bad(why: impl Into<String>) -> WireError {
-    WireError::Vmdesc {
-        offset: 0,
-        why: why.into(),
-    }
-}
-
-/// Checks nesting depth and object count on the raw bytes before any tree is
-/// built, so the caps bound what `serde_json` allocates.
+/// Checks nesting depth and object count on the raw bytes before anything
+/// is built, so the caps bound the parser's recursion and allocations.
 fn prescan(json: &[u8]) -> Result<(), WireError> {
     let (mut depth, mut objects) = (0usize, 0usize);
     let (mut in_str, mut esc) = (false, false);
@@ -321,48 +316,6 @@ fn json_offset(json: &[u8], e: &serde_json::Error) -> u64 {
     (pos + e.column().saturating_sub(1)).min(json.len()) as u64
 }
 
-fn get_u64(o: &Map<String, Json>, key: &str, path: &str) -> Result<Option<u64>, WireError> {
-    match o.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| bad(format!("{path}: \"{key}\" is not a non-negative integer"))),
-    }
-}
-
-fn get_u32(o: &Map<String, Json>, key: &str, path: &str) -> Result<Option<u32>, WireError> {
-    match get_u64(o, key, path)? {
-        None => Ok(None),
-        Some(v) => u32::try_from(v)
-            .map(Some)
-            .map_err(|_| bad(format!("{path}: \"{key}\" {v} does not fit 32 bits"))),
-    }
-}
-
-fn get_str<'j>(o: &'j Map<String, Json>, key: &str, path: &str) -> Result<&'j str, WireError> {
-    o.get(key)
-        .and_then(Json::as_str)
-        .ok_or_else(|| bad(format!("{path}: missing string \"{key}\"")))
-}
-
-fn get_list<'j>(
-    o: &'j Map<String, Json>,
-    key: &str,
-    path: &str,
-) -> Result<Option<&'j Vec<Json>>, WireError> {
-    match o.get(key) {
-        None => Ok(None),
-        Some(Json::Array(a)) => Ok(Some(a)),
-        Some(_) => Err(bad(format!("{path}: \"{key}\" is not a list"))),
-    }
-}
-
-fn as_obj<'j>(v: &'j Json, path: &str) -> Result<&'j Map<String, Json>, WireError> {
-    v.as_object()
-        .ok_or_else(|| bad(format!("{path}: not an object")))
-}
-
 /// Names are interned so decoded states share them with the description.
 #[derive(Default)]
 struct Interner(HashMap<String, Arc<str>>);
@@ -389,26 +342,280 @@ fn int_kind(type_name: &str) -> Option<bool> {
     }
 }
 
-fn conv_struct(
-    o: &Map<String, Json>,
-    path: &str,
-    names: &mut Interner,
-    need_name: bool,
-) -> Result<StructDesc, WireError> {
-    let vmsd_name = match o.get("vmsd_name") {
-        Some(Json::String(s)) => Some(names.get(s)),
-        Some(_) => return Err(bad(format!("{path}: \"vmsd_name\" is not a string"))),
-        None if need_name => return Err(bad(format!("{path}: missing \"vmsd_name\""))),
-        None => None,
-    };
-    let version = get_u32(o, "version", path)?;
-    let fields_json =
-        get_list(o, "fields", path)?.ok_or_else(|| bad(format!("{path}: missing \"fields\"")))?;
-    let mut fields = Vec::with_capacity(fields_json.len());
+/// Parser state shared by the serde seeds: interned names and the path of
+/// the entry being read (for messages).
+struct Ctx {
+    names: Interner,
+    path: Vec<String>,
+}
+
+impl Ctx {
+    fn err<E: de::Error>(&self, why: impl fmt::Display) -> E {
+        E::custom(format_args!("{}: {why}", self.path.join(".")))
+    }
+}
+
+/// What an object in the vmdesc is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// An entry of `"devices"`.
+    Device,
+    /// A `"struct"` (need_name: false) or a subsection (need_name: true).
+    Struct { need_name: bool },
+    /// An entry of `"fields"`.
+    Field,
+}
+
+/// The keys QEMU writes; anything else is skipped.
+enum Key {
+    Name,
+    InstanceId,
+    VmsdName,
+    Version,
+    Fields,
+    Subsections,
+    Size,
+    Type,
+    Index,
+    ArrayLen,
+    Struct,
+    PageSize,
+    Devices,
+    Configuration,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key, E> {
+                Ok(match s {
+                    "name" => Key::Name,
+                    "instance_id" => Key::InstanceId,
+                    "vmsd_name" => Key::VmsdName,
+                    "version" => Key::Version,
+                    "fields" => Key::Fields,
+                    "subsections" => Key::Subsections,
+                    "size" => Key::Size,
+                    "type" => Key::Type,
+                    "index" => Key::Index,
+                    "array_len" => Key::ArrayLen,
+                    "struct" => Key::Struct,
+                    "page_size" => Key::PageSize,
+                    "devices" => Key::Devices,
+                    "configuration" => Key::Configuration,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// A finished object.
+enum Built {
+    Device(DeviceDesc),
+    Struct(StructDesc),
+    Field(FieldDesc),
+}
+
+/// Keys read from one object (later duplicates win, as in QEMU's JSON
+/// writer output read by Python).
+#[derive(Default)]
+struct Obj {
+    name: Option<Arc<str>>,
+    instance_id: Option<u64>,
+    vmsd_name: Option<Arc<str>>,
+    version: Option<u64>,
+    fields: Option<Vec<FieldDesc>>,
+    subsections: Option<Vec<StructDesc>>,
+    size: Option<u64>,
+    type_name: Option<Arc<str>>,
+    index: Option<u64>,
+    array_len: Option<u64>,
+    strukt: Option<StructDesc>,
+}
+
+struct ObjSeed<'c> {
+    ctx: &'c mut Ctx,
+    role: Role,
+}
+
+impl<'de> DeserializeSeed<'de> for ObjSeed<'_> {
+    type Value = Built;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Built, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjSeed<'_> {
+    type Value = Built;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Built, A::Error> {
+        let (ctx, role) = (self.ctx, self.role);
+        let is_struct = matches!(role, Role::Device | Role::Struct { .. });
+        let mut o = Obj::default();
+        while let Some(k) = m.next_key::<Key>()? {
+            match k {
+                Key::Name if role != (Role::Struct { need_name: true }) => {
+                    let s: String = m.next_value()?;
+                    if let Some(last) = ctx.path.last_mut() {
+                        let _ = write!(last, " ({s})");
+                    }
+                    // Field names are mostly distinct: not interned.
+                    o.name = Some(Arc::from(s));
+                }
+                Key::InstanceId if role == Role::Device => o.instance_id = Some(m.next_value()?),
+                Key::Size if !matches!(role, Role::Struct { .. }) => o.size = Some(m.next_value()?),
+                Key::VmsdName if is_struct => {
+                    let s: String = m.next_value()?;
+                    o.vmsd_name = Some(ctx.names.get(&s));
+                }
+                Key::Version if is_struct => o.version = Some(m.next_value()?),
+                Key::Fields if is_struct => {
+                    let list = m.next_value_seed(ListSeed {
+                        ctx: &mut *ctx,
+                        role: Role::Field,
+                        what: "fields",
+                    })?;
+                    o.fields = Some(list.fields);
+                }
+                Key::Subsections if is_struct => {
+                    let list = m.next_value_seed(ListSeed {
+                        ctx: &mut *ctx,
+                        role: Role::Struct { need_name: true },
+                        what: "subsections",
+                    })?;
+                    o.subsections = Some(list.structs);
+                }
+                Key::Type if role == Role::Field => {
+                    let s: String = m.next_value()?;
+                    o.type_name = Some(ctx.names.get(&s));
+                }
+                Key::Index if role == Role::Field => o.index = Some(m.next_value()?),
+                Key::ArrayLen if role == Role::Field => o.array_len = Some(m.next_value()?),
+                Key::Struct if role == Role::Field => {
+                    ctx.path.push("struct".into());
+                    let s = m.next_value_seed(ObjSeed {
+                        ctx: &mut *ctx,
+                        role: Role::Struct { need_name: false },
+                    })?;
+                    ctx.path.pop();
+                    if let Built::Struct(s) = s {
+                        o.strukt = Some(s);
+                    }
+                }
+                _ => {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        match role {
+            Role::Field => finish_field(ctx, o).map(Built::Field),
+            Role::Struct { need_name } => finish_struct(ctx, &mut o, need_name).map(Built::Struct),
+            Role::Device => {
+                let body = finish_struct(ctx, &mut o, false)?;
+                let name = o.name.ok_or_else(|| ctx.err("missing \"name\""))?;
+                let instance_id = o
+                    .instance_id
+                    .ok_or_else(|| ctx.err("missing \"instance_id\""))?;
+                let instance_id = u32::try_from(instance_id).map_err(|_| {
+                    ctx.err(format!("instance_id {instance_id} does not fit 32 bits"))
+                })?;
+                // Old-style sections record their whole length at the top.
+                if let Some(size) = o.size {
+                    if size != body.len {
+                        return Err(ctx.err(format!(
+                            "\"size\" is {size} but its fields add up to {}",
+                            body.len
+                        )));
+                    }
+                }
+                Ok(Built::Device(DeviceDesc {
+                    name: name.to_string(),
+                    instance_id,
+                    body,
+                }))
+            }
+        }
+    }
+}
+
+struct ListSeed<'c> {
+    ctx: &'c mut Ctx,
+    role: Role,
+    what: &'static str,
+}
+
+/// A list read by [`ListSeed`], typed so no per-element enum is kept.
+#[derive(Default)]
+struct Lists {
+    fields: Vec<FieldDesc>,
+    structs: Vec<StructDesc>,
+    devices: Vec<DeviceDesc>,
+}
+
+impl<'de> DeserializeSeed<'de> for ListSeed<'_> {
+    type Value = Lists;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Lists, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ListSeed<'_> {
+    type Value = Lists;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a list of {}", self.what)
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<Lists, S::Error> {
+        let mut out = Lists::default();
+        for i in 0usize.. {
+            self.ctx.path.push(format!("{}[{i}]", self.what));
+            let b = s.next_element_seed(ObjSeed {
+                ctx: &mut *self.ctx,
+                role: self.role,
+            })?;
+            self.ctx.path.pop();
+            match b {
+                Some(Built::Field(f)) => out.fields.push(f),
+                Some(Built::Struct(st)) => out.structs.push(st),
+                Some(Built::Device(d)) => out.devices.push(d),
+                None => break,
+            }
+        }
+        out.fields.shrink_to_fit();
+        out.structs.shrink_to_fit();
+        Ok(out)
+    }
+}
+
+fn to_u32<E: de::Error>(ctx: &Ctx, key: &str, v: Option<u64>) -> Result<Option<u32>, E> {
+    v.map(|v| u32::try_from(v).map_err(|_| ctx.err(format!("\"{key}\" {v} does not fit 32 bits"))))
+        .transpose()
+}
+
+fn finish_struct<E: de::Error>(ctx: &Ctx, o: &mut Obj, need_name: bool) -> Result<StructDesc, E> {
+    if need_name && o.vmsd_name.is_none() {
+        return Err(ctx.err("missing \"vmsd_name\""));
+    }
+    let version = to_u32(ctx, "version", o.version)?;
+    let fields = o
+        .fields
+        .take()
+        .ok_or_else(|| ctx.err("missing \"fields\""))?;
     let (mut len, mut nodes) = (0u64, 0u64);
-    for (i, f) in fields_json.iter().enumerate() {
-        let fpath = format!("{path}.fields[{i}]");
-        let f = conv_field(as_obj(f, &fpath)?, &fpath, names)?;
+    for f in &fields {
         let count = match f.layout {
             Layout::Array(n) => u64::from(n),
             _ => 1,
@@ -416,48 +623,40 @@ fn conv_struct(
         let bytes = f
             .size
             .checked_mul(count)
-            .ok_or_else(|| bad(format!("{fpath}: array length overflows")))?;
+            .ok_or_else(|| ctx.err(format!("field {}: array length overflows", f.name)))?;
         len = len
             .checked_add(bytes)
-            .ok_or_else(|| bad(format!("{fpath}: length overflows")))?;
+            .ok_or_else(|| ctx.err(format!("field {}: length overflows", f.name)))?;
         let inner = match &f.kind {
             FieldKind::Struct(s) => s.nodes,
             _ => 0,
         };
         nodes = nodes.saturating_add(count.saturating_mul(inner.saturating_add(1)));
-        fields.push(f);
     }
-    let mut subsections = Vec::new();
-    if let Some(subs) = get_list(o, "subsections", path)? {
-        for (i, s) in subs.iter().enumerate() {
-            let spath = format!("{path}.subsections[{i}]");
-            let s = conv_struct(as_obj(s, &spath)?, &spath, names, true)?;
-            let name = s.vmsd_name.as_deref().unwrap_or("");
-            if name.is_empty() || name.len() > 255 {
-                return Err(bad(format!(
-                    "{spath}: subsection name must be 1 to 255 bytes, is {}",
-                    name.len()
-                )));
-            }
-            if s.version.is_none() {
-                return Err(bad(format!("{spath}: missing \"version\"")));
-            }
-            // marker, name length, name, be32 version
-            len = len
-                .checked_add(6 + name.len() as u64)
-                .and_then(|l| l.checked_add(s.len))
-                .ok_or_else(|| bad(format!("{spath}: length overflows")))?;
-            nodes = nodes.saturating_add(s.nodes.saturating_add(1));
-            subsections.push(s);
+    let subsections = o.subsections.take().unwrap_or_default();
+    for s in &subsections {
+        let name = s.vmsd_name.as_deref().unwrap_or("");
+        if name.is_empty() || name.len() > 255 {
+            return Err(ctx.err(format!(
+                "subsection name must be 1 to 255 bytes, is {}",
+                name.len()
+            )));
         }
+        if s.version.is_none() {
+            return Err(ctx.err(format!("subsection {name}: missing \"version\"")));
+        }
+        // marker, name length, name, be32 version
+        len = len
+            .checked_add(6 + name.len() as u64)
+            .and_then(|l| l.checked_add(s.len))
+            .ok_or_else(|| ctx.err(format!("subsection {name}: length overflows")))?;
+        nodes = nodes.saturating_add(s.nodes.saturating_add(1));
     }
     if nodes > MAX_DECODED_NODES {
-        return Err(bad(format!(
-            "{path}: decodes to more than {MAX_DECODED_NODES} values"
-        )));
+        return Err(ctx.err(format!("decodes to more than {MAX_DECODED_NODES} values")));
     }
     Ok(StructDesc {
-        vmsd_name,
+        vmsd_name: o.vmsd_name.take(),
         version,
         fields,
         subsections,
@@ -466,36 +665,32 @@ fn conv_struct(
     })
 }
 
-fn conv_field(
-    o: &Map<String, Json>,
-    path: &str,
-    names: &mut Interner,
-) -> Result<FieldDesc, WireError> {
-    let name = names.get(get_str(o, "name", path)?);
-    let path = &format!("{path} ({name})");
-    let type_name = names.get(get_str(o, "type", path)?);
-    let size = get_u64(o, "size", path)?.ok_or_else(|| bad(format!("{path}: missing \"size\"")))?;
-    let layout = match (get_u32(o, "index", path)?, get_u32(o, "array_len", path)?) {
+fn finish_field<E: de::Error>(ctx: &Ctx, o: Obj) -> Result<FieldDesc, E> {
+    let name = o.name.ok_or_else(|| ctx.err("missing \"name\""))?;
+    let type_name = o.type_name.ok_or_else(|| ctx.err("missing \"type\""))?;
+    let size = o.size.ok_or_else(|| ctx.err("missing \"size\""))?;
+    let layout = match (
+        to_u32(ctx, "index", o.index)?,
+        to_u32(ctx, "array_len", o.array_len)?,
+    ) {
         (None, None) => Layout::Single,
         (Some(i), None) => Layout::Index(i),
-        (None, Some(0)) => return Err(bad(format!("{path}: \"array_len\" is 0"))),
+        (None, Some(0)) => return Err(ctx.err("\"array_len\" is 0")),
         (None, Some(n)) => Layout::Array(n),
-        (Some(_), Some(_)) => return Err(bad(format!("{path}: both \"index\" and \"array_len\""))),
+        (Some(_), Some(_)) => return Err(ctx.err("both \"index\" and \"array_len\"")),
     };
-    let kind = match o.get("struct") {
-        Some(s) => {
-            let spath = format!("{path}.struct");
-            let sd = conv_struct(as_obj(s, &spath)?, &spath, names, false)?;
+    let kind = match o.strukt {
+        Some(sd) => {
             if sd.len != size {
-                return Err(bad(format!(
-                    "{path}: \"size\" is {size} but its struct's fields and subsections add up to {}",
+                return Err(ctx.err(format!(
+                    "\"size\" is {size} but its struct's fields and subsections add up to {}",
                     sd.len
                 )));
             }
             FieldKind::Struct(Box::new(sd))
         }
         None if &*type_name == "struct" => {
-            return Err(bad(format!("{path}: type \"struct\" without \"struct\"")))
+            return Err(ctx.err("type \"struct\" without \"struct\""))
         }
         None => match (&*type_name, int_kind(&type_name)) {
             ("bool", _) if size == 1 => FieldKind::Bool,
@@ -514,14 +709,84 @@ fn conv_field(
     })
 }
 
+struct RootSeed<'c> {
+    ctx: &'c mut Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for RootSeed<'_> {
+    type Value = VmDesc;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<VmDesc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RootSeed<'_> {
+    type Value = VmDesc;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a vmdesc object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<VmDesc, A::Error> {
+        let ctx = self.ctx;
+        let (mut page_size, mut configuration, mut list) = (None, None, None);
+        while let Some(k) = m.next_key::<Key>()? {
+            match k {
+                Key::PageSize => page_size = Some(m.next_value::<u64>()?),
+                Key::Configuration => {
+                    ctx.path.push("configuration".into());
+                    let b = m.next_value_seed(ObjSeed {
+                        ctx: &mut *ctx,
+                        role: Role::Struct { need_name: false },
+                    })?;
+                    ctx.path.pop();
+                    if let Built::Struct(s) = b {
+                        configuration = Some(s);
+                    }
+                }
+                Key::Devices => {
+                    list = Some(m.next_value_seed(ListSeed {
+                        ctx: &mut *ctx,
+                        role: Role::Device,
+                        what: "devices",
+                    })?)
+                }
+                _ => {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let devices = list.ok_or_else(|| ctx.err("missing \"devices\""))?.devices;
+        let mut index = HashMap::with_capacity(devices.len());
+        for (i, d) in devices.iter().enumerate() {
+            if index.insert((d.name.clone(), d.instance_id), i).is_some() {
+                return Err(ctx.err(format!(
+                    "device {} instance {} described twice",
+                    d.name, d.instance_id
+                )));
+            }
+        }
+        Ok(VmDesc {
+            page_size,
+            configuration,
+            devices,
+            index,
+        })
+    }
+}
+
 impl VmDesc {
     /// Parses vmdesc JSON bytes (the trailer's body, or QEMU's
-    /// `analyze-migration.py -d desc` output).
+    /// `analyze-migration.py -d desc` output), straight into the typed
+    /// description (no intermediate JSON tree).
     ///
     /// # Errors
-    /// [`WireError::Vmdesc`] for invalid JSON (offset into `json`), over a
-    /// cap ([`MAX_JSON_DEPTH`], [`MAX_OBJECTS`], [`MAX_DECODED_NODES`], 64 MiB
-    /// of JSON) or an entry QEMU would not write (offset 0, path in the message).
+    /// [`WireError::Vmdesc`] with the offset in `json` where the rule broke
+    /// (for a rule about a whole entry: just after that entry): invalid JSON,
+    /// over a cap ([`MAX_JSON_DEPTH`], [`MAX_OBJECTS`], [`MAX_DECODED_NODES`])
+    /// or an entry QEMU would not write (its path is in the message).
+    /// [`WireError::TooLarge`] for JSON over
+    /// [`DEFAULT_MAX_VMDESC`](crate::vmdesc::DEFAULT_MAX_VMDESC) bytes.
     pub fn parse(json: &[u8]) -> Result<VmDesc, WireError> {
         let cap = u64::from(crate::vmdesc::DEFAULT_MAX_VMDESC);
         if json.len() as u64 > cap {
@@ -533,62 +798,17 @@ impl VmDesc {
             });
         }
         prescan(json)?;
-        let root: Json = serde_json::from_slice(json).map_err(|e| WireError::Vmdesc {
-            offset: json_offset(json, &e),
-            why: format!("invalid JSON: {e}"),
-        })?;
-        let root = as_obj(&root, "vmdesc")?;
-        let page_size = get_u64(root, "page_size", "vmdesc")?;
-        let mut names = Interner::default();
-        let configuration = match root.get("configuration") {
-            Some(c) => Some(conv_struct(
-                as_obj(c, "configuration")?,
-                "configuration",
-                &mut names,
-                false,
-            )?),
-            None => None,
+        let mut ctx = Ctx {
+            names: Interner::default(),
+            path: vec!["vmdesc".into()],
         };
-        let list = get_list(root, "devices", "vmdesc")?
-            .ok_or_else(|| bad("vmdesc: missing \"devices\""))?;
-        let mut devices = Vec::with_capacity(list.len());
-        let mut index = HashMap::with_capacity(list.len());
-        for (i, d) in list.iter().enumerate() {
-            let path = format!("devices[{i}]");
-            let o = as_obj(d, &path)?;
-            let name = get_str(o, "name", &path)?.to_string();
-            let path = format!("{path} ({name})");
-            let instance_id = get_u32(o, "instance_id", &path)?
-                .ok_or_else(|| bad(format!("{path}: missing \"instance_id\"")))?;
-            let body = conv_struct(o, &path, &mut names, false)?;
-            // Old-style sections record their whole length at the top.
-            if let Some(size) = get_u64(o, "size", &path)? {
-                if size != body.len {
-                    return Err(bad(format!(
-                        "{path}: \"size\" is {size} but its fields add up to {}",
-                        body.len
-                    )));
-                }
-            }
-            if index
-                .insert((name.clone(), instance_id), devices.len())
-                .is_some()
-            {
-                return Err(bad(format!(
-                    "{path}: instance {instance_id} described twice"
-                )));
-            }
-            devices.push(DeviceDesc {
-                name,
-                instance_id,
-                body,
-            });
-        }
-        Ok(VmDesc {
-            page_size,
-            configuration,
-            devices,
-            index,
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let r = RootSeed { ctx: &mut ctx }
+            .deserialize(&mut de)
+            .and_then(|d| de.end().map(|()| d));
+        r.map_err(|e| WireError::Vmdesc {
+            offset: json_offset(json, &e),
+            why: e.to_string(),
         })
     }
 
@@ -1056,6 +1276,7 @@ impl DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value as Json;
 
     fn field(name: &str, ty: &str, size: u64) -> Json {
         serde_json::json!({"name": name, "type": ty, "size": size})
@@ -1288,6 +1509,40 @@ mod tests {
             VmDesc::parse(many.as_bytes()),
             Err(WireError::Vmdesc { .. })
         ));
+    }
+
+    #[test]
+    fn inline_descriptions_of_tmp_and_qtailq_fields_are_skipped() {
+        // VMSTATE_WITH_TMP / qtailq write vmsd_name, version and fields into
+        // the field object itself, once per element (duplicate keys).
+        let j = br#"{"devices": [{"name": "d", "instance_id": 0, "vmsd_name": "d", "version": 1,
+            "fields": [{"name": "tmp", "type": "tmp", "vmsd_name": "t", "version": 0,
+                "fields": [{"name": "a", "type": "uint16", "size": 2}],
+                "vmsd_name": "t", "version": 0, "fields": [{"bogus": true}], "size": 2},
+              {"name": "q", "type": "qtailq", "size": 3, "unknown_key": [1, {"x": 2}]}]}]}"#;
+        let d = VmDesc::parse(j).unwrap();
+        let dev = d.device("d", 0).unwrap();
+        assert_eq!(dev.payload_len(), 5);
+        let st = dev.decode(&[1, 2, 3, 4, 5], 0).unwrap();
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["tmp"], "01 02");
+        assert_eq!(v["q"], "03 04 05");
+    }
+
+    #[test]
+    fn errors_name_the_entry_and_point_after_it() {
+        let j = br#"{"devices": [{"name": "cpu", "instance_id": 0, "fields": [{"name": "a", "type": "uint8", "size": 1}, {"name": "regs", "type": "uint8"}]}]}"#;
+        match VmDesc::parse(j) {
+            Err(WireError::Vmdesc { offset, why }) => {
+                assert!(
+                    why.contains("devices[0] (cpu).fields[1] (regs): missing \"size\""),
+                    "{why}"
+                );
+                let at = j.windows(6).position(|w| w == b"\"regs\"").unwrap() as u64;
+                assert!(offset > at && offset <= j.len() as u64, "{offset}");
+            }
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]
