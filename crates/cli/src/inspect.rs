@@ -516,3 +516,445 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// `inspect --devices` and `inspect --vmdesc`: device state decoded from the
+// vmdesc, and the vmdesc itself, like QEMU's `analyze-migration.py -d state`
+// and `-d desc`.
+
+/// Cap on the device payload bytes buffered while the vmdesc has not been read
+/// yet (pipes, gzip'd captures).
+const MAX_BUFFERED_DEVICE_BYTES: usize = 64 << 20;
+
+/// Reads the vmdesc JSON from the end of a regular, uncompressed stream file.
+fn tail_vmdesc(f: &mut std::fs::File) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let end = f.seek(SeekFrom::End(0))?;
+    let mut found = None;
+    for window in [
+        1u64 << 20,
+        u64::from(qmig_wire::vmdesc::DEFAULT_MAX_VMDESC) + 6,
+    ] {
+        let n = window.min(end);
+        f.seek(SeekFrom::Start(end - n))?;
+        let mut t = vec![0; n as usize];
+        f.read_exact(&mut t)?;
+        if let Some(h) = qmig_wire::vmdesc::find_trailer(&t) {
+            found = Some(t[h + 6..].to_vec());
+            break;
+        }
+        if n == end {
+            break;
+        }
+    }
+    f.seek(SeekFrom::Start(0))?;
+    Ok(found)
+}
+
+/// The vmdesc of a stream: from the tail of a regular file, else by reading
+/// the stream up to its trailer. `Ok(None)`: the stream has none (postcopy).
+fn stream_vmdesc(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let (input, seekable) = crate::input::open_input(path)?;
+    if let (crate::input::Input::Plain(mut f), true) = (input, seekable) {
+        if let Some(j) = tail_vmdesc(&mut f).map_err(err)? {
+            return Ok(Some(j));
+        }
+    }
+    let (mut rd, _) = crate::input::open_stream(path)?;
+    loop {
+        match rd.next_item() {
+            Ok(Some(ri)) => {
+                if let Item::Vmdesc(j) = ri.item {
+                    return Ok(Some(j.to_vec()));
+                }
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// The vmdesc held by `--vmdesc FILE`: a bare JSON (e.g. `recv`'s
+/// `vmdesc.json`) or another capture of the same QEMU and machine type.
+fn file_vmdesc(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .map_err(err)?
+        .take(4096)
+        .read_to_end(&mut head)
+        .map_err(err)?;
+    if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        let cap = u64::from(qmig_wire::vmdesc::DEFAULT_MAX_VMDESC);
+        let mut j = Vec::new();
+        std::fs::File::open(path)
+            .map_err(err)?
+            .take(cap + 1)
+            .read_to_end(&mut j)
+            .map_err(err)?;
+        if j.len() as u64 > cap {
+            return Err(format!("{}: vmdesc JSON over {cap} bytes", path.display()));
+        }
+        return Ok(j);
+    }
+    stream_vmdesc(path)?.ok_or_else(|| {
+        format!(
+            "{}: neither a vmdesc JSON nor a stream with a vmdesc trailer",
+            path.display()
+        )
+    })
+}
+
+/// Writes JSON text re-indented with 4 spaces, keeping key order and every
+/// token as written (what `analyze-migration.py -d desc` prints, modulo its
+/// escaping of non-ASCII text). `json` must be valid JSON.
+fn reindent(json: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    fn nl(out: &mut impl Write, depth: usize) -> std::io::Result<()> {
+        out.write_all(b"\n")?;
+        for _ in 0..depth {
+            out.write_all(b"    ")?;
+        }
+        Ok(())
+    }
+    let next_sig = |mut k: usize| {
+        while k < json.len() && json[k].is_ascii_whitespace() {
+            k += 1;
+        }
+        k
+    };
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < json.len() {
+        let b = json[i];
+        match b {
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                out.write_all(&json[start..(i + 1).min(json.len())])?;
+            }
+            b'{' | b'[' => {
+                let k = next_sig(i + 1);
+                if k < json.len() && (json[k] == b'}' || json[k] == b']') {
+                    out.write_all(&[b, json[k]])?;
+                    i = k;
+                } else {
+                    out.write_all(&[b])?;
+                    depth += 1;
+                    nl(out, depth)?;
+                }
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                nl(out, depth)?;
+                out.write_all(&[b])?;
+            }
+            b',' => {
+                out.write_all(b",")?;
+                nl(out, depth)?;
+            }
+            b':' => out.write_all(b": ")?,
+            c if c.is_ascii_whitespace() => {}
+            c => out.write_all(&[c])?,
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// `qmig inspect STREAM --vmdesc [FILE]`: prints the description.
+pub fn run_vmdesc(path: &Path, file: Option<&Path>) -> Result<ExitCode, String> {
+    let json = match file {
+        Some(f) => file_vmdesc(f)?,
+        None => stream_vmdesc(path)?
+            .ok_or_else(|| format!("{}: no vmdesc trailer (postcopy stream?)", path.display()))?,
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&json)
+        .map_err(|e| format!("vmdesc is not valid JSON: {e}"))?;
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    reindent(&json, &mut out).map_err(crate::output_error)?;
+    writeln!(out).map_err(crate::output_error)?;
+    out.flush().map_err(crate::output_error)?;
+    if let Err(e) = qmig_wire::VmDesc::parse(&json) {
+        eprintln!("qmig: {e}");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One introduced section, in stream order.
+struct DevSection {
+    id: u32,
+    idstr: String,
+    instance: u32,
+    version: u32,
+    kind: &'static str,
+    /// Offset of the first payload byte.
+    offset: u64,
+    payload: Vec<u8>,
+    /// MEM_SIZE blocks of a RAM section: (name, used_length).
+    ram_sizes: Vec<(String, u64)>,
+    /// Payload bytes in later PART/END sections (not decoded).
+    later_bytes: u64,
+}
+
+/// What `--devices` prints for one section.
+enum Shown {
+    Ram(Vec<(String, u64)>),
+    State(qmig_wire::DeviceState),
+    Error(String),
+}
+
+impl serde::Serialize for Shown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Shown::Ram(sizes) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("section sizes", &RamSizes(sizes))?;
+                m.end()
+            }
+            Shown::State(st) => st.serialize(s),
+            Shown::Error(e) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("error", e)?;
+                m.end()
+            }
+        }
+    }
+}
+
+struct RamSizes<'a>(&'a [(String, u64)]);
+
+impl serde::Serialize for RamSizes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (n, l) in self.0 {
+            m.serialize_entry(n, &format!("0x{l:016x}"))?;
+        }
+        m.end()
+    }
+}
+
+struct Top<'a>(&'a [(String, Shown)]);
+
+impl serde::Serialize for Top<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+fn show(sec: &DevSection, desc: &qmig_wire::VmDesc) -> Shown {
+    if sec.idstr == "ram" && sec.instance == 0 {
+        return Shown::Ram(sec.ram_sizes.clone());
+    }
+    let Some(dev) = desc.device(&sec.idstr, sec.instance) else {
+        return Shown::Error(format!(
+            "{} section without a vmdesc entry: {} payload bytes not decoded",
+            sec.kind,
+            sec.payload.len() as u64 + sec.later_bytes
+        ));
+    };
+    if dev.vmsd_name().is_some() && dev.version() != sec.version {
+        return Shown::Error(format!(
+            "section version {} but the vmdesc describes version {} (a vmdesc from another QEMU?)",
+            sec.version,
+            dev.version()
+        ));
+    }
+    match dev.decode(&sec.payload, sec.offset) {
+        Ok(st) => Shown::State(st),
+        Err(e) => Shown::Error(e.to_string()),
+    }
+}
+
+/// `qmig inspect STREAM --devices [--json] [--vmdesc FILE]`.
+pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result<ExitCode, String> {
+    let mut desc = match vmdesc {
+        Some(f) => Some(file_vmdesc(f)?),
+        None => {
+            let (input, seekable) = crate::input::open_input(path)?;
+            match (input, seekable) {
+                (crate::input::Input::Plain(mut f), true) => {
+                    tail_vmdesc(&mut f).map_err(|e| format!("{}: {e}", path.display()))?
+                }
+                _ => None,
+            }
+        }
+    }
+    .map(|j| qmig_wire::VmDesc::parse(&j))
+    .transpose()
+    .map_err(|e| format!("vmdesc: {e}"))?;
+    let (mut rd, _) = crate::input::open_stream(path)?;
+    let mut secs: Vec<DevSection> = Vec::new();
+    let mut by_id: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    // Where DeviceData items go: the payload of the FULL/START section just
+    // read, or the undecoded count of a later PART/END of a device section.
+    let mut cur: Option<(usize, bool)> = None;
+    let mut buffered = 0usize;
+    let mut read_error = None;
+    loop {
+        let ri = match rd.next_item() {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                read_error = Some(e.to_string());
+                break;
+            }
+        };
+        match ri.item {
+            Item::Section(h) => {
+                cur = None;
+                if let (true, Some(id)) = (h.kind.introduces(), h.ident) {
+                    let s = DevSection {
+                        id: h.section_id,
+                        idstr: id.idstr.to_string(),
+                        instance: id.instance,
+                        version: id.version,
+                        kind: h.kind.name(),
+                        offset: ri.offset + ri.len as u64,
+                        payload: Vec::new(),
+                        ram_sizes: Vec::new(),
+                        later_bytes: 0,
+                    };
+                    // A re-declared id replaces the earlier entry in place, as
+                    // analyze-migration.py's dict does.
+                    let i = match by_id.get(&h.section_id) {
+                        Some(&i) => {
+                            secs[i] = s;
+                            i
+                        }
+                        None => {
+                            by_id.insert(h.section_id, secs.len());
+                            secs.push(s);
+                            secs.len() - 1
+                        }
+                    };
+                    cur = Some((i, true));
+                } else if let Some(&i) = by_id.get(&h.section_id) {
+                    cur = Some((i, false));
+                }
+            }
+            Item::DeviceData(d) => match cur {
+                Some((i, true)) => {
+                    let s = &mut secs[i];
+                    if s.payload.is_empty() {
+                        s.offset = ri.offset;
+                    }
+                    buffered += d.len();
+                    if buffered > MAX_BUFFERED_DEVICE_BYTES {
+                        return Err(format!(
+                            "{}: device sections exceed {MAX_BUFFERED_DEVICE_BYTES} bytes",
+                            path.display()
+                        ));
+                    }
+                    s.payload.extend_from_slice(d);
+                }
+                Some((i, false)) => secs[i].later_bytes += d.len() as u64,
+                None => {}
+            },
+            Item::Ram(r) => {
+                if let (RamBody::MemSize(blocks), Some((i, _))) = (&r.body, cur) {
+                    let sizes = &mut secs[i].ram_sizes;
+                    for b in blocks {
+                        match sizes.iter_mut().find(|(n, _)| n == b.name) {
+                            Some(e) => e.1 = b.used_length,
+                            None => sizes.push((b.name.to_string(), b.used_length)),
+                        }
+                    }
+                }
+            }
+            Item::Vmdesc(j) => {
+                if desc.is_none() {
+                    desc = Some(qmig_wire::VmDesc::parse(j).map_err(|e| format!("vmdesc: {e}"))?);
+                }
+            }
+            _ => cur = None,
+        }
+    }
+    let Some(desc) = desc else {
+        return Err(format!(
+            "{}: no vmdesc trailer (postcopy stream?); pass --vmdesc FILE with a capture of the same QEMU and machine type",
+            path.display()
+        ));
+    };
+    let shown: Vec<(String, Shown)> = secs
+        .iter()
+        .map(|s| (format!("{} ({})", s.idstr, s.id), show(s, &desc)))
+        .collect();
+    let errors = shown
+        .iter()
+        .filter(|(_, s)| matches!(s, Shown::Error(_)))
+        .count();
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    if json_out {
+        let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+        serde::Serialize::serialize(&Top(&shown), &mut ser).map_err(|e| {
+            match e.io_error_kind() {
+                Some(k) => crate::output_error(k.into()),
+                None => e.to_string(),
+            }
+        })?;
+        writeln!(out).map_err(crate::output_error)?;
+    } else {
+        for ((key, sh), s) in shown.iter().zip(&secs) {
+            let head = format!(
+                "section {key}: {} instance {} version {}",
+                s.kind, s.instance, s.version
+            );
+            match sh {
+                Shown::Ram(sizes) => {
+                    writeln!(out, "{head}: RAM").map_err(crate::output_error)?;
+                    for (n, l) in sizes {
+                        writeln!(out, "  {n}: {l:#x} bytes").map_err(crate::output_error)?;
+                    }
+                }
+                Shown::State(st) => {
+                    let vmsd = desc
+                        .device(&s.idstr, s.instance)
+                        .and_then(|d| d.vmsd_name())
+                        .unwrap_or("(old-style)");
+                    writeln!(
+                        out,
+                        "{head}: vmsd {vmsd}, {} bytes at offset {}",
+                        s.payload.len(),
+                        s.offset
+                    )
+                    .map_err(crate::output_error)?;
+                    for line in st.to_text().lines() {
+                        writeln!(out, "  {line}").map_err(crate::output_error)?;
+                    }
+                }
+                Shown::Error(e) => {
+                    writeln!(out, "{head}: error: {e}").map_err(crate::output_error)?
+                }
+            }
+        }
+    }
+    out.flush().map_err(crate::output_error)?;
+    for (k, s) in &shown {
+        if let Shown::Error(e) = s {
+            eprintln!("qmig: section {k}: {e}");
+        }
+    }
+    if let Some(e) = &read_error {
+        eprintln!("qmig: {e}");
+    }
+    if errors > 0 || read_error.is_some() {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

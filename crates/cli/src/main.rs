@@ -38,6 +38,15 @@ enum Cmd {
         /// A captured return path (destination → source) to summarise too.
         #[arg(long, value_name = "FILE")]
         return_path: Option<PathBuf>,
+        /// Print the device state of every section, decoded field by field
+        /// from the vmdesc (like analyze-migration.py -d state).
+        #[arg(long, conflicts_with = "records")]
+        devices: bool,
+        /// Alone: print the vmdesc (like analyze-migration.py -d desc). With a
+        /// FILE (a bare vmdesc JSON or another capture of the same QEMU and
+        /// machine type): use its vmdesc instead of the stream's. Put STREAM first.
+        #[arg(long, value_name = "FILE", num_args = 0..=1)]
+        vmdesc: Option<Option<PathBuf>>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     Roundtrip {
@@ -106,7 +115,13 @@ fn main() -> ExitCode {
             json,
             records,
             return_path,
-        } => inspect::run(&stream, json, records, return_path.as_deref()),
+            devices,
+            vmdesc,
+        } => match (devices, vmdesc) {
+            (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
+            (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
+            (false, None) => inspect::run(&stream, json, records, return_path.as_deref()),
+        },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
         Cmd::Recv {
