@@ -27,7 +27,8 @@ enum Cmd {
     /// Summarise a stream: header, machine, capabilities, sections, commands,
     /// RAM blocks and per-block record counts.
     Inspect {
-        /// The migration stream (e.g. written by `migrate file:PATH`).
+        /// The migration stream (e.g. written by `migrate file:PATH`), `-` for
+        /// stdin; gzip, bzip2, xz, zstd and libvirt save images are recognised.
         stream: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
@@ -38,6 +39,9 @@ enum Cmd {
         /// A captured return path (destination → source) to summarise too.
         #[arg(long, value_name = "FILE")]
         return_path: Option<PathBuf>,
+        /// Print the domain XML (and save cookie) of a libvirt save image instead.
+        #[arg(long, conflicts_with_all = ["json", "records", "return_path"])]
+        libvirt_xml: bool,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     Roundtrip {
@@ -106,7 +110,8 @@ fn main() -> ExitCode {
             json,
             records,
             return_path,
-        } => inspect::run(&stream, json, records, return_path.as_deref()),
+            libvirt_xml,
+        } => inspect::run(&stream, json, records, return_path.as_deref(), libvirt_xml),
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
         Cmd::Recv {
