@@ -254,10 +254,7 @@ pub fn run(
 
 /// `inspect --libvirt-xml`: the domain XML of a libvirt save image, then its
 /// save cookie (if any) after a `<!-- save cookie -->` line.
-fn print_libvirt_xml(
-    path: &Path,
-    layers: &[qmig_container::Layer],
-) -> Result<ExitCode, String> {
+fn print_libvirt_xml(path: &Path, layers: &[qmig_container::Layer]) -> Result<ExitCode, String> {
     let Some(img) = layers.iter().find_map(|l| match l {
         qmig_container::Layer::Libvirt(i) => Some(i),
         qmig_container::Layer::Compressed(_) => None,

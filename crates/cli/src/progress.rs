@@ -36,11 +36,16 @@ pub fn input(total: u64, consumed: Arc<AtomicU64>, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::new_spinner();
     pb.set_style(
-        ProgressStyle::with_template("{msg} {spinner} stream {bytes}, input {input} read {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner())
-            .with_key("input", move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+        ProgressStyle::with_template(
+            "{msg} {spinner} stream {bytes}, input {input} read {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+        .with_key(
+            "input",
+            move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
                 let _ = write!(w, "{}", HumanBytes(consumed.load(Ordering::Relaxed)));
-            }),
+            },
+        ),
     );
     pb.set_message(what.to_string());
     pb

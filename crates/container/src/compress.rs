@@ -63,9 +63,7 @@ impl Compression {
                 return Err(ContainerError::Unsupported {
                     offset,
                     what: "lzop compression".into(),
-                    hint: format!(
-                        "qmig has no lzop decoder; decompress it first: {hint_cmd}"
-                    ),
+                    hint: format!("qmig has no lzop decoder; decompress it first: {hint_cmd}"),
                 })
             }
         })

@@ -239,13 +239,19 @@ pub fn parse_header(buf: &[u8], max_data_len: u32) -> Result<SaveHeader, Contain
 ///
 /// # Errors
 /// [`ContainerError::Libvirt`] when a field breaks a rule (offset of the field).
-pub fn encode_header(h: &SaveHeader, max_data_len: u32) -> Result<[u8; HEADER_LEN], ContainerError> {
+pub fn encode_header(
+    h: &SaveHeader,
+    max_data_len: u32,
+) -> Result<[u8; HEADER_LEN], ContainerError> {
     let bad = |offset: u64, rule: String| Err(ContainerError::Libvirt { offset, rule });
     if !matches!(h.version, 1 | 2) {
         return bad(16, format!("version {} is neither 1 nor 2", h.version));
     }
     if h.data_len == 0 || h.data_len > max_data_len {
-        return bad(20, format!("data_len {} is not in 1..={max_data_len}", h.data_len));
+        return bad(
+            20,
+            format!("data_len {} is not in 1..={max_data_len}", h.data_len),
+        );
     }
     if h.cookie_offset >= h.data_len {
         return bad(
@@ -314,7 +320,10 @@ pub fn parse_data(h: &SaveHeader, data: &[u8], base: u64) -> Result<SaveData, Co
             .position(|&b| b == 0)
             .ok_or_else(|| ContainerError::Libvirt {
                 offset: base + to as u64,
-                rule: format!("{what} is not NUL-terminated within its {} bytes", to - from),
+                rule: format!(
+                    "{what} is not NUL-terminated within its {} bytes",
+                    to - from
+                ),
             })?;
         String::from_utf8(part[..nul].to_vec()).map_err(|e| ContainerError::Libvirt {
             offset: base + (from + e.utf8_error().valid_up_to()) as u64,
@@ -399,16 +408,22 @@ mod tests {
             any::<u32>(),
             proptest::array::uniform14(any::<u32>()),
         )
-            .prop_map(|(partial, big, version, data_len, wr, f, co, unused)| SaveHeader {
-                partial,
-                byte_order: if big { ByteOrder::Big } else { ByteOrder::Little },
-                version,
-                data_len,
-                was_running: wr,
-                format: SaveFormat::ALL[f],
-                cookie_offset: co % data_len,
-                unused,
-            })
+            .prop_map(
+                |(partial, big, version, data_len, wr, f, co, unused)| SaveHeader {
+                    partial,
+                    byte_order: if big {
+                        ByteOrder::Big
+                    } else {
+                        ByteOrder::Little
+                    },
+                    version,
+                    data_len,
+                    was_running: wr,
+                    format: SaveFormat::ALL[f],
+                    cookie_offset: co % data_len,
+                    unused,
+                },
+            )
     }
 
     proptest! {

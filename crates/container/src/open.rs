@@ -144,11 +144,7 @@ pub fn open(input: Box<dyn Read + Send>, limits: &Limits) -> Result<Opened, Cont
             return Ok(Opened { reader, layers });
         };
         layers.push(Layer::Compressed(c));
-        r = c.decoder(
-            p,
-            0,
-            &format!("`{} -dc FILE | qmig COMMAND -`", c.name()),
-        )?;
+        r = c.decoder(p, 0, &format!("`{} -dc FILE | qmig COMMAND -`", c.name()))?;
     }
 }
 
@@ -213,7 +209,10 @@ fn libvirt_layer(
                     c.name()
                 )
             } else {
-                format!("extract the payload from offset {payload_offset} and run `{} -dc`", c.name())
+                format!(
+                    "extract the payload from offset {payload_offset} and run `{} -dc`",
+                    c.name()
+                )
             };
             c.decoder(p, payload_offset, &hint)?
         }
@@ -276,7 +275,10 @@ mod tests {
         assert_eq!(l.len(), 1);
         let (s, l) = read_all(gz(&image(SaveFormat::Gzip, &gz(&qemu)))).unwrap();
         assert_eq!(s, qemu);
-        assert!(matches!(l[..], [Layer::Compressed(Compression::Gzip), Layer::Libvirt(_)]));
+        assert!(matches!(
+            l[..],
+            [Layer::Compressed(Compression::Gzip), Layer::Libvirt(_)]
+        ));
         let e = read_all(image(SaveFormat::Xz, &gz(&qemu))).unwrap_err();
         assert_eq!(e.offset(), 28, "{e}");
         let e = read_all(image(SaveFormat::Raw, &gz(&qemu))).unwrap_err();
@@ -286,7 +288,10 @@ mod tests {
         // Truncated inside the data.
         let img = image(SaveFormat::Raw, &qemu);
         let e = read_all(img[..150].to_vec()).unwrap_err();
-        assert!(matches!(e, ContainerError::Truncated { offset: 150, .. }), "{e}");
+        assert!(
+            matches!(e, ContainerError::Truncated { offset: 150, .. }),
+            "{e}"
+        );
         // Too deep.
         let mut b = qemu.clone();
         for _ in 0..5 {
