@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops container_open; do
     mkdir -p "$here/corpus/$t"
 done
 for d in "$data"/*/; do
@@ -18,6 +18,11 @@ for d in "$data"/*/; do
         done
     fi
     if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
+done
+# libvirt save images: header, XML and the first bytes of each payload.
+for s in "$data"/libvirt-save/*.sav; do
+    [ -f "$s" ] || continue
+    head -c 70000 "$s" > "$here/corpus/container_open/$(basename "$s")-head"
 done
 # Committed regression inputs (fuzz crashes turned into tests).
 if [ -d "$here/regressions" ]; then
