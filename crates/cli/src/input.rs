@@ -107,8 +107,14 @@ pub fn open(path: &Path) -> Result<Opened, String> {
         inner: raw,
         n: consumed.clone(),
     });
-    let o = qmig_container::open(counted, &ContainerLimits::default())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let o = qmig_container::open(counted, &ContainerLimits::default()).map_err(|e| {
+        let e = if is_stdin(path) {
+            e
+        } else {
+            e.with_file(&path.display().to_string())
+        };
+        format!("{}: {e}", path.display())
+    })?;
     if regular {
         if let Some(base) = o.raw_offset() {
             // Stored uncompressed: read the file itself from the stream's start.

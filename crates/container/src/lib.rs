@@ -64,7 +64,8 @@ pub enum ContainerError {
         offset: u64,
         /// The format.
         what: String,
-        /// What to do instead.
+        /// What to do instead. Shell commands in it name the input `FILE`
+        /// and the qmig subcommand `COMMAND` (see [`ContainerError::with_file`]).
         hint: String,
     },
     /// Reading (or decompressing) failed.
@@ -79,6 +80,19 @@ pub enum ContainerError {
 }
 
 impl ContainerError {
+    /// Puts the input's name in place of `FILE` in an
+    /// [`ContainerError::Unsupported`] hint.
+    pub fn with_file(self, file: &str) -> Self {
+        match self {
+            ContainerError::Unsupported { offset, what, hint } => ContainerError::Unsupported {
+                offset,
+                what,
+                hint: hint.replace("FILE", file),
+            },
+            other => other,
+        }
+    }
+
     /// The byte offset the error names.
     pub fn offset(&self) -> u64 {
         match self {

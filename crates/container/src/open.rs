@@ -160,7 +160,9 @@ fn libvirt_layer(
     let mut hb = [0u8; HEADER_LEN];
     p.read_exact(&mut hb).map_err(io_at(0))?;
     let data_len = header.data_len as usize;
-    let mut data = Vec::with_capacity(data_len);
+    // Grown as bytes arrive: a data_len beyond the input allocates no more
+    // than the input holds.
+    let mut data = Vec::new();
     (&mut p)
         .take(data_len as u64)
         .read_to_end(&mut data)
