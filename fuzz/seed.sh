@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops vmstate_decode; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops vmstate_decode container_open; do
     mkdir -p "$here/corpus/$t"
 done
 for d in "$data"/*/; do
@@ -51,6 +51,11 @@ for p in sorted(glob.glob(data + "/*/stream") + glob.glob(data + "/*/stream.gz")
             f.write(one + b"\x00" + b[start:end])
         pos = end + 5
 PY
+# libvirt save images: header, XML and the first bytes of each payload.
+for s in "$data"/libvirt-save/*.sav; do
+    [ -f "$s" ] || continue
+    head -c 70000 "$s" > "$here/corpus/container_open/$(basename "$s")-head"
+done
 # Committed regression inputs (fuzz crashes turned into tests).
 if [ -d "$here/regressions" ]; then
     for t in "$here"/regressions/*/; do

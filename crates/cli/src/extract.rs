@@ -258,7 +258,8 @@ impl<M: Images> Session<M> {
 
 pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
     fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let (input, seekable) = crate::input::open_input(path)?;
+    let opened = crate::input::open(path)?;
+    let (input, seekable, consumed) = (opened.input, opened.seekable, opened.consumed);
     // Images written with combined pwrites: faster than faulting pages into
     // mappings when the stream is read from a file.
     let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
@@ -266,13 +267,14 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().
-        crate::input::Input::Plain(f) if seekable => {
-            let map = MappedInput::new(f).map_err(|e| format!("{}: {e}", path.display()))?;
-            apply_slice(&map, &mut s)
+        // (A raw libvirt image's stream starts at `base`.)
+        crate::input::Input::Plain { file, base } if seekable => {
+            let map = MappedInput::new(file).map_err(|e| format!("{}: {e}", path.display()))?;
+            apply_slice(&map, base, &mut s)
         }
         other => {
             let (rd, total) = crate::input::reader_for(other, false, path)?;
-            apply_reader(rd, &mut s, total)
+            apply_reader(rd, &mut s, total, consumed)
         }
     };
     finish(s, result, outdir)
@@ -282,8 +284,14 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
 const RELEASE_STEP: u64 = 32 << 20;
 
 /// Applies every item of a mapped stream.
-fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), StopError> {
+/// The stream starts at file offset `base` (0, or a raw libvirt image's payload).
+fn apply_slice<M: Images>(
+    map: &MappedInput,
+    base: u64,
+    s: &mut Session<M>,
+) -> Result<(), StopError> {
     let buf = map.as_slice();
+    let buf = buf.get(base as usize..).unwrap_or(&[]);
     let mut released = 0u64;
     let pb = crate::progress::bytes(buf.len() as u64, "extract");
     let mut rd = SliceReader::new(buf);
@@ -299,7 +307,7 @@ fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), S
             pb.set_position(offset);
             // Keep the resident set bounded: what is applied is not read again.
             if offset - released > RELEASE_STEP {
-                map.release_prefix(offset as usize);
+                map.release_prefix((base + offset) as usize);
                 released = offset;
             }
         }
@@ -326,8 +334,9 @@ fn apply_reader<M: Images>(
     mut rd: StreamReader<crate::input::Input>,
     s: &mut Session<M>,
     total: u64,
+    consumed: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), StopError> {
-    let pb = crate::progress::bytes(total, "extract");
+    let pb = crate::progress::input(total, consumed, "extract");
     let mut n = 0u32;
     let r = loop {
         let ri = match rd.next_item() {

@@ -55,9 +55,17 @@ pub fn run(
     json_out: bool,
     records: bool,
     rp: Option<&Path>,
+    libvirt_xml: bool,
 ) -> Result<ExitCode, String> {
-    let (mut rd, total) = crate::input::open_stream(path)?;
-    let pb = crate::progress::bytes(total, "inspect");
+    let opened = crate::input::open(path)?;
+    if libvirt_xml {
+        return print_libvirt_xml(path, &opened.layers);
+    }
+    let container = crate::input::describe(&opened.layers);
+    let container_json = crate::input::layers_json(&opened.layers);
+    let consumed = opened.consumed.clone();
+    let (mut rd, total) = crate::input::reader_for(opened.input, opened.seekable, path)?;
+    let pb = crate::progress::input(total, consumed, "inspect");
     let mut s = Summary::default();
     for k in [
         "zero",
@@ -231,7 +239,8 @@ pub fn run(
             writeln!(out, "error: {e}").map_err(crate::output_error)?;
         }
     } else if json_out {
-        let v = to_json(&s, rp_summary);
+        let mut v = to_json(&s, rp_summary);
+        v["container"] = container_json;
         writeln!(
             out,
             "{}",
@@ -239,12 +248,47 @@ pub fn run(
         )
         .map_err(crate::output_error)?;
     } else {
+        for line in &container {
+            writeln!(out, "{line}").map_err(crate::output_error)?;
+        }
         print_text(&mut out, &s, rp_summary.as_ref()).map_err(crate::output_error)?;
     }
     out.flush().map_err(crate::output_error)?;
     if let Some(e) = &s.error {
         eprintln!("qmig: {e}");
         return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `inspect --libvirt-xml`: the domain XML of a libvirt save image, then its
+/// save cookie (if any) after a `<!-- save cookie -->` line.
+fn print_libvirt_xml(path: &Path, layers: &[qmig_container::Layer]) -> Result<ExitCode, String> {
+    let Some(img) = layers.iter().find_map(|l| match l {
+        qmig_container::Layer::Libvirt(i) => Some(i),
+        qmig_container::Layer::Compressed(_) => None,
+    }) else {
+        return Err(format!(
+            "{}: not a libvirt save image (no LibvirtQemudSave/LibvirtQemudPart magic)",
+            path.display()
+        ));
+    };
+    let mut out = std::io::stdout().lock();
+    let mut w = |t: &str| -> Result<(), String> {
+        out.write_all(t.as_bytes())
+            .and_then(|()| {
+                if t.ends_with('\n') {
+                    Ok(())
+                } else {
+                    out.write_all(b"\n")
+                }
+            })
+            .map_err(crate::output_error)
+    };
+    w(&img.data.xml)?;
+    if let Some(c) = &img.data.cookie {
+        w("<!-- save cookie -->")?;
+        w(c)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -556,7 +600,7 @@ fn tail_vmdesc(f: &mut std::fs::File) -> std::io::Result<Option<Vec<u8>>> {
 fn stream_vmdesc(path: &Path) -> Result<Option<Vec<u8>>, String> {
     let err = |e: std::io::Error| format!("{}: {e}", path.display());
     let (input, seekable) = crate::input::open_input(path)?;
-    if let (crate::input::Input::Plain(mut f), true) = (input, seekable) {
+    if let (crate::input::Input::Plain { file: mut f, .. }, true) = (input, seekable) {
         if let Some(j) = tail_vmdesc(&mut f).map_err(err)? {
             return Ok(Some(j));
         }
@@ -786,7 +830,7 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
         None => {
             let (input, seekable) = crate::input::open_input(path)?;
             match (input, seekable) {
-                (crate::input::Input::Plain(mut f), true) => {
+                (crate::input::Input::Plain { file: mut f, .. }, true) => {
                     tail_vmdesc(&mut f).map_err(|e| format!("{}: {e}", path.display()))?
                 }
                 _ => None,

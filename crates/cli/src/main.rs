@@ -27,7 +27,8 @@ enum Cmd {
     /// Summarise a stream: header, machine, capabilities, sections, commands,
     /// RAM blocks and per-block record counts.
     Inspect {
-        /// The migration stream (e.g. written by `migrate file:PATH`).
+        /// The migration stream (e.g. written by `migrate file:PATH`), `-` for
+        /// stdin; gzip, bzip2, xz, zstd and libvirt save images are recognised.
         stream: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
@@ -47,6 +48,9 @@ enum Cmd {
         /// machine type): use its vmdesc instead of the stream's. Put STREAM first.
         #[arg(long, value_name = "FILE", num_args = 0..=1)]
         vmdesc: Option<Option<PathBuf>>,
+        /// Print the domain XML (and save cookie) of a libvirt save image instead.
+        #[arg(long, conflicts_with_all = ["json", "records", "return_path"])]
+        libvirt_xml: bool,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     Roundtrip {
@@ -117,10 +121,11 @@ fn main() -> ExitCode {
             return_path,
             devices,
             vmdesc,
+            libvirt_xml,
         } => match (devices, vmdesc) {
             (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
             (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
-            (false, None) => inspect::run(&stream, json, records, return_path.as_deref()),
+            (false, None) => inspect::run(&stream, json, records, return_path.as_deref(), libvirt_xml),
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
