@@ -639,6 +639,65 @@ fn discard_alignment_follows_the_block_page_size() {
     ));
 }
 
+/// Memory for blocks too big to allocate: accesses go to one scratch page,
+/// discards are counted.
+#[derive(Default)]
+struct CountingMemory {
+    scratch: Vec<u8>,
+    discards: u64,
+}
+
+impl GuestMemory for CountingMemory {
+    fn set_block_len(&mut self, _: usize, _: &str, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn bytes_mut(&mut self, _: usize, _: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        self.scratch.resize(len, 0);
+        Ok(&mut self.scratch)
+    }
+    fn discard(&mut self, _: usize, _: u64, _: u64) -> std::io::Result<()> {
+        self.discards += 1;
+        Ok(())
+    }
+}
+
+/// Issue 14, case 2: one POSTCOPY_RAM_DISCARD with 4000 ranges of 1 TiB each
+/// (what a be16 command length allows; QEMU's loader takes any count that
+/// fits, the source sends at most 12). Each range costs the non-zero words it
+/// touches, not its length: this returns at once instead of after minutes.
+#[test]
+fn discard_bomb_costs_the_words_it_touches() {
+    const TIB: u64 = 1 << 40;
+    let mut d = RamDst::new(Config::default(), CountingMemory::default()).unwrap();
+    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", TIB)])))
+        .unwrap();
+    let a = [1u8; 4096];
+    for (i, off) in [0, TIB / 2, TIB - PS].into_iter().enumerate() {
+        d.handle_item(
+            10 + i as u64,
+            1,
+            &ram(RamRecord::page(off, Some("pc.ram"), &a)),
+        )
+        .unwrap();
+    }
+    d.handle_item(20, 1, &cmd(Command::PostcopyAdvise(None)))
+        .unwrap();
+    let ranges = vec![(0, TIB); 4000];
+    d.handle_item(30, 64_000, &discard("pc.ram", &ranges))
+        .unwrap();
+    assert_eq!(d.memory().discards, 1, "only the first range had data");
+    assert_eq!(d.blocks()[0].received().count_ones(), 0);
+    assert_eq!(d.stats().discarded_pages, 4000 * (TIB / PS));
+    // And a range past the end is still refused before anything is touched.
+    let e = d
+        .handle_item(70_000, 20, &discard("pc.ram", &[(0, PS), (TIB, PS)]))
+        .unwrap_err();
+    assert!(
+        matches!(e, RamDstError::Discard { offset: 70_000, .. }),
+        "{e}"
+    );
+}
+
 // ---- postcopy state machine ----------------------------------------------------------
 
 fn illegal(r: Result<(), RamDstError>, state: PostcopyState) {
@@ -1112,4 +1171,47 @@ fn file_memory_combines_writes_and_writes_back_modified_pages() {
     assert!(m.bytes_mut(1, 0, 1).is_err());
     drop(m);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+proptest::proptest! {
+    /// The summarised bitmap agrees with a plain `Vec<bool>` under any mix of
+    /// operations, at sizes that need one to three summary levels.
+    #[test]
+    fn bitmap_matches_a_plain_model(
+        bits in proptest::prop_oneof![0u64..200, 4000u64..5000, 262_000u64..263_000],
+        ops in proptest::collection::vec((0u8..6, 0u64..263_000, 0u64..70_000), 0..60),
+    ) {
+        let mut b = PageBitmap::new(bits);
+        let mut m = vec![false; bits as usize];
+        for (op, start, n) in ops {
+            let start = start % (bits + 2);
+            let end = start.saturating_add(n).min(bits);
+            match op {
+                0 => { b.set(start); if start < bits { m[start as usize] = true; } }
+                1 => { b.clear(start); if start < bits { m[start as usize] = false; } }
+                2 => { b.set_range(start, n); for i in start..end { m[i as usize] = true; } }
+                3 => {
+                    let want = (start..end).any(|i| m[i as usize]);
+                    proptest::prop_assert_eq!(b.clear_range(start, n), want);
+                    for i in start..end { m[i as usize] = false; }
+                }
+                4 => {
+                    let want = (start..end).any(|i| m[i as usize]);
+                    proptest::prop_assert_eq!(b.any_in_range(start, n), want);
+                }
+                _ => {
+                    let want = (start.min(bits)..bits).filter(|&i| m[i as usize]).count() as u64;
+                    proptest::prop_assert_eq!(b.count_ones() - (0..start.min(bits)).filter(|&i| m[i as usize]).count() as u64, want);
+                }
+            }
+        }
+        let ones: Vec<u64> = (0..bits).filter(|&i| m[i as usize]).collect();
+        proptest::prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), ones);
+        let round = PageBitmap::from_le_bytes(&b.to_le_bytes(), bits).unwrap();
+        proptest::prop_assert_eq!(&round, &b);
+        for probe in [0, bits / 3, bits / 2, bits.saturating_sub(70)] {
+            let want = (probe..bits).any(|i| m[i as usize]);
+            proptest::prop_assert_eq!(round.any_in_range(probe, bits), want);
+        }
+    }
 }
