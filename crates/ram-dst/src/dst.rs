@@ -9,7 +9,18 @@ use crate::memory::GuestMemory;
 use crate::RamDstError;
 
 /// Largest block page size accepted from a stream (1 GiB huge pages).
+/// With [`Placement::Apply`] no buffer of this size is ever allocated: target
+/// pages are applied as they arrive.
 pub const MAX_PAGE_SIZE: u64 = 1 << 30;
+
+/// Target page sizes QEMU targets use, as log2: 1 KiB (some Arm and
+/// MIPS configurations) to 64 KiB. `configuration/target-page-bits` outside
+/// this range is refused.
+pub const TARGET_PAGE_BITS: std::ops::RangeInclusive<u32> = 10..=16;
+
+/// Most blocks [`Layout::Adopt`] creates (each becomes an image file and two
+/// bitmaps); QEMU machines have a few dozen.
+pub const MAX_ADOPTED_BLOCKS: usize = 4096;
 
 /// A RAM block the destination has before the stream starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,12 +253,12 @@ impl BlockState {
 
 /// A host page being assembled in postcopy mode.
 #[derive(Debug)]
-struct HostPage {
+pub(crate) struct HostPage {
     block: usize,
     start: u64,
     next: u64,
     all_zero: bool,
-    data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// The sans-IO RAM destination: feed it the items of a migration stream,
@@ -287,7 +298,7 @@ pub struct RamDst<M> {
     by_name: HashMap<String, usize>,
     current: Option<usize>,
     postcopy: PostcopyState,
-    host_page: Option<HostPage>,
+    pub(crate) host_page: Option<HostPage>,
     actions: VecDeque<Action>,
     stats: Stats,
     applied_to: u64,
@@ -305,6 +316,15 @@ impl<M: GuestMemory> RamDst<M> {
     /// multiples (or page size not a power of two), [`RamDstError::Memory`]
     /// when the memory cannot create a block.
     pub fn new(config: Config, mut memory: M) -> Result<Self, RamDstError> {
+        if !TARGET_PAGE_BITS.contains(&config.target_page_bits) {
+            return Err(RamDstError::BadSize {
+                offset: 0,
+                why: format!(
+                    "target page bits {} outside {TARGET_PAGE_BITS:?}",
+                    config.target_page_bits
+                ),
+            });
+        }
         let tps = 1u64 << config.target_page_bits;
         let mut blocks = Vec::new();
         let mut by_name = HashMap::new();
@@ -486,7 +506,7 @@ impl<M: GuestMemory> RamDst<M> {
         if bits == self.page_bits {
             return Ok(());
         }
-        if self.adopt && self.blocks.is_empty() && (9..=30).contains(&bits) {
+        if self.adopt && self.blocks.is_empty() && TARGET_PAGE_BITS.contains(&bits) {
             self.page_bits = bits;
             return Ok(());
         }
@@ -746,6 +766,12 @@ impl<M: GuestMemory> RamDst<M> {
                     }
                 }
                 None if self.adopt => {
+                    if self.blocks.len() + plans.len() >= MAX_ADOPTED_BLOCKS {
+                        return Err(bad(format!(
+                            "more than {MAX_ADOPTED_BLOCKS} RAM blocks (at \"{}\")",
+                            mb.name
+                        )));
+                    }
                     let ps = mb.page_size.unwrap_or(self.host_page_size);
                     if !ps.is_power_of_two()
                         || ps < tps
@@ -1037,6 +1063,33 @@ impl<M: GuestMemory> RamDst<M> {
             }
             _ => {}
         }
+        if self.placement == Placement::Apply {
+            // Replay: no atomicity to keep, so each target page goes straight
+            // to memory and no host-page buffer (up to 1 GiB) is needed.
+            // Received bits are still set only when the host page is complete.
+            let p = off / tps;
+            match data {
+                Some(d) => {
+                    self.memory
+                        .write(b, off, d)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    self.blocks[b].nonzero.set(p);
+                }
+                None if fill != 0 || self.blocks[b].nonzero.get(p) => {
+                    self.memory
+                        .bytes_mut(b, off, tps as usize)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?
+                        .fill(fill);
+                    if fill == 0 {
+                        self.blocks[b].nonzero.clear(p);
+                    } else {
+                        self.blocks[b].nonzero.set(p);
+                    }
+                }
+                None => {}
+            }
+        }
+        let emit = self.placement == Placement::Emit;
         let hp = self.host_page.get_or_insert_with(|| HostPage {
             block: b,
             start: off,
@@ -1046,11 +1099,15 @@ impl<M: GuestMemory> RamDst<M> {
         });
         match data {
             Some(d) => {
-                hp.data.extend_from_slice(d);
+                if emit {
+                    hp.data.extend_from_slice(d);
+                }
                 hp.all_zero = false;
             }
             None => {
-                hp.data.resize(hp.data.len() + tps as usize, fill);
+                if emit {
+                    hp.data.resize(hp.data.len() + tps as usize, fill);
+                }
                 if fill != 0 {
                     hp.all_zero = false;
                     self.stats.nonzero_fill += 1;
@@ -1078,27 +1135,14 @@ impl<M: GuestMemory> RamDst<M> {
         Ok(())
     }
 
-    fn place(&mut self, at: u64, hp: HostPage) -> Result<(), RamDstError> {
+    fn place(&mut self, _at: u64, hp: HostPage) -> Result<(), RamDstError> {
         let tps = self.page_size();
-        let len = hp.data.len() as u64;
+        let len = hp.next - hp.start;
         let (p, n) = (hp.start / tps, len / tps);
         let b = hp.block;
         match self.placement {
-            Placement::Apply => {
-                let blk = &mut self.blocks[b];
-                if hp.all_zero {
-                    if blk.nonzero.clear_range(p, n) {
-                        self.memory
-                            .discard(b, hp.start, len)
-                            .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                    }
-                } else {
-                    self.memory
-                        .write(b, hp.start, &hp.data)
-                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                    blk.nonzero.set_range(p, n);
-                }
-            }
+            // The target pages were applied as they came (apply_postcopy).
+            Placement::Apply => {}
             Placement::Emit => {
                 let blk = &mut self.blocks[b];
                 if hp.all_zero {

@@ -698,6 +698,92 @@ fn discard_bomb_costs_the_words_it_touches() {
     );
 }
 
+/// Issue 14, case 3: a 1 GiB host page in postcopy, replayed (Apply): the
+/// target pages go straight to memory, no host-page buffer is allocated, and
+/// the received bits appear only once the whole host page is in.
+#[test]
+fn gigabyte_host_page_is_applied_without_a_buffer() {
+    const GIB: u64 = 1 << 30;
+    let blk = LocalBlock {
+        page_size: GIB,
+        ..LocalBlock::fixed("huge", 2 * GIB)
+    };
+    let cfg = Config {
+        layout: Layout::Fixed(vec![blk]),
+        ..Config::default()
+    };
+    let mut d = RamDst::new(cfg, CountingMemory::default()).unwrap();
+    for (i, c) in [Command::PostcopyAdvise(None), Command::PostcopyListen]
+        .into_iter()
+        .enumerate()
+    {
+        d.handle_item(i as u64, 1, &cmd(c)).unwrap();
+    }
+    let a = [3u8; 4096];
+    let pages = GIB / PS;
+    for p in 0..pages {
+        let rec = if p == 5 {
+            RamRecord::page(GIB + p * PS, Some("huge"), &a)
+        } else {
+            RamRecord::zero(GIB + p * PS, (p == 0).then_some("huge"))
+        };
+        d.handle_item(10 + p, 1, &ram(rec)).unwrap();
+        if p == pages / 2 {
+            let hp = d.host_page.as_ref().unwrap();
+            assert_eq!(hp.data.capacity(), 0, "no assembly buffer in Apply mode");
+            assert_eq!(d.blocks()[0].received().count_ones(), 0);
+        }
+    }
+    assert!(d.host_page.is_none());
+    assert_eq!(d.blocks()[0].received().count_ones(), pages);
+    assert_eq!(d.stats().placed_host_pages, 1);
+}
+
+#[test]
+fn target_page_size_outside_qemus_range_is_refused() {
+    for bits in [9, 17, 30] {
+        let cfg = Config {
+            target_page_bits: bits,
+            ..Config::default()
+        };
+        assert!(
+            matches!(
+                RamDst::new(cfg, VecMemory::new()),
+                Err(RamDstError::BadSize { .. })
+            ),
+            "{bits}"
+        );
+    }
+    for bits in [10, 16] {
+        let cfg = Config {
+            target_page_bits: bits,
+            ..Config::default()
+        };
+        assert!(RamDst::new(cfg, VecMemory::new()).is_ok(), "{bits}");
+    }
+}
+
+#[test]
+fn adopted_block_count_is_capped() {
+    let mut d = adopt();
+    let names: Vec<String> = (0..MAX_ADOPTED_BLOCKS + 1)
+        .map(|i| format!("b{i}"))
+        .collect();
+    let mut at = 0;
+    for chunk in names.chunks(1000) {
+        let list: Vec<MemBlock<'_>> = chunk.iter().map(|n| mb(n, 0)).collect();
+        let r = feed(&mut d, at, ram(RamRecord::mem_size(list)));
+        at += 10;
+        if chunk.len() < 1000 {
+            let e = r.unwrap_err();
+            assert!(matches!(e, RamDstError::BadSize { .. }), "{e}");
+        } else {
+            r.unwrap();
+        }
+    }
+    assert_eq!(d.blocks().len(), 4000);
+}
+
 // ---- postcopy state machine ----------------------------------------------------------
 
 fn illegal(r: Result<(), RamDstError>, state: PostcopyState) {
@@ -930,8 +1016,12 @@ fn postcopy_apply_mode_writes_memory() {
     listening(&mut d);
     let a = [1u8; 4096];
     feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
-    assert_eq!(mem(&d)[0], 0, "not placed before the host page is complete");
+    // Replay applies target pages as they come (no host-page buffer), but the
+    // host page counts as received only once complete.
+    assert_eq!(&mem(&d)[..4096], &a[..]);
+    assert!(!d.blocks()[0].received().get(0));
     feed(&mut d, 20, ram(RamRecord::zero(PS, None))).unwrap();
+    assert!(d.blocks()[0].received().get(0) && d.blocks()[0].received().get(1));
     assert_eq!(&mem(&d)[..4096], &a[..]);
     assert!(mem(&d)[4096..].iter().all(|&x| x == 0));
 }

@@ -165,11 +165,13 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
         let (r, body) = match sname {
             "configuration/target-page-bits" => {
                 let (r, bits) = be_u32(r)?;
-                if !(9..=30).contains(&bits) {
+                // QEMU targets use 1 KiB (TARGET_PAGE_BITS_MIN of Arm) to
+                // 64 KiB pages; anything else would size every page buffer.
+                if !(10..=16).contains(&bits) {
                     fail!(
                         r,
                         Configuration {
-                            why: "target-page-bits outside 9..=30"
+                            why: "target-page-bits outside 10..=16 (1 KiB to 64 KiB pages)"
                         }
                     );
                 }
