@@ -257,7 +257,7 @@ proptest! {
     }
 
     #[test]
-    fn configuration_roundtrip(machine in "[a-z0-9.-]{1,40}", bits in prop::option::of(9u32..=16), caps in prop::option::of(prop::collection::vec("[a-z-]{1,20}", 0..4)), uuid in prop::option::of(any::<[u8; 16]>())) {
+    fn configuration_roundtrip(machine in "[a-z0-9.-]{1,40}", bits in prop::option::of(10u32..=16), caps in prop::option::of(prop::collection::vec("[a-z-]{1,20}", 0..4)), uuid in prop::option::of(any::<[u8; 16]>())) {
         let mut subsections = Vec::new();
         if let Some(b) = bits { subsections.push(ConfigSubsection { name: "configuration/target-page-bits", version: 1, body: ConfigBody::TargetPageBits(b) }); }
         let caps_ref: Option<Vec<&str>> = caps.as_ref().map(|c| c.iter().map(String::as_str).collect());
