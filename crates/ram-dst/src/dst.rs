@@ -129,7 +129,9 @@ pub enum PostcopyState {
 pub enum Action {
     /// The source asked for a return path (OPEN_RETURN_PATH).
     OpenReturnPath,
-    /// Send a PONG with this value on the return path.
+    /// Send a PONG with this value on the return path (only after
+    /// OPEN_RETURN_PATH: a PING without one is refused, as QEMU's
+    /// `loadvm_process_command` does).
     Pong(u32),
     /// A ZERO record had a non-zero fill byte; it was applied as a fill
     /// (QEMU before 8.2 does the same; later versions refuse it).
@@ -167,12 +169,16 @@ pub enum Action {
     /// the guest on `Running`, tear down on `End`).
     PostcopyState(PostcopyState),
     /// The source asked for a block's received bitmap (RECV_BITMAP command):
-    /// answer with [`RamDst::recv_bitmap_reply`].
+    /// answer with [`RamDst::recv_bitmap_reply`]. Postcopy recovery only,
+    /// which this destination does not enter: not emitted today (RECV_BITMAP
+    /// is refused, as QEMU refuses it outside postcopy-recover).
     SendRecvBitmap {
         /// Block index.
         block: usize,
     },
     /// The source asked to resume postcopy (POSTCOPY_RESUME): send RESUME_ACK.
+    /// Postcopy recovery only: not emitted today (outside recovery QEMU
+    /// ignores POSTCOPY_RESUME, and so does this destination).
     ResumeAck,
     /// MEM_SIZE resized a block.
     BlockResized {
@@ -298,6 +304,8 @@ pub struct RamDst<M> {
     by_name: HashMap<String, usize>,
     current: Option<usize>,
     postcopy: PostcopyState,
+    /// OPEN_RETURN_PATH was received.
+    return_path: bool,
     pub(crate) host_page: Option<HostPage>,
     actions: VecDeque<Action>,
     stats: Stats,
@@ -376,6 +384,7 @@ impl<M: GuestMemory> RamDst<M> {
             by_name,
             current: None,
             postcopy: PostcopyState::None,
+            return_path: false,
             host_page: None,
             actions: VecDeque::new(),
             stats: Stats::default(),
@@ -858,8 +867,20 @@ impl<M: GuestMemory> RamDst<M> {
             event,
         };
         match cmd {
-            Command::OpenReturnPath => self.actions.push_back(Action::OpenReturnPath),
-            Command::Ping(v) => self.actions.push_back(Action::Pong(*v)),
+            Command::OpenReturnPath => {
+                self.return_path = true;
+                self.actions.push_back(Action::OpenReturnPath)
+            }
+            Command::Ping(v) => {
+                if !self.return_path {
+                    return Err(RamDstError::QemuRule {
+                        offset: at,
+                        function: "loadvm_process_command",
+                        why: format!("PING {v:#x} with no return path open"),
+                    });
+                }
+                self.actions.push_back(Action::Pong(*v))
+            }
             Command::PostcopyAdvise(advise) => {
                 if state != S::None {
                     return Err(illegal("POSTCOPY_ADVISE"));
@@ -906,20 +927,26 @@ impl<M: GuestMemory> RamDst<M> {
                 }
                 self.set_postcopy(S::Running);
             }
+            // Both belong to postcopy recovery, a state this destination
+            // never enters (a new main channel after a failure).
             Command::PostcopyResume => {
+                // QEMU's loadvm_postcopy_handle_resume reports a resume
+                // outside postcopy-recover and ignores it: no RESUME_ACK.
                 if !matches!(state, S::Listening | S::Running) {
                     return Err(illegal("POSTCOPY_RESUME"));
                 }
-                self.actions.push_back(Action::ResumeAck);
             }
             Command::RecvBitmap { block } => {
-                let Some(&i) = self.by_name.get(*block) else {
-                    return Err(RamDstError::UnknownBlock {
-                        offset: at,
-                        name: block.to_string(),
-                    });
-                };
-                self.actions.push_back(Action::SendRecvBitmap { block: i });
+                // QEMU's loadvm_handle_recv_bitmap fails the load outside
+                // postcopy-recover; answering would let a few bytes of input
+                // ask for gigabytes of bitmap on the return path.
+                return Err(RamDstError::QemuRule {
+                    offset: at,
+                    function: "loadvm_handle_recv_bitmap",
+                    why: format!(
+                        "RECV_BITMAP for \"{block}\" outside postcopy recovery (state {state:?})"
+                    ),
+                });
             }
             Command::Packaged { .. } | Command::SwitchoverStart => {}
             Command::EnableColo => {

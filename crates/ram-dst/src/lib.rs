@@ -22,6 +22,8 @@
 //! use qmig_wire::{Command, Item};
 //!
 //! let mut dst = RamDst::new(Config::default(), VecMemory::new())?;
+//! dst.handle_item(95, 5, &Item::Command(Command::OpenReturnPath))?;
+//! assert_eq!(dst.poll_action(), Some(Action::OpenReturnPath));
 //! dst.handle_item(100, 9, &Item::Command(Command::Ping(7)))?;
 //! assert_eq!(dst.poll_action(), Some(Action::Pong(7)));
 //! assert_eq!(dst.applied_up_to(), 109);

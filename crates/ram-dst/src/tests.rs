@@ -1068,18 +1068,55 @@ fn postcopy_order_is_enforced() {
 }
 
 #[test]
-fn recv_bitmap_command_and_resume() {
-    let mut d = with_ram(4 * PS);
-    feed(&mut d, 1, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
-    assert_eq!(actions(&mut d), vec![Action::SendRecvBitmap { block: 0 }]);
-    assert!(matches!(
-        feed(&mut d, 2, cmd(Command::RecvBitmap { block: "x" })),
-        Err(RamDstError::UnknownBlock { .. })
-    ));
+fn recv_bitmap_and_resume_only_in_recovery() {
+    // Issue 14 case 3: RECV_BITMAP outside postcopy-recover is refused, as
+    // QEMU's loadvm_handle_recv_bitmap does, so no bitmap is ever sent.
+    for state_setup in [false, true] {
+        let mut d = with_ram(4 * PS);
+        feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+        if state_setup {
+            listening(&mut d);
+        }
+        actions(&mut d);
+        let e = feed(&mut d, 1, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RamDstError::QemuRule {
+                    offset: 1,
+                    function: "loadvm_handle_recv_bitmap",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(actions(&mut d).is_empty());
+    }
+    // POSTCOPY_RESUME outside recovery: ignored (QEMU's
+    // loadvm_postcopy_handle_resume), no RESUME_ACK.
     let mut d = with_ram(4 * PS);
     listening(&mut d);
+    actions(&mut d);
     feed(&mut d, 3, cmd(Command::PostcopyResume)).unwrap();
-    assert_eq!(actions(&mut d), vec![Action::ResumeAck]);
+    assert_eq!(actions(&mut d), vec![]);
+}
+
+#[test]
+fn ping_needs_a_return_path() {
+    let mut d = adopt();
+    let e = feed(&mut d, 7, cmd(Command::Ping(1))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                offset: 7,
+                function: "loadvm_process_command",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(actions(&mut d).is_empty());
 }
 
 // ---- received bitmap wire form -------------------------------------------------------
