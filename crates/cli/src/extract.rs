@@ -239,6 +239,7 @@ impl<M: Images> Session<M> {
             "error": err.map(|e| e.to_string()),
             "error_offset": err.and_then(|e| e.offset()),
             "nonzero_fill_pages": st.nonzero_fill,
+            "leniencies": leniencies(&self.dst),
             "records": {"zero": st.zero, "page": st.page, "xbzrle": st.xbzrle, "compressed": st.compressed},
             "postcopy_state": format!("{:?}", self.dst.postcopy_state()),
             "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections},
@@ -254,6 +255,28 @@ impl<M: Images> Session<M> {
         .map_err(|e| format!("manifest.json: {e}"))?;
         Ok(result)
     }
+}
+
+/// The manifest's `leniencies`: what was accepted that QEMU 10's loader
+/// refuses, because the stream may come from an older QEMU (see
+/// [`qmig_ram_dst::Leniency`]). Empty when qmig was as strict as QEMU 10.
+pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Value {
+    let machine = dst
+        .machine_version()
+        .map(|(a, b)| format!("QEMU {a}.{b}"))
+        .unwrap_or_else(|| "no versioned machine type".into());
+    dst.leniencies()
+        .iter()
+        .map(|l| match l {
+            qmig_ram_dst::Leniency::NonZeroFill => json!({
+                "kind": "nonzero_zero_fill",
+                "records": dst.stats().nonzero_fill,
+                "qemu_rule": "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0",
+                "why_accepted": format!("the stream may predate QEMU 8.2 ({machine}); applied as fills"),
+            }),
+        })
+        .collect::<Vec<_>>()
+        .into()
 }
 
 pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
@@ -362,7 +385,7 @@ fn finish<M: Images>(
     }
     let fills = s.dst.stats().nonzero_fill;
     if fills > 0 {
-        eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills)");
+        eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills: leniency for QEMU < 8.2 streams; QEMU >= 8.2 refuses them)");
     }
     eprintln!(
         "extracted {} blocks to {}",

@@ -493,6 +493,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         "ram_bytes": s.ram_bytes,
         "device_bytes": s.device_bytes,
         "eof": s.eof,
+        "leniencies": leniencies(s),
         "vmdesc": s.vmdesc_len.map(|l| json!({"length": l, "devices": s.vmdesc_devices})),
         "length": s.end,
         "error": s.error,
@@ -511,6 +512,29 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         });
     }
     v
+}
+
+/// Records a QEMU 10 loader would refuse, or that qmig accepts only because
+/// the machine type does not prove a QEMU >= 8.2 source.
+fn leniencies(s: &Summary) -> Vec<Value> {
+    let fills: u64 =
+        s.blocks.values().map(|b| b.nonzero_fill).sum::<u64>() + s.other_blocks.nonzero_fill;
+    if fills == 0 {
+        return vec![];
+    }
+    let v = qmig_ram_dst::machine_qemu_version(&s.machine);
+    let refused = v.is_some_and(|v| v >= (8, 2));
+    vec![json!({
+        "kind": "nonzero_zero_fill",
+        "records": fills,
+        "qemu_rule": "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0",
+        "machine_qemu_version": v.map(|(a, b)| format!("{a}.{b}")),
+        "verdict": if refused {
+            "error: the machine type says QEMU >= 8.2; extract and recv refuse this stream"
+        } else {
+            "leniency: the stream may predate QEMU 8.2; extract applies these as fills"
+        },
+    })]
 }
 
 fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std::io::Result<()> {
@@ -614,6 +638,15 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
             b.compressed,
             "-",
             b.discarded_bytes
+        )?;
+    }
+    for l in leniencies(s) {
+        writeln!(
+            out,
+            "note: {} ZERO records with a non-zero fill byte: {} ({})",
+            l["records"],
+            l["verdict"].as_str().unwrap_or(""),
+            l["qemu_rule"].as_str().unwrap_or("")
         )?;
     }
     let t: Vec<String> = s.totals.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -514,3 +514,55 @@ fn send_to_a_destination_that_never_reads() {
     holder.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- parity with QEMU 10's loader ---------------------------------------------------------
+
+/// Issue 14 case 4: a ZERO record with fill byte 0x55 in a QEMU 10.0 stream
+/// is refused, as QEMU >= 8.2 refuses it; in a 7.2 stream it is applied and
+/// reported as a leniency by inspect and in extract's manifest.
+#[test]
+fn zero_fill_0x55() {
+    for (machine, strict) in [("pc-i440fx-10.0", true), ("pc-i440fx-7.2", false)] {
+        let dir = scratch(&format!("fill-{machine}"));
+        let mut s = S::new(machine);
+        s.ram_start(&[("pc.ram", 16 * PS, None)]);
+        s.ram_part()
+            .page(0, Some("pc.ram"), 1)
+            .zero(PS, None, 0x55)
+            .ram_section_end();
+        let stream = write_stream(&dir, &s.finish());
+        let (o, m) = extract(&dir, &stream);
+        let v: Value = serde_json::from_slice(
+            &run(qmig().arg("inspect").arg(&stream).arg("--json"), "inspect").stdout,
+        )
+        .unwrap();
+        let l = &v["leniencies"][0];
+        assert_eq!(l["records"], 1, "{v}");
+        if strict {
+            assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+            assert_eq!(m["complete"], false);
+            let err = m["error"].as_str().unwrap();
+            assert!(
+                err.contains("ram_load_precopy") && err.contains("value 85"),
+                "{err}"
+            );
+            assert!(l["verdict"].as_str().unwrap().starts_with("error"), "{l}");
+        } else {
+            assert!(o.status.success(), "{}", text(&o));
+            assert_eq!(m["complete"], true);
+            assert_eq!(m["leniencies"][0]["kind"], "nonzero_zero_fill", "{m}");
+            assert_eq!(m["leniencies"][0]["records"], 1);
+            assert!(
+                l["verdict"].as_str().unwrap().starts_with("leniency"),
+                "{l}"
+            );
+            let img = std::fs::read(
+                dir.join("out")
+                    .join(m["blocks"][0]["file"].as_str().unwrap()),
+            )
+            .unwrap();
+            assert!(img[4096..8192].iter().all(|&b| b == 0x55));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

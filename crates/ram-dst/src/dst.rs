@@ -22,6 +22,34 @@ pub const TARGET_PAGE_BITS: std::ops::RangeInclusive<u32> = 10..=16;
 /// bitmaps); QEMU machines have a few dozen.
 pub const MAX_ADOPTED_BLOCKS: usize = 4096;
 
+/// The QEMU version a machine type name says the source is at least:
+/// `pc-i440fx-10.0`, `pc-q35-8.2`, `virt-9.1`, `pseries-8.2`,
+/// `s390x-ccw-virtio-7.2` → `(major, minor)`. Machine types carry the
+/// version of the QEMU release that introduced them, and a source only has
+/// machine types up to its own version. `None` for unversioned names
+/// (`microvm`, `isapc`, distribution-specific ones such as `pc-q35-rhel9.4.0`).
+pub fn machine_qemu_version(machine: &str) -> Option<(u32, u32)> {
+    let (_, ver) = machine.rsplit_once('-')?;
+    let (maj, min) = ver.split_once('.')?;
+    let num = |s: &str| {
+        (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    Some((num(maj)?, num(min)?))
+}
+
+/// A leniency of offline reading: something QEMU 10's loader refuses but
+/// qmig accepts, because the stream may come from an older QEMU that allowed
+/// it (the machine type does not prove otherwise). Reported in the
+/// manifest and by `inspect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leniency {
+    /// ZERO records with a non-zero fill byte were applied as fills
+    /// (QEMU ≥ 8.2 refuses them in `ram_load_precopy` / `ram_load_postcopy`).
+    NonZeroFill,
+}
+
 /// A RAM block the destination has before the stream starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalBlock {
@@ -306,6 +334,9 @@ pub struct RamDst<M> {
     postcopy: PostcopyState,
     /// OPEN_RETURN_PATH was received.
     return_path: bool,
+    /// The QEMU version the machine type proves (configuration section).
+    machine_version: Option<(u32, u32)>,
+    leniencies: Vec<Leniency>,
     pub(crate) host_page: Option<HostPage>,
     actions: VecDeque<Action>,
     stats: Stats,
@@ -385,6 +416,8 @@ impl<M: GuestMemory> RamDst<M> {
             current: None,
             postcopy: PostcopyState::None,
             return_path: false,
+            machine_version: None,
+            leniencies: Vec::new(),
             host_page: None,
             actions: VecDeque::new(),
             stats: Stats::default(),
@@ -491,7 +524,11 @@ impl<M: GuestMemory> RamDst<M> {
             });
         }
         let r = match item {
-            Item::Configuration(c) => self.handle_configuration(offset, c.target_page_bits()),
+            Item::Configuration(c) => {
+                self.machine_version = machine_qemu_version(c.machine);
+                self.handle_configuration(offset, c.target_page_bits())
+            }
+            Item::Section(h) => self.handle_section(offset, h),
             Item::Ram(rec) => self.handle_record(offset, rec),
             Item::Command(c) => self.handle_command(offset, c),
             Item::Eof => self.handle_eof(offset),
@@ -508,6 +545,69 @@ impl<M: GuestMemory> RamDst<M> {
                 Err(e)
             }
         }
+    }
+
+    /// The checks QEMU makes on the RAM section's header: `ram` exists only
+    /// as instance 0 (`qemu_loadvm_section_start_full` finds no other
+    /// instance) and is loaded only at version 4 (`ram_load`).
+    fn handle_section(
+        &mut self,
+        at: u64,
+        h: &qmig_wire::SectionHeader<'_>,
+    ) -> Result<(), RamDstError> {
+        let Some(id) = h.ident.filter(|i| i.idstr == "ram") else {
+            return Ok(());
+        };
+        if id.instance != 0 {
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function: "qemu_loadvm_section_start_full",
+                why: format!("unknown section instance \"ram\" {}", id.instance),
+            });
+        }
+        if id.version != 4 {
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function: "ram_load",
+                why: format!("RAM section version {} (only 4 is loaded)", id.version),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the stream's machine type proves a source of at least `v`.
+    fn source_at_least(&self, v: (u32, u32)) -> bool {
+        self.machine_version.is_some_and(|m| m >= v)
+    }
+
+    /// A ZERO record's fill byte: 0, or (from a source that may predate
+    /// QEMU 8.2) a fill that is applied and reported as a leniency.
+    fn check_fill(&mut self, at: u64, fill: u8, function: &'static str) -> Result<(), RamDstError> {
+        if fill != 0 && self.source_at_least((8, 2)) {
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function,
+                why: format!(
+                    "ZERO record with fill byte {fill:#04x} (\"Found a zero page with value {fill}\"); \
+                     the machine type says QEMU >= 8.2, which sends only 0"
+                ),
+            });
+        }
+        if fill != 0 && !self.leniencies.contains(&Leniency::NonZeroFill) {
+            self.leniencies.push(Leniency::NonZeroFill);
+        }
+        Ok(())
+    }
+
+    /// What was accepted that QEMU 10's loader would refuse (see [`Leniency`]).
+    pub fn leniencies(&self) -> &[Leniency] {
+        &self.leniencies
+    }
+
+    /// The QEMU version the machine type proves, if it carries one
+    /// ([`machine_qemu_version`]).
+    pub fn machine_version(&self) -> Option<(u32, u32)> {
+        self.machine_version
     }
 
     fn handle_configuration(&mut self, at: u64, bits: Option<u32>) -> Result<(), RamDstError> {
@@ -537,6 +637,7 @@ impl<M: GuestMemory> RamDst<M> {
         match &rec.body {
             RamBody::Zero { fill } => {
                 let (b, off) = self.resolve(at, rec)?;
+                self.check_fill(at, *fill, "ram_load_precopy")?;
                 let p = off / tps;
                 let blk = &mut self.blocks[b];
                 if *fill != 0 || blk.nonzero.get(p) {
@@ -595,6 +696,15 @@ impl<M: GuestMemory> RamDst<M> {
             }
             RamBody::Compressed(z) => {
                 let (b, off) = self.resolve(at, rec)?;
+                if self.source_at_least((9, 1)) {
+                    return Err(RamDstError::QemuRule {
+                        offset: at,
+                        function: "ram_load_precopy",
+                        why: "COMPRESS_PAGE record, but the machine type says QEMU >= 9.1, \
+                              which has no compression"
+                            .into(),
+                    });
+                }
                 if let Err(why) = self.inflate_page(z) {
                     return Err(RamDstError::Compressed {
                         offset: at,
@@ -1052,7 +1162,9 @@ impl<M: GuestMemory> RamDst<M> {
                 self.check_page_len(at, d.len())?;
                 (0, Some(*d))
             }
-            RamBody::Eos | RamBody::MultifdFlush => return Ok(()),
+            RamBody::Eos => return Ok(()),
+            // ram_load_postcopy takes ZERO, PAGE and EOS only: MULTIFD_FLUSH,
+            // XBZRLE, COMPRESS_PAGE, MEM_SIZE and HOOK fail the load.
             _ => {
                 return Err(RamDstError::NotInPostcopy {
                     offset: at,
@@ -1068,9 +1180,23 @@ impl<M: GuestMemory> RamDst<M> {
             });
         }
         let (b, off) = self.resolve(at, rec)?;
+        self.check_fill(at, fill, "ram_load_postcopy")?;
         let tps = self.page_size();
         let hps = self.blocks[b].page_size;
         let within = off % hps;
+        if within == 0 && self.blocks[b].received.any_in_range(off / tps, hps / tps) {
+            // QEMU places each host page once (UFFDIO_COPY); a page already
+            // present (received and not discarded) fails with EEXIST, which
+            // postcopy_place_page treats as fatal.
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function: "postcopy_place_page",
+                why: format!(
+                    "host page {off:#x} of \"{}\" is already present (received before and not discarded)",
+                    self.blocks[b].name
+                ),
+            });
+        }
         let order = |why: &str| RamDstError::PostcopyOrder {
             offset: at,
             block: self.blocks[b].name.clone(),

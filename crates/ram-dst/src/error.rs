@@ -126,7 +126,7 @@ pub enum RamDstError {
     },
     /// A record kind not allowed once the destination listens for postcopy pages.
     #[error(
-        "offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed)"
+        "offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed; QEMU: ram_load_postcopy)"
     )]
     NotInPostcopy {
         /// Stream offset of the record.

@@ -1342,3 +1342,213 @@ proptest::proptest! {
         }
     }
 }
+
+// ---- parity with QEMU 10's loader ----------------------------------------------------
+
+fn config(machine: &str) -> Item<'_> {
+    Item::Configuration(qmig_wire::Configuration {
+        machine,
+        subsections: vec![],
+    })
+}
+
+fn zero_fill(off: u64, fill: u8) -> Item<'static> {
+    let mut r = RamRecord::zero(off, Some("pc.ram"));
+    r.body = qmig_wire::RamBody::Zero { fill };
+    ram(r)
+}
+
+#[test]
+fn machine_versions() {
+    for (m, v) in [
+        ("pc-i440fx-10.0", Some((10, 0))),
+        ("pc-q35-8.2", Some((8, 2))),
+        ("virt-9.1", Some((9, 1))),
+        ("pseries-7.2", Some((7, 2))),
+        ("s390-ccw-virtio-8.1", Some((8, 1))),
+        ("microvm", None),
+        ("pc-q35-rhel9.4.0", None),
+        ("pc", None),
+        ("none", None),
+    ] {
+        assert_eq!(machine_qemu_version(m), v, "{m}");
+    }
+}
+
+/// Issue 14 case 4: ZERO fill 0x55 from a QEMU >= 8.2 machine is refused
+/// (ram_load_precopy's "Found a zero page with value 85"); from an older or
+/// unversioned machine it is applied and reported as a leniency.
+#[test]
+fn zero_fill_follows_the_machine_version() {
+    for (machine, strict) in [
+        ("pc-i440fx-10.0", true),
+        ("pc-q35-8.2", true),
+        ("pc-i440fx-8.1", false),
+        ("pc-i440fx-7.2", false),
+        ("microvm", false),
+    ] {
+        let mut d = adopt();
+        feed(&mut d, 0, config(machine)).unwrap();
+        feed(
+            &mut d,
+            5,
+            ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)])),
+        )
+        .unwrap();
+        let r = feed(&mut d, 10, zero_fill(PS, 0x55));
+        if strict {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RamDstError::QemuRule {
+                        offset: 10,
+                        function: "ram_load_precopy",
+                        ..
+                    }
+                ),
+                "{machine}: {e}"
+            );
+            assert!(e.to_string().contains("value 85"), "{e}");
+            assert!(mem(&d)[4096..8192].iter().all(|&b| b == 0));
+            assert!(d.leniencies().is_empty());
+        } else {
+            r.unwrap();
+            assert!(mem(&d)[4096..8192].iter().all(|&b| b == 0x55), "{machine}");
+            assert_eq!(d.leniencies(), &[Leniency::NonZeroFill]);
+        }
+    }
+}
+
+#[test]
+fn ram_section_instance_and_version() {
+    use qmig_wire::SectionHeader;
+    let mut d = adopt();
+    feed(
+        &mut d,
+        0,
+        Item::Section(SectionHeader::start(2, "ram", 0, 4)),
+    )
+    .unwrap();
+    feed(
+        &mut d,
+        0,
+        Item::Section(SectionHeader::start(3, "other", 7, 9)),
+    )
+    .unwrap();
+    let e = feed(
+        &mut d,
+        3,
+        Item::Section(SectionHeader::start(4, "ram", 1, 4)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                offset: 3,
+                function: "qemu_loadvm_section_start_full",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut d = adopt();
+    let e = feed(
+        &mut d,
+        3,
+        Item::Section(SectionHeader::start(2, "ram", 0, 3)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                function: "ram_load",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn postcopy_refuses_multifd_flush_and_fill() {
+    let mut d = with_ram(4 * PS);
+    listening(&mut d);
+    let mut r = RamRecord::eos();
+    r.body = qmig_wire::RamBody::MultifdFlush;
+    r.flags = 0x200;
+    let e = feed(&mut d, 9, ram(r)).unwrap_err();
+    assert!(
+        matches!(e, RamDstError::NotInPostcopy { offset: 9, .. }),
+        "{e}"
+    );
+
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 0, config("pc-q35-9.2")).unwrap();
+    listening(&mut d);
+    let e = feed(&mut d, 9, zero_fill(0, 1)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                function: "ram_load_postcopy",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// QEMU places each host page once (postcopy_place_page: EEXIST is fatal):
+/// a page received before LISTEN and not discarded, or placed already.
+#[test]
+fn postcopy_page_placed_twice_is_refused() {
+    let a = [7u8; 4096];
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 3, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+    listening(&mut d);
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    for (at, off) in [(20, 0), (30, PS)] {
+        let e = feed(&mut d, at, ram(RamRecord::page(off, Some("pc.ram"), &a))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RamDstError::QemuRule {
+                    function: "postcopy_place_page",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        d = with_ram(4 * PS);
+        feed(&mut d, 3, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+        listening(&mut d);
+    }
+    // Discarded first: fine.
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 3, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 4, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 5, discard("pc.ram", &[(PS, PS)])).unwrap();
+    feed(&mut d, 6, cmd(Command::PostcopyListen)).unwrap();
+    feed(&mut d, 30, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+}
+
+#[test]
+fn compressed_page_from_a_9_1_machine_is_refused() {
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 0, config("pc-q35-9.1")).unwrap();
+    let z = deflate(&[0u8; 4096]);
+    let e = feed(&mut d, 8, ram(RamRecord::compressed(0, Some("pc.ram"), &z))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                function: "ram_load_precopy",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
