@@ -69,7 +69,8 @@ struct DeviceState {
 impl DeviceState {
     fn write_item(&mut self, item: &Item<'_>) -> std::io::Result<()> {
         self.scratch.clear();
-        item.write(&mut self.scratch);
+        item.write(&mut self.scratch)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         self.out.write_all(&self.scratch)?;
         self.bytes += self.scratch.len() as u64;
         Ok(())

@@ -239,11 +239,24 @@ fn receive(
             out.clear();
             match a {
                 Action::OpenReturnPath => rp_open = true,
-                Action::Pong(v) if rp_open => RpMessage::Pong(v).write(&mut out),
-                Action::SendRecvBitmap { block } if rp_open => {
-                    session.dst.recv_bitmap_reply(block, &mut out);
+                // Replies are fixed-size (PONG: 8 bytes for a 9-byte PING);
+                // RECV_BITMAP and RESUME_ACK belong to postcopy recovery,
+                // which the destination state machine never enters.
+                Action::Pong(v) if rp_open => {
+                    if let Err(e) = RpMessage::Pong(v).write(&mut out) {
+                        rp_error.get_or_insert(format!("return path: {e}"));
+                    }
                 }
-                Action::ResumeAck if rp_open => RpMessage::ResumeAck(1).write(&mut out),
+                Action::SendRecvBitmap { block } if rp_open => {
+                    if let Err(e) = session.dst.recv_bitmap_reply(block, &mut out) {
+                        rp_error.get_or_insert(format!("return path: {e}"));
+                    }
+                }
+                Action::ResumeAck if rp_open => {
+                    if let Err(e) = RpMessage::ResumeAck(1).write(&mut out) {
+                        rp_error.get_or_insert(format!("return path: {e}"));
+                    }
+                }
                 Action::NonZeroFill { offset, fill, .. } => {
                     pb.suspend(|| eprintln!("qmig recv: note: offset {offset}: ZERO record with fill byte {fill:#04x}"));
                 }
@@ -280,8 +293,13 @@ fn receive(
     pb.finish_and_clear();
     if rp_open && !rp_dead {
         out.clear();
-        RpMessage::Shut(if result.is_ok() { 0 } else { 1 }).write(&mut out);
-        if let Err(e) = rp_sock.write_all(&out).and_then(|_| rp_sock.flush()) {
+        let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
+            .write(&mut out)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        if let Err(e) = written
+            .and_then(|()| rp_sock.write_all(&out))
+            .and_then(|_| rp_sock.flush())
+        {
             rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
         }
     }

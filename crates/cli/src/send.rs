@@ -335,7 +335,7 @@ fn template_skeleton(path: &Path) -> Result<Vec<u8>, Error> {
     {
         match &ri.item {
             Item::Ram(r) if r.is_page() => {}
-            it => it.write(&mut out),
+            it => it.write(&mut out)?,
         }
     }
     Ok(out)
@@ -405,7 +405,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
     let verbose = !a.json;
 
     t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out);
+    t.begin_section(SectionKind::Start, &mut out)?;
     src.poll_setup(&mut out)?;
     t.end_section(&mut out);
     pacer.send(&mut sink, &mut out)?;
@@ -420,7 +420,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
             }
         }
         loop {
-            t.begin_section(SectionKind::Part, &mut out);
+            t.begin_section(SectionKind::Part, &mut out)?;
             let p = src.poll_iterate(&ram.images, budget, &mut out)?;
             t.end_section(&mut out);
             pb.set_position(src.counters().transferred.min(total));
@@ -437,8 +437,8 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
             eprintln!("qmig: pass {passes} (completion): workload changed {n} pages");
         }
     }
-    t.write_switchover(&mut out);
-    t.begin_section(SectionKind::End, &mut out);
+    t.write_switchover(&mut out)?;
+    t.begin_section(SectionKind::End, &mut out)?;
     src.poll_complete(&ram.images, &mut out)?;
     t.end_section(&mut out);
     t.write_tail(&mut out);

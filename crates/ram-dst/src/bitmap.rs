@@ -395,13 +395,22 @@ impl PageBitmap {
 
 /// Writes a return-path RECV_BITMAP message for `block`: the framed message,
 /// then the be64 size, the little-endian bitmap and the end marker.
-pub fn write_recv_bitmap_reply(block: &str, bitmap: &PageBitmap, out: &mut Vec<u8>) {
+///
+/// # Errors
+/// [`RamDstError::Wire`] when the block name cannot be written (see
+/// [`RpMessage::write`]); nothing is written then.
+pub fn write_recv_bitmap_reply(
+    block: &str,
+    bitmap: &PageBitmap,
+    out: &mut Vec<u8>,
+) -> Result<(), RamDstError> {
     let bytes = bitmap.to_le_bytes();
     RpMessage::RecvBitmap {
         block,
         bitmap: &bytes,
     }
-    .write(out);
+    .write(out)?;
+    Ok(())
 }
 
 /// Parses a RECV_BITMAP return-path message (as written by

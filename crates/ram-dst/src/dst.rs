@@ -487,13 +487,16 @@ impl<M: GuestMemory> RamDst<M> {
     /// Writes the return-path RECV_BITMAP message for block `index` (framed
     /// message, be64 size, little-endian bitmap, end marker) to `out`.
     /// Returns false for an unknown index.
-    pub fn recv_bitmap_reply(&self, index: usize, out: &mut Vec<u8>) -> bool {
+    ///
+    /// # Errors
+    /// As for [`write_recv_bitmap_reply`](crate::write_recv_bitmap_reply).
+    pub fn recv_bitmap_reply(&self, index: usize, out: &mut Vec<u8>) -> Result<bool, RamDstError> {
         match self.blocks.get(index) {
             Some(b) => {
-                write_recv_bitmap_reply(&b.name, &b.received, out);
-                true
+                write_recv_bitmap_reply(&b.name, &b.received, out)?;
+                Ok(true)
             }
-            None => false,
+            None => Ok(false),
         }
     }
 

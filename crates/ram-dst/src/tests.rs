@@ -1129,8 +1129,8 @@ fn recv_bitmap_reply_round_trip() {
         feed(&mut d, 10, ram(RamRecord::page(p * PS, Some("pc.ram"), &a))).unwrap();
     }
     let mut out = Vec::new();
-    assert!(d.recv_bitmap_reply(0, &mut out));
-    assert!(!d.recv_bitmap_reply(5, &mut Vec::new()));
+    assert!(d.recv_bitmap_reply(0, &mut out).unwrap());
+    assert!(!d.recv_bitmap_reply(5, &mut Vec::new()).unwrap());
     // be16 type 5, be16 len 7, counted name, be64 size 24, 24 bytes, end marker.
     assert_eq!(&out[..4], &[0, 5, 0, 7]);
     assert_eq!(&out[4..11], b"\x06pc.ram");

@@ -245,6 +245,18 @@ pub enum WireError {
         /// What is not supported.
         what: &'static str,
     },
+    /// A serializer was given something it cannot write faithfully (a
+    /// length that does not fit its field, a name a reader would refuse,
+    /// flags that disagree with the body...). Nothing was written.
+    #[error("output offset {offset}: cannot write {what}: {why}")]
+    Unwritable {
+        /// Offset in the output buffer where the item would have started.
+        offset: u64,
+        /// What was being written.
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Reading the underlying input failed.
     #[error("offset {offset}: I/O error: {source}")]
     Io {
@@ -283,6 +295,7 @@ macro_rules! each_offset {
             | WireError::DeviceSection { offset: $o, .. }
             | WireError::Structure { offset: $o, .. }
             | WireError::Unsupported { offset: $o, .. }
+            | WireError::Unwritable { offset: $o, .. }
             | WireError::Io { offset: $o, .. } => $body,
         }
     };
