@@ -500,6 +500,29 @@ impl<M: GuestMemory> RamDst<M> {
         }
     }
 
+    /// Writes to `out` the return-path message a destination sends for
+    /// `action`, if any: PONG once OPEN_RETURN_PATH was received; RECV_BITMAP
+    /// and RESUME_ACK (postcopy recovery only, never emitted today). Other
+    /// actions need no reply. Replies are bounded: a PONG is 8 bytes for a
+    /// 9-byte PING, and no reply grows with a size the input announces.
+    ///
+    /// # Errors
+    /// As for [`write_recv_bitmap_reply`](crate::write_recv_bitmap_reply).
+    pub fn reply(&self, action: &Action, out: &mut Vec<u8>) -> Result<(), RamDstError> {
+        if !self.return_path {
+            return Ok(());
+        }
+        match action {
+            Action::Pong(v) => qmig_wire::RpMessage::Pong(*v).write(out)?,
+            Action::SendRecvBitmap { block } => {
+                self.recv_bitmap_reply(*block, out)?;
+            }
+            Action::ResumeAck => qmig_wire::RpMessage::ResumeAck(1).write(out)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Handles an item from [`qmig_wire::StreamReader`].
     ///
     /// # Errors
