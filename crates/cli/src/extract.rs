@@ -52,11 +52,18 @@ impl StopError {
     }
 }
 
+/// How many device sections the manifest lists (the rest are counted): a
+/// stream of millions of sections must not grow the manifest without bound.
+const MAX_LISTED_SECTIONS: usize = 1000;
+
 /// Non-RAM bytes of the stream, written to `device-state.bin` as they pass.
 struct DeviceState {
     out: BufWriter<File>,
     bytes: u64,
+    /// The first [`MAX_LISTED_SECTIONS`] device sections, for the manifest.
     sections: Vec<Value>,
+    /// Device sections past those, only counted.
+    sections_omitted: u64,
     /// Inside a non-RAM section (header seen, footer not yet).
     in_section: bool,
     /// The RAM END section was seen and its footer not yet.
@@ -97,6 +104,10 @@ impl DeviceState {
                     return Ok(());
                 }
                 self.in_section = true;
+                if self.sections.len() >= MAX_LISTED_SECTIONS {
+                    self.sections_omitted += 1;
+                    return self.write_item(item);
+                }
                 self.sections.push(json!({
                     "kind": h.kind.name(),
                     "section_id": h.section_id,
@@ -173,6 +184,7 @@ impl<M: Images> Session<M> {
                 out: BufWriter::with_capacity(1 << 16, f),
                 bytes: 0,
                 sections: Vec::new(),
+                sections_omitted: 0,
                 in_section: false,
                 ram_end_pending: false,
                 after_ram_end: false,
@@ -243,7 +255,7 @@ impl<M: Images> Session<M> {
             "leniencies": leniencies(&self.dst),
             "records": {"zero": st.zero, "page": st.page, "xbzrle": st.xbzrle, "compressed": st.compressed},
             "postcopy_state": format!("{:?}", self.dst.postcopy_state()),
-            "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections},
+            "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections, "sections_omitted": self.device.sections_omitted},
             "vmdesc": if self.vmdesc { Value::from("vmdesc.json") } else { Value::Null },
         });
         if let (Value::Object(m), Value::Object(x)) = (&mut manifest, extra) {

@@ -566,3 +566,27 @@ fn zero_fill_0x55() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Summaries keep counts, not lists: 3000 device sections give a manifest
+/// listing the first 1000 and counting the rest.
+#[test]
+fn many_device_sections() {
+    let dir = scratch("devsections");
+    let mut s = S::new("pc-i440fx-10.0");
+    s.ram_start(&[("pc.ram", 16 * PS, None)]);
+    s.u8(0x03).be32(RAM_ID).ram_section_end();
+    for i in 0..3000u32 {
+        s.u8(0x04).be32(10 + i).counted("timer").be32(i).be32(2);
+        s.be64(0x1234).u8(0x7e).be32(10 + i);
+    }
+    s.u8(0x00);
+    let stream = write_stream(&dir, &s.0);
+    let (o, m) = extract(&dir, &stream);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        m["device_state"]["sections"].as_array().unwrap().len(),
+        1000
+    );
+    assert_eq!(m["device_state"]["sections_omitted"], 2000);
+    let _ = std::fs::remove_dir_all(&dir);
+}
