@@ -18,6 +18,13 @@ pub const MAX_PAGE_SIZE: u64 = 1 << 30;
 /// this range is refused.
 pub const TARGET_PAGE_BITS: std::ops::RangeInclusive<u32> = 10..=16;
 
+/// Most target pages [`Layout::Adopt`] takes on, over all blocks: 2^27, i.e.
+/// 512 GiB of 4 KiB pages. Each target page costs two bits of bitmap (received,
+/// may-be-non-zero), so this keeps the bitmaps at most 32 MiB whatever the
+/// stream announces and touches (a few kilobytes of ZERO records spread over a
+/// huge block would otherwise bring every bitmap page into memory).
+pub const MAX_ADOPTED_PAGES: u64 = 1 << 27;
+
 /// Most blocks [`Layout::Adopt`] creates (each becomes an image file and two
 /// bitmaps); QEMU machines have a few dozen.
 pub const MAX_ADOPTED_BLOCKS: usize = 4096;
@@ -941,6 +948,13 @@ impl<M: GuestMemory> RamDst<M> {
                     })
                 }
             }
+        }
+        if self.adopt && after / tps > MAX_ADOPTED_PAGES {
+            return Err(bad(format!(
+                "blocks would take {} target pages, more than the limit of {MAX_ADOPTED_PAGES} \
+                 (bitmap memory)",
+                after / tps
+            )));
         }
         if self.adopt && after > self.max_adopted_bytes {
             return Err(bad(format!(

@@ -661,18 +661,19 @@ impl GuestMemory for CountingMemory {
     }
 }
 
-/// Issue 14, case 2: one POSTCOPY_RAM_DISCARD with 4000 ranges of 1 TiB each
-/// (what a be16 command length allows; QEMU's loader takes any count that
-/// fits, the source sends at most 12). Each range costs the non-zero words it
-/// touches, not its length: this returns at once instead of after minutes.
+/// Issue 14, case 2: one POSTCOPY_RAM_DISCARD with 4000 ranges each over a
+/// whole 512 GiB block (the largest adopted; 4000 is what a be16 command
+/// length allows; QEMU's loader takes any count that fits, the source sends
+/// at most 12). Each range costs the non-zero words it touches, not its
+/// length: this returns at once instead of after minutes.
 #[test]
 fn discard_bomb_costs_the_words_it_touches() {
-    const TIB: u64 = 1 << 40;
+    const BIG: u64 = MAX_ADOPTED_PAGES * PS;
     let mut d = RamDst::new(Config::default(), CountingMemory::default()).unwrap();
-    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", TIB)])))
+    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", BIG)])))
         .unwrap();
     let a = [1u8; 4096];
-    for (i, off) in [0, TIB / 2, TIB - PS].into_iter().enumerate() {
+    for (i, off) in [0, BIG / 2, BIG - PS].into_iter().enumerate() {
         d.handle_item(
             10 + i as u64,
             1,
@@ -682,15 +683,15 @@ fn discard_bomb_costs_the_words_it_touches() {
     }
     d.handle_item(20, 1, &cmd(Command::PostcopyAdvise(None)))
         .unwrap();
-    let ranges = vec![(0, TIB); 4000];
+    let ranges = vec![(0, BIG); 4000];
     d.handle_item(30, 64_000, &discard("pc.ram", &ranges))
         .unwrap();
     assert_eq!(d.memory().discards, 1, "only the first range had data");
     assert_eq!(d.blocks()[0].received().count_ones(), 0);
-    assert_eq!(d.stats().discarded_pages, 4000 * (TIB / PS));
+    assert_eq!(d.stats().discarded_pages, 4000 * (BIG / PS));
     // And a range past the end is still refused before anything is touched.
     let e = d
-        .handle_item(70_000, 20, &discard("pc.ram", &[(0, PS), (TIB, PS)]))
+        .handle_item(70_000, 20, &discard("pc.ram", &[(0, PS), (BIG, PS)]))
         .unwrap_err();
     assert!(
         matches!(e, RamDstError::Discard { offset: 70_000, .. }),
@@ -1551,4 +1552,27 @@ fn compressed_page_from_a_9_1_machine_is_refused() {
         ),
         "{e}"
     );
+}
+
+#[test]
+fn adopted_pages_are_capped_for_bitmap_memory() {
+    let mut d = adopt();
+    let e = feed(
+        &mut d,
+        0,
+        ram(RamRecord::mem_size(vec![
+            mb("a", MAX_ADOPTED_PAGES * PS),
+            mb("b", PS),
+        ])),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("target pages"), "{e}");
+    assert!(d.blocks().is_empty());
+    let mut d = RamDst::new(Config::default(), CountingMemory::default()).unwrap();
+    d.handle_item(
+        0,
+        1,
+        &ram(RamRecord::mem_size(vec![mb("a", MAX_ADOPTED_PAGES * PS)])),
+    )
+    .unwrap();
 }
