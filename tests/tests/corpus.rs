@@ -42,7 +42,7 @@ fn every_capture_roundtrips() {
                 "{}: item offsets are contiguous",
                 c.name
             );
-            it.write(&mut out);
+            it.write(&mut out).unwrap();
         }
         assert!(out == c.stream, "{}: re-serialization differs", c.name);
         assert!(
@@ -142,7 +142,7 @@ fn return_paths_parse_and_roundtrip() {
         let msgs = qmig_wire::parse_return_path(rp).unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let mut out = Vec::new();
         for (_, m) in &msgs {
-            m.write(&mut out);
+            m.write(&mut out).unwrap();
         }
         assert_eq!(&out, rp, "{}", c.name);
         assert!(

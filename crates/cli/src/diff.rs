@@ -105,7 +105,7 @@ impl Normalizer {
                 },
             };
             self.bytes.clear();
-            item.write(&mut self.bytes);
+            item.write(&mut self.bytes)?;
             return Ok(Some(entry));
         }
         Ok(None)

@@ -52,11 +52,18 @@ impl StopError {
     }
 }
 
+/// How many device sections the manifest lists (the rest are counted): a
+/// stream of millions of sections must not grow the manifest without bound.
+const MAX_LISTED_SECTIONS: usize = 1000;
+
 /// Non-RAM bytes of the stream, written to `device-state.bin` as they pass.
 struct DeviceState {
     out: BufWriter<File>,
     bytes: u64,
+    /// The first [`MAX_LISTED_SECTIONS`] device sections, for the manifest.
     sections: Vec<Value>,
+    /// Device sections past those, only counted.
+    sections_omitted: u64,
     /// Inside a non-RAM section (header seen, footer not yet).
     in_section: bool,
     /// The RAM END section was seen and its footer not yet.
@@ -69,7 +76,8 @@ struct DeviceState {
 impl DeviceState {
     fn write_item(&mut self, item: &Item<'_>) -> std::io::Result<()> {
         self.scratch.clear();
-        item.write(&mut self.scratch);
+        item.write(&mut self.scratch)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         self.out.write_all(&self.scratch)?;
         self.bytes += self.scratch.len() as u64;
         Ok(())
@@ -96,6 +104,10 @@ impl DeviceState {
                     return Ok(());
                 }
                 self.in_section = true;
+                if self.sections.len() >= MAX_LISTED_SECTIONS {
+                    self.sections_omitted += 1;
+                    return self.write_item(item);
+                }
                 self.sections.push(json!({
                     "kind": h.kind.name(),
                     "section_id": h.section_id,
@@ -172,6 +184,7 @@ impl<M: Images> Session<M> {
                 out: BufWriter::with_capacity(1 << 16, f),
                 bytes: 0,
                 sections: Vec::new(),
+                sections_omitted: 0,
                 in_section: false,
                 ram_end_pending: false,
                 after_ram_end: false,
@@ -239,9 +252,10 @@ impl<M: Images> Session<M> {
             "error": err.map(|e| e.to_string()),
             "error_offset": err.and_then(|e| e.offset()),
             "nonzero_fill_pages": st.nonzero_fill,
+            "leniencies": leniencies(&self.dst),
             "records": {"zero": st.zero, "page": st.page, "xbzrle": st.xbzrle, "compressed": st.compressed},
             "postcopy_state": format!("{:?}", self.dst.postcopy_state()),
-            "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections},
+            "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections, "sections_omitted": self.device.sections_omitted},
             "vmdesc": if self.vmdesc { Value::from("vmdesc.json") } else { Value::Null },
         });
         if let (Value::Object(m), Value::Object(x)) = (&mut manifest, extra) {
@@ -254,6 +268,28 @@ impl<M: Images> Session<M> {
         .map_err(|e| format!("manifest.json: {e}"))?;
         Ok(result)
     }
+}
+
+/// The manifest's `leniencies`: what was accepted that QEMU 10's loader
+/// refuses, because the stream may come from an older QEMU (see
+/// [`qmig_ram_dst::Leniency`]). Empty when qmig was as strict as QEMU 10.
+pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Value {
+    let machine = dst
+        .machine_version()
+        .map(|(a, b)| format!("QEMU {a}.{b}"))
+        .unwrap_or_else(|| "no versioned machine type".into());
+    dst.leniencies()
+        .iter()
+        .map(|l| match l {
+            qmig_ram_dst::Leniency::NonZeroFill => json!({
+                "kind": "nonzero_zero_fill",
+                "records": dst.stats().nonzero_fill,
+                "qemu_rule": "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0",
+                "why_accepted": format!("the stream may predate QEMU 8.2 ({machine}); applied as fills"),
+            }),
+        })
+        .collect::<Vec<_>>()
+        .into()
 }
 
 pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
@@ -371,7 +407,7 @@ fn finish<M: Images>(
     }
     let fills = s.dst.stats().nonzero_fill;
     if fills > 0 {
-        eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills)");
+        eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills: leniency for QEMU < 8.2 streams; QEMU >= 8.2 refuses them)");
     }
     eprintln!(
         "extracted {} blocks to {}",

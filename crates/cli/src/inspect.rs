@@ -23,6 +23,11 @@ struct BlockStats {
     discard_ranges: u64,
 }
 
+/// How many commands, sections, blocks, PONGs and received bitmaps are kept
+/// for display; the rest are only counted (so a stream of a million PINGs
+/// takes no more memory than one of a thousand).
+const KEEP: usize = 1000;
+
 #[derive(Default)]
 struct Summary {
     version: u32,
@@ -37,7 +42,16 @@ struct Summary {
     uuid: Option<String>,
     sections: BTreeMap<u32, (String, u32, u32, &'static str)>,
     section_counts: BTreeMap<&'static str, u64>,
+    /// The first [`KEEP`] commands, for display.
     commands: Vec<Value>,
+    /// Every command, counted by name.
+    command_counts: BTreeMap<&'static str, u64>,
+    /// Commands, sections or blocks that were counted but not kept.
+    commands_omitted: u64,
+    sections_omitted: u64,
+    /// Blocks past the first [`KEEP`] names, counted together.
+    other_blocks: BlockStats,
+    blocks_omitted: u64,
     block_order: Vec<String>,
     blocks: BTreeMap<String, BlockStats>,
     totals: BTreeMap<&'static str, u64>,
@@ -48,6 +62,21 @@ struct Summary {
     eof: bool,
     end: u64,
     error: Option<String>,
+}
+
+impl Summary {
+    /// The counters of block `name`: its own for the first [`KEEP`] names,
+    /// a shared "other blocks" entry after that.
+    fn block(&mut self, name: &str) -> &mut BlockStats {
+        if !self.blocks.contains_key(name) {
+            if self.blocks.len() >= KEEP {
+                self.blocks_omitted += 1;
+                return &mut self.other_blocks;
+            }
+            self.block_order.push(name.to_string());
+        }
+        self.blocks.entry(name.to_string()).or_default()
+    }
 }
 
 pub fn run(
@@ -121,7 +150,13 @@ pub fn run(
             }
             Item::Section(h) => {
                 *s.section_counts.entry(h.kind.name()).or_default() += 1;
-                if let Some(id) = h.ident {
+                if let Some(id) = h.ident.filter(|_| {
+                    let keep = s.sections.len() < KEEP || s.sections.contains_key(&h.section_id);
+                    if !keep {
+                        s.sections_omitted += 1;
+                    }
+                    keep
+                }) {
                     s.sections.entry(h.section_id).or_insert((
                         id.idstr.to_string(),
                         id.instance,
@@ -153,20 +188,14 @@ pub fn run(
                 *s.totals.entry(key).or_default() += 1;
                 if let RamBody::MemSize(blocks) = &r.body {
                     for b in blocks {
-                        if !s.blocks.contains_key(b.name) {
-                            s.block_order.push(b.name.to_string());
-                        }
-                        let e = s.blocks.entry(b.name.to_string()).or_default();
+                        let e = s.block(b.name);
                         e.length = b.used_length;
                         e.page_size = b.page_size;
                         e.addr = b.addr;
                     }
                 }
                 if r.is_page() {
-                    if !s.blocks.contains_key(&cur_block) {
-                        s.block_order.push(cur_block.clone());
-                    }
-                    let e = s.blocks.entry(cur_block.clone()).or_default();
+                    let e = s.block(&cur_block);
                     match &r.body {
                         RamBody::Zero { fill } => {
                             e.zero += 1;
@@ -196,9 +225,9 @@ pub fn run(
                     Command::RamDiscard(d) => {
                         v["block"] = json!(d.block);
                         v["ranges"] = json!(d.ranges.len());
-                        let bytes: u64 = d.ranges.iter().map(|r| r.len).sum();
+                        let bytes = d.ranges.iter().fold(0u64, |a, r| a.saturating_add(r.len));
                         v["bytes"] = json!(bytes);
-                        let e = s.blocks.entry(d.block.to_string()).or_default();
+                        let e = s.block(d.block);
                         e.discarded_bytes += bytes;
                         e.discard_ranges += d.ranges.len() as u64;
                     }
@@ -210,7 +239,12 @@ pub fn run(
                     }
                     _ => {}
                 }
-                s.commands.push(v);
+                *s.command_counts.entry(c.name()).or_default() += 1;
+                if s.commands.len() < KEEP {
+                    s.commands.push(v);
+                } else {
+                    s.commands_omitted += 1;
+                }
             }
             Item::Eof => s.eof = true,
             Item::Vmdesc(j) => {
@@ -350,46 +384,123 @@ struct RpSummary {
     counts: BTreeMap<&'static str, u64>,
     requested_bytes: u64,
     shut: Option<u32>,
+    /// The first [`KEEP`] PONG values.
     pongs: Vec<u32>,
+    pongs_omitted: u64,
+    /// The first [`KEEP`] received bitmaps: block and size in bytes.
     bitmaps: Vec<(String, usize)>,
+    bitmaps_omitted: u64,
     error: Option<String>,
     len: u64,
 }
 
 fn return_path_summary(p: &Path) -> Result<RpSummary, String> {
-    let buf = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
     let mut s = RpSummary {
         counts: BTreeMap::new(),
         requested_bytes: 0,
         shut: None,
         pongs: vec![],
+        pongs_omitted: 0,
         bitmaps: vec![],
+        bitmaps_omitted: 0,
         error: None,
-        len: buf.len() as u64,
+        len: 0,
     };
-    for m in qmig_wire::ReturnPathReader::new(&buf) {
-        match m {
-            Ok((_, m)) => {
-                *s.counts.entry(m.name()).or_default() += 1;
-                match m {
-                    RpMessage::Shut(v) => s.shut = Some(v),
-                    RpMessage::Pong(v) => s.pongs.push(v),
-                    RpMessage::ReqPages { len, .. } | RpMessage::ReqPagesId { len, .. } => {
-                        s.requested_bytes += len as u64
-                    }
-                    RpMessage::RecvBitmap { block, bitmap } => {
-                        s.bitmaps.push((block.to_string(), bitmap.len()))
-                    }
-                    _ => {}
-                }
-            }
+    let mut rd = std::io::BufReader::new(f);
+    loop {
+        match next_rp_message(&mut rd, s.len, &mut s) {
+            Ok(Some(n)) => s.len += n,
+            Ok(None) => break,
             Err(e) => {
-                s.error = Some(e.to_string());
+                s.error = Some(e);
                 break;
             }
         }
     }
     Ok(s)
+}
+
+/// Reads one return-path message at offset `at` from `rd` and counts it in
+/// `s`; returns its length, `None` at a clean end. A RECV_BITMAP's bitmap is
+/// skipped, not kept: memory stays bounded whatever its announced size (up
+/// to the wire limit, which is checked before anything is skipped).
+fn next_rp_message(
+    rd: &mut impl std::io::Read,
+    at: u64,
+    s: &mut RpSummary,
+) -> Result<Option<u64>, String> {
+    use std::io::Read;
+    let trunc = |what: &str| format!("offset {at}: return-path message truncated ({what})");
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match rd.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(trunc("header")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+    let mut buf = head.to_vec();
+    buf.resize(4 + len, 0);
+    rd.read_exact(&mut buf[4..]).map_err(|_| trunc("payload"))?;
+    let mut total = buf.len() as u64;
+    let mut bitmap_len = None;
+    if u16::from_be_bytes([head[0], head[1]]) == qmig_wire::return_path::msg::RECV_BITMAP {
+        let mut size = [0u8; 8];
+        rd.read_exact(&mut size).map_err(|_| trunc("bitmap size"))?;
+        buf.extend_from_slice(&size);
+        // Header, name and size alone: the wire parser checks the size
+        // against its cap and says "truncated" when it is acceptable.
+        if let Err(e) = qmig_wire::decode_rp_message(&buf, at) {
+            return Err(e.to_string());
+        }
+        let size = u64::from_be_bytes(size);
+        let skipped =
+            std::io::copy(&mut rd.take(size), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        if skipped != size {
+            return Err(trunc("bitmap"));
+        }
+        let mut end = [0u8; 8];
+        rd.read_exact(&mut end)
+            .map_err(|_| trunc("bitmap end marker"))?;
+        let end_at = at + buf.len() as u64 + size;
+        if u64::from_be_bytes(end) != qmig_wire::return_path::RECV_BITMAP_ENDING {
+            return Err(format!(
+                "offset {end_at}: received bitmap end marker is {:#018x}",
+                u64::from_be_bytes(end)
+            ));
+        }
+        // Parse it again as an empty bitmap with its end marker.
+        let n = buf.len();
+        buf[n - 8..].copy_from_slice(&0u64.to_be_bytes());
+        buf.extend_from_slice(&end);
+        total += 16 + size;
+        bitmap_len = Some(size);
+    }
+    let m = match qmig_wire::decode_rp_message(&buf, at) {
+        Ok(Some((m, _))) => m,
+        Ok(None) => return Err(trunc("message")),
+        Err(e) => return Err(e.to_string()),
+    };
+    *s.counts.entry(m.name()).or_default() += 1;
+    match m {
+        RpMessage::Shut(v) => s.shut = Some(v),
+        RpMessage::Pong(v) if s.pongs.len() < KEEP => s.pongs.push(v),
+        RpMessage::Pong(_) => s.pongs_omitted += 1,
+        RpMessage::ReqPages { len, .. } | RpMessage::ReqPagesId { len, .. } => {
+            s.requested_bytes = s.requested_bytes.saturating_add(len as u64)
+        }
+        RpMessage::RecvBitmap { block, .. } if s.bitmaps.len() < KEEP => s
+            .bitmaps
+            .push((block.to_string(), bitmap_len.unwrap_or(0) as usize)),
+        RpMessage::RecvBitmap { .. } => s.bitmaps_omitted += 1,
+        _ => {}
+    }
+    Ok(Some(total))
 }
 
 fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
@@ -424,11 +535,22 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         "sections": sections,
         "section_headers": s.section_counts,
         "commands": s.commands,
+        "command_counts": s.command_counts,
+        "commands_omitted": s.commands_omitted,
+        "sections_omitted": s.sections_omitted,
+        "blocks_omitted": s.blocks_omitted,
+        "other_blocks": (s.blocks_omitted > 0).then(|| {
+            let b = &s.other_blocks;
+            json!({"zero": b.zero, "page": b.page, "xbzrle": b.xbzrle, "compressed": b.compressed,
+                   "nonzero_fill": b.nonzero_fill, "discard_ranges": b.discard_ranges,
+                   "discarded_bytes": b.discarded_bytes})
+        }),
         "blocks": blocks,
         "totals": s.totals,
         "ram_bytes": s.ram_bytes,
         "device_bytes": s.device_bytes,
         "eof": s.eof,
+        "leniencies": leniencies(s),
         "vmdesc": s.vmdesc_len.map(|l| json!({"length": l, "devices": s.vmdesc_devices})),
         "length": s.end,
         "error": s.error,
@@ -440,11 +562,36 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
             "requested_bytes": rp.requested_bytes,
             "shut": rp.shut,
             "pongs": rp.pongs,
+            "pongs_omitted": rp.pongs_omitted,
+            "recv_bitmaps_omitted": rp.bitmaps_omitted,
             "recv_bitmaps": rp.bitmaps.iter().map(|(b, l)| json!({"block": b, "bytes": l})).collect::<Vec<_>>(),
             "error": rp.error,
         });
     }
     v
+}
+
+/// Records a QEMU 10 loader would refuse, or that qmig accepts only because
+/// the machine type does not prove a QEMU >= 8.2 source.
+fn leniencies(s: &Summary) -> Vec<Value> {
+    let fills: u64 =
+        s.blocks.values().map(|b| b.nonzero_fill).sum::<u64>() + s.other_blocks.nonzero_fill;
+    if fills == 0 {
+        return vec![];
+    }
+    let v = qmig_ram_dst::machine_qemu_version(&s.machine);
+    let refused = v.is_some_and(|v| v >= (8, 2));
+    vec![json!({
+        "kind": "nonzero_zero_fill",
+        "records": fills,
+        "qemu_rule": "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0",
+        "machine_qemu_version": v.map(|(a, b)| format!("{a}.{b}")),
+        "verdict": if refused {
+            "error: the machine type says QEMU >= 8.2; extract and recv refuse this stream"
+        } else {
+            "leniency: the stream may predate QEMU 8.2; extract applies these as fills"
+        },
+    })]
 }
 
 fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std::io::Result<()> {
@@ -468,6 +615,13 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
         writeln!(
             out,
             "  {id:>4} {n:<40} instance {inst:<4} version {ver:<4} {kind}"
+        )?;
+    }
+    if s.sections_omitted > 0 {
+        writeln!(
+            out,
+            "  ... {} section headers of further ids not listed (only the first {KEEP} ids are kept)",
+            s.sections_omitted
         )?;
     }
     let hc: Vec<String> = s
@@ -497,6 +651,19 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
                 extra
             )?;
         }
+        if s.commands_omitted > 0 {
+            writeln!(
+                out,
+                "  ... {} more commands not listed (only the first {KEEP} are kept)",
+                s.commands_omitted
+            )?;
+        }
+        let cc: Vec<String> = s
+            .command_counts
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        writeln!(out, "command counts: {}", cc.join(", "))?;
     }
     writeln!(out, "RAM blocks:")?;
     writeln!(
@@ -518,6 +685,30 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
             b.discarded_bytes
+        )?;
+    }
+    if s.blocks_omitted > 0 {
+        let b = &s.other_blocks;
+        writeln!(
+            out,
+            "  {:<32} {:>12} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+            format!("({} more mentions of other blocks)", s.blocks_omitted),
+            "-",
+            b.zero,
+            b.page,
+            b.xbzrle,
+            b.compressed,
+            "-",
+            b.discarded_bytes
+        )?;
+    }
+    for l in leniencies(s) {
+        writeln!(
+            out,
+            "note: {} ZERO records with a non-zero fill byte: {} ({})",
+            l["records"],
+            l["verdict"].as_str().unwrap_or(""),
+            l["qemu_rule"].as_str().unwrap_or("")
         )?;
     }
     let t: Vec<String> = s.totals.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -548,8 +739,18 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
             "  requested bytes {}  shut {:?}  pongs {:?}",
             rp.requested_bytes, rp.shut, rp.pongs
         )?;
+        if rp.pongs_omitted > 0 {
+            writeln!(out, "  ... {} more pongs not listed", rp.pongs_omitted)?;
+        }
         for (b, l) in &rp.bitmaps {
             writeln!(out, "  received bitmap {b}: {l} bytes")?;
+        }
+        if rp.bitmaps_omitted > 0 {
+            writeln!(
+                out,
+                "  ... {} more received bitmaps not listed",
+                rp.bitmaps_omitted
+            )?;
         }
         if let Some(e) = &rp.error {
             writeln!(out, "  error: {e}")?;

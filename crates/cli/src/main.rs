@@ -81,6 +81,10 @@ enum Cmd {
         /// Also record the whole incoming stream, byte for byte, in this file.
         #[arg(long, value_name = "STREAM")]
         save: Option<PathBuf>,
+        /// Give up when the source sends nothing, or does not read the return
+        /// path, for this many seconds (the manifest then says so).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        idle_timeout: u64,
     },
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
@@ -134,7 +138,14 @@ fn main() -> ExitCode {
             output,
             blocks,
             save,
-        } => recv::run(&listen, &output, blocks.as_deref(), save.as_deref()),
+            idle_timeout,
+        } => recv::run(
+            &listen,
+            &output,
+            blocks.as_deref(),
+            save.as_deref(),
+            std::time::Duration::from_secs(idle_timeout),
+        ),
         Cmd::Send(args) => send::run(&args).map_err(|e| e.to_string()),
         Cmd::Diff { a, b, records } => diff::run(&a, &b, records).map_err(|e| e.to_string()),
     };

@@ -29,9 +29,11 @@ use crate::extract::{Session, StopError};
 const AFTER_EOF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The socket as the stream reader sees it: every byte read is also saved
-/// (`--save`), and once EOF was decoded a read timeout counts as the end.
+/// (`--save`), and once EOF was decoded a read timeout counts as the end;
+/// before that, a read timeout (`--idle-timeout`) is an error naming it.
 struct Tee {
     sock: TcpStream,
+    idle: Duration,
     save: Option<BufWriter<File>>,
     received: Rc<Cell<u64>>,
     after_eof: Rc<Cell<bool>>,
@@ -50,6 +52,20 @@ impl Read for Tee {
                     ) =>
             {
                 0
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the source sent nothing for {} s (--idle-timeout)",
+                        self.idle.as_secs_f64()
+                    ),
+                ))
             }
             Err(e) => return Err(e),
         };
@@ -126,6 +142,7 @@ pub fn run(
     outdir: &Path,
     blocks: Option<&Path>,
     save: Option<&Path>,
+    idle: Duration,
 ) -> Result<ExitCode, String> {
     let addr = parse_listen(listen)?;
     let layout = match blocks {
@@ -133,7 +150,7 @@ pub fn run(
         None => Layout::Adopt,
     };
     let listener = TcpListener::bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    receive(listener, outdir, layout, save, listen)
+    receive(listener, outdir, layout, save, listen, idle)
 }
 
 /// Takes one migration on `listener` (see the module documentation).
@@ -143,7 +160,11 @@ fn receive(
     layout: Layout,
     save: Option<&Path>,
     listen: &str,
+    idle: Duration,
 ) -> Result<ExitCode, String> {
+    if idle.is_zero() {
+        return Err("--idle-timeout must be at least 1 second".into());
+    }
     std::fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
     let mem = MmapMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
     let mut session = Session::new(outdir, mem, layout, listen.to_string())?;
@@ -161,6 +182,11 @@ fn receive(
         .map_err(|e| format!("accept on {local}: {e}"))?;
     drop(listener);
     let _ = sock.set_nodelay(true);
+    // A source that stops sending, or a return path nobody reads, ends the
+    // migration after `idle` instead of stalling it forever.
+    sock.set_read_timeout(Some(idle))
+        .and_then(|()| sock.set_write_timeout(Some(idle)))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
     eprintln!("qmig recv: migration from {peer}");
     let mut rp_sock = sock.try_clone().map_err(|e| e.to_string())?;
     let timeout_sock = sock.try_clone().map_err(|e| e.to_string())?;
@@ -169,6 +195,7 @@ fn receive(
     let save_error = Rc::new(Cell::new(false));
     let tee = Tee {
         sock,
+        idle,
         save: save_file,
         received: received.clone(),
         after_eof: after_eof.clone(),
@@ -179,6 +206,7 @@ fn receive(
     let started = Instant::now();
     let mut rp_open = false;
     let mut rp_error: Option<String> = None;
+    let mut rp_dead = false;
     let mut pending: Vec<Action> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0u32;
@@ -209,33 +237,56 @@ fn receive(
         }
         for a in pending.drain(..) {
             out.clear();
+            // The state machine decides what QEMU would answer (bounded
+            // replies, nothing without a return path): fuzz target recv_state.
+            if let Err(e) = session.dst.reply(&a, &mut out) {
+                rp_error.get_or_insert(format!("return path: {e}"));
+            }
             match a {
                 Action::OpenReturnPath => rp_open = true,
-                Action::Pong(v) if rp_open => RpMessage::Pong(v).write(&mut out),
-                Action::SendRecvBitmap { block } if rp_open => {
-                    session.dst.recv_bitmap_reply(block, &mut out);
-                }
-                Action::ResumeAck if rp_open => RpMessage::ResumeAck(1).write(&mut out),
                 Action::NonZeroFill { offset, fill, .. } => {
                     pb.suspend(|| eprintln!("qmig recv: note: offset {offset}: ZERO record with fill byte {fill:#04x}"));
                 }
                 _ => {}
             }
-            if !out.is_empty() {
+            if !out.is_empty() && !rp_dead {
                 if let Err(e) = rp_sock.write_all(&out) {
-                    rp_error.get_or_insert(format!("return path: {e}"));
+                    let why = if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) {
+                        format!(
+                            "return path: the source read nothing for {} s (--idle-timeout)",
+                            idle.as_secs_f64()
+                        )
+                    } else {
+                        format!("return path: {e}")
+                    };
+                    rp_error.get_or_insert(why);
+                    rp_dead = true;
                 }
             }
+        }
+        if rp_dead {
+            // A peer that does not read its return path would stall every
+            // later reply: stop here, with the reason in the manifest.
+            let why = rp_error.clone().unwrap_or_default();
+            break Err(StopError::Io(why));
         }
         if last {
             break Ok(());
         }
     };
     pb.finish_and_clear();
-    if rp_open {
+    if rp_open && !rp_dead {
         out.clear();
-        RpMessage::Shut(if result.is_ok() { 0 } else { 1 }).write(&mut out);
-        if let Err(e) = rp_sock.write_all(&out).and_then(|_| rp_sock.flush()) {
+        let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
+            .write(&mut out)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        if let Err(e) = written
+            .and_then(|()| rp_sock.write_all(&out))
+            .and_then(|_| rp_sock.flush())
+        {
             rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
         }
     }
@@ -329,7 +380,15 @@ mod tests {
         });
         let out = tmpdir(tag);
         let save = out.with_extension("saved");
-        let code = receive(listener, &out, layout, Some(&save), "test").unwrap();
+        let code = receive(
+            listener,
+            &out,
+            layout,
+            Some(&save),
+            "test",
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let rp = src.join().unwrap();
         let m: Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())

@@ -81,7 +81,13 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
         };
         let (off, item) = (ri.offset, ri.item);
         out.clear();
-        item.write(&mut out);
+        if let Err(e) = item.write(&mut out) {
+            println!(
+                "offset {off}: {} does not re-serialize: {e}",
+                item.kind_name()
+            );
+            return Ok(ExitCode::from(1));
+        }
         want.resize(out.len(), 0);
         orig.read_exact(&mut want)
             .map_err(|e| format!("re-reading input at {off}: {e}"))?;

@@ -64,6 +64,11 @@ pub struct SendArgs {
     /// Print the counters as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Give up when a tcp: destination accepts no data, or does not close
+    /// the connection after the stream, for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -76,7 +81,7 @@ enum Sink {
 }
 
 impl Sink {
-    fn open(uri: &str) -> Result<Sink, Error> {
+    fn open(uri: &str, idle: Duration) -> Result<Sink, Error> {
         if let Some(addr) = uri.strip_prefix("tcp:") {
             let mut last = None;
             // The destination may still be starting: retry for a few seconds.
@@ -84,6 +89,9 @@ impl Sink {
                 match TcpStream::connect(addr) {
                     Ok(s) => {
                         s.set_nodelay(true).ok();
+                        // A destination that stops reading cannot stall us forever.
+                        s.set_write_timeout(Some(idle))?;
+                        s.set_read_timeout(Some(idle))?;
                         return Ok(Sink::Tcp(s));
                     }
                     Err(e) => last = Some(e),
@@ -124,6 +132,10 @@ impl Sink {
             std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
                 format!("the destination closed the connection after {sent} bytes (it refused the stream?): {e}").into()
             }
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "the destination accepted no data for the idle timeout (--idle-timeout) after {sent} bytes"
+            )
+            .into(),
             _ => format!("write failed after {sent} bytes: {e}").into(),
         })
     }
@@ -134,8 +146,8 @@ impl Sink {
             Sink::Tcp(mut s) => {
                 s.flush()?;
                 s.shutdown(std::net::Shutdown::Write).ok();
-                // QEMU closes its end once it has loaded the stream.
-                s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+                // QEMU closes its end once it has loaded the stream (the read
+                // timeout is --idle-timeout, set at connect).
                 let mut buf = [0u8; 256];
                 loop {
                     match s.read(&mut buf) {
@@ -146,6 +158,14 @@ impl Sink {
                                 "the destination reset the connection at the end of the stream"
                                     .into(),
                             )
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            return Err("the destination did not close the connection within the idle timeout (--idle-timeout) after the stream".into())
                         }
                         Err(e) => {
                             return Err(format!("waiting for the destination to close: {e}").into())
@@ -315,7 +335,7 @@ fn template_skeleton(path: &Path) -> Result<Vec<u8>, Error> {
     {
         match &ri.item {
             Item::Ram(r) if r.is_page() => {}
-            it => it.write(&mut out),
+            it => it.write(&mut out)?,
         }
     }
     Ok(out)
@@ -370,7 +390,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
     let mut src = RamSrc::new(blocks, config)?;
     let total: u64 = ram.images.iter().map(|i| i.len() as u64).sum();
 
-    let mut sink = Sink::open(&a.to)?;
+    let mut sink = Sink::open(&a.to, Duration::from_secs(a.idle_timeout))?;
     let bw = a.max_bandwidth.filter(|&b| b > 0);
     // QEMU's rate limit: max-bandwidth per 100 ms period (default 128 MiB/s).
     let budget = bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
@@ -385,7 +405,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
     let verbose = !a.json;
 
     t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out);
+    t.begin_section(SectionKind::Start, &mut out)?;
     src.poll_setup(&mut out)?;
     t.end_section(&mut out);
     pacer.send(&mut sink, &mut out)?;
@@ -400,7 +420,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
             }
         }
         loop {
-            t.begin_section(SectionKind::Part, &mut out);
+            t.begin_section(SectionKind::Part, &mut out)?;
             let p = src.poll_iterate(&ram.images, budget, &mut out)?;
             t.end_section(&mut out);
             pb.set_position(src.counters().transferred.min(total));
@@ -417,8 +437,8 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
             eprintln!("qmig: pass {passes} (completion): workload changed {n} pages");
         }
     }
-    t.write_switchover(&mut out);
-    t.begin_section(SectionKind::End, &mut out);
+    t.write_switchover(&mut out)?;
+    t.begin_section(SectionKind::End, &mut out)?;
     src.poll_complete(&ram.images, &mut out)?;
     t.end_section(&mut out);
     t.write_tail(&mut out);

@@ -129,7 +129,7 @@ fn replay_of_a_synthetic_stream() {
         Item::Eof,
     ];
     for i in &items {
-        i.write(&mut s);
+        i.write(&mut s).unwrap();
     }
     let (dst, err) = replay(&s);
     assert_eq!(err, None);

@@ -97,23 +97,35 @@ pub enum Item<'a> {
 }
 
 impl Item<'_> {
-    /// Serializes the item.
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Serializes the item, with the checks of each part's writer.
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (nothing is written), e.g. a header
+    /// version other than 3, which readers refuse.
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
         match self {
             Item::Header { version } => {
+                if *version != 3 {
+                    return Err(crate::names::unwritable(
+                        out.len(),
+                        "stream header",
+                        format!("version {version} (readers take only 3)"),
+                    ));
+                }
                 out.extend_from_slice(&header::MAGIC.to_be_bytes());
                 out.extend_from_slice(&version.to_be_bytes());
             }
-            Item::Configuration(c) => c.write(out),
-            Item::Section(h) => h.write(out),
-            Item::Ram(r) => r.write(out),
+            Item::Configuration(c) => c.write(out)?,
+            Item::Section(h) => h.write(out)?,
+            Item::Ram(r) => r.write(out)?,
             Item::DeviceData(d) => out.extend_from_slice(d),
             Item::Footer(id) => section::write_footer(out, *id),
-            Item::Command(c) => c.write(out),
+            Item::Command(c) => c.write(out)?,
             Item::PackageEnd => {}
             Item::Eof => out.push(section::EOF),
-            Item::Vmdesc(j) => crate::vmdesc::write_vmdesc(out, j),
+            Item::Vmdesc(j) => crate::vmdesc::write_vmdesc(out, j)?,
         }
+        Ok(())
     }
 
     /// A short name of the item's kind, for listings.

@@ -301,6 +301,18 @@ pub enum WireError {
         /// The readings.
         why: String,
     },
+    /// A serializer was given something it cannot write faithfully (a
+    /// length that does not fit its field, a name a reader would refuse,
+    /// flags that disagree with the body...). Nothing was written.
+    #[error("output offset {offset}: cannot write {what}: {why}")]
+    Unwritable {
+        /// Offset in the output buffer where the item would have started.
+        offset: u64,
+        /// What was being written.
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Reading the underlying input failed.
     #[error("offset {offset}: I/O error: {source}")]
     Io {
@@ -344,6 +356,7 @@ macro_rules! each_offset {
             | WireError::Unsupported { offset: $o, .. }
             | WireError::PageSize { offset: $o, .. }
             | WireError::Ambiguous { offset: $o, .. }
+            | WireError::Unwritable { offset: $o, .. }
             | WireError::Io { offset: $o, .. } => $body,
         }
     };
