@@ -129,7 +129,9 @@ fn main() -> ExitCode {
         } => match (devices, vmdesc) {
             (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
             (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
-            (false, None) => inspect::run(&stream, json, records, return_path.as_deref(), libvirt_xml),
+            (false, None) => {
+                inspect::run(&stream, json, records, return_path.as_deref(), libvirt_xml)
+            }
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
