@@ -19,6 +19,7 @@
 //!                      └─► AfterEof ─(vmdesc)─► Done
 //! ```
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -267,6 +268,10 @@ pub struct Decoder {
     ram_section: RamSection,
     has_configuration: Option<bool>,
     section_kind: SectionKind,
+    /// Footer scan progress kept across calls on a growing buffer
+    /// (position of the payload, section id, bytes already ruled out), so
+    /// input arriving in small pieces is scanned once: linear time.
+    scan_resume: Cell<(u64, u32, usize)>,
 }
 
 /// Candidate target page bits tried, most common first, when the stream
@@ -313,6 +318,7 @@ impl Decoder {
             ram_section: RamSection::NotStarted,
             has_configuration: None,
             section_kind: SectionKind::Full,
+            scan_resume: Cell::new((u64::MAX, 0, 0)),
         }
     }
 
@@ -937,7 +943,18 @@ impl Decoder {
             ));
         }
         let idb = id.to_be_bytes();
-        let mut from = 0;
+        // Candidates before `from` were ruled out by an earlier call at this
+        // position: a "no" never turns into "yes" when more bytes arrive.
+        let (rp, rid, rfrom) = self.scan_resume.get();
+        let mut from = if rp == self.pos && rid == id {
+            rfrom.min(buf.len())
+        } else {
+            0
+        };
+        let pause = |at: usize| {
+            self.scan_resume.set((self.pos, id, at));
+            Ok(None)
+        };
         while let Some(k) = buf[from..].iter().position(|&b| b == section::FOOTER) {
             let cand = from + k;
             if cand > self.limits.max_device_section {
@@ -948,17 +965,26 @@ impl Decoder {
                 if eof {
                     break;
                 }
-                return Ok(None);
+                return pause(cand);
             }
             if tail[..4] == idb {
                 let next_abs = self.pos + cand as u64 + 5;
                 match self.plausible_next(&buf[cand + 5..], next_abs, eof) {
-                    Tri::Yes => return self.check_unambiguous(buf, id, cand, eof),
-                    Tri::NeedMore => return Ok(None),
+                    Tri::Yes => {
+                        let r = self.check_unambiguous(buf, id, cand, eof);
+                        if let Ok(None) = r {
+                            return pause(cand);
+                        }
+                        return r;
+                    }
+                    Tri::NeedMore => return pause(cand),
                     Tri::No => {}
                 }
             }
             from = cand + 1;
+        }
+        if !eof {
+            self.scan_resume.set((self.pos, id, buf.len()));
         }
         if buf.len() > self.limits.max_device_section {
             return Err(PErr::at(
