@@ -9,27 +9,39 @@
 //! bytes of every non-RAM section, and everything after the RAM END section up
 //! to and including the EOF byte) and `vmdesc.json`.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qmig_ram_dst::{
-    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, MmapMemory, RamDst,
-    RamDstError,
+    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, RamDst, RamDstError,
 };
 use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
-use serde_json::{json, Value};
+
+use crate::error::{CliError, CliResult};
+use crate::manifest::{self, BlockEntry, DeviceSection, Manifest, RecordCounts, RecvInfo};
 
 /// Why applying a stream stopped.
 #[derive(Debug)]
 pub(crate) enum StopError {
     /// The stream does not parse.
     Wire(WireError),
-    /// The state machine refused an item.
+    /// The state machine refused an item (or the images could not be written).
     Dst(RamDstError),
-    /// Writing output files failed.
-    Io(String),
+    /// Writing an output file failed.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// Stream offset of the item being handled.
+        offset: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// SIGINT or SIGTERM.
+    Interrupted(i32),
 }
 
 impl std::fmt::Display for StopError {
@@ -37,7 +49,19 @@ impl std::fmt::Display for StopError {
         match self {
             StopError::Wire(e) => write!(f, "{e}"),
             StopError::Dst(e) => write!(f, "{e}"),
-            StopError::Io(e) => write!(f, "I/O: {e}"),
+            StopError::Io {
+                path,
+                op,
+                offset,
+                source,
+            } => write!(
+                f,
+                "{}: {op} at stream offset {offset}: {source}",
+                path.display()
+            ),
+            StopError::Interrupted(sig) => {
+                write!(f, "interrupted by {}", crate::error::signal_name(*sig))
+            }
         }
     }
 }
@@ -47,7 +71,56 @@ impl StopError {
         match self {
             StopError::Wire(e) => Some(e.offset()),
             StopError::Dst(e) => Some(e.offset()),
-            StopError::Io(_) => None,
+            StopError::Io { offset, .. } => Some(*offset),
+            StopError::Interrupted(_) => None,
+        }
+    }
+
+    /// The CLI error for this stop: `input` names the stream, `applied`
+    /// says how far the images got.
+    pub(crate) fn into_cli(self, input: &str, outdir: &Path, applied: u64) -> CliError {
+        let detail = format!(
+            "images in {} hold the stream applied up to offset {applied}",
+            outdir.display()
+        );
+        match self {
+            StopError::Wire(qmig_wire::WireError::Io { offset, source }) => CliError::Io {
+                path: input.to_string(),
+                op: "read",
+                offset: Some(offset),
+                source,
+            },
+            StopError::Wire(e) => CliError::Data {
+                message: format!("{input}: {e}; {detail}"),
+                offset: Some(e.offset()),
+            },
+            StopError::Dst(RamDstError::Memory { offset, source }) => CliError::Io {
+                path: outdir.display().to_string(),
+                op: "writing block images",
+                offset: Some(offset),
+                source,
+            },
+            StopError::Dst(e) => CliError::Data {
+                message: format!("{input}: {e}; {detail}"),
+                offset: Some(e.offset()),
+            },
+            StopError::Io {
+                path,
+                op,
+                offset,
+                source,
+            } => CliError::Io {
+                path: path.display().to_string(),
+                op,
+                offset: Some(offset),
+                source,
+            },
+            StopError::Interrupted(signal) => CliError::Interrupted {
+                signal,
+                detail: Some(format!(
+                    "{detail}; manifest.json says \"interrupted\": true"
+                )),
+            },
         }
     }
 }
@@ -56,7 +129,7 @@ impl StopError {
 struct DeviceState {
     out: BufWriter<File>,
     bytes: u64,
-    sections: Vec<Value>,
+    sections: Vec<DeviceSection>,
     /// Inside a non-RAM section (header seen, footer not yet).
     in_section: bool,
     /// The RAM END section was seen and its footer not yet.
@@ -96,15 +169,15 @@ impl DeviceState {
                     return Ok(());
                 }
                 self.in_section = true;
-                self.sections.push(json!({
-                    "kind": h.kind.name(),
-                    "section_id": h.section_id,
-                    "idstr": info.map(|s| s.idstr.clone()),
-                    "instance": info.map(|s| s.instance),
-                    "version": info.map(|s| s.version),
-                    "stream_offset": ri.offset,
-                    "file_offset": self.bytes,
-                }));
+                self.sections.push(DeviceSection {
+                    kind: h.kind.name().to_string(),
+                    section_id: h.section_id,
+                    idstr: info.map(|s| s.idstr.clone()),
+                    instance: info.map(|s| s.instance),
+                    version: info.map(|s| s.version),
+                    stream_offset: ri.offset,
+                    file_offset: self.bytes,
+                });
                 self.write_item(item)
             }
             Item::DeviceData(_) | Item::Footer(_) if self.in_section => {
@@ -126,12 +199,6 @@ pub(crate) trait Images: GuestMemory {
     fn images(&self) -> Vec<ImageFile>;
 }
 
-impl Images for MmapMemory {
-    fn images(&self) -> Vec<ImageFile> {
-        self.files()
-    }
-}
-
 impl Images for FileMemory {
     fn images(&self) -> Vec<ImageFile> {
         self.files()
@@ -139,34 +206,39 @@ impl Images for FileMemory {
 }
 
 /// A stream being applied into a directory: block images, device state,
-/// vmdesc, manifest. Shared by `extract` (pwrite'd images) and `recv` (mmap'd).
+/// vmdesc, manifest. Shared by `extract` and `recv`.
 pub(crate) struct Session<M> {
     pub(crate) dst: RamDst<M>,
     outdir: PathBuf,
+    writer: &'static str,
     source: String,
     device: DeviceState,
+    device_path: PathBuf,
     vmdesc: bool,
 }
 
 impl<M: Images> Session<M> {
-    /// Starts a session writing into `outdir` (which must exist) through `mem`.
+    /// Starts a session writing into `outdir`: marks the directory
+    /// incomplete ([`manifest::begin`]) before creating any output.
     pub(crate) fn new(
         outdir: &Path,
         mem: M,
         layout: Layout,
+        writer: &'static str,
         source: String,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CliError> {
         let cfg = Config {
             layout,
             ..Config::default()
         };
-        let dst = RamDst::new(cfg, mem).map_err(|e| e.to_string())?;
-        let dpath = outdir.join("device-state.bin");
-        let f = File::create(&dpath).map_err(|e| format!("{}: {e}", dpath.display()))?;
-        let _ = fs::remove_file(outdir.join("vmdesc.json"));
+        let dst = RamDst::new(cfg, mem).map_err(|e| CliError::Usage(e.to_string()))?;
+        manifest::begin(outdir, writer, &source)?;
+        let device_path = outdir.join("device-state.bin");
+        let f = crate::files::create_fresh(&device_path)?;
         Ok(Session {
             dst,
             outdir: outdir.to_path_buf(),
+            writer,
             source,
             device: DeviceState {
                 out: BufWriter::with_capacity(1 << 16, f),
@@ -177,6 +249,7 @@ impl<M: Images> Session<M> {
                 after_ram_end: false,
                 scratch: Vec::new(),
             },
+            device_path,
             vmdesc: false,
         })
     }
@@ -191,16 +264,29 @@ impl<M: Images> Session<M> {
         match &ri.item {
             Item::Ram(_) => self.dst.handle_read_item(ri).map_err(StopError::Dst)?,
             Item::Vmdesc(j) => {
-                fs::write(self.outdir.join("vmdesc.json"), j)
-                    .map_err(|e| StopError::Io(format!("vmdesc.json: {e}")))?;
+                crate::files::write_atomic(&self.outdir, "vmdesc.json", j).map_err(|e| {
+                    let (op, source) = match e {
+                        CliError::Io { op, source, .. } => (op, source),
+                        other => ("write", std::io::Error::other(other.to_string())),
+                    };
+                    StopError::Io {
+                        path: self.outdir.join("vmdesc.json"),
+                        op,
+                        offset: ri.offset,
+                        source,
+                    }
+                })?;
                 self.vmdesc = true;
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
             }
             _ => {
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
-                self.device
-                    .handle(ri)
-                    .map_err(|e| StopError::Io(format!("device-state.bin: {e}")))?;
+                self.device.handle(ri).map_err(|source| StopError::Io {
+                    path: self.device_path.clone(),
+                    op: "write",
+                    offset: ri.offset,
+                    source,
+                })?;
             }
         }
         while let Some(a) = self.dst.poll_action() {
@@ -209,65 +295,106 @@ impl<M: Images> Session<M> {
         Ok(())
     }
 
-    /// Flushes the images and the device state and writes `manifest.json`;
-    /// returns `result`, or the flush error if the stream itself went fine.
+    /// Flushes the images and the device state and writes `manifest.json`
+    /// (atomically). The first error wins: a stop error is reported before
+    /// a flush error, and either before a manifest error. An interrupted
+    /// run removes `device-state.bin` (it would hold a cut-off device
+    /// state). Returns the error to report, with `input` naming the stream.
     pub(crate) fn finish(
         &mut self,
         result: Result<(), StopError>,
-        extra: Value,
-    ) -> Result<Result<(), StopError>, String> {
+        recv: Option<RecvInfo>,
+        input: &str,
+    ) -> Result<(), CliError> {
+        let at = self.dst.applied_up_to();
         let flushed = self
             .dst
             .memory_mut()
             .flush()
-            .map_err(|e| StopError::Io(format!("block images: {e}")))
+            .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }))
             .and_then(|()| {
-                self.device
-                    .out
-                    .flush()
-                    .map_err(|e| StopError::Io(format!("device-state.bin: {e}")))
+                self.device.out.flush().map_err(|source| StopError::Io {
+                    path: self.device_path.clone(),
+                    op: "write",
+                    offset: at,
+                    source,
+                })
             });
         let result = result.and(flushed);
         let err = result.as_ref().err();
-        let st = self.dst.stats();
-        let mut manifest = json!({
-            "blocks": self.dst.memory().images().iter().map(|i| json!({"name": i.name, "file": i.file_name, "length": i.length})).collect::<Vec<_>>(),
-            "page_size": self.dst.page_size(),
-            "source": self.source,
-            "complete": err.is_none(),
-            "applied_up_to": self.dst.applied_up_to(),
-            "error": err.map(|e| e.to_string()),
-            "error_offset": err.and_then(|e| e.offset()),
-            "nonzero_fill_pages": st.nonzero_fill,
-            "records": {"zero": st.zero, "page": st.page, "xbzrle": st.xbzrle, "compressed": st.compressed},
-            "postcopy_state": format!("{:?}", self.dst.postcopy_state()),
-            "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections},
-            "vmdesc": if self.vmdesc { Value::from("vmdesc.json") } else { Value::Null },
+        let interrupted = matches!(err, Some(StopError::Interrupted(_)));
+        let mut device_state = Some(manifest::DeviceState {
+            file: "device-state.bin".into(),
+            bytes: self.device.bytes,
+            sections: std::mem::take(&mut self.device.sections),
         });
-        if let (Value::Object(m), Value::Object(x)) = (&mut manifest, extra) {
-            m.extend(x);
+        if interrupted && crate::files::remove_if_present(&self.device_path).is_ok() {
+            device_state = None;
         }
-        fs::write(
-            self.outdir.join("manifest.json"),
-            serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n",
-        )
-        .map_err(|e| format!("manifest.json: {e}"))?;
-        Ok(result)
+        let st = self.dst.stats();
+        let m = Manifest {
+            blocks: self
+                .dst
+                .memory()
+                .images()
+                .into_iter()
+                .map(|i| BlockEntry {
+                    name: i.name,
+                    file: Some(i.file_name),
+                    length: i.length,
+                    max_length: None,
+                    page_size: None,
+                    resizable: None,
+                })
+                .collect(),
+            writer: Some(self.writer.to_string()),
+            source: Some(self.source.clone()),
+            complete: err.is_none(),
+            in_progress: false,
+            interrupted,
+            page_size: Some(self.dst.page_size()),
+            applied_up_to: Some(at),
+            error: err.map(|e| e.to_string()),
+            error_offset: err.and_then(|e| e.offset()),
+            nonzero_fill_pages: Some(st.nonzero_fill),
+            records: Some(RecordCounts {
+                zero: st.zero,
+                page: st.page,
+                xbzrle: st.xbzrle,
+                compressed: st.compressed,
+            }),
+            postcopy_state: Some(self.dst.postcopy_state().name().to_string()),
+            device_state,
+            vmdesc: self.vmdesc.then(|| "vmdesc.json".to_string()),
+            recv,
+        };
+        let written = manifest::write(&self.outdir, &m);
+        match (result, written) {
+            (Ok(()), w) => w,
+            (Err(e), Ok(())) => Err(e.into_cli(input, &self.outdir, at)),
+            (Err(e), Err(w)) => {
+                let first = e.into_cli(input, &self.outdir, at);
+                eprintln!("qmig: {}: also: {w}", self.writer);
+                Err(first)
+            }
+        }
     }
 }
 
-pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
-    fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+pub fn run(path: &Path, outdir: &Path) -> CliResult {
     let (input, seekable) = crate::input::open_input(path)?;
+    crate::files::output_dir(outdir)?;
+    crate::signals::install();
     // Images written with combined pwrites: faster than faulting pages into
     // mappings when the stream is read from a file.
-    let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mut s = Session::new(outdir, mem, Layout::Adopt, path.display().to_string())?;
+    let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
+    let name = path.display().to_string();
+    let mut s = Session::new(outdir, mem, Layout::Adopt, "extract", name.clone())?;
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().
         crate::input::Input::Plain(f) if seekable => {
-            let map = MappedInput::new(f).map_err(|e| format!("{}: {e}", path.display()))?;
+            let map = MappedInput::new(f).map_err(|e| CliError::io(path, "map", e))?;
             apply_slice(&map, &mut s)
         }
         other => {
@@ -275,9 +402,22 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
             apply_reader(rd, &mut s, total)
         }
     };
-    finish(s, result, outdir)
+    s.finish(result, None, &name)?;
+    let fills = s.dst.stats().nonzero_fill;
+    if fills > 0 {
+        eprintln!(
+            "qmig: extract: note: {fills} ZERO records had a non-zero fill byte (applied as fills)"
+        );
+    }
+    if !crate::progress::quiet() {
+        eprintln!(
+            "extracted {} blocks to {}",
+            s.dst.blocks().len(),
+            outdir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
-
 /// How much of a mapped input is applied before its pages are released.
 const RELEASE_STEP: u64 = 32 << 20;
 
@@ -294,6 +434,9 @@ fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), S
             None => break Ok(()),
             Some(Err(e)) => break Err(StopError::Wire(e)),
         };
+        if let Some(sig) = crate::signals::pending() {
+            break Err(StopError::Interrupted(sig));
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
             pb.set_position(offset);
@@ -333,8 +476,15 @@ fn apply_reader<M: Images>(
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(StopError::Wire(e)),
+            Err(e) => {
+                break Err(
+                    crate::signals::pending().map_or(StopError::Wire(e), StopError::Interrupted)
+                )
+            }
         };
+        if let Some(sig) = crate::signals::pending() {
+            break Err(StopError::Interrupted(sig));
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
             pb.set_position(ri.offset);
@@ -345,29 +495,4 @@ fn apply_reader<M: Images>(
     };
     pb.finish_and_clear();
     r
-}
-
-fn finish<M: Images>(
-    mut s: Session<M>,
-    result: Result<(), StopError>,
-    outdir: &Path,
-) -> Result<ExitCode, String> {
-    let result = s.finish(result, json!({}))?;
-    let applied_to = s.dst.applied_up_to();
-    if let Err(e) = result {
-        eprintln!(
-            "qmig: extract stopped: {e}; images hold the stream applied up to offset {applied_to}"
-        );
-        return Ok(ExitCode::from(1));
-    }
-    let fills = s.dst.stats().nonzero_fill;
-    if fills > 0 {
-        eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills)");
-    }
-    eprintln!(
-        "extracted {} blocks to {}",
-        s.dst.blocks().len(),
-        outdir.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,31 @@ use std::process::ExitCode;
 use qmig_wire::{Command, ConfigBody, Item, RamBody, RamKind, RpMessage};
 use serde_json::{json, Value};
 
+use crate::error::{CliError, CliResult};
+
+/// `--records` filters.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// Only RAM page records of this block.
+    pub block: Option<String>,
+    /// Only items of this kind name (case-insensitive).
+    pub kind: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, item: &Item<'_>, block: &str) -> bool {
+        if let Some(b) = &self.block {
+            match item {
+                Item::Ram(r) if r.is_page() && block == b => {}
+                _ => return false,
+            }
+        }
+        self.kind
+            .as_deref()
+            .is_none_or(|k| item.kind_name().eq_ignore_ascii_case(k))
+    }
+}
+
 #[derive(Default, Clone)]
 struct BlockStats {
     length: u64,
@@ -42,7 +67,8 @@ struct Summary {
     vmdesc_devices: Option<usize>,
     eof: bool,
     end: u64,
-    error: Option<String>,
+    items: u64,
+    error: Option<qmig_wire::WireError>,
 }
 
 pub fn run(
@@ -50,7 +76,8 @@ pub fn run(
     json_out: bool,
     records: bool,
     rp: Option<&Path>,
-) -> Result<ExitCode, String> {
+    filter: &Filter,
+) -> CliResult {
     let (mut rd, total) = crate::input::open_stream(path)?;
     let pb = crate::progress::bytes(total, "inspect");
     let mut s = Summary::default();
@@ -68,14 +95,6 @@ pub fn run(
     }
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    if records {
-        writeln!(
-            out,
-            "{:>12} {:<24} {:<24} {:>14} {:<16} payload",
-            "offset", "section", "block", "page offset", "kind"
-        )
-        .map_err(crate::output_error)?;
-    }
     let mut cur_section = String::from("-");
     let mut cur_block = String::from("-");
     loop {
@@ -83,10 +102,20 @@ pub fn run(
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
-                s.error = Some(e.to_string());
+                s.error = Some(e);
                 break;
             }
         };
+        if records && !json_out && s.items == 0 {
+            // The header line only once the input is known to be a stream.
+            writeln!(
+                out,
+                "{:>12} {:<24} {:<24} {:>14} {:<16} payload",
+                "offset", "section", "block", "page offset", "kind"
+            )
+            .map_err(crate::output_error)?;
+        }
+        s.items += 1;
         let (off, item, dec) = (ri.offset, ri.item, ri.decoder);
         s.end = dec.position();
         pb.set_position(off);
@@ -204,40 +233,109 @@ pub fn run(
             }
             Item::Footer(_) | Item::PackageEnd => {}
         }
-        if records {
-            let line = record_line(off, &item, &cur_section, &cur_block, dec.position() - off);
-            writeln!(out, "{line}").map_err(crate::output_error)?;
+        if records && filter.keeps(&item, &cur_block) {
+            let len = dec.position() - off;
+            if json_out {
+                let v = record_json(off, &item, &cur_section, &cur_block, len);
+                writeln!(out, "{v}").map_err(crate::output_error)?;
+            } else {
+                let line = record_line(off, &item, &cur_section, &cur_block, len);
+                writeln!(out, "{line}").map_err(crate::output_error)?;
+            }
         }
         if matches!(item, Item::Footer(_)) {
             cur_section = "-".into();
         }
     }
     pb.finish_and_clear();
+    // Not a stream at all (empty file, wrong magic...): no summary, one error.
+    if s.items == 0 {
+        if let Some(e) = s.error.take() {
+            return Err(CliError::wire(path, e));
+        }
+    }
     let rp_summary = match rp {
         Some(p) => Some(return_path_summary(p)?),
         None => None,
     };
+    let stream_error = s.error.take().map(|e| CliError::wire(path, e));
+    let rp_error = rp_summary.as_ref().and_then(|r| {
+        r.error
+            .as_ref()
+            .map(|e| CliError::data(format!("return path: {e}")))
+    });
     if records {
-        if let Some(e) = &s.error {
-            writeln!(out, "error: {e}").map_err(crate::output_error)?;
+        if json_out {
+            for e in [&stream_error, &rp_error].into_iter().flatten() {
+                writeln!(out, "{}", json!({ "error": e.to_json() }))
+                    .map_err(crate::output_error)?;
+            }
         }
     } else if json_out {
-        let v = to_json(&s, rp_summary);
+        let mut v = to_json(&s, rp_summary);
+        v["error"] = stream_error
+            .as_ref()
+            .or(rp_error.as_ref())
+            .map_or(Value::Null, |e| json!(e.to_json()));
         writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&v).map_err(|e| CliError::data(e.to_string()))?
         )
         .map_err(crate::output_error)?;
     } else {
         print_text(&mut out, &s, rp_summary.as_ref()).map_err(crate::output_error)?;
     }
     out.flush().map_err(crate::output_error)?;
-    if let Some(e) = &s.error {
-        eprintln!("qmig: {e}");
-        return Ok(ExitCode::from(1));
+    match stream_error.or(rp_error) {
+        // --json carries the error in its output.
+        Some(e) if json_out => Ok(ExitCode::from(e.exit_code())),
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// One `--records --json` line.
+fn record_json(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) -> Value {
+    let mut v = json!({"offset": off, "kind": item.kind_name(), "len": len});
+    if section != "-" {
+        v["section"] = json!(section);
+    }
+    match item {
+        Item::Ram(r) => {
+            v["payload"] = json!(r.payload_len());
+            if r.is_page() {
+                v["block"] = json!(block);
+                v["page_offset"] = json!(r.offset);
+                v["name_sent"] = json!(r.block.is_some());
+            } else if let RamBody::MemSize(b) = &r.body {
+                v["total"] = json!(r.offset);
+                v["blocks"] = json!(b
+                    .iter()
+                    .map(|b| json!({"name": b.name, "length": b.used_length}))
+                    .collect::<Vec<_>>());
+            }
+        }
+        Item::Section(h) => {
+            v["section_id"] = json!(h.section_id);
+            if let Some(i) = h.ident {
+                v["idstr"] = json!(i.idstr);
+                v["instance"] = json!(i.instance);
+                v["version"] = json!(i.version);
+            }
+        }
+        Item::Command(c) => match c {
+            Command::Ping(x) => v["value"] = json!(x),
+            Command::RamDiscard(d) => {
+                v["block"] = json!(d.block);
+                v["ranges"] = json!(d.ranges.len());
+            }
+            Command::Packaged { len } => v["package_len"] = json!(len),
+            _ => {}
+        },
+        _ => {}
+    }
+    v
 }
 
 fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) -> String {
@@ -303,8 +401,8 @@ struct RpSummary {
     len: u64,
 }
 
-fn return_path_summary(p: &Path) -> Result<RpSummary, String> {
-    let buf = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+fn return_path_summary(p: &Path) -> Result<RpSummary, CliError> {
+    let buf = std::fs::read(p).map_err(|e| CliError::io(p, "read", e))?;
     let mut s = RpSummary {
         counts: BTreeMap::new(),
         requested_bytes: 0,
@@ -374,7 +472,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         "eof": s.eof,
         "vmdesc": s.vmdesc_len.map(|l| json!({"length": l, "devices": s.vmdesc_devices})),
         "length": s.end,
-        "error": s.error,
+        "error": Value::Null,
     });
     if let Some(rp) = rp {
         v["return_path"] = json!({
@@ -481,20 +579,22 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
     if let Some(rp) = rp {
         let m: Vec<String> = rp.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         writeln!(out, "return path ({} bytes): {}", rp.len, m.join(", "))?;
+        let pongs: Vec<String> = rp.pongs.iter().map(u32::to_string).collect();
         writeln!(
             out,
-            "  requested bytes {}  shut {:?}  pongs {:?}",
-            rp.requested_bytes, rp.shut, rp.pongs
+            "  requested bytes {}  shut {}  pongs {}",
+            rp.requested_bytes,
+            rp.shut
+                .map_or_else(|| "none".to_string(), |v| v.to_string()),
+            if pongs.is_empty() {
+                "none".to_string()
+            } else {
+                pongs.join(", ")
+            }
         )?;
         for (b, l) in &rp.bitmaps {
             writeln!(out, "  received bitmap {b}: {l} bytes")?;
         }
-        if let Some(e) = &rp.error {
-            writeln!(out, "  error: {e}")?;
-        }
-    }
-    if let Some(e) = &s.error {
-        writeln!(out, "error: {e}")?;
     }
     Ok(())
 }

@@ -11,47 +11,74 @@
 
 use std::cell::Cell;
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::ExitCode;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
-use qmig_ram_dst::{Action, Layout, LocalBlock, MmapMemory};
+use qmig_ram_dst::{Action, FileMemory, Layout, LocalBlock};
 use qmig_wire::{Item, RpMessage, StreamReader};
-use serde_json::{json, Value};
 
+use crate::error::{CliError, CliResult};
 use crate::extract::{Session, StopError};
+use crate::manifest::{Manifest, RecvInfo};
+use crate::uri::MigUri;
 
 /// How long to wait for the vmdesc trailer once EOF was read.
 const AFTER_EOF_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The socket as the stream reader sees it: every byte read is also saved
-/// (`--save`), and once EOF was decoded a read timeout counts as the end.
+/// How often a blocked accept or socket read looks at the signal flag.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The incoming stream as the stream reader sees it: every byte read is
+/// also saved (`--save`); a socket read wakes up every [`POLL`] to look at
+/// the signal flag, and once EOF was decoded, [`AFTER_EOF_TIMEOUT`] without
+/// data counts as the end.
 struct Tee {
-    sock: TcpStream,
+    src: Box<dyn Read>,
+    /// Whether `src` is a socket with a [`POLL`] read timeout.
+    polled: bool,
     save: Option<BufWriter<File>>,
     received: Rc<Cell<u64>>,
-    after_eof: Rc<Cell<bool>>,
+    after_eof: Rc<Cell<Option<Instant>>>,
     save_error: Rc<Cell<bool>>,
+}
+
+/// The error a read returns when a signal arrived (not `Interrupted`, which
+/// the stream reader retries).
+fn interrupted_io(sig: i32) -> std::io::Error {
+    std::io::Error::other(format!("interrupted by {}", crate::error::signal_name(sig)))
 }
 
 impl Read for Tee {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = match self.sock.read(buf) {
-            Ok(n) => n,
-            Err(e)
-                if self.after_eof.get()
-                    && matches!(
+        let n = loop {
+            match self.src.read(buf) {
+                Ok(n) => break n,
+                Err(e)
+                    if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-            {
-                0
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) && (self.polled || e.kind() == std::io::ErrorKind::Interrupted) =>
+                {
+                    if let Some(sig) = crate::signals::pending() {
+                        return Err(interrupted_io(sig));
+                    }
+                    if self
+                        .after_eof
+                        .get()
+                        .is_some_and(|t| t.elapsed() >= AFTER_EOF_TIMEOUT)
+                    {
+                        break 0;
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         self.received.set(self.received.get() + n as u64);
         if let Some(s) = &mut self.save {
@@ -64,118 +91,300 @@ impl Read for Tee {
     }
 }
 
-/// Parses `tcp:HOST:PORT`.
-fn parse_listen(s: &str) -> Result<String, String> {
-    let Some(rest) = s.strip_prefix("tcp:") else {
-        return Err(format!("--listen {s}: only tcp:HOST:PORT is supported"));
-    };
-    match rest.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(rest.to_string()),
-        _ => Err(format!("--listen {s}: expected tcp:HOST:PORT")),
-    }
-}
-
 /// Reads a block layout (`{"blocks":[{"name","length", "max_length"?, "page_size"?, "resizable"?}]}`,
 /// e.g. a manifest.json written by extract or recv).
-fn read_layout(path: &Path) -> Result<Layout, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let Some(list) = v.get("blocks").and_then(Value::as_array) else {
-        return Err(format!("{}: no \"blocks\" array", path.display()));
-    };
-    let mut blocks = Vec::new();
-    for b in list {
-        let name = b.get("name").and_then(Value::as_str);
-        let len = b.get("length").and_then(Value::as_u64);
-        let (Some(name), Some(len)) = (name, len) else {
-            return Err(format!(
-                "{}: every block needs \"name\" and \"length\"",
-                path.display()
-            ));
+fn read_layout(path: &Path) -> Result<Layout, CliError> {
+    let m = Manifest::read_file(path)?;
+    if m.blocks.is_empty() {
+        return Err(CliError::data(format!(
+            "{}: no blocks in the layout",
+            path.display()
+        )));
+    }
+    Ok(Layout::Fixed(
+        m.blocks
+            .into_iter()
+            .map(|b| {
+                let mut lb = LocalBlock::fixed(&b.name, b.length);
+                if let Some(m) = b.max_length {
+                    lb.max_length = m;
+                }
+                if let Some(p) = b.page_size {
+                    lb.page_size = p;
+                }
+                if let Some(r) = b.resizable {
+                    lb.resizable = r;
+                }
+                lb
+            })
+            .collect(),
+    ))
+}
+
+/// Where the migration comes from, before it arrives.
+pub(crate) enum Listener {
+    /// `tcp:`
+    Tcp(TcpListener),
+    /// `unix:` (the socket file is removed at the end).
+    Unix(UnixListener, PathBuf),
+    /// `file:`
+    File(PathBuf),
+    /// `exec:`
+    Exec(String),
+}
+
+/// One accepted migration: the stream, the return path (sockets only), a
+/// description of the peer, and the `exec:` child to reap.
+struct Incoming {
+    src: Box<dyn Read>,
+    polled: bool,
+    rp: Option<Box<dyn Write>>,
+    peer: String,
+    child: Option<Child>,
+}
+
+impl Listener {
+    /// Binds / checks the URI (before anything is written to the output).
+    pub(crate) fn open(uri: &MigUri) -> Result<Listener, CliError> {
+        match uri {
+            MigUri::Tcp { host, port } => {
+                let l = if host.is_empty() {
+                    TcpListener::bind(("::", *port))
+                        .or_else(|_| TcpListener::bind(("0.0.0.0", *port)))
+                } else {
+                    TcpListener::bind((host.as_str(), *port))
+                };
+                l.map(Listener::Tcp)
+                    .map_err(|e| CliError::io(uri.to_string(), "listen", e))
+            }
+            MigUri::Unix(p) => {
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(|e| CliError::io(p, "listen", e))
+            }
+            MigUri::File(p) => {
+                std::fs::metadata(p).map_err(|e| CliError::io(p, "open", e))?;
+                Ok(Listener::File(p.clone()))
+            }
+            MigUri::Exec(c) => Ok(Listener::Exec(c.clone())),
+        }
+    }
+
+    /// Where it listens, for the "listening on" line.
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => p.display().to_string(),
+            Listener::File(p) => p.display().to_string(),
+            Listener::Exec(c) => format!("exec:{c}"),
+        }
+    }
+
+    /// Waits for the migration, looking at the signal flag every [`POLL`].
+    fn accept(&self) -> Result<Incoming, CliError> {
+        let wait = |e: std::io::Error| -> Result<(), CliError> {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(CliError::io(self.describe(), "accept", e));
+            }
+            if let Some(signal) = crate::signals::pending() {
+                return Err(CliError::Interrupted {
+                    signal,
+                    detail: Some("no migration arrived".into()),
+                });
+            }
+            std::thread::sleep(POLL / 4);
+            Ok(())
         };
-        let mut lb = LocalBlock::fixed(name, len);
-        if let Some(m) = b.get("max_length").and_then(Value::as_u64) {
-            lb.max_length = m;
+        let io = |op, e| CliError::io(self.describe(), op, e);
+        match self {
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true).map_err(|e| io("listen", e))?;
+                let (sock, peer) = loop {
+                    match l.accept() {
+                        Ok(x) => break x,
+                        Err(e) => wait(e)?,
+                    }
+                };
+                sock.set_nonblocking(false).map_err(|e| io("accept", e))?;
+                let _ = sock.set_nodelay(true);
+                sock.set_read_timeout(Some(POLL))
+                    .map_err(|e| io("accept", e))?;
+                let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                Ok(Incoming {
+                    src: Box::new(sock),
+                    polled: true,
+                    rp: Some(Box::new(TcpRp(rp))),
+                    peer: peer.to_string(),
+                    child: None,
+                })
+            }
+            Listener::Unix(l, p) => {
+                l.set_nonblocking(true).map_err(|e| io("listen", e))?;
+                let sock = loop {
+                    match l.accept() {
+                        Ok((s, _)) => break s,
+                        Err(e) => wait(e)?,
+                    }
+                };
+                sock.set_nonblocking(false).map_err(|e| io("accept", e))?;
+                sock.set_read_timeout(Some(POLL))
+                    .map_err(|e| io("accept", e))?;
+                let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                Ok(Incoming {
+                    src: Box::new(sock),
+                    polled: true,
+                    rp: Some(Box::new(UnixRp(rp))),
+                    peer: format!("unix:{}", p.display()),
+                    child: None,
+                })
+            }
+            Listener::File(p) => Ok(Incoming {
+                src: Box::new(File::open(p).map_err(|e| CliError::io(p, "open", e))?),
+                polled: false,
+                rp: None,
+                peer: format!("file:{}", p.display()),
+                child: None,
+            }),
+            Listener::Exec(c) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(c)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| CliError::io("/bin/sh", "run", e))?;
+                let out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| CliError::Usage("exec: no stdout".into()))?;
+                Ok(Incoming {
+                    src: Box::new(out),
+                    polled: false,
+                    rp: None,
+                    peer: format!("exec:{c}"),
+                    child: Some(child),
+                })
+            }
         }
-        if let Some(p) = b.get("page_size").and_then(Value::as_u64) {
-            lb.page_size = p;
-        }
-        if let Some(r) = b.get("resizable").and_then(Value::as_bool) {
-            lb.resizable = r;
-        }
-        blocks.push(lb);
     }
-    Ok(Layout::Fixed(blocks))
 }
 
-fn progress() -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
     }
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} recv {msg} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
 }
 
+/// The return path over TCP (half-closed for writing at the end).
+struct TcpRp(TcpStream);
+
+impl Write for TcpRp {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for TcpRp {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// The return path over a Unix socket.
+struct UnixRp(UnixStream);
+
+impl Write for UnixRp {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for UnixRp {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Runs `qmig recv`.
 pub fn run(
-    listen: &str,
+    listen: &MigUri,
     outdir: &Path,
     blocks: Option<&Path>,
     save: Option<&Path>,
-) -> Result<ExitCode, String> {
-    let addr = parse_listen(listen)?;
+) -> CliResult {
     let layout = match blocks {
         Some(p) => read_layout(p)?,
         None => Layout::Adopt,
     };
-    let listener = TcpListener::bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    receive(listener, outdir, layout, save, listen)
+    crate::files::output_dir(outdir)?;
+    let listener = Listener::open(listen)?;
+    crate::signals::install();
+    receive(listener, outdir, layout, save, &listen.to_string())
 }
 
-/// Takes one migration on `listener` (see the module documentation).
-fn receive(
-    listener: TcpListener,
+/// Takes one migration from `listener` (see the module documentation).
+pub(crate) fn receive(
+    listener: Listener,
     outdir: &Path,
     layout: Layout,
     save: Option<&Path>,
     listen: &str,
-) -> Result<ExitCode, String> {
-    std::fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mem = MmapMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mut session = Session::new(outdir, mem, layout, listen.to_string())?;
+) -> CliResult {
+    let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
         Some(p) => Some(BufWriter::with_capacity(
             1 << 20,
-            File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            File::create(p).map_err(|e| CliError::io(p, "create", e))?,
         )),
         None => None,
     };
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    eprintln!("qmig recv: listening on {local}");
-    let (sock, peer) = listener
-        .accept()
-        .map_err(|e| format!("accept on {local}: {e}"))?;
+    eprintln!("qmig recv: listening on {}", listener.describe());
+    let inc = listener.accept()?;
     drop(listener);
-    let _ = sock.set_nodelay(true);
-    eprintln!("qmig recv: migration from {peer}");
-    let mut rp_sock = sock.try_clone().map_err(|e| e.to_string())?;
-    let timeout_sock = sock.try_clone().map_err(|e| e.to_string())?;
+    // The directory is marked incomplete only now: a recv that never got a
+    // migration leaves an earlier result alone.
+    let mut session = Session::new(outdir, mem, layout, "recv", listen.to_string())?;
+    if !crate::progress::quiet() {
+        eprintln!("qmig recv: migration from {}", inc.peer);
+    }
+    let Incoming {
+        src,
+        polled,
+        rp,
+        peer,
+        child,
+    } = inc;
+    let mut rp_sock = rp;
     let received = Rc::new(Cell::new(0u64));
-    let after_eof = Rc::new(Cell::new(false));
+    let after_eof = Rc::new(Cell::new(None));
     let save_error = Rc::new(Cell::new(false));
     let tee = Tee {
-        sock,
+        src,
+        polled,
         save: save_file,
         received: received.clone(),
         after_eof: after_eof.clone(),
         save_error: save_error.clone(),
     };
     let mut rd = StreamReader::new(tee);
-    let pb = progress();
+    let pb = crate::progress::bytes(0, "recv");
     let started = Instant::now();
     let mut rp_open = false;
     let mut rp_error: Option<String> = None;
@@ -183,17 +392,25 @@ fn receive(
     let mut out = Vec::new();
     let mut n = 0u32;
     let result: Result<(), StopError> = loop {
+        if let Some(sig) = crate::signals::pending() {
+            break Err(StopError::Interrupted(sig));
+        }
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(StopError::Wire(e)),
+            Err(e) => {
+                break Err(match crate::signals::pending() {
+                    Some(sig) => StopError::Interrupted(sig),
+                    None => StopError::Wire(e),
+                })
+            }
         };
         n = n.wrapping_add(1);
-        if n.is_multiple_of(1024) {
+        if n.is_multiple_of(256) {
             let st = session.dst.stats();
+            pb.set_position(received.get());
             pb.set_message(format!(
-                "{:.1} MiB, {} pages, {} zero, {} xbzrle",
-                received.get() as f64 / (1 << 20) as f64,
+                "recv {} pages, {} zero, {} xbzrle",
                 st.page + st.compressed,
                 st.zero,
                 st.xbzrle
@@ -201,8 +418,7 @@ fn receive(
         }
         let last = matches!(ri.item, Item::Vmdesc(_));
         if matches!(ri.item, Item::Eof) {
-            after_eof.set(true);
-            let _ = timeout_sock.set_read_timeout(Some(AFTER_EOF_TIMEOUT));
+            after_eof.set(Some(Instant::now()));
         }
         if let Err(e) = session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
@@ -210,7 +426,7 @@ fn receive(
         for a in pending.drain(..) {
             out.clear();
             match a {
-                Action::OpenReturnPath => rp_open = true,
+                Action::OpenReturnPath => rp_open = rp_sock.is_some(),
                 Action::Pong(v) if rp_open => RpMessage::Pong(v).write(&mut out),
                 Action::SendRecvBitmap { block } if rp_open => {
                     session.dst.recv_bitmap_reply(block, &mut out);
@@ -221,8 +437,8 @@ fn receive(
                 }
                 _ => {}
             }
-            if !out.is_empty() {
-                if let Err(e) = rp_sock.write_all(&out) {
+            if let (false, Some(w)) = (out.is_empty(), rp_sock.as_mut()) {
+                if let Err(e) = w.write_all(&out) {
                     rp_error.get_or_insert(format!("return path: {e}"));
                 }
             }
@@ -232,10 +448,10 @@ fn receive(
         }
     };
     pb.finish_and_clear();
-    if rp_open {
+    if let (true, Some(w)) = (rp_open, rp_sock.as_mut()) {
         out.clear();
         RpMessage::Shut(if result.is_ok() { 0 } else { 1 }).write(&mut out);
-        if let Err(e) = rp_sock.write_all(&out).and_then(|_| rp_sock.flush()) {
+        if let Err(e) = w.write_all(&out).and_then(|_| w.flush()) {
             rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
         }
     }
@@ -245,39 +461,46 @@ fn receive(
             save_error.set(true);
         }
     }
-    let _ = rp_sock.shutdown(std::net::Shutdown::Write);
-    let secs = started.elapsed().as_secs_f64();
-    let extra = json!({
-        "peer": peer.to_string(),
-        "return_path": rp_open,
-        "bytes_received": received.get(),
-        "seconds": secs,
-        "saved_stream": save.map(|p| p.display().to_string()),
-    });
-    let result = session.finish(result, extra)?;
-    let applied = session.dst.applied_up_to();
-    if let Err(e) = result {
-        eprintln!("qmig recv: stopped: {e}; images hold the stream applied up to offset {applied}");
-        return Ok(ExitCode::from(1));
+    drop(rp_sock);
+    drop(tee);
+    if let Some(mut c) = child {
+        if result.is_err() {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
     }
+    let secs = started.elapsed().as_secs_f64();
+    let info = RecvInfo {
+        peer,
+        return_path: rp_open,
+        bytes_received: received.get(),
+        seconds: secs,
+        saved_stream: save.map(|p| p.display().to_string()),
+    };
+    session.finish(result, Some(info), listen)?;
     if save_error.get() {
-        eprintln!("qmig recv: writing the --save file failed; the capture is incomplete");
-        return Ok(ExitCode::from(1));
+        return Err(CliError::Io {
+            path: save.map(|p| p.display().to_string()).unwrap_or_default(),
+            op: "write (--save)",
+            offset: None,
+            source: std::io::Error::other("the capture is incomplete"),
+        });
     }
     if let Some(e) = rp_error {
-        eprintln!("qmig recv: {e}");
-        return Ok(ExitCode::from(1));
+        return Err(CliError::data(e));
     }
     let st = session.dst.stats();
-    eprintln!(
-        "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; return path: {}",
-        received.get(),
-        st.page,
-        st.zero,
-        st.xbzrle,
-        st.compressed,
-        if rp_open { "SHUT sent" } else { "none" }
-    );
+    if !crate::progress::quiet() {
+        eprintln!(
+            "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; return path: {}",
+            received.get(),
+            st.page,
+            st.zero,
+            st.xbzrle,
+            st.compressed,
+            if rp_open { "SHUT sent" } else { "none" }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -287,8 +510,7 @@ mod tests {
     //! (tests/data) over loopback TCP and reads the return path.
 
     use super::*;
-    use std::io::Read;
-    use std::path::PathBuf;
+    use serde_json::Value;
 
     fn capture(name: &str) -> Vec<u8> {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -312,7 +534,7 @@ mod tests {
         layout: Layout,
         tag: &str,
         close_after: bool,
-    ) -> (ExitCode, Value, Vec<u8>, PathBuf) {
+    ) -> (u8, Value, Vec<u8>, PathBuf) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let src = std::thread::spawn(move || {
@@ -329,7 +551,11 @@ mod tests {
         });
         let out = tmpdir(tag);
         let save = out.with_extension("saved");
-        let code = receive(listener, &out, layout, Some(&save), "test").unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        let code = match receive(Listener::Tcp(listener), &out, layout, Some(&save), "test") {
+            Ok(_) => 0,
+            Err(e) => e.exit_code(),
+        };
         let rp = src.join().unwrap();
         let m: Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
@@ -341,7 +567,7 @@ mod tests {
     fn return_path_gets_pong_and_shut_while_the_socket_stays_open() {
         let stream = capture("q10-return-path");
         let (code, m, rp, save) = run_with(stream.clone(), Layout::Adopt, "rp", false);
-        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(code, 0);
         assert_eq!(m["complete"], true);
         assert_eq!(m["return_path"], true);
         assert_eq!(m["applied_up_to"], stream.len() as u64);
@@ -366,7 +592,7 @@ mod tests {
         let stream = capture("q10-return-path");
         let cut = stream.len() / 2;
         let (code, m, rp, _) = run_with(stream[..cut].to_vec(), Layout::Adopt, "cut", true);
-        assert_ne!(code, ExitCode::SUCCESS);
+        assert_ne!(code, 0);
         assert_eq!(m["complete"], false);
         assert!(m["error_offset"].as_u64().is_some_and(|o| o <= cut as u64));
         assert!(m["applied_up_to"].as_u64().is_some_and(|o| o <= cut as u64));
@@ -382,16 +608,26 @@ mod tests {
         let stream = capture("q10-stopped");
         let layout = Layout::Fixed(vec![LocalBlock::fixed("pc.ram", 1 << 20)]);
         let (code, m, _, _) = run_with(stream, layout, "layout", true);
-        assert_ne!(code, ExitCode::SUCCESS);
+        assert_ne!(code, 0);
         let err = m["error"].as_str().unwrap();
         assert!(err.contains("pc.ram") && err.contains("offset"), "{err}");
     }
 
     #[test]
-    fn listen_address_is_checked() {
-        assert!(parse_listen("tcp:127.0.0.1:4444").is_ok());
-        assert!(parse_listen("tcp:[::1]:4444").is_ok());
-        assert!(parse_listen("unix:/x").is_err());
-        assert!(parse_listen("tcp:127.0.0.1").is_err());
+    fn file_uri_is_received_without_return_path() {
+        let stream = capture("q10-stopped");
+        let dir = tmpdir("file");
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.stream");
+        std::fs::write(&input, &stream).unwrap();
+        let out = dir.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let uri = MigUri::File(input);
+        let l = Listener::open(&uri).unwrap();
+        receive(l, &out, Layout::Adopt, None, &uri.to_string()).unwrap();
+        let m = Manifest::read(&out).unwrap();
+        assert!(m.complete);
+        assert!(!m.recv.unwrap().return_path);
+        assert_eq!(m.applied_up_to, Some(stream.len() as u64));
     }
 }

@@ -4,15 +4,17 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run(path: &Path) -> Result<ExitCode, String> {
+use crate::error::{CliError, CliResult};
+
+pub fn run(path: &Path) -> CliResult {
     if !std::fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|e| CliError::io(path, "open", e))?
         .is_file()
     {
-        return Err(format!(
+        return Err(CliError::Usage(format!(
             "{}: roundtrip needs a regular file (it reads the input twice)",
             path.display()
-        ));
+        )));
     }
     let mut orig = BufReader::with_capacity(1 << 20, crate::input::open_input(path)?.0);
     let (mut rd, total) = crate::input::open_stream(path)?;
@@ -25,16 +27,20 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
-                println!("parse error: {e}");
-                return Ok(ExitCode::from(1));
+                pb.finish_and_clear();
+                return Err(CliError::wire(path, e));
             }
         };
         let (off, item) = (ri.offset, ri.item);
         out.clear();
         item.write(&mut out);
         want.resize(out.len(), 0);
-        orig.read_exact(&mut want)
-            .map_err(|e| format!("re-reading input at {off}: {e}"))?;
+        orig.read_exact(&mut want).map_err(|e| CliError::Io {
+            path: path.display().to_string(),
+            op: "re-read",
+            offset: Some(off),
+            source: e,
+        })?;
         if out != want {
             let i = out.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
             println!(
@@ -53,7 +59,11 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
     }
     pb.finish_and_clear();
     let mut extra = [0u8; 1];
-    if orig.read(&mut extra).map_err(|e| e.to_string())? != 0 {
+    if orig
+        .read(&mut extra)
+        .map_err(|e| CliError::io(path, "re-read", e))?
+        != 0
+    {
         println!(
             "difference: input has bytes after the last item at offset {}",
             rd.decoder().position()
