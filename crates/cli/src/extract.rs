@@ -398,8 +398,11 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
             apply_slice(&map, &mut s)
         }
         other => {
-            let (rd, total) = crate::input::reader_for(other, false, path)?;
-            apply_reader(rd, &mut s, total)
+            let rd = StreamReader::with_decoder(
+                SignalAware(other),
+                qmig_wire::Decoder::new(qmig_wire::Limits::default()),
+            );
+            apply_reader(rd, &mut s, 0)
         }
     };
     s.finish(result, None, &name)?;
@@ -418,6 +421,27 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
     }
     Ok(ExitCode::SUCCESS)
 }
+/// A pipe or decompressed input whose blocking reads give up when SIGINT
+/// or SIGTERM arrived (the stream reader retries plain `EINTR`).
+struct SignalAware<R>(R);
+
+impl<R: std::io::Read> std::io::Read for SignalAware<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                match crate::signals::pending() {
+                    Some(sig) => Err(std::io::Error::other(format!(
+                        "interrupted by {}",
+                        crate::error::signal_name(sig)
+                    ))),
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+}
+
 /// How much of a mapped input is applied before its pages are released.
 const RELEASE_STEP: u64 = 32 << 20;
 
@@ -465,8 +489,8 @@ fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), S
 }
 
 /// Applies every item read incrementally (pipes, gzip'd captures).
-fn apply_reader<M: Images>(
-    mut rd: StreamReader<crate::input::Input>,
+fn apply_reader<M: Images, R: std::io::Read>(
+    mut rd: StreamReader<R>,
     s: &mut Session<M>,
     total: u64,
 ) -> Result<(), StopError> {

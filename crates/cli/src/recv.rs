@@ -355,7 +355,9 @@ pub(crate) fn receive(
         )),
         None => None,
     };
-    eprintln!("qmig recv: listening on {}", listener.describe());
+    if matches!(listener, Listener::Tcp(_) | Listener::Unix(..)) {
+        eprintln!("qmig recv: listening on {}", listener.describe());
+    }
     let inc = listener.accept()?;
     drop(listener);
     // The directory is marked incomplete only now: a recv that never got a
