@@ -20,11 +20,25 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 SRC=/etc/apt/sources.list.d/backports.sources
-want_src='Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg'
+DEB822=/etc/apt/sources.list.d/debian.sources
+
+# The machine's own mirror: the first URI of the first deb822 stanza whose
+# Suites include bookworm (else the first `deb URI bookworm` line of
+# sources.list). No mirror host is named here.
+bookworm_uri() {
+    if [ -r "$DEB822" ]; then
+        awk '
+            function flush() { if (!done && uri != "" && has) { print uri; done = 1 } uri = ""; has = 0 }
+            /^[[:space:]]*$/ { flush(); next }
+            /^#/ { next }
+            tolower($1) == "uris:" { if (uri == "") uri = $2 }
+            tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == "bookworm") has = 1 }
+            END { flush() }
+        ' "$DEB822"
+    elif [ -r /etc/apt/sources.list ]; then
+        awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }' /etc/apt/sources.list
+    fi
+}
 
 updated=0
 apt_update() {
@@ -36,8 +50,14 @@ apt_update() {
 }
 
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    log "adding bookworm-backports to $SRC"
-    printf '%s\n' "$want_src" > "$SRC"
+    uri="$(bookworm_uri)"
+    if [ -z "$uri" ]; then
+        echo "install-qemu.sh: no bookworm entry in $DEB822 or /etc/apt/sources.list to take the mirror from" >&2
+        exit 1
+    fi
+    log "adding bookworm-backports (on $uri) to $SRC"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$uri" > "$SRC"
     apt_update
 fi
 
