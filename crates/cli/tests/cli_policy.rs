@@ -868,3 +868,61 @@ fn completions_and_man_page() {
     assert_eq!(rc, 0);
     assert!(out.contains("Exit status") && out.contains("130"), "{out}");
 }
+
+/// Ctrl-C during recv: exit 130, the manifest says interrupted and how far
+/// it got, and the cut-off device-state.bin is removed.
+#[test]
+fn interrupted_recv_removes_device_state() {
+    let dir = scratch("recv-int");
+    let bytes = std::fs::read(capture("q10-stopped")).unwrap();
+    let sock = dir.join("recv.sock");
+    let out = dir.join("out");
+    let mut child = qmig()
+        .args(["recv", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("-o")
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if t0.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("recv never listened: {e}"),
+        }
+    };
+    let half = bytes.len() / 2;
+    s.write_all(&bytes[..half]).unwrap();
+    // Wait until recv has applied what it got (it then blocks on the socket).
+    let t0 = Instant::now();
+    while !out.join("pc.ram.img").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "recv never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill with a valid pid of our own child and a valid signal.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(st.code(), Some(143), "{err}");
+    assert!(err.contains("qmig: recv: interrupted by SIGTERM"), "{err}");
+    let m = manifest(&out);
+    assert_eq!(m["complete"], false);
+    assert_eq!(m["interrupted"], true);
+    let applied = m["applied_up_to"].as_u64().unwrap();
+    assert!(applied > 0 && applied <= half as u64, "{applied}");
+    assert!(m["device_state"].is_null(), "{m}");
+    assert!(!out.join("device-state.bin").exists());
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
