@@ -73,8 +73,8 @@ enum Cmd {
     /// Receive a live precopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
     Recv {
-        /// Where the migration comes from: tcp:HOST:PORT, tcp::PORT, tcp:[IPv6]:PORT,
-        /// unix:PATH (listen), file:PATH (read) or exec:CMD (read its stdout).
+        /// Where the migration comes from: `tcp:HOST:PORT`, `tcp::PORT`, `tcp:[IPv6]:PORT`,
+        /// `unix:PATH` (listen), `file:PATH` (read) or `exec:CMD` (read its stdout).
         #[arg(long, value_name = "URI", value_parser = uri::MigUri::parse)]
         listen: uri::MigUri,
         /// Output directory (created if missing).

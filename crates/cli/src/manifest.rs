@@ -6,7 +6,7 @@
 //! directory, [`begin`] replaces any old manifest with one that says
 //! `"complete": false, "in_progress": true` (and removes the images the old
 //! manifest listed), so a directory is never described by a manifest of
-//! another run. The final manifest is written atomically ([`write`]); a run
+//! another run. The final manifest is written atomically ([`write()`]); a run
 //! stopped by a signal writes `"interrupted": true` and how far it got.
 
 use std::path::Path;

@@ -3,7 +3,7 @@
 //!
 //! The stream: the template's header and configuration, the `ram` START
 //! section (MEM_SIZE), PART sections of at most one rate-limit period's
-//! bytes each, [SWITCHOVER_START], the `ram` END section (the final pass),
+//! bytes each, \[SWITCHOVER_START\], the `ram` END section (the final pass),
 //! then the template's device sections, EOF and vmdesc, byte for byte.
 //!
 //! With `--passes N` (N > 1), a deterministic workload (seeded PRNG) changes
@@ -51,7 +51,7 @@ pub struct SendArgs {
     /// Stream whose header, configuration, device sections and vmdesc are reused.
     #[arg(long, value_name = "STREAM")]
     pub template: PathBuf,
-    /// Destination: tcp:HOST:PORT, tcp::PORT, tcp:[IPv6]:PORT, unix:PATH, file:PATH or exec:CMD.
+    /// Destination: `tcp:HOST:PORT`, `tcp::PORT`, `tcp:[IPv6]:PORT`, `unix:PATH`, `file:PATH` or `exec:CMD`.
     #[arg(long, value_name = "URI", value_parser = crate::uri::MigUri::parse)]
     pub to: MigUri,
     /// Use XBZRLE after the first pass.
