@@ -118,6 +118,37 @@ impl CliError {
         }
     }
 
+    /// The same error with `note` appended to its message (for a second
+    /// failure that must not replace the first one).
+    pub fn with_note(self, note: &str) -> Self {
+        match self {
+            CliError::Usage(m) => CliError::Usage(format!("{m}; also: {note}")),
+            CliError::Open(m) => CliError::Open(format!("{m}; also: {note}")),
+            CliError::Data { message, offset } => CliError::Data {
+                message: format!("{message}; also: {note}"),
+                offset,
+            },
+            CliError::Io {
+                path,
+                op,
+                offset,
+                source,
+            } => CliError::Io {
+                path,
+                op,
+                offset,
+                source: io::Error::new(source.kind(), format!("{source}; also: {note}")),
+            },
+            CliError::Interrupted { signal, detail } => CliError::Interrupted {
+                signal,
+                detail: Some(match detail {
+                    Some(d) => format!("{d}; also: {note}"),
+                    None => note.to_string(),
+                }),
+            },
+        }
+    }
+
     /// The exit code of the policy in the module documentation.
     pub fn exit_code(&self) -> u8 {
         match self {

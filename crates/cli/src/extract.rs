@@ -372,11 +372,9 @@ impl<M: Images> Session<M> {
         match (result, written) {
             (Ok(()), w) => w,
             (Err(e), Ok(())) => Err(e.into_cli(input, &self.outdir, at)),
-            (Err(e), Err(w)) => {
-                let first = e.into_cli(input, &self.outdir, at);
-                eprintln!("qmig: {}: also: {w}", self.writer);
-                Err(first)
-            }
+            (Err(e), Err(w)) => Err(e
+                .into_cli(input, &self.outdir, at)
+                .with_note(&format!("the manifest could not be updated: {w}"))),
         }
     }
 }
