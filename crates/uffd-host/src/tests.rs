@@ -95,6 +95,18 @@ fn probe_reports_anonymous_missing_faults() {
     };
     assert!(f.missing_anon);
     assert!(f.zeropage);
+    eprintln!(
+        "userfaultfd: {}",
+        if f.user_mode_only {
+            "user-mode-only faults (unprivileged)"
+        } else {
+            "all faults"
+        }
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(!f.user_mode_only, "root gets full userfaultfd");
+    }
     // Everything postcopy uses on this CI kernel (6.x).
     assert!(f.thread_id && f.missing_shmem, "{f:?}");
     assert!(f.raw & sys::FEATURE_THREAD_ID != 0);
