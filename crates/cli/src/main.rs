@@ -38,6 +38,7 @@ struct Cli {
 enum Cmd {
     /// Summarise a stream: header, machine, capabilities, sections, commands,
     /// RAM blocks and per-block record counts.
+    #[command(after_help = error::EXIT_CODES)]
     Inspect {
         /// The migration stream (e.g. written by `migrate file:PATH`).
         stream: PathBuf,
@@ -58,11 +59,13 @@ enum Cmd {
         return_path: Option<PathBuf>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
+    #[command(after_help = error::EXIT_CODES)]
     Roundtrip {
         /// The migration stream.
         stream: PathBuf,
     },
     /// Write the final content of every RAM block as a raw image, plus manifest.json.
+    #[command(after_help = error::EXIT_CODES)]
     Extract {
         /// The migration stream.
         stream: PathBuf,
@@ -72,6 +75,7 @@ enum Cmd {
     },
     /// Receive a live precopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
+    #[command(after_help = error::EXIT_CODES)]
     Recv {
         /// Where the migration comes from: `tcp:HOST:PORT`, `tcp::PORT`, `tcp:[IPv6]:PORT`,
         /// `unix:PATH` (listen), `file:PATH` (read) or `exec:CMD` (read its stdout).
@@ -90,9 +94,11 @@ enum Cmd {
     },
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
+    #[command(after_help = error::EXIT_CODES)]
     Send(send::SendArgs),
     /// Compare two streams record by record, ignoring how RAM is split into
     /// sections; exit 0 iff no difference.
+    #[command(after_help = error::EXIT_CODES)]
     Diff {
         /// First stream.
         a: PathBuf,

@@ -9,9 +9,9 @@
 //! vmdesc trailer), not by the socket closing: a source with a return path
 //! keeps the socket open until it gets SHUT.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -41,10 +41,11 @@ struct Tee {
     src: Box<dyn Read>,
     /// Whether `src` is a socket with a [`POLL`] read timeout.
     polled: bool,
-    save: Option<BufWriter<File>>,
+    save: Option<File>,
     received: Rc<Cell<u64>>,
     after_eof: Rc<Cell<Option<Instant>>>,
-    save_error: Rc<Cell<bool>>,
+    /// The first failed `--save` write: stream offset and OS error.
+    save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
 }
 
 /// The error a read returns when a signal arrived (not `Interrupted`, which
@@ -80,11 +81,31 @@ impl Read for Tee {
                 Err(e) => return Err(e),
             }
         };
-        self.received.set(self.received.get() + n as u64);
+        let at = self.received.get();
+        self.received.set(at + n as u64);
         if let Some(s) = &mut self.save {
-            if s.write_all(&buf[..n]).is_err() {
-                self.save_error.set(true);
-                self.save = None;
+            // Unbuffered (reads are large), so a failure names its offset.
+            let mut done = 0;
+            while done < n {
+                match s.write(&buf[done..n]) {
+                    Ok(0) => {
+                        let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                        self.save_error
+                            .borrow_mut()
+                            .get_or_insert((at + done as u64, e));
+                        self.save = None;
+                        break;
+                    }
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.save_error
+                            .borrow_mut()
+                            .get_or_insert((at + done as u64, e));
+                        self.save = None;
+                        break;
+                    }
+                }
             }
         }
         Ok(n)
@@ -349,10 +370,7 @@ pub(crate) fn receive(
 ) -> CliResult {
     let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
-        Some(p) => Some(BufWriter::with_capacity(
-            1 << 20,
-            File::create(p).map_err(|e| CliError::io(p, "create", e))?,
-        )),
+        Some(p) => Some(File::create(p).map_err(|e| CliError::io(p, "create", e))?),
         None => None,
     };
     if matches!(listener, Listener::Tcp(_) | Listener::Unix(..)) {
@@ -376,7 +394,7 @@ pub(crate) fn receive(
     let mut rp_sock = rp;
     let received = Rc::new(Cell::new(0u64));
     let after_eof = Rc::new(Cell::new(None));
-    let save_error = Rc::new(Cell::new(false));
+    let save_error = Rc::new(RefCell::new(None));
     let tee = Tee {
         src,
         polled,
@@ -457,12 +475,7 @@ pub(crate) fn receive(
             rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
         }
     }
-    let mut tee = rd.into_inner();
-    if let Some(s) = &mut tee.save {
-        if s.flush().is_err() {
-            save_error.set(true);
-        }
-    }
+    let tee = rd.into_inner();
     drop(rp_sock);
     drop(tee);
     if let Some(mut c) = child {
@@ -480,12 +493,12 @@ pub(crate) fn receive(
         saved_stream: save.map(|p| p.display().to_string()),
     };
     session.finish(result, Some(info), listen)?;
-    if save_error.get() {
+    if let Some((offset, source)) = save_error.borrow_mut().take() {
         return Err(CliError::Io {
             path: save.map(|p| p.display().to_string()).unwrap_or_default(),
-            op: "write (--save)",
-            offset: None,
-            source: std::io::Error::other("the capture is incomplete"),
+            op: "write (--save; the capture is incomplete)",
+            offset: Some(offset),
+            source,
         });
     }
     if let Some(e) = rp_error {

@@ -432,6 +432,18 @@ fn exit_codes_per_subcommand() {
         ),
         (
             vec![
+                "recv".into(),
+                "--listen".into(),
+                format!("file:{}", p(&good)),
+                "-o".into(),
+                p(&dir.join("r5")),
+                "--save".into(),
+                "/dev/full".into(),
+            ],
+            2,
+        ),
+        (
+            vec![
                 "send".into(),
                 "--ram".into(),
                 p(&ram),
