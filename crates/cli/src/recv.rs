@@ -1,13 +1,16 @@
 //! `qmig recv`: a live precopy destination for a real QEMU source.
 //!
-//! Listens on `tcp:HOST:PORT`, takes one incoming migration and applies it
-//! as it arrives with the same code as `qmig extract` (block images mapped in
-//! DIR, `device-state.bin`, `vmdesc.json`, `manifest.json`). If the source
-//! opens a return path it answers PINGs and, once the stream is complete, sends
-//! SHUT(0) (SHUT(1) after an error), which QEMU waits for before it reports
-//! `completed`. The end of the stream is found by the decoder (EOF, then the
-//! vmdesc trailer), not by the socket closing: a source with a return path
-//! keeps the socket open until it gets SHUT.
+//! Listens on `tcp:` or `unix:` (or reads a `file:` / an `exec:` command's
+//! output, like QEMU's `-incoming`), takes one incoming migration and
+//! applies it as it arrives with the same code as `qmig extract` (block
+//! images in DIR, `device-state.bin`, `vmdesc.json`, `manifest.json`). If the
+//! source opens a return path (sockets only) it answers PINGs and, once the
+//! stream is complete, sends SHUT(0) (SHUT(1) after an error), which QEMU
+//! waits for before it reports `completed`. The end of the stream is found by
+//! the decoder (EOF, then the vmdesc trailer), not by the socket closing: a
+//! source with a return path keeps the socket open until it gets SHUT.
+//! SIGINT/SIGTERM stop it between items (socket reads wake up to check), with
+//! an interrupted manifest and without the cut-off `device-state.bin`.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
