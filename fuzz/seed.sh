@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state; do
     mkdir -p "$here/corpus/$t"
 done
 # URIs and sizes as users write them.
@@ -18,13 +18,50 @@ for d in "$data"/*/; do
     n="$(basename "$d")"
     if [ -f "$d/stream" ]; then s="$d/stream"; else s=""; fi
     if [ -n "$s" ]; then
-        for t in parse_stream roundtrip ram_dst_ops; do
+        for t in parse_stream roundtrip ram_dst_ops recv_state; do
             head -c 65536 "$s" > "$here/corpus/$t/$n-head"
             # A stream's tail (device sections, EOF, vmdesc) behind a header.
             { head -c 8 "$s"; tail -c 32768 "$s"; } > "$here/corpus/$t/$n-tail"
         done
     fi
     if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
+done
+# vmstate_decode: per device of every capture with a vmdesc, a vmdesc naming
+# only that device, a NUL, and the device's payload (walked with the
+# description's lengths from the first FULL header of the first device).
+python3 - "$data" "$here/corpus/vmstate_decode" <<'PY'
+import glob, gzip, json, os, struct, sys
+data, out = sys.argv[1], sys.argv[2]
+def plen(s):
+    n = sum(f["size"] * f.get("array_len", 1) for f in s["fields"])
+    return n + sum(6 + len(x["vmsd_name"]) + plen(x) for x in s.get("subsections", []))
+for p in sorted(glob.glob(data + "/*/stream") + glob.glob(data + "/*/stream.gz")):
+    b = gzip.open(p).read() if p.endswith(".gz") else open(p, "rb").read()
+    j = b.rfind(b"\x00\x06")
+    if j < 0 or b[-1:] != b"}":
+        continue
+    try:
+        d = json.loads(b[j + 6:])
+    except ValueError:
+        continue
+    devs = d["devices"]
+    hdr = lambda v: bytes([len(v["name"])]) + v["name"].encode() + struct.pack(">I", v["instance_id"])
+    pos = b.find(hdr(devs[0])) - 5
+    name = os.path.basename(os.path.dirname(p))
+    for i, v in enumerate(devs):
+        if pos < 0 or b[pos] != 4:
+            break
+        start = pos + 5 + len(hdr(v)) + 4
+        end = start + plen(v)
+        one = json.dumps({"page_size": d.get("page_size"), "devices": [v]}).encode()
+        with open(f"{out}/{name}-{i}", "wb") as f:
+            f.write(one + b"\x00" + b[start:end])
+        pos = end + 5
+PY
+# libvirt save images: header, XML and the first bytes of each payload.
+for s in "$data"/libvirt-save/*.sav; do
+    [ -f "$s" ] || continue
+    head -c 70000 "$s" > "$here/corpus/container_open/$(basename "$s")-head"
 done
 # Committed regression inputs (fuzz crashes turned into tests).
 if [ -d "$here/regressions" ]; then

@@ -147,7 +147,8 @@ class Checker:
     def inspect_json(self):
         if self.reference:
             s = qemustream.Stream(qemustream.load(self.stream), decode=False)
-            return {"totals": dict(s.totals), "blocks": [s.blocks[n] for n in s.block_order]}
+            return {"totals": dict(s.totals), "blocks": [s.blocks[n] for n in s.block_order],
+                    "target_page_size": s.page_size}
         cmd = [self.qmig, "inspect", self.stream, "--json"]
         out = run(cmd, "inspect")
         j = self.parse_json(out, "inspect --json")
@@ -189,6 +190,12 @@ class Checker:
                 continue
             if got != want:
                 errs.append(f"{key}={got}, QEMU's query-migrate says {want}")
+        # Target page size (captures of other architectures record it): checked when
+        # the inspect output reports one at top level.
+        if "page_size" in self.oracle and "target_page_size" in j:
+            if j["target_page_size"] != self.oracle["page_size"]:
+                errs.append(f"target_page_size={j['target_page_size']}, QEMU's is "
+                            f"{self.oracle['page_size']}")
         blocks = j.get("blocks")
         if not isinstance(blocks, list):
             errs.append("no `blocks` array")

@@ -126,3 +126,31 @@ if [ -n "$missing" ]; then
 fi
 here="$(cd "$(dirname "$0")" && pwd)"
 QMIG_QEMU72_PREFIX="$PREFIX" "$here/qemu72" --version | head -1 | sed 's/^/[install-qemu] private QEMU: /' >&2
+
+# --- Other architectures (optional) --------------------------------------------------
+# The non-x86 captures of tests/data (arm, aarch64, ppc, ppc64, s390x, sparc, sparc64;
+# scripts/capture.py's "arch" scenarios) need QEMU 10 for those targets. They are only
+# installed when asked for (QMIG_EXTRA_ARCHES=1), to keep the CI install short.
+# qemu-system-arm: -arm, -aarch64; qemu-system-ppc: -ppc, -ppc64; qemu-system-s390x:
+# -s390x (in bookworm itself only inside qemu-system-misc); qemu-system-sparc: -sparc,
+# -sparc64.
+if [ "${QMIG_EXTRA_ARCHES:-0}" = 1 ]; then
+    extra=()
+    for pair in arm:qemu-system-arm aarch64:qemu-system-arm ppc:qemu-system-ppc \
+                ppc64:qemu-system-ppc s390x:qemu-system-s390x sparc:qemu-system-sparc \
+                sparc64:qemu-system-sparc; do
+        t="${pair%%:*}" p="${pair#*:}"
+        v="$("qemu-system-$t" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p' || true)"
+        if [ -z "$v" ] || [ "$v" -lt 10 ]; then
+            case " ${extra[*]-} " in *" $p "*) ;; *) extra+=("$p") ;; esac
+        fi
+    done
+    if [ "${#extra[@]}" -gt 0 ]; then
+        apt_update
+        log "installing ${extra[*]} (QMIG_EXTRA_ARCHES=1)"
+        apt-get install -y -q --no-install-recommends -t bookworm-backports "${extra[@]}"
+    fi
+    for t in arm aarch64 ppc ppc64 s390x sparc sparc64; do
+        log "qemu-system-$t: $("qemu-system-$t" --version | head -1)"
+    done
+fi

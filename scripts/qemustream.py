@@ -16,7 +16,8 @@ import json
 import struct
 import zlib
 
-PAGE = 4096
+PAGE = 4096          # default target page size; host page size for MEM_SIZE page sizes
+MIN_PAGE, MAX_PAGE = 1024, 65536
 F_ZERO, F_MEM_SIZE, F_PAGE, F_EOS, F_CONTINUE = 0x02, 0x04, 0x08, 0x10, 0x20
 F_XBZRLE, F_HOOK, F_COMPRESS, F_MULTIFD_FLUSH = 0x40, 0x80, 0x100, 0x200
 SEC_EOF, SEC_START, SEC_PART, SEC_END, SEC_FULL = 0, 1, 2, 3, 4
@@ -107,9 +108,17 @@ def xbzrle_decode(enc, page):
 class Stream:
     """Parsed view of a migration stream."""
 
-    def __init__(self, data, decode=True):
+    def __init__(self, data, decode=True, page_size=None):
+        """page_size: target page size override (bytes). Without it the page size comes
+        from the configuration's target-page-bits, else the vmdesc "page_size", else
+        4096 (self.page_size_source says which)."""
         self.data = data
         self.decode = decode
+        self.page_size_override = page_size
+        self.page_size = None
+        self.page_size_source = None
+        self.footers = None         # True/False once a live section was read
+        self.live = {}              # idstr -> per-section summary of non-RAM live sections
         self.machine = None
         self.config_subsections = []
         self.commands = []          # (name, payload-summary) in order, nested included
@@ -136,8 +145,45 @@ class Stream:
         v = r.u32()
         if v != 3:
             raise StreamError(f"unsupported version {v}")
+        # The vmdesc (precopy) ends the stream: find it first, for its page_size.
+        self.find_vmdesc(0)
         self.walk(r, top=True)
-        self.find_vmdesc()
+
+    def resolve_page_size(self):
+        """Target page size, in QEMU's order of authority (see __init__)."""
+        if self.page_size is not None:
+            return self.page_size
+        bits = [p for n, _, p in self.config_subsections
+                if n == "configuration/target-page-bits"]
+        if self.page_size_override:
+            ps, src = self.page_size_override, "override"
+        elif bits:
+            ps, src = 1 << bits[0], "configuration/target-page-bits"
+        elif self.vmdesc is not None and "page_size" in self.vmdesc:
+            ps, src = self.vmdesc["page_size"], "vmdesc page_size"
+        else:
+            ps, src = PAGE, "default 4096"
+        if ps < MIN_PAGE or ps > MAX_PAGE or ps & (ps - 1):
+            raise StreamError(f"target page size {ps} ({src}) not a power of two in "
+                              f"[{MIN_PAGE}, {MAX_PAGE}]")
+        self.page_size, self.page_size_source = ps, src
+        return ps
+
+    def footer(self, r, sid):
+        """Optional section footer (0x7E + be32 id): absent on machine types with
+        send-section-footer off. After a live section's payload the next byte is either
+        the footer or the next section type (< 0x7E), so this is unambiguous."""
+        if r.p < r.end and r.d[r.p] == SEC_FOOTER:
+            r.u8()
+            got = r.u32()
+            if got != sid:
+                raise StreamError(f"section footer for {got} after section {sid} at {r.p - 5}")
+            has = True
+        else:
+            has = False
+        if self.footers is not None and self.footers != has:
+            raise StreamError(f"footers on some sections but not others (at {r.p})")
+        self.footers = has
 
     def walk(self, r, top):
         while not r.at_end():
@@ -170,11 +216,13 @@ class Stream:
                     self.section_ids[sid] = (idstr, inst, ver)
                 idstr = self.section_ids.get(sid, ("?",))[0]
                 self.sections.append((t, sid, idstr))
-                if idstr != "ram":
+                if idstr == "ram":
+                    self.ram_section(r, t == SEC_START)
+                elif idstr in LIVE_DECODERS:
+                    LIVE_DECODERS[idstr](self, r, t)
+                else:
                     raise StreamError(f"live section {idstr!r} not supported at {start}")
-                self.ram_section(r, t == SEC_START)
-                if r.u8() != SEC_FOOTER or r.u32() != sid:
-                    raise StreamError(f"bad section footer at {r.p}")
+                self.footer(r, sid)
             elif t == SEC_FULL:
                 sid = r.u32()
                 idstr = r.cstr()
@@ -265,6 +313,7 @@ class Stream:
 
     def ram_section(self, r, is_start):
         self.ram_section_count += 1
+        PAGE = self.resolve_page_size()  # noqa: N806 - the target page size here
         while True:
             hdr = r.u64()
             flags = hdr & (PAGE - 1)
@@ -356,10 +405,9 @@ class Stream:
                         raise StreamError("compressed page size")
                     img[addr:addr + PAGE] = page
 
-    def find_vmdesc(self):
+    def find_vmdesc(self, lo):
         """Locate `0x06 be32 len JSON` ending exactly at the end of the stream."""
         d = self.data
-        lo = self.stopped_at[1] if self.stopped_at else 0
         i = d.rfind(b"\x06", lo, len(d) - 5)
         while i >= lo:
             n = struct.unpack(">I", d[i + 1:i + 5])[0]
@@ -377,6 +425,12 @@ class Stream:
             "machine": self.machine,
             "config_subsections": self.config_subsections,
             "mem_size_total": self.mem_size_total,
+            "page_size": self.page_size,
+            "page_size_source": self.page_size_source,
+            "footers": self.footers,
+            "live_sections": {v[0]: {"section_id": k, "instance_id": v[1], "version": v[2]}
+                              for k, v in self.section_ids.items()},
+            "other_live": self.live,
             "ignore_shared": self.ignore_shared(),
             "mem_size_addrs": ({n: self.blocks[n]["addr"] for n in self.block_order}
                                if self.ignore_shared() else None),
@@ -393,6 +447,77 @@ class Stream:
                 "devices": len(self.vmdesc.get("devices", []))},
             "size": len(self.data),
         }
+
+
+def _live_summary(st, idstr, t, start, end):
+    d = st.live.setdefault(idstr, {"sections": 0, "payload_bytes": 0, "first_payloads": []})
+    d["sections"] += 1
+    d["payload_bytes"] += end - start
+    if len(d["first_payloads"]) < 4:
+        d["first_payloads"].append({"type": {1: "START", 2: "PART", 3: "END"}[t],
+                                    "hex": st.data[start:min(end, start + 48)].hex()})
+    return d
+
+
+def decode_spapr_htab(st, r, t):
+    """ppc64 pseries hash page table (QEMU hw/ppc/spapr.c htab_save_*): be32 header;
+    START: the header is htab_shift (log2 of the HPT size in bytes), or 0xFFFFFFFF when
+    there is no HPT, and nothing follows. PART/END: header 0, then chunks of be32 index,
+    be16 n_valid, be16 n_invalid, n_valid 16-byte HPTEs, ended by an all-zero chunk
+    header; or header 0xFFFFFFFF alone (no HPT)."""
+    start = r.p
+    hdr = r.u32()
+    chunks = valid = invalid = 0
+    if t != SEC_START and hdr != 0xFFFFFFFF:
+        if hdr != 0:
+            raise StreamError(f"spapr/htab: iteration header {hdr:#x} at {start}")
+        while True:
+            index, nv, ni = r.u32(), r.u16(), r.u16()
+            if index == 0 and nv == 0 and ni == 0:
+                break
+            r.take(16 * nv)
+            chunks += 1
+            valid += nv
+            invalid += ni
+    d = _live_summary(st, "spapr/htab", t, start, r.p)
+    if t == SEC_START:
+        d["htab_shift"] = hdr
+    for k, v in (("chunks", chunks), ("valid_hptes", valid), ("invalid_hptes", invalid)):
+        d[k] = d.get(k, 0) + v
+
+
+def decode_s390_stattrib(st, r, t):
+    """s390x storage attributes (CMMA; QEMU hw/s390x/s390-stattrib.c): be64 words whose
+    bits below the target page size are flags, above it a guest address: MORE (0x2) is
+    followed by be64 count and count attribute bytes (one per page from the address);
+    ERROR (0x4) is a failed source; DONE (0x8) marks the final state; EOS (0x1) ends the
+    section's payload."""
+    start = r.p
+    ps = st.resolve_page_size()
+    words = attrs = 0
+    while True:
+        v = r.u64()
+        words += 1
+        flags = v & (ps - 1)
+        if flags & 0x4:
+            raise StreamError(f"s390-storage_attributes: ERROR flag at {r.p - 8}")
+        if flags & ~0xF:
+            raise StreamError(f"s390-storage_attributes: flags {flags:#x} at {r.p - 8}")
+        if flags & 0x2:
+            n = r.u64()
+            r.take(n)
+            attrs += n
+        if flags & 0x1:
+            break
+    d = _live_summary(st, "s390-storage_attributes", t, start, r.p)
+    d["words"] = d.get("words", 0) + words
+    d["attribute_bytes"] = d.get("attribute_bytes", 0) + attrs
+
+
+# Decoders of non-RAM iterative sections, by idstr: fn(stream, reader, section_type)
+# consumes exactly the section's payload (up to, not including, the optional footer).
+LIVE_DECODERS = {"spapr/htab": decode_spapr_htab,
+                 "s390-storage_attributes": decode_s390_stattrib}
 
 
 def parse_return_path(data):
@@ -431,8 +556,9 @@ if __name__ == "__main__":
     ap.add_argument("stream")
     ap.add_argument("--rp", help="recorded return path")
     ap.add_argument("--extract", help="write block images into this directory")
+    ap.add_argument("--page-size", type=int, help="target page size override (bytes)")
     a = ap.parse_args()
-    s = Stream(load(a.stream), decode=bool(a.extract))
+    s = Stream(load(a.stream), decode=bool(a.extract), page_size=a.page_size)
     out = s.summary()
     if a.rp:
         msgs = parse_return_path(load(a.rp))

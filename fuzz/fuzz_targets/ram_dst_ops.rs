@@ -263,7 +263,7 @@ fuzz_target!(|data: &[u8]| {
         while let Some(a) = dst.poll_action() {
             if let qmig_ram_dst::Action::SendRecvBitmap { block } = a {
                 let mut out = Vec::new();
-                assert!(dst.recv_bitmap_reply(block, &mut out));
+                assert!(dst.recv_bitmap_reply(block, &mut out).expect("own block names are writable"));
                 let b = &dst.blocks()[block];
                 let pages = b.used_length() / dst.page_size();
                 let (name, bm, n) =

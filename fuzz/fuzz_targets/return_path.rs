@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         match m {
             Ok((off, m)) => {
                 assert_eq!(off as usize, out.len());
-                m.write(&mut out);
+                m.write(&mut out).expect("what parses is writable");
             }
             Err(e) => {
                 assert!(e.offset() <= data.len() as u64);

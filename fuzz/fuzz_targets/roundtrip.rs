@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
         match it {
             Ok((off, item)) => {
                 assert_eq!(off as usize, out.len());
-                item.write(&mut out);
+                item.write(&mut out).expect("what parses is writable");
             }
             Err(_) => break,
         }

@@ -32,7 +32,7 @@ fn parse_stream_and_roundtrip_regressions() {
                 match it {
                     Ok((off, item)) => {
                         assert_eq!(off as usize, out.len(), "{}", p.display());
-                        item.write(&mut out);
+                        item.write(&mut out).unwrap();
                     }
                     Err(e) => {
                         assert!(e.offset() <= data.len() as u64, "{}: {e}", p.display());
@@ -51,7 +51,7 @@ fn return_path_regressions() {
         let mut out = Vec::new();
         for m in ReturnPathReader::new(&data) {
             match m {
-                Ok((_, m)) => m.write(&mut out),
+                Ok((_, m)) => m.write(&mut out).expect("what parses is writable"),
                 Err(e) => {
                     assert!(e.offset() <= data.len() as u64, "{}: {e}", p.display());
                     break;

@@ -104,7 +104,7 @@ impl Normalizer {
                 },
             };
             self.bytes.clear();
-            item.write(&mut self.bytes);
+            item.write(&mut self.bytes)?;
             return Ok(Some(entry));
         }
         Ok(None)

@@ -20,7 +20,9 @@ use qmig_ram_dst::{
 use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
 
 use crate::error::{CliError, CliResult};
-use crate::manifest::{self, BlockEntry, DeviceSection, Manifest, RecordCounts, RecvInfo};
+use crate::manifest::{
+    self, BlockEntry, DeviceSection, Leniency, Manifest, RecordCounts, RecvInfo,
+};
 
 /// Why applying a stream stopped.
 #[derive(Debug)]
@@ -39,6 +41,14 @@ pub(crate) enum StopError {
         offset: u64,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The peer misbehaved (sent nothing, or read nothing on the return
+    /// path, for `--idle-timeout`).
+    Peer {
+        /// What the peer did, naming the option.
+        message: String,
+        /// Stream offset reached.
+        offset: u64,
     },
     /// SIGINT or SIGTERM.
     Interrupted(i32),
@@ -59,6 +69,7 @@ impl std::fmt::Display for StopError {
                 "{}: {op} at stream offset {offset}: {source}",
                 path.display()
             ),
+            StopError::Peer { message, .. } => write!(f, "{message}"),
             StopError::Interrupted(sig) => {
                 write!(f, "interrupted by {}", crate::error::signal_name(*sig))
             }
@@ -71,7 +82,7 @@ impl StopError {
         match self {
             StopError::Wire(e) => Some(e.offset()),
             StopError::Dst(e) => Some(e.offset()),
-            StopError::Io { offset, .. } => Some(*offset),
+            StopError::Io { offset, .. } | StopError::Peer { offset, .. } => Some(*offset),
             StopError::Interrupted(_) => None,
         }
     }
@@ -115,6 +126,10 @@ impl StopError {
                 offset: Some(offset),
                 source,
             },
+            StopError::Peer { message, offset } => CliError::Data {
+                message: format!("{input}: {message}; {detail}"),
+                offset: Some(offset),
+            },
             StopError::Interrupted(signal) => CliError::Interrupted {
                 signal,
                 detail: Some(format!(
@@ -125,11 +140,18 @@ impl StopError {
     }
 }
 
+/// How many device sections the manifest lists (the rest are counted): a
+/// stream of millions of sections must not grow the manifest without bound.
+const MAX_LISTED_SECTIONS: usize = 1000;
+
 /// Non-RAM bytes of the stream, written to `device-state.bin` as they pass.
 struct DeviceState {
     out: BufWriter<File>,
     bytes: u64,
+    /// The first [`MAX_LISTED_SECTIONS`] device sections, for the manifest.
     sections: Vec<DeviceSection>,
+    /// Device sections past those, only counted.
+    sections_omitted: u64,
     /// Inside a non-RAM section (header seen, footer not yet).
     in_section: bool,
     /// The RAM END section was seen and its footer not yet.
@@ -142,7 +164,8 @@ struct DeviceState {
 impl DeviceState {
     fn write_item(&mut self, item: &Item<'_>) -> std::io::Result<()> {
         self.scratch.clear();
-        item.write(&mut self.scratch);
+        item.write(&mut self.scratch)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         self.out.write_all(&self.scratch)?;
         self.bytes += self.scratch.len() as u64;
         Ok(())
@@ -169,6 +192,10 @@ impl DeviceState {
                     return Ok(());
                 }
                 self.in_section = true;
+                if self.sections.len() >= MAX_LISTED_SECTIONS {
+                    self.sections_omitted += 1;
+                    return self.write_item(item);
+                }
                 self.sections.push(DeviceSection {
                     kind: h.kind.name().to_string(),
                     section_id: h.section_id,
@@ -244,6 +271,7 @@ impl<M: Images> Session<M> {
                 out: BufWriter::with_capacity(1 << 16, f),
                 bytes: 0,
                 sections: Vec::new(),
+                sections_omitted: 0,
                 in_section: false,
                 ram_end_pending: false,
                 after_ram_end: false,
@@ -327,6 +355,7 @@ impl<M: Images> Session<M> {
             file: "device-state.bin".into(),
             bytes: self.device.bytes,
             sections: std::mem::take(&mut self.device.sections),
+            sections_omitted: self.device.sections_omitted,
         });
         if interrupted && crate::files::remove_if_present(&self.device_path).is_ok() {
             device_state = None;
@@ -357,6 +386,7 @@ impl<M: Images> Session<M> {
             error: err.map(|e| e.to_string()),
             error_offset: err.and_then(|e| e.offset()),
             nonzero_fill_pages: Some(st.nonzero_fill),
+            leniencies: Some(leniencies(&self.dst)),
             records: Some(RecordCounts {
                 zero: st.zero,
                 page: st.page,
@@ -379,8 +409,31 @@ impl<M: Images> Session<M> {
     }
 }
 
+/// The manifest's `leniencies`: what was accepted that QEMU 10's loader
+/// refuses, because the stream may come from an older QEMU (see
+/// [`qmig_ram_dst::Leniency`]). Empty when qmig was as strict as QEMU 10.
+pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Vec<Leniency> {
+    let machine = dst
+        .machine_version()
+        .map(|(a, b)| format!("QEMU {a}.{b}"))
+        .unwrap_or_else(|| "no versioned machine type".into());
+    dst.leniencies()
+        .iter()
+        .map(|l| match l {
+            qmig_ram_dst::Leniency::NonZeroFill => Leniency {
+                kind: "nonzero_zero_fill".into(),
+                records: dst.stats().nonzero_fill,
+                qemu_rule: "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0".into(),
+                why_accepted: format!("the stream may predate QEMU 8.2 ({machine}); applied as fills"),
+            },
+        })
+        .collect()
+}
+
 pub fn run(path: &Path, outdir: &Path) -> CliResult {
-    let (input, seekable) = crate::input::open_input(path)?;
+    let opened = crate::input::open(path)?;
+    let (input, seekable) = (opened.input, opened.seekable);
+    let consumed = opened.consumed;
     crate::files::output_dir(outdir)?;
     crate::signals::install();
     // Images written with combined pwrites: faster than faulting pages into
@@ -391,23 +444,24 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().
-        crate::input::Input::Plain(f) if seekable => {
-            let map = MappedInput::new(f).map_err(|e| CliError::io(path, "map", e))?;
-            apply_slice(&map, &mut s)
+        // (A raw libvirt image's stream starts at `base`.)
+        crate::input::Input::Plain { file, base } if seekable => {
+            let map = MappedInput::new(file).map_err(|e| CliError::io(path, "map", e))?;
+            apply_slice(&map, base, &mut s)
         }
         other => {
             let rd = StreamReader::with_decoder(
                 SignalAware(other),
                 qmig_wire::Decoder::new(qmig_wire::Limits::default()),
             );
-            apply_reader(rd, &mut s, 0)
+            apply_reader(rd, &mut s, 0, consumed)
         }
     };
     s.finish(result, None, &name)?;
     let fills = s.dst.stats().nonzero_fill;
     if fills > 0 {
         eprintln!(
-            "qmig: extract: note: {fills} ZERO records had a non-zero fill byte (applied as fills)"
+            "qmig: extract: note: {fills} ZERO records had a non-zero fill byte (applied as fills: leniency for QEMU < 8.2 streams; QEMU >= 8.2 refuses them)"
         );
     }
     if !crate::progress::quiet() {
@@ -444,8 +498,14 @@ impl<R: std::io::Read> std::io::Read for SignalAware<R> {
 const RELEASE_STEP: u64 = 32 << 20;
 
 /// Applies every item of a mapped stream.
-fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), StopError> {
+/// The stream starts at file offset `base` (0, or a raw libvirt image's payload).
+fn apply_slice<M: Images>(
+    map: &MappedInput,
+    base: u64,
+    s: &mut Session<M>,
+) -> Result<(), StopError> {
     let buf = map.as_slice();
+    let buf = buf.get(base as usize..).unwrap_or(&[]);
     let mut released = 0u64;
     let pb = crate::progress::bytes(buf.len() as u64, "extract");
     let mut rd = SliceReader::new(buf);
@@ -464,7 +524,7 @@ fn apply_slice<M: Images>(map: &MappedInput, s: &mut Session<M>) -> Result<(), S
             pb.set_position(offset);
             // Keep the resident set bounded: what is applied is not read again.
             if offset - released > RELEASE_STEP {
-                map.release_prefix(offset as usize);
+                map.release_prefix((base + offset) as usize);
                 released = offset;
             }
         }
@@ -491,8 +551,9 @@ fn apply_reader<M: Images, R: std::io::Read>(
     mut rd: StreamReader<R>,
     s: &mut Session<M>,
     total: u64,
+    consumed: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), StopError> {
-    let pb = crate::progress::bytes(total, "extract");
+    let pb = crate::progress::input(total, consumed, "extract");
     let mut n = 0u32;
     let r = loop {
         let ri = match rd.next_item() {

@@ -1,26 +1,43 @@
-//! Opening a stream file. Regular files get the vmdesc trailer located first
-//! (certain delimiting of the last device section); pipes, sockets and
-//! gzip'd captures (recognised by their magic) are read incrementally.
+//! Opening a stream argument: a regular file, a pipe or `-` (stdin), with
+//! whatever wraps the QEMU stream (whole-file gzip, bzip2, xz or zstd, a
+//! libvirt save image, nested) recognised by magic through `qmig-container`.
+//!
+//! A regular file whose QEMU stream is stored uncompressed (a plain capture,
+//! or a raw libvirt image) is read through the file itself, positioned at the
+//! stream's start: the vmdesc trailer is located first (certain delimiting of
+//! the last device section) and `extract` maps it. Everything else is read
+//! incrementally. Stream offsets are always relative to the QEMU stream.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use qmig_container::{Layer, Limits as ContainerLimits};
 use qmig_wire::{Decoder, Limits, StreamReader};
 
-/// A stream source: a plain file or pipe, or a gzip'd capture.
+/// A stream source, positioned at the first byte of the QEMU stream.
 pub enum Input {
-    /// Plain bytes.
-    Plain(File),
-    /// A gzip'd capture, decompressed on the fly (not seekable).
-    Gz(Box<flate2::read::GzDecoder<File>>),
+    /// A regular file holding the stream uncompressed from byte `base` on.
+    /// The file position is relative to the file, not to the stream
+    /// (`StreamReader::new_seekable` measures from the position it starts at).
+    Plain {
+        /// The file, positioned at `base` when opened.
+        file: File,
+        /// File offset of the QEMU stream (0, or a raw libvirt image's
+        /// payload offset).
+        base: u64,
+    },
+    /// A pipe, stdin or decompressed bytes (not seekable).
+    Stream(Box<dyn Read + Send>),
 }
 
 impl Read for Input {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Input::Plain(f) => f.read(buf),
-            Input::Gz(g) => g.read(buf),
+            Input::Plain { file, .. } => file.read(buf),
+            Input::Stream(r) => r.read(buf),
         }
     }
 }
@@ -28,31 +45,103 @@ impl Read for Input {
 impl Seek for Input {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
         match self {
-            Input::Plain(f) => f.seek(pos),
-            Input::Gz(_) => Err(io::Error::new(
+            Input::Plain { file, .. } => file.seek(pos),
+            Input::Stream(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "gzip input is not seekable",
+                "a pipe or compressed input is not seekable",
             )),
         }
     }
 }
 
-/// Opens the raw bytes of a stream, decompressing gzip'd captures.
+/// Counts the bytes read from the raw input (before decompression), for the
+/// progress counter.
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
+        Ok(k)
+    }
+}
+
+/// An opened stream argument.
+pub struct Opened {
+    /// The QEMU stream.
+    pub input: Input,
+    /// Whether `input` is a seekable regular file.
+    pub seekable: bool,
+    /// The containers around the stream, outermost first.
+    pub layers: Vec<Layer>,
+    /// Bytes consumed from the raw input so far (file or pipe, before
+    /// decompression).
+    pub consumed: Arc<AtomicU64>,
+}
+
+/// Whether `path` names stdin.
+pub fn is_stdin(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Whether `path` is a regular file (`-` is not).
+pub fn is_regular_file(path: &Path) -> bool {
+    !is_stdin(path) && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Opens a stream argument (`-` is stdin) and peels its containers off.
+pub fn open(path: &Path) -> Result<Opened, String> {
+    let err = |e: io::Error| format!("{}: {e}", path.display());
+    let consumed = Arc::new(AtomicU64::new(0));
+    let (raw, regular): (Box<dyn Read + Send>, bool) = if is_stdin(path) {
+        (Box::new(io::stdin()), false)
+    } else {
+        let f = File::open(path).map_err(err)?;
+        let regular = f.metadata().map_err(err)?.is_file();
+        (Box::new(f), regular)
+    };
+    let counted = Box::new(Counting {
+        inner: raw,
+        n: consumed.clone(),
+    });
+    let o = qmig_container::open(counted, &ContainerLimits::default()).map_err(|e| {
+        let e = if is_stdin(path) {
+            e
+        } else {
+            e.with_file(&path.display().to_string())
+        };
+        format!("{}: {e}", path.display())
+    })?;
+    if regular {
+        if let Some(base) = o.raw_offset() {
+            // Stored uncompressed: read the file itself from the stream's start.
+            let mut file = File::open(path).map_err(err)?;
+            file.seek(SeekFrom::Start(base)).map_err(err)?;
+            consumed.store(base, Ordering::Relaxed);
+            return Ok(Opened {
+                input: Input::Plain { file, base },
+                seekable: true,
+                layers: o.layers,
+                consumed,
+            });
+        }
+    }
+    Ok(Opened {
+        input: Input::Stream(o.reader),
+        seekable: false,
+        layers: o.layers,
+        consumed,
+    })
+}
+
+/// Opens the QEMU stream of `path` (see [`open`]).
 /// Returns the source and whether it is a seekable regular file.
 pub fn open_input(path: &Path) -> Result<(Input, bool), String> {
-    let err = |e: io::Error| format!("{}: {e}", path.display());
-    let mut f = File::open(path).map_err(err)?;
-    let meta = f.metadata().map_err(err)?;
-    if meta.is_file() {
-        let mut magic = [0u8; 2];
-        let n = f.read(&mut magic).map_err(err)?;
-        f.seek(SeekFrom::Start(0)).map_err(err)?;
-        if n == 2 && magic == [0x1f, 0x8b] {
-            return Ok((Input::Gz(Box::new(flate2::read::GzDecoder::new(f))), false));
-        }
-        return Ok((Input::Plain(f), true));
-    }
-    Ok((Input::Plain(f), false))
+    let o = open(path)?;
+    Ok((o.input, o.seekable))
 }
 
 /// Opens `path` for item-by-item reading; returns the reader and the input
@@ -62,21 +151,95 @@ pub fn open_stream(path: &Path) -> Result<(StreamReader<Input>, u64), String> {
     reader_for(input, seekable, path)
 }
 
-/// A reader over an opened input (see [`open_input`]).
+/// A reader over an opened input (see [`open_input`]), and the stream's size
+/// when known (else 0).
 pub fn reader_for(
     input: Input,
     seekable: bool,
     path: &Path,
 ) -> Result<(StreamReader<Input>, u64), String> {
-    if seekable {
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let r =
-            StreamReader::new_seekable(input).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok((r, len))
-    } else {
-        Ok((
-            StreamReader::with_decoder(input, Decoder::new(Limits::default())),
+    match input {
+        Input::Plain { ref file, base } if seekable => {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let r = StreamReader::new_seekable(input)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok((r, len.saturating_sub(base)))
+        }
+        other => Ok((
+            StreamReader::with_decoder(other, Decoder::new(Limits::default())),
             0,
-        ))
+        )),
     }
+}
+
+/// One line per container, for `inspect`'s text summary (empty for a plain
+/// stream).
+pub fn describe(layers: &[Layer]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut outermost = true;
+    for l in layers {
+        match l {
+            Layer::Compressed(c) => out.push(format!("container: {}-compressed", c.name())),
+            Layer::Libvirt(i) => {
+                let h = &i.header;
+                let whose = if outermost { "file" } else { "decompressed" };
+                let payload = match i.payload {
+                    Some(c) => format!("{}-compressed QEMU stream", c.name()),
+                    None => "QEMU stream".into(),
+                };
+                out.push(format!(
+                    "container: libvirt save image{}: version {}, {}, format {} ({}), was_running {}, \
+                     data_len {}, domain XML {} bytes, {}; {payload} starts at {whose} offset {}",
+                    if h.partial {
+                        " (PARTIAL: magic LibvirtQemudPart, libvirt never finished this save)"
+                    } else {
+                        ""
+                    },
+                    h.version,
+                    h.byte_order.name(),
+                    h.format.code(),
+                    h.format.name(),
+                    h.was_running,
+                    h.data_len,
+                    i.data.xml.len(),
+                    match &i.data.cookie {
+                        Some(c) => format!("cookie {} bytes", c.len()),
+                        None => "no cookie".into(),
+                    },
+                    i.payload_offset
+                ));
+            }
+        }
+        outermost = false;
+    }
+    out
+}
+
+/// The containers as JSON, outermost first.
+pub fn layers_json(layers: &[Layer]) -> serde_json::Value {
+    use serde_json::json;
+    layers
+        .iter()
+        .map(|l| match l {
+            Layer::Compressed(c) => json!({"kind": "compressed", "format": c.name()}),
+            Layer::Libvirt(i) => {
+                let h = &i.header;
+                json!({
+                    "kind": "libvirt",
+                    "partial": h.partial,
+                    "version": h.version,
+                    "byte_order": h.byte_order.name(),
+                    "format": h.format.name(),
+                    "format_code": h.format.code(),
+                    "was_running": h.was_running,
+                    "data_len": h.data_len,
+                    "cookie_offset": h.cookie_offset,
+                    "xml_length": i.data.xml.len(),
+                    "cookie_length": i.data.cookie.as_ref().map(String::len),
+                    "payload_offset": i.payload_offset,
+                    "payload_compression": i.payload.map(|c| c.name()),
+                })
+            }
+        })
+        .collect()
 }

@@ -40,7 +40,8 @@ enum Cmd {
     /// RAM blocks and per-block record counts.
     #[command(after_help = error::EXIT_CODES)]
     Inspect {
-        /// The migration stream (e.g. written by `migrate file:PATH`).
+        /// The migration stream (e.g. written by `migrate file:PATH`), `-` for
+        /// stdin; gzip, bzip2, xz, zstd and libvirt save images are recognised.
         stream: PathBuf,
         /// Print one JSON object instead of text (with --records: one JSON object per line).
         #[arg(long)]
@@ -57,6 +58,18 @@ enum Cmd {
         /// A captured return path (destination → source) to summarise too.
         #[arg(long, value_name = "FILE")]
         return_path: Option<PathBuf>,
+        /// Print the device state of every section, decoded field by field
+        /// from the vmdesc (like analyze-migration.py -d state).
+        #[arg(long, conflicts_with = "records")]
+        devices: bool,
+        /// Alone: print the vmdesc (like analyze-migration.py -d desc). With a
+        /// FILE (a bare vmdesc JSON or another capture of the same QEMU and
+        /// machine type): use its vmdesc instead of the stream's. Put STREAM first.
+        #[arg(long, value_name = "FILE", num_args = 0..=1)]
+        vmdesc: Option<Option<PathBuf>>,
+        /// Print the domain XML (and save cookie) of a libvirt save image instead.
+        #[arg(long, conflicts_with_all = ["json", "records", "return_path"])]
+        libvirt_xml: bool,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     #[command(after_help = error::EXIT_CODES)]
@@ -91,6 +104,10 @@ enum Cmd {
         /// Also record the whole incoming stream, byte for byte, in this file.
         #[arg(long, value_name = "STREAM")]
         save: Option<PathBuf>,
+        /// Give up when the source sends nothing, or does not read the return
+        /// path, for this many seconds (the manifest then says so).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        idle_timeout: u64,
     },
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
@@ -176,13 +193,21 @@ fn main() -> ExitCode {
             return_path,
             block,
             kind,
-        } => inspect::run(
-            &stream,
-            json,
-            records,
-            return_path.as_deref(),
-            &inspect::Filter { block, kind },
-        ),
+            devices,
+            vmdesc,
+            libvirt_xml,
+        } => match (devices, vmdesc) {
+            (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
+            (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
+            (false, None) => inspect::run(
+                &stream,
+                json,
+                records,
+                return_path.as_deref(),
+                libvirt_xml,
+                &inspect::Filter { block, kind },
+            ),
+        },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
         Cmd::Recv {
@@ -190,7 +215,14 @@ fn main() -> ExitCode {
             output,
             blocks,
             save,
-        } => recv::run(&listen, &output, blocks.as_deref(), save.as_deref()),
+            idle_timeout,
+        } => recv::run(
+            &listen,
+            &output,
+            blocks.as_deref(),
+            save.as_deref(),
+            std::time::Duration::from_secs(idle_timeout),
+        ),
         Cmd::Send(args) => send::run(&args),
         Cmd::Diff { a, b, records } => diff::run(&a, &b, records),
         Cmd::Completions { shell } => {

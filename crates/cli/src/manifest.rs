@@ -79,8 +79,26 @@ pub struct DeviceState {
     pub file: String,
     /// Bytes written to it.
     pub bytes: u64,
-    /// The sections it holds, in stream order.
+    /// The first 1000 sections it holds, in stream order.
     pub sections: Vec<DeviceSection>,
+    /// Sections past those, only counted (so a hostile stream of millions of
+    /// sections cannot grow the manifest without bound).
+    #[serde(default)]
+    pub sections_omitted: u64,
+}
+
+/// Something accepted that QEMU 10's loader refuses, because the stream may
+/// come from an older QEMU (see `qmig_ram_dst::Leniency`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Leniency {
+    /// What was accepted (`nonzero_zero_fill`).
+    pub kind: String,
+    /// How many records it concerned.
+    pub records: u64,
+    /// The QEMU rule that was relaxed (function and version).
+    pub qemu_rule: String,
+    /// Why qmig accepted it.
+    pub why_accepted: String,
 }
 
 /// What `recv` adds.
@@ -134,6 +152,10 @@ pub struct Manifest {
     /// ZERO records whose fill byte was not 0 (applied as fills).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonzero_fill_pages: Option<u64>,
+    /// What was accepted that QEMU 10 refuses (empty: as strict as QEMU 10).
+    /// Absent only in the in-progress marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leniencies: Option<Vec<Leniency>>,
     /// Records applied, per kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<RecordCounts>,

@@ -4,10 +4,11 @@
 //! counter instead of a bar.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressState, ProgressStyle};
 
 static QUIET: AtomicBool = AtomicBool::new(false);
 
@@ -51,6 +52,36 @@ pub fn bytes(total: u64, what: &str) -> ProgressBar {
         ));
         pb
     };
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Progress for reading an opened input: the byte bar of [`bytes`] when the
+/// stream's size is known (`total` > 0); otherwise (pipes, compressed input),
+/// when stderr is a terminal and `--quiet` was not given, a counter of the
+/// stream offset reached and of the bytes consumed from the input
+/// (`consumed`, before decompression).
+pub fn input(total: u64, consumed: Arc<AtomicU64>, what: &str) -> ProgressBar {
+    if total > 0 {
+        return bytes(total, what);
+    }
+    if !shown() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} stream {bytes}, input {input} read {binary_bytes_per_sec} [{elapsed}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+        .with_key(
+            "input",
+            move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{}", HumanBytes(consumed.load(Ordering::Relaxed)));
+            },
+        ),
+    );
+    pb.enable_steady_tick(Duration::from_millis(200));
     pb.set_message(what.to_string());
     pb
 }

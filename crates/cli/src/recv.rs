@@ -39,11 +39,16 @@ const POLL: Duration = Duration::from_millis(200);
 /// The incoming stream as the stream reader sees it: every byte read is
 /// also saved (`--save`); a socket read wakes up every [`POLL`] to look at
 /// the signal flag, and once EOF was decoded, [`AFTER_EOF_TIMEOUT`] without
-/// data counts as the end.
+/// data counts as the end. Before that, `idle` without data
+/// (`--idle-timeout`) is a `TimedOut` error naming the option.
 struct Tee {
     src: Box<dyn Read>,
     /// Whether `src` is a socket with a [`POLL`] read timeout.
     polled: bool,
+    /// `--idle-timeout` (sockets only).
+    idle: Duration,
+    /// When data last arrived (or the connection was accepted).
+    last_data: Instant,
     save: Option<File>,
     received: Rc<Cell<u64>>,
     after_eof: Rc<Cell<Option<Instant>>>,
@@ -73,17 +78,24 @@ impl Read for Tee {
                     if let Some(sig) = crate::signals::pending() {
                         return Err(interrupted_io(sig));
                     }
-                    if self
-                        .after_eof
-                        .get()
-                        .is_some_and(|t| t.elapsed() >= AFTER_EOF_TIMEOUT)
-                    {
-                        break 0;
+                    match self.after_eof.get() {
+                        Some(t) if t.elapsed() >= AFTER_EOF_TIMEOUT => break 0,
+                        None if self.polled && self.last_data.elapsed() >= self.idle => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "the source sent nothing for {} s (--idle-timeout)",
+                                    self.idle.as_secs_f64()
+                                ),
+                            ))
+                        }
+                        _ => {}
                     }
                 }
                 Err(e) => return Err(e),
             }
         };
+        self.last_data = Instant::now();
         let at = self.received.get();
         self.received.set(at + n as u64);
         if let Some(s) = &mut self.save {
@@ -214,7 +226,10 @@ impl Listener {
     }
 
     /// Waits for the migration, looking at the signal flag every [`POLL`].
-    fn accept(&self) -> Result<Incoming, CliError> {
+    /// Sockets get [`POLL`] as read timeout (the idle timeout is counted by
+    /// [`Tee`]) and `idle` as write timeout: a return path nobody reads
+    /// cannot stall the migration forever.
+    fn accept(&self, idle: Duration) -> Result<Incoming, CliError> {
         let wait = |e: std::io::Error| -> Result<(), CliError> {
             if e.kind() != std::io::ErrorKind::WouldBlock {
                 return Err(CliError::io(self.describe(), "accept", e));
@@ -241,6 +256,7 @@ impl Listener {
                 sock.set_nonblocking(false).map_err(|e| io("accept", e))?;
                 let _ = sock.set_nodelay(true);
                 sock.set_read_timeout(Some(POLL))
+                    .and_then(|()| sock.set_write_timeout(Some(idle)))
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
                 Ok(Incoming {
@@ -261,6 +277,7 @@ impl Listener {
                 };
                 sock.set_nonblocking(false).map_err(|e| io("accept", e))?;
                 sock.set_read_timeout(Some(POLL))
+                    .and_then(|()| sock.set_write_timeout(Some(idle)))
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
                 Ok(Incoming {
@@ -352,15 +369,21 @@ pub fn run(
     outdir: &Path,
     blocks: Option<&Path>,
     save: Option<&Path>,
+    idle: Duration,
 ) -> CliResult {
     let layout = match blocks {
         Some(p) => read_layout(p)?,
         None => Layout::Adopt,
     };
+    if idle.is_zero() {
+        return Err(CliError::Usage(
+            "--idle-timeout must be at least 1 second".into(),
+        ));
+    }
     crate::files::output_dir(outdir)?;
     let listener = Listener::open(listen)?;
     crate::signals::install();
-    receive(listener, outdir, layout, save, &listen.to_string())
+    receive(listener, outdir, layout, save, &listen.to_string(), idle)
 }
 
 /// Takes one migration from `listener` (see the module documentation).
@@ -370,6 +393,7 @@ pub(crate) fn receive(
     layout: Layout,
     save: Option<&Path>,
     listen: &str,
+    idle: Duration,
 ) -> CliResult {
     let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
@@ -379,7 +403,7 @@ pub(crate) fn receive(
     if matches!(listener, Listener::Tcp(_) | Listener::Unix(..)) {
         eprintln!("qmig recv: listening on {}", listener.describe());
     }
-    let inc = listener.accept()?;
+    let inc = listener.accept(idle)?;
     drop(listener);
     // The directory is marked incomplete only now: a recv that never got a
     // migration leaves an earlier result alone.
@@ -401,6 +425,8 @@ pub(crate) fn receive(
     let tee = Tee {
         src,
         polled,
+        idle,
+        last_data: Instant::now(),
         save: save_file,
         received: received.clone(),
         after_eof: after_eof.clone(),
@@ -411,6 +437,7 @@ pub(crate) fn receive(
     let started = Instant::now();
     let mut rp_open = false;
     let mut rp_error: Option<String> = None;
+    let mut rp_dead = false;
     let mut pending: Vec<Action> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0u32;
@@ -422,10 +449,19 @@ pub(crate) fn receive(
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
             Err(e) => {
-                break Err(match crate::signals::pending() {
-                    Some(sig) => StopError::Interrupted(sig),
-                    None => StopError::Wire(e),
-                })
+                break Err(match (crate::signals::pending(), e) {
+                    (Some(sig), _) => StopError::Interrupted(sig),
+                    // Only the idle timeout makes Tee return TimedOut.
+                    (None, qmig_wire::WireError::Io { offset, source })
+                        if source.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        StopError::Peer {
+                            message: source.to_string(),
+                            offset,
+                        }
+                    }
+                    (None, e) => StopError::Wire(e),
+                });
             }
         };
         n = n.wrapping_add(1);
@@ -448,33 +484,59 @@ pub(crate) fn receive(
         }
         for a in pending.drain(..) {
             out.clear();
+            // The state machine decides what QEMU would answer (bounded
+            // replies, nothing without a return path): fuzz target recv_state.
+            if let Err(e) = session.dst.reply(&a, &mut out) {
+                rp_error.get_or_insert(format!("return path: {e}"));
+            }
             match a {
                 Action::OpenReturnPath => rp_open = rp_sock.is_some(),
-                Action::Pong(v) if rp_open => RpMessage::Pong(v).write(&mut out),
-                Action::SendRecvBitmap { block } if rp_open => {
-                    session.dst.recv_bitmap_reply(block, &mut out);
-                }
-                Action::ResumeAck if rp_open => RpMessage::ResumeAck(1).write(&mut out),
                 Action::NonZeroFill { offset, fill, .. } => {
                     pb.suspend(|| eprintln!("qmig recv: note: offset {offset}: ZERO record with fill byte {fill:#04x}"));
                 }
                 _ => {}
             }
-            if let (false, Some(w)) = (out.is_empty(), rp_sock.as_mut()) {
+            if let (false, false, Some(w)) = (out.is_empty(), rp_dead, rp_sock.as_mut()) {
                 if let Err(e) = w.write_all(&out) {
-                    rp_error.get_or_insert(format!("return path: {e}"));
+                    let why = if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) {
+                        format!(
+                            "return path: the source read nothing for {} s (--idle-timeout)",
+                            idle.as_secs_f64()
+                        )
+                    } else {
+                        format!("return path: {e}")
+                    };
+                    rp_error.get_or_insert(why);
+                    rp_dead = true;
                 }
             }
+        }
+        if rp_dead {
+            // A peer that does not read its return path would stall every
+            // later reply: stop here, with the reason in the manifest.
+            let why = rp_error.clone().unwrap_or_default();
+            break Err(StopError::Peer {
+                message: why,
+                offset: rd.decoder().position(),
+            });
         }
         if last {
             break Ok(());
         }
     };
     pb.finish_and_clear();
-    if let (true, Some(w)) = (rp_open, rp_sock.as_mut()) {
+    if let (true, false, Some(w)) = (rp_open, rp_dead, rp_sock.as_mut()) {
         out.clear();
-        RpMessage::Shut(if result.is_ok() { 0 } else { 1 }).write(&mut out);
-        if let Err(e) = w.write_all(&out).and_then(|_| w.flush()) {
+        let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
+            .write(&mut out)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        if let Err(e) = written
+            .and_then(|()| w.write_all(&out))
+            .and_then(|_| w.flush())
+        {
             rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
         }
     }
@@ -570,7 +632,14 @@ mod tests {
         let out = tmpdir(tag);
         let save = out.with_extension("saved");
         std::fs::create_dir_all(&out).unwrap();
-        let code = match receive(Listener::Tcp(listener), &out, layout, Some(&save), "test") {
+        let code = match receive(
+            Listener::Tcp(listener),
+            &out,
+            layout,
+            Some(&save),
+            "test",
+            Duration::from_secs(60),
+        ) {
             Ok(_) => 0,
             Err(e) => e.exit_code(),
         };
@@ -642,7 +711,15 @@ mod tests {
         std::fs::create_dir_all(&out).unwrap();
         let uri = MigUri::File(input);
         let l = Listener::open(&uri).unwrap();
-        receive(l, &out, Layout::Adopt, None, &uri.to_string()).unwrap();
+        receive(
+            l,
+            &out,
+            Layout::Adopt,
+            None,
+            &uri.to_string(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let m = Manifest::read(&out).unwrap();
         assert!(m.complete);
         assert!(!m.recv.unwrap().return_path);

@@ -93,6 +93,11 @@ pub struct SendArgs {
     /// Print the counters (or the error) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Give up when a tcp: destination accepts no data, or does not close
+    /// the connection after the stream, for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
 }
 
 /// Where the stream goes.
@@ -107,7 +112,9 @@ enum Sink {
 const CONNECT_TRIES: u32 = 50;
 
 impl Sink {
-    fn open(uri: &MigUri) -> Result<Sink, CliError> {
+    /// Opens the destination. A socket gets `idle` as its read and write
+    /// timeout: a destination that stops reading cannot stall us forever.
+    fn open(uri: &MigUri, idle: Duration) -> Result<Sink, CliError> {
         let retry = |f: &mut dyn FnMut() -> std::io::Result<Sink>| {
             let mut last = None;
             for _ in 0..CONNECT_TRIES {
@@ -135,10 +142,17 @@ impl Sink {
                 retry(&mut || {
                     let s = TcpStream::connect(addr.as_str())?;
                     s.set_nodelay(true).ok();
+                    s.set_write_timeout(Some(idle))?;
+                    s.set_read_timeout(Some(idle))?;
                     Ok(Sink::Tcp(s))
                 })
             }
-            MigUri::Unix(p) => retry(&mut || Ok(Sink::Unix(UnixStream::connect(p)?))),
+            MigUri::Unix(p) => retry(&mut || {
+                let s = UnixStream::connect(p)?;
+                s.set_write_timeout(Some(idle))?;
+                s.set_read_timeout(Some(idle))?;
+                Ok(Sink::Unix(s))
+            }),
             MigUri::File(p) => Ok(Sink::File(
                 File::create(p).map_err(|e| CliError::io(p, "create", e))?,
             )),
@@ -200,6 +214,19 @@ impl Sink {
                         offset: Some(*sent),
                     })
                 }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(CliError::Data {
+                        message: format!(
+                            "{uri}: the destination accepted no data for the idle timeout (--idle-timeout) after {sent} bytes"
+                        ),
+                        offset: Some(*sent),
+                    })
+                }
                 Err(e) => {
                     return Err(CliError::Io {
                         path: uri.to_string(),
@@ -246,12 +273,12 @@ impl Sink {
 }
 
 /// QEMU closes its end once it has loaded the stream: waits for that.
+/// The read timeout is `--idle-timeout`, set at connect.
 fn wait_close(
-    mut s: impl Read + SetTimeout,
+    mut s: impl Read,
     refused: &dyn Fn(String) -> CliError,
     io: &dyn Fn(&'static str, std::io::Error) -> CliError,
 ) -> Result<(), CliError> {
-    s.timeout(Duration::from_secs(60));
     let mut buf = [0u8; 256];
     loop {
         match s.read(&mut buf) {
@@ -270,25 +297,18 @@ fn wait_close(
                     "the destination reset the connection at the end of the stream".into(),
                 ))
             }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(refused(
+                    "the destination did not close the connection within the idle timeout (--idle-timeout) after the stream".into(),
+                ))
+            }
             Err(e) => return Err(io("waiting for the destination to close", e)),
         }
-    }
-}
-
-/// A socket whose read timeout can be set.
-trait SetTimeout {
-    fn timeout(&mut self, d: Duration);
-}
-
-impl SetTimeout for TcpStream {
-    fn timeout(&mut self, d: Duration) {
-        self.set_read_timeout(Some(d)).ok();
-    }
-}
-
-impl SetTimeout for UnixStream {
-    fn timeout(&mut self, d: Duration) {
-        self.set_read_timeout(Some(d)).ok();
     }
 }
 
@@ -438,7 +458,10 @@ fn template_skeleton(path: &Path) -> Result<Vec<u8>, CliError> {
     while let Some(ri) = rd.next_item().map_err(|e| CliError::wire(path, e))? {
         match &ri.item {
             Item::Ram(r) if r.is_page() => {}
-            it => it.write(&mut out),
+            it => it.write(&mut out).map_err(|e| CliError::Data {
+                message: format!("{}: {e}", path.display()),
+                offset: Some(ri.offset),
+            })?,
         }
     }
     Ok(out)
@@ -601,7 +624,7 @@ pub fn run(a: &SendArgs) -> CliResult {
         MigUri::File(p) => Some(p.clone()),
         _ => None,
     };
-    let mut sink = Sink::open(&a.to)?;
+    let mut sink = Sink::open(&a.to, Duration::from_secs(a.idle_timeout))?;
     let mut pacer = Pacer {
         start: Instant::now(),
         sent: 0,
@@ -683,7 +706,8 @@ fn stream(
     let uri = &a.to;
 
     t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out);
+    t.begin_section(SectionKind::Start, &mut out)
+        .map_err(src_error)?;
     src.poll_setup(&mut out).map_err(src_error)?;
     t.end_section(&mut out);
     pacer.send(sink, &mut out, uri)?;
@@ -701,7 +725,8 @@ fn stream(
             }
         }
         loop {
-            t.begin_section(SectionKind::Part, &mut out);
+            t.begin_section(SectionKind::Part, &mut out)
+                .map_err(src_error)?;
             let p = src
                 .poll_iterate(&ram.images, budget, &mut out)
                 .map_err(src_error)?;
@@ -720,8 +745,9 @@ fn stream(
             eprintln!("qmig: pass {passes} (completion): workload changed {n} pages");
         }
     }
-    t.write_switchover(&mut out);
-    t.begin_section(SectionKind::End, &mut out);
+    t.write_switchover(&mut out).map_err(src_error)?;
+    t.begin_section(SectionKind::End, &mut out)
+        .map_err(src_error)?;
     src.poll_complete(&ram.images, &mut out)
         .map_err(src_error)?;
     t.end_section(&mut out);

@@ -68,16 +68,18 @@ fn generated_stream(pages: u64) -> Vec<u8> {
         Item::Footer(2),
     ];
     for i in &head {
-        i.write(&mut s);
+        i.write(&mut s).unwrap();
     }
     for chunk in (0..pages).collect::<Vec<_>>().chunks(256) {
-        Item::Section(SectionHeader::part(2)).write(&mut s);
+        Item::Section(SectionHeader::part(2)).write(&mut s).unwrap();
         for (k, &p) in chunk.iter().enumerate() {
             let block = (k == 0).then_some("pc.ram");
-            Item::Ram(RamRecord::page(p * PS, block, &page[(p % 16) as usize])).write(&mut s);
+            Item::Ram(RamRecord::page(p * PS, block, &page[(p % 16) as usize]))
+                .write(&mut s)
+                .unwrap();
         }
-        Item::Ram(RamRecord::eos()).write(&mut s);
-        Item::Footer(2).write(&mut s);
+        Item::Ram(RamRecord::eos()).write(&mut s).unwrap();
+        Item::Footer(2).write(&mut s).unwrap();
     }
     for i in [
         Item::Section(SectionHeader::end(2)),
@@ -85,7 +87,7 @@ fn generated_stream(pages: u64) -> Vec<u8> {
         Item::Footer(2),
         Item::Eof,
     ] {
-        i.write(&mut s);
+        i.write(&mut s).unwrap();
     }
     s
 }

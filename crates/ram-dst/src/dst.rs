@@ -9,7 +9,53 @@ use crate::memory::GuestMemory;
 use crate::RamDstError;
 
 /// Largest block page size accepted from a stream (1 GiB huge pages).
+/// With [`Placement::Apply`] no buffer of this size is ever allocated: target
+/// pages are applied as they arrive.
 pub const MAX_PAGE_SIZE: u64 = 1 << 30;
+
+/// Target page sizes QEMU targets use, as log2: 1 KiB (some Arm and
+/// MIPS configurations) to 64 KiB. `configuration/target-page-bits` outside
+/// this range is refused.
+pub const TARGET_PAGE_BITS: std::ops::RangeInclusive<u32> = 10..=16;
+
+/// Most target pages [`Layout::Adopt`] takes on, over all blocks: 2^27, i.e.
+/// 512 GiB of 4 KiB pages. Each target page costs two bits of bitmap (received,
+/// may-be-non-zero), so this keeps the bitmaps at most 32 MiB whatever the
+/// stream announces and touches (a few kilobytes of ZERO records spread over a
+/// huge block would otherwise bring every bitmap page into memory).
+pub const MAX_ADOPTED_PAGES: u64 = 1 << 27;
+
+/// Most blocks [`Layout::Adopt`] creates (each becomes an image file and two
+/// bitmaps); QEMU machines have a few dozen.
+pub const MAX_ADOPTED_BLOCKS: usize = 4096;
+
+/// The QEMU version a machine type name says the source is at least:
+/// `pc-i440fx-10.0`, `pc-q35-8.2`, `virt-9.1`, `pseries-8.2`,
+/// `s390x-ccw-virtio-7.2` → `(major, minor)`. Machine types carry the
+/// version of the QEMU release that introduced them, and a source only has
+/// machine types up to its own version. `None` for unversioned names
+/// (`microvm`, `isapc`, distribution-specific ones such as `pc-q35-rhel9.4.0`).
+pub fn machine_qemu_version(machine: &str) -> Option<(u32, u32)> {
+    let (_, ver) = machine.rsplit_once('-')?;
+    let (maj, min) = ver.split_once('.')?;
+    let num = |s: &str| {
+        (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    Some((num(maj)?, num(min)?))
+}
+
+/// A leniency of offline reading: something QEMU 10's loader refuses but
+/// qmig accepts, because the stream may come from an older QEMU that allowed
+/// it (the machine type does not prove otherwise). Reported in the
+/// manifest and by `inspect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leniency {
+    /// ZERO records with a non-zero fill byte were applied as fills
+    /// (QEMU ≥ 8.2 refuses them in `ram_load_precopy` / `ram_load_postcopy`).
+    NonZeroFill,
+}
 
 /// A RAM block the destination has before the stream starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +185,9 @@ impl std::fmt::Display for PostcopyState {
 pub enum Action {
     /// The source asked for a return path (OPEN_RETURN_PATH).
     OpenReturnPath,
-    /// Send a PONG with this value on the return path.
+    /// Send a PONG with this value on the return path (only after
+    /// OPEN_RETURN_PATH: a PING without one is refused, as QEMU's
+    /// `loadvm_process_command` does).
     Pong(u32),
     /// A ZERO record had a non-zero fill byte; it was applied as a fill
     /// (QEMU before 8.2 does the same; later versions refuse it).
@@ -177,12 +225,16 @@ pub enum Action {
     /// the guest on `Running`, tear down on `End`).
     PostcopyState(PostcopyState),
     /// The source asked for a block's received bitmap (RECV_BITMAP command):
-    /// answer with [`RamDst::recv_bitmap_reply`].
+    /// answer with [`RamDst::recv_bitmap_reply`]. Postcopy recovery only,
+    /// which this destination does not enter: not emitted today (RECV_BITMAP
+    /// is refused, as QEMU refuses it outside postcopy-recover).
     SendRecvBitmap {
         /// Block index.
         block: usize,
     },
     /// The source asked to resume postcopy (POSTCOPY_RESUME): send RESUME_ACK.
+    /// Postcopy recovery only: not emitted today (outside recovery QEMU
+    /// ignores POSTCOPY_RESUME, and so does this destination).
     ResumeAck,
     /// MEM_SIZE resized a block.
     BlockResized {
@@ -263,12 +315,12 @@ impl BlockState {
 
 /// A host page being assembled in postcopy mode.
 #[derive(Debug)]
-struct HostPage {
+pub(crate) struct HostPage {
     block: usize,
     start: u64,
     next: u64,
     all_zero: bool,
-    data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// The sans-IO RAM destination: feed it the items of a migration stream,
@@ -308,7 +360,12 @@ pub struct RamDst<M> {
     by_name: HashMap<String, usize>,
     current: Option<usize>,
     postcopy: PostcopyState,
-    host_page: Option<HostPage>,
+    /// OPEN_RETURN_PATH was received.
+    return_path: bool,
+    /// The QEMU version the machine type proves (configuration section).
+    machine_version: Option<(u32, u32)>,
+    leniencies: Vec<Leniency>,
+    pub(crate) host_page: Option<HostPage>,
     actions: VecDeque<Action>,
     stats: Stats,
     applied_to: u64,
@@ -326,6 +383,15 @@ impl<M: GuestMemory> RamDst<M> {
     /// multiples (or page size not a power of two), [`RamDstError::Memory`]
     /// when the memory cannot create a block.
     pub fn new(config: Config, mut memory: M) -> Result<Self, RamDstError> {
+        if !TARGET_PAGE_BITS.contains(&config.target_page_bits) {
+            return Err(RamDstError::BadSize {
+                offset: 0,
+                why: format!(
+                    "target page bits {} outside {TARGET_PAGE_BITS:?}",
+                    config.target_page_bits
+                ),
+            });
+        }
         let tps = 1u64 << config.target_page_bits;
         let mut blocks = Vec::new();
         let mut by_name = HashMap::new();
@@ -377,6 +443,9 @@ impl<M: GuestMemory> RamDst<M> {
             by_name,
             current: None,
             postcopy: PostcopyState::None,
+            return_path: false,
+            machine_version: None,
+            leniencies: Vec::new(),
             host_page: None,
             actions: VecDeque::new(),
             stats: Stats::default(),
@@ -446,21 +515,60 @@ impl<M: GuestMemory> RamDst<M> {
     /// Writes the return-path RECV_BITMAP message for block `index` (framed
     /// message, be64 size, little-endian bitmap, end marker) to `out`.
     /// Returns false for an unknown index.
-    pub fn recv_bitmap_reply(&self, index: usize, out: &mut Vec<u8>) -> bool {
+    ///
+    /// # Errors
+    /// As for [`write_recv_bitmap_reply`](crate::write_recv_bitmap_reply).
+    pub fn recv_bitmap_reply(&self, index: usize, out: &mut Vec<u8>) -> Result<bool, RamDstError> {
         match self.blocks.get(index) {
             Some(b) => {
-                write_recv_bitmap_reply(&b.name, &b.received, out);
-                true
+                write_recv_bitmap_reply(&b.name, &b.received, out)?;
+                Ok(true)
             }
-            None => false,
+            None => Ok(false),
         }
+    }
+
+    /// Writes to `out` the return-path message a destination sends for
+    /// `action`, if any: PONG once OPEN_RETURN_PATH was received; RECV_BITMAP
+    /// and RESUME_ACK (postcopy recovery only, never emitted today). Other
+    /// actions need no reply. Replies are bounded: a PONG is 8 bytes for a
+    /// 9-byte PING, and no reply grows with a size the input announces.
+    ///
+    /// # Errors
+    /// As for [`write_recv_bitmap_reply`](crate::write_recv_bitmap_reply).
+    pub fn reply(&self, action: &Action, out: &mut Vec<u8>) -> Result<(), RamDstError> {
+        if !self.return_path {
+            return Ok(());
+        }
+        match action {
+            Action::Pong(v) => qmig_wire::RpMessage::Pong(*v).write(out)?,
+            Action::SendRecvBitmap { block } => {
+                self.recv_bitmap_reply(*block, out)?;
+            }
+            Action::ResumeAck => qmig_wire::RpMessage::ResumeAck(1).write(out)?,
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Handles an item from [`qmig_wire::StreamReader`].
     ///
     /// # Errors
     /// As for [`RamDst::handle_item`].
+    /// The target page size is the decoder's (which may have it from the
+    /// vmdesc, the machine type or the records themselves rather than the
+    /// configuration section).
     pub fn handle_read_item(&mut self, ri: &ReadItem<'_>) -> Result<(), RamDstError> {
+        if let Item::Ram(_) = ri.item {
+            let bits = ri.decoder.ram_context().page_bits;
+            if bits != self.page_bits && !self.stopped {
+                if let Err(e) = self.handle_configuration(ri.offset, Some(bits)) {
+                    self.stopped = true;
+                    self.applied_to = ri.offset;
+                    return Err(e);
+                }
+            }
+        }
         self.handle_item(ri.offset, ri.len, &ri.item)
     }
 
@@ -483,7 +591,11 @@ impl<M: GuestMemory> RamDst<M> {
             });
         }
         let r = match item {
-            Item::Configuration(c) => self.handle_configuration(offset, c.target_page_bits()),
+            Item::Configuration(c) => {
+                self.machine_version = machine_qemu_version(c.machine);
+                self.handle_configuration(offset, c.target_page_bits())
+            }
+            Item::Section(h) => self.handle_section(offset, h),
             Item::Ram(rec) => self.handle_record(offset, rec),
             Item::Command(c) => self.handle_command(offset, c),
             Item::Eof => self.handle_eof(offset),
@@ -502,12 +614,75 @@ impl<M: GuestMemory> RamDst<M> {
         }
     }
 
+    /// The checks QEMU makes on the RAM section's header: `ram` exists only
+    /// as instance 0 (`qemu_loadvm_section_start_full` finds no other
+    /// instance) and is loaded only at version 4 (`ram_load`).
+    fn handle_section(
+        &mut self,
+        at: u64,
+        h: &qmig_wire::SectionHeader<'_>,
+    ) -> Result<(), RamDstError> {
+        let Some(id) = h.ident.filter(|i| i.idstr == "ram") else {
+            return Ok(());
+        };
+        if id.instance != 0 {
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function: "qemu_loadvm_section_start_full",
+                why: format!("unknown section instance \"ram\" {}", id.instance),
+            });
+        }
+        if id.version != 4 {
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function: "ram_load",
+                why: format!("RAM section version {} (only 4 is loaded)", id.version),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the stream's machine type proves a source of at least `v`.
+    fn source_at_least(&self, v: (u32, u32)) -> bool {
+        self.machine_version.is_some_and(|m| m >= v)
+    }
+
+    /// A ZERO record's fill byte: 0, or (from a source that may predate
+    /// QEMU 8.2) a fill that is applied and reported as a leniency.
+    fn check_fill(&mut self, at: u64, fill: u8, function: &'static str) -> Result<(), RamDstError> {
+        if fill != 0 && self.source_at_least((8, 2)) {
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function,
+                why: format!(
+                    "ZERO record with fill byte {fill:#04x} (\"Found a zero page with value {fill}\"); \
+                     the machine type says QEMU >= 8.2, which sends only 0"
+                ),
+            });
+        }
+        if fill != 0 && !self.leniencies.contains(&Leniency::NonZeroFill) {
+            self.leniencies.push(Leniency::NonZeroFill);
+        }
+        Ok(())
+    }
+
+    /// What was accepted that QEMU 10's loader would refuse (see [`Leniency`]).
+    pub fn leniencies(&self) -> &[Leniency] {
+        &self.leniencies
+    }
+
+    /// The QEMU version the machine type proves, if it carries one
+    /// ([`machine_qemu_version`]).
+    pub fn machine_version(&self) -> Option<(u32, u32)> {
+        self.machine_version
+    }
+
     fn handle_configuration(&mut self, at: u64, bits: Option<u32>) -> Result<(), RamDstError> {
         let Some(bits) = bits else { return Ok(()) };
         if bits == self.page_bits {
             return Ok(());
         }
-        if self.adopt && self.blocks.is_empty() && (9..=30).contains(&bits) {
+        if self.adopt && self.blocks.is_empty() && qmig_wire::target_page::valid_page_bits(bits) {
             self.page_bits = bits;
             return Ok(());
         }
@@ -529,6 +704,7 @@ impl<M: GuestMemory> RamDst<M> {
         match &rec.body {
             RamBody::Zero { fill } => {
                 let (b, off) = self.resolve(at, rec)?;
+                self.check_fill(at, *fill, "ram_load_precopy")?;
                 let p = off / tps;
                 let blk = &mut self.blocks[b];
                 if *fill != 0 || blk.nonzero.get(p) {
@@ -587,6 +763,15 @@ impl<M: GuestMemory> RamDst<M> {
             }
             RamBody::Compressed(z) => {
                 let (b, off) = self.resolve(at, rec)?;
+                if self.source_at_least((9, 1)) {
+                    return Err(RamDstError::QemuRule {
+                        offset: at,
+                        function: "ram_load_precopy",
+                        why: "COMPRESS_PAGE record, but the machine type says QEMU >= 9.1, \
+                              which has no compression"
+                            .into(),
+                    });
+                }
                 if let Err(why) = self.inflate_page(z) {
                     return Err(RamDstError::Compressed {
                         offset: at,
@@ -710,12 +895,13 @@ impl<M: GuestMemory> RamDst<M> {
         let mut plans = Vec::new();
         let mut seen = HashSet::new();
         // Bytes all blocks take after this record (adopt mode's cap).
+        let listed: HashSet<&str> = list.iter().map(|m| m.name).collect();
         let mut after: u64 = self
             .blocks
             .iter()
-            .filter(|b| !list.iter().any(|m| m.name == b.name))
+            .filter(|b| !listed.contains(b.name.as_str()))
             .map(|b| b.used_length)
-            .sum();
+            .fold(0, u64::saturating_add);
         let advised = self.postcopy != PostcopyState::None;
         for mb in list {
             if !seen.insert(mb.name) {
@@ -735,7 +921,9 @@ impl<M: GuestMemory> RamDst<M> {
                 Some(&i) => {
                     let blk = &self.blocks[i];
                     if advised {
-                        let remote = mb.page_size.unwrap_or(self.host_page_size);
+                        // Absent: the block's page is the larger of the host
+                        // and target page (ram.c ram_load_precopy).
+                        let remote = mb.page_size.unwrap_or(self.host_page_size.max(tps));
                         if remote != blk.page_size {
                             return Err(RamDstError::PageSizeMismatch {
                                 offset: at,
@@ -766,7 +954,13 @@ impl<M: GuestMemory> RamDst<M> {
                     }
                 }
                 None if self.adopt => {
-                    let ps = mb.page_size.unwrap_or(self.host_page_size);
+                    if self.blocks.len() + plans.len() >= MAX_ADOPTED_BLOCKS {
+                        return Err(bad(format!(
+                            "more than {MAX_ADOPTED_BLOCKS} RAM blocks (at \"{}\")",
+                            mb.name
+                        )));
+                    }
+                    let ps = mb.page_size.unwrap_or(self.host_page_size.max(tps));
                     if !ps.is_power_of_two()
                         || ps < tps
                         || ps > MAX_PAGE_SIZE
@@ -790,6 +984,13 @@ impl<M: GuestMemory> RamDst<M> {
                     })
                 }
             }
+        }
+        if self.adopt && after / tps > MAX_ADOPTED_PAGES {
+            return Err(bad(format!(
+                "blocks would take {} target pages, more than the limit of {MAX_ADOPTED_PAGES} \
+                 (bitmap memory)",
+                after / tps
+            )));
         }
         if self.adopt && after > self.max_adopted_bytes {
             return Err(bad(format!(
@@ -852,8 +1053,20 @@ impl<M: GuestMemory> RamDst<M> {
             event,
         };
         match cmd {
-            Command::OpenReturnPath => self.actions.push_back(Action::OpenReturnPath),
-            Command::Ping(v) => self.actions.push_back(Action::Pong(*v)),
+            Command::OpenReturnPath => {
+                self.return_path = true;
+                self.actions.push_back(Action::OpenReturnPath)
+            }
+            Command::Ping(v) => {
+                if !self.return_path {
+                    return Err(RamDstError::QemuRule {
+                        offset: at,
+                        function: "loadvm_process_command",
+                        why: format!("PING {v:#x} with no return path open"),
+                    });
+                }
+                self.actions.push_back(Action::Pong(*v))
+            }
             Command::PostcopyAdvise(advise) => {
                 if state != S::None {
                     return Err(illegal("POSTCOPY_ADVISE"));
@@ -900,20 +1113,26 @@ impl<M: GuestMemory> RamDst<M> {
                 }
                 self.set_postcopy(S::Running);
             }
+            // Both belong to postcopy recovery, a state this destination
+            // never enters (a new main channel after a failure).
             Command::PostcopyResume => {
+                // QEMU's loadvm_postcopy_handle_resume reports a resume
+                // outside postcopy-recover and ignores it: no RESUME_ACK.
                 if !matches!(state, S::Listening | S::Running) {
                     return Err(illegal("POSTCOPY_RESUME"));
                 }
-                self.actions.push_back(Action::ResumeAck);
             }
             Command::RecvBitmap { block } => {
-                let Some(&i) = self.by_name.get(*block) else {
-                    return Err(RamDstError::UnknownBlock {
-                        offset: at,
-                        name: block.to_string(),
-                    });
-                };
-                self.actions.push_back(Action::SendRecvBitmap { block: i });
+                // QEMU's loadvm_handle_recv_bitmap fails the load outside
+                // postcopy-recover; answering would let a few bytes of input
+                // ask for gigabytes of bitmap on the return path.
+                return Err(RamDstError::QemuRule {
+                    offset: at,
+                    function: "loadvm_handle_recv_bitmap",
+                    why: format!(
+                        "RECV_BITMAP for \"{block}\" outside postcopy recovery (state {state:?})"
+                    ),
+                });
             }
             Command::Packaged { .. } | Command::SwitchoverStart => {}
             Command::EnableColo => {
@@ -940,7 +1159,15 @@ impl<M: GuestMemory> RamDst<M> {
         Ok(())
     }
 
-    /// POSTCOPY_RAM_DISCARD: every range is checked before any is applied.
+    /// POSTCOPY_RAM_DISCARD: every range is checked (aligned to the block's
+    /// page size, inside its used length) before any is applied.
+    ///
+    /// Range count: QEMU's source sends at most 12 ranges per command, but its
+    /// loader (`loadvm_postcopy_ram_handle_discard`) takes as many as the be16
+    /// command length holds (about 4000), and so does qmig. What keeps a
+    /// command cheap is the cost per range: the bitmaps are cleared a word at
+    /// a time over their non-zero words only, and memory is discarded only
+    /// where a page may hold data, so a range's cost does not grow with its length.
     fn discard(&mut self, at: u64, d: &qmig_wire::Discard<'_>) -> Result<(), RamDstError> {
         let Some(&b) = self.by_name.get(d.block) else {
             return Err(RamDstError::UnknownBlock {
@@ -971,14 +1198,15 @@ impl<M: GuestMemory> RamDst<M> {
         for r in &d.ranges {
             let (p, n) = (r.start / tps, r.len / tps);
             let blk = &mut self.blocks[b];
-            if blk.nonzero.any_in_range(p, n) {
+            // Word-at-a-time over the non-zero words only: a range's cost does
+            // not grow with its length (see PageBitmap).
+            if blk.nonzero.clear_range(p, n) {
                 self.memory
                     .discard(b, r.start, r.len)
                     .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                blk.nonzero.clear_range(p, n);
             }
             blk.received.clear_range(p, n);
-            self.stats.discarded_pages += n;
+            self.stats.discarded_pages = self.stats.discarded_pages.saturating_add(n);
         }
         Ok(())
     }
@@ -1010,7 +1238,9 @@ impl<M: GuestMemory> RamDst<M> {
                 self.check_page_len(at, d.len())?;
                 (0, Some(*d))
             }
-            RamBody::Eos | RamBody::MultifdFlush => return Ok(()),
+            RamBody::Eos => return Ok(()),
+            // ram_load_postcopy takes ZERO, PAGE and EOS only: MULTIFD_FLUSH,
+            // XBZRLE, COMPRESS_PAGE, MEM_SIZE and HOOK fail the load.
             _ => {
                 return Err(RamDstError::NotInPostcopy {
                     offset: at,
@@ -1026,9 +1256,23 @@ impl<M: GuestMemory> RamDst<M> {
             });
         }
         let (b, off) = self.resolve(at, rec)?;
+        self.check_fill(at, fill, "ram_load_postcopy")?;
         let tps = self.page_size();
         let hps = self.blocks[b].page_size;
         let within = off % hps;
+        if within == 0 && self.blocks[b].received.any_in_range(off / tps, hps / tps) {
+            // QEMU places each host page once (UFFDIO_COPY); a page already
+            // present (received and not discarded) fails with EEXIST, which
+            // postcopy_place_page treats as fatal.
+            return Err(RamDstError::QemuRule {
+                offset: at,
+                function: "postcopy_place_page",
+                why: format!(
+                    "host page {off:#x} of \"{}\" is already present (received before and not discarded)",
+                    self.blocks[b].name
+                ),
+            });
+        }
         let order = |why: &str| RamDstError::PostcopyOrder {
             offset: at,
             block: self.blocks[b].name.clone(),
@@ -1048,6 +1292,33 @@ impl<M: GuestMemory> RamDst<M> {
             }
             _ => {}
         }
+        if self.placement == Placement::Apply {
+            // Replay: no atomicity to keep, so each target page goes straight
+            // to memory and no host-page buffer (up to 1 GiB) is needed.
+            // Received bits are still set only when the host page is complete.
+            let p = off / tps;
+            match data {
+                Some(d) => {
+                    self.memory
+                        .write(b, off, d)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
+                    self.blocks[b].nonzero.set(p);
+                }
+                None if fill != 0 || self.blocks[b].nonzero.get(p) => {
+                    self.memory
+                        .bytes_mut(b, off, tps as usize)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?
+                        .fill(fill);
+                    if fill == 0 {
+                        self.blocks[b].nonzero.clear(p);
+                    } else {
+                        self.blocks[b].nonzero.set(p);
+                    }
+                }
+                None => {}
+            }
+        }
+        let emit = self.placement == Placement::Emit;
         let hp = self.host_page.get_or_insert_with(|| HostPage {
             block: b,
             start: off,
@@ -1057,11 +1328,15 @@ impl<M: GuestMemory> RamDst<M> {
         });
         match data {
             Some(d) => {
-                hp.data.extend_from_slice(d);
+                if emit {
+                    hp.data.extend_from_slice(d);
+                }
                 hp.all_zero = false;
             }
             None => {
-                hp.data.resize(hp.data.len() + tps as usize, fill);
+                if emit {
+                    hp.data.resize(hp.data.len() + tps as usize, fill);
+                }
                 if fill != 0 {
                     hp.all_zero = false;
                     self.stats.nonzero_fill += 1;
@@ -1089,28 +1364,14 @@ impl<M: GuestMemory> RamDst<M> {
         Ok(())
     }
 
-    fn place(&mut self, at: u64, hp: HostPage) -> Result<(), RamDstError> {
+    fn place(&mut self, _at: u64, hp: HostPage) -> Result<(), RamDstError> {
         let tps = self.page_size();
-        let len = hp.data.len() as u64;
+        let len = hp.next - hp.start;
         let (p, n) = (hp.start / tps, len / tps);
         let b = hp.block;
         match self.placement {
-            Placement::Apply => {
-                let blk = &mut self.blocks[b];
-                if hp.all_zero {
-                    if blk.nonzero.any_in_range(p, n) {
-                        self.memory
-                            .discard(b, hp.start, len)
-                            .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                        blk.nonzero.clear_range(p, n);
-                    }
-                } else {
-                    self.memory
-                        .write(b, hp.start, &hp.data)
-                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
-                    blk.nonzero.set_range(p, n);
-                }
-            }
+            // The target pages were applied as they came (apply_postcopy).
+            Placement::Apply => {}
             Placement::Emit => {
                 let blk = &mut self.blocks[b];
                 if hp.all_zero {

@@ -126,7 +126,7 @@ pub enum RamDstError {
     },
     /// A record kind not allowed once the destination listens for postcopy pages.
     #[error(
-        "offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed)"
+        "offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed; QEMU: ram_load_postcopy)"
     )]
     NotInPostcopy {
         /// Stream offset of the record.
@@ -173,6 +173,17 @@ pub enum RamDstError {
     /// A wire-level error while parsing a return-path message.
     #[error(transparent)]
     Wire(#[from] qmig_wire::WireError),
+    /// Something QEMU's loader refuses, named by the QEMU function whose
+    /// rule it is (e.g. `loadvm_handle_recv_bitmap`).
+    #[error("offset {offset}: {why} (QEMU: {function})")]
+    QemuRule {
+        /// Stream offset of the item.
+        offset: u64,
+        /// The QEMU function that makes the check.
+        function: &'static str,
+        /// What is wrong.
+        why: String,
+    },
     /// Input after an earlier error: the state machine stopped at `offset`.
     #[error("offset {offset}: the destination stopped after an earlier error")]
     Stopped {
@@ -200,6 +211,7 @@ impl RamDstError {
             | RamDstError::Unsupported { offset, .. }
             | RamDstError::Memory { offset, .. }
             | RamDstError::Bitmap { offset, .. }
+            | RamDstError::QemuRule { offset, .. }
             | RamDstError::Stopped { offset } => *offset,
             RamDstError::Wire(e) => e.offset(),
         }

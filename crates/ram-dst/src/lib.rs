@@ -22,6 +22,8 @@
 //! use qmig_wire::{Command, Item};
 //!
 //! let mut dst = RamDst::new(Config::default(), VecMemory::new())?;
+//! dst.handle_item(95, 5, &Item::Command(Command::OpenReturnPath))?;
+//! assert_eq!(dst.poll_action(), Some(Action::OpenReturnPath));
 //! dst.handle_item(100, 9, &Item::Command(Command::Ping(7)))?;
 //! assert_eq!(dst.poll_action(), Some(Action::Pong(7)));
 //! assert_eq!(dst.applied_up_to(), 109);
@@ -38,8 +40,9 @@ mod mmap;
 
 pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply, PageBitmap};
 pub use dst::{
-    Action, BlockState, Config, Layout, LocalBlock, Placement, PostcopyState, RamDst, Stats,
-    MAX_PAGE_SIZE,
+    machine_qemu_version, Action, BlockState, Config, Layout, Leniency, LocalBlock, Placement,
+    PostcopyState, RamDst, Stats, MAX_ADOPTED_BLOCKS, MAX_ADOPTED_PAGES, MAX_PAGE_SIZE,
+    TARGET_PAGE_BITS,
 };
 pub use error::RamDstError;
 pub use file::FileMemory;

@@ -639,6 +639,152 @@ fn discard_alignment_follows_the_block_page_size() {
     ));
 }
 
+/// Memory for blocks too big to allocate: accesses go to one scratch page,
+/// discards are counted.
+#[derive(Default)]
+struct CountingMemory {
+    scratch: Vec<u8>,
+    discards: u64,
+}
+
+impl GuestMemory for CountingMemory {
+    fn set_block_len(&mut self, _: usize, _: &str, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn bytes_mut(&mut self, _: usize, _: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        self.scratch.resize(len, 0);
+        Ok(&mut self.scratch)
+    }
+    fn discard(&mut self, _: usize, _: u64, _: u64) -> std::io::Result<()> {
+        self.discards += 1;
+        Ok(())
+    }
+}
+
+/// Issue 14, case 2: one POSTCOPY_RAM_DISCARD with 4000 ranges each over a
+/// whole 512 GiB block (the largest adopted; 4000 is what a be16 command
+/// length allows; QEMU's loader takes any count that fits, the source sends
+/// at most 12). Each range costs the non-zero words it touches, not its
+/// length: this returns at once instead of after minutes.
+#[test]
+fn discard_bomb_costs_the_words_it_touches() {
+    const BIG: u64 = MAX_ADOPTED_PAGES * PS;
+    let mut d = RamDst::new(Config::default(), CountingMemory::default()).unwrap();
+    d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", BIG)])))
+        .unwrap();
+    let a = [1u8; 4096];
+    for (i, off) in [0, BIG / 2, BIG - PS].into_iter().enumerate() {
+        d.handle_item(
+            10 + i as u64,
+            1,
+            &ram(RamRecord::page(off, Some("pc.ram"), &a)),
+        )
+        .unwrap();
+    }
+    d.handle_item(20, 1, &cmd(Command::PostcopyAdvise(None)))
+        .unwrap();
+    let ranges = vec![(0, BIG); 4000];
+    d.handle_item(30, 64_000, &discard("pc.ram", &ranges))
+        .unwrap();
+    assert_eq!(d.memory().discards, 1, "only the first range had data");
+    assert_eq!(d.blocks()[0].received().count_ones(), 0);
+    assert_eq!(d.stats().discarded_pages, 4000 * (BIG / PS));
+    // And a range past the end is still refused before anything is touched.
+    let e = d
+        .handle_item(70_000, 20, &discard("pc.ram", &[(0, PS), (BIG, PS)]))
+        .unwrap_err();
+    assert!(
+        matches!(e, RamDstError::Discard { offset: 70_000, .. }),
+        "{e}"
+    );
+}
+
+/// Issue 14, case 3: a 1 GiB host page in postcopy, replayed (Apply): the
+/// target pages go straight to memory, no host-page buffer is allocated, and
+/// the received bits appear only once the whole host page is in.
+#[test]
+fn gigabyte_host_page_is_applied_without_a_buffer() {
+    const GIB: u64 = 1 << 30;
+    let blk = LocalBlock {
+        page_size: GIB,
+        ..LocalBlock::fixed("huge", 2 * GIB)
+    };
+    let cfg = Config {
+        layout: Layout::Fixed(vec![blk]),
+        ..Config::default()
+    };
+    let mut d = RamDst::new(cfg, CountingMemory::default()).unwrap();
+    for (i, c) in [Command::PostcopyAdvise(None), Command::PostcopyListen]
+        .into_iter()
+        .enumerate()
+    {
+        d.handle_item(i as u64, 1, &cmd(c)).unwrap();
+    }
+    let a = [3u8; 4096];
+    let pages = GIB / PS;
+    for p in 0..pages {
+        let rec = if p == 5 {
+            RamRecord::page(GIB + p * PS, Some("huge"), &a)
+        } else {
+            RamRecord::zero(GIB + p * PS, (p == 0).then_some("huge"))
+        };
+        d.handle_item(10 + p, 1, &ram(rec)).unwrap();
+        if p == pages / 2 {
+            let hp = d.host_page.as_ref().unwrap();
+            assert_eq!(hp.data.capacity(), 0, "no assembly buffer in Apply mode");
+            assert_eq!(d.blocks()[0].received().count_ones(), 0);
+        }
+    }
+    assert!(d.host_page.is_none());
+    assert_eq!(d.blocks()[0].received().count_ones(), pages);
+    assert_eq!(d.stats().placed_host_pages, 1);
+}
+
+#[test]
+fn target_page_size_outside_qemus_range_is_refused() {
+    for bits in [9, 17, 30] {
+        let cfg = Config {
+            target_page_bits: bits,
+            ..Config::default()
+        };
+        assert!(
+            matches!(
+                RamDst::new(cfg, VecMemory::new()),
+                Err(RamDstError::BadSize { .. })
+            ),
+            "{bits}"
+        );
+    }
+    for bits in [10, 16] {
+        let cfg = Config {
+            target_page_bits: bits,
+            ..Config::default()
+        };
+        assert!(RamDst::new(cfg, VecMemory::new()).is_ok(), "{bits}");
+    }
+}
+
+#[test]
+fn adopted_block_count_is_capped() {
+    let mut d = adopt();
+    let names: Vec<String> = (0..MAX_ADOPTED_BLOCKS + 1)
+        .map(|i| format!("b{i}"))
+        .collect();
+    let mut at = 0;
+    for chunk in names.chunks(1000) {
+        let list: Vec<MemBlock<'_>> = chunk.iter().map(|n| mb(n, 0)).collect();
+        let r = feed(&mut d, at, ram(RamRecord::mem_size(list)));
+        at += 10;
+        if chunk.len() < 1000 {
+            let e = r.unwrap_err();
+            assert!(matches!(e, RamDstError::BadSize { .. }), "{e}");
+        } else {
+            r.unwrap();
+        }
+    }
+    assert_eq!(d.blocks().len(), 4000);
+}
+
 // ---- postcopy state machine ----------------------------------------------------------
 
 fn illegal(r: Result<(), RamDstError>, state: PostcopyState) {
@@ -871,8 +1017,12 @@ fn postcopy_apply_mode_writes_memory() {
     listening(&mut d);
     let a = [1u8; 4096];
     feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
-    assert_eq!(mem(&d)[0], 0, "not placed before the host page is complete");
+    // Replay applies target pages as they come (no host-page buffer), but the
+    // host page counts as received only once complete.
+    assert_eq!(&mem(&d)[..4096], &a[..]);
+    assert!(!d.blocks()[0].received().get(0));
     feed(&mut d, 20, ram(RamRecord::zero(PS, None))).unwrap();
+    assert!(d.blocks()[0].received().get(0) && d.blocks()[0].received().get(1));
     assert_eq!(&mem(&d)[..4096], &a[..]);
     assert!(mem(&d)[4096..].iter().all(|&x| x == 0));
 }
@@ -919,18 +1069,55 @@ fn postcopy_order_is_enforced() {
 }
 
 #[test]
-fn recv_bitmap_command_and_resume() {
-    let mut d = with_ram(4 * PS);
-    feed(&mut d, 1, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
-    assert_eq!(actions(&mut d), vec![Action::SendRecvBitmap { block: 0 }]);
-    assert!(matches!(
-        feed(&mut d, 2, cmd(Command::RecvBitmap { block: "x" })),
-        Err(RamDstError::UnknownBlock { .. })
-    ));
+fn recv_bitmap_and_resume_only_in_recovery() {
+    // Issue 14 case 3: RECV_BITMAP outside postcopy-recover is refused, as
+    // QEMU's loadvm_handle_recv_bitmap does, so no bitmap is ever sent.
+    for state_setup in [false, true] {
+        let mut d = with_ram(4 * PS);
+        feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+        if state_setup {
+            listening(&mut d);
+        }
+        actions(&mut d);
+        let e = feed(&mut d, 1, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RamDstError::QemuRule {
+                    offset: 1,
+                    function: "loadvm_handle_recv_bitmap",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(actions(&mut d).is_empty());
+    }
+    // POSTCOPY_RESUME outside recovery: ignored (QEMU's
+    // loadvm_postcopy_handle_resume), no RESUME_ACK.
     let mut d = with_ram(4 * PS);
     listening(&mut d);
+    actions(&mut d);
     feed(&mut d, 3, cmd(Command::PostcopyResume)).unwrap();
-    assert_eq!(actions(&mut d), vec![Action::ResumeAck]);
+    assert_eq!(actions(&mut d), vec![]);
+}
+
+#[test]
+fn ping_needs_a_return_path() {
+    let mut d = adopt();
+    let e = feed(&mut d, 7, cmd(Command::Ping(1))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                offset: 7,
+                function: "loadvm_process_command",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(actions(&mut d).is_empty());
 }
 
 // ---- received bitmap wire form -------------------------------------------------------
@@ -943,8 +1130,8 @@ fn recv_bitmap_reply_round_trip() {
         feed(&mut d, 10, ram(RamRecord::page(p * PS, Some("pc.ram"), &a))).unwrap();
     }
     let mut out = Vec::new();
-    assert!(d.recv_bitmap_reply(0, &mut out));
-    assert!(!d.recv_bitmap_reply(5, &mut Vec::new()));
+    assert!(d.recv_bitmap_reply(0, &mut out).unwrap());
+    assert!(!d.recv_bitmap_reply(5, &mut Vec::new()).unwrap());
     // be16 type 5, be16 len 7, counted name, be64 size 24, 24 bytes, end marker.
     assert_eq!(&out[..4], &[0, 5, 0, 7]);
     assert_eq!(&out[4..11], b"\x06pc.ram");
@@ -1112,4 +1299,280 @@ fn file_memory_combines_writes_and_writes_back_modified_pages() {
     assert!(m.bytes_mut(1, 0, 1).is_err());
     drop(m);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+proptest::proptest! {
+    /// The summarised bitmap agrees with a plain `Vec<bool>` under any mix of
+    /// operations, at sizes that need one to three summary levels.
+    #[test]
+    fn bitmap_matches_a_plain_model(
+        bits in proptest::prop_oneof![0u64..200, 4000u64..5000, 262_000u64..263_000],
+        ops in proptest::collection::vec((0u8..6, 0u64..263_000, 0u64..70_000), 0..60),
+    ) {
+        let mut b = PageBitmap::new(bits);
+        let mut m = vec![false; bits as usize];
+        for (op, start, n) in ops {
+            let start = start % (bits + 2);
+            let end = start.saturating_add(n).min(bits);
+            match op {
+                0 => { b.set(start); if start < bits { m[start as usize] = true; } }
+                1 => { b.clear(start); if start < bits { m[start as usize] = false; } }
+                2 => { b.set_range(start, n); for i in start..end { m[i as usize] = true; } }
+                3 => {
+                    let want = (start..end).any(|i| m[i as usize]);
+                    proptest::prop_assert_eq!(b.clear_range(start, n), want);
+                    for i in start..end { m[i as usize] = false; }
+                }
+                4 => {
+                    let want = (start..end).any(|i| m[i as usize]);
+                    proptest::prop_assert_eq!(b.any_in_range(start, n), want);
+                }
+                _ => {
+                    let want = (start.min(bits)..bits).filter(|&i| m[i as usize]).count() as u64;
+                    proptest::prop_assert_eq!(b.count_ones() - (0..start.min(bits)).filter(|&i| m[i as usize]).count() as u64, want);
+                }
+            }
+        }
+        let ones: Vec<u64> = (0..bits).filter(|&i| m[i as usize]).collect();
+        proptest::prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), ones);
+        let round = PageBitmap::from_le_bytes(&b.to_le_bytes(), bits).unwrap();
+        proptest::prop_assert_eq!(&round, &b);
+        for probe in [0, bits / 3, bits / 2, bits.saturating_sub(70)] {
+            let want = (probe..bits).any(|i| m[i as usize]);
+            proptest::prop_assert_eq!(round.any_in_range(probe, bits), want);
+        }
+    }
+}
+
+// ---- parity with QEMU 10's loader ----------------------------------------------------
+
+fn config(machine: &str) -> Item<'_> {
+    Item::Configuration(qmig_wire::Configuration {
+        machine,
+        subsections: vec![],
+    })
+}
+
+fn zero_fill(off: u64, fill: u8) -> Item<'static> {
+    let mut r = RamRecord::zero(off, Some("pc.ram"));
+    r.body = qmig_wire::RamBody::Zero { fill };
+    ram(r)
+}
+
+#[test]
+fn machine_versions() {
+    for (m, v) in [
+        ("pc-i440fx-10.0", Some((10, 0))),
+        ("pc-q35-8.2", Some((8, 2))),
+        ("virt-9.1", Some((9, 1))),
+        ("pseries-7.2", Some((7, 2))),
+        ("s390-ccw-virtio-8.1", Some((8, 1))),
+        ("microvm", None),
+        ("pc-q35-rhel9.4.0", None),
+        ("pc", None),
+        ("none", None),
+    ] {
+        assert_eq!(machine_qemu_version(m), v, "{m}");
+    }
+}
+
+/// Issue 14 case 4: ZERO fill 0x55 from a QEMU >= 8.2 machine is refused
+/// (ram_load_precopy's "Found a zero page with value 85"); from an older or
+/// unversioned machine it is applied and reported as a leniency.
+#[test]
+fn zero_fill_follows_the_machine_version() {
+    for (machine, strict) in [
+        ("pc-i440fx-10.0", true),
+        ("pc-q35-8.2", true),
+        ("pc-i440fx-8.1", false),
+        ("pc-i440fx-7.2", false),
+        ("microvm", false),
+    ] {
+        let mut d = adopt();
+        feed(&mut d, 0, config(machine)).unwrap();
+        feed(
+            &mut d,
+            5,
+            ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)])),
+        )
+        .unwrap();
+        let r = feed(&mut d, 10, zero_fill(PS, 0x55));
+        if strict {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RamDstError::QemuRule {
+                        offset: 10,
+                        function: "ram_load_precopy",
+                        ..
+                    }
+                ),
+                "{machine}: {e}"
+            );
+            assert!(e.to_string().contains("value 85"), "{e}");
+            assert!(mem(&d)[4096..8192].iter().all(|&b| b == 0));
+            assert!(d.leniencies().is_empty());
+        } else {
+            r.unwrap();
+            assert!(mem(&d)[4096..8192].iter().all(|&b| b == 0x55), "{machine}");
+            assert_eq!(d.leniencies(), &[Leniency::NonZeroFill]);
+        }
+    }
+}
+
+#[test]
+fn ram_section_instance_and_version() {
+    use qmig_wire::SectionHeader;
+    let mut d = adopt();
+    feed(
+        &mut d,
+        0,
+        Item::Section(SectionHeader::start(2, "ram", 0, 4)),
+    )
+    .unwrap();
+    feed(
+        &mut d,
+        0,
+        Item::Section(SectionHeader::start(3, "other", 7, 9)),
+    )
+    .unwrap();
+    let e = feed(
+        &mut d,
+        3,
+        Item::Section(SectionHeader::start(4, "ram", 1, 4)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                offset: 3,
+                function: "qemu_loadvm_section_start_full",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut d = adopt();
+    let e = feed(
+        &mut d,
+        3,
+        Item::Section(SectionHeader::start(2, "ram", 0, 3)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                function: "ram_load",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn postcopy_refuses_multifd_flush_and_fill() {
+    let mut d = with_ram(4 * PS);
+    listening(&mut d);
+    let mut r = RamRecord::eos();
+    r.body = qmig_wire::RamBody::MultifdFlush;
+    r.flags = 0x200;
+    let e = feed(&mut d, 9, ram(r)).unwrap_err();
+    assert!(
+        matches!(e, RamDstError::NotInPostcopy { offset: 9, .. }),
+        "{e}"
+    );
+
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 0, config("pc-q35-9.2")).unwrap();
+    listening(&mut d);
+    let e = feed(&mut d, 9, zero_fill(0, 1)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                function: "ram_load_postcopy",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// QEMU places each host page once (postcopy_place_page: EEXIST is fatal):
+/// a page received before LISTEN and not discarded, or placed already.
+#[test]
+fn postcopy_page_placed_twice_is_refused() {
+    let a = [7u8; 4096];
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 3, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+    listening(&mut d);
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    for (at, off) in [(20, 0), (30, PS)] {
+        let e = feed(&mut d, at, ram(RamRecord::page(off, Some("pc.ram"), &a))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RamDstError::QemuRule {
+                    function: "postcopy_place_page",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        d = with_ram(4 * PS);
+        feed(&mut d, 3, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+        listening(&mut d);
+    }
+    // Discarded first: fine.
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 3, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 4, cmd(Command::PostcopyAdvise(None))).unwrap();
+    feed(&mut d, 5, discard("pc.ram", &[(PS, PS)])).unwrap();
+    feed(&mut d, 6, cmd(Command::PostcopyListen)).unwrap();
+    feed(&mut d, 30, ram(RamRecord::page(PS, Some("pc.ram"), &a))).unwrap();
+}
+
+#[test]
+fn compressed_page_from_a_9_1_machine_is_refused() {
+    let mut d = with_ram(4 * PS);
+    feed(&mut d, 0, config("pc-q35-9.1")).unwrap();
+    let z = deflate(&[0u8; 4096]);
+    let e = feed(&mut d, 8, ram(RamRecord::compressed(0, Some("pc.ram"), &z))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::QemuRule {
+                function: "ram_load_precopy",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn adopted_pages_are_capped_for_bitmap_memory() {
+    let mut d = adopt();
+    let e = feed(
+        &mut d,
+        0,
+        ram(RamRecord::mem_size(vec![
+            mb("a", MAX_ADOPTED_PAGES * PS),
+            mb("b", PS),
+        ])),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("target pages"), "{e}");
+    assert!(d.blocks().is_empty());
+    let mut d = RamDst::new(Config::default(), CountingMemory::default()).unwrap();
+    d.handle_item(
+        0,
+        1,
+        &ram(RamRecord::mem_size(vec![mb("a", MAX_ADOPTED_PAGES * PS)])),
+    )
+    .unwrap();
 }

@@ -88,6 +88,10 @@ fn deflate(data: &[u8]) -> Vec<u8> {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut dst = RamDst::new(Config::default(), VecMemory::new()).unwrap();
+    // PINGs need a return path (QEMU's loadvm_process_command).
+    dst.handle_item(0, 0, &Item::Command(Command::OpenReturnPath))
+        .unwrap();
+    while dst.poll_action().is_some() {}
     let blocks: Vec<MemBlock> = BLOCKS
         .iter()
         .map(|&(name, pages)| MemBlock {

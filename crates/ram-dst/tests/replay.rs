@@ -19,8 +19,16 @@ fn replay(stream: &[u8]) -> (RamDst<VecMemory>, Option<String>) {
             Ok(x) => x,
             Err(e) => return (dst, Some(e.to_string())),
         };
-        let len = (rd.decoder().position() - off) as usize;
-        if let Err(e) = dst.handle_item(off, len, &item) {
+        let decoder = rd.decoder();
+        let len = (decoder.position() - off) as usize;
+        let ri = qmig_wire::ReadItem {
+            offset: off,
+            len,
+            item,
+            decoder,
+        };
+        // handle_read_item: the target page size is the decoder's.
+        if let Err(e) = dst.handle_read_item(&ri) {
             return (dst, Some(e.to_string()));
         }
         while dst.poll_action().is_some() {}
@@ -129,7 +137,7 @@ fn replay_of_a_synthetic_stream() {
         Item::Eof,
     ];
     for i in &items {
-        i.write(&mut s);
+        i.write(&mut s).unwrap();
     }
     let (dst, err) = replay(&s);
     assert_eq!(err, None);

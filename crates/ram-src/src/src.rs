@@ -482,8 +482,8 @@ impl RamSrc {
                 addr: b.mem_size_addr,
             })
             .collect();
-        RamRecord::mem_size(list).write(out);
-        RamRecord::eos().write(out);
+        RamRecord::mem_size(list).write(out)?;
+        RamRecord::eos().write(out)?;
         self.dirty_count = self.dirty.iter_mut().map(Bits::set_all).sum();
         for l in &mut self.log {
             l.words.fill(0);
@@ -582,7 +582,7 @@ impl RamSrc {
             }
             self.counters.iterations += 1;
         }
-        RamRecord::eos().write(out);
+        RamRecord::eos().write(out)?;
         self.counters.transferred += (out.len() - start) as u64;
         Ok(progress)
     }
@@ -605,7 +605,7 @@ impl RamSrc {
         while self.find_and_save(mem, out)? != 0 {
             self.counters.iterations += 1;
         }
-        RamRecord::eos().write(out);
+        RamRecord::eos().write(out)?;
         self.counters.transferred += (out.len() - start) as u64;
         self.state = State::Done;
         Ok(())
@@ -728,7 +728,7 @@ impl RamSrc {
         if self.last_sent == Some(blk) && !self.xbzrle_started {
             if let Some(c) = self.compressor.as_mut() {
                 if zero {
-                    self.write_zero(out, blk, offset);
+                    self.write_zero(out, blk, offset)?;
                     return Ok(1);
                 }
                 let z = c.compress(data).map_err(|why| RamSrcError::Compress {
@@ -737,7 +737,7 @@ impl RamSrc {
                     why,
                 })?;
                 // Same block as the last record, so always CONTINUE.
-                RamRecord::compressed(offset, None, z).write(out);
+                RamRecord::compressed(offset, None, z).write(out)?;
                 self.counters.compressed_pages += 1;
                 self.counters.compressed_bytes += z.len() as u64;
                 return Ok(1);
@@ -745,7 +745,7 @@ impl RamSrc {
         }
 
         if zero {
-            self.write_zero(out, blk, offset);
+            self.write_zero(out, blk, offset)?;
             // A page sent as zero replaces its (stale) cached copy.
             if self.xbzrle_started {
                 let addr = self.blocks[blk].ram_addr + offset;
@@ -776,7 +776,7 @@ impl RamSrc {
                             self.last_sent = Some(blk);
                             Some(self.blocks[blk].name.as_str())
                         };
-                        RamRecord::xbzrle(offset, block, &self.encoded[..len]).write(out);
+                        RamRecord::xbzrle(offset, block, &self.encoded[..len]).write(out)?;
                         self.counters.xbzrle_pages += 1;
                         self.counters.xbzrle_bytes += (out.len() - at - 8) as u64;
                         return Ok(1);
@@ -785,13 +785,19 @@ impl RamSrc {
             }
         }
 
-        RamRecord::page(offset, self.block_ref(blk), data).write(out);
+        RamRecord::page(offset, self.block_ref(blk), data).write(out)?;
         self.counters.normal += 1;
         Ok(1)
     }
 
-    fn write_zero(&mut self, out: &mut Vec<u8>, blk: usize, offset: u64) {
-        RamRecord::zero(offset, self.block_ref(blk)).write(out);
+    fn write_zero(
+        &mut self,
+        out: &mut Vec<u8>,
+        blk: usize,
+        offset: u64,
+    ) -> Result<(), RamSrcError> {
+        RamRecord::zero(offset, self.block_ref(blk)).write(out)?;
         self.counters.duplicate += 1;
+        Ok(())
     }
 }

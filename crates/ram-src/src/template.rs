@@ -89,9 +89,9 @@ impl<'a> Template<'a> {
                 continue;
             }
             match &item {
-                Item::Header { .. } => item.write(&mut t.prefix),
+                Item::Header { .. } => item.write(&mut t.prefix)?,
                 Item::Configuration(c) => {
-                    item.write(&mut t.prefix);
+                    item.write(&mut t.prefix)?;
                     t.machine = c.machine;
                     t.page_bits = c.target_page_bits().unwrap_or(12);
                     t.capabilities = c
@@ -174,7 +174,11 @@ impl<'a> Template<'a> {
 
     /// Writes a `ram` section header of `kind` (START carries the idstr,
     /// instance and version).
-    pub fn begin_section(&self, kind: SectionKind, out: &mut Vec<u8>) {
+    ///
+    /// # Errors
+    /// [`RamSrcError::Wire`] if the header cannot be written (see
+    /// [`SectionHeader::write`]).
+    pub fn begin_section(&self, kind: SectionKind, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
         SectionHeader {
             kind,
             section_id: self.ram_section_id,
@@ -184,7 +188,8 @@ impl<'a> Template<'a> {
                 version: self.ram_version,
             }),
         }
-        .write(out);
+        .write(out)?;
+        Ok(())
     }
 
     /// Ends a `ram` section: its footer, when the template's sections have one.
@@ -195,10 +200,14 @@ impl<'a> Template<'a> {
     }
 
     /// Writes SWITCHOVER_START when the template had it.
-    pub fn write_switchover(&self, out: &mut Vec<u8>) {
+    ///
+    /// # Errors
+    /// [`RamSrcError::Wire`] (not expected: the command has no payload).
+    pub fn write_switchover(&self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
         if self.switchover_start {
-            Command::SwitchoverStart.write(out);
+            Command::SwitchoverStart.write(out)?;
         }
+        Ok(())
     }
 
     /// Everything after the `ram` END section: device sections, EOF, vmdesc.
@@ -231,7 +240,8 @@ pub mod tests_support {
             machine: "pc",
             subsections: vec![],
         }
-        .write(&mut s);
+        .write(&mut s)
+        .unwrap();
         let id = SectionIdent {
             idstr: "ram",
             instance: 0,
@@ -242,22 +252,23 @@ pub mod tests_support {
             section_id: 2,
             ident,
         };
-        hdr(SectionKind::Start, Some(id)).write(&mut s);
+        hdr(SectionKind::Start, Some(id)).write(&mut s).unwrap();
         RamRecord::mem_size(vec![MemBlock {
             name: "pc.ram",
             used_length: 16384,
             page_size: None,
             addr: None,
         }])
-        .write(&mut s);
+        .write(&mut s)
+        .unwrap();
         s.extend_from_slice(&flags::EOS.to_be_bytes());
         qmig_wire::section::write_footer(&mut s, 2);
-        hdr(SectionKind::Part, None).write(&mut s);
-        RamRecord::zero(0, Some("pc.ram")).write(&mut s);
+        hdr(SectionKind::Part, None).write(&mut s).unwrap();
+        RamRecord::zero(0, Some("pc.ram")).write(&mut s).unwrap();
         s.extend_from_slice(&flags::EOS.to_be_bytes());
         qmig_wire::section::write_footer(&mut s, 2);
-        Command::SwitchoverStart.write(&mut s);
-        hdr(SectionKind::End, None).write(&mut s);
+        Command::SwitchoverStart.write(&mut s).unwrap();
+        hdr(SectionKind::End, None).write(&mut s).unwrap();
         s.extend_from_slice(&flags::EOS.to_be_bytes());
         qmig_wire::section::write_footer(&mut s, 2);
         s.push(0);

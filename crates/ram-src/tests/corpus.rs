@@ -31,11 +31,11 @@ fn regenerate(stream: &[u8], zero_detection: bool) -> Vec<u8> {
     let mut src = RamSrc::new(blocks, config).expect("layout");
     let mut out = Vec::new();
     t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out);
+    t.begin_section(SectionKind::Start, &mut out).unwrap();
     src.poll_setup(&mut out).expect("setup");
     t.end_section(&mut out);
     loop {
-        t.begin_section(SectionKind::Part, &mut out);
+        t.begin_section(SectionKind::Part, &mut out).unwrap();
         let p = src
             .poll_iterate(&images, 128 << 20, &mut out)
             .expect("iterate");
@@ -44,8 +44,8 @@ fn regenerate(stream: &[u8], zero_detection: bool) -> Vec<u8> {
             break;
         }
     }
-    t.write_switchover(&mut out);
-    t.begin_section(SectionKind::End, &mut out);
+    t.write_switchover(&mut out).unwrap();
+    t.begin_section(SectionKind::End, &mut out).unwrap();
     src.poll_complete(&images, &mut out).expect("complete");
     t.end_section(&mut out);
     t.write_tail(&mut out);
@@ -58,7 +58,7 @@ fn records(stream: &[u8]) -> Vec<Vec<u8>> {
         .filter_map(|i| match i.expect("parses") {
             (_, Item::Ram(r)) if r.body != RamBody::Eos => {
                 let mut b = Vec::new();
-                r.write(&mut b);
+                r.write(&mut b).unwrap();
                 Some(b)
             }
             _ => None,
@@ -155,18 +155,18 @@ fn qemu72_compress6_same_records_modulo_thread_order() {
     let mut src = RamSrc::new(blocks, config).expect("layout");
     let mut out = Vec::new();
     t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out);
+    t.begin_section(SectionKind::Start, &mut out).unwrap();
     src.poll_setup(&mut out).expect("setup");
     t.end_section(&mut out);
-    t.begin_section(SectionKind::Part, &mut out);
+    t.begin_section(SectionKind::Part, &mut out).unwrap();
     assert_eq!(
         src.poll_iterate(&images, usize::MAX, &mut out)
             .expect("iterate"),
         Progress::Clean
     );
     t.end_section(&mut out);
-    t.write_switchover(&mut out);
-    t.begin_section(SectionKind::End, &mut out);
+    t.write_switchover(&mut out).unwrap();
+    t.begin_section(SectionKind::End, &mut out).unwrap();
     src.poll_complete(&images, &mut out).expect("complete");
     t.end_section(&mut out);
     t.write_tail(&mut out);

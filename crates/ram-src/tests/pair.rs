@@ -53,6 +53,11 @@ impl Pair {
                     self.dec.commit(&item, len);
                     self.consumed += len;
                 }
+                // The vmdesc comes last; PAGE sizes are declared.
+                Step::NeedVmdesc => self.dec.give_up_vmdesc(),
+                Step::PageSize { bits } => self
+                    .dec
+                    .set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred),
                 Step::NeedMore | Step::End => return,
             }
         }
@@ -61,7 +66,7 @@ impl Pair {
     fn start(&mut self) {
         let t = Template::parse(&self.template).expect("template");
         t.write_prefix(&mut self.wire);
-        t.begin_section(SectionKind::Start, &mut self.wire);
+        t.begin_section(SectionKind::Start, &mut self.wire).unwrap();
         self.src.poll_setup(&mut self.wire).expect("setup");
         t.end_section(&mut self.wire);
         self.drive();
@@ -70,7 +75,7 @@ impl Pair {
     /// One PART section of at most about `budget` bytes.
     fn step(&mut self, budget: usize) -> Progress {
         let t = Template::parse(&self.template).expect("template");
-        t.begin_section(SectionKind::Part, &mut self.wire);
+        t.begin_section(SectionKind::Part, &mut self.wire).unwrap();
         let p = self
             .src
             .poll_iterate(&self.mem, budget, &mut self.wire)
@@ -82,8 +87,8 @@ impl Pair {
 
     fn finish(&mut self) {
         let t = Template::parse(&self.template).expect("template");
-        t.write_switchover(&mut self.wire);
-        t.begin_section(SectionKind::End, &mut self.wire);
+        t.write_switchover(&mut self.wire).unwrap();
+        t.begin_section(SectionKind::End, &mut self.wire).unwrap();
         self.src
             .poll_complete(&self.mem, &mut self.wire)
             .expect("complete");
@@ -245,7 +250,7 @@ proptest! {
         }
         prop_assert_eq!(&out[n..], &0x10u64.to_be_bytes()[..]);
         let mut back = Vec::new();
-        rec.write(&mut back);
+        rec.write(&mut back).unwrap();
         prop_assert_eq!(&back[..], &out[..n]);
     }
 }
@@ -273,18 +278,18 @@ fn template_regenerates_itself() {
                 let mut src = RamSrc::new(blocks, Config::default()).expect("layout");
                 let mut out = Vec::new();
                 tpl.write_prefix(&mut out);
-                tpl.begin_section(SectionKind::Start, &mut out);
+                tpl.begin_section(SectionKind::Start, &mut out).unwrap();
                 src.poll_setup(&mut out).expect("setup");
                 tpl.end_section(&mut out);
-                tpl.begin_section(SectionKind::Part, &mut out);
+                tpl.begin_section(SectionKind::Part, &mut out).unwrap();
                 assert_eq!(
                     src.poll_iterate(&mem, usize::MAX, &mut out)
                         .expect("iterate"),
                     Progress::Clean
                 );
                 tpl.end_section(&mut out);
-                tpl.write_switchover(&mut out);
-                tpl.begin_section(SectionKind::End, &mut out);
+                tpl.write_switchover(&mut out).unwrap();
+                tpl.begin_section(SectionKind::End, &mut out).unwrap();
                 src.poll_complete(&mem, &mut out).expect("complete");
                 tpl.end_section(&mut out);
                 tpl.write_tail(&mut out);
@@ -304,32 +309,36 @@ fn synthetic_template(id: u32, footers: bool, switchover: bool) -> Vec<u8> {
         machine: "pc-i440fx-10.0",
         subsections: vec![],
     }
-    .write(&mut s);
+    .write(&mut s)
+    .unwrap();
     let foot = |s: &mut Vec<u8>| {
         s.extend_from_slice(&flags::EOS.to_be_bytes());
         if footers {
             qmig_wire::section::write_footer(s, id);
         }
     };
-    SectionHeader::start(id, "ram", 0, 4).write(&mut s);
+    SectionHeader::start(id, "ram", 0, 4).write(&mut s).unwrap();
     RamRecord::mem_size(vec![MemBlock {
         name: "pc.ram",
         used_length: 2 * PS as u64,
         page_size: None,
         addr: None,
     }])
-    .write(&mut s);
+    .write(&mut s)
+    .unwrap();
     foot(&mut s);
-    SectionHeader::part(id).write(&mut s);
-    RamRecord::zero(0, Some("pc.ram")).write(&mut s);
+    SectionHeader::part(id).write(&mut s).unwrap();
+    RamRecord::zero(0, Some("pc.ram")).write(&mut s).unwrap();
     let mut page = vec![0u8; PS];
     page[0] = 0x5a;
-    RamRecord::page(PS as u64, None, &page).write(&mut s);
+    RamRecord::page(PS as u64, None, &page)
+        .write(&mut s)
+        .unwrap();
     foot(&mut s);
     if switchover {
-        Command::SwitchoverStart.write(&mut s);
+        Command::SwitchoverStart.write(&mut s).unwrap();
     }
-    SectionHeader::end(id).write(&mut s);
+    SectionHeader::end(id).write(&mut s).unwrap();
     foot(&mut s);
     s.push(0);
     s

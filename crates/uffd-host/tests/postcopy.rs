@@ -67,7 +67,7 @@ fn stream(p3: &[u8], p6: &[u8]) -> Vec<u8> {
     ];
     let mut s = Vec::new();
     for i in &items {
-        i.write(&mut s);
+        i.write(&mut s).unwrap();
     }
     s
 }

@@ -151,7 +151,7 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..iters {
                     out.clear();
                     for it in SliceReader::new(black_box(src)) {
-                        it.expect("parse").1.write(&mut out);
+                        it.expect("parse").1.write(&mut out).unwrap();
                     }
                     black_box(&out);
                 }

@@ -150,7 +150,15 @@ impl Command<'_> {
 
     /// Serializes the command (type byte 0x08 included; for PACKAGED only the
     /// command itself, the nested stream is written by the caller).
-    pub fn write(&self, out: &mut Vec<u8>) {
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (nothing is written) for a payload
+    /// over the be16 length (a discard of more than about 4000 ranges), a
+    /// block name a reader would refuse, or an `Unknown` command whose number
+    /// is a known command (it would be read back as that command).
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
+        let start = out.len();
+        let bad = |why: String| crate::names::unwritable(start, "command", why);
         let mut payload = Vec::new();
         match self {
             Command::OpenReturnPath
@@ -167,7 +175,7 @@ impl Command<'_> {
             }
             Command::RamDiscard(d) => {
                 payload.push(DISCARD_VERSION);
-                put_counted(&mut payload, d.block);
+                put_counted(&mut payload, d.block, "RAM_DISCARD block name", start)?;
                 payload.push(0);
                 for r in &d.ranges {
                     payload.extend_from_slice(&r.start.to_be_bytes());
@@ -175,13 +183,31 @@ impl Command<'_> {
                 }
             }
             Command::Packaged { len } => payload.extend_from_slice(&len.to_be_bytes()),
-            Command::RecvBitmap { block } => put_counted(&mut payload, block),
-            Command::Unknown { payload: p, .. } => payload.extend_from_slice(p),
+            Command::RecvBitmap { block } => {
+                put_counted(&mut payload, block, "RECV_BITMAP block name", start)?
+            }
+            Command::Unknown { cmd, payload: p } => {
+                if command_name(*cmd) != "UNKNOWN" {
+                    return Err(bad(format!(
+                        "an unknown command numbered {cmd} would be read back as {}",
+                        command_name(*cmd)
+                    )));
+                }
+                payload.extend_from_slice(p)
+            }
         }
+        let Ok(len) = u16::try_from(payload.len()) else {
+            return Err(bad(format!(
+                "{} payload of {} bytes does not fit the be16 length",
+                self.name(),
+                payload.len()
+            )));
+        };
         out.push(crate::section::COMMAND);
         out.extend_from_slice(&self.number().to_be_bytes());
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&payload);
+        Ok(())
     }
 }
 

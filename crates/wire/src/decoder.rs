@@ -10,22 +10,25 @@
 //! with a longer buffer after [`Step::NeedMore`].
 //!
 //! ```text
-//!  Header ─► Config ─► Top ◄──────────────────────────────┐
+//!  Header ─► [Config] ─► Top ◄──────────────────────────────┐
 //!                      │ START/PART/END/FULL "ram"         │
 //!                      ├─► RamPayload ─(EOS)─► Footer ─────┤
 //!                      │ other section                     │
-//!                      ├─► Device ─(footer found)─► Footer ┘
+//!                      ├─► Device ─(vmdesc length)─► Footer┘
 //!                      │ EOF
 //!                      └─► AfterEof ─(vmdesc)─► Done
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::command::{self, Command};
+use crate::devices::DeviceTable;
 use crate::error::{PErr, WireError};
 use crate::header::{self, Configuration};
 use crate::ram::{self, RamBody, RamContext, RamRecord};
 use crate::section::{self, SectionHeader, SectionKind};
+use crate::target_page::{self, PageSizeSource};
 
 /// Caps applied while decoding, so hostile lengths cannot make the reader
 /// buffer unbounded amounts of data.
@@ -39,6 +42,15 @@ pub struct Limits {
     pub max_vmdesc: u32,
     /// Largest received bitmap accepted (return path).
     pub max_bitmap: u64,
+    /// Most sections (START/FULL) one stream may introduce.
+    pub max_sections: usize,
+    /// How many bytes a reader of a non-seekable input may buffer ahead,
+    /// after the RAM, to reach the vmdesc trailer that delimits the device
+    /// sections (bytes).
+    pub max_vmdesc_lookahead: usize,
+    /// Without a vmdesc, how far past a footer candidate (bytes) the
+    /// decoder looks for a second reading of the same device section.
+    pub ambiguity_window: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +60,9 @@ impl Default for Limits {
             max_device_section: 64 << 20,
             max_vmdesc: crate::vmdesc::DEFAULT_MAX_VMDESC,
             max_bitmap: crate::return_path::DEFAULT_MAX_BITMAP,
+            max_sections: 1 << 16,
+            max_vmdesc_lookahead: 64 << 20,
+            ambiguity_window: 64 << 10,
         }
     }
 }
@@ -82,23 +97,35 @@ pub enum Item<'a> {
 }
 
 impl Item<'_> {
-    /// Serializes the item.
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Serializes the item, with the checks of each part's writer.
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (nothing is written), e.g. a header
+    /// version other than 3, which readers refuse.
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
         match self {
             Item::Header { version } => {
+                if *version != 3 {
+                    return Err(crate::names::unwritable(
+                        out.len(),
+                        "stream header",
+                        format!("version {version} (readers take only 3)"),
+                    ));
+                }
                 out.extend_from_slice(&header::MAGIC.to_be_bytes());
                 out.extend_from_slice(&version.to_be_bytes());
             }
-            Item::Configuration(c) => c.write(out),
-            Item::Section(h) => h.write(out),
-            Item::Ram(r) => r.write(out),
+            Item::Configuration(c) => c.write(out)?,
+            Item::Section(h) => h.write(out)?,
+            Item::Ram(r) => r.write(out)?,
             Item::DeviceData(d) => out.extend_from_slice(d),
             Item::Footer(id) => section::write_footer(out, *id),
-            Item::Command(c) => c.write(out),
+            Item::Command(c) => c.write(out)?,
             Item::PackageEnd => {}
             Item::Eof => out.push(section::EOF),
-            Item::Vmdesc(j) => crate::vmdesc::write_vmdesc(out, j),
+            Item::Vmdesc(j) => crate::vmdesc::write_vmdesc(out, j)?,
         }
+        Ok(())
     }
 
     /// A short name of the item's kind, for listings.
@@ -132,6 +159,39 @@ pub enum Step<'a> {
     NeedMore,
     /// The stream is complete.
     End,
+    /// A device section follows whose length only the vmdesc trailer can
+    /// give: a reader of a non-seekable input should read ahead to the
+    /// trailer and call [`Decoder::set_vmdesc`] (or
+    /// [`Decoder::give_up_vmdesc`] if there is none, or
+    /// [`Decoder::scan_next_section`] if the trailer is out of reach).
+    NeedVmdesc,
+    /// The target page size was worked out from the stream (no declared
+    /// source): apply it with [`Decoder::set_page_bits`] and
+    /// [`PageSizeSource::Inferred`], then decode again.
+    PageSize {
+        /// log2 of the target page size.
+        bits: u32,
+    },
+}
+
+/// What the decoder knows about device-section lengths.
+#[derive(Debug, Clone)]
+enum DeviceLengths {
+    /// Not yet known: a vmdesc may still come.
+    Unknown,
+    /// From the vmdesc.
+    Known(Arc<DeviceTable>),
+    /// The stream has no vmdesc: device sections are delimited by their
+    /// footer, with structural checks, and ambiguity is an error.
+    Absent,
+}
+
+/// Where the RAM section is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RamSection {
+    NotStarted,
+    Open,
+    Ended,
 }
 
 /// Where the decoder is in the stream grammar.
@@ -200,7 +260,20 @@ pub struct Decoder {
     packages: Vec<u64>,
     eof_hint: Option<u64>,
     postcopy_listening: bool,
+    page_source: Option<PageSizeSource>,
+    devices: DeviceLengths,
+    scan_once: bool,
+    ended: HashSet<u32>,
+    ram_section: RamSection,
+    has_configuration: Option<bool>,
+    section_kind: SectionKind,
 }
+
+/// Candidate target page bits tried, most common first, when the stream
+/// declares none.
+const INFER_CANDIDATES: [u32; 7] = [12, 10, 13, 14, 16, 11, 15];
+/// Bytes of RAM records the page-size inference reads before it decides.
+const INFER_WINDOW: usize = 1 << 20;
 
 /// Maximum PACKAGED nesting depth.
 const MAX_PACKAGE_DEPTH: usize = 4;
@@ -233,7 +306,112 @@ impl Decoder {
             packages: Vec::new(),
             eof_hint: None,
             postcopy_listening: false,
+            page_source: None,
+            devices: DeviceLengths::Unknown,
+            scan_once: false,
+            ended: HashSet::new(),
+            ram_section: RamSection::NotStarted,
+            has_configuration: None,
+            section_kind: SectionKind::Full,
         }
+    }
+
+    /// Gives the decoder the stream's vmdesc as a [`DeviceTable`]: device
+    /// sections it describes are then delimited by their exact length, and
+    /// its `page_size` becomes the target page size unless the
+    /// configuration announced one. `None` says the stream has no vmdesc.
+    ///
+    /// # Errors
+    /// [`WireError::PageSize`] when the vmdesc's page size is not one QEMU
+    /// can have, or disagrees with the configuration's.
+    pub fn set_vmdesc(&mut self, table: Option<Arc<DeviceTable>>) -> Result<(), WireError> {
+        match table {
+            None => self.devices = DeviceLengths::Absent,
+            Some(t) => {
+                if let Some(ps) = t.page_size() {
+                    let Some(bits) = target_page::page_bits_of(ps) else {
+                        return Err(WireError::PageSize {
+                            offset: self.pos,
+                            why: format!(
+                                "vmdesc page_size {ps} is not a power of two from 1 KiB to 64 KiB"
+                            ),
+                        });
+                    };
+                    match self.page_source {
+                        Some(PageSizeSource::Override) => {}
+                        Some(PageSizeSource::Configuration) if bits != self.ram.page_bits => {
+                            return Err(WireError::PageSize {
+                                offset: self.pos,
+                                why: format!(
+                                    "vmdesc page_size {ps} disagrees with the configuration's target-page-bits ({})",
+                                    1u64 << self.ram.page_bits
+                                ),
+                            });
+                        }
+                        Some(PageSizeSource::Configuration) => {}
+                        // RAM already read (a pipe reaches the vmdesc last):
+                        // it must have been read with the same size.
+                        Some(_)
+                            if self.ram_section != RamSection::NotStarted
+                                && bits != self.ram.page_bits =>
+                        {
+                            return Err(WireError::PageSize {
+                                offset: self.pos,
+                                why: format!(
+                                    "the RAM records were read with {}-byte pages but the vmdesc says page_size {ps}",
+                                    1u64 << self.ram.page_bits
+                                ),
+                            });
+                        }
+                        _ => self.set_page_bits(bits, PageSizeSource::Vmdesc),
+                    }
+                }
+                self.devices = DeviceLengths::Known(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Says that the current (non-seekable) input has no vmdesc trailer:
+    /// device sections are delimited by footers under structural checks.
+    pub fn give_up_vmdesc(&mut self) {
+        self.devices = DeviceLengths::Absent;
+    }
+
+    /// Delimits the next device section by its footer (with the structural
+    /// and ambiguity checks) because the vmdesc is out of reach; later
+    /// sections still wait for it.
+    pub fn scan_next_section(&mut self) {
+        self.scan_once = true;
+    }
+
+    /// Whether device sections are delimited by the vmdesc.
+    pub fn has_vmdesc(&self) -> bool {
+        matches!(self.devices, DeviceLengths::Known(_))
+    }
+
+    /// Sets the target page size (log2 bytes) and where it came from. An
+    /// override is never replaced by a later source.
+    pub fn set_page_bits(&mut self, bits: u32, source: PageSizeSource) {
+        if self.page_source == Some(PageSizeSource::Override) && source != PageSizeSource::Override
+        {
+            return;
+        }
+        self.ram.page_bits = bits;
+        self.page_source = Some(source);
+    }
+
+    /// Where the target page size in force came from (`None`: not decided
+    /// yet; the decoder then assumes nothing and works it out at the first
+    /// RAM record).
+    pub fn page_size_source(&self) -> Option<PageSizeSource> {
+        self.page_source
+    }
+
+    /// Whether the stream had a configuration section (`None` before the
+    /// decoder got there).
+    pub fn has_configuration(&self) -> Option<bool> {
+        self.has_configuration
     }
 
     /// Tells the decoder where the EOF byte of a precopy stream is (found from
@@ -363,28 +541,32 @@ impl Decoder {
                     len: item_len(r),
                 })
             }
-            Phase::Config => {
-                let (r, c) = header::parse_configuration(buf)?;
-                Ok(Step::Item {
-                    item: Item::Configuration(c),
-                    len: item_len(r),
-                })
-            }
+            Phase::Config => match buf.first() {
+                None => Err(nom::Err::Incomplete(nom::Needed::new(1))),
+                // send-configuration=off and Xen device-state files: the
+                // sections follow the header directly.
+                Some(&b) if b != header::CONFIGURATION => self.decode_top(buf, eof),
+                Some(_) => {
+                    let (r, c) = header::parse_configuration(buf)?;
+                    self.check_config_page_size(buf, &c)?;
+                    Ok(Step::Item {
+                        item: Item::Configuration(c),
+                        len: item_len(r),
+                    })
+                }
+            },
             Phase::Top => self.decode_top(buf, eof),
             Phase::RamPayload { .. } => {
+                if self.page_source.is_none() {
+                    return self.infer_page_bits(buf, eof);
+                }
                 let (r, rec) = ram::parse_ram_record(buf, &self.ram, self.have_block)?;
                 Ok(Step::Item {
                     item: Item::Ram(rec),
                     len: item_len(r),
                 })
             }
-            Phase::Device { section_id } => match self.scan_device(buf, section_id, eof)? {
-                Some(n) => Ok(Step::Item {
-                    item: Item::DeviceData(&buf[..n]),
-                    len: n,
-                }),
-                None => Ok(Step::NeedMore),
-            },
+            Phase::Device { section_id } => self.decode_device(buf, section_id, eof),
             Phase::Footer { section_id } => {
                 if self.footers == Some(false)
                     || (self.footers.is_none()
@@ -449,28 +631,27 @@ impl Decoder {
             }
             section::START | section::PART | section::END | section::FULL => {
                 let (r, h) = section::parse_section_header(buf)?;
-                match h.ident {
-                    None => {
-                        if !self.sections.contains_key(&h.section_id) {
-                            return Err(PErr::at(
-                                buf,
-                                WireError::SectionNotStarted {
-                                    offset: 0,
-                                    section_id: h.section_id,
-                                },
-                            ));
-                        }
-                    }
-                    Some(id) => {
-                        if id.idstr == "ram" && id.version != 4 {
-                            return Err(PErr::at(
-                                buf,
-                                WireError::Unsupported {
-                                    offset: 0,
-                                    what: "RAM section version other than 4",
-                                },
-                            ));
-                        }
+                if h.ident.is_none() && !self.sections.contains_key(&h.section_id) {
+                    return Err(PErr::at(
+                        buf,
+                        WireError::SectionNotStarted {
+                            offset: 0,
+                            section_id: h.section_id,
+                        },
+                    ));
+                }
+                if let Err(why) = self.section_rule(&h) {
+                    return Err(PErr::at(buf, WireError::Structure { offset: 0, why }));
+                }
+                if let Some(id) = h.ident {
+                    if id.idstr == "ram" && id.version != 4 {
+                        return Err(PErr::at(
+                            buf,
+                            WireError::Unsupported {
+                                offset: 0,
+                                what: "RAM section version other than 4",
+                            },
+                        ));
                     }
                 }
                 Ok(Step::Item {
@@ -524,6 +705,217 @@ impl Decoder {
         }
     }
 
+    /// The configuration's page size must agree with the vmdesc's.
+    fn check_config_page_size(
+        &self,
+        buf: &[u8],
+        c: &Configuration<'_>,
+    ) -> Result<(), nom::Err<PErr>> {
+        let Some(bits) = c.target_page_bits() else {
+            return Ok(());
+        };
+        let vm = match &self.devices {
+            DeviceLengths::Known(t) => t.page_size(),
+            _ => None,
+        };
+        match vm {
+            Some(ps) if self.page_source != Some(PageSizeSource::Override) && ps != 1u64 << bits => {
+                Err(PErr::at(
+                    buf,
+                    WireError::PageSize {
+                        offset: 0,
+                        why: format!(
+                            "configuration target-page-bits {bits} ({} bytes) disagrees with the vmdesc page_size {ps}",
+                            1u64 << bits
+                        ),
+                    },
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// No source declared the target page size: try every size QEMU can
+    /// have on the RAM records ahead (up to [`INFER_WINDOW`] bytes) and
+    /// take the only one under which they all parse.
+    fn infer_page_bits<'a>(&self, buf: &'a [u8], eof: bool) -> Result<Step<'a>, nom::Err<PErr>> {
+        if buf.len() < INFER_WINDOW && !eof {
+            return Err(nom::Err::Incomplete(nom::Needed::Unknown));
+        }
+        let window = &buf[..buf.len().min(INFER_WINDOW)];
+        let window_eof = eof && window.len() == buf.len();
+        let mut passed = Vec::new();
+        let mut first_err = None;
+        for bits in INFER_CANDIDATES {
+            let mut d = self.clone();
+            d.set_page_bits(bits, PageSizeSource::Inferred);
+            let ok = loop {
+                let at = (d.pos - self.pos) as usize;
+                match d.decode(&window[at..], window_eof) {
+                    Ok(Step::Item { item, len }) => {
+                        d.commit(&item, len);
+                    }
+                    Ok(Step::NeedMore | Step::End | Step::NeedVmdesc | Step::PageSize { .. }) => {
+                        break true
+                    }
+                    Err(e) if e.is_truncation() && !window_eof => break true,
+                    Err(e) => {
+                        if bits == 12 {
+                            first_err = Some(e);
+                        }
+                        break false;
+                    }
+                }
+            };
+            if ok {
+                passed.push(bits);
+            }
+        }
+        let fail = |err: WireError| Err(PErr::at(buf, err));
+        match passed[..] {
+            [bits] => Ok(Step::PageSize { bits }),
+            [] => fail(WireError::PageSize {
+                offset: 0,
+                why: format!(
+                    "the stream declares none (no target-page-bits, no vmdesc, machine type unknown) and no size from 1 KiB to 64 KiB reads its RAM records{}; pass --target-page-size",
+                    first_err.map(|e| format!(" (as 4 KiB: {e})")).unwrap_or_default()
+                ),
+            }),
+            _ => fail(WireError::Ambiguous {
+                offset: 0,
+                why: format!(
+                    "the stream declares no target page size and its RAM records read equally well with pages of {} bytes; pass --target-page-size",
+                    passed.iter().map(|b| (1u64 << b).to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// Delimits a device section payload: by the vmdesc's exact length when
+    /// the section is described, else by its footer under structural and
+    /// ambiguity checks.
+    fn decode_device<'a>(
+        &self,
+        buf: &'a [u8],
+        id: u32,
+        eof: bool,
+    ) -> Result<Step<'a>, nom::Err<PErr>> {
+        let info = self.sections.get(&id);
+        let dev_err = |why: &'static str| {
+            PErr::at(
+                buf,
+                WireError::DeviceSection {
+                    offset: 0,
+                    section_id: id,
+                    idstr: info.map(|s| s.idstr.clone()).unwrap_or_default(),
+                    why,
+                },
+            )
+        };
+        if let Some(i) = info.filter(|i| i.iterative && crate::iterative::known(&i.idstr)) {
+            let (r, ()) = crate::iterative::parse_payload(
+                buf,
+                &i.idstr,
+                self.section_kind,
+                self.ram.page_bits,
+            )?;
+            let n = buf.len() - r.len();
+            return Ok(Step::Item {
+                item: Item::DeviceData(&buf[..n]),
+                len: n,
+            });
+        }
+        let scan = match &self.devices {
+            _ if self.scan_once => true,
+            DeviceLengths::Known(t) => match info.and_then(|i| t.len_of(&i.idstr, i.instance)) {
+                Some(n) => {
+                    if n > self.limits.max_device_section as u64 {
+                        return Err(PErr::at(
+                            buf,
+                            WireError::TooLarge {
+                                offset: 0,
+                                what: "device section (vmdesc length)",
+                                len: n,
+                                cap: self.limits.max_device_section as u64,
+                            },
+                        ));
+                    }
+                    let n = n as usize;
+                    if buf.len() < n {
+                        return Err(nom::Err::Incomplete(nom::Needed::new(n - buf.len())));
+                    }
+                    return Ok(Step::Item {
+                        item: Item::DeviceData(&buf[..n]),
+                        len: n,
+                    });
+                }
+                // Iterative sections other than RAM (dirty-bitmap,
+                // spapr/htab...) are not in the vmdesc.
+                None if info.is_some_and(|i| i.iterative) => true,
+                None => return Err(dev_err("the vmdesc does not describe this section")),
+            },
+            // Postcopy packages never have a vmdesc; sections before or
+            // between RAM sections would need the whole RAM read ahead.
+            DeviceLengths::Unknown
+                if self.packages.is_empty() && self.ram_section != RamSection::Open =>
+            {
+                return Ok(Step::NeedVmdesc)
+            }
+            DeviceLengths::Unknown | DeviceLengths::Absent => true,
+        };
+        debug_assert!(scan);
+        match self.scan_device(buf, id, eof)? {
+            Some(n) => Ok(Step::Item {
+                item: Item::DeviceData(&buf[..n]),
+                len: n,
+            }),
+            None => Ok(Step::NeedMore),
+        }
+    }
+
+    /// Checks a section header against the stream's structure: what QEMU
+    /// never sends is refused (savevm.c qemu_loadvm_state_main takes START
+    /// and FULL once per section, PART/END only for a started iterative
+    /// section, and a postcopy package holds only FULL device sections).
+    fn section_rule(&self, h: &SectionHeader<'_>) -> Result<(), &'static str> {
+        match h.ident {
+            Some(id) => {
+                if self.sections.contains_key(&h.section_id) {
+                    return Err("a START or FULL section re-uses a section id already introduced");
+                }
+                if self.sections.len() >= self.limits.max_sections {
+                    return Err("too many sections in one stream");
+                }
+                if id.idstr == "ram" {
+                    if h.kind == SectionKind::Full {
+                        return Err("RAM is never sent in a FULL section");
+                    }
+                    if self.ram_section != RamSection::NotStarted {
+                        return Err("a second RAM section");
+                    }
+                }
+                if !self.packages.is_empty() && h.kind != SectionKind::Full {
+                    return Err("a PACKAGED stream holds only commands and FULL sections");
+                }
+            }
+            None => {
+                let Some(info) = self.sections.get(&h.section_id) else {
+                    return Err("section continued but never started");
+                };
+                if !info.iterative {
+                    return Err("PART or END for a FULL section");
+                }
+                if self.ended.contains(&h.section_id) {
+                    return Err("PART or END after the section's END");
+                }
+                if !self.packages.is_empty() {
+                    return Err("a PACKAGED stream holds only commands and FULL sections");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Finds the end of a device section payload: the first footer for this
     /// section id that is followed by something a QEMU source could send next.
     fn scan_device(&self, buf: &[u8], id: u32, eof: bool) -> Result<Option<usize>, nom::Err<PErr>> {
@@ -561,7 +953,7 @@ impl Decoder {
             if tail[..4] == idb {
                 let next_abs = self.pos + cand as u64 + 5;
                 match self.plausible_next(&buf[cand + 5..], next_abs, eof) {
-                    Tri::Yes => return Ok(Some(cand)),
+                    Tri::Yes => return self.check_unambiguous(buf, id, cand, eof),
                     Tri::NeedMore => return Ok(None),
                     Tri::No => {}
                 }
@@ -583,6 +975,48 @@ impl Decoder {
             return Err(nom::Err::Incomplete(nom::Needed::Unknown));
         }
         Ok(None)
+    }
+
+    /// A footer candidate at `cand` reads well. Without a vmdesc nothing
+    /// says the guest did not write it: if a second candidate for the same
+    /// section within [`Limits::ambiguity_window`] bytes also reads well,
+    /// the stream has two readings and the decoder refuses to pick one.
+    fn check_unambiguous(
+        &self,
+        buf: &[u8],
+        id: u32,
+        cand: usize,
+        eof: bool,
+    ) -> Result<Option<usize>, nom::Err<PErr>> {
+        let wend = cand + 5 + self.limits.ambiguity_window;
+        if buf.len() < wend && !eof {
+            return Ok(None);
+        }
+        let w = &buf[..buf.len().min(wend)];
+        let weof = eof && w.len() == buf.len();
+        let idb = id.to_be_bytes();
+        let mut from = cand + 1;
+        while let Some(k) = w[from..].iter().position(|&b| b == section::FOOTER) {
+            let c2 = from + k;
+            if w.len() >= c2 + 5 && w[c2 + 1..c2 + 5] == idb {
+                let abs = self.pos + c2 as u64 + 5;
+                if let Tri::Yes = self.plausible_next(&w[c2 + 5..], abs, weof) {
+                    return Err(PErr::at(
+                        buf,
+                        WireError::Ambiguous {
+                            offset: 0,
+                            why: format!(
+                                "device section {id} has no vmdesc length and could end at offset {} or at offset {} (footer-like bytes inside device state); give the vmdesc of this QEMU and machine type",
+                                self.pos + cand as u64,
+                                self.pos + c2 as u64
+                            ),
+                        },
+                    ));
+                }
+            }
+            from = c2 + 1;
+        }
+        Ok(Some(cand))
     }
 
     fn plausible_next(&self, rest: &[u8], abs: u64, eof: bool) -> Tri {
@@ -637,23 +1071,18 @@ impl Decoder {
                 Err(_) => Tri::No,
                 Ok((_, h)) => {
                     let v = h.ident.map(|i| i.version).unwrap_or(0);
-                    if v <= 0xffff && !self.sections.contains_key(&h.section_id) {
+                    if v <= 0xffff && self.section_rule(&h).is_ok() {
                         Tri::Yes
                     } else {
                         Tri::No
                     }
                 }
             },
-            section::PART | section::END => {
-                if let Some(t) = need(5) {
-                    return t;
-                }
-                let id = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
-                match self.sections.get(&id) {
-                    Some(s) if s.iterative => Tri::Yes,
-                    _ => Tri::No,
-                }
-            }
+            section::PART | section::END => match section::parse_section_header(rest) {
+                Err(nom::Err::Incomplete(_)) if !eof => Tri::NeedMore,
+                Ok((_, h)) if self.section_rule(&h).is_ok() => Tri::Yes,
+                _ => Tri::No,
+            },
             section::COMMAND => {
                 if let Some(t) = need(5) {
                     return t;
@@ -674,6 +1103,14 @@ impl Decoder {
     pub fn commit(&mut self, item: &Item<'_>, len: usize) {
         let start = self.pos;
         self.pos += len as u64;
+        // No configuration section: the header is followed by sections.
+        if self.phase == Phase::Config {
+            let has = matches!(item, Item::Configuration(_));
+            self.has_configuration = Some(has);
+            if !has {
+                self.phase = Phase::Top;
+            }
+        }
         // A footer-less stream: the footer phase decoded a top-level item.
         if let Phase::Footer { .. } = self.phase {
             if !matches!(item, Item::Footer(_)) {
@@ -685,7 +1122,11 @@ impl Decoder {
             Item::Header { .. } => self.phase = Phase::Config,
             Item::Configuration(c) => {
                 if let Some(b) = c.target_page_bits() {
-                    self.ram.page_bits = b;
+                    self.set_page_bits(b, PageSizeSource::Configuration);
+                } else if self.page_source.is_none() {
+                    if let Some(b) = target_page::machine_page_bits(c.machine) {
+                        self.set_page_bits(b, PageSizeSource::MachineType);
+                    }
                 }
                 self.ram.ignore_shared = c.has_capability("x-ignore-shared");
                 self.ram.mapped_ram = c.has_capability("mapped-ram");
@@ -703,10 +1144,22 @@ impl Decoder {
                         },
                     );
                 }
+                self.scan_once = false;
+                self.section_kind = h.kind;
+                if h.kind == SectionKind::End {
+                    self.ended.insert(h.section_id);
+                }
                 let is_ram = self
                     .sections
                     .get(&h.section_id)
                     .is_some_and(|s| s.idstr == "ram");
+                if is_ram {
+                    self.ram_section = if h.kind == SectionKind::End {
+                        RamSection::Ended
+                    } else {
+                        RamSection::Open
+                    };
+                }
                 self.phase = if is_ram {
                     Phase::RamPayload {
                         section_id: h.section_id,
@@ -732,6 +1185,7 @@ impl Decoder {
                 }
             }
             Item::DeviceData(_) => {
+                self.scan_once = false;
                 if let Phase::Device { section_id } = self.phase {
                     self.phase = Phase::Footer { section_id };
                 }

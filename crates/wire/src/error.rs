@@ -229,6 +229,45 @@ pub enum WireError {
         /// What went wrong.
         why: &'static str,
     },
+    /// The vmdesc JSON is not valid JSON, or not a description QEMU writes
+    /// (`migration/savevm.c` / `vmstate.c` `vmsd_desc_field_*`), or beyond a cap.
+    /// `offset` is relative to the start of the JSON (0 for rules about the
+    /// parsed tree, whose place is named in `why`).
+    #[error("offset {offset}: vmdesc: {why}")]
+    Vmdesc {
+        /// Offset in the JSON.
+        offset: u64,
+        /// Rule broken, with the path of the offending entry.
+        why: String,
+    },
+    /// A device section payload disagrees with its vmdesc description: a
+    /// subsection marker, name or version, a NULL-pointer marker, a
+    /// capability length or a struct size.
+    #[error("offset {offset}: device {device}: {path}: {why}")]
+    VmStateMismatch {
+        /// Absolute stream offset of the offending byte.
+        offset: u64,
+        /// Section idstr and instance, e.g. `cpu 0`.
+        device: String,
+        /// Path of the field or subsection inside the device.
+        path: String,
+        /// Rule broken.
+        why: String,
+    },
+    /// A device section payload whose length is not the one its vmdesc
+    /// description adds up to.
+    #[error("offset {offset}: device {device}: payload is {found} bytes, its vmdesc description says {expected}")]
+    VmStateLength {
+        /// Absolute stream offset where the payload ends early or where the
+        /// undescribed bytes start.
+        offset: u64,
+        /// Section idstr and instance.
+        device: String,
+        /// Length the description adds up to.
+        expected: u64,
+        /// Length of the payload given.
+        found: u64,
+    },
     /// A structural rule of the stream was broken (item out of place).
     #[error("offset {offset}: {why}")]
     Structure {
@@ -244,6 +283,35 @@ pub enum WireError {
         offset: u64,
         /// What is not supported.
         what: &'static str,
+    },
+    /// The target page size is invalid, unknown, or sources disagree on it.
+    #[error("offset {offset}: target page size: {why}")]
+    PageSize {
+        /// Offset of the item that needed or announced it.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// The bytes can be read in more than one consistent way; qmig refuses to
+    /// choose.
+    #[error("offset {offset}: ambiguous stream: {why}")]
+    Ambiguous {
+        /// Offset where the readings part.
+        offset: u64,
+        /// The readings.
+        why: String,
+    },
+    /// A serializer was given something it cannot write faithfully (a
+    /// length that does not fit its field, a name a reader would refuse,
+    /// flags that disagree with the body...). Nothing was written.
+    #[error("output offset {offset}: cannot write {what}: {why}")]
+    Unwritable {
+        /// Offset in the output buffer where the item would have started.
+        offset: u64,
+        /// What was being written.
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
     },
     /// Reading the underlying input failed.
     #[error("offset {offset}: I/O error: {source}")]
@@ -281,8 +349,14 @@ macro_rules! each_offset {
             | WireError::BitmapSize { offset: $o, .. }
             | WireError::Configuration { offset: $o, .. }
             | WireError::DeviceSection { offset: $o, .. }
+            | WireError::Vmdesc { offset: $o, .. }
+            | WireError::VmStateMismatch { offset: $o, .. }
+            | WireError::VmStateLength { offset: $o, .. }
             | WireError::Structure { offset: $o, .. }
             | WireError::Unsupported { offset: $o, .. }
+            | WireError::PageSize { offset: $o, .. }
+            | WireError::Ambiguous { offset: $o, .. }
+            | WireError::Unwritable { offset: $o, .. }
             | WireError::Io { offset: $o, .. } => $body,
         }
     };

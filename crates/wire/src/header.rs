@@ -94,26 +94,68 @@ impl Configuration<'_> {
             .flatten()
     }
 
-    /// Serializes the configuration section (type byte included).
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Serializes the configuration section (type byte included), checking
+    /// what the reader checks: a printable machine name, each subsection's
+    /// name matching its body (the reader picks the body by name), page bits
+    /// in 10..=16, valid capability names.
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (nothing is written).
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
+        let start = out.len();
+        let r = self.write_checked(out, start);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    fn write_checked(&self, out: &mut Vec<u8>, start: usize) -> Result<(), crate::WireError> {
+        let bad = |why: String| crate::names::unwritable(start, "configuration section", why);
+        if let Err(why) = crate::names::check_name(self.machine.as_bytes()) {
+            return Err(bad(format!("machine type name: {why}")));
+        }
+        let Ok(mlen) = u32::try_from(self.machine.len()) else {
+            return Err(bad("machine type name too long".into()));
+        };
         out.push(CONFIGURATION);
-        out.extend_from_slice(&(self.machine.len() as u32).to_be_bytes());
+        out.extend_from_slice(&mlen.to_be_bytes());
         out.extend_from_slice(self.machine.as_bytes());
         for s in &self.subsections {
+            let want = match &s.body {
+                ConfigBody::TargetPageBits(_) => "configuration/target-page-bits",
+                ConfigBody::Capabilities(_) => "configuration/capabilities",
+                ConfigBody::Uuid(_) => "configuration/uuid",
+            };
+            if s.name != want {
+                return Err(bad(format!(
+                    "subsection \"{}\" holds the body of \"{want}\"",
+                    s.name
+                )));
+            }
             out.push(SUBSECTION);
-            put_counted(out, s.name);
+            put_counted(out, s.name, "configuration subsection name", start)?;
             out.extend_from_slice(&s.version.to_be_bytes());
             match &s.body {
-                ConfigBody::TargetPageBits(b) => out.extend_from_slice(&b.to_be_bytes()),
+                ConfigBody::TargetPageBits(b) => {
+                    if !(10..=16).contains(b) {
+                        return Err(bad(format!("target-page-bits {b} outside 10..=16")));
+                    }
+                    out.extend_from_slice(&b.to_be_bytes())
+                }
                 ConfigBody::Capabilities(caps) => {
-                    out.extend_from_slice(&(caps.len() as u32).to_be_bytes());
+                    let Ok(n) = u32::try_from(caps.len()) else {
+                        return Err(bad("too many capabilities".into()));
+                    };
+                    out.extend_from_slice(&n.to_be_bytes());
                     for c in caps {
-                        put_counted(out, c);
+                        put_counted(out, c, "capability name", start)?;
                     }
                 }
                 ConfigBody::Uuid(u) => out.extend_from_slice(u),
             }
         }
+        Ok(())
     }
 }
 
@@ -165,11 +207,11 @@ pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {
         let (r, body) = match sname {
             "configuration/target-page-bits" => {
                 let (r, bits) = be_u32(r)?;
-                if !(9..=30).contains(&bits) {
+                if !crate::target_page::valid_page_bits(bits) {
                     fail!(
                         r,
                         Configuration {
-                            why: "target-page-bits outside 9..=30"
+                            why: "target-page-bits outside QEMU's range 10..=16 (1 KiB to 64 KiB)"
                         }
                     );
                 }

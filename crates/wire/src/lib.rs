@@ -5,9 +5,9 @@
 //! trailer), commands (including PACKAGED nested streams), return-path
 //! messages with the received-bitmap trailer, and the RAM section records.
 //!
-//! Device (non-RAM) sections are kept as opaque byte spans, delimited without
-//! understanding VMState. Serializing the items of a stream in order gives
-//! back its exact bytes.
+//! Device (non-RAM) sections are kept as opaque byte spans; [`vmstate`]
+//! decodes them field by field from the vmdesc. Serializing the items of a
+//! stream in order gives back its exact bytes.
 //!
 //! ```
 //! use qmig_wire::{Item, SliceReader};
@@ -27,14 +27,18 @@
 
 pub mod command;
 pub mod decoder;
+pub mod devices;
 mod error;
 pub mod header;
+pub mod iterative;
 mod names;
 pub mod ram;
 pub mod reader;
 pub mod return_path;
 pub mod section;
+pub mod target_page;
 pub mod vmdesc;
+pub mod vmstate;
 
 pub use command::{Advise, Command, Discard, DiscardRange};
 pub use decoder::{Decoder, Item, Limits, Phase, SectionInfo, Step, StreamStart};
@@ -44,6 +48,7 @@ pub use ram::{MemBlock, RamBody, RamContext, RamKind, RamRecord};
 pub use reader::{decode_rp_message, ReadItem, ReturnPathReader, SliceReader, StreamReader};
 pub use return_path::RpMessage;
 pub use section::{SectionHeader, SectionIdent, SectionKind};
+pub use vmstate::{DeviceDesc, DeviceState, VmDesc};
 
 /// Parses a whole return-path capture into messages.
 ///

@@ -44,11 +44,37 @@ pub(crate) fn check_name(bytes: &[u8]) -> Result<&str, &'static str> {
     std::str::from_utf8(bytes).map_err(|_| "not valid UTF-8")
 }
 
-/// Writes a counted string. Names longer than 255 bytes are a caller bug;
-/// they are truncated to keep the output parseable.
-pub(crate) fn put_counted(out: &mut Vec<u8>, s: &str) {
+/// Writes a counted string, refusing what [`counted_name`] would refuse
+/// (empty, over 255 bytes, not printable ASCII) instead of truncating it.
+/// `start` is the output offset of the item being written (for the error).
+pub(crate) fn put_counted(
+    out: &mut Vec<u8>,
+    s: &str,
+    what: &'static str,
+    start: usize,
+) -> Result<(), crate::WireError> {
     let b = s.as_bytes();
-    let n = b.len().min(255);
-    out.push(n as u8);
-    out.extend_from_slice(&b[..n]);
+    let why = if b.len() > 255 {
+        Some(format!(
+            "{} bytes, the length field holds at most 255",
+            b.len()
+        ))
+    } else {
+        check_name(b).err().map(str::to_string)
+    };
+    if let Some(why) = why {
+        return Err(unwritable(start, what, why));
+    }
+    out.push(b.len() as u8);
+    out.extend_from_slice(b);
+    Ok(())
+}
+
+/// A [`crate::WireError::Unwritable`] at output offset `start`.
+pub(crate) fn unwritable(start: usize, what: &'static str, why: String) -> crate::WireError {
+    crate::WireError::Unwritable {
+        offset: start as u64,
+        what,
+        why,
+    }
 }

@@ -248,16 +248,101 @@ impl<'a> RamRecord<'a> {
         }
     }
 
-    /// Serializes the record.
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Serializes the record after checking it is one a reader reads back
+    /// the same: `flags` hold exactly the kind bit of the body (plus CONTINUE
+    /// on page records without a block name, and only there), the offset
+    /// does not overlap the flag bits (aligning it to the target page is the
+    /// caller's part: the record does not know the page size), names are
+    /// valid counted names, lengths fit their fields (XBZRLE be16, COMPRESS_PAGE
+    /// be32), a PAGE is a power of two of 1 to 64 KiB, and MEM_SIZE lengths
+    /// add up to its total. On error nothing is written.
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] naming the rule.
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
+        let start = out.len();
+        let bad = |why: String| crate::names::unwritable(start, "RAM record", why);
+        let (kind, page) = match &self.body {
+            RamBody::MemSize(_) => (flags::MEM_SIZE, false),
+            RamBody::Zero { .. } => (flags::ZERO, true),
+            RamBody::Page(_) => (flags::PAGE, true),
+            RamBody::Xbzrle(_) => (flags::XBZRLE, true),
+            RamBody::Compressed(_) => (flags::COMPRESS_PAGE, true),
+            RamBody::Eos => (flags::EOS, false),
+            RamBody::Hook => (flags::HOOK, false),
+            RamBody::MultifdFlush => (flags::MULTIFD_FLUSH, false),
+        };
+        let want = if page && self.block.is_none() {
+            kind | flags::CONTINUE
+        } else {
+            kind
+        };
+        if self.flags != want {
+            return Err(bad(format!(
+                "flags {:#x} disagree with the body and block name (expected {want:#x})",
+                self.flags
+            )));
+        }
+        if !page && self.block.is_some() {
+            return Err(bad("only page records carry a block name".into()));
+        }
+        const FLAG_BITS: u64 = 0x3ff;
+        if self.offset & FLAG_BITS != 0 {
+            return Err(bad(format!(
+                "offset {:#x} overlaps the flag bits",
+                self.offset
+            )));
+        }
+        match &self.body {
+            RamBody::Page(d)
+                if !(d.len().is_power_of_two() && (1024..=65536).contains(&d.len())) =>
+            {
+                return Err(bad(format!(
+                    "PAGE of {} bytes (a target page is a power of two of 1 to 64 KiB)",
+                    d.len()
+                )))
+            }
+            RamBody::Xbzrle(d) if d.len() > u16::MAX as usize => {
+                return Err(bad(format!(
+                    "XBZRLE body of {} bytes does not fit its be16 length",
+                    d.len()
+                )))
+            }
+            RamBody::Compressed(d) if d.len() > u32::MAX as usize => {
+                return Err(bad(format!(
+                    "COMPRESS_PAGE body of {} bytes does not fit its be32 length",
+                    d.len()
+                )))
+            }
+            RamBody::MemSize(blocks) => {
+                let sum = blocks
+                    .iter()
+                    .try_fold(0u64, |a, b| a.checked_add(b.used_length));
+                if sum != Some(self.offset) {
+                    return Err(bad(format!(
+                        "MEM_SIZE total {:#x} is not the sum of its block lengths",
+                        self.offset
+                    )));
+                }
+            }
+            _ => {}
+        }
+        let r = self.write_checked(out, start);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    fn write_checked(&self, out: &mut Vec<u8>, start: usize) -> Result<(), crate::WireError> {
         out.extend_from_slice(&(self.offset | self.flags).to_be_bytes());
         if let Some(b) = self.block {
-            put_counted(out, b);
+            put_counted(out, b, "RAM block name", start)?;
         }
         match &self.body {
             RamBody::MemSize(blocks) => {
                 for b in blocks {
-                    put_counted(out, b.name);
+                    put_counted(out, b.name, "MEM_SIZE block name", start)?;
                     out.extend_from_slice(&b.used_length.to_be_bytes());
                     if let Some(ps) = b.page_size {
                         out.extend_from_slice(&ps.to_be_bytes());
@@ -280,6 +365,7 @@ impl<'a> RamRecord<'a> {
             }
             RamBody::Eos | RamBody::Hook | RamBody::MultifdFlush => {}
         }
+        Ok(())
     }
 }
 

@@ -4,17 +4,22 @@
 
 use std::io::{Read, Seek, SeekFrom};
 
+use std::sync::Arc;
+
 use crate::decoder::{Decoder, Item, Limits, Step};
+use crate::devices::DeviceTable;
 use crate::error::WireError;
 use crate::return_path::{parse_rp_message, RpMessage};
+use crate::target_page::PageSizeSource;
 
 /// Iterates over the items of a stream held in memory. Items borrow from the
 /// slice. After an error the iterator ends.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SliceReader<'a> {
     buf: &'a [u8],
     dec: Decoder,
     failed: bool,
+    pending: Option<WireError>,
 }
 
 impl<'a> SliceReader<'a> {
@@ -27,13 +32,14 @@ impl<'a> SliceReader<'a> {
     /// Same as [`SliceReader::new`] with explicit limits.
     pub fn with_limits(buf: &'a [u8], limits: Limits) -> Self {
         let mut dec = Decoder::new(limits);
-        if let Some(h) = crate::vmdesc::find_trailer(tail(buf, limits.max_vmdesc as usize)) {
-            dec.set_eof_hint((buf.len() - tail(buf, limits.max_vmdesc as usize).len() + h) as u64);
-        }
+        let t = tail(buf, limits.max_vmdesc as usize);
+        let base = (buf.len() - t.len()) as u64;
+        let pending = install_vmdesc(&mut dec, t, base).err();
         SliceReader {
             buf,
             dec,
             failed: false,
+            pending,
         }
     }
 
@@ -43,6 +49,7 @@ impl<'a> SliceReader<'a> {
             buf,
             dec,
             failed: false,
+            pending: None,
         }
     }
 
@@ -57,6 +64,21 @@ fn tail(buf: &[u8], max_json: usize) -> &[u8] {
     &buf[buf.len() - n..]
 }
 
+/// Looks for the vmdesc trailer at the end of `tail` (the last bytes of a
+/// whole stream, `base` its offset) and gives the decoder the device table
+/// it describes, or says there is none.
+fn install_vmdesc(dec: &mut Decoder, tail: &[u8], base: u64) -> Result<(), WireError> {
+    match crate::vmdesc::find_trailer(tail) {
+        Some(h) => {
+            let table = DeviceTable::from_vmdesc_json(&tail[h + 6..])
+                .map_err(|e| e.shifted(base + h as u64 + 1))?;
+            dec.set_eof_hint(base + h as u64);
+            dec.set_vmdesc(Some(Arc::new(table)))
+        }
+        None => dec.set_vmdesc(None),
+    }
+}
+
 impl<'a> Iterator for SliceReader<'a> {
     type Item = Result<(u64, Item<'a>), WireError>;
 
@@ -64,14 +86,27 @@ impl<'a> Iterator for SliceReader<'a> {
         if self.failed {
             return None;
         }
+        if let Some(e) = self.pending.take() {
+            self.failed = true;
+            return Some(Err(e));
+        }
         let pos = self.dec.position();
         let rest = &self.buf[pos as usize..];
-        match self.dec.decode(rest, true) {
+        let step = loop {
+            match self.dec.decode(rest, true) {
+                Ok(Step::PageSize { bits }) => {
+                    self.dec.set_page_bits(bits, PageSizeSource::Inferred)
+                }
+                Ok(Step::NeedVmdesc) => self.dec.give_up_vmdesc(),
+                other => break other,
+            }
+        };
+        match step {
             Ok(Step::Item { item, len }) => {
                 self.dec.commit(&item, len);
                 Some(Ok((pos, item)))
             }
-            Ok(Step::End) => None,
+            Ok(Step::End | Step::PageSize { .. } | Step::NeedVmdesc) => None,
             Ok(Step::NeedMore) => {
                 self.failed = true;
                 Some(Err(WireError::Truncated {
@@ -154,6 +189,8 @@ impl<R: Read> StreamReader<R> {
                 Step::NeedMore => self.fill()?,
                 Step::End => return Ok(None),
                 Step::Item { .. } => break,
+                Step::PageSize { bits } => self.dec.set_page_bits(bits, PageSizeSource::Inferred),
+                Step::NeedVmdesc => self.look_ahead_for_vmdesc()?,
             }
         }
         let pos = self.dec.position();
@@ -230,6 +267,62 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// A device section after the RAM needs the vmdesc, which comes after
+    /// EOF: reads ahead (up to [`Limits::max_vmdesc_lookahead`] bytes) until
+    /// the buffered bytes end with a trailer whose description reads every
+    /// section up to the EOF byte before it. Nothing is consumed. When the
+    /// input ends without one, the stream has no vmdesc; when the cap is
+    /// reached, this one section is delimited by its footer.
+    fn look_ahead_for_vmdesc(&mut self) -> Result<(), WireError> {
+        const MAX_CANDIDATES: usize = 1 << 16;
+        let cap = self.dec.limits().max_vmdesc_lookahead;
+        let mut scanned = 0usize;
+        // (position of the EOF byte, end of the trailer), relative to start.
+        let mut cands: Vec<(usize, usize)> = Vec::new();
+        loop {
+            let avail = &self.buf[self.start..self.end];
+            while scanned + 6 < avail.len() {
+                let p = scanned;
+                if avail[p] == crate::section::EOF
+                    && avail[p + 1] == crate::section::VMDESCRIPTION
+                    && avail[p + 6] == b'{'
+                    && cands.len() < MAX_CANDIDATES
+                {
+                    let len = u32::from_be_bytes([
+                        avail[p + 2],
+                        avail[p + 3],
+                        avail[p + 4],
+                        avail[p + 5],
+                    ]);
+                    cands.push((p, p + 6 + len as usize));
+                }
+                scanned += 1;
+            }
+            cands.retain(|&(_, end)| end >= avail.len());
+            for &(p, end) in cands.iter().filter(|c| c.1 == avail.len()) {
+                let Ok(table) = DeviceTable::from_vmdesc_json(&avail[p + 6..end]) else {
+                    continue;
+                };
+                let mut trial = self.dec.clone();
+                let table = Arc::new(table);
+                if trial.set_vmdesc(Some(table.clone())).is_ok() && reaches_eof(trial, &avail[..=p])
+                {
+                    self.dec.set_eof_hint(self.dec.position() + p as u64);
+                    return self.dec.set_vmdesc(Some(table));
+                }
+            }
+            if self.eof {
+                self.dec.give_up_vmdesc();
+                return Ok(());
+            }
+            if avail.len() >= cap {
+                self.dec.scan_next_section();
+                return Ok(());
+            }
+            self.fill()?;
+        }
+    }
+
     /// Bytes of buffer currently allocated (bounded by the largest item plus
     /// one read chunk), for monitoring memory use.
     pub fn buffer_capacity(&self) -> usize {
@@ -266,16 +359,33 @@ impl<R: Read + Seek> StreamReader<R> {
             inner.seek(SeekFrom::Start(end - n)).map_err(io)?;
             let mut t = vec![0; n as usize];
             inner.read_exact(&mut t).map_err(io)?;
-            if let Some(h) = crate::vmdesc::find_trailer(&t) {
-                dec.set_eof_hint(total - n + h as u64);
-                break;
-            }
-            if n == total {
+            if crate::vmdesc::find_trailer(&t).is_some() || n == total {
+                install_vmdesc(&mut dec, &t, total - n)?;
                 break;
             }
         }
         inner.seek(SeekFrom::Start(origin)).map_err(io)?;
         Ok(Self::with_decoder(inner, dec))
+    }
+}
+
+/// Whether `dec` reads `buf` (which starts at its position) item by item
+/// to an EOF byte that is the last byte of `buf`.
+fn reaches_eof(mut dec: Decoder, buf: &[u8]) -> bool {
+    let base = dec.position();
+    loop {
+        let at = (dec.position() - base) as usize;
+        match dec.decode(&buf[at..], false) {
+            Ok(Step::Item { item, len }) => {
+                let done = matches!(item, Item::Eof);
+                dec.commit(&item, len);
+                if done {
+                    return at + len == buf.len();
+                }
+            }
+            Ok(Step::PageSize { bits }) => dec.set_page_bits(bits, PageSizeSource::Inferred),
+            _ => return false,
+        }
     }
 }
 

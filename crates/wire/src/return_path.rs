@@ -107,7 +107,15 @@ impl RpMessage<'_> {
     }
 
     /// Serializes the message (and, for RECV_BITMAP, its trailer).
-    pub fn write(&self, out: &mut Vec<u8>) {
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (nothing is written) for a payload over
+    /// 512 bytes (QEMU's source refuses longer messages), a block name a
+    /// reader would refuse, a bitmap whose length is not a multiple of 8, or
+    /// an `Unknown` message whose type is a known one.
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
+        let out_at = out.len();
+        let bad = |why: String| crate::names::unwritable(out_at, "return-path message", why);
         let mut p = Vec::new();
         match self {
             RpMessage::Shut(v) | RpMessage::Pong(v) | RpMessage::ResumeAck(v) => {
@@ -116,30 +124,69 @@ impl RpMessage<'_> {
             RpMessage::ReqPagesId { start, len, block } => {
                 p.extend_from_slice(&start.to_be_bytes());
                 p.extend_from_slice(&len.to_be_bytes());
-                put_counted(&mut p, block);
+                put_counted(&mut p, block, "REQ_PAGES_ID block name", out_at)?;
             }
             RpMessage::ReqPages { start, len } => {
                 p.extend_from_slice(&start.to_be_bytes());
                 p.extend_from_slice(&len.to_be_bytes());
             }
-            RpMessage::RecvBitmap { block, .. } => put_counted(&mut p, block),
+            RpMessage::RecvBitmap { block, bitmap } => {
+                if !bitmap.len().is_multiple_of(8) {
+                    return Err(bad(format!(
+                        "received bitmap of {} bytes (a multiple of 8 is required)",
+                        bitmap.len()
+                    )));
+                }
+                put_counted(&mut p, block, "RECV_BITMAP block name", out_at)?
+            }
             RpMessage::SwitchoverAck => {}
-            RpMessage::Unknown { payload, .. } => p.extend_from_slice(payload),
+            RpMessage::Unknown { msg_type, payload } => {
+                if message_name(*msg_type) != "UNKNOWN" {
+                    return Err(bad(format!(
+                        "an unknown message of type {msg_type} would be read back as {}",
+                        message_name(*msg_type)
+                    )));
+                }
+                p.extend_from_slice(payload)
+            }
+        }
+        if p.len() > MAX_RP_PAYLOAD {
+            return Err(bad(format!(
+                "{} payload of {} bytes (QEMU's source refuses more than {MAX_RP_PAYLOAD})",
+                self.name(),
+                p.len()
+            )));
         }
         out.extend_from_slice(&self.msg_type().to_be_bytes());
         out.extend_from_slice(&(p.len() as u16).to_be_bytes());
         out.extend_from_slice(&p);
         if let RpMessage::RecvBitmap { bitmap, .. } = self {
-            write_recv_bitmap_trailer(out, bitmap);
+            write_recv_bitmap_trailer(out, bitmap)?;
         }
+        Ok(())
     }
 }
 
+/// Largest return-path payload QEMU's source accepts (`source_return_path_thread`).
+pub const MAX_RP_PAYLOAD: usize = 512;
+
 /// Writes the received-bitmap trailer: be64 size, the bitmap, be64 end marker.
-pub fn write_recv_bitmap_trailer(out: &mut Vec<u8>, bitmap: &[u8]) {
+///
+/// # Errors
+/// [`crate::WireError::Unwritable`] (nothing is written) when the bitmap's
+/// length is not a multiple of 8.
+pub fn write_recv_bitmap_trailer(out: &mut Vec<u8>, bitmap: &[u8]) -> Result<(), crate::WireError> {
+    if !bitmap.len().is_multiple_of(8) {
+        return Err(crate::names::unwritable(
+            out.len(),
+            "received bitmap",
+            format!("{} bytes (a multiple of 8 is required)", bitmap.len()),
+        ));
+    }
     out.extend_from_slice(&(bitmap.len() as u64).to_be_bytes());
     out.extend_from_slice(bitmap);
     out.extend_from_slice(&RECV_BITMAP_ENDING.to_be_bytes());
+    Ok(())
 }
 
 /// Size in bytes of the received bitmap for `pages` target pages:
@@ -168,6 +215,9 @@ pub(crate) fn parse_rp_message(i: &[u8], max_bitmap: u64) -> PResult<'_, RpMessa
             )
         }
     };
+    // QEMU's source (source_return_path_thread) refuses longer messages,
+    // whatever their type; the writer refuses them too.
+    expect(len as usize <= MAX_RP_PAYLOAD, "at most 512")?;
     match t {
         msg::SHUT | msg::PONG | msg::RESUME_ACK => expect(len == 4, "4")?,
         msg::REQ_PAGES => expect(len == 12, "12")?,

@@ -129,15 +129,39 @@ impl<'a> SectionHeader<'a> {
         }
     }
 
-    /// Serializes the header.
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Serializes the header. START and FULL carry an ident, PART and END
+    /// none; the idstr must be a valid counted name.
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (nothing is written).
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), crate::WireError> {
+        let start = out.len();
+        if self.kind.introduces() != self.ident.is_some() {
+            return Err(crate::names::unwritable(
+                start,
+                "section header",
+                format!(
+                    "{} {} an idstr/instance/version",
+                    self.kind.name(),
+                    if self.kind.introduces() {
+                        "needs"
+                    } else {
+                        "cannot carry"
+                    }
+                ),
+            ));
+        }
         out.push(self.kind.byte());
         out.extend_from_slice(&self.section_id.to_be_bytes());
         if let Some(id) = &self.ident {
-            put_counted(out, id.idstr);
+            if let Err(e) = put_counted(out, id.idstr, "section idstr", start) {
+                out.truncate(start);
+                return Err(e);
+            }
             out.extend_from_slice(&id.instance.to_be_bytes());
             out.extend_from_slice(&id.version.to_be_bytes());
         }
+        Ok(())
     }
 }
 

@@ -25,11 +25,22 @@ pub(crate) fn parse_vmdesc(i: &[u8], max: u32) -> PResult<'_, &[u8]> {
     take(len as usize)(i)
 }
 
-/// Writes the vmdesc trailer.
-pub fn write_vmdesc(out: &mut Vec<u8>, json: &[u8]) {
+/// Writes the vmdesc trailer; the JSON's length must fit the be32 field.
+///
+/// # Errors
+/// [`crate::WireError::Unwritable`] (nothing is written).
+pub fn write_vmdesc(out: &mut Vec<u8>, json: &[u8]) -> Result<(), crate::WireError> {
+    let bad = |why: String| crate::names::unwritable(out.len(), "vmdesc", why);
+    if json.len() > u32::MAX as usize {
+        return Err(bad(format!(
+            "{} bytes do not fit the be32 length",
+            json.len()
+        )));
+    }
     out.push(crate::section::VMDESCRIPTION);
     out.extend_from_slice(&(json.len() as u32).to_be_bytes());
     out.extend_from_slice(json);
+    Ok(())
 }
 
 /// Finds the vmdesc trailer at the end of a complete precopy stream held in

@@ -25,31 +25,36 @@ impl Gen {
                 machine: "pc",
                 subsections: vec![],
             }
-            .write(&mut self.buf);
-            SectionHeader::start(1, "ram", 0, 4).write(&mut self.buf);
+            .write(&mut self.buf)
+            .unwrap();
+            SectionHeader::start(1, "ram", 0, 4)
+                .write(&mut self.buf)
+                .unwrap();
             RamRecord::mem_size(vec![MemBlock {
                 name: "pc.ram",
                 used_length: blocks,
                 page_size: None,
                 addr: None,
             }])
-            .write(&mut self.buf);
-            RamRecord::eos().write(&mut self.buf);
+            .write(&mut self.buf)
+            .unwrap();
+            RamRecord::eos().write(&mut self.buf).unwrap();
             write_footer(&mut self.buf, 1);
         }
         if self.done < self.parts {
-            SectionHeader::part(1).write(&mut self.buf);
+            SectionHeader::part(1).write(&mut self.buf).unwrap();
             let page = vec![(self.done % 251) as u8 | 1; 4096];
             for i in 0..256u64 {
                 let off = ((self.done as u64 * 256 + i) << 12) % blocks;
                 RamRecord::page(off, (i == 0 && self.done == 0).then_some("pc.ram"), &page)
-                    .write(&mut self.buf);
+                    .write(&mut self.buf)
+                    .unwrap();
             }
-            RamRecord::eos().write(&mut self.buf);
+            RamRecord::eos().write(&mut self.buf).unwrap();
             write_footer(&mut self.buf, 1);
         } else if self.done == self.parts {
-            SectionHeader::end(1).write(&mut self.buf);
-            RamRecord::eos().write(&mut self.buf);
+            SectionHeader::end(1).write(&mut self.buf).unwrap();
+            RamRecord::eos().write(&mut self.buf).unwrap();
             write_footer(&mut self.buf, 1);
             self.buf.push(0);
         }

@@ -83,7 +83,8 @@ fn commands() -> impl Strategy<Value = (u16, Vec<u8>)> {
                     .map(|&(start, len)| DiscardRange { start, len })
                     .collect(),
             })
-            .write(&mut out);
+            .write(&mut out)
+            .unwrap();
             (6u16, out)
         });
     let simple = prop_oneof![
@@ -103,12 +104,12 @@ fn commands() -> impl Strategy<Value = (u16, Vec<u8>)> {
     ]
     .prop_map(|c| {
         let mut out = Vec::new();
-        c.write(&mut out);
+        c.write(&mut out).unwrap();
         (c.number(), out)
     });
     let bitmap = name().prop_map(|n| {
         let mut out = Vec::new();
-        Command::RecvBitmap { block: &n }.write(&mut out);
+        Command::RecvBitmap { block: &n }.write(&mut out).unwrap();
         (10u16, out)
     });
     let unknown = (12u16.., prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(c, p)| {
@@ -117,7 +118,8 @@ fn commands() -> impl Strategy<Value = (u16, Vec<u8>)> {
             cmd: c,
             payload: &p,
         }
-        .write(&mut out);
+        .write(&mut out)
+        .unwrap();
         (c, out)
     });
     prop_oneof![discard, simple, bitmap, unknown]
@@ -127,12 +129,12 @@ fn rp_messages() -> impl Strategy<Value = Vec<u8>> {
     let m = prop_oneof![
         any::<u32>().prop_map(|v| {
             let mut o = Vec::new();
-            RpMessage::Shut(v).write(&mut o);
+            RpMessage::Shut(v).write(&mut o).unwrap();
             o
         }),
         any::<u32>().prop_map(|v| {
             let mut o = Vec::new();
-            RpMessage::Pong(v).write(&mut o);
+            RpMessage::Pong(v).write(&mut o).unwrap();
             o
         }),
         (any::<u64>(), any::<u32>(), name()).prop_map(|(s, l, n)| {
@@ -142,12 +144,15 @@ fn rp_messages() -> impl Strategy<Value = Vec<u8>> {
                 len: l,
                 block: &n,
             }
-            .write(&mut o);
+            .write(&mut o)
+            .unwrap();
             o
         }),
         (any::<u64>(), any::<u32>()).prop_map(|(s, l)| {
             let mut o = Vec::new();
-            RpMessage::ReqPages { start: s, len: l }.write(&mut o);
+            RpMessage::ReqPages { start: s, len: l }
+                .write(&mut o)
+                .unwrap();
             o
         }),
         (name(), prop::collection::vec(any::<u64>(), 0..40)).prop_map(|(n, w)| {
@@ -157,17 +162,18 @@ fn rp_messages() -> impl Strategy<Value = Vec<u8>> {
                 block: &n,
                 bitmap: &bits,
             }
-            .write(&mut o);
+            .write(&mut o)
+            .unwrap();
             o
         }),
         any::<u32>().prop_map(|v| {
             let mut o = Vec::new();
-            RpMessage::ResumeAck(v).write(&mut o);
+            RpMessage::ResumeAck(v).write(&mut o).unwrap();
             o
         }),
         Just({
             let mut o = Vec::new();
-            RpMessage::SwitchoverAck.write(&mut o);
+            RpMessage::SwitchoverAck.write(&mut o).unwrap();
             o
         }),
         (8u16.., prop::collection::vec(any::<u8>(), 0..100)).prop_map(|(t, p)| {
@@ -176,7 +182,8 @@ fn rp_messages() -> impl Strategy<Value = Vec<u8>> {
                 msg_type: t,
                 payload: &p,
             }
-            .write(&mut o);
+            .write(&mut o)
+            .unwrap();
             o
         }),
     ];
@@ -190,13 +197,13 @@ proptest! {
     fn ram_record_roundtrip((off, block, body) in rec_strategy()) {
         let rec = build(off, &block, &body);
         let mut bytes = Vec::new();
-        rec.write(&mut bytes);
+        rec.write(&mut bytes).unwrap();
         let ctx = RamContext::default();
         let (parsed, len) = decode_record(&bytes, 0, &ctx, true).unwrap();
         prop_assert_eq!(len, bytes.len());
         prop_assert_eq!(&parsed, &rec);
         let mut again = Vec::new();
-        parsed.write(&mut again);
+        parsed.write(&mut again).unwrap();
         prop_assert_eq!(again, bytes);
     }
 
@@ -228,9 +235,9 @@ proptest! {
         };
         let rec = RamRecord::mem_size(mbs);
         let mut bytes = Vec::new();
-        rec.write(&mut bytes);
+        rec.write(&mut bytes).unwrap();
         let n = bytes.len();
-        RamRecord::eos().write(&mut bytes);
+        RamRecord::eos().write(&mut bytes).unwrap();
         let (parsed, len) = decode_record(&bytes, 0, &ctx, false).unwrap();
         prop_assert_eq!(len, n);
         prop_assert_eq!(parsed, rec);
@@ -242,7 +249,7 @@ proptest! {
         prop_assert_eq!(len, bytes.len());
         prop_assert_eq!(c.number(), num);
         let mut again = Vec::new();
-        c.write(&mut again);
+        c.write(&mut again).unwrap();
         prop_assert_eq!(again, bytes);
     }
 
@@ -251,13 +258,13 @@ proptest! {
         let msgs = parse_return_path(&bytes).unwrap();
         let mut again = Vec::new();
         for (_, m) in &msgs {
-            m.write(&mut again);
+            m.write(&mut again).unwrap();
         }
         prop_assert_eq!(again, bytes);
     }
 
     #[test]
-    fn configuration_roundtrip(machine in "[a-z0-9.-]{1,40}", bits in prop::option::of(9u32..=16), caps in prop::option::of(prop::collection::vec("[a-z-]{1,20}", 0..4)), uuid in prop::option::of(any::<[u8; 16]>())) {
+    fn configuration_roundtrip(machine in "[a-z0-9.-]{1,40}", bits in prop::option::of(10u32..=16), caps in prop::option::of(prop::collection::vec("[a-z-]{1,20}", 0..4)), uuid in prop::option::of(any::<[u8; 16]>())) {
         let mut subsections = Vec::new();
         if let Some(b) = bits { subsections.push(ConfigSubsection { name: "configuration/target-page-bits", version: 1, body: ConfigBody::TargetPageBits(b) }); }
         let caps_ref: Option<Vec<&str>> = caps.as_ref().map(|c| c.iter().map(String::as_str).collect());
@@ -265,7 +272,7 @@ proptest! {
         if let Some(u) = uuid { subsections.push(ConfigSubsection { name: "configuration/uuid", version: 1, body: ConfigBody::Uuid(u) }); }
         let c = Configuration { machine: &machine, subsections };
         let mut bytes = Vec::new();
-        c.write(&mut bytes);
+        c.write(&mut bytes).unwrap();
         let n = bytes.len();
         bytes.push(0x01); // the next section's type byte ends the subsection list
         let (parsed, len) = decode_configuration(&bytes, 0).unwrap();
@@ -278,7 +285,7 @@ proptest! {
         let kind = [SectionKind::Start, SectionKind::Part, SectionKind::End, SectionKind::Full][kind];
         let h = SectionHeader { kind, section_id: id, ident: kind.introduces().then_some(SectionIdent { idstr: &idstr, instance: inst, version: ver }) };
         let mut bytes = Vec::new();
-        h.write(&mut bytes);
+        h.write(&mut bytes).unwrap();
         let (p, len) = decode_section_header(&bytes, 0).unwrap();
         prop_assert_eq!(len, bytes.len());
         prop_assert_eq!(p, h);
@@ -290,51 +297,88 @@ proptest! {
     #[test]
     fn synthetic_stream_roundtrip(
         pages in prop::collection::vec((0u64..64, any::<bool>(), any::<u8>()), 0..40),
-        devices in prop::collection::vec(("[a-z0-9_]{1,12}", prop::collection::vec(any::<u8>(), 0..200)), 0..6),
+        devices in prop::collection::vec(("[a-z0-9_]{1,12}", prop::collection::vec(any::<u8>(), 0..200), prop::option::of((0usize..200, 0usize..4))), 0..6),
         ping in prop::option::of(any::<u32>()),
         vmdesc in any::<bool>(),
     ) {
+        // Device payloads may hold copies of their own footer followed by
+        // what a section could start with (guest-controlled bytes).
+        let devices: Vec<(String, Vec<u8>)> = devices.into_iter().enumerate().map(|(i, (n, mut p, fake))| {
+            if let Some((at, kind)) = fake {
+                let id = 10 + i as u32;
+                let mut f = Vec::new();
+                write_footer(&mut f, id);
+                match kind {
+                    0 => { SectionHeader::part(2).write(&mut f).unwrap(); RamRecord::eos().write(&mut f).unwrap(); write_footer(&mut f, 2); }
+                    1 => SectionHeader::full(id + 100, "fake", 0, 1).write(&mut f).unwrap(),
+                    2 => f.push(0),
+                    _ => Command::Ping(7).write(&mut f).unwrap(),
+                }
+                let at = at.min(p.len());
+                p.splice(at..at, f);
+            }
+            (n, p)
+        }).collect();
         let mut s = Vec::new();
         write_header(&mut s);
-        Configuration { machine: "pc-i440fx-10.0", subsections: vec![] }.write(&mut s);
+        Configuration { machine: "pc-i440fx-10.0", subsections: vec![] }.write(&mut s).unwrap();
         if let Some(p) = ping {
-            Command::OpenReturnPath.write(&mut s);
-            Command::Ping(p).write(&mut s);
+            Command::OpenReturnPath.write(&mut s).unwrap();
+            Command::Ping(p).write(&mut s).unwrap();
         }
-        SectionHeader::start(2, "ram", 0, 4).write(&mut s);
-        RamRecord::mem_size(vec![MemBlock { name: "pc.ram", used_length: 64 << 12, page_size: None, addr: None }]).write(&mut s);
-        RamRecord::eos().write(&mut s);
+        SectionHeader::start(2, "ram", 0, 4).write(&mut s).unwrap();
+        RamRecord::mem_size(vec![MemBlock { name: "pc.ram", used_length: 64 << 12, page_size: None, addr: None }]).write(&mut s).unwrap();
+        RamRecord::eos().write(&mut s).unwrap();
         write_footer(&mut s, 2);
-        SectionHeader::part(2).write(&mut s);
+        SectionHeader::part(2).write(&mut s).unwrap();
         let data: Vec<Vec<u8>> = pages.iter().map(|(_, _, b)| vec![*b; 4096]).collect();
         for (i, (pg, zero, _)) in pages.iter().enumerate() {
             let block = if i == 0 { Some("pc.ram") } else { None };
-            if *zero { RamRecord::zero(pg << 12, block).write(&mut s) } else { RamRecord::page(pg << 12, block, &data[i]).write(&mut s) }
+            if *zero { RamRecord::zero(pg << 12, block).write(&mut s).unwrap() } else { RamRecord::page(pg << 12, block, &data[i]).write(&mut s).unwrap() }
         }
-        RamRecord::eos().write(&mut s);
+        RamRecord::eos().write(&mut s).unwrap();
         write_footer(&mut s, 2);
-        SectionHeader::end(2).write(&mut s);
-        RamRecord::eos().write(&mut s);
+        SectionHeader::end(2).write(&mut s).unwrap();
+        RamRecord::eos().write(&mut s).unwrap();
         write_footer(&mut s, 2);
         for (i, (n, payload)) in devices.iter().enumerate() {
             let id = 10 + i as u32;
-            SectionHeader::full(id, n, 0, 1).write(&mut s);
+            SectionHeader::full(id, n, i as u32, 1).write(&mut s).unwrap();
             s.extend_from_slice(payload);
             write_footer(&mut s, id);
         }
         s.push(0);
         if vmdesc {
-            qmig_wire::vmdesc::write_vmdesc(&mut s, br#"{"page_size":4096,"devices":[]}"#);
+            let devs: Vec<String> = devices.iter().enumerate().map(|(i, (n, p))| format!(
+                r#"{{"name":"{n}","instance_id":{i},"vmsd_name":"{n}","version":1,"fields":[{{"name":"data","type":"buffer","size":{}}}]}}"#, p.len())).collect();
+            let json = format!(r#"{{"page_size":4096,"devices":[{}]}}"#, devs.join(","));
+            qmig_wire::vmdesc::write_vmdesc(&mut s, json.as_bytes()).unwrap();
         }
+        // With a vmdesc every payload is read exactly; without one the
+        // reader either reads it exactly or refuses, never another reading.
         let mut again = Vec::new();
-        let mut device_spans = 0;
+        let mut payloads = Vec::new();
+        let mut failed = false;
         for it in SliceReader::new(&s) {
-            let (_, it) = it.unwrap();
-            if let Item::DeviceData(_) = it { device_spans += 1; }
-            it.write(&mut again);
+            match it {
+                Ok((_, it)) => {
+                    if let Item::DeviceData(d) = it { payloads.push(d.to_vec()); }
+                    it.write(&mut again).unwrap();
+                }
+                Err(e) => {
+                    prop_assert!(!vmdesc, "with a vmdesc: {}", e);
+                    failed = true;
+                    break;
+                }
+            }
         }
-        prop_assert_eq!(device_spans, devices.len());
-        prop_assert_eq!(again, s);
+        let want: Vec<Vec<u8>> = devices.iter().map(|(_, p)| p.clone()).collect();
+        if failed {
+            prop_assert_eq!(&payloads[..], &want[..payloads.len()]);
+        } else {
+            prop_assert_eq!(payloads, want);
+            prop_assert_eq!(again, s);
+        }
     }
 
     /// Arbitrary bytes never panic the decoder, and whatever prefix parses
@@ -348,7 +392,7 @@ proptest! {
         let mut last = 0;
         for it in SliceReader::new(&s) {
             match it {
-                Ok((off, it)) => { it.write(&mut again); last = off; }
+                Ok((off, it)) => { it.write(&mut again).unwrap(); last = off; }
                 Err(e) => { prop_assert!(e.offset() >= last); prop_assert!(e.offset() <= s.len() as u64); break; }
             }
         }

@@ -1,0 +1,245 @@
+//! Real QEMU output from the field (`tests/data/field/`, copied from the
+//! project's shared field inputs): each must be read as QEMU reads it.
+//! `inspect --json` counts equal QEMU's `query-migrate` counters (from a
+//! file and from a pipe), `roundtrip` is identical, and `extract` gives the
+//! source's memory digests. The mapped-ram file is the multifd/mapped-ram
+//! issue's input and is read there.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use qmig_tests::sha256;
+use serde_json::Value;
+
+fn qmig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qmig"))
+}
+
+fn field_dir(name: &str) -> PathBuf {
+    qmig_tests::data_dir().join("field").join(name)
+}
+
+fn oracle(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(field_dir(name).join("oracle.json")).unwrap()).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qmig-field-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `inspect --json` of `bytes` given through a pipe.
+fn inspect_pipe(bytes: &[u8]) -> (bool, Value) {
+    let mut child = qmig()
+        .args(["inspect", "/dev/stdin", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = bytes.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), v)
+}
+
+fn inspect_file(p: &Path) -> (bool, Value) {
+    let out = qmig().arg("inspect").arg(p).arg("--json").output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), v)
+}
+
+fn check_counts(name: &str, how: &str, v: &Value) {
+    let o = oracle(name);
+    let qm = &o["query_migrate_ram"];
+    assert_eq!(
+        v["totals"]["page"], qm["normal"],
+        "{name} ({how}): PAGE records"
+    );
+    assert_eq!(
+        v["totals"]["zero"], qm["duplicate"],
+        "{name} ({how}): ZERO records"
+    );
+    assert_eq!(
+        v["target_page_size"], o["page_size"],
+        "{name} ({how}): target page size"
+    );
+    assert!(v["error"].is_null(), "{name} ({how}): {}", v["error"]);
+}
+
+fn check_extract(name: &str, stream: &Path) {
+    let out_dir = scratch(name).join("out");
+    let out = qmig()
+        .arg("extract")
+        .arg(stream)
+        .arg("-o")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: extract: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = oracle(name);
+    let ranges = o["ranges"].as_array().unwrap();
+    assert!(!ranges.is_empty());
+    for r in ranges {
+        let block = r["block"].as_str().unwrap();
+        let img = std::fs::read(out_dir.join(format!("{block}.img"))).unwrap();
+        let (off, len) = (
+            r["offset"].as_u64().unwrap() as usize,
+            r["length"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(
+            sha256::hex(&img[off..off + len]),
+            r["sha256"].as_str().unwrap(),
+            "{name}: {block} [{off:#x}, +{len:#x})"
+        );
+    }
+    for (block, len) in o["lengths"].as_object().unwrap() {
+        let m = std::fs::metadata(out_dir.join(format!("{block}.img"))).unwrap();
+        assert_eq!(Some(m.len()), len.as_u64(), "{name}: {block} length");
+    }
+}
+
+fn check_all(name: &str) {
+    let stream = field_dir(name).join("stream");
+    let (ok, v) = inspect_file(&stream);
+    assert!(ok, "{name}: inspect of the file failed: {}", v["error"]);
+    check_counts(name, "file", &v);
+    let (ok, v) = inspect_pipe(&std::fs::read(&stream).unwrap());
+    assert!(ok, "{name}: inspect through a pipe failed: {}", v["error"]);
+    check_counts(name, "pipe", &v);
+    let out = qmig().arg("roundtrip").arg(&stream).output().unwrap();
+    assert!(out.status.success(), "{name}: roundtrip");
+    check_extract(name, &stream);
+}
+
+/// 32-bit ARM `versatilepb`: 1 KiB target pages, announced by no subsection.
+#[test]
+fn arm_1k_target_pages() {
+    check_all("arm-1k-target-pages");
+    let (_, v) = inspect_file(&field_dir("arm-1k-target-pages").join("stream"));
+    assert_eq!(v["target_page_size_source"], "vmdesc");
+    let (_, v) =
+        inspect_pipe(&std::fs::read(field_dir("arm-1k-target-pages").join("stream")).unwrap());
+    // From a pipe the vmdesc comes last: the machine type decided first,
+    // and the vmdesc agreed.
+    assert_eq!(v["target_page_size"], 1024);
+}
+
+/// QEMU 7.2 with `send-configuration=off`.
+#[test]
+fn no_configuration_section() {
+    check_all("no-configuration-section");
+    let (_, v) = inspect_file(&field_dir("no-configuration-section").join("stream"));
+    assert_eq!(v["configuration_section"], false);
+}
+
+/// The guest wrote a footer, a RAM PART section and another footer into its
+/// CMOS RAM: the RTC section is read whole from a file and a pipe, and the
+/// fake bytes are part of its payload.
+#[test]
+fn guest_fake_footer_is_device_state() {
+    let name = "guest-fake-footer";
+    check_all(name);
+    let o = oracle(name);
+    let fake = hex_bytes(o["fake_bytes_hex"].as_str().unwrap());
+    let rtc = o["rtc_section_id"].as_u64().unwrap();
+    let stream = field_dir(name).join("stream");
+    let bytes = std::fs::read(&stream).unwrap();
+    // The fake bytes occur twice: in the guest's own code (a RAM page, at
+    // the oracle's `fake_stream_offset`) and in the RTC's CMOS RAM.
+    let at: Vec<u64> = bytes
+        .windows(fake.len())
+        .enumerate()
+        .filter(|(_, w)| *w == &fake[..])
+        .map(|(i, _)| i as u64)
+        .collect();
+    assert_eq!(at.len(), 2, "{at:?}");
+    assert_eq!(at[0], o["fake_stream_offset"].as_u64().unwrap());
+    let fake_at = at[1];
+    let (_, v) = inspect_file(&stream);
+    assert_eq!(v["device_sections_delimited_by"], "vmdesc");
+    // The RAM section is read once: one START, one END.
+    assert_eq!(v["section_headers"]["START"], 1);
+    assert_eq!(v["section_headers"]["END"], 1);
+    // The record listing shows the RTC payload spanning the fake bytes.
+    let out = qmig()
+        .args(["inspect", "--records"])
+        .arg(&stream)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let spans: Vec<(u64, u64)> = text
+        .lines()
+        .filter(|l| l.contains("DEVICE_DATA"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let off = f.first()?.parse().ok()?;
+            let len = f.last()?.parse().ok()?;
+            Some((off, len))
+        })
+        .collect();
+    assert!(
+        spans
+            .iter()
+            .any(|&(off, len)| off <= fake_at && fake_at + fake.len() as u64 <= off + len),
+        "RTC section {rtc}: no device payload spans the fake bytes at {fake_at}: {spans:?}"
+    );
+}
+
+/// The same stream without its vmdesc trailer: nothing delimits the RTC
+/// section but its footer, and the guest's fake footer is refused by the
+/// stream's structure (no RAM PART after the RAM END) or reported as
+/// ambiguous; the fake RAM record is never applied.
+#[test]
+fn guest_fake_footer_without_vmdesc() {
+    let name = "guest-fake-footer";
+    let bytes = std::fs::read(field_dir(name).join("stream")).unwrap();
+    let t = qmig_wire::vmdesc::find_trailer(&bytes).expect("trailer");
+    let stripped = &bytes[..=t];
+    let dir = scratch("fake-stripped");
+    let p = dir.join("stream");
+    std::fs::write(&p, stripped).unwrap();
+    for (how, (ok, v)) in [("file", inspect_file(&p)), ("pipe", inspect_pipe(stripped))] {
+        if ok {
+            check_counts(name, how, &v);
+            assert_eq!(
+                v["section_headers"]["PART"],
+                json_count(&bytes, "PART"),
+                "{how}"
+            );
+        } else {
+            let e = v["error"].to_string();
+            assert!(
+                e.contains("ambiguous") || e.contains("device section"),
+                "{how}: {e}"
+            );
+        }
+    }
+}
+
+/// PART sections in the real stream (read with its vmdesc).
+fn json_count(bytes: &[u8], kind: &str) -> Value {
+    let dir = scratch("fake-count");
+    let p = dir.join("stream");
+    std::fs::write(&p, bytes).unwrap();
+    inspect_file(&p).1["section_headers"][kind].clone()
+}
+
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
+}
