@@ -4,8 +4,15 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops vmstate_decode container_open recv_state; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state; do
     mkdir -p "$here/corpus/$t"
+done
+# URIs and sizes as users write them.
+i=0
+for s in tcp:127.0.0.1:4444 tcp::4444 'tcp:[::1]:4444' unix:/run/qmig.sock file:/tmp/x.stream \
+         'exec:cat > x' 64M 1.5G 4096 0.5k; do
+    i=$((i + 1))
+    printf '%s' "$s" > "$here/corpus/cli_args/seed-$i"
 done
 for d in "$data"/*/; do
     n="$(basename "$d")"

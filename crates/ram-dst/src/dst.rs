@@ -159,6 +159,27 @@ pub enum PostcopyState {
     End,
 }
 
+impl PostcopyState {
+    /// A lower-case name for output (`none`, `advised`, `discarding`,
+    /// `listening`, `running`, `end`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PostcopyState::None => "none",
+            PostcopyState::Advised => "advised",
+            PostcopyState::Discarding => "discarding",
+            PostcopyState::Listening => "listening",
+            PostcopyState::Running => "running",
+            PostcopyState::End => "end",
+        }
+    }
+}
+
+impl std::fmt::Display for PostcopyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Something the host of the state machine must do, from [`RamDst::poll_action`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

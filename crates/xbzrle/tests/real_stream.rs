@@ -15,14 +15,13 @@ fn reencoding_every_real_xbzrle_record_gives_qemus_bytes() {
         let mut mem: HashMap<String, Vec<u8>> = HashMap::new();
         let mut cur = String::new();
         let mut checked = 0usize;
-        let mut page_size = 4096;
         let mut out = vec![0u8; 65536];
         let mut rd = SliceReader::new(&c.stream);
         while let Some(it) = rd.next() {
             let (off, it) = it.unwrap();
             let Item::Ram(r) = it else { continue };
             // The decoder's target page size (1 KiB on 32-bit ARM boards).
-            page_size = rd.decoder().ram_context().page_size();
+            let page_size = rd.decoder().ram_context().page_size();
             if let Some(b) = r.block {
                 cur = b.to_string();
             }
