@@ -450,10 +450,9 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
             apply_slice(&map, base, &mut s)
         }
         other => {
-            let rd = StreamReader::with_decoder(
-                SignalAware(other),
-                qmig_wire::Decoder::new(qmig_wire::Limits::default()),
-            );
+            let mut dec = qmig_wire::Decoder::new(qmig_wire::Limits::default());
+            crate::input::configure(&mut dec);
+            let rd = StreamReader::with_decoder(SignalAware(other), dec);
             apply_reader(rd, &mut s, 0, consumed)
         }
     };
@@ -509,6 +508,7 @@ fn apply_slice<M: Images>(
     let mut released = 0u64;
     let pb = crate::progress::bytes(buf.len() as u64, "extract");
     let mut rd = SliceReader::new(buf);
+    crate::input::configure(rd.decoder_mut());
     let mut n = 0u32;
     let r = loop {
         let (offset, item) = match rd.next() {

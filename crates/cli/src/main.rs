@@ -30,6 +30,11 @@ struct Cli {
     /// No progress bars or summary lines on stderr (errors are still printed).
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Target page size of the stream (e.g. 1K, 4K, 8K), for streams that do
+    /// not declare it (no target-page-bits, no vmdesc, unknown machine type):
+    /// it overrides every source in the stream.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = size::parse_size)]
+    target_page_size: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -175,6 +180,12 @@ fn main() -> ExitCode {
         }
     };
     progress::set_quiet(cli.quiet);
+    if let Some(ps) = cli.target_page_size {
+        if let Err(e) = input::set_target_page_size(ps) {
+            eprintln!("qmig: {}: {e}", command_word());
+            return ExitCode::from(2);
+        }
+    }
     let (name, json) = match &cli.cmd {
         Cmd::Inspect { json, .. } => ("inspect", *json),
         Cmd::Roundtrip { .. } => ("roundtrip", false),

@@ -433,6 +433,7 @@ pub(crate) fn receive(
         save_error: save_error.clone(),
     };
     let mut rd = StreamReader::new(tee);
+    crate::input::configure(rd.decoder_mut());
     let pb = crate::progress::bytes(0, "recv");
     let started = Instant::now();
     let mut rp_open = false;

@@ -243,3 +243,36 @@ fn hex_bytes(h: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// `--target-page-size` overrides every source: the right size reads the
+/// ARM stream, a wrong one is refused with an offset (the records do not
+/// parse), and a size QEMU cannot have is a usage error.
+#[test]
+fn target_page_size_override() {
+    let s = field_dir("arm-1k-target-pages").join("stream");
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .args(["--json", "--target-page-size", "1K"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["target_page_size_source"], "override");
+    check_counts("arm-1k-target-pages", "override", &v);
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .args(["--target-page-size", "4K"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("offset"));
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .args(["--target-page-size", "3K"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
