@@ -6,7 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use qmig_wire::{Command, ConfigBody, Item, RamBody, RamKind, RpMessage};
+use qmig_wire::{Command, ConfigBody, Item, MappedRam, RamBody, RamKind, RpMessage};
 use serde_json::{json, Value};
 
 #[derive(Default, Clone)]
@@ -21,6 +21,8 @@ struct BlockStats {
     nonzero_fill: u64,
     discarded_bytes: u64,
     discard_ranges: u64,
+    /// mapped-ram: file offsets of the bitmap and of the first page.
+    mapped_ram: Option<(u64, u64)>,
 }
 
 /// How many commands, sections, blocks, PONGs and received bitmaps are kept
@@ -253,6 +255,33 @@ pub fn run(
                     .ok()
                     .and_then(|v| v.get("devices").and_then(|d| d.as_array()).map(|a| a.len()));
             }
+            Item::MappedRam(m) => {
+                s.ram_bytes += dec.position() - off;
+                match m {
+                    MappedRam::MemSize { .. } => *s.totals.entry("mem_size").or_default() += 1,
+                    MappedRam::Block { block, header } => {
+                        cur_block = block.name.to_string();
+                        let e = s.block(block.name);
+                        e.length = block.used_length;
+                        e.addr = block.addr;
+                        e.mapped_ram = Some((header.bitmap_offset, header.pages_offset));
+                    }
+                    // Pages with their bit set are in the file (counted as
+                    // PAGE, QEMU's `normal`); the others were zero when
+                    // saved (QEMU's `duplicate`).
+                    MappedRam::Bitmap(bm) => {
+                        let pages =
+                            s.blocks.get(&cur_block).map_or(0, |b| b.length) / s.page_size.max(1);
+                        let set = qmig_wire::mapped_ram::count_set(bm, pages);
+                        let e = s.block(&cur_block);
+                        e.page += set;
+                        e.zero += pages - set;
+                        *s.totals.entry("page").or_default() += set;
+                        *s.totals.entry("zero").or_default() += pages - set;
+                    }
+                    MappedRam::Padding(_) | MappedRam::Pages { .. } => {}
+                }
+            }
             Item::Footer(_) | Item::PackageEnd => {}
         }
         if records {
@@ -369,6 +398,24 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 "-",
                 "-",
                 c.name()
+            )
+        }
+        Item::MappedRam(m) => {
+            let (blk, pofs) = match m {
+                MappedRam::MemSize { total } => ("-".to_string(), format!("total={total:#x}")),
+                MappedRam::Block {
+                    block: b,
+                    header: h,
+                } => (
+                    b.name.to_string(),
+                    format!("bitmap@{} pages@{}", h.bitmap_offset, h.pages_offset),
+                ),
+                MappedRam::Pages { first, .. } => (block.to_string(), format!("page {first}")),
+                _ => (block.to_string(), "-".into()),
+            };
+            format!(
+                "{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<16} {len}",
+                m.kind_name()
             )
         }
         other => format!(
@@ -514,6 +561,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
                 "zero": b.zero, "page": b.page, "xbzrle": b.xbzrle, "compressed": b.compressed,
                 "nonzero_fill": b.nonzero_fill,
                 "discard_ranges": b.discard_ranges, "discarded_bytes": b.discarded_bytes,
+                "mapped_ram": b.mapped_ram.map(|(bo, po)| json!({"bitmap_offset": bo, "pages_offset": po})),
             })
         })
         .collect();
@@ -701,6 +749,15 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
             "-",
             b.discarded_bytes
         )?;
+    }
+    for n in &s.block_order {
+        if let Some((bo, po)) = s.blocks[n].mapped_ram {
+            writeln!(
+                out,
+                "  mapped-ram {n}: bitmap at file offset {bo}, pages at {po} .. {}",
+                po.saturating_add(s.blocks[n].length)
+            )?;
+        }
     }
     for l in leniencies(s) {
         writeln!(
