@@ -19,6 +19,14 @@ for d in "$data"/*/; do
     fi
     if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
 done
+# Field inputs: the mapped-ram file's head (configuration with mapped-ram,
+# the MEM_SIZE word, the first block header, its bitmap and padding).
+mr="$data/field/mapped-ram-file/stream.gz"
+if [ -f "$mr" ]; then
+    for t in parse_stream roundtrip ram_dst_ops; do
+        { gzip -dc "$mr" || true; } | head -c 65536 > "$here/corpus/$t/mapped-ram-head"
+    done
+fi
 # vmstate_decode: per device of every capture with a vmdesc, a vmdesc naming
 # only that device, a NUL, and the device's payload (walked with the
 # description's lengths from the first FULL header of the first device).

@@ -756,29 +756,30 @@ impl Decoder {
                     }
                     return item(MappedRam::Bitmap(&buf[..n]), n);
                 }
+                // Padding and pages are cut at fixed boundaries (1 MiB of
+                // the file, 1 MiB of the page area), so every reader gives
+                // the same items whatever it has buffered.
+                let cut = |from: u64, limit: u64, chunk: u64| {
+                    let next = ((pos - from) / chunk + 1).saturating_mul(chunk);
+                    (from.saturating_add(next).min(limit) - pos) as usize
+                };
                 if pos < r.pages_offset {
-                    let n = (r.pages_offset - pos).min(mapped_ram::PADDING_CHUNK as u64) as usize;
-                    let n = n.min(buf.len());
-                    if n == 0 {
-                        return need(1);
+                    let n = cut(0, r.pages_offset, mapped_ram::PADDING_CHUNK as u64);
+                    if buf.len() < n {
+                        return need(n - buf.len());
                     }
                     return item(MappedRam::Padding(&buf[..n]), n);
                 }
-                let ps = r.page_size as usize;
-                let left = (r.end - pos) / r.page_size;
-                let k = left
-                    .min((buf.len() / ps) as u64)
-                    .min((mapped_ram::PAGES_CHUNK / ps).max(1) as u64)
-                    as usize;
-                if k == 0 {
-                    return need(ps - buf.len());
+                let n = cut(r.pages_offset, r.end, mapped_ram::PAGES_CHUNK as u64);
+                if buf.len() < n {
+                    return need(n - buf.len());
                 }
                 item(
                     MappedRam::Pages {
                         first: (pos - r.pages_offset) / r.page_size,
-                        data: &buf[..k * ps],
+                        data: &buf[..n],
                     },
-                    k * ps,
+                    n,
                 )
             }
             Some(st) if st.sum < st.total => {

@@ -29,10 +29,11 @@ pub const HEADER_LEN: usize = 28;
 pub const VERSION: u32 = 1;
 /// Alignment of each block's pages offset in the file (1 MiB).
 pub const FILE_OFFSET_ALIGNMENT: u64 = 1 << 20;
-/// Largest run of pages (bytes) one [`MappedRam::Pages`] item carries
-/// (at least one page).
+/// [`MappedRam::Pages`] items end at multiples of this many bytes of the
+/// page area (or at its end); a multiple of every target page size.
 pub const PAGES_CHUNK: usize = 1 << 20;
-/// Largest [`MappedRam::Padding`] item (bytes).
+/// [`MappedRam::Padding`] items end at multiples of this stream offset (or
+/// at the pages offset).
 pub const PADDING_CHUNK: usize = 1 << 20;
 
 /// The 28-byte header QEMU writes after each MEM_SIZE block entry.

@@ -143,7 +143,18 @@ impl Read for Dribble<'_> {
     }
 }
 
+type Listing = Vec<(u64, &'static str)>;
+
 fn stream_roundtrip(bytes: &[u8], sizes: Vec<usize>) -> (Vec<u8>, Vec<(String, u64, u8)>, usize) {
+    let (out, pages, cap, _) = stream_read(bytes, sizes);
+    (out, pages, cap)
+}
+
+fn stream_read(
+    bytes: &[u8],
+    sizes: Vec<usize>,
+) -> (Vec<u8>, Vec<(String, u64, u8)>, usize, Listing) {
+    let mut listing = Vec::new();
     let mut rd = StreamReader::new(Dribble {
         data: bytes,
         sizes,
@@ -155,6 +166,7 @@ fn stream_roundtrip(bytes: &[u8], sizes: Vec<usize>) -> (Vec<u8>, Vec<(String, u
     let mut bitmap = Vec::new();
     let mut cap = 0;
     while let Some(ri) = rd.next_item().unwrap() {
+        listing.push((ri.offset, ri.item.kind_name()));
         ri.item.write(&mut out).unwrap();
         match &ri.item {
             Item::MappedRam(MappedRam::Block { block: b, .. }) => block = b.name.into(),
@@ -171,7 +183,7 @@ fn stream_roundtrip(bytes: &[u8], sizes: Vec<usize>) -> (Vec<u8>, Vec<(String, u
         }
         cap = cap.max(rd.buffer_capacity());
     }
-    (out, pages, cap)
+    (out, pages, cap, listing)
 }
 
 fn sample() -> Vec<Block> {
@@ -216,9 +228,17 @@ fn slice_and_pipe_read_the_layout() {
             .count(),
         3
     );
-    // Through a pipe in odd-sized reads: same bytes, same pages, bounded buffer.
-    let (out, pages, cap) = stream_roundtrip(&b.bytes, vec![1, 4093, 7, 65536, 3]);
+    // Through a pipe in odd-sized reads: same bytes, same pages, the same
+    // items at the same offsets, bounded buffer.
+    let (out, pages, cap, listing) = stream_read(&b.bytes, vec![1, 4093, 7, 65536, 3]);
     assert_eq!(out, b.bytes);
+    let slice_listing: Listing = SliceReader::new(&b.bytes)
+        .map(|r| {
+            let (o, i) = r.unwrap();
+            (o, i.kind_name())
+        })
+        .collect();
+    assert_eq!(listing, slice_listing);
     assert_eq!(pages, expected(&blocks));
     assert!(cap <= 4 << 20, "buffer grew to {cap}");
 }
