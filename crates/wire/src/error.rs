@@ -324,6 +324,16 @@ pub enum WireError {
         /// Rule broken.
         why: String,
     },
+    /// A multifd channel header or packet breaks a rule (wire-format
+    /// multifd section; QEMU's `multifd_recv_initial_packet` and
+    /// `multifd_recv_unfill_packet`).
+    #[error("offset {offset}: multifd: {why}")]
+    Multifd {
+        /// Offset of the offending field.
+        offset: u64,
+        /// Rule broken.
+        why: String,
+    },
     /// Reading the underlying input failed.
     #[error("offset {offset}: I/O error: {source}")]
     Io {
@@ -369,6 +379,7 @@ macro_rules! each_offset {
             | WireError::Ambiguous { offset: $o, .. }
             | WireError::Unwritable { offset: $o, .. }
             | WireError::MappedRam { offset: $o, .. }
+            | WireError::Multifd { offset: $o, .. }
             | WireError::Io { offset: $o, .. } => $body,
         }
     };

@@ -32,6 +32,7 @@ mod error;
 pub mod header;
 pub mod iterative;
 pub mod mapped_ram;
+pub mod multifd;
 mod names;
 pub mod ram;
 pub mod reader;
