@@ -475,7 +475,7 @@ mod tests {
             ),
             (
                 MappedRamHeader {
-                    pages_offset: u64::MAX & !0xfffff,
+                    pages_offset: !0xfffff_u64,
                     ..good
                 },
                 None,

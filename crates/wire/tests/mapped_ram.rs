@@ -144,16 +144,15 @@ impl Read for Dribble<'_> {
 }
 
 type Listing = Vec<(u64, &'static str)>;
+/// Set pages: (block, page index, first byte).
+type SetPages = Vec<(String, u64, u8)>;
 
-fn stream_roundtrip(bytes: &[u8], sizes: Vec<usize>) -> (Vec<u8>, Vec<(String, u64, u8)>, usize) {
+fn stream_roundtrip(bytes: &[u8], sizes: Vec<usize>) -> (Vec<u8>, SetPages, usize) {
     let (out, pages, cap, _) = stream_read(bytes, sizes);
     (out, pages, cap)
 }
 
-fn stream_read(
-    bytes: &[u8],
-    sizes: Vec<usize>,
-) -> (Vec<u8>, Vec<(String, u64, u8)>, usize, Listing) {
+fn stream_read(bytes: &[u8], sizes: Vec<usize>) -> (Vec<u8>, SetPages, usize, Listing) {
     let mut listing = Vec::new();
     let mut rd = StreamReader::new(Dribble {
         data: bytes,
@@ -278,7 +277,7 @@ fn hostile_headers_are_typed_errors_at_the_entry() {
         (|h| h.pages_offset += 4096, "aligned"),
         (|h| h.pages_offset = 1 << 62, "past the end of the input"),
         // Overflows for the 8 MiB block; for the others it is past the end.
-        (|h| h.pages_offset = u64::MAX & !0xfffff, "overflows"),
+        (|h| h.pages_offset = !0xfffff_u64, "overflows"),
     ];
     for (t, want) in cases {
         for k in 0..3 {
