@@ -87,6 +87,7 @@ pub fn run(
     records: bool,
     rp: Option<&Path>,
     libvirt_xml: bool,
+    channels: &[std::path::PathBuf],
 ) -> Result<ExitCode, String> {
     let opened = crate::input::open(path)?;
     if libvirt_xml {
@@ -297,6 +298,11 @@ pub fn run(
         Some(p) => Some(return_path_summary(p)?),
         None => None,
     };
+    let chans: Vec<crate::channels::ChannelSummary> = channels
+        .iter()
+        .map(|c| crate::channels::summarize(c, s.page_size))
+        .collect();
+    let chan_error = chans.iter().find_map(|c| c.error.clone());
     if records {
         if let Some(e) = &s.error {
             writeln!(out, "error: {e}").map_err(crate::output_error)?;
@@ -304,6 +310,18 @@ pub fn run(
     } else if json_out {
         let mut v = to_json(&s, rp_summary);
         v["container"] = container_json;
+        if !chans.is_empty() {
+            let normal: u64 = chans.iter().map(|c| c.normal_pages).sum();
+            let zero: u64 = chans.iter().map(|c| c.zero_pages).sum();
+            v["multifd"] = json!({
+                "channels": chans.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+                "normal_pages": normal,
+                "zero_pages": zero,
+                // QEMU's query-migrate `normal` / `duplicate` count both.
+                "normal_with_main": normal + s.totals.get("page").copied().unwrap_or(0),
+                "zero_with_main": zero + s.totals.get("zero").copied().unwrap_or(0),
+            });
+        }
         writeln!(
             out,
             "{}",
@@ -315,9 +333,15 @@ pub fn run(
             writeln!(out, "{line}").map_err(crate::output_error)?;
         }
         print_text(&mut out, &s, rp_summary.as_ref()).map_err(crate::output_error)?;
+        if !chans.is_empty() {
+            writeln!(out, "multifd channels:").map_err(crate::output_error)?;
+            for c in &chans {
+                writeln!(out, "{}", c.line()).map_err(crate::output_error)?;
+            }
+        }
     }
     out.flush().map_err(crate::output_error)?;
-    if let Some(e) = &s.error {
+    if let Some(e) = s.error.as_ref().or(chan_error.as_ref()) {
         eprintln!("qmig: {e}");
         return Ok(ExitCode::from(1));
     }

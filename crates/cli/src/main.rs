@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod channels;
 mod diff;
 mod extract;
 mod input;
@@ -51,6 +52,10 @@ enum Cmd {
         /// Print the domain XML (and save cookie) of a libvirt save image instead.
         #[arg(long, conflicts_with_all = ["json", "records", "return_path"])]
         libvirt_xml: bool,
+        /// A recorded multifd channel connection (repeatable): summarised
+        /// with the main STREAM (its target page size).
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     Roundtrip {
@@ -126,12 +131,18 @@ fn main() -> ExitCode {
             devices,
             vmdesc,
             libvirt_xml,
+            multifd_channel,
         } => match (devices, vmdesc) {
             (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
             (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
-            (false, None) => {
-                inspect::run(&stream, json, records, return_path.as_deref(), libvirt_xml)
-            }
+            (false, None) => inspect::run(
+                &stream,
+                json,
+                records,
+                return_path.as_deref(),
+                libvirt_xml,
+                &multifd_channel,
+            ),
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
