@@ -178,6 +178,31 @@ fn mapped_ram_file() {
     let mut dec = flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap());
     std::io::copy(&mut dec, &mut std::fs::File::create(&plain).unwrap()).unwrap();
     check_all_at(name, &plain);
+    // A hostile header: pc.ram's pages offset (bytes 134..142) moved off
+    // its 1 MiB alignment. Refused at the block entry (offset 99), from the
+    // file and from a pipe, before any page is read.
+    let mut bytes = std::fs::read(&plain).unwrap();
+    bytes[134..142].copy_from_slice(&((1u64 << 20) + 4096).to_be_bytes());
+    std::fs::write(&plain, &bytes).unwrap();
+    for (how, (ok, v)) in [
+        ("file", inspect_file(&plain)),
+        ("pipe", inspect_pipe(&bytes)),
+    ] {
+        assert!(!ok, "{how}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.starts_with("offset 99: mapped-ram block \"pc.ram\"") && e.contains("aligned"),
+            "{how}: {e}"
+        );
+    }
+    let out = qmig()
+        .arg("extract")
+        .arg(&plain)
+        .arg("-o")
+        .arg(dir.join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
