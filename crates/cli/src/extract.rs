@@ -522,11 +522,12 @@ fn apply_slice<M: Images>(
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
             pb.set_position(offset);
-            // Keep the resident set bounded: what is applied is not read again.
-            if offset - released > RELEASE_STEP {
-                map.release_prefix((base + offset) as usize);
-                released = offset;
-            }
+        }
+        // Keep the resident set bounded: what is applied is not read again.
+        // (Checked at every item: mapped-ram page items are 1 MiB each.)
+        if offset - released > RELEASE_STEP {
+            map.release_prefix((base + offset) as usize);
+            released = offset;
         }
         let decoder = rd.decoder();
         let len = (decoder.position() - offset) as usize;

@@ -6,7 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use qmig_wire::{Command, ConfigBody, Item, RamBody, RamKind, RpMessage};
+use qmig_wire::{Command, ConfigBody, Item, MappedRam, RamBody, RamKind, RpMessage};
 use serde_json::{json, Value};
 
 use crate::error::{CliError, CliResult};
@@ -46,6 +46,8 @@ struct BlockStats {
     nonzero_fill: u64,
     discarded_bytes: u64,
     discard_ranges: u64,
+    /// mapped-ram: file offsets of the bitmap and of the first page.
+    mapped_ram: Option<(u64, u64)>,
 }
 
 /// How many commands, sections, blocks, PONGs and received bitmaps are kept
@@ -112,6 +114,7 @@ pub fn run(
     rp: Option<&Path>,
     libvirt_xml: bool,
     filter: &Filter,
+    channels: &[std::path::PathBuf],
 ) -> CliResult {
     let opened = crate::input::open(path)?;
     if libvirt_xml {
@@ -282,6 +285,33 @@ pub fn run(
                     .ok()
                     .and_then(|v| v.get("devices").and_then(|d| d.as_array()).map(|a| a.len()));
             }
+            Item::MappedRam(m) => {
+                s.ram_bytes += dec.position() - off;
+                match m {
+                    MappedRam::MemSize { .. } => *s.totals.entry("mem_size").or_default() += 1,
+                    MappedRam::Block { block, header } => {
+                        cur_block = block.name.to_string();
+                        let e = s.block(block.name);
+                        e.length = block.used_length;
+                        e.addr = block.addr;
+                        e.mapped_ram = Some((header.bitmap_offset, header.pages_offset));
+                    }
+                    // Pages with their bit set are in the file (counted as
+                    // PAGE, QEMU's `normal`); the others were zero when
+                    // saved (QEMU's `duplicate`).
+                    MappedRam::Bitmap(bm) => {
+                        let pages =
+                            s.blocks.get(&cur_block).map_or(0, |b| b.length) / s.page_size.max(1);
+                        let set = qmig_wire::mapped_ram::count_set(bm, pages);
+                        let e = s.block(&cur_block);
+                        e.page += set;
+                        e.zero += pages - set;
+                        *s.totals.entry("page").or_default() += set;
+                        *s.totals.entry("zero").or_default() += pages - set;
+                    }
+                    MappedRam::Padding(_) | MappedRam::Pages { .. } => {}
+                }
+            }
             Item::Footer(_) | Item::PackageEnd => {}
         }
         if records && filter.keeps(&item, &cur_block) {
@@ -315,6 +345,14 @@ pub fn run(
             .as_ref()
             .map(|e| CliError::data(format!("return path: {e}")))
     });
+    let chans: Vec<crate::channels::ChannelSummary> = channels
+        .iter()
+        .map(|c| crate::channels::summarize(c, s.page_size))
+        .collect();
+    let chan_error = chans
+        .iter()
+        .find_map(|c| c.error.clone())
+        .map(|e| CliError::data(format!("multifd channel: {e}")));
     if records {
         if json_out {
             for e in [&stream_error, &rp_error].into_iter().flatten() {
@@ -327,8 +365,21 @@ pub fn run(
         v["error"] = stream_error
             .as_ref()
             .or(rp_error.as_ref())
+            .or(chan_error.as_ref())
             .map_or(Value::Null, |e| json!(e.to_json()));
         v["container"] = container_json;
+        if !chans.is_empty() {
+            let normal: u64 = chans.iter().map(|c| c.normal_pages).sum();
+            let zero: u64 = chans.iter().map(|c| c.zero_pages).sum();
+            v["multifd"] = json!({
+                "channels": chans.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+                "normal_pages": normal,
+                "zero_pages": zero,
+                // QEMU's query-migrate `normal` / `duplicate` count both.
+                "normal_with_main": normal + s.totals.get("page").copied().unwrap_or(0),
+                "zero_with_main": zero + s.totals.get("zero").copied().unwrap_or(0),
+            });
+        }
         writeln!(
             out,
             "{}",
@@ -340,9 +391,15 @@ pub fn run(
             writeln!(out, "{line}").map_err(crate::output_error)?;
         }
         print_text(&mut out, &s, rp_summary.as_ref()).map_err(crate::output_error)?;
+        if !chans.is_empty() {
+            writeln!(out, "multifd channels:").map_err(crate::output_error)?;
+            for c in &chans {
+                writeln!(out, "{}", c.line()).map_err(crate::output_error)?;
+            }
+        }
     }
     out.flush().map_err(crate::output_error)?;
-    match stream_error.or(rp_error) {
+    match stream_error.or(rp_error).or(chan_error) {
         // --json carries the error in its output.
         Some(e) if json_out => Ok(ExitCode::from(e.exit_code())),
         Some(e) => Err(e),
@@ -467,6 +524,24 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 "-",
                 "-",
                 c.name()
+            )
+        }
+        Item::MappedRam(m) => {
+            let (blk, pofs) = match m {
+                MappedRam::MemSize { total } => ("-".to_string(), format!("total={total:#x}")),
+                MappedRam::Block {
+                    block: b,
+                    header: h,
+                } => (
+                    b.name.to_string(),
+                    format!("bitmap@{} pages@{}", h.bitmap_offset, h.pages_offset),
+                ),
+                MappedRam::Pages { first, .. } => (block.to_string(), format!("page {first}")),
+                _ => (block.to_string(), "-".into()),
+            };
+            format!(
+                "{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<16} {len}",
+                m.kind_name()
             )
         }
         other => format!(
@@ -612,6 +687,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
                 "zero": b.zero, "page": b.page, "xbzrle": b.xbzrle, "compressed": b.compressed,
                 "nonzero_fill": b.nonzero_fill,
                 "discard_ranges": b.discard_ranges, "discarded_bytes": b.discarded_bytes,
+                "mapped_ram": b.mapped_ram.map(|(bo, po)| json!({"bitmap_offset": bo, "pages_offset": po})),
             })
         })
         .collect();
@@ -799,6 +875,15 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
             "-",
             b.discarded_bytes
         )?;
+    }
+    for n in &s.block_order {
+        if let Some((bo, po)) = s.blocks[n].mapped_ram {
+            writeln!(
+                out,
+                "  mapped-ram {n}: bitmap at file offset {bo}, pages at {po} .. {}",
+                po.saturating_add(s.blocks[n].length)
+            )?;
+        }
     }
     for l in leniencies(s) {
         writeln!(
@@ -1058,6 +1143,10 @@ struct DevSection {
 /// What `--devices` prints for one section.
 enum Shown {
     Ram(Vec<(String, u64)>),
+    /// An iterative section other than RAM whose payload qmig delimits but
+    /// which is not VMState (`spapr/htab`, `s390-storage_attributes`):
+    /// analyze-migration.py shows it as an empty string.
+    Iterative(u64),
     State(qmig_wire::DeviceState),
     Error(String),
 }
@@ -1072,6 +1161,7 @@ impl serde::Serialize for Shown {
                 m.end()
             }
             Shown::State(st) => st.serialize(s),
+            Shown::Iterative(_) => s.serialize_str(""),
             Shown::Error(e) => {
                 let mut m = s.serialize_map(Some(1))?;
                 m.serialize_entry("error", e)?;
@@ -1110,6 +1200,9 @@ impl serde::Serialize for Top<'_> {
 fn show(sec: &DevSection, desc: &qmig_wire::VmDesc) -> Shown {
     if sec.idstr == "ram" && sec.instance == 0 {
         return Shown::Ram(sec.ram_sizes.clone());
+    }
+    if qmig_wire::iterative::known(&sec.idstr) && desc.device(&sec.idstr, sec.instance).is_none() {
+        return Shown::Iterative(sec.payload.len() as u64 + sec.later_bytes);
     }
     let Some(dev) = desc.device(&sec.idstr, sec.instance) else {
         return Shown::Error(format!(
@@ -1298,6 +1391,11 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> CliRes
                         writeln!(out, "  {line}").map_err(crate::output_error)?;
                     }
                 }
+                Shown::Iterative(n) => writeln!(
+                    out,
+                    "{head}: iterative section, {n} payload bytes (not VMState)"
+                )
+                .map_err(crate::output_error)?,
                 Shown::Error(e) => {
                     writeln!(out, "{head}: error: {e}").map_err(crate::output_error)?
                 }

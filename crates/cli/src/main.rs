@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod channels;
 mod diff;
 mod error;
 mod extract;
@@ -75,6 +76,10 @@ enum Cmd {
         /// Print the domain XML (and save cookie) of a libvirt save image instead.
         #[arg(long, conflicts_with_all = ["json", "records", "return_path"])]
         libvirt_xml: bool,
+        /// A recorded multifd channel connection (repeatable): summarised
+        /// with the main STREAM (its target page size).
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     #[command(after_help = error::EXIT_CODES)]
@@ -207,6 +212,7 @@ fn main() -> ExitCode {
             devices,
             vmdesc,
             libvirt_xml,
+            multifd_channel,
         } => match (devices, vmdesc) {
             (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
             (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
@@ -217,6 +223,7 @@ fn main() -> ExitCode {
                 return_path.as_deref(),
                 libvirt_xml,
                 &inspect::Filter { block, kind },
+                &multifd_channel,
             ),
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
