@@ -189,9 +189,10 @@ fn mapped_ram_file() {
         ("pipe", inspect_pipe(&bytes)),
     ] {
         assert!(!ok, "{how}");
-        let e = v["error"].as_str().unwrap_or_default();
+        // `--json` carries the error as an object with its message.
+        let e = v["error"]["message"].as_str().unwrap_or_default();
         assert!(
-            e.starts_with("offset 99: mapped-ram block \"pc.ram\"") && e.contains("aligned"),
+            e.contains("offset 99: mapped-ram block \"pc.ram\"") && e.contains("aligned"),
             "{how}: {e}"
         );
     }
