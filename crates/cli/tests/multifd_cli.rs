@@ -91,7 +91,9 @@ fn truncated_channel_is_an_error() {
     std::fs::write(&p, &raw[..5000]).unwrap();
     let (ok, v, err) = inspect("q10-none", std::slice::from_ref(&p));
     assert!(!ok);
-    assert!(err.contains("offset 4096"), "{err}");
+    // With --json the error is in the output's `error` object.
+    let msg = format!("{err}{}", v["error"]);
+    assert!(msg.contains("offset 4096"), "{msg}");
     let last = v["multifd"]["channels"]
         .as_array()
         .unwrap()
