@@ -43,6 +43,7 @@
 mod compress;
 mod error;
 mod src;
+pub mod convert;
 pub mod template;
 mod zero;
 
