@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod convert;
 mod diff;
 mod extract;
 mod input;
@@ -89,6 +90,9 @@ enum Cmd {
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
     Send(send::SendArgs),
+    /// Rewrite any stream as one single-pass precopy stream that QEMU 10
+    /// loads: each page's final content once (ZERO/PAGE), container kept.
+    Convert(convert::ConvertArgs),
     /// Compare two streams record by record, ignoring how RAM is split into
     /// sections; exit 0 iff no difference.
     Diff {
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(idle_timeout),
         ),
         Cmd::Send(args) => send::run(&args).map_err(|e| e.to_string()),
+        Cmd::Convert(args) => convert::run(&args).map_err(|e| e.to_string()),
         Cmd::Diff { a, b, records } => diff::run(&a, &b, records).map_err(|e| e.to_string()),
     };
     match r {
