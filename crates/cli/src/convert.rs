@@ -297,9 +297,7 @@ fn print_report(
     } else {
         0.0
     };
-    let kinds = |k: &qmig_ram_src::convert::Kinds| {
-        json!({"zero": k.zero, "page": k.page, "xbzrle": k.xbzrle, "compressed": k.compressed, "total": k.total()})
-    };
+    let kinds = |k: &qmig_ram_src::convert::Kinds| json!({"zero": k.zero, "page": k.page, "xbzrle": k.xbzrle, "compressed": k.compressed, "total": k.total()});
     if a.json {
         let v = json!({
             "input": a.input.display().to_string(),

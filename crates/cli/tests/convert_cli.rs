@@ -106,7 +106,13 @@ fn libvirt_images_stay_libvirt_images() {
             .iter()
             .find(|l| l["kind"] == "libvirt")
             .unwrap();
-        for k in ["data_len", "cookie_offset", "was_running", "version", "byte_order"] {
+        for k in [
+            "data_len",
+            "cookie_offset",
+            "was_running",
+            "version",
+            "byte_order",
+        ] {
             assert_eq!(c[k], lv[k], "{name}: {k}");
         }
         assert_eq!(

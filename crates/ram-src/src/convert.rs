@@ -118,7 +118,9 @@ pub enum ConvertError {
         why: String,
     },
     /// The input ended before its EOF byte: an incomplete migration.
-    #[error("the stream ends at offset {offset} without EOF (incomplete migration); nothing written")]
+    #[error(
+        "the stream ends at offset {offset} without EOF (incomplete migration); nothing written"
+    )]
     Incomplete {
         /// Stream offset where the input ended.
         offset: u64,
@@ -250,11 +252,11 @@ impl Drop for Spool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Where {
     /// Before `ram` START: items go to the prefix.
-    BeforeRam,
+    Prefix,
     /// Between `ram` START and `ram` END: other items go to the middle.
-    InRam,
+    Middle,
     /// After the `ram` END section: items go to the tail.
-    AfterRam,
+    Tail,
 }
 
 /// The converter: feed it every item of the input with
@@ -313,7 +315,7 @@ impl<M: GuestMemory> Converter<M> {
         Ok(Converter {
             dst: RamDst::new(cfg, memory)?,
             opts,
-            at: Where::BeforeRam,
+            at: Where::Prefix,
             ram_id: None,
             ram_start: Vec::new(),
             mem_size: Vec::new(),
@@ -367,7 +369,7 @@ impl<M: GuestMemory> Converter<M> {
             self.ram_footer_next = false;
             let end = self.ram_end;
             if end {
-                self.at = Where::AfterRam;
+                self.at = Where::Tail;
                 self.ram_end = false;
             }
             if let Item::Footer(id) = ri.item {
@@ -392,7 +394,7 @@ impl<M: GuestMemory> Converter<M> {
                             self.ram_id = Some(h.section_id);
                             self.ram_start.clear();
                             ri.item.write(&mut self.ram_start)?;
-                            self.at = Where::InRam;
+                            self.at = Where::Middle;
                         }
                         SectionKind::Part | SectionKind::End => {
                             if self.ram_id != Some(h.section_id) {
@@ -421,7 +423,7 @@ impl<M: GuestMemory> Converter<M> {
                                 .iter()
                                 .map(|b| MemBlock {
                                     page_size: None,
-                                    ..b.clone()
+                                    ..*b
                                 })
                                 .collect();
                             RamRecord::mem_size(list).write(&mut self.mem_size)?;
@@ -517,10 +519,7 @@ impl<M: GuestMemory> Converter<M> {
                 offset: self.end_offset,
             });
         }
-        self.dst
-            .memory_mut()
-            .flush()
-            .map_err(io_err("RAM image"))?;
+        self.dst.memory_mut().flush().map_err(io_err("RAM image"))?;
         let mut report = Report {
             postcopy: self.postcopy,
             vmdesc: self.vmdesc,
@@ -677,9 +676,9 @@ impl<M: GuestMemory> Converter<M> {
             &mut self.tail
         } else {
             match self.at {
-                Where::BeforeRam => &mut self.prefix,
-                Where::InRam => &mut self.middle,
-                Where::AfterRam => &mut self.tail,
+                Where::Prefix => &mut self.prefix,
+                Where::Middle => &mut self.middle,
+                Where::Tail => &mut self.tail,
             }
         };
         spool.write(&self.scratch)

@@ -41,9 +41,9 @@
 #![warn(missing_docs)]
 
 mod compress;
+pub mod convert;
 mod error;
 mod src;
-pub mod convert;
 pub mod template;
 mod zero;
 

@@ -89,10 +89,9 @@ fn roundtrips(stream: &[u8]) -> bool {
 /// The non-RAM items (no RAM records, no `ram` section framing, no
 /// commands), serialized, in order.
 fn container_items(stream: &[u8]) -> Vec<Vec<u8>> {
-    let mut r = SliceReader::new(stream);
     let mut ram_id = None;
     let mut out = Vec::new();
-    while let Some(it) = r.next() {
+    for it in SliceReader::new(stream) {
         let (_, item) = it.expect("parses");
         match &item {
             Item::Section(h) => {
@@ -138,16 +137,22 @@ fn check_records(out: &[u8]) -> (u64, u64) {
             if let Some(n) = rec.block {
                 block = Some(n.to_string());
             }
-            let key = (block.clone().expect("first record names its block"), rec.offset);
+            let key = (
+                block.clone().expect("first record names its block"),
+                rec.offset,
+            );
             assert!(seen.insert(key), "offset {off}: page written twice");
         }
     }
     (zero, page)
 }
 
+/// Blocks and their contents.
+type Memory = Vec<(String, Vec<u8>)>;
+
 /// Everything the conversion must keep, for one input. Returns the
 /// report, the output and the memory it leaves.
-fn check(name: &str, stream: &[u8]) -> (Report, Vec<u8>, Vec<(String, Vec<u8>)>) {
+fn check(name: &str, stream: &[u8]) -> (Report, Vec<u8>, Memory) {
     let (out, report) = convert(stream, ZeroPages::Zero);
     assert!(roundtrips(&out), "{name}: roundtrip(convert(x)) differs");
     let before = replay(stream);
@@ -159,7 +164,10 @@ fn check(name: &str, stream: &[u8]) -> (Report, Vec<u8>, Vec<(String, Vec<u8>)>)
     };
     assert_eq!(layout(&after), layout(&before), "{name}: blocks differ");
     for ((n, a), (_, b)) in after.iter().zip(&before) {
-        assert!(a == b, "{name}: block {n}: extract(convert(x)) != extract(x)");
+        assert!(
+            a == b,
+            "{name}: block {n}: extract(convert(x)) != extract(x)"
+        );
     }
     assert_eq!(
         container_items(&out),
@@ -167,7 +175,11 @@ fn check(name: &str, stream: &[u8]) -> (Report, Vec<u8>, Vec<(String, Vec<u8>)>)
         "{name}: container not kept byte for byte"
     );
     let (zero, page) = check_records(&out);
-    assert_eq!((zero, page), (report.output.zero, report.output.page), "{name}");
+    assert_eq!(
+        (zero, page),
+        (report.output.zero, report.output.page),
+        "{name}"
+    );
     (report, out, after)
 }
 
@@ -209,7 +221,11 @@ fn every_committed_capture_converts_faithfully() {
                 panic!("{}: no block {block}", c.name);
             };
             let got = sha256::hex(&img[offset as usize..(offset + length) as usize]);
-            assert_eq!(got, want, "{}: {block}+{offset:#x} differs from the source", c.name);
+            assert_eq!(
+                got, want,
+                "{}: {block}+{offset:#x} differs from the source",
+                c.name
+            );
             checked += 1;
         }
         // One record per page at most; multi-pass inputs (XBZRLE pages
@@ -351,6 +367,10 @@ fn truncated_input_is_refused() {
 const PS: usize = 4096;
 const RAM_ID: u32 = 2;
 
+/// Discard ranges (block, first page, pages) and postcopy pages (index
+/// into the discarded pages, value or zero).
+type Postcopy = (Vec<(usize, usize, usize)>, Vec<(usize, Option<u8>)>);
+
 /// What a generated scenario does.
 #[derive(Debug, Clone)]
 struct Scenario {
@@ -364,28 +384,31 @@ struct Scenario {
     /// Postcopy: discard ranges (block, first page, pages), then pages sent
     /// in postcopy mode (index into the discarded pages, value or zero);
     /// QEMU sends only discarded pages there, each once.
-    postcopy: Option<(Vec<(usize, usize, usize)>, Vec<(usize, Option<u8>)>)>,
+    postcopy: Option<Postcopy>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (prop::collection::vec(1usize..12, 1..3), any::<bool>(), any::<bool>()).prop_flat_map(
-        |(blocks, xbzrle, postcopy)| {
+    (
+        prop::collection::vec(1usize..12, 1..3),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_flat_map(|(blocks, xbzrle, postcopy)| {
             let total: usize = blocks.iter().sum();
             let init = prop::collection::vec((any::<u8>(), 0u8..4), total);
             let change = (0..total, 0..PS, any::<u8>(), prop::bool::weighted(0.15));
             let passes = prop::collection::vec(prop::collection::vec(change, 0..8), 1..4);
             let nb = blocks.len();
             let bl = blocks.clone();
-            let discards = prop::collection::vec((0..nb, 0usize..12, 1usize..4), 0..4).prop_map(
-                move |v| {
+            let discards =
+                prop::collection::vec((0..nb, 0usize..12, 1usize..4), 0..4).prop_map(move |v| {
                     v.into_iter()
                         .map(|(b, p, n)| {
                             let p = p % bl[b];
                             (b, p, n.min(bl[b] - p))
                         })
                         .collect::<Vec<_>>()
-                },
-            );
+                });
             let post = prop::collection::vec((0..64usize, prop::option::of(any::<u8>())), 0..6);
             let pc = if postcopy {
                 (discards, post).prop_map(Some).boxed()
@@ -401,8 +424,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     postcopy,
                 },
             )
-        },
-    )
+        })
 }
 
 fn locate(blocks: &[usize], flat: usize) -> (usize, usize) {
