@@ -22,7 +22,8 @@
 //! `loadvm_process_command`, is the reference):
 //! - Page records are ZERO (all-zero page; left out with
 //!   [`ZeroPages::Skip`]) or PAGE, never XBZRLE or COMPRESS_PAGE (QEMU 9.1
-//!   removed the latter). MULTIFD_FLUSH records are dropped.
+//!   removed the latter). A MULTIFD_FLUSH record is refused: QEMU ≥ 8.2
+//!   writes it only with multifd, whose pages are not in this stream.
 //! - Pages the input never sends nor discards are not written: the
 //!   destination keeps its own content there, as it would loading the input
 //!   (e.g. the shared blocks of `x-ignore-shared`, which QEMU refuses pages for).
@@ -448,7 +449,18 @@ impl<M: GuestMemory> Converter<M> {
                             t.set(rec.offset / tps);
                         }
                     }
-                    RamBody::MultifdFlush | RamBody::Hook => {}
+                    RamBody::MultifdFlush => {
+                        // QEMU >= 8.2 writes it only with multifd, whose pages
+                        // travel on other connections this stream lacks: a
+                        // conversion would silently miss them.
+                        return Err(unsupported(
+                            "MULTIFD_FLUSH: a multifd migration (its pages are on other \
+                             connections, not in this stream; QEMU 8.1 also writes it \
+                             without multifd)"
+                                .into(),
+                        ));
+                    }
+                    RamBody::Hook => {}
                 }
                 Ok(())
             }

@@ -678,3 +678,53 @@ fn mem_size_page_size_fields_are_dropped() {
     };
     assert_eq!(blocks_of(&out), blocks_of(&c.stream));
 }
+
+/// A multifd migration's main channel (MULTIFD_FLUSH in START, as QEMU 8.2+
+/// writes it) is refused, naming the record's offset: its pages are elsewhere.
+#[test]
+fn multifd_main_channel_is_refused() {
+    let mut s = Vec::new();
+    qmig_wire::header::write_header(&mut s);
+    Configuration {
+        machine: "pc-i440fx-10.0",
+        subsections: vec![],
+    }
+    .write(&mut s)
+    .unwrap();
+    section(SectionKind::Start, &mut s);
+    RamRecord::mem_size(vec![MemBlock {
+        name: "pc.ram",
+        used_length: 4 * PS as u64,
+        page_size: None,
+        addr: None,
+    }])
+    .write(&mut s)
+    .unwrap();
+    let flush_at = s.len() as u64;
+    s.extend_from_slice(&flags::MULTIFD_FLUSH.to_be_bytes());
+    s.extend_from_slice(&flags::EOS.to_be_bytes());
+    footer(&mut s);
+    section(SectionKind::End, &mut s);
+    s.extend_from_slice(&flags::EOS.to_be_bytes());
+    footer(&mut s);
+    s.push(0);
+    let dir = spool_dir("m");
+    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let mut rd = StreamReader::new(&s[..]);
+    let mut err = None;
+    while let Some(ri) = rd.next_item().unwrap() {
+        if let Err(e) = conv.handle(&ri) {
+            err = Some(e);
+            break;
+        }
+    }
+    match err {
+        Some(qmig_ram_src::convert::ConvertError::Unsupported { offset, why }) => {
+            assert_eq!(offset, flush_at);
+            assert!(why.contains("multifd"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(conv);
+    let _ = std::fs::remove_dir_all(dir);
+}
