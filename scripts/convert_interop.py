@@ -45,6 +45,10 @@ SCENARIOS = {
                          about="QEMU 7.2 compress (level 1) -> convert -> QEMU 10 -M pc-i440fx-7.2"),
     "q72-compress6": dict(capture="q72-compress6", refused_as_is=True,
                           about="QEMU 7.2 compress (level 6) -> convert -> QEMU 10 -M pc-i440fx-7.2"),
+    "q72-compress-zstd": dict(capture="q72-compress", convert_args=["--compress-output", "zstd"],
+                              incoming="exec:zstd -dc {out}",
+                              about="QEMU 7.2 compress -> convert --compress-output zstd -> "
+                                    "QEMU 10 -incoming 'exec:zstd -dc OUT'"),
     "q72-xbzrle": dict(capture="q72-xbzrle",
                        about="QEMU 7.2 XBZRLE, several passes -> convert -> QEMU 10 -M pc-i440fx-7.2"),
     "q10-xbzrle": dict(capture="q10-xbzrle",
@@ -81,7 +85,7 @@ def inspect(qmig, path):
     return json.loads(p.stdout)
 
 
-def dst_args(oracle, machine, work, stream):
+def dst_args(oracle, machine, work, stream, incoming="file:{out}"):
     """The capture's machine options with -M set to `machine`, plus the boot
     disk and serial port its source had (scripts/capture.py)."""
     args = list(oracle["machine_args"])
@@ -93,7 +97,7 @@ def dst_args(oracle, machine, work, stream):
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
     return args + ["-drive", f"file={disk},format=raw,if=ide", "-serial", "null",
-                   "-S", "-incoming", f"file:{stream}"]
+                   "-S", "-incoming", incoming.format(out=stream)]
 
 
 def wait_loaded(dst, timeout=60.0):
@@ -139,13 +143,14 @@ def run_scenario(name, sc, work, qmig):
     machine = before["machine"]
     out = os.path.join(work, "converted.stream")
     t0 = time.monotonic()
-    p = subprocess.run([qmig, "convert", src, out, "--report", "--json"],
+    p = subprocess.run([qmig, "convert", src, out, "--report", "--json"]
+                       + sc.get("convert_args", []),
                        capture_output=True, text=True, timeout=300)
     took = time.monotonic() - t0
     if p.returncode != 0:
         raise RuntimeError(f"qmig convert exited {p.returncode}: {p.stderr.strip()}")
     rep = json.loads(p.stdout)
-    after = inspect(qmig, out)
+    after = inspect(qmig, out)  # reads compressed output too
     t = after["totals"]
     if t["xbzrle"] or t["compressed"]:
         raise RuntimeError(f"converted stream still has xbzrle {t['xbzrle']} / "
@@ -184,7 +189,9 @@ def run_scenario(name, sc, work, qmig):
         else:
             note = f"; QEMU 10 refuses the original ({r['status']}{why})"
 
-    dst = qmp.Qemu(qmp.qemu_binary("10"), dst_args(oracle, machine, work, out), work, "dst")
+    incoming = sc.get("incoming", "file:{out}")
+    dst = qmp.Qemu(qmp.qemu_binary("10"), dst_args(oracle, machine, work, out, incoming),
+                   work, "dst")
     try:
         r = wait_loaded(dst)
         if r["status"] != "completed":
@@ -201,7 +208,7 @@ def run_scenario(name, sc, work, qmig):
             raise RuntimeError("the oracle has no digests to compare")
     finally:
         dst.quit()
-    print(f"  ok: convert {took:.2f}s, {rep['input_stream_bytes']} -> "
+    print(f"  ok: -incoming {incoming.format(out='OUT')}: convert {took:.2f}s, {rep['input_stream_bytes']} -> "
           f"{rep['output_stream_bytes']} bytes (ratio "
           f"{rep['input_stream_bytes'] / rep['output_stream_bytes']:.2f}); pages before "
           f"{rep['pages_before']} after {rep['pages_after']}; QEMU {version} -M {machine}: "
