@@ -12,7 +12,9 @@ machine type the stream's configuration section names, e.g. pc-i440fx-7.2),
 the IDE disk and serial port the capture's source had, `-S` and
 `-incoming file:OUT`. It checks:
   * the converted stream holds no XBZRLE or COMPRESS_PAGE record and each page
-    once (`qmig inspect --json` totals);
+    once (`qmig inspect --json` totals), the device state byte count unchanged,
+    and RAM costing no more than the non-zero pages plus record headers and
+    framing (it prints output / (non-zero pages + container));
   * QEMU 10's query-migrate says `completed` and query-status `paused`
     (loaded, not running);
   * QEMU 10's pmemsave equals the capture source's own digests (oracle.json
@@ -158,6 +160,19 @@ def run_scenario(name, sc, work, qmig):
     pages = sum(b["length"] for b in after["blocks"]) // after["target_page_size"]
     if t["zero"] + t["page"] > pages:
         raise RuntimeError(f"{t['zero'] + t['page']} page records for {pages} pages")
+    # Size: the device state is kept byte for byte, and the RAM costs the
+    # non-zero pages plus record headers (8 bytes a page, 9 a ZERO record,
+    # block names once) and section framing: nothing else.
+    if after["device_bytes"] != before["device_bytes"]:
+        raise RuntimeError(f"device bytes {before['device_bytes']} -> {after['device_bytes']}")
+    ps = after["target_page_size"]
+    names = sum(1 + len(b["name"]) for b in after["blocks"])
+    bound = t["page"] * (ps + 8) + t["zero"] * 9 + 2 * names + 4096
+    if after["ram_bytes"] > bound:
+        raise RuntimeError(f"RAM part {after['ram_bytes']} bytes > {bound} "
+                           f"({t['page']} pages + headers + framing)")
+    payload = t["page"] * ps + after["length"] - after["ram_bytes"]
+    rep["vs_payload"] = after["length"] / payload
     if rep["pages_after"]["total"] != t["zero"] + t["page"]:
         raise RuntimeError(f"report says {rep['pages_after']['total']} records, "
                            f"inspect counts {t['zero'] + t['page']}")
@@ -211,7 +226,8 @@ def run_scenario(name, sc, work, qmig):
     print(f"  ok: -incoming {incoming.format(out='OUT')}: convert {took:.2f}s, {rep['input_stream_bytes']} -> "
           f"{rep['output_stream_bytes']} bytes (ratio "
           f"{rep['input_stream_bytes'] / rep['output_stream_bytes']:.2f}); pages before "
-          f"{rep['pages_before']} after {rep['pages_after']}; QEMU {version} -M {machine}: "
+          f"{rep['pages_before']} after {rep['pages_after']}; output / (non-zero pages + "
+          f"container) = {rep['vs_payload']:.4f}; QEMU {version} -M {machine}: "
           f"completed/{status}, {n} digests equal the source's{note}", flush=True)
 
 
