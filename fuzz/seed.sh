@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet convert; do
     mkdir -p "$here/corpus/$t"
 done
 # URIs and sizes as users write them.
@@ -18,7 +18,7 @@ for d in "$data"/*/; do
     n="$(basename "$d")"
     if [ -f "$d/stream" ]; then s="$d/stream"; else s=""; fi
     if [ -n "$s" ]; then
-        for t in parse_stream roundtrip ram_dst_ops recv_state; do
+        for t in parse_stream roundtrip ram_dst_ops recv_state convert; do
             head -c 65536 "$s" > "$here/corpus/$t/$n-head"
             # A stream's tail (device sections, EOF, vmdesc) behind a header.
             { head -c 8 "$s"; tail -c 32768 "$s"; } > "$here/corpus/$t/$n-tail"

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod channels;
+mod convert;
 mod diff;
 mod error;
 mod extract;
@@ -123,6 +124,9 @@ enum Cmd {
     /// container copied from a template stream (e.g. a capture of the same machine).
     #[command(after_help = error::EXIT_CODES)]
     Send(send::SendArgs),
+    /// Rewrite any stream as one single-pass precopy stream that QEMU 10
+    /// loads: each page's final content once (ZERO/PAGE), container kept.
+    Convert(convert::ConvertArgs),
     /// Compare two streams record by record, ignoring how RAM is split into
     /// sections; exit 0 iff no difference.
     #[command(after_help = error::EXIT_CODES)]
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
         Cmd::Extract { .. } => ("extract", false),
         Cmd::Recv { .. } => ("recv", false),
         Cmd::Send(a) => ("send", a.json),
+        Cmd::Convert(a) => ("convert", a.json),
         Cmd::Diff { .. } => ("diff", false),
         Cmd::Completions { .. } => ("completions", false),
         Cmd::Man => ("man", false),
@@ -242,6 +247,7 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(idle_timeout),
         ),
         Cmd::Send(args) => send::run(&args),
+        Cmd::Convert(args) => convert::run(&args).map_err(|e| CliError::from(e.to_string())),
         Cmd::Diff { a, b, records } => diff::run(&a, &b, records),
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
