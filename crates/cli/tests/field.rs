@@ -357,3 +357,45 @@ fn target_page_size_override() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A postcopy capture has no vmdesc: `--vmdesc-from` another capture of the
+/// same QEMU and machine type delimits its (packaged) device sections
+/// exactly, with the same result as the footer reading; a vmdesc of another
+/// machine is refused, never used to misread.
+#[test]
+fn vmdesc_from_another_capture() {
+    let data = qmig_tests::data_dir();
+    let s = data.join("q10-postcopy").join("stream");
+    let (ok, plain) = inspect_file(&s);
+    assert!(ok);
+    assert_eq!(plain["device_sections_delimited_by"], "footer");
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .arg("--json")
+        .arg("--vmdesc-from")
+        .arg(data.join("q10-stopped").join("stream"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["device_sections_delimited_by"], "vmdesc");
+    assert_eq!(v["totals"], plain["totals"]);
+    assert_eq!(v["device_bytes"], plain["device_bytes"]);
+    let out = qmig()
+        .arg("roundtrip")
+        .arg(&s)
+        .arg("--vmdesc-from")
+        .arg(data.join("q10-stopped").join("stream"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .arg("--vmdesc-from")
+        .arg(data.join("arm-versatilepb").join("stream"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
