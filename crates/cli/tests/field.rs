@@ -5,9 +5,8 @@
 //! source's memory digests. The mapped-ram file (gzip'd here) is read
 //! compressed, through a pipe and decompressed as a plain file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use qmig_tests::sha256;
 use serde_json::Value;
@@ -38,20 +37,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `inspect --json` of `bytes` given through a pipe.
 fn inspect_pipe(bytes: &[u8]) -> (bool, Value) {
-    let mut child = qmig()
-        .args(["inspect", "/dev/stdin", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = bytes.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
+    let out = qmig_tests::run_with_stdin(qmig().args(["inspect", "/dev/stdin", "--json"]), bytes);
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.success(), v)
 }

@@ -947,6 +947,23 @@ impl Decoder {
         }
     }
 
+    /// A [`WireError::DeviceSection`] for section `id` at the start of `buf`.
+    fn device_error(&self, buf: &[u8], id: u32, why: &'static str) -> nom::Err<PErr> {
+        PErr::at(
+            buf,
+            WireError::DeviceSection {
+                offset: 0,
+                section_id: id,
+                idstr: self
+                    .sections
+                    .get(&id)
+                    .map(|s| s.idstr.clone())
+                    .unwrap_or_default(),
+                why,
+            },
+        )
+    }
+
     /// Delimits a device section payload: by the vmdesc's exact length when
     /// the section is described, else by its footer under structural and
     /// ambiguity checks.
@@ -957,17 +974,7 @@ impl Decoder {
         eof: bool,
     ) -> Result<Step<'a>, nom::Err<PErr>> {
         let info = self.sections.get(&id);
-        let dev_err = |why: &'static str| {
-            PErr::at(
-                buf,
-                WireError::DeviceSection {
-                    offset: 0,
-                    section_id: id,
-                    idstr: info.map(|s| s.idstr.clone()).unwrap_or_default(),
-                    why,
-                },
-            )
-        };
+        let dev_err = |why: &'static str| self.device_error(buf, id, why);
         if let Some(i) = info.filter(|i| i.iterative && crate::iterative::known(&i.idstr)) {
             let (r, ()) = crate::iterative::parse_payload(
                 buf,
@@ -1080,18 +1087,7 @@ impl Decoder {
     /// Finds the end of a device section payload: the first footer for this
     /// section id that is followed by something a QEMU source could send next.
     fn scan_device(&self, buf: &[u8], id: u32, eof: bool) -> Result<Option<usize>, nom::Err<PErr>> {
-        let info = self.sections.get(&id);
-        let dev_err = |why: &'static str| {
-            PErr::at(
-                buf,
-                WireError::DeviceSection {
-                    offset: 0,
-                    section_id: id,
-                    idstr: info.map(|s| s.idstr.clone()).unwrap_or_default(),
-                    why,
-                },
-            )
-        };
+        let dev_err = |why: &'static str| self.device_error(buf, id, why);
         if self.footers == Some(false) {
             return Err(dev_err(
                 "the stream has no section footers, so device sections cannot be delimited",
