@@ -385,3 +385,24 @@ fn vmdesc_from_another_capture() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// A Xen device-state file (QMP `xen-save-devices-state` of a real QEMU
+/// 10): no configuration section, FULL sections only, no vmdesc. Read from
+/// a file and a pipe alike, and re-serialized identically.
+#[test]
+fn xen_device_state_file() {
+    let s = qmig_tests::data_dir()
+        .join("xen")
+        .join("device-state")
+        .join("stream");
+    let bytes = std::fs::read(&s).unwrap();
+    for (how, (ok, v)) in [("file", inspect_file(&s)), ("pipe", inspect_pipe(&bytes))] {
+        assert!(ok, "{how}: {}", v["error"]);
+        assert_eq!(v["configuration_section"], false, "{how}");
+        assert_eq!(v["section_headers"]["FULL"], 30, "{how}");
+        assert_eq!(v["eof"], true, "{how}");
+        assert_eq!(v["device_sections_delimited_by"], "footer", "{how}");
+    }
+    let out = qmig().arg("roundtrip").arg(&s).output().unwrap();
+    assert!(out.status.success());
+}
