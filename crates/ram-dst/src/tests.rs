@@ -992,6 +992,11 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
             data: want
         }]
     );
+    assert!(
+        !d.blocks()[0].received().get(2),
+        "received only once the host reports the placement"
+    );
+    d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
     assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
     assert!(
         mem(&d).iter().all(|&x| x == 0),
@@ -1575,4 +1580,157 @@ fn adopted_pages_are_capped_for_bitmap_memory() {
         &ram(RamRecord::mem_size(vec![mb("a", MAX_ADOPTED_PAGES * PS)])),
     )
     .unwrap();
+}
+
+// ---- page faults and the return path (handle_page_fault / poll_transmit) ----------
+
+/// Every return-path message queued so far.
+fn transmitted(d: &mut RamDst<VecMemory>) -> Vec<qmig_wire::RpMessage<'static>> {
+    let mut out = Vec::new();
+    d.poll_transmit(&mut out);
+    let out: &'static [u8] = Box::leak(out.into_boxed_slice());
+    qmig_wire::parse_return_path(out)
+        .unwrap()
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect()
+}
+
+/// Two blocks (huge pages in the first), return path open, listening.
+fn faulting() -> RamDst<VecMemory> {
+    let mut d = emit(vec![huge_block(), LocalBlock::fixed("vram", 4 * PS)]);
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    listening(&mut d);
+    d
+}
+
+#[test]
+fn pong_is_transmitted_by_the_state_machine() {
+    let mut d = adopt();
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    feed(&mut d, 5, cmd(Command::Ping(7))).unwrap();
+    feed(&mut d, 9, cmd(Command::Ping(8))).unwrap();
+    use qmig_wire::RpMessage as M;
+    assert_eq!(transmitted(&mut d), vec![M::Pong(7), M::Pong(8)]);
+    assert!(!d.poll_transmit(&mut Vec::new()), "drained");
+}
+
+#[test]
+fn faults_request_whole_host_pages_once_with_block_names_when_they_change() {
+    use qmig_wire::RpMessage as M;
+    let mut d = faulting();
+    // 2 target pages per host page in pc.ram: a fault inside one asks for it whole.
+    assert_eq!(
+        d.handle_page_fault(0, 3 * PS + 100).unwrap(),
+        FaultOutcome::Requested
+    );
+    assert_eq!(
+        d.handle_page_fault(0, 2 * PS).unwrap(),
+        FaultOutcome::AlreadyRequested
+    );
+    assert_eq!(
+        d.handle_page_fault(0, 6 * PS).unwrap(),
+        FaultOutcome::Requested
+    );
+    assert_eq!(d.handle_page_fault(1, PS).unwrap(), FaultOutcome::Requested);
+    assert_eq!(d.handle_page_fault(0, 0).unwrap(), FaultOutcome::Requested);
+    assert_eq!(
+        transmitted(&mut d),
+        vec![
+            M::ReqPagesId {
+                start: 2 * PS,
+                len: 2 * PS as u32,
+                block: "pc.ram"
+            },
+            M::ReqPages {
+                start: 6 * PS,
+                len: 2 * PS as u32
+            },
+            M::ReqPagesId {
+                start: PS,
+                len: PS as u32,
+                block: "vram"
+            },
+            M::ReqPagesId {
+                start: 0,
+                len: 2 * PS as u32,
+                block: "pc.ram"
+            },
+        ]
+    );
+    assert_eq!(d.stats().page_requests, 4);
+    assert_eq!(d.stats().faults_already_requested, 1);
+    assert_eq!(d.outstanding_requests(), 4);
+    // The page arrives and is placed: no longer outstanding, and received.
+    let a = [3u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))).unwrap();
+    let placed = actions(&mut d);
+    assert!(
+        matches!(placed[..], [Action::PlaceHostPage { block: 0, offset, .. }] if offset == 2 * PS)
+    );
+    d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
+    assert_eq!(d.outstanding_requests(), 3);
+    assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
+}
+
+#[test]
+fn a_fault_on_a_received_page_is_placed_locally_as_zero() {
+    let mut d = emit(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    // Precopy: page 1 arrives as ZERO (never written to memory).
+    feed(
+        &mut d,
+        1,
+        ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)])),
+    )
+    .unwrap();
+    feed(&mut d, 2, ram(RamRecord::zero(PS, Some("pc.ram")))).unwrap();
+    listening(&mut d);
+    assert_eq!(
+        d.handle_page_fault(0, PS).unwrap(),
+        FaultOutcome::PlaceLocally
+    );
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::PlaceZeroPage {
+            block: 0,
+            offset: PS,
+            len: PS
+        }]
+    );
+    assert!(
+        transmitted(&mut d).is_empty(),
+        "nothing asked of the source"
+    );
+    assert_eq!(d.stats().faults_resolved_locally, 1);
+}
+
+#[test]
+fn bad_faults_are_typed_errors() {
+    let mut d = faulting();
+    let bad = |r: Result<FaultOutcome, RamDstError>| {
+        assert!(matches!(r, Err(RamDstError::BadFault { .. })), "{r:?}")
+    };
+    bad(d.handle_page_fault(2, 0));
+    bad(d.handle_page_fault(1, 4 * PS));
+    bad(d.handle_page_fault(0, u64::MAX));
+    assert!(d.handle_placed(0, PS, 2 * PS).is_err(), "unaligned");
+    assert!(
+        d.handle_placed(0, 0, 3 * PS).is_err(),
+        "not whole host pages"
+    );
+    assert!(d.handle_placed(0, 6 * PS, 4 * PS).is_err(), "past the end");
+    assert!(d.handle_placed(9, 0, 2 * PS).is_err(), "unknown block");
+    // Before LISTEN, and without a return path.
+    let mut e = emit(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    bad(e.handle_page_fault(0, 0));
+    listening(&mut e);
+    let r = e.handle_page_fault(0, 0).unwrap_err();
+    assert!(r.to_string().contains("return path"), "{r}");
+    // After the stream ended, an unreceived page has nobody to ask.
+    let mut f = faulting();
+    feed(&mut f, 3, Item::Eof).unwrap();
+    assert_eq!(f.postcopy_state(), PostcopyState::End);
+    bad(f.handle_page_fault(0, 0));
 }
