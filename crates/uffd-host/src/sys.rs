@@ -228,16 +228,36 @@ pub(crate) fn host_page_size() -> usize {
     }
 }
 
-/// An anonymous private mapping, unmapped on drop.
+/// An anonymous private mapping (`MAP_PRIVATE | MAP_ANONYMOUS |
+/// MAP_NORESERVE`), unmapped on drop. Pages never written are not present:
+/// once registered with a [`Region`](crate::Region) touching them faults.
 #[derive(Debug)]
-pub(crate) struct Mapping {
-    pub addr: usize,
-    pub len: usize,
+pub struct Mapping {
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
 }
 
 impl Mapping {
-    /// Maps `len` bytes of anonymous, private, read/write memory.
-    pub(crate) fn anonymous(len: usize) -> Result<Self, UffdError> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Maps `len` bytes (non-zero) of anonymous, private, read/write memory.
+    ///
+    /// # Errors
+    /// [`UffdError::Syscall`] when mmap fails (e.g. `len` is 0).
+    pub fn anonymous(len: usize) -> Result<Self, UffdError> {
         // SAFETY: a fresh anonymous mapping at an address the kernel picks
         // aliases nothing.
         let p = unsafe {
