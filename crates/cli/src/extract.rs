@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qmig_ram_dst::{
-    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, MmapMemory, RamDst,
-    RamDstError,
+    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, MmapMemory, Placement,
+    RamDst, RamDstError,
 };
 use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
 use serde_json::{json, Value};
@@ -30,6 +30,9 @@ pub(crate) enum StopError {
     Dst(RamDstError),
     /// Writing output files failed.
     Io(String),
+    /// The postcopy host (userfaultfd, fault handling) failed or refused
+    /// the stream (e.g. a hugetlbfs-backed block).
+    Postcopy(String),
 }
 
 impl std::fmt::Display for StopError {
@@ -38,6 +41,7 @@ impl std::fmt::Display for StopError {
             StopError::Wire(e) => write!(f, "{e}"),
             StopError::Dst(e) => write!(f, "{e}"),
             StopError::Io(e) => write!(f, "I/O: {e}"),
+            StopError::Postcopy(e) => write!(f, "postcopy: {e}"),
         }
     }
 }
@@ -47,7 +51,7 @@ impl StopError {
         match self {
             StopError::Wire(e) => Some(e.offset()),
             StopError::Dst(e) => Some(e.offset()),
-            StopError::Io(_) => None,
+            StopError::Io(_) | StopError::Postcopy(_) => None,
         }
     }
 }
@@ -166,10 +170,12 @@ impl<M: Images> Session<M> {
         outdir: &Path,
         mem: M,
         layout: Layout,
+        placement: Placement,
         source: String,
     ) -> Result<Self, String> {
         let cfg = Config {
             layout,
+            placement,
             ..Config::default()
         };
         let dst = RamDst::new(cfg, mem).map_err(|e| e.to_string())?;
@@ -299,7 +305,13 @@ pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
     // Images written with combined pwrites: faster than faulting pages into
     // mappings when the stream is read from a file.
     let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mut s = Session::new(outdir, mem, Layout::Adopt, path.display().to_string())?;
+    let mut s = Session::new(
+        outdir,
+        mem,
+        Layout::Adopt,
+        Placement::Apply,
+        path.display().to_string(),
+    )?;
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().

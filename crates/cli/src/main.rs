@@ -9,6 +9,7 @@ mod diff;
 mod extract;
 mod input;
 mod inspect;
+mod postcopy;
 mod progress;
 mod recv;
 mod roundtrip;
@@ -81,6 +82,10 @@ enum Cmd {
         /// Also record the whole incoming stream, byte for byte, in this file.
         #[arg(long, value_name = "STREAM")]
         save: Option<PathBuf>,
+        /// Postcopy: from POSTCOPY_RUN on, N threads read every guest page
+        /// once in a pseudo-random order (like vCPUs), so pages are demand-paged.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        touch: usize,
         /// Give up when the source sends nothing, or does not read the return
         /// path, for this many seconds (the manifest then says so).
         #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             output,
             blocks,
             save,
+            touch,
             idle_timeout,
         } => recv::run(
             &listen,
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
             blocks.as_deref(),
             save.as_deref(),
             std::time::Duration::from_secs(idle_timeout),
+            touch,
         ),
         Cmd::Send(args) => send::run(&args).map_err(|e| e.to_string()),
         Cmd::Diff { a, b, records } => diff::run(&a, &b, records).map_err(|e| e.to_string()),

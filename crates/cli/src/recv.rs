@@ -16,14 +16,16 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qmig_ram_dst::{Action, Layout, LocalBlock, MmapMemory};
+use qmig_ram_dst::{Action, Layout, LocalBlock, Placement, PostcopyState};
 use qmig_wire::{Item, RpMessage, StreamReader};
 use serde_json::{json, Value};
 
 use crate::extract::{Session, StopError};
+use crate::postcopy::{lock, Inner, RecvMemory, Running};
 
 /// How long to wait for the vmdesc trailer once EOF was read.
 const AFTER_EOF_TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,6 +145,7 @@ pub fn run(
     blocks: Option<&Path>,
     save: Option<&Path>,
     idle: Duration,
+    touch: usize,
 ) -> Result<ExitCode, String> {
     let addr = parse_listen(listen)?;
     let layout = match blocks {
@@ -150,8 +153,11 @@ pub fn run(
         None => Layout::Adopt,
     };
     let listener = TcpListener::bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    receive(listener, outdir, layout, save, listen, idle)
+    receive(listener, outdir, layout, save, listen, idle, touch)
 }
+
+/// How long the end of a migration waits for `--touch` threads.
+const TOUCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Takes one migration on `listener` (see the module documentation).
 fn receive(
@@ -161,13 +167,16 @@ fn receive(
     save: Option<&Path>,
     listen: &str,
     idle: Duration,
+    touch: usize,
 ) -> Result<ExitCode, String> {
     if idle.is_zero() {
         return Err("--idle-timeout must be at least 1 second".into());
     }
     std::fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mem = MmapMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mut session = Session::new(outdir, mem, layout, listen.to_string())?;
+    let mem = RecvMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+    // Emit: postcopy host pages are placed by the host (UFFDIO_COPY once
+    // registered), which reports each placement back.
+    let session = Session::new(outdir, mem, layout, Placement::Emit, listen.to_string())?;
     let save_file = match save {
         Some(p) => Some(BufWriter::with_capacity(
             1 << 20,
@@ -188,8 +197,9 @@ fn receive(
         .and_then(|()| sock.set_write_timeout(Some(idle)))
         .map_err(|e| format!("socket timeouts: {e}"))?;
     eprintln!("qmig recv: migration from {peer}");
-    let mut rp_sock = sock.try_clone().map_err(|e| e.to_string())?;
+    let rp_sock = sock.try_clone().map_err(|e| e.to_string())?;
     let timeout_sock = sock.try_clone().map_err(|e| e.to_string())?;
+    let ctl_sock = sock.try_clone().map_err(|e| e.to_string())?;
     let received = Rc::new(Cell::new(0u64));
     let after_eof = Rc::new(Cell::new(false));
     let save_error = Rc::new(Cell::new(false));
@@ -201,12 +211,11 @@ fn receive(
         after_eof: after_eof.clone(),
         save_error: save_error.clone(),
     };
+    let inner = Arc::new(Mutex::new(Inner::new(session, rp_sock, idle)));
+    let host = Running::start(&inner, ctl_sock, touch);
     let mut rd = StreamReader::new(tee);
     let pb = progress();
     let started = Instant::now();
-    let mut rp_open = false;
-    let mut rp_error: Option<String> = None;
-    let mut rp_dead = false;
     let mut pending: Vec<Action> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0u32;
@@ -216,78 +225,75 @@ fn receive(
             Ok(None) => break Ok(()),
             Err(e) => break Err(StopError::Wire(e)),
         };
+        let mut g = lock(&inner);
         n = n.wrapping_add(1);
         if n.is_multiple_of(1024) {
-            let st = session.dst.stats();
+            let st = g.session.dst.stats();
             pb.set_message(format!(
-                "{:.1} MiB, {} pages, {} zero, {} xbzrle",
+                "{:.1} MiB, {} pages, {} zero, {} xbzrle, {} requested",
                 received.get() as f64 / (1 << 20) as f64,
                 st.page + st.compressed,
                 st.zero,
-                st.xbzrle
+                st.xbzrle,
+                st.page_requests
             ));
         }
         let last = matches!(ri.item, Item::Vmdesc(_));
-        if matches!(ri.item, Item::Eof) {
+        let eof = matches!(ri.item, Item::Eof);
+        if eof {
             after_eof.set(true);
             let _ = timeout_sock.set_read_timeout(Some(AFTER_EOF_TIMEOUT));
         }
-        if let Err(e) = session.handle(&ri, |a| pending.push(a)) {
+        if let Err(e) = g.session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
         }
+        let mut r = Ok(());
         for a in pending.drain(..) {
-            out.clear();
-            // The state machine decides what QEMU would answer (bounded
-            // replies, nothing without a return path): fuzz target recv_state.
-            if let Err(e) = session.dst.reply(&a, &mut out) {
-                rp_error.get_or_insert(format!("return path: {e}"));
-            }
-            match a {
-                Action::OpenReturnPath => rp_open = true,
-                Action::NonZeroFill { offset, fill, .. } => {
-                    pb.suspend(|| eprintln!("qmig recv: note: offset {offset}: ZERO record with fill byte {fill:#04x}"));
-                }
-                _ => {}
-            }
-            if !out.is_empty() && !rp_dead {
-                if let Err(e) = rp_sock.write_all(&out) {
-                    let why = if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) {
-                        format!(
-                            "return path: the source read nothing for {} s (--idle-timeout)",
-                            idle.as_secs_f64()
-                        )
-                    } else {
-                        format!("return path: {e}")
-                    };
-                    rp_error.get_or_insert(why);
-                    rp_dead = true;
-                }
+            if r.is_ok() {
+                r = g.execute(a, &host.ctl, &mut |m| {
+                    pb.suspend(|| eprintln!("qmig recv: note: {m}"))
+                });
             }
         }
-        if rp_dead {
+        g.flush_transmit(&mut out);
+        if let Err(e) = r {
+            break Err(e);
+        }
+        if g.rp_dead {
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
-            let why = rp_error.clone().unwrap_or_default();
+            let why = g.rp_error.clone().unwrap_or_default();
             break Err(StopError::Io(why));
         }
-        if last {
+        if let Some(e) = &g.host.error {
+            break Err(StopError::Postcopy(format!("fault handler: {e}")));
+        }
+        // A postcopy stream has no vmdesc trailer: it is complete at EOF.
+        if last || (eof && g.session.dst.postcopy_state() == PostcopyState::End) {
             break Ok(());
         }
     };
+    // The fault handler may have failed while the reader was blocked (and
+    // woke it by shutting the socket down): report that, not the read error.
+    let result = match (result, lock(&inner).host.error.clone()) {
+        (Err(_), Some(e)) => Err(StopError::Postcopy(format!("fault handler: {e}"))),
+        (r, _) => r,
+    };
     pb.finish_and_clear();
-    if rp_open && !rp_dead {
+    let postcopy = host.stop(&inner, TOUCH_WAIT);
+    let mut g = lock(&inner);
+    if g.rp_open && !g.rp_dead {
         out.clear();
         let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
             .write(&mut out)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        let rp = &mut g.rp_sock();
         if let Err(e) = written
-            .and_then(|()| rp_sock.write_all(&out))
-            .and_then(|_| rp_sock.flush())
+            .and_then(|()| rp.write_all(&out))
+            .and_then(|_| rp.flush())
         {
-            rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
+            g.rp_error
+                .get_or_insert(format!("return path: sending SHUT: {e}"));
         }
     }
     let mut tee = rd.into_inner();
@@ -296,17 +302,19 @@ fn receive(
             save_error.set(true);
         }
     }
-    let _ = rp_sock.shutdown(std::net::Shutdown::Write);
+    let _ = g.rp_sock().shutdown(std::net::Shutdown::Write);
     let secs = started.elapsed().as_secs_f64();
+    let rp_open = g.rp_open;
     let extra = json!({
         "peer": peer.to_string(),
         "return_path": rp_open,
         "bytes_received": received.get(),
         "seconds": secs,
         "saved_stream": save.map(|p| p.display().to_string()),
+        "postcopy": postcopy,
     });
-    let result = session.finish(result, extra)?;
-    let applied = session.dst.applied_up_to();
+    let result = g.session.finish(result, extra)?;
+    let applied = g.session.dst.applied_up_to();
     if let Err(e) = result {
         eprintln!("qmig recv: stopped: {e}; images hold the stream applied up to offset {applied}");
         return Ok(ExitCode::from(1));
@@ -315,18 +323,20 @@ fn receive(
         eprintln!("qmig recv: writing the --save file failed; the capture is incomplete");
         return Ok(ExitCode::from(1));
     }
-    if let Some(e) = rp_error {
+    if let Some(e) = &g.rp_error {
         eprintln!("qmig recv: {e}");
         return Ok(ExitCode::from(1));
     }
-    let st = session.dst.stats();
+    let st = g.session.dst.stats();
     eprintln!(
-        "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; return path: {}",
+        "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; \
+         {} page requests; return path: {}",
         received.get(),
         st.page,
         st.zero,
         st.xbzrle,
         st.compressed,
+        st.page_requests,
         if rp_open { "SHUT sent" } else { "none" }
     );
     Ok(ExitCode::SUCCESS)
@@ -387,6 +397,7 @@ mod tests {
             Some(&save),
             "test",
             Duration::from_secs(60),
+            0,
         )
         .unwrap();
         let rp = src.join().unwrap();

@@ -57,6 +57,14 @@ impl AnonMemory {
         self.blocks.get(index).map(|b| (b.name.as_str(), b.used))
     }
 
+    /// The mapping of block `index` (`None` for an unknown or 0-byte
+    /// block), for threads that read guest memory as vCPUs do: a registered
+    /// page that is missing blocks the reader until it is placed. Holding it
+    /// keeps the memory mapped but does not keep any userfaultfd open.
+    pub fn mapping(&self, index: usize) -> Option<Arc<Mapping>> {
+        self.blocks.get(index).and_then(|b| b.map.clone())
+    }
+
     /// Registers block `index` for missing faults ([`Region::register`]).
     ///
     /// # Errors

@@ -253,6 +253,30 @@ impl Mapping {
         self.addr as *mut u8
     }
 
+    /// Copies `buf.len()` bytes at `offset` out with volatile reads, as a
+    /// vCPU would touch them: a page that is registered and missing blocks
+    /// the call until it is placed (or the userfaultfd is closed; it then
+    /// reads as zero).
+    ///
+    /// # Errors
+    /// [`UffdError::BadRange`] when the range is outside the mapping.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), UffdError> {
+        if offset.checked_add(buf.len()).is_none_or(|e| e > self.len) {
+            return Err(UffdError::BadRange {
+                offset,
+                len: buf.len(),
+                why: "outside the mapping",
+            });
+        }
+        let src = self.as_ptr().wrapping_add(offset);
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `offset + i` is inside the live mapping (checked
+            // above); a volatile u8 read has no alignment needs.
+            *b = unsafe { std::ptr::read_volatile(src.wrapping_add(i)) };
+        }
+        Ok(())
+    }
+
     /// Maps `len` bytes (non-zero) of anonymous, private, read/write memory.
     ///
     /// # Errors
