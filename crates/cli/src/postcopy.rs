@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use qmig_ram_dst::{Action, FileMemory, GuestMemory, ImageFile, PostcopyState};
+use qmig_ram_dst::{Action, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState};
 use qmig_uffd_host::{AnonMemory, Blocktime, Fault, FaultThread, Mapping, Region};
 use serde_json::{json, Value};
 
@@ -380,7 +380,21 @@ impl Running {
     /// the userfaultfds wakes every thread still waiting, which then reads
     /// zero), then the touch threads (waiting at most `wait` for them).
     /// Returns the manifest's `postcopy` object.
-    pub(crate) fn stop(mut self, inner: &Mutex<Inner>, wait: Duration) -> Value {
+    ///
+    /// After a complete migration (`ok`) the touch threads are first given
+    /// `wait` to finish reading every page while faults are still served;
+    /// after a failure they are told to stop at once.
+    pub(crate) fn stop(mut self, inner: &Mutex<Inner>, ok: bool, wait: Duration) -> Value {
+        let t0 = Instant::now();
+        if ok {
+            loop {
+                let done = lock(inner).host.touch.iter().all(JoinHandle::is_finished);
+                if done || t0.elapsed() >= wait {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         self.ctl.stop.store(true, Ordering::Release);
         self.ctl.touch_stop.store(true, Ordering::Release);
         if let Some(h) = self.handler.take() {
@@ -403,6 +417,8 @@ impl Running {
         let touch: Vec<JoinHandle<u64>> = g.host.touch.drain(..).collect();
         let t0 = Instant::now();
         drop(g);
+        // Every userfaultfd is closed now: a touch thread still waiting was
+        // woken and reads zero, so this wait is short.
         let mut touch_unfinished = 0;
         let mut touched_pages = 0;
         for h in touch {
@@ -461,13 +477,17 @@ fn handle_faults(inner: &Mutex<Inner>, rx: &Receiver<Fault>, stop: &AtomicBool, 
         let seen = Instant::now();
         let mut g = lock(inner);
         g.host.faults_handled += 1;
-        g.host.waiting.entry((f.tag, f.offset)).or_insert(seen);
-        let mut r = g
-            .session
-            .dst
-            .handle_page_fault(f.tag, f.offset)
-            .map(|_| ())
-            .map_err(StopError::Dst);
+        let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
+            Ok(FaultOutcome::Requested) => {
+                // Latency is measured for pages asked of the source: from
+                // the fault to the placement of the page it brought.
+                let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
+                g.host.waiting.insert((f.tag, start), seen);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(StopError::Dst(e)),
+        };
         while let (Ok(()), Some(a)) = (&r, g.session.dst.poll_action()) {
             r = match a {
                 Action::PlaceZeroPage { block, offset, len } => g.place(block, offset, None, len),

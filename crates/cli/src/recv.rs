@@ -280,7 +280,7 @@ fn receive(
         (r, _) => r,
     };
     pb.finish_and_clear();
-    let postcopy = host.stop(&inner, TOUCH_WAIT);
+    let postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
     let mut g = lock(&inner);
     if g.rp_open && !g.rp_dead {
         out.clear();
