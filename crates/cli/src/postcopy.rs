@@ -202,7 +202,13 @@ impl Inner {
     /// Places a host page the state machine assembled (or a zero page it
     /// decided on): with UFFDIO_COPY / UFFDIO_ZEROPAGE into a registered
     /// block, else straight into memory (passive mode).
-    fn place(&mut self, block: usize, offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), StopError> {
+    fn place(
+        &mut self,
+        block: usize,
+        offset: u64,
+        data: Option<&[u8]>,
+        len: u64,
+    ) -> Result<(), StopError> {
         let region = self.host.regions.get(block).and_then(Option::as_ref);
         let r = match (region, data) {
             (Some(r), Some(d)) => r.place_page(offset as usize, d).map(|_| ()),
@@ -211,10 +217,14 @@ impl Inner {
                 let mem = self.session.dst.memory_mut();
                 let w = match d {
                     Some(d) => mem.write(block, offset, d),
-                    None => mem.bytes_mut(block, offset, len as usize).map(|m| m.fill(0)),
+                    None => mem
+                        .bytes_mut(block, offset, len as usize)
+                        .map(|m| m.fill(0)),
                 };
                 return w
-                    .map_err(|e| StopError::Io(format!("placing {offset:#x} of block {block}: {e}")))
+                    .map_err(|e| {
+                        StopError::Io(format!("placing {offset:#x} of block {block}: {e}"))
+                    })
                     .and_then(|()| self.placed(block, offset, len));
             }
         };
@@ -231,9 +241,9 @@ impl Inner {
     ) -> Result<(), StopError> {
         match a {
             Action::OpenReturnPath => self.rp_open = true,
-            Action::NonZeroFill { offset, fill, .. } => {
-                note(format!("offset {offset}: ZERO record with fill byte {fill:#04x}"))
-            }
+            Action::NonZeroFill { offset, fill, .. } => note(format!(
+                "offset {offset}: ZERO record with fill byte {fill:#04x}"
+            )),
             Action::PlaceHostPage {
                 block,
                 offset,
@@ -282,7 +292,11 @@ impl Inner {
                 .register(i)
                 .map_err(|e| StopError::Postcopy(format!("registering block {i}: {e}")))?;
             let ft = r
-                .spawn_fault_thread(i, Blocktime::new(ctl.touch_threads.max(1)), ctl.fault_tx.clone())
+                .spawn_fault_thread(
+                    i,
+                    Blocktime::new(ctl.touch_threads.max(1)),
+                    ctl.fault_tx.clone(),
+                )
                 .map_err(|e| StopError::Postcopy(format!("fault thread of block {i}: {e}")))?;
             self.host.fault_threads.push(ft);
             regions.push(Some(r));
@@ -316,7 +330,13 @@ impl Inner {
 /// One `--touch` thread: reads one byte of every 4 KiB page of its share
 /// (pages `t, t + n, t + 2n, ...` over all blocks) in a pseudo-random order
 /// (Fisher-Yates with xorshift64, seeded by `t`). Returns pages read.
-fn touch(maps: &[(Arc<Mapping>, u64)], t: usize, n: usize, stop: &AtomicBool, touched: &AtomicU64) -> u64 {
+fn touch(
+    maps: &[(Arc<Mapping>, u64)],
+    t: usize,
+    n: usize,
+    stop: &AtomicBool,
+    touched: &AtomicU64,
+) -> u64 {
     let mut pages: Vec<(usize, u64)> = Vec::new();
     let mut k = 0usize;
     for (i, (_, used)) in maps.iter().enumerate() {

@@ -374,17 +374,65 @@ mod tests {
         tag: &str,
         close_after: bool,
     ) -> (ExitCode, Value, Vec<u8>, PathBuf) {
+        run_touch(stream, layout, tag, close_after, 0, None)
+    }
+
+    /// Whether `rp` holds a page request (parsing the complete messages).
+    fn has_request(rp: &[u8]) -> bool {
+        let mut at = 0;
+        while rp.len() >= at + 4 {
+            let len = u16::from_be_bytes([rp[at + 2], rp[at + 3]]) as usize;
+            if rp.len() < at + 4 + len {
+                break;
+            }
+            if let Ok(m) = qmig_wire::parse_return_path(&rp[at..at + 4 + len]) {
+                if m.iter().any(|(_, x)| {
+                    matches!(x, RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. })
+                }) {
+                    return true;
+                }
+            }
+            at += 4 + len;
+        }
+        false
+    }
+
+    fn run_touch(
+        stream: Vec<u8>,
+        layout: Layout,
+        tag: &str,
+        close_after: bool,
+        touch: usize,
+        hold_at: Option<usize>,
+    ) -> (ExitCode, Value, Vec<u8>, PathBuf) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let src = std::thread::spawn(move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut early = Vec::new();
+            let mut rest = &stream[..];
+            if let Some(k) = hold_at {
+                // Send up to `k`, then hold the rest back until a page is
+                // asked for (at most 10 s): the destination must fault.
+                let _ = s.write_all(&stream[..k]);
+                rest = &stream[k..];
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = [0u8; 4096];
+                while !has_request(&early) {
+                    match s.read(&mut buf) {
+                        Ok(n) if n > 0 => early.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                s.set_read_timeout(None).unwrap();
+            }
             // The receiver may refuse the stream and close early (layout
             // mismatch): a failed write is then expected, not a test failure.
-            let _ = s.write_all(&stream);
+            let _ = s.write_all(rest);
             if close_after {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
-            let mut rp = Vec::new();
+            let mut rp = early;
             let _ = s.read_to_end(&mut rp);
             rp
         });
@@ -397,7 +445,7 @@ mod tests {
             Some(&save),
             "test",
             Duration::from_secs(60),
-            0,
+            touch,
         )
         .unwrap();
         let rp = src.join().unwrap();
@@ -463,5 +511,92 @@ mod tests {
         assert!(parse_listen("tcp:[::1]:4444").is_ok());
         assert!(parse_listen("unix:/x").is_err());
         assert!(parse_listen("tcp:127.0.0.1").is_err());
+    }
+
+    /// A real postcopy capture replayed by a fake source, with touch threads
+    /// faulting on guest memory: pages the threads need are asked for on the
+    /// return path (REQ_PAGES_ID / REQ_PAGES, whole host pages) and resolved by the
+    /// capture's pages as they arrive; the images equal `extract`'s. Without a
+    /// usable userfaultfd, postcopy is received passively (no requests) and
+    /// the images are the same.
+    #[test]
+    fn postcopy_capture_with_touch_threads_requests_pages_and_completes() {
+        let stream = capture("q10-postcopy");
+        // Hold the stream back right after POSTCOPY_RUN (inside PACKAGED).
+        let mut rd = qmig_wire::SliceReader::new(&stream);
+        let mut hold = None;
+        while let Some(r) = rd.next() {
+            let (_, item) = r.unwrap();
+            if matches!(item, Item::Command(qmig_wire::Command::PostcopyRun)) {
+                hold = Some(rd.decoder().position() as usize);
+                break;
+            }
+        }
+        let uffd = qmig_uffd_host::probe().is_ok();
+        let (code, m, rp, _) = run_touch(stream.clone(), Layout::Adopt, "pc", false, 2, hold);
+        assert_eq!(code, ExitCode::SUCCESS, "{m}");
+        assert_eq!(m["complete"], true);
+        assert_eq!(m["postcopy_state"], "End");
+        let pc = &m["postcopy"];
+        let msgs = qmig_wire::parse_return_path(&rp).unwrap();
+        let reqs: Vec<_> = msgs
+            .iter()
+            .filter(|(_, x)| matches!(x, RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. }))
+            .collect();
+        assert_eq!(reqs.len() as u64, pc["page_requests"].as_u64().unwrap());
+        assert!(
+            matches!(msgs.last(), Some((_, RpMessage::Shut(0)))),
+            "{msgs:?}"
+        );
+        assert!(hold.is_some(), "the capture has POSTCOPY_RUN");
+        if uffd {
+            assert_eq!(pc["mode"], "userfaultfd");
+            assert!(
+                !reqs.is_empty(),
+                "the touch threads faulted, nothing was asked: {pc}"
+            );
+            assert!(
+                pc["fault_latency_us"]["count"].as_u64().unwrap() > 0,
+                "{pc}"
+            );
+            assert_eq!(pc["touch_threads_unfinished"], 0);
+            assert!(pc["touched_pages"].as_u64().unwrap() > 0, "{pc}");
+            for (_, r) in &reqs {
+                let (RpMessage::ReqPages { start, len } | RpMessage::ReqPagesId { start, len, .. }) =
+                    r
+                else {
+                    unreachable!()
+                };
+                assert!(*len == 4096 && start % 4096 == 0, "{r:?}");
+            }
+            if let Some((_, first)) = reqs.first() {
+                assert!(
+                    matches!(first, RpMessage::ReqPagesId { .. }),
+                    "first names its block"
+                );
+            }
+        } else {
+            assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
+        }
+        // Same images as the offline replay of the capture.
+        // run_touch's output directory (tmpdir would remove it).
+        let out = std::env::temp_dir().join(format!("qmig-recv-test-pc-{}", std::process::id()));
+        let ex = tmpdir("pc-extract");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/q10-postcopy/stream");
+        crate::extract::run(&p, &ex).unwrap();
+        let mx: Value =
+            serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
+                .unwrap();
+        for (a, b) in m["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(mx["blocks"].as_array().unwrap())
+        {
+            assert_eq!(a["name"], b["name"]);
+            let ia = std::fs::read(out.join(a["file"].as_str().unwrap())).unwrap();
+            let ib = std::fs::read(ex.join(b["file"].as_str().unwrap())).unwrap();
+            assert!(ia == ib, "block {} differs from extract", a["name"]);
+        }
     }
 }
