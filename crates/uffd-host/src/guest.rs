@@ -110,7 +110,7 @@ impl AnonMemory {
         // registered page that is missing blocks the copy until placed.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                m.as_ptr().add(offset as usize),
+                m.as_ptr().wrapping_add(offset as usize),
                 buf.as_mut_ptr(),
                 buf.len(),
             )
@@ -171,15 +171,14 @@ impl GuestMemory for AnonMemory {
             // not present (they must still fault once registered).
             for at in (0..n).step_by(ps) {
                 let k = ps.min(n - at);
-                // SAFETY: both mappings are live and at least `n` bytes
-                // long; they are distinct, so the ranges do not overlap. The
-                // old one is not shared (checked by `exclusive`), so nothing
-                // writes it meanwhile.
-                unsafe {
-                    let src = std::slice::from_raw_parts(old.as_ptr().add(at), k);
-                    if src.iter().any(|&x| x != 0) {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), new.as_ptr().add(at), k);
-                    }
+                let (src, dst) = (old.as_ptr().wrapping_add(at), new.as_ptr().wrapping_add(at));
+                // SAFETY: `src..src + k` is inside the live old mapping, which
+                // nothing writes meanwhile (not shared: checked by `exclusive`).
+                let page = unsafe { std::slice::from_raw_parts(src, k) };
+                if page.iter().any(|&x| x != 0) {
+                    // SAFETY: both ranges are `k` bytes inside live, distinct
+                    // mappings, so they do not overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(src, dst, k) };
                 }
             }
         }
@@ -201,7 +200,9 @@ impl GuestMemory for AnonMemory {
         // lives as long as `self` borrows it; the mapping is not shared with
         // any region (checked by `exclusive`), so this is the only reference
         // into it while the borrow lasts.
-        Ok(unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(offset as usize), len) })
+        let p = m.as_ptr().wrapping_add(offset as usize);
+        // SAFETY: see above.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
     }
 
     fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
@@ -221,7 +222,7 @@ impl GuestMemory for AnonMemory {
             // zero (and fault again once registered).
             let r = unsafe {
                 libc::madvise(
-                    m.as_ptr().add(first as usize).cast(),
+                    m.as_ptr().wrapping_add(first as usize).cast(),
                     (last - first) as usize,
                     libc::MADV_DONTNEED,
                 )
