@@ -196,12 +196,11 @@ impl GuestMemory for AnonMemory {
             )));
         }
         let Some(m) = &b.map else { return Ok(&mut []) };
+        let p = m.as_ptr().wrapping_add(offset as usize);
         // SAFETY: the range lies inside the mapping (checked above), which
         // lives as long as `self` borrows it; the mapping is not shared with
-        // any region (checked by `exclusive`), so this is the only reference
-        // into it while the borrow lasts.
-        let p = m.as_ptr().wrapping_add(offset as usize);
-        // SAFETY: see above.
+        // any region or reader (checked by `exclusive`), so this is the only
+        // reference into it while the borrow lasts.
         Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
     }
 
