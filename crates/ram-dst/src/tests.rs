@@ -1734,3 +1734,194 @@ fn bad_faults_are_typed_errors() {
     assert_eq!(f.postcopy_state(), PostcopyState::End);
     bad(f.handle_page_fault(0, 0));
 }
+
+// ---- postcopy model: faults in any order, any discard set ---------------------------
+
+/// Guest memory that also tracks which 4 KiB pages are *present* (written
+/// at least once and not discarded), as anonymous memory registered with
+/// userfaultfd would: touching a page that is not present faults.
+#[derive(Default)]
+struct PresentMemory {
+    data: Vec<u8>,
+    present: Vec<bool>,
+}
+
+impl GuestMemory for PresentMemory {
+    fn set_block_len(&mut self, index: usize, _name: &str, len: u64) -> std::io::Result<()> {
+        assert_eq!(index, 0, "one block");
+        self.data.resize(len as usize, 0);
+        self.present.resize((len / PS) as usize, false);
+        Ok(())
+    }
+
+    fn bytes_mut(&mut self, _index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        let (a, b) = (offset / PS, (offset + len as u64).div_ceil(PS));
+        for p in a..b {
+            self.present[p as usize] = true;
+        }
+        Ok(&mut self.data[offset as usize..offset as usize + len])
+    }
+
+    fn discard(&mut self, _index: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        self.data[offset as usize..(offset + len) as usize].fill(0);
+        for p in offset / PS..(offset + len) / PS {
+            self.present[p as usize] = false;
+        }
+        Ok(())
+    }
+}
+
+/// The host side of the model: executes placements into `PresentMemory`
+/// (as UFFDIO_COPY / UFFDIO_ZEROPAGE would, EEXIST leaving the page alone)
+/// and reports them.
+fn model_drain(d: &mut RamDst<PresentMemory>) {
+    while let Some(a) = d.poll_action() {
+        let (off, data, len) = match a {
+            Action::PlaceHostPage { offset, data, .. } => {
+                let n = data.len() as u64;
+                (offset, Some(data), n)
+            }
+            Action::PlaceZeroPage { offset, len, .. } => (offset, None, len),
+            _ => continue,
+        };
+        let p = (off / PS) as usize;
+        let m = d.memory_mut();
+        assert!(
+            !m.present[p],
+            "placement onto a present page at {off:#x} (would be EEXIST)"
+        );
+        if let Some(data) = data {
+            m.data[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        m.present[p] = true;
+        d.handle_placed(0, off, len).unwrap();
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any precopy subset, any set of pages dirtied afterwards (discarded),
+    /// any order of faults interleaved with the background stream: every
+    /// fault on a page not received is asked for exactly once, every page
+    /// is placed once, and the memory ends equal to the source's.
+    #[test]
+    fn postcopy_faults_in_any_order_end_equal_to_the_source(
+        pages in proptest::collection::vec((0u8..3, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+        faults in proptest::collection::vec(0usize..40, 0..80),
+        interleave in proptest::collection::vec(0u8..3, 0..120),
+    ) {
+        // Per page: content kind (0 zero, 1/2 data), sent in precopy, dirtied after.
+        let n = pages.len() as u64;
+        let content = |p: usize, v: u8| -> Vec<u8> {
+            if v == 0 { vec![0; PS as usize] } else { vec![(p as u8).wrapping_mul(7) ^ v; PS as usize] }
+        };
+        let mut d = RamDst::new(
+            Config {
+                layout: Layout::Fixed(vec![LocalBlock::fixed("pc.ram", n * PS)]),
+                placement: Placement::Emit,
+                ..Config::default()
+            },
+            PresentMemory::default(),
+        )
+        .unwrap();
+        let mut at = 0;
+        let mut next = |d: &mut RamDst<PresentMemory>, item: Item<'_>| {
+            at += 10;
+            d.handle_item(at, 10, &item).unwrap();
+            model_drain(d);
+        };
+        next(&mut d, cmd(Command::OpenReturnPath));
+        next(&mut d, ram(RamRecord::mem_size(vec![mb("pc.ram", n * PS)])));
+        next(&mut d, cmd(Command::PostcopyAdvise(None)));
+        // Precopy: the old content (1) of the sent pages.
+        for (p, &(_, sent, _)) in pages.iter().enumerate() {
+            if sent {
+                let c = content(p, 1);
+                next(&mut d, ram(RamRecord::page(p as u64 * PS, Some("pc.ram"), &c)));
+            }
+        }
+        // The source's final content: dirtied pages take their kind; pages
+        // sent and not dirtied keep the old content.
+        let fin: Vec<Vec<u8>> = pages
+            .iter()
+            .enumerate()
+            .map(|(p, &(v, sent, dirty))| content(p, if sent && !dirty { 1 } else { v }))
+            .collect();
+        let ranges: Vec<(u64, u64)> = pages
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, sent, dirty))| sent && dirty)
+            .map(|(p, _)| (p as u64 * PS, PS))
+            .collect();
+        if !ranges.is_empty() {
+            next(&mut d, discard("pc.ram", &ranges));
+        }
+        next(&mut d, cmd(Command::PostcopyListen));
+        next(&mut d, cmd(Command::PostcopyRun));
+        let _ = d.poll_transmit(&mut Vec::new());
+        // Postcopy: the source still owes every page not sent or dirtied.
+        let mut owed: std::collections::VecDeque<usize> = pages
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, sent, dirty))| !sent || dirty)
+            .map(|(p, _)| p)
+            .collect();
+        let mut requested = std::collections::HashSet::new();
+        let mut faults = faults.into_iter().map(|f| f % pages.len());
+        let mut steps = interleave.into_iter();
+        let send = |d: &mut RamDst<PresentMemory>, at: &mut u64, p: usize| {
+            *at += 10;
+            let rec = if fin[p].iter().all(|&b| b == 0) {
+                RamRecord::zero(p as u64 * PS, Some("pc.ram"))
+            } else {
+                RamRecord::page(p as u64 * PS, Some("pc.ram"), &fin[p])
+            };
+            d.handle_item(*at, 10, &Item::Ram(rec)).unwrap();
+            model_drain(d);
+        };
+        loop {
+            let step = steps.next().unwrap_or(0);
+            if step == 0 || owed.is_empty() {
+                // A thread touches a page: it faults if the page is not present.
+                let Some(p) = faults.next() else {
+                    if owed.is_empty() { break; }
+                    let q = owed.pop_front().unwrap();
+                    send(&mut d, &mut at, q);
+                    continue;
+                };
+                if d.memory().present[p] {
+                    continue;
+                }
+                match d.handle_page_fault(0, p as u64 * PS + 5).unwrap() {
+                    FaultOutcome::Requested => {
+                        proptest::prop_assert!(requested.insert(p), "page {} asked twice", p);
+                        let mut out = Vec::new();
+                        proptest::prop_assert!(d.poll_transmit(&mut out));
+                        // The source serves the request first (if still owed).
+                        if let Some(i) = owed.iter().position(|&q| q == p) {
+                            owed.remove(i);
+                            send(&mut d, &mut at, p);
+                        }
+                    }
+                    FaultOutcome::AlreadyRequested => {
+                        proptest::prop_assert!(requested.contains(&p));
+                    }
+                    FaultOutcome::PlaceLocally => model_drain(&mut d),
+                }
+            } else if let Some(q) = owed.pop_front() {
+                send(&mut d, &mut at, q);
+            }
+        }
+        d.handle_item(at + 10, 1, &Item::Eof).unwrap();
+        proptest::prop_assert_eq!(d.postcopy_state(), PostcopyState::End);
+        proptest::prop_assert_eq!(d.outstanding_requests(), 0);
+        proptest::prop_assert_eq!(d.stats().page_requests, requested.len() as u64);
+        // Every page is received; a page not present reads as zero (anonymous memory).
+        for p in 0..pages.len() {
+            proptest::prop_assert!(d.blocks()[0].received().get(p as u64));
+            let got = &d.memory().data[p * PS as usize..(p + 1) * PS as usize];
+            proptest::prop_assert_eq!(got, &fin[p][..], "page {}", p);
+        }
+    }
+}
