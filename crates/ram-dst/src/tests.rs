@@ -1918,10 +1918,10 @@ proptest::proptest! {
         proptest::prop_assert_eq!(d.outstanding_requests(), 0);
         proptest::prop_assert_eq!(d.stats().page_requests, requested.len() as u64);
         // Every page is received; a page not present reads as zero (anonymous memory).
-        for p in 0..pages.len() {
+        for (p, want) in fin.iter().enumerate() {
             proptest::prop_assert!(d.blocks()[0].received().get(p as u64));
             let got = &d.memory().data[p * PS as usize..(p + 1) * PS as usize];
-            proptest::prop_assert_eq!(got, &fin[p][..], "page {}", p);
+            proptest::prop_assert_eq!(got, &want[..], "page {}", p);
         }
     }
 }
