@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use qmig_ram_dst::{Action, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState};
+use qmig_ram_dst::{
+    Action, BlockState, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState,
+};
 use qmig_uffd_host::{AnonMemory, Blocktime, Fault, FaultThread, Mapping, Region};
 use serde_json::{json, Value};
 
@@ -44,6 +46,27 @@ impl RecvMemory {
     }
 }
 
+impl RecvMemory {
+    /// Copies into the image files every non-zero target page whose
+    /// received bit is set (no other page can hold data: pages never
+    /// received were never written, and discarded pages were dropped), so
+    /// the cost follows what was received, not the block sizes. Call it once
+    /// every region is gone: a registered page that is missing would block.
+    pub(crate) fn write_images(&mut self, blocks: &[BlockState], tps: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; tps as usize];
+        for (i, b) in blocks.iter().enumerate() {
+            for p in b.received().iter_ones() {
+                let at = p * tps;
+                self.anon.read(i, at, &mut buf)?;
+                if buf.iter().any(|&x| x != 0) {
+                    self.files.write(i, at, &buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl GuestMemory for RecvMemory {
     fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> io::Result<()> {
         self.anon.set_block_len(index, name, len)?;
@@ -58,24 +81,7 @@ impl GuestMemory for RecvMemory {
         self.anon.discard(index, offset, len)
     }
 
-    /// Copies every non-zero 4 KiB of each block into its image file.
     fn flush(&mut self) -> io::Result<()> {
-        const CHUNK: usize = 4096;
-        let mut buf = vec![0u8; CHUNK];
-        for i in 0..self.anon.len() {
-            let Some((_, used)) = self.anon.block(i) else {
-                continue;
-            };
-            let mut at = 0u64;
-            while at < used {
-                let n = CHUNK.min((used - at) as usize);
-                self.anon.read(i, at, &mut buf[..n])?;
-                if buf[..n].iter().any(|&b| b != 0) {
-                    self.files.write(i, at, &buf[..n])?;
-                }
-                at += n as u64;
-            }
-        }
         self.files.flush()
     }
 }

@@ -313,7 +313,13 @@ fn receive(
         "saved_stream": save.map(|p| p.display().to_string()),
         "postcopy": postcopy,
     });
-    let result = g.session.finish(result, extra)?;
+    // Every userfaultfd is closed (host.stop): the memory reads safely now.
+    let tps = g.session.dst.page_size();
+    let (mem, blocks) = g.session.dst.split_mut();
+    let images = mem
+        .write_images(blocks, tps)
+        .map_err(|e| StopError::Io(format!("block images: {e}")));
+    let result = g.session.finish(result.and(images), extra)?;
     let applied = g.session.dst.applied_up_to();
     if let Err(e) = result {
         eprintln!("qmig recv: stopped: {e}; images hold the stream applied up to offset {applied}");

@@ -479,6 +479,12 @@ impl<M: GuestMemory> RamDst<M> {
         &mut self.memory
     }
 
+    /// The memory, mutably, beside the blocks (e.g. to copy out only the
+    /// pages whose received bit is set).
+    pub fn split_mut(&mut self) -> (&mut M, &[BlockState]) {
+        (&mut self.memory, &self.blocks)
+    }
+
     /// Gives the memory back.
     pub fn into_memory(self) -> M {
         self.memory
