@@ -269,6 +269,17 @@ def run_postcopy(name, sc, qmig, work):
             pc = m["postcopy"]
             check(pc["mode"] == "userfaultfd", f"postcopy mode {pc['mode']}")
             check(pc["touch_threads_unfinished"] == 0, "touch threads still blocked at exit")
+            # Images are consistent: the offline replay of the saved prefix up to
+            # applied_up_to gives the same pc.ram (every page old or new, none torn).
+            saved = open(os.path.join(out, "saved.stream"), "rb").read()
+            prefix = os.path.join(work, "prefix.stream")
+            open(prefix, "wb").write(saved[:m["applied_up_to"]])
+            ex = os.path.join(work, "prefix")
+            subprocess.run([qmig, "extract", prefix, "-o", ex], stderr=subprocess.DEVNULL)
+            mx = json.load(open(os.path.join(ex, "manifest.json")))
+            check(mx["applied_up_to"] == m["applied_up_to"], "prefix replay stops elsewhere")
+            check(image_of(ex, mx, "pc.ram") == image_of(out, m, "pc.ram"),
+                  "pc.ram differs from the stream applied up to applied_up_to")
             return (f"recv failed cleanly {took:.1f}s after the kill ({pc['page_requests']} "
                     f"requests sent): {err.splitlines()[-1]}")
         final = qmp.wait_migration(src.qmp, timeout=180)
