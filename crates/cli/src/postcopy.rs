@@ -272,18 +272,29 @@ impl Inner {
     fn listen(&mut self, ctl: &Ctl, note: &mut dyn FnMut(String)) -> Result<(), StopError> {
         let host_ps = 4096u64;
         let dst = &self.session.dst;
+        let passive = |why: String, host: &mut Host, note: &mut dyn FnMut(String)| {
+            let why = format!("passive ({why})");
+            note(format!(
+                "postcopy received {why}; no page is asked for, --touch is not run"
+            ));
+            host.mode = Some(why);
+        };
         if let Some(b) = dst.blocks().iter().find(|b| b.page_size() != host_ps) {
-            return Err(StopError::Postcopy(format!(
-                "block \"{}\" has {} KiB pages (hugetlbfs-backed): qmig recv registers only \
-                 anonymous memory with 4 KiB pages for postcopy so far",
+            let why = format!(
+                "block \"{}\" has {} KiB pages (hugetlbfs-backed): only blocks with 4 KiB \
+                 pages are registered with userfaultfd so far",
                 b.name(),
                 b.page_size() / 1024
-            )));
+            );
+            passive(why, &mut self.host, note);
+            return Ok(());
         }
         if let Err(e) = qmig_uffd_host::probe() {
-            let why = format!("passive (userfaultfd unavailable: {e})");
-            note(format!("postcopy received {why}"));
-            self.host.mode = Some(why);
+            passive(
+                format!("userfaultfd unavailable: {e}"),
+                &mut self.host,
+                note,
+            );
             return Ok(());
         }
         let mem = &self.session.dst.memory().anon;
@@ -315,7 +326,8 @@ impl Inner {
     /// POSTCOPY_RUN: start the `--touch` threads.
     fn start_touch(&mut self, ctl: &Ctl) {
         let n = ctl.touch_threads;
-        if n == 0 {
+        // Passive postcopy writes memory as pages come: no reader may run.
+        if n == 0 || self.host.mode.as_deref() != Some("userfaultfd") {
             return;
         }
         let mem = &self.session.dst.memory().anon;

@@ -584,15 +584,51 @@ mod tests {
         } else {
             assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
         }
-        // Same images as the offline replay of the capture.
+        same_images_as_extract(&m, "pc", "q10-postcopy");
+    }
+
+    /// A block with 2 MiB pages (hugetlbfs on the source) is not registered:
+    /// postcopy is received passively, touch threads are not run, and the
+    /// images are still right.
+    #[test]
+    fn hugepage_postcopy_is_received_passively() {
+        let stream = capture("q10-hugepage-postcopy");
+        let (code, m, rp, _) = run_touch(stream, Layout::Adopt, "hp", false, 2, None);
+        assert_eq!(code, ExitCode::SUCCESS, "{m}");
+        let pc = &m["postcopy"];
+        let mode = pc["mode"].as_str().unwrap();
+        assert!(
+            mode.starts_with("passive") && mode.contains("hugetlbfs"),
+            "{pc}"
+        );
+        assert_eq!(pc["page_requests"], 0);
+        assert_eq!(pc["touched_pages"], 0);
+        let msgs = qmig_wire::parse_return_path(&rp).unwrap();
+        assert!(
+            matches!(msgs.last(), Some((_, RpMessage::Shut(0)))),
+            "{msgs:?}"
+        );
+        same_images_as_extract(&m, "hp", "q10-hugepage-postcopy");
+    }
+
+    /// The images `run_touch(.., tag, ..)` wrote equal `extract`'s of the capture.
+    fn same_images_as_extract(m: &Value, tag: &str, name: &str) {
         // run_touch's output directory (tmpdir would remove it).
-        let out = std::env::temp_dir().join(format!("qmig-recv-test-pc-{}", std::process::id()));
-        let ex = tmpdir("pc-extract");
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/q10-postcopy/stream");
+        let out = std::env::temp_dir().join(format!("qmig-recv-test-{tag}-{}", std::process::id()));
+        let ex = tmpdir(&format!("{tag}-extract"));
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data")
+            .join(name)
+            .join("stream");
         crate::extract::run(&p, &ex).unwrap();
         let mx: Value =
             serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
                 .unwrap();
+        assert_eq!(
+            m["blocks"].as_array().unwrap().len(),
+            mx["blocks"].as_array().unwrap().len()
+        );
+        assert!(!mx["blocks"].as_array().unwrap().is_empty());
         for (a, b) in m["blocks"]
             .as_array()
             .unwrap()
