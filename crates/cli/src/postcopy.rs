@@ -77,6 +77,10 @@ impl GuestMemory for RecvMemory {
         self.anon.bytes_mut(index, offset, len)
     }
 
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
+        self.anon.zero_page(index, offset, len)
+    }
+
     fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
         self.anon.discard(index, offset, len)
     }
@@ -208,17 +212,23 @@ impl Inner {
     /// Places a host page the state machine assembled (or a zero page it
     /// decided on): with UFFDIO_COPY / UFFDIO_ZEROPAGE into a registered
     /// block, else straight into memory (passive mode).
+    ///
+    /// A page of the stream that is already present (EEXIST) is an error, as
+    /// in QEMU's `postcopy_place_page`: its new content would be lost. For a
+    /// zero page decided locally (`stream` false) it only means a race with
+    /// another placement, and is fine.
     fn place(
         &mut self,
         block: usize,
         offset: u64,
         data: Option<&[u8]>,
         len: u64,
+        stream: bool,
     ) -> Result<(), StopError> {
         let region = self.host.regions.get(block).and_then(Option::as_ref);
         let r = match (region, data) {
-            (Some(r), Some(d)) => r.place_page(offset as usize, d).map(|_| ()),
-            (Some(r), None) => r.place_zero_page(offset as usize, len as usize).map(|_| ()),
+            (Some(r), Some(d)) => r.place_page(offset as usize, d),
+            (Some(r), None) => r.place_zero_page(offset as usize, len as usize),
             (None, d) => {
                 let mem = self.session.dst.memory_mut();
                 let w = match d {
@@ -234,7 +244,16 @@ impl Inner {
                     .and_then(|()| self.placed(block, offset, len));
             }
         };
-        r.map_err(|e| StopError::Postcopy(format!("placing {offset:#x} of block {block}: {e}")))?;
+        let placed = r.map_err(|e| {
+            StopError::Postcopy(format!("placing {offset:#x} of block {block}: {e}"))
+        })?;
+        if stream && placed.already_present > 0 {
+            return Err(StopError::Postcopy(format!(
+                "placing {offset:#x} of block {block}: {:#x} bytes already present (EEXIST; \
+                 QEMU: postcopy_place_page)",
+                placed.already_present
+            )));
+        }
         self.placed(block, offset, len)
     }
 
@@ -256,9 +275,11 @@ impl Inner {
                 data,
             } => {
                 let len = data.len() as u64;
-                self.place(block, offset, Some(&data), len)?
+                self.place(block, offset, Some(&data), len, true)?
             }
-            Action::PlaceZeroPage { block, offset, len } => self.place(block, offset, None, len)?,
+            Action::PlaceZeroPage { block, offset, len } => {
+                self.place(block, offset, None, len, true)?
+            }
             Action::PostcopyState(PostcopyState::Listening) => self.listen(ctl, note)?,
             Action::PostcopyState(PostcopyState::Running) => self.start_touch(ctl),
             _ => {}
@@ -528,7 +549,9 @@ fn handle_faults(inner: &Mutex<Inner>, rx: &Receiver<Fault>, stop: &AtomicBool, 
         };
         while let (Ok(()), Some(a)) = (&r, g.session.dst.poll_action()) {
             r = match a {
-                Action::PlaceZeroPage { block, offset, len } => g.place(block, offset, None, len),
+                Action::PlaceZeroPage { block, offset, len } => {
+                    g.place(block, offset, None, len, false)
+                }
                 _ => Ok(()),
             };
         }

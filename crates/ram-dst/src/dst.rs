@@ -896,12 +896,19 @@ impl<M: GuestMemory> RamDst<M> {
                 self.check_fill(at, *fill, "ram_load_precopy")?;
                 let p = off / tps;
                 let blk = &mut self.blocks[b];
-                if *fill != 0 || blk.nonzero.get(p) {
+                if *fill != 0 {
                     let mem = self
                         .memory
                         .bytes_mut(b, off, tps as usize)
                         .map_err(|source| RamDstError::Memory { offset: at, source })?;
                     mem.fill(*fill);
+                } else if blk.nonzero.get(p) {
+                    // Through zero_page: memory that tracks presence (a
+                    // postcopy destination's) must not keep the page present,
+                    // or a later placement of it would find it there.
+                    self.memory
+                        .zero_page(b, off, tps)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
                 }
                 if *fill != 0 {
                     blk.nonzero.set(p);

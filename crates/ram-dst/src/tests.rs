@@ -1762,6 +1762,11 @@ impl GuestMemory for PresentMemory {
         Ok(&mut self.data[offset as usize..offset as usize + len])
     }
 
+    /// Like anonymous memory: the page is dropped, not written.
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        self.discard(index, offset, len)
+    }
+
     fn discard(&mut self, _index: usize, offset: u64, len: u64) -> std::io::Result<()> {
         self.data[offset as usize..(offset + len) as usize].fill(0);
         for p in offset / PS..(offset + len) / PS {
@@ -1807,11 +1812,15 @@ proptest::proptest! {
     /// is placed once, and the memory ends equal to the source's.
     #[test]
     fn postcopy_faults_in_any_order_end_equal_to_the_source(
-        pages in proptest::collection::vec((0u8..3, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+        pages in proptest::collection::vec(
+            (0u8..3, proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY),
+            1..40,
+        ),
         faults in proptest::collection::vec(0usize..40, 0..80),
         interleave in proptest::collection::vec(0u8..3, 0..120),
     ) {
-        // Per page: content kind (0 zero, 1/2 data), sent in precopy, dirtied after.
+        // Per page: content kind (0 zero, 1/2 data), sent in precopy, dirtied
+        // after, and (if sent) zeroed by a later precopy ZERO record.
         let n = pages.len() as u64;
         let content = |p: usize, v: u8| -> Vec<u8> {
             if v == 0 { vec![0; PS as usize] } else { vec![(p as u8).wrapping_mul(7) ^ v; PS as usize] }
@@ -1835,10 +1844,13 @@ proptest::proptest! {
         next(&mut d, ram(RamRecord::mem_size(vec![mb("pc.ram", n * PS)])));
         next(&mut d, cmd(Command::PostcopyAdvise(None)));
         // Precopy: the old content (1) of the sent pages.
-        for (p, &(_, sent, _)) in pages.iter().enumerate() {
+        for (p, &(_, sent, _, rezero)) in pages.iter().enumerate() {
             if sent {
                 let c = content(p, 1);
                 next(&mut d, ram(RamRecord::page(p as u64 * PS, Some("pc.ram"), &c)));
+                if rezero {
+                    next(&mut d, ram(RamRecord::zero(p as u64 * PS, Some("pc.ram"))));
+                }
             }
         }
         // The source's final content: dirtied pages take their kind; pages
@@ -1846,12 +1858,18 @@ proptest::proptest! {
         let fin: Vec<Vec<u8>> = pages
             .iter()
             .enumerate()
-            .map(|(p, &(v, sent, dirty))| content(p, if sent && !dirty { 1 } else { v }))
+            .map(|(p, &(v, sent, dirty, rezero))| {
+                content(p, match (sent && !dirty, rezero) {
+                    (true, true) => 0,
+                    (true, false) => 1,
+                    _ => v,
+                })
+            })
             .collect();
         let ranges: Vec<(u64, u64)> = pages
             .iter()
             .enumerate()
-            .filter(|(_, &(_, sent, dirty))| sent && dirty)
+            .filter(|(_, &(_, sent, dirty, _))| sent && dirty)
             .map(|(p, _)| (p as u64 * PS, PS))
             .collect();
         if !ranges.is_empty() {
@@ -1864,7 +1882,7 @@ proptest::proptest! {
         let mut owed: std::collections::VecDeque<usize> = pages
             .iter()
             .enumerate()
-            .filter(|(_, &(_, sent, dirty))| !sent || dirty)
+            .filter(|(_, &(_, sent, dirty, _))| !sent || dirty)
             .map(|(p, _)| p)
             .collect();
         let mut requested = std::collections::HashSet::new();

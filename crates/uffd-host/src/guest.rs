@@ -204,6 +204,13 @@ impl GuestMemory for AnonMemory {
         Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
     }
 
+    /// Drops the page (`MADV_DONTNEED`) rather than writing zeros: a page
+    /// received as data and then as zero must not be present at LISTEN, or
+    /// its postcopy placement would meet EEXIST and be lost.
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
+        self.discard(index, offset, len)
+    }
+
     fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
         let b = self.exclusive(index)?;
         if offset.checked_add(len).is_none_or(|e| e > b.used) {
@@ -263,7 +270,13 @@ mod tests {
         if crate::probe().is_err() {
             return; // the rest needs a usable userfaultfd
         }
+        // Data, then a ZERO record (zero_page): the page must be gone, so a
+        // postcopy placement of it lands instead of meeting EEXIST.
+        m.write(0, 3 * 4096, &[5; 4096]).unwrap();
+        m.zero_page(0, 3 * 4096, 4096).unwrap();
         let r = m.register(0).unwrap();
+        let p = r.place_page(3 * 4096, &[6; 4096]).unwrap();
+        assert_eq!(p.already_present, 0, "zero_page left the page present");
         assert!(
             m.bytes_mut(0, 0, 4096).is_err(),
             "registered: placements only"
