@@ -322,6 +322,13 @@ fn receive(
     let result = g.session.finish(result.and(images), extra)?;
     let applied = g.session.dst.applied_up_to();
     if let Err(e) = result {
+        let state = g.session.dst.postcopy_state();
+        if matches!(state, PostcopyState::Listening | PostcopyState::Running) {
+            eprintln!(
+                "qmig recv: the migration failed during postcopy ({state:?}): the source held \
+                 the only copy of the pages it had not sent; they are zero in the images"
+            );
+        }
         eprintln!("qmig recv: stopped: {e}; images hold the stream applied up to offset {applied}");
         return Ok(ExitCode::from(1));
     }
