@@ -4,14 +4,21 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops vmstate_decode container_open recv_state; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet convert; do
     mkdir -p "$here/corpus/$t"
+done
+# URIs and sizes as users write them.
+i=0
+for s in tcp:127.0.0.1:4444 tcp::4444 'tcp:[::1]:4444' unix:/run/qmig.sock file:/tmp/x.stream \
+         'exec:cat > x' 64M 1.5G 4096 0.5k; do
+    i=$((i + 1))
+    printf '%s' "$s" > "$here/corpus/cli_args/seed-$i"
 done
 for d in "$data"/*/; do
     n="$(basename "$d")"
     if [ -f "$d/stream" ]; then s="$d/stream"; else s=""; fi
     if [ -n "$s" ]; then
-        for t in parse_stream roundtrip ram_dst_ops recv_state; do
+        for t in parse_stream roundtrip ram_dst_ops recv_state convert; do
             head -c 65536 "$s" > "$here/corpus/$t/$n-head"
             # A stream's tail (device sections, EOF, vmdesc) behind a header.
             { head -c 8 "$s"; tail -c 32768 "$s"; } > "$here/corpus/$t/$n-tail"
@@ -19,6 +26,31 @@ for d in "$data"/*/; do
     fi
     if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
 done
+# Field inputs: the mapped-ram file's head (configuration with mapped-ram,
+# the MEM_SIZE word, the first block header, its bitmap and padding).
+mr="$data/field/mapped-ram-file/stream.gz"
+if [ -f "$mr" ]; then
+    tmp="$(mktemp)"
+    gzip -dc "$mr" > "$tmp"
+    for t in parse_stream roundtrip ram_dst_ops; do
+        head -c 65536 "$tmp" > "$here/corpus/$t/mapped-ram-head"
+    done
+    rm -f "$tmp"
+fi
+# multifd_packet: each channel of the multifd captures, whole (mode byte
+# 0x80: 4 KiB pages, channel) and from its first packet on (mode byte 0x02:
+# 4 KiB pages, one packet).
+tmp="$(mktemp)"
+for c in "$data"/multifd/*/conn-*.bin.gz; do
+    [ -f "$c" ] || continue
+    n="$(basename "$(dirname "$c")")-$(basename "$c" .bin.gz)"
+    gzip -dc "$c" > "$tmp"
+    if [ "$(head -c 4 "$tmp" | od -An -tx1 | tr -d ' \n')" = "11223344" ]; then
+        { printf '\x80'; head -c 300000 "$tmp"; } > "$here/corpus/multifd_packet/$n"
+        { printf '\x02'; tail -c +65 "$tmp" | head -c 20000; } > "$here/corpus/multifd_packet/$n-packet"
+    fi
+done
+rm -f "$tmp"
 # vmstate_decode: per device of every capture with a vmdesc, a vmdesc naming
 # only that device, a NUL, and the device's payload (walked with the
 # description's lengths from the first FULL header of the first device).

@@ -94,6 +94,23 @@ elif kind == "fill72":         # QEMU 7.2 machine: n ZERO records with fill 0x55
     ram_start([("pc.ram", 1 << 30, None)]); part()
     for p in range(n): zero(p * PS, "pc.ram" if p == 0 else None, 0x55)
     sec_end(); finish()
+elif kind == "mapped":         # mapped-ram: n blocks of 64 pages at 1 MiB-aligned offsets (n MiB)
+    head("pc-i440fx-10.0")
+    u8(0x05); counted("configuration/capabilities"); be32(1); be32(1); counted("mapped-ram")
+    u8(0x01); be32(2); counted("ram"); be32(0); be32(4)
+    be64(n * 64 * PS | 0x04)
+    for i in range(n):
+        counted("b%d" % i); be64(64 * PS)
+        after = len(b) + 28
+        po = (after + 8 + (1 << 20) - 1) // (1 << 20) * (1 << 20)
+        be32(1); be64(PS); be64(after); be64(po)
+        b.extend(b"\x01" + b"\x00" * 7)       # bitmap: page 0 set
+        b.extend(b"\x00" * (po - len(b)))
+        b.extend(b"\xaa" * PS + b"\x00" * (63 * PS))
+    sec_end(); finish()
+    # The vmdesc trailer QEMU writes after EOF (no device sections here).
+    j = b'{"page_size": 4096, "devices": []}'
+    u8(0x06); be32(len(j)); b.extend(j)
 elif kind == "rp":             # a return path of n PONGs (for inspect --return-path)
     for i in range(n): be16(2); be16(4); be32(i)
     be16(1); be16(4); be32(0)
@@ -123,8 +140,8 @@ check() { # LABEL SMALL_RSS SMALL_T SMALL_RC BIG_RSS BIG_T BIG_RC
     if [ -n "$bad" ]; then fail=1; fi
 }
 
-declare -A scale=([pings]=200000 [discards]=4 [sections]=50000 [hugepages]=16 [fill72]=10000 [rp]=200000)
-for kind in pings discards sections hugepages fill72; do
+declare -A scale=([pings]=200000 [discards]=4 [sections]=50000 [hugepages]=16 [fill72]=10000 [mapped]=64 [rp]=200000)
+for kind in pings discards sections hugepages fill72 mapped; do
     n="${scale[$kind]}"
     gen "$kind" "$n" "$work/$kind-1"
     gen "$kind" $((4 * n)) "$work/$kind-4"

@@ -1,5 +1,5 @@
 //! Support code for qmig's cross-crate and interop tests: the committed
-//! real-QEMU corpus under `tests/data/` and a small SHA-256 for its digests.
+//! real-QEMU corpus under `tests/data/` and SHA-256 digests (`sha2`) for it.
 
 use std::path::{Path, PathBuf};
 

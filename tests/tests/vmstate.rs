@@ -92,7 +92,10 @@ fn walk(b: &[u8], d: &VmDesc, start: usize) -> Option<(usize, u64)> {
         }
         let p = pos + 6 + name.len() + 8;
         let end = p.checked_add(usize::try_from(dev.payload_len()).ok()?)?;
-        if *b.get(end)? != 0x7e || be32(b, end + 1)? != id {
+        // Machine types without section footers (send-section-footer=off)
+        // go straight on to the next section.
+        let footer = b.get(end) == Some(&0x7e) && be32(b, end + 1) == Some(id);
+        if !footer && !matches!(b.get(end), Some(0x00 | 0x04)) {
             return None;
         }
         let st = dev.decode(&b[p..end], p as u64);
@@ -104,7 +107,7 @@ fn walk(b: &[u8], d: &VmDesc, start: usize) -> Option<(usize, u64)> {
             st.err()
         );
         decoded += dev.payload_len();
-        pos = end + 5;
+        pos = if footer { end + 5 } else { end };
     }
     Some((pos, decoded))
 }

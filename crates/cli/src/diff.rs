@@ -14,9 +14,8 @@ use std::process::ExitCode;
 
 use qmig_wire::{Item, SectionKind, StreamReader, WireError};
 
+use crate::error::{CliError, CliResult};
 use crate::input::Input;
-
-type Error = Box<dyn std::error::Error>;
 
 /// What one compared unit is (its bytes and block live in the [`Normalizer`]).
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +46,7 @@ struct Normalizer {
 }
 
 impl Normalizer {
-    fn open(path: &Path, records_only: bool) -> Result<Self, Error> {
+    fn open(path: &Path, records_only: bool) -> Result<Self, CliError> {
         Ok(Normalizer {
             reader: crate::input::open_stream(path)?.0,
             ram_id: None,
@@ -156,19 +155,15 @@ fn why(a: &Entry, na: &Normalizer, b: &Entry, nb: &Normalizer) -> String {
 }
 
 /// Runs `qmig diff`.
-pub fn run(a: &Path, b: &Path, records_only: bool) -> Result<ExitCode, Error> {
+pub fn run(a: &Path, b: &Path, records_only: bool) -> CliResult {
     let mut na = Normalizer::open(a, records_only)?;
     let mut nb = Normalizer::open(b, records_only)?;
     let mut counts: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
     let mut first: Option<String> = None;
     let mut index = 0u64;
     loop {
-        let ea = na
-            .next_entry()
-            .map_err(|e| format!("{}: {e}", a.display()))?;
-        let eb = nb
-            .next_entry()
-            .map_err(|e| format!("{}: {e}", b.display()))?;
+        let ea = na.next_entry().map_err(|e| CliError::wire(a, e))?;
+        let eb = nb.next_entry().map_err(|e| CliError::wire(b, e))?;
         if ea.is_none() && eb.is_none() {
             break;
         }

@@ -9,29 +9,52 @@
 //! bytes of every non-RAM section, and everything after the RAM END section up
 //! to and including the EOF byte) and `vmdesc.json`.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qmig_ram_dst::{
-    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, MmapMemory, Placement,
-    RamDst, RamDstError,
+    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, Placement, RamDst,
+    RamDstError,
 };
 use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
-use serde_json::{json, Value};
+
+use crate::error::{CliError, CliResult};
+use crate::manifest::{
+    self, BlockEntry, DeviceSection, Leniency, Manifest, RecordCounts, RecvInfo,
+};
 
 /// Why applying a stream stopped.
 #[derive(Debug)]
 pub(crate) enum StopError {
     /// The stream does not parse.
     Wire(WireError),
-    /// The state machine refused an item.
+    /// The state machine refused an item (or the images could not be written).
     Dst(RamDstError),
-    /// Writing output files failed.
-    Io(String),
+    /// Writing an output file failed.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// Stream offset of the item being handled.
+        offset: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The peer misbehaved (sent nothing, or read nothing on the return
+    /// path, for `--idle-timeout`).
+    Peer {
+        /// What the peer did, naming the option.
+        message: String,
+        /// Stream offset reached.
+        offset: u64,
+    },
+    /// SIGINT or SIGTERM.
+    Interrupted(i32),
     /// The postcopy host (userfaultfd, fault handling) failed or refused
-    /// the stream (e.g. a hugetlbfs-backed block).
+    /// the stream.
     Postcopy(String),
 }
 
@@ -40,7 +63,20 @@ impl std::fmt::Display for StopError {
         match self {
             StopError::Wire(e) => write!(f, "{e}"),
             StopError::Dst(e) => write!(f, "{e}"),
-            StopError::Io(e) => write!(f, "I/O: {e}"),
+            StopError::Io {
+                path,
+                op,
+                offset,
+                source,
+            } => write!(
+                f,
+                "{}: {op} at stream offset {offset}: {source}",
+                path.display()
+            ),
+            StopError::Peer { message, .. } => write!(f, "{message}"),
+            StopError::Interrupted(sig) => {
+                write!(f, "interrupted by {}", crate::error::signal_name(*sig))
+            }
             StopError::Postcopy(e) => write!(f, "postcopy: {e}"),
         }
     }
@@ -51,7 +87,64 @@ impl StopError {
         match self {
             StopError::Wire(e) => Some(e.offset()),
             StopError::Dst(e) => Some(e.offset()),
-            StopError::Io(_) | StopError::Postcopy(_) => None,
+            StopError::Io { offset, .. } | StopError::Peer { offset, .. } => Some(*offset),
+            StopError::Interrupted(_) | StopError::Postcopy(_) => None,
+        }
+    }
+
+    /// The CLI error for this stop: `input` names the stream, `applied`
+    /// says how far the images got.
+    pub(crate) fn into_cli(self, input: &str, outdir: &Path, applied: u64) -> CliError {
+        let detail = format!(
+            "images in {} hold the stream applied up to offset {applied}",
+            outdir.display()
+        );
+        match self {
+            StopError::Wire(qmig_wire::WireError::Io { offset, source }) => CliError::Io {
+                path: input.to_string(),
+                op: "read",
+                offset: Some(offset),
+                source,
+            },
+            StopError::Wire(e) => CliError::Data {
+                message: format!("{input}: {e}; {detail}"),
+                offset: Some(e.offset()),
+            },
+            StopError::Dst(RamDstError::Memory { offset, source }) => CliError::Io {
+                path: outdir.display().to_string(),
+                op: "writing block images",
+                offset: Some(offset),
+                source,
+            },
+            StopError::Dst(e) => CliError::Data {
+                message: format!("{input}: {e}; {detail}"),
+                offset: Some(e.offset()),
+            },
+            StopError::Io {
+                path,
+                op,
+                offset,
+                source,
+            } => CliError::Io {
+                path: path.display().to_string(),
+                op,
+                offset: Some(offset),
+                source,
+            },
+            StopError::Peer { message, offset } => CliError::Data {
+                message: format!("{input}: {message}; {detail}"),
+                offset: Some(offset),
+            },
+            StopError::Postcopy(e) => CliError::Data {
+                message: format!("{input}: postcopy: {e}; {detail}"),
+                offset: None,
+            },
+            StopError::Interrupted(signal) => CliError::Interrupted {
+                signal,
+                detail: Some(format!(
+                    "{detail}; manifest.json says \"interrupted\": true"
+                )),
+            },
         }
     }
 }
@@ -65,7 +158,7 @@ struct DeviceState {
     out: BufWriter<File>,
     bytes: u64,
     /// The first [`MAX_LISTED_SECTIONS`] device sections, for the manifest.
-    sections: Vec<Value>,
+    sections: Vec<DeviceSection>,
     /// Device sections past those, only counted.
     sections_omitted: u64,
     /// Inside a non-RAM section (header seen, footer not yet).
@@ -112,15 +205,15 @@ impl DeviceState {
                     self.sections_omitted += 1;
                     return self.write_item(item);
                 }
-                self.sections.push(json!({
-                    "kind": h.kind.name(),
-                    "section_id": h.section_id,
-                    "idstr": info.map(|s| s.idstr.clone()),
-                    "instance": info.map(|s| s.instance),
-                    "version": info.map(|s| s.version),
-                    "stream_offset": ri.offset,
-                    "file_offset": self.bytes,
-                }));
+                self.sections.push(DeviceSection {
+                    kind: h.kind.name().to_string(),
+                    section_id: h.section_id,
+                    idstr: info.map(|s| s.idstr.clone()),
+                    instance: info.map(|s| s.instance),
+                    version: info.map(|s| s.version),
+                    stream_offset: ri.offset,
+                    file_offset: self.bytes,
+                });
                 self.write_item(item)
             }
             Item::DeviceData(_) | Item::Footer(_) if self.in_section => {
@@ -142,12 +235,6 @@ pub(crate) trait Images: GuestMemory {
     fn images(&self) -> Vec<ImageFile>;
 }
 
-impl Images for MmapMemory {
-    fn images(&self) -> Vec<ImageFile> {
-        self.files()
-    }
-}
-
 impl Images for FileMemory {
     fn images(&self) -> Vec<ImageFile> {
         self.files()
@@ -155,36 +242,41 @@ impl Images for FileMemory {
 }
 
 /// A stream being applied into a directory: block images, device state,
-/// vmdesc, manifest. Shared by `extract` (pwrite'd images) and `recv` (mmap'd).
+/// vmdesc, manifest. Shared by `extract` and `recv`.
 pub(crate) struct Session<M> {
     pub(crate) dst: RamDst<M>,
     outdir: PathBuf,
+    writer: &'static str,
     source: String,
     device: DeviceState,
+    device_path: PathBuf,
     vmdesc: bool,
 }
 
 impl<M: Images> Session<M> {
-    /// Starts a session writing into `outdir` (which must exist) through `mem`.
+    /// Starts a session writing into `outdir`: marks the directory
+    /// incomplete ([`manifest::begin`]) before creating any output.
     pub(crate) fn new(
         outdir: &Path,
         mem: M,
         layout: Layout,
         placement: Placement,
+        writer: &'static str,
         source: String,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CliError> {
         let cfg = Config {
             layout,
             placement,
             ..Config::default()
         };
-        let dst = RamDst::new(cfg, mem).map_err(|e| e.to_string())?;
-        let dpath = outdir.join("device-state.bin");
-        let f = File::create(&dpath).map_err(|e| format!("{}: {e}", dpath.display()))?;
-        let _ = fs::remove_file(outdir.join("vmdesc.json"));
+        let dst = RamDst::new(cfg, mem).map_err(|e| CliError::Usage(e.to_string()))?;
+        manifest::begin(outdir, writer, &source)?;
+        let device_path = outdir.join("device-state.bin");
+        let f = crate::files::create_fresh(&device_path)?;
         Ok(Session {
             dst,
             outdir: outdir.to_path_buf(),
+            writer,
             source,
             device: DeviceState {
                 out: BufWriter::with_capacity(1 << 16, f),
@@ -196,6 +288,7 @@ impl<M: Images> Session<M> {
                 after_ram_end: false,
                 scratch: Vec::new(),
             },
+            device_path,
             vmdesc: false,
         })
     }
@@ -210,16 +303,29 @@ impl<M: Images> Session<M> {
         match &ri.item {
             Item::Ram(_) => self.dst.handle_read_item(ri).map_err(StopError::Dst)?,
             Item::Vmdesc(j) => {
-                fs::write(self.outdir.join("vmdesc.json"), j)
-                    .map_err(|e| StopError::Io(format!("vmdesc.json: {e}")))?;
+                crate::files::write_atomic(&self.outdir, "vmdesc.json", j).map_err(|e| {
+                    let (op, source) = match e {
+                        CliError::Io { op, source, .. } => (op, source),
+                        other => ("write", std::io::Error::other(other.to_string())),
+                    };
+                    StopError::Io {
+                        path: self.outdir.join("vmdesc.json"),
+                        op,
+                        offset: ri.offset,
+                        source,
+                    }
+                })?;
                 self.vmdesc = true;
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
             }
             _ => {
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
-                self.device
-                    .handle(ri)
-                    .map_err(|e| StopError::Io(format!("device-state.bin: {e}")))?;
+                self.device.handle(ri).map_err(|source| StopError::Io {
+                    path: self.device_path.clone(),
+                    op: "write",
+                    offset: ri.offset,
+                    source,
+                })?;
             }
         }
         while let Some(a) = self.dst.poll_action() {
@@ -228,58 +334,96 @@ impl<M: Images> Session<M> {
         Ok(())
     }
 
-    /// Flushes the images and the device state and writes `manifest.json`;
-    /// returns `result`, or the flush error if the stream itself went fine.
+    /// Flushes the images and the device state and writes `manifest.json`
+    /// (atomically). The first error wins: a stop error is reported before
+    /// a flush error, and either before a manifest error. An interrupted
+    /// run removes `device-state.bin` (it would hold a cut-off device
+    /// state). Returns the error to report, with `input` naming the stream.
     pub(crate) fn finish(
         &mut self,
         result: Result<(), StopError>,
-        extra: Value,
-    ) -> Result<Result<(), StopError>, String> {
+        recv: Option<RecvInfo>,
+        input: &str,
+    ) -> Result<(), CliError> {
+        let at = self.dst.applied_up_to();
         let flushed = self
             .dst
             .memory_mut()
             .flush()
-            .map_err(|e| StopError::Io(format!("block images: {e}")))
+            .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }))
             .and_then(|()| {
-                self.device
-                    .out
-                    .flush()
-                    .map_err(|e| StopError::Io(format!("device-state.bin: {e}")))
+                self.device.out.flush().map_err(|source| StopError::Io {
+                    path: self.device_path.clone(),
+                    op: "write",
+                    offset: at,
+                    source,
+                })
             });
         let result = result.and(flushed);
         let err = result.as_ref().err();
-        let st = self.dst.stats();
-        let mut manifest = json!({
-            "blocks": self.dst.memory().images().iter().map(|i| json!({"name": i.name, "file": i.file_name, "length": i.length})).collect::<Vec<_>>(),
-            "page_size": self.dst.page_size(),
-            "source": self.source,
-            "complete": err.is_none(),
-            "applied_up_to": self.dst.applied_up_to(),
-            "error": err.map(|e| e.to_string()),
-            "error_offset": err.and_then(|e| e.offset()),
-            "nonzero_fill_pages": st.nonzero_fill,
-            "leniencies": leniencies(&self.dst),
-            "records": {"zero": st.zero, "page": st.page, "xbzrle": st.xbzrle, "compressed": st.compressed},
-            "postcopy_state": format!("{:?}", self.dst.postcopy_state()),
-            "device_state": {"file": "device-state.bin", "bytes": self.device.bytes, "sections": self.device.sections, "sections_omitted": self.device.sections_omitted},
-            "vmdesc": if self.vmdesc { Value::from("vmdesc.json") } else { Value::Null },
+        let interrupted = matches!(err, Some(StopError::Interrupted(_)));
+        let mut device_state = Some(manifest::DeviceState {
+            file: "device-state.bin".into(),
+            bytes: self.device.bytes,
+            sections: std::mem::take(&mut self.device.sections),
+            sections_omitted: self.device.sections_omitted,
         });
-        if let (Value::Object(m), Value::Object(x)) = (&mut manifest, extra) {
-            m.extend(x);
+        if interrupted && crate::files::remove_if_present(&self.device_path).is_ok() {
+            device_state = None;
         }
-        fs::write(
-            self.outdir.join("manifest.json"),
-            serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n",
-        )
-        .map_err(|e| format!("manifest.json: {e}"))?;
-        Ok(result)
+        let st = self.dst.stats();
+        let m = Manifest {
+            blocks: self
+                .dst
+                .memory()
+                .images()
+                .into_iter()
+                .map(|i| BlockEntry {
+                    name: i.name,
+                    file: Some(i.file_name),
+                    length: i.length,
+                    max_length: None,
+                    page_size: None,
+                    resizable: None,
+                })
+                .collect(),
+            writer: Some(self.writer.to_string()),
+            source: Some(self.source.clone()),
+            complete: err.is_none(),
+            in_progress: false,
+            interrupted,
+            page_size: Some(self.dst.page_size()),
+            applied_up_to: Some(at),
+            error: err.map(|e| e.to_string()),
+            error_offset: err.and_then(|e| e.offset()),
+            nonzero_fill_pages: Some(st.nonzero_fill),
+            leniencies: Some(leniencies(&self.dst)),
+            records: Some(RecordCounts {
+                zero: st.zero,
+                page: st.page,
+                xbzrle: st.xbzrle,
+                compressed: st.compressed,
+            }),
+            postcopy_state: Some(self.dst.postcopy_state().name().to_string()),
+            device_state,
+            vmdesc: self.vmdesc.then(|| "vmdesc.json".to_string()),
+            recv,
+        };
+        let written = manifest::write(&self.outdir, &m);
+        match (result, written) {
+            (Ok(()), w) => w,
+            (Err(e), Ok(())) => Err(e.into_cli(input, &self.outdir, at)),
+            (Err(e), Err(w)) => Err(e
+                .into_cli(input, &self.outdir, at)
+                .with_note(&format!("the manifest could not be updated: {w}"))),
+        }
     }
 }
 
 /// The manifest's `leniencies`: what was accepted that QEMU 10's loader
 /// refuses, because the stream may come from an older QEMU (see
 /// [`qmig_ram_dst::Leniency`]). Empty when qmig was as strict as QEMU 10.
-pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Value {
+pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Vec<Leniency> {
     let machine = dst
         .machine_version()
         .map(|(a, b)| format!("QEMU {a}.{b}"))
@@ -287,45 +431,84 @@ pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Value
     dst.leniencies()
         .iter()
         .map(|l| match l {
-            qmig_ram_dst::Leniency::NonZeroFill => json!({
-                "kind": "nonzero_zero_fill",
-                "records": dst.stats().nonzero_fill,
-                "qemu_rule": "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0",
-                "why_accepted": format!("the stream may predate QEMU 8.2 ({machine}); applied as fills"),
-            }),
+            qmig_ram_dst::Leniency::NonZeroFill => Leniency {
+                kind: "nonzero_zero_fill".into(),
+                records: dst.stats().nonzero_fill,
+                qemu_rule: "ram_load_precopy/ram_load_postcopy: QEMU >= 8.2 refuses a ZERO record whose fill byte is not 0".into(),
+                why_accepted: format!("the stream may predate QEMU 8.2 ({machine}); applied as fills"),
+            },
         })
-        .collect::<Vec<_>>()
-        .into()
+        .collect()
 }
 
-pub fn run(path: &Path, outdir: &Path) -> Result<ExitCode, String> {
-    fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+pub fn run(path: &Path, outdir: &Path) -> CliResult {
     let opened = crate::input::open(path)?;
-    let (input, seekable, consumed) = (opened.input, opened.seekable, opened.consumed);
+    let (input, seekable) = (opened.input, opened.seekable);
+    let consumed = opened.consumed;
+    crate::files::output_dir(outdir)?;
+    crate::signals::install();
     // Images written with combined pwrites: faster than faulting pages into
     // mappings when the stream is read from a file.
-    let mem = FileMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
+    let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
+    let name = path.display().to_string();
     let mut s = Session::new(
         outdir,
         mem,
         Layout::Adopt,
         Placement::Apply,
-        path.display().to_string(),
+        "extract",
+        name.clone(),
     )?;
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().
         // (A raw libvirt image's stream starts at `base`.)
         crate::input::Input::Plain { file, base } if seekable => {
-            let map = MappedInput::new(file).map_err(|e| format!("{}: {e}", path.display()))?;
+            let map = MappedInput::new(file).map_err(|e| CliError::io(path, "map", e))?;
             apply_slice(&map, base, &mut s)
         }
         other => {
-            let (rd, total) = crate::input::reader_for(other, false, path)?;
-            apply_reader(rd, &mut s, total, consumed)
+            let mut dec = qmig_wire::Decoder::new(qmig_wire::Limits::default());
+            crate::input::configure(&mut dec);
+            let rd = StreamReader::with_decoder(SignalAware(other), dec);
+            apply_reader(rd, &mut s, 0, consumed)
         }
     };
-    finish(s, result, outdir)
+    s.finish(result, None, &name)?;
+    let fills = s.dst.stats().nonzero_fill;
+    if fills > 0 {
+        eprintln!(
+            "qmig: extract: note: {fills} ZERO records had a non-zero fill byte (applied as fills: leniency for QEMU < 8.2 streams; QEMU >= 8.2 refuses them)"
+        );
+    }
+    if !crate::progress::quiet() {
+        eprintln!(
+            "extracted {} blocks to {}",
+            s.dst.blocks().len(),
+            outdir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+/// A pipe or decompressed input whose blocking reads give up when SIGINT
+/// or SIGTERM arrived (the stream reader retries plain `EINTR`).
+struct SignalAware<R>(R);
+
+impl<R: std::io::Read> std::io::Read for SignalAware<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                match crate::signals::pending() {
+                    Some(sig) => Err(std::io::Error::other(format!(
+                        "interrupted by {}",
+                        crate::error::signal_name(sig)
+                    ))),
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
 }
 
 /// How much of a mapped input is applied before its pages are released.
@@ -343,6 +526,7 @@ fn apply_slice<M: Images>(
     let mut released = 0u64;
     let pb = crate::progress::bytes(buf.len() as u64, "extract");
     let mut rd = SliceReader::new(buf);
+    crate::input::configure(rd.decoder_mut());
     let mut n = 0u32;
     let r = loop {
         let (offset, item) = match rd.next() {
@@ -350,14 +534,18 @@ fn apply_slice<M: Images>(
             None => break Ok(()),
             Some(Err(e)) => break Err(StopError::Wire(e)),
         };
+        if let Some(sig) = crate::signals::pending() {
+            break Err(StopError::Interrupted(sig));
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
             pb.set_position(offset);
-            // Keep the resident set bounded: what is applied is not read again.
-            if offset - released > RELEASE_STEP {
-                map.release_prefix((base + offset) as usize);
-                released = offset;
-            }
+        }
+        // Keep the resident set bounded: what is applied is not read again.
+        // (Checked at every item: mapped-ram page items are 1 MiB each.)
+        if offset - released > RELEASE_STEP {
+            map.release_prefix((base + offset) as usize);
+            released = offset;
         }
         let decoder = rd.decoder();
         let len = (decoder.position() - offset) as usize;
@@ -378,8 +566,8 @@ fn apply_slice<M: Images>(
 }
 
 /// Applies every item read incrementally (pipes, gzip'd captures).
-fn apply_reader<M: Images>(
-    mut rd: StreamReader<crate::input::Input>,
+fn apply_reader<M: Images, R: std::io::Read>(
+    mut rd: StreamReader<R>,
     s: &mut Session<M>,
     total: u64,
     consumed: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -390,8 +578,15 @@ fn apply_reader<M: Images>(
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(StopError::Wire(e)),
+            Err(e) => {
+                break Err(
+                    crate::signals::pending().map_or(StopError::Wire(e), StopError::Interrupted)
+                )
+            }
         };
+        if let Some(sig) = crate::signals::pending() {
+            break Err(StopError::Interrupted(sig));
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
             pb.set_position(ri.offset);
@@ -402,29 +597,4 @@ fn apply_reader<M: Images>(
     };
     pb.finish_and_clear();
     r
-}
-
-fn finish<M: Images>(
-    mut s: Session<M>,
-    result: Result<(), StopError>,
-    outdir: &Path,
-) -> Result<ExitCode, String> {
-    let result = s.finish(result, json!({}))?;
-    let applied_to = s.dst.applied_up_to();
-    if let Err(e) = result {
-        eprintln!(
-            "qmig: extract stopped: {e}; images hold the stream applied up to offset {applied_to}"
-        );
-        return Ok(ExitCode::from(1));
-    }
-    let fills = s.dst.stats().nonzero_fill;
-    if fills > 0 {
-        eprintln!("qmig: note: {fills} ZERO records had a non-zero fill byte (applied as fills: leniency for QEMU < 8.2 streams; QEMU >= 8.2 refuses them)");
-    }
-    eprintln!(
-        "extracted {} blocks to {}",
-        s.dst.blocks().len(),
-        outdir.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -144,6 +144,29 @@ pub fn open_input(path: &Path) -> Result<(Input, bool), String> {
     Ok((o.input, o.seekable))
 }
 
+/// The target page size given with `--target-page-size` (log2 bytes), for
+/// streams that declare none or declare it wrongly.
+static TARGET_PAGE_BITS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Records `--target-page-size` (bytes) for every reader this process opens.
+///
+/// # Errors
+/// A size that is not a power of two from 1 KiB to 64 KiB.
+pub fn set_target_page_size(size: u64) -> Result<(), String> {
+    let bits = qmig_wire::target_page::page_bits_of(size).ok_or_else(|| {
+        format!("--target-page-size {size}: not a power of two from 1 KiB to 64 KiB")
+    })?;
+    let _ = TARGET_PAGE_BITS.set(bits);
+    Ok(())
+}
+
+/// Gives a new reader's decoder the options of this process.
+pub fn configure(dec: &mut Decoder) {
+    if let Some(&bits) = TARGET_PAGE_BITS.get() {
+        dec.set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Override);
+    }
+}
+
 /// Opens `path` for item-by-item reading; returns the reader and the input
 /// size for progress display (0 when unknown).
 pub fn open_stream(path: &Path) -> Result<(StreamReader<Input>, u64), String> {
@@ -161,14 +184,16 @@ pub fn reader_for(
     match input {
         Input::Plain { ref file, base } if seekable => {
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let r = StreamReader::new_seekable(input)
+            let mut r = StreamReader::new_seekable(input)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+            configure(r.decoder_mut());
             Ok((r, len.saturating_sub(base)))
         }
-        other => Ok((
-            StreamReader::with_decoder(other, Decoder::new(Limits::default())),
-            0,
-        )),
+        other => {
+            let mut dec = Decoder::new(Limits::default());
+            configure(&mut dec);
+            Ok((StreamReader::with_decoder(other, dec), 0))
+        }
     }
 }
 

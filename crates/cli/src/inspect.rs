@@ -6,8 +6,33 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use qmig_wire::{Command, ConfigBody, Item, RamBody, RamKind, RpMessage};
+use qmig_wire::{Command, ConfigBody, Item, MappedRam, RamBody, RamKind, RpMessage};
 use serde_json::{json, Value};
+
+use crate::error::{CliError, CliResult};
+
+/// `--records` filters.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// Only RAM page records of this block.
+    pub block: Option<String>,
+    /// Only items of this kind name (case-insensitive).
+    pub kind: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, item: &Item<'_>, block: &str) -> bool {
+        if let Some(b) = &self.block {
+            match item {
+                Item::Ram(r) if r.is_page() && block == b => {}
+                _ => return false,
+            }
+        }
+        self.kind
+            .as_deref()
+            .is_none_or(|k| item.kind_name().eq_ignore_ascii_case(k))
+    }
+}
 
 #[derive(Default, Clone)]
 struct BlockStats {
@@ -21,6 +46,8 @@ struct BlockStats {
     nonzero_fill: u64,
     discarded_bytes: u64,
     discard_ranges: u64,
+    /// mapped-ram: file offsets of the bitmap and of the first page.
+    mapped_ram: Option<(u64, u64)>,
 }
 
 /// How many commands, sections, blocks, PONGs and received bitmaps are kept
@@ -61,7 +88,8 @@ struct Summary {
     vmdesc_devices: Option<usize>,
     eof: bool,
     end: u64,
-    error: Option<String>,
+    items: u64,
+    error: Option<qmig_wire::WireError>,
 }
 
 impl Summary {
@@ -85,7 +113,9 @@ pub fn run(
     records: bool,
     rp: Option<&Path>,
     libvirt_xml: bool,
-) -> Result<ExitCode, String> {
+    filter: &Filter,
+    channels: &[std::path::PathBuf],
+) -> CliResult {
     let opened = crate::input::open(path)?;
     if libvirt_xml {
         return print_libvirt_xml(path, &opened.layers);
@@ -110,14 +140,6 @@ pub fn run(
     }
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    if records {
-        writeln!(
-            out,
-            "{:>12} {:<24} {:<24} {:>14} {:<16} payload",
-            "offset", "section", "block", "page offset", "kind"
-        )
-        .map_err(crate::output_error)?;
-    }
     let mut cur_section = String::from("-");
     let mut cur_block = String::from("-");
     loop {
@@ -125,10 +147,20 @@ pub fn run(
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
-                s.error = Some(e.to_string());
+                s.error = Some(e);
                 break;
             }
         };
+        if records && !json_out && s.items == 0 {
+            // The header line only once the input is known to be a stream.
+            writeln!(
+                out,
+                "{:>12} {:<24} {:<24} {:>14} {:<16} payload",
+                "offset", "section", "block", "page offset", "kind"
+            )
+            .map_err(crate::output_error)?;
+        }
+        s.items += 1;
         let (off, item, dec) = (ri.offset, ri.item, ri.decoder);
         s.end = dec.position();
         s.page_size = dec.ram_context().page_size() as u64;
@@ -253,32 +285,105 @@ pub fn run(
                     .ok()
                     .and_then(|v| v.get("devices").and_then(|d| d.as_array()).map(|a| a.len()));
             }
+            Item::MappedRam(m) => {
+                s.ram_bytes += dec.position() - off;
+                match m {
+                    MappedRam::MemSize { .. } => *s.totals.entry("mem_size").or_default() += 1,
+                    MappedRam::Block { block, header } => {
+                        cur_block = block.name.to_string();
+                        let e = s.block(block.name);
+                        e.length = block.used_length;
+                        e.addr = block.addr;
+                        e.mapped_ram = Some((header.bitmap_offset, header.pages_offset));
+                    }
+                    // Pages with their bit set are in the file (counted as
+                    // PAGE, QEMU's `normal`); the others were zero when
+                    // saved (QEMU's `duplicate`).
+                    MappedRam::Bitmap(bm) => {
+                        let pages =
+                            s.blocks.get(&cur_block).map_or(0, |b| b.length) / s.page_size.max(1);
+                        let set = qmig_wire::mapped_ram::count_set(bm, pages);
+                        let e = s.block(&cur_block);
+                        e.page += set;
+                        e.zero += pages - set;
+                        *s.totals.entry("page").or_default() += set;
+                        *s.totals.entry("zero").or_default() += pages - set;
+                    }
+                    MappedRam::Padding(_) | MappedRam::Pages { .. } => {}
+                }
+            }
             Item::Footer(_) | Item::PackageEnd => {}
         }
-        if records {
-            let line = record_line(off, &item, &cur_section, &cur_block, dec.position() - off);
-            writeln!(out, "{line}").map_err(crate::output_error)?;
+        if records && filter.keeps(&item, &cur_block) {
+            let len = dec.position() - off;
+            if json_out {
+                let v = record_json(off, &item, &cur_section, &cur_block, len);
+                writeln!(out, "{v}").map_err(crate::output_error)?;
+            } else {
+                let line = record_line(off, &item, &cur_section, &cur_block, len);
+                writeln!(out, "{line}").map_err(crate::output_error)?;
+            }
         }
         if matches!(item, Item::Footer(_)) {
             cur_section = "-".into();
         }
     }
     pb.finish_and_clear();
+    // Not a stream at all (empty file, wrong magic...): no summary, one error.
+    if s.items == 0 {
+        if let Some(e) = s.error.take() {
+            return Err(CliError::wire(path, e));
+        }
+    }
     let rp_summary = match rp {
         Some(p) => Some(return_path_summary(p)?),
         None => None,
     };
+    let stream_error = s.error.take().map(|e| CliError::wire(path, e));
+    let rp_error = rp_summary.as_ref().and_then(|r| {
+        r.error
+            .as_ref()
+            .map(|e| CliError::data(format!("return path: {e}")))
+    });
+    let chans: Vec<crate::channels::ChannelSummary> = channels
+        .iter()
+        .map(|c| crate::channels::summarize(c, s.page_size))
+        .collect();
+    let chan_error = chans
+        .iter()
+        .find_map(|c| c.error.clone())
+        .map(|e| CliError::data(format!("multifd channel: {e}")));
     if records {
-        if let Some(e) = &s.error {
-            writeln!(out, "error: {e}").map_err(crate::output_error)?;
+        if json_out {
+            for e in [&stream_error, &rp_error].into_iter().flatten() {
+                writeln!(out, "{}", json!({ "error": e.to_json() }))
+                    .map_err(crate::output_error)?;
+            }
         }
     } else if json_out {
         let mut v = to_json(&s, rp_summary);
+        v["error"] = stream_error
+            .as_ref()
+            .or(rp_error.as_ref())
+            .or(chan_error.as_ref())
+            .map_or(Value::Null, |e| json!(e.to_json()));
         v["container"] = container_json;
+        if !chans.is_empty() {
+            let normal: u64 = chans.iter().map(|c| c.normal_pages).sum();
+            let zero: u64 = chans.iter().map(|c| c.zero_pages).sum();
+            v["multifd"] = json!({
+                "channels": chans.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+                "normal_pages": normal,
+                "zero_pages": zero,
+                // QEMU's query-migrate `normal` / `duplicate` count both.
+                "normal_with_main": normal + s.totals.get("page").copied().unwrap_or(0),
+                "zero_with_main": zero + s.totals.get("zero").copied().unwrap_or(0),
+            });
+        }
         writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&v).map_err(|e| CliError::data(e.to_string()))?
         )
         .map_err(crate::output_error)?;
     } else {
@@ -286,29 +391,79 @@ pub fn run(
             writeln!(out, "{line}").map_err(crate::output_error)?;
         }
         print_text(&mut out, &s, rp_summary.as_ref()).map_err(crate::output_error)?;
+        if !chans.is_empty() {
+            writeln!(out, "multifd channels:").map_err(crate::output_error)?;
+            for c in &chans {
+                writeln!(out, "{}", c.line()).map_err(crate::output_error)?;
+            }
+        }
     }
     out.flush().map_err(crate::output_error)?;
-    if let Some(e) = &s.error {
-        eprintln!("qmig: {e}");
-        return Ok(ExitCode::from(1));
+    match stream_error.or(rp_error).or(chan_error) {
+        // --json carries the error in its output.
+        Some(e) if json_out => Ok(ExitCode::from(e.exit_code())),
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// One `--records --json` line.
+fn record_json(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) -> Value {
+    let mut v = json!({"offset": off, "kind": item.kind_name(), "len": len});
+    if section != "-" {
+        v["section"] = json!(section);
+    }
+    match item {
+        Item::Ram(r) => {
+            v["payload"] = json!(r.payload_len());
+            if r.is_page() {
+                v["block"] = json!(block);
+                v["page_offset"] = json!(r.offset);
+                v["name_sent"] = json!(r.block.is_some());
+            } else if let RamBody::MemSize(b) = &r.body {
+                v["total"] = json!(r.offset);
+                v["blocks"] = json!(b
+                    .iter()
+                    .map(|b| json!({"name": b.name, "length": b.used_length}))
+                    .collect::<Vec<_>>());
+            }
+        }
+        Item::Section(h) => {
+            v["section_id"] = json!(h.section_id);
+            if let Some(i) = h.ident {
+                v["idstr"] = json!(i.idstr);
+                v["instance"] = json!(i.instance);
+                v["version"] = json!(i.version);
+            }
+        }
+        Item::Command(c) => match c {
+            Command::Ping(x) => v["value"] = json!(x),
+            Command::RamDiscard(d) => {
+                v["block"] = json!(d.block);
+                v["ranges"] = json!(d.ranges.len());
+            }
+            Command::Packaged { len } => v["package_len"] = json!(len),
+            _ => {}
+        },
+        _ => {}
+    }
+    v
 }
 
 /// `inspect --libvirt-xml`: the domain XML of a libvirt save image, then its
 /// save cookie (if any) after a `<!-- save cookie -->` line.
-fn print_libvirt_xml(path: &Path, layers: &[qmig_container::Layer]) -> Result<ExitCode, String> {
+fn print_libvirt_xml(path: &Path, layers: &[qmig_container::Layer]) -> CliResult {
     let Some(img) = layers.iter().find_map(|l| match l {
         qmig_container::Layer::Libvirt(i) => Some(i),
         qmig_container::Layer::Compressed(_) => None,
     }) else {
-        return Err(format!(
+        return Err(CliError::data(format!(
             "{}: not a libvirt save image (no LibvirtQemudSave/LibvirtQemudPart magic)",
             path.display()
-        ));
+        )));
     };
     let mut out = std::io::stdout().lock();
-    let mut w = |t: &str| -> Result<(), String> {
+    let mut w = |t: &str| -> Result<(), CliError> {
         out.write_all(t.as_bytes())
             .and_then(|()| {
                 if t.ends_with('\n') {
@@ -371,6 +526,24 @@ fn record_line(off: u64, item: &Item<'_>, section: &str, block: &str, len: u64) 
                 c.name()
             )
         }
+        Item::MappedRam(m) => {
+            let (blk, pofs) = match m {
+                MappedRam::MemSize { total } => ("-".to_string(), format!("total={total:#x}")),
+                MappedRam::Block {
+                    block: b,
+                    header: h,
+                } => (
+                    b.name.to_string(),
+                    format!("bitmap@{} pages@{}", h.bitmap_offset, h.pages_offset),
+                ),
+                MappedRam::Pages { first, .. } => (block.to_string(), format!("page {first}")),
+                _ => (block.to_string(), "-".into()),
+            };
+            format!(
+                "{off:>12} {section:<24} {blk:<24} {pofs:>14} {:<16} {len}",
+                m.kind_name()
+            )
+        }
         other => format!(
             "{off:>12} {section:<24} {:<24} {:>14} {:<16} {len}",
             "-",
@@ -394,8 +567,8 @@ struct RpSummary {
     len: u64,
 }
 
-fn return_path_summary(p: &Path) -> Result<RpSummary, String> {
-    let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+fn return_path_summary(p: &Path) -> Result<RpSummary, CliError> {
+    let f = std::fs::File::open(p).map_err(|e| CliError::io(p, "open", e))?;
     let mut s = RpSummary {
         counts: BTreeMap::new(),
         requested_bytes: 0,
@@ -514,6 +687,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
                 "zero": b.zero, "page": b.page, "xbzrle": b.xbzrle, "compressed": b.compressed,
                 "nonzero_fill": b.nonzero_fill,
                 "discard_ranges": b.discard_ranges, "discarded_bytes": b.discarded_bytes,
+                "mapped_ram": b.mapped_ram.map(|(bo, po)| json!({"bitmap_offset": bo, "pages_offset": po})),
             })
         })
         .collect();
@@ -553,7 +727,7 @@ fn to_json(s: &Summary, rp: Option<RpSummary>) -> Value {
         "leniencies": leniencies(s),
         "vmdesc": s.vmdesc_len.map(|l| json!({"length": l, "devices": s.vmdesc_devices})),
         "length": s.end,
-        "error": s.error,
+        "error": Value::Null,
     });
     if let Some(rp) = rp {
         v["return_path"] = json!({
@@ -702,6 +876,15 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
             b.discarded_bytes
         )?;
     }
+    for n in &s.block_order {
+        if let Some((bo, po)) = s.blocks[n].mapped_ram {
+            writeln!(
+                out,
+                "  mapped-ram {n}: bitmap at file offset {bo}, pages at {po} .. {}",
+                po.saturating_add(s.blocks[n].length)
+            )?;
+        }
+    }
     for l in leniencies(s) {
         writeln!(
             out,
@@ -734,10 +917,18 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
     if let Some(rp) = rp {
         let m: Vec<String> = rp.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         writeln!(out, "return path ({} bytes): {}", rp.len, m.join(", "))?;
+        let pongs: Vec<String> = rp.pongs.iter().map(u32::to_string).collect();
         writeln!(
             out,
-            "  requested bytes {}  shut {:?}  pongs {:?}",
-            rp.requested_bytes, rp.shut, rp.pongs
+            "  requested bytes {}  shut {}  pongs {}",
+            rp.requested_bytes,
+            rp.shut
+                .map_or_else(|| "none".to_string(), |v| v.to_string()),
+            if pongs.is_empty() {
+                "none".to_string()
+            } else {
+                pongs.join(", ")
+            }
         )?;
         if rp.pongs_omitted > 0 {
             writeln!(out, "  ... {} more pongs not listed", rp.pongs_omitted)?;
@@ -752,12 +943,6 @@ fn print_text(out: &mut impl Write, s: &Summary, rp: Option<&RpSummary>) -> std:
                 rp.bitmaps_omitted
             )?;
         }
-        if let Some(e) = &rp.error {
-            writeln!(out, "  error: {e}")?;
-        }
-    }
-    if let Some(e) = &s.error {
-        writeln!(out, "error: {e}")?;
     }
     Ok(())
 }
@@ -798,8 +983,8 @@ fn tail_vmdesc(f: &mut std::fs::File) -> std::io::Result<Option<Vec<u8>>> {
 
 /// The vmdesc of a stream: from the tail of a regular file, else by reading
 /// the stream up to its trailer. `Ok(None)`: the stream has none (postcopy).
-fn stream_vmdesc(path: &Path) -> Result<Option<Vec<u8>>, String> {
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+fn stream_vmdesc(path: &Path) -> Result<Option<Vec<u8>>, CliError> {
+    let err = |e: std::io::Error| CliError::io(path, "read", e);
     let (input, seekable) = crate::input::open_input(path)?;
     if let (crate::input::Input::Plain { file: mut f, .. }, true) = (input, seekable) {
         if let Some(j) = tail_vmdesc(&mut f).map_err(err)? {
@@ -815,16 +1000,16 @@ fn stream_vmdesc(path: &Path) -> Result<Option<Vec<u8>>, String> {
                 }
             }
             Ok(None) => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(CliError::wire(path, e)),
         }
     }
 }
 
 /// The vmdesc held by `--vmdesc FILE`: a bare JSON (e.g. `recv`'s
 /// `vmdesc.json`) or another capture of the same QEMU and machine type.
-fn file_vmdesc(path: &Path) -> Result<Vec<u8>, String> {
+fn file_vmdesc(path: &Path) -> Result<Vec<u8>, CliError> {
     use std::io::Read;
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let err = |e: std::io::Error| CliError::io(path, "read", e);
     let mut head = Vec::new();
     std::fs::File::open(path)
         .map_err(err)?
@@ -840,15 +1025,18 @@ fn file_vmdesc(path: &Path) -> Result<Vec<u8>, String> {
             .read_to_end(&mut j)
             .map_err(err)?;
         if j.len() as u64 > cap {
-            return Err(format!("{}: vmdesc JSON over {cap} bytes", path.display()));
+            return Err(CliError::data(format!(
+                "{}: vmdesc JSON over {cap} bytes",
+                path.display()
+            )));
         }
         return Ok(j);
     }
     stream_vmdesc(path)?.ok_or_else(|| {
-        format!(
+        CliError::data(format!(
             "{}: neither a vmdesc JSON nor a stream with a vmdesc trailer",
             path.display()
-        )
+        ))
     })
 }
 
@@ -912,22 +1100,26 @@ fn reindent(json: &[u8], out: &mut impl Write) -> std::io::Result<()> {
 }
 
 /// `qmig inspect STREAM --vmdesc [FILE]`: prints the description.
-pub fn run_vmdesc(path: &Path, file: Option<&Path>) -> Result<ExitCode, String> {
+pub fn run_vmdesc(path: &Path, file: Option<&Path>) -> CliResult {
     let json = match file {
         Some(f) => file_vmdesc(f)?,
-        None => stream_vmdesc(path)?
-            .ok_or_else(|| format!("{}: no vmdesc trailer (postcopy stream?)", path.display()))?,
+        None => stream_vmdesc(path)?.ok_or_else(|| {
+            CliError::data(format!(
+                "{}: no vmdesc trailer (postcopy stream?)",
+                path.display()
+            ))
+        })?,
     };
     serde_json::from_slice::<serde::de::IgnoredAny>(&json)
-        .map_err(|e| format!("vmdesc is not valid JSON: {e}"))?;
+        .map_err(|e| CliError::data(format!("vmdesc is not valid JSON: {e}")))?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     reindent(&json, &mut out).map_err(crate::output_error)?;
     writeln!(out).map_err(crate::output_error)?;
     out.flush().map_err(crate::output_error)?;
     if let Err(e) = qmig_wire::VmDesc::parse(&json) {
-        eprintln!("qmig: {e}");
-        return Ok(ExitCode::from(1));
+        // The text is printed; the description does not follow QEMU's schema.
+        return Err(CliError::data(format!("vmdesc: {e}")));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -951,6 +1143,10 @@ struct DevSection {
 /// What `--devices` prints for one section.
 enum Shown {
     Ram(Vec<(String, u64)>),
+    /// An iterative section other than RAM whose payload qmig delimits but
+    /// which is not VMState (`spapr/htab`, `s390-storage_attributes`):
+    /// analyze-migration.py shows it as an empty string.
+    Iterative(u64),
     State(qmig_wire::DeviceState),
     Error(String),
 }
@@ -965,6 +1161,7 @@ impl serde::Serialize for Shown {
                 m.end()
             }
             Shown::State(st) => st.serialize(s),
+            Shown::Iterative(_) => s.serialize_str(""),
             Shown::Error(e) => {
                 let mut m = s.serialize_map(Some(1))?;
                 m.serialize_entry("error", e)?;
@@ -1004,6 +1201,9 @@ fn show(sec: &DevSection, desc: &qmig_wire::VmDesc) -> Shown {
     if sec.idstr == "ram" && sec.instance == 0 {
         return Shown::Ram(sec.ram_sizes.clone());
     }
+    if qmig_wire::iterative::known(&sec.idstr) && desc.device(&sec.idstr, sec.instance).is_none() {
+        return Shown::Iterative(sec.payload.len() as u64 + sec.later_bytes);
+    }
     let Some(dev) = desc.device(&sec.idstr, sec.instance) else {
         return Shown::Error(format!(
             "{} section without a vmdesc entry: {} payload bytes not decoded",
@@ -1025,14 +1225,14 @@ fn show(sec: &DevSection, desc: &qmig_wire::VmDesc) -> Shown {
 }
 
 /// `qmig inspect STREAM --devices [--json] [--vmdesc FILE]`.
-pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result<ExitCode, String> {
+pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> CliResult {
     let mut desc = match vmdesc {
         Some(f) => Some(file_vmdesc(f)?),
         None => {
             let (input, seekable) = crate::input::open_input(path)?;
             match (input, seekable) {
                 (crate::input::Input::Plain { file: mut f, .. }, true) => {
-                    tail_vmdesc(&mut f).map_err(|e| format!("{}: {e}", path.display()))?
+                    tail_vmdesc(&mut f).map_err(|e| CliError::io(path, "read", e))?
                 }
                 _ => None,
             }
@@ -1040,7 +1240,7 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
     }
     .map(|j| qmig_wire::VmDesc::parse(&j))
     .transpose()
-    .map_err(|e| format!("vmdesc: {e}"))?;
+    .map_err(|e| CliError::data(format!("vmdesc: {e}")))?;
     let (mut rd, _) = crate::input::open_stream(path)?;
     let mut secs: Vec<DevSection> = Vec::new();
     let mut by_id: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
@@ -1054,7 +1254,7 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
-                read_error = Some(e.to_string());
+                read_error = Some(CliError::wire(path, e));
                 break;
             }
         };
@@ -1099,10 +1299,13 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
                     }
                     buffered += d.len();
                     if buffered > MAX_BUFFERED_DEVICE_BYTES {
-                        return Err(format!(
-                            "{}: device sections exceed {MAX_BUFFERED_DEVICE_BYTES} bytes",
-                            path.display()
-                        ));
+                        return Err(CliError::Data {
+                            message: format!(
+                                "{}: device sections exceed {MAX_BUFFERED_DEVICE_BYTES} bytes",
+                                path.display()
+                            ),
+                            offset: Some(ri.offset),
+                        });
                     }
                     s.payload.extend_from_slice(d);
                 }
@@ -1122,17 +1325,22 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
             }
             Item::Vmdesc(j) => {
                 if desc.is_none() {
-                    desc = Some(qmig_wire::VmDesc::parse(j).map_err(|e| format!("vmdesc: {e}"))?);
+                    desc = Some(
+                        qmig_wire::VmDesc::parse(j)
+                            .map_err(|e| CliError::data(format!("vmdesc: {e}")))?,
+                    );
                 }
             }
             _ => cur = None,
         }
     }
     let Some(desc) = desc else {
-        return Err(format!(
+        // Usage: the stream alone cannot be decoded, the user must name a
+        // description.
+        return Err(CliError::Usage(format!(
             "{}: no vmdesc trailer (postcopy stream?); pass --vmdesc FILE with a capture of the same QEMU and machine type",
             path.display()
-        ));
+        )));
     };
     let shown: Vec<(String, Shown)> = secs
         .iter()
@@ -1150,7 +1358,7 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
         serde::Serialize::serialize(&Top(&shown), &mut ser).map_err(|e| {
             match e.io_error_kind() {
                 Some(k) => crate::output_error(k.into()),
-                None => e.to_string(),
+                None => CliError::data(e.to_string()),
             }
         })?;
         writeln!(out).map_err(crate::output_error)?;
@@ -1183,6 +1391,11 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
                         writeln!(out, "  {line}").map_err(crate::output_error)?;
                     }
                 }
+                Shown::Iterative(n) => writeln!(
+                    out,
+                    "{head}: iterative section, {n} payload bytes (not VMState)"
+                )
+                .map_err(crate::output_error)?,
                 Shown::Error(e) => {
                     writeln!(out, "{head}: error: {e}").map_err(crate::output_error)?
                 }
@@ -1190,15 +1403,18 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> Result
         }
     }
     out.flush().map_err(crate::output_error)?;
+    // The decoded sections are already on stdout: errors go to stderr only,
+    // so `--json` output stays one document.
     for (k, s) in &shown {
         if let Shown::Error(e) = s {
-            eprintln!("qmig: section {k}: {e}");
+            eprintln!("qmig: inspect: section {k}: {e}");
         }
     }
     if let Some(e) = &read_error {
-        eprintln!("qmig: {e}");
+        eprintln!("qmig: inspect: {e}");
+        return Ok(ExitCode::from(e.exit_code()));
     }
-    if errors > 0 || read_error.is_some() {
+    if errors > 0 {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

@@ -1,24 +1,43 @@
 //! `qmig`: inspect, round-trip and extract QEMU live-migration streams.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+mod channels;
+mod convert;
 mod diff;
+mod error;
 mod extract;
+mod files;
 mod input;
 mod inspect;
+mod manifest;
 mod postcopy;
 mod progress;
 mod recv;
 mod roundtrip;
 mod send;
+mod signals;
+mod size;
+mod uri;
+
+use error::{CliError, CliResult};
 
 /// Tools for QEMU live-migration streams.
 #[derive(Parser, Debug)]
-#[command(name = "qmig", version, about, long_about = None)]
+#[command(name = "qmig", version, about, long_about = None, after_help = error::EXIT_CODES)]
 struct Cli {
+    /// No progress bars or summary lines on stderr (errors are still printed).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Target page size of the stream (e.g. 1K, 4K, 8K), for streams that do
+    /// not declare it (no target-page-bits, no vmdesc, unknown machine type):
+    /// it overrides every source in the stream.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = size::parse_size)]
+    target_page_size: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -27,16 +46,23 @@ struct Cli {
 enum Cmd {
     /// Summarise a stream: header, machine, capabilities, sections, commands,
     /// RAM blocks and per-block record counts.
+    #[command(after_help = error::EXIT_CODES)]
     Inspect {
         /// The migration stream (e.g. written by `migrate file:PATH`), `-` for
         /// stdin; gzip, bzip2, xz, zstd and libvirt save images are recognised.
         stream: PathBuf,
-        /// Print one JSON object instead of text.
+        /// Print one JSON object instead of text (with --records: one JSON object per line).
         #[arg(long)]
         json: bool,
         /// Print one line per item (offset, section, block, page offset, kind, payload length).
         #[arg(long)]
         records: bool,
+        /// With --records: only RAM records of this block.
+        #[arg(long, value_name = "NAME", requires = "records")]
+        block: Option<String>,
+        /// With --records: only items of this kind (PAGE, ZERO, XBZRLE, START, ...; case-insensitive).
+        #[arg(long, value_name = "KIND", requires = "records")]
+        kind: Option<String>,
         /// A captured return path (destination → source) to summarise too.
         #[arg(long, value_name = "FILE")]
         return_path: Option<PathBuf>,
@@ -52,13 +78,19 @@ enum Cmd {
         /// Print the domain XML (and save cookie) of a libvirt save image instead.
         #[arg(long, conflicts_with_all = ["json", "records", "return_path"])]
         libvirt_xml: bool,
+        /// A recorded multifd channel connection (repeatable): summarised
+        /// with the main STREAM (its target page size).
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
+    #[command(after_help = error::EXIT_CODES)]
     Roundtrip {
         /// The migration stream.
         stream: PathBuf,
     },
     /// Write the final content of every RAM block as a raw image, plus manifest.json.
+    #[command(after_help = error::EXIT_CODES)]
     Extract {
         /// The migration stream.
         stream: PathBuf,
@@ -66,12 +98,14 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Receive a live precopy migration from a QEMU source (`migrate tcp:...`) into
+    /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
+    #[command(after_help = error::EXIT_CODES)]
     Recv {
-        /// Where to listen: tcp:HOST:PORT.
-        #[arg(long, value_name = "tcp:HOST:PORT")]
-        listen: String,
+        /// Where the migration comes from: `tcp:HOST:PORT`, `tcp::PORT`, `tcp:[IPv6]:PORT`,
+        /// `unix:PATH` (listen), `file:PATH` (read) or `exec:CMD` (read its stdout).
+        #[arg(long, value_name = "URI", value_parser = uri::MigUri::parse)]
+        listen: uri::MigUri,
         /// Output directory (created if missing).
         #[arg(short, long)]
         output: PathBuf,
@@ -93,9 +127,14 @@ enum Cmd {
     },
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
+    #[command(after_help = error::EXIT_CODES)]
     Send(send::SendArgs),
+    /// Rewrite any stream as one single-pass precopy stream that QEMU 10
+    /// loads: each page's final content once (ZERO/PAGE), container kept.
+    Convert(convert::ConvertArgs),
     /// Compare two streams record by record, ignoring how RAM is split into
     /// sections; exit 0 iff no difference.
+    #[command(after_help = error::EXIT_CODES)]
     Diff {
         /// First stream.
         a: PathBuf,
@@ -105,38 +144,97 @@ enum Cmd {
         #[arg(long)]
         records: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `qmig man > qmig.1`.
+    Man,
 }
 
-/// Error text for a failed write to stdout; a closed pipe (`qmig inspect
-/// --records | head`) is not an error worth reporting.
-pub(crate) fn output_error(e: std::io::Error) -> String {
+/// A failed write to stdout; a closed pipe (`qmig inspect --records | head`)
+/// is not an error worth reporting.
+pub(crate) fn output_error(e: std::io::Error) -> CliError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
-        BROKEN_PIPE.to_string()
+        CliError::Usage(BROKEN_PIPE.to_string())
     } else {
-        e.to_string()
+        CliError::io("stdout", "write", e)
     }
 }
 
 /// Marker for [`output_error`]'s closed pipe.
 const BROKEN_PIPE: &str = "\0broken pipe";
 
+/// The subcommand named on the command line (for messages about clap errors).
+fn command_word() -> String {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_else(|| "qmig".into())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let r = match cli.cmd {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let text = text.trim_start_matches("error: ").trim_end();
+            eprintln!("qmig: {}: {text}", command_word());
+            return ExitCode::from(2);
+        }
+    };
+    progress::set_quiet(cli.quiet);
+    if let Some(ps) = cli.target_page_size {
+        if let Err(e) = input::set_target_page_size(ps) {
+            eprintln!("qmig: {}: {e}", command_word());
+            return ExitCode::from(2);
+        }
+    }
+    let (name, json) = match &cli.cmd {
+        Cmd::Inspect { json, .. } => ("inspect", *json),
+        Cmd::Roundtrip { .. } => ("roundtrip", false),
+        Cmd::Extract { .. } => ("extract", false),
+        Cmd::Recv { .. } => ("recv", false),
+        Cmd::Send(a) => ("send", a.json),
+        Cmd::Convert(a) => ("convert", a.json),
+        Cmd::Diff { .. } => ("diff", false),
+        Cmd::Completions { .. } => ("completions", false),
+        Cmd::Man => ("man", false),
+    };
+    let r: CliResult = match cli.cmd {
         Cmd::Inspect {
             stream,
             json,
             records,
             return_path,
+            block,
+            kind,
             devices,
             vmdesc,
             libvirt_xml,
+            multifd_channel,
         } => match (devices, vmdesc) {
             (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
             (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
-            (false, None) => {
-                inspect::run(&stream, json, records, return_path.as_deref(), libvirt_xml)
-            }
+            (false, None) => inspect::run(
+                &stream,
+                json,
+                records,
+                return_path.as_deref(),
+                libvirt_xml,
+                &inspect::Filter { block, kind },
+                &multifd_channel,
+            ),
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
         Cmd::Extract { stream, output } => extract::run(&stream, &output),
@@ -155,15 +253,34 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(idle_timeout),
             touch,
         ),
-        Cmd::Send(args) => send::run(&args).map_err(|e| e.to_string()),
-        Cmd::Diff { a, b, records } => diff::run(&a, &b, records).map_err(|e| e.to_string()),
+        Cmd::Send(args) => send::run(&args),
+        Cmd::Convert(args) => convert::run(&args).map_err(|e| CliError::from(e.to_string())),
+        Cmd::Diff { a, b, records } => diff::run(&a, &b, records),
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "qmig", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(output_error)
+                .and_then(|()| std::io::stdout().write_all(&out).map_err(output_error))
+                .map(|()| ExitCode::SUCCESS)
+        }
     };
     match r {
         Ok(code) => code,
-        Err(e) if e == BROKEN_PIPE => ExitCode::SUCCESS,
+        Err(CliError::Usage(m)) if m == BROKEN_PIPE => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("qmig: {e}");
-            ExitCode::from(2)
+            if json {
+                let v = serde_json::json!({ "error": e.to_json() });
+                println!("{v}");
+            } else {
+                eprintln!("qmig: {name}: {e}");
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -24,9 +23,9 @@ use qmig_ram_dst::{
     Action, BlockState, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState,
 };
 use qmig_uffd_host::{AnonMemory, Blocktime, Fault, FaultThread, Mapping, Region};
-use serde_json::{json, Value};
 
 use crate::extract::{Images, Session, StopError};
+use crate::manifest::{LatencySummary, PostcopyInfo};
 
 /// Guest memory of `qmig recv`: anonymous mappings (which userfaultfd can
 /// register) while the migration runs, written to sparse image files in the
@@ -117,7 +116,8 @@ pub(crate) struct Host {
 /// Everything the stream reader and the fault handler share.
 pub(crate) struct Inner {
     pub(crate) session: Session<RecvMemory>,
-    rp: TcpStream,
+    /// The return path (sockets only).
+    rp: Option<Box<dyn Write + Send>>,
     pub(crate) rp_open: bool,
     pub(crate) rp_error: Option<String>,
     pub(crate) rp_dead: bool,
@@ -141,7 +141,11 @@ pub(crate) fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Inner {
-    pub(crate) fn new(session: Session<RecvMemory>, rp: TcpStream, idle: Duration) -> Self {
+    pub(crate) fn new(
+        session: Session<RecvMemory>,
+        rp: Option<Box<dyn Write + Send>>,
+        idle: Duration,
+    ) -> Self {
         Inner {
             session,
             rp,
@@ -153,18 +157,33 @@ impl Inner {
         }
     }
 
-    /// The return-path socket.
-    pub(crate) fn rp_sock(&mut self) -> &mut TcpStream {
-        &mut self.rp
+    /// The return path (none for `file:` and `exec:`).
+    pub(crate) fn rp_sock(&mut self) -> Option<&mut (dyn Write + Send + 'static)> {
+        self.rp.as_deref_mut()
+    }
+
+    /// Closes the return path (half-closing a socket for writing).
+    pub(crate) fn close_rp(&mut self) {
+        self.rp = None;
     }
 
     /// Writes what the state machine wants sent on the return path.
     pub(crate) fn flush_transmit(&mut self, out: &mut Vec<u8>) {
         out.clear();
-        if !self.session.dst.poll_transmit(out) || self.rp_dead || !self.rp_open {
+        if self.session.dst.poll_transmit(out) {
+            self.send(out);
+        }
+    }
+
+    /// Writes `bytes` on the return path, if it is open and alive.
+    fn send(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || self.rp_dead || !self.rp_open {
             return;
         }
-        if let Err(e) = self.rp.write_all(out) {
+        let Some(rp) = self.rp.as_mut() else {
+            return;
+        };
+        if let Err(e) = rp.write_all(bytes) {
             let why = if matches!(
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
@@ -237,9 +256,10 @@ impl Inner {
                         .bytes_mut(block, offset, len as usize)
                         .map(|m| m.fill(0)),
                 };
+                let at = self.session.dst.applied_up_to();
                 return w
-                    .map_err(|e| {
-                        StopError::Io(format!("placing {offset:#x} of block {block}: {e}"))
+                    .map_err(|source| {
+                        StopError::Dst(qmig_ram_dst::RamDstError::Memory { offset: at, source })
                     })
                     .and_then(|()| self.placed(block, offset, len));
             }
@@ -264,8 +284,18 @@ impl Inner {
         ctl: &Ctl,
         note: &mut dyn FnMut(String),
     ) -> Result<(), StopError> {
+        if !matches!(a, Action::Pong(_)) {
+            // PONG is already queued for poll_transmit (in order with page
+            // requests); other replies (RECV_BITMAP, RESUME_ACK) come from
+            // RamDst::reply, bounded as the fuzz target recv_state checks.
+            let mut out = Vec::new();
+            if let Err(e) = self.session.dst.reply(&a, &mut out) {
+                self.rp_error.get_or_insert(format!("return path: {e}"));
+            }
+            self.send(&out);
+        }
         match a {
-            Action::OpenReturnPath => self.rp_open = true,
+            Action::OpenReturnPath => self.rp_open = self.rp.is_some(),
             Action::NonZeroFill { offset, fill, .. } => note(format!(
                 "offset {offset}: ZERO record with fill byte {fill:#04x}"
             )),
@@ -415,9 +445,13 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    /// Starts the fault handler over `inner`; `sock` is shut down if it fails,
-    /// so a reader blocked on the stream wakes up.
-    pub(crate) fn start(inner: &Arc<Mutex<Inner>>, sock: TcpStream, touch_threads: usize) -> Self {
+    /// Starts the fault handler over `inner`; `abort` is set if it fails,
+    /// so the stream reader (which polls it) stops.
+    pub(crate) fn start(
+        inner: &Arc<Mutex<Inner>>,
+        abort: Arc<AtomicBool>,
+        touch_threads: usize,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let ctl = Ctl {
@@ -430,7 +464,7 @@ impl Running {
         let inner = inner.clone();
         let handler = std::thread::Builder::new()
             .name("qmig-faults".into())
-            .spawn(move || handle_faults(&inner, &rx, &stop, &sock))
+            .spawn(move || handle_faults(&inner, &rx, &stop, &abort))
             .ok();
         Running { ctl, handler }
     }
@@ -443,7 +477,7 @@ impl Running {
     /// After a complete migration (`ok`) the touch threads are first given
     /// `wait` to finish reading every page while faults are still served;
     /// after a failure they are told to stop at once.
-    pub(crate) fn stop(mut self, inner: &Mutex<Inner>, ok: bool, wait: Duration) -> Value {
+    pub(crate) fn stop(mut self, inner: &Mutex<Inner>, ok: bool, wait: Duration) -> PostcopyInfo {
         let t0 = Instant::now();
         if ok {
             loop {
@@ -493,39 +527,49 @@ impl Running {
         let g = lock(inner);
         let mut lat = g.host.latencies_us.clone();
         lat.sort_unstable();
-        let pct = |p: f64| -> Value {
+        let pct = |p: f64| -> Option<u64> {
             if lat.is_empty() {
-                Value::Null
+                None
             } else {
                 let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-                lat[i].into()
+                Some(lat[i])
             }
         };
         let st = g.session.dst.stats();
-        json!({
-            "mode": g.host.mode,
-            "page_requests": st.page_requests,
-            "faults": faults,
-            "faults_handled": g.host.faults_handled,
-            "faults_resolved_locally": st.faults_resolved_locally,
-            "faults_already_requested": st.faults_already_requested,
-            "outstanding_requests": g.session.dst.outstanding_requests(),
-            "placed_host_pages": st.placed_host_pages,
-            "placed_zero_pages": st.placed_zero_pages,
-            "fault_latency_us": {"count": lat.len(), "p50": pct(0.50), "p99": pct(0.99), "max": lat.last()},
-            "blocktime_total_us": blocktime_us as u64,
-            "touch_threads": self.ctl.touch_threads,
-            "touched_pages": touched_pages,
-            "touch_threads_unfinished": touch_unfinished,
-            "fault_thread_errors": thread_errors,
-            "error": g.host.error,
-        })
+        PostcopyInfo {
+            mode: g.host.mode.clone(),
+            page_requests: st.page_requests,
+            faults,
+            faults_handled: g.host.faults_handled,
+            faults_resolved_locally: st.faults_resolved_locally,
+            faults_already_requested: st.faults_already_requested,
+            outstanding_requests: g.session.dst.outstanding_requests() as u64,
+            placed_host_pages: st.placed_host_pages,
+            placed_zero_pages: st.placed_zero_pages,
+            fault_latency_us: LatencySummary {
+                count: lat.len() as u64,
+                p50: pct(0.50),
+                p99: pct(0.99),
+                max: lat.last().copied(),
+            },
+            blocktime_total_us: blocktime_us as u64,
+            touch_threads: self.ctl.touch_threads,
+            touched_pages,
+            touch_threads_unfinished: touch_unfinished,
+            fault_thread_errors: thread_errors,
+            error: g.host.error.clone(),
+        }
     }
 }
 
 /// The fault handler: each fault from the fault threads goes to the state
 /// machine, which decides what to ask for (REQ_PAGES) or place locally.
-fn handle_faults(inner: &Mutex<Inner>, rx: &Receiver<Fault>, stop: &AtomicBool, sock: &TcpStream) {
+fn handle_faults(
+    inner: &Mutex<Inner>,
+    rx: &Receiver<Fault>,
+    stop: &AtomicBool,
+    abort: &AtomicBool,
+) {
     let mut out = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let f = match rx.recv_timeout(Duration::from_millis(50)) {
@@ -560,7 +604,7 @@ fn handle_faults(inner: &Mutex<Inner>, rx: &Receiver<Fault>, stop: &AtomicBool, 
             g.host.error.get_or_insert(e.to_string());
             drop(g);
             // Wake the stream reader: the migration cannot go on.
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            abort.store(true, Ordering::Release);
             return;
         }
     }

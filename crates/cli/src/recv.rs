@@ -1,237 +1,505 @@
 //! `qmig recv`: a live precopy destination for a real QEMU source.
 //!
-//! Listens on `tcp:HOST:PORT`, takes one incoming migration and applies it
-//! as it arrives with the same code as `qmig extract` (block images mapped in
-//! DIR, `device-state.bin`, `vmdesc.json`, `manifest.json`). If the source
-//! opens a return path it answers PINGs and, once the stream is complete, sends
-//! SHUT(0) (SHUT(1) after an error), which QEMU waits for before it reports
-//! `completed`. The end of the stream is found by the decoder (EOF, then the
-//! vmdesc trailer), not by the socket closing: a source with a return path
-//! keeps the socket open until it gets SHUT.
+//! Listens on `tcp:` or `unix:` (or reads a `file:` / an `exec:` command's
+//! output, like QEMU's `-incoming`), takes one incoming migration and
+//! applies it as it arrives with the same code as `qmig extract` (block
+//! images in DIR, `device-state.bin`, `vmdesc.json`, `manifest.json`). If the
+//! source opens a return path (sockets only) it answers PINGs and, once the
+//! stream is complete, sends SHUT(0) (SHUT(1) after an error), which QEMU
+//! waits for before it reports `completed`. The end of the stream is found by
+//! the decoder (EOF, then the vmdesc trailer), not by the socket closing: a
+//! source with a return path keeps the socket open until it gets SHUT.
+//! SIGINT/SIGTERM stop it between items (socket reads wake up to check), with
+//! an interrupted manifest and without the cut-off `device-state.bin`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::ExitCode;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
-use qmig_ram_dst::{Action, Layout, LocalBlock, Placement, PostcopyState};
+use qmig_ram_dst::{Action, Layout, LocalBlock, Placement, PostcopyState, RamDstError};
 use qmig_wire::{Item, RpMessage, StreamReader};
-use serde_json::{json, Value};
 
+use crate::error::{CliError, CliResult};
 use crate::extract::{Session, StopError};
+use crate::manifest::{Manifest, RecvInfo};
 use crate::postcopy::{lock, Inner, RecvMemory, Running};
+use crate::uri::MigUri;
 
 /// How long to wait for the vmdesc trailer once EOF was read.
 const AFTER_EOF_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The socket as the stream reader sees it: every byte read is also saved
-/// (`--save`), and once EOF was decoded a read timeout counts as the end;
-/// before that, a read timeout (`--idle-timeout`) is an error naming it.
+/// How often a blocked accept or socket read looks at the signal flag.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The incoming stream as the stream reader sees it: every byte read is
+/// also saved (`--save`); a socket read wakes up every [`POLL`] to look at
+/// the signal flag, and once EOF was decoded, [`AFTER_EOF_TIMEOUT`] without
+/// data counts as the end. Before that, `idle` without data
+/// (`--idle-timeout`) is a `TimedOut` error naming the option.
 struct Tee {
-    sock: TcpStream,
+    src: Box<dyn Read>,
+    /// Whether `src` is a socket with a [`POLL`] read timeout.
+    polled: bool,
+    /// `--idle-timeout` (sockets only).
     idle: Duration,
-    save: Option<BufWriter<File>>,
+    /// When data last arrived (or the connection was accepted).
+    last_data: Instant,
+    save: Option<File>,
     received: Rc<Cell<u64>>,
-    after_eof: Rc<Cell<bool>>,
-    save_error: Rc<Cell<bool>>,
+    after_eof: Rc<Cell<Option<Instant>>>,
+    /// The first failed `--save` write: stream offset and OS error.
+    save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
+    /// Set by the postcopy fault handler when it failed: the migration
+    /// cannot go on (checked every [`POLL`] on sockets).
+    abort: Arc<AtomicBool>,
+}
+
+/// The error a read returns when a signal arrived (not `Interrupted`, which
+/// the stream reader retries).
+fn interrupted_io(sig: i32) -> std::io::Error {
+    std::io::Error::other(format!("interrupted by {}", crate::error::signal_name(sig)))
 }
 
 impl Read for Tee {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = match self.sock.read(buf) {
-            Ok(n) => n,
-            Err(e)
-                if self.after_eof.get()
-                    && matches!(
+        let n = loop {
+            match self.src.read(buf) {
+                Ok(n) => break n,
+                Err(e)
+                    if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-            {
-                0
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) && (self.polled || e.kind() == std::io::ErrorKind::Interrupted) =>
+                {
+                    if let Some(sig) = crate::signals::pending() {
+                        return Err(interrupted_io(sig));
+                    }
+                    if self.abort.load(Ordering::Acquire) {
+                        return Err(std::io::Error::other("the postcopy fault handler failed"));
+                    }
+                    match self.after_eof.get() {
+                        Some(t) if t.elapsed() >= AFTER_EOF_TIMEOUT => break 0,
+                        None if self.polled && self.last_data.elapsed() >= self.idle => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "the source sent nothing for {} s (--idle-timeout)",
+                                    self.idle.as_secs_f64()
+                                ),
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the source sent nothing for {} s (--idle-timeout)",
-                        self.idle.as_secs_f64()
-                    ),
-                ))
-            }
-            Err(e) => return Err(e),
         };
-        self.received.set(self.received.get() + n as u64);
+        self.last_data = Instant::now();
+        let at = self.received.get();
+        self.received.set(at + n as u64);
         if let Some(s) = &mut self.save {
-            if s.write_all(&buf[..n]).is_err() {
-                self.save_error.set(true);
-                self.save = None;
+            // Unbuffered (reads are large), so a failure names its offset.
+            let mut done = 0;
+            while done < n {
+                match s.write(&buf[done..n]) {
+                    Ok(0) => {
+                        let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                        self.save_error
+                            .borrow_mut()
+                            .get_or_insert((at + done as u64, e));
+                        self.save = None;
+                        break;
+                    }
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.save_error
+                            .borrow_mut()
+                            .get_or_insert((at + done as u64, e));
+                        self.save = None;
+                        break;
+                    }
+                }
             }
         }
         Ok(n)
     }
 }
 
-/// Parses `tcp:HOST:PORT`.
-fn parse_listen(s: &str) -> Result<String, String> {
-    let Some(rest) = s.strip_prefix("tcp:") else {
-        return Err(format!("--listen {s}: only tcp:HOST:PORT is supported"));
-    };
-    match rest.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(rest.to_string()),
-        _ => Err(format!("--listen {s}: expected tcp:HOST:PORT")),
-    }
-}
-
 /// Reads a block layout (`{"blocks":[{"name","length", "max_length"?, "page_size"?, "resizable"?}]}`,
 /// e.g. a manifest.json written by extract or recv).
-fn read_layout(path: &Path) -> Result<Layout, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let Some(list) = v.get("blocks").and_then(Value::as_array) else {
-        return Err(format!("{}: no \"blocks\" array", path.display()));
-    };
-    let mut blocks = Vec::new();
-    for b in list {
-        let name = b.get("name").and_then(Value::as_str);
-        let len = b.get("length").and_then(Value::as_u64);
-        let (Some(name), Some(len)) = (name, len) else {
-            return Err(format!(
-                "{}: every block needs \"name\" and \"length\"",
-                path.display()
-            ));
+fn read_layout(path: &Path) -> Result<Layout, CliError> {
+    let m = Manifest::read_file(path)?;
+    if m.blocks.is_empty() {
+        return Err(CliError::data(format!(
+            "{}: no blocks in the layout",
+            path.display()
+        )));
+    }
+    Ok(Layout::Fixed(
+        m.blocks
+            .into_iter()
+            .map(|b| {
+                let mut lb = LocalBlock::fixed(&b.name, b.length);
+                if let Some(m) = b.max_length {
+                    lb.max_length = m;
+                }
+                if let Some(p) = b.page_size {
+                    lb.page_size = p;
+                }
+                if let Some(r) = b.resizable {
+                    lb.resizable = r;
+                }
+                lb
+            })
+            .collect(),
+    ))
+}
+
+/// Where the migration comes from, before it arrives.
+pub(crate) enum Listener {
+    /// `tcp:`
+    Tcp(TcpListener),
+    /// `unix:` (the socket file is removed at the end).
+    Unix(UnixListener, PathBuf),
+    /// `file:`
+    File(PathBuf),
+    /// `exec:`
+    Exec(String),
+}
+
+/// One accepted migration: the stream, the return path (sockets only), a
+/// description of the peer, and the `exec:` child to reap.
+struct Incoming {
+    src: Box<dyn Read>,
+    polled: bool,
+    rp: Option<Box<dyn Write + Send>>,
+    peer: String,
+    child: Option<Child>,
+}
+
+impl Listener {
+    /// Binds / checks the URI (before anything is written to the output).
+    pub(crate) fn open(uri: &MigUri) -> Result<Listener, CliError> {
+        match uri {
+            MigUri::Tcp { host, port } => {
+                let l = if host.is_empty() {
+                    TcpListener::bind(("::", *port))
+                        .or_else(|_| TcpListener::bind(("0.0.0.0", *port)))
+                } else {
+                    TcpListener::bind((host.as_str(), *port))
+                };
+                l.map(Listener::Tcp)
+                    .map_err(|e| CliError::io(uri.to_string(), "listen", e))
+            }
+            MigUri::Unix(p) => {
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(|e| CliError::io(p, "listen", e))
+            }
+            MigUri::File(p) => {
+                std::fs::metadata(p).map_err(|e| CliError::io(p, "open", e))?;
+                Ok(Listener::File(p.clone()))
+            }
+            MigUri::Exec(c) => Ok(Listener::Exec(c.clone())),
+        }
+    }
+
+    /// Where it listens, for the "listening on" line.
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => p.display().to_string(),
+            Listener::File(p) => p.display().to_string(),
+            Listener::Exec(c) => format!("exec:{c}"),
+        }
+    }
+
+    /// Waits for the migration, looking at the signal flag every [`POLL`].
+    /// Sockets get [`POLL`] as read timeout (the idle timeout is counted by
+    /// [`Tee`]) and `idle` as write timeout: a return path nobody reads
+    /// cannot stall the migration forever.
+    fn accept(&self, idle: Duration) -> Result<Incoming, CliError> {
+        let wait = |e: std::io::Error| -> Result<(), CliError> {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(CliError::io(self.describe(), "accept", e));
+            }
+            if let Some(signal) = crate::signals::pending() {
+                return Err(CliError::Interrupted {
+                    signal,
+                    detail: Some("no migration arrived".into()),
+                });
+            }
+            std::thread::sleep(POLL / 4);
+            Ok(())
         };
-        let mut lb = LocalBlock::fixed(name, len);
-        if let Some(m) = b.get("max_length").and_then(Value::as_u64) {
-            lb.max_length = m;
+        let io = |op, e| CliError::io(self.describe(), op, e);
+        match self {
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true).map_err(|e| io("listen", e))?;
+                let (sock, peer) = loop {
+                    match l.accept() {
+                        Ok(x) => break x,
+                        Err(e) => wait(e)?,
+                    }
+                };
+                sock.set_nonblocking(false).map_err(|e| io("accept", e))?;
+                let _ = sock.set_nodelay(true);
+                sock.set_read_timeout(Some(POLL))
+                    .and_then(|()| sock.set_write_timeout(Some(idle)))
+                    .map_err(|e| io("accept", e))?;
+                let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                Ok(Incoming {
+                    src: Box::new(sock),
+                    polled: true,
+                    rp: Some(Box::new(TcpRp(rp))),
+                    peer: peer.to_string(),
+                    child: None,
+                })
+            }
+            Listener::Unix(l, p) => {
+                l.set_nonblocking(true).map_err(|e| io("listen", e))?;
+                let sock = loop {
+                    match l.accept() {
+                        Ok((s, _)) => break s,
+                        Err(e) => wait(e)?,
+                    }
+                };
+                sock.set_nonblocking(false).map_err(|e| io("accept", e))?;
+                sock.set_read_timeout(Some(POLL))
+                    .and_then(|()| sock.set_write_timeout(Some(idle)))
+                    .map_err(|e| io("accept", e))?;
+                let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                Ok(Incoming {
+                    src: Box::new(sock),
+                    polled: true,
+                    rp: Some(Box::new(UnixRp(rp))),
+                    peer: format!("unix:{}", p.display()),
+                    child: None,
+                })
+            }
+            Listener::File(p) => Ok(Incoming {
+                src: Box::new(File::open(p).map_err(|e| CliError::io(p, "open", e))?),
+                polled: false,
+                rp: None,
+                peer: format!("file:{}", p.display()),
+                child: None,
+            }),
+            Listener::Exec(c) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(c)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| CliError::io("/bin/sh", "run", e))?;
+                let out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| CliError::Usage("exec: no stdout".into()))?;
+                Ok(Incoming {
+                    src: Box::new(out),
+                    polled: false,
+                    rp: None,
+                    peer: format!("exec:{c}"),
+                    child: Some(child),
+                })
+            }
         }
-        if let Some(p) = b.get("page_size").and_then(Value::as_u64) {
-            lb.page_size = p;
-        }
-        if let Some(r) = b.get("resizable").and_then(Value::as_bool) {
-            lb.resizable = r;
-        }
-        blocks.push(lb);
     }
-    Ok(Layout::Fixed(blocks))
 }
 
-fn progress() -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
     }
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} recv {msg} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
 }
 
+/// The return path over TCP (half-closed for writing at the end).
+struct TcpRp(TcpStream);
+
+impl Write for TcpRp {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for TcpRp {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// The return path over a Unix socket.
+struct UnixRp(UnixStream);
+
+impl Write for UnixRp {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for UnixRp {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Runs `qmig recv`.
 pub fn run(
-    listen: &str,
+    listen: &MigUri,
     outdir: &Path,
     blocks: Option<&Path>,
     save: Option<&Path>,
     idle: Duration,
     touch: usize,
-) -> Result<ExitCode, String> {
-    let addr = parse_listen(listen)?;
+) -> CliResult {
     let layout = match blocks {
         Some(p) => read_layout(p)?,
         None => Layout::Adopt,
     };
-    let listener = TcpListener::bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    receive(listener, outdir, layout, save, listen, idle, touch)
+    if idle.is_zero() {
+        return Err(CliError::Usage(
+            "--idle-timeout must be at least 1 second".into(),
+        ));
+    }
+    crate::files::output_dir(outdir)?;
+    let listener = Listener::open(listen)?;
+    crate::signals::install();
+    receive(
+        listener,
+        outdir,
+        layout,
+        save,
+        &listen.to_string(),
+        idle,
+        touch,
+    )
 }
 
 /// How long the end of a migration waits for `--touch` threads.
 const TOUCH_WAIT: Duration = Duration::from_secs(10);
 
-/// Takes one migration on `listener` (see the module documentation).
-fn receive(
-    listener: TcpListener,
+/// Takes one migration from `listener` (see the module documentation).
+pub(crate) fn receive(
+    listener: Listener,
     outdir: &Path,
     layout: Layout,
     save: Option<&Path>,
     listen: &str,
     idle: Duration,
     touch: usize,
-) -> Result<ExitCode, String> {
-    if idle.is_zero() {
-        return Err("--idle-timeout must be at least 1 second".into());
-    }
-    std::fs::create_dir_all(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    let mem = RecvMemory::create(outdir).map_err(|e| format!("{}: {e}", outdir.display()))?;
-    // Emit: postcopy host pages are placed by the host (UFFDIO_COPY once
-    // registered), which reports each placement back.
-    let session = Session::new(outdir, mem, layout, Placement::Emit, listen.to_string())?;
+) -> CliResult {
+    let mem = RecvMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
-        Some(p) => Some(BufWriter::with_capacity(
-            1 << 20,
-            File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )),
+        Some(p) => Some(File::create(p).map_err(|e| CliError::io(p, "create", e))?),
         None => None,
     };
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    eprintln!("qmig recv: listening on {local}");
-    let (sock, peer) = listener
-        .accept()
-        .map_err(|e| format!("accept on {local}: {e}"))?;
+    if matches!(listener, Listener::Tcp(_) | Listener::Unix(..)) {
+        eprintln!("qmig recv: listening on {}", listener.describe());
+    }
+    let inc = listener.accept(idle)?;
     drop(listener);
-    let _ = sock.set_nodelay(true);
-    // A source that stops sending, or a return path nobody reads, ends the
-    // migration after `idle` instead of stalling it forever.
-    sock.set_read_timeout(Some(idle))
-        .and_then(|()| sock.set_write_timeout(Some(idle)))
-        .map_err(|e| format!("socket timeouts: {e}"))?;
-    eprintln!("qmig recv: migration from {peer}");
-    let rp_sock = sock.try_clone().map_err(|e| e.to_string())?;
-    let timeout_sock = sock.try_clone().map_err(|e| e.to_string())?;
-    let ctl_sock = sock.try_clone().map_err(|e| e.to_string())?;
+    // The directory is marked incomplete only now: a recv that never got a
+    // migration leaves an earlier result alone. Emit: postcopy host pages
+    // are placed by the host (UFFDIO_COPY once registered), which reports
+    // each placement back.
+    let session = Session::new(
+        outdir,
+        mem,
+        layout,
+        Placement::Emit,
+        "recv",
+        listen.to_string(),
+    )?;
+    if !crate::progress::quiet() {
+        eprintln!("qmig recv: migration from {}", inc.peer);
+    }
+    let Incoming {
+        src,
+        polled,
+        rp,
+        peer,
+        child,
+    } = inc;
     let received = Rc::new(Cell::new(0u64));
-    let after_eof = Rc::new(Cell::new(false));
-    let save_error = Rc::new(Cell::new(false));
+    let after_eof = Rc::new(Cell::new(None));
+    let save_error = Rc::new(RefCell::new(None));
+    let abort = Arc::new(AtomicBool::new(false));
     let tee = Tee {
-        sock,
+        src,
+        polled,
         idle,
+        last_data: Instant::now(),
         save: save_file,
         received: received.clone(),
         after_eof: after_eof.clone(),
         save_error: save_error.clone(),
+        abort: abort.clone(),
     };
-    let inner = Arc::new(Mutex::new(Inner::new(session, rp_sock, idle)));
-    let host = Running::start(&inner, ctl_sock, touch);
+    let inner = Arc::new(Mutex::new(Inner::new(session, rp, idle)));
+    let host = Running::start(&inner, abort, touch);
     let mut rd = StreamReader::new(tee);
-    let pb = progress();
+    crate::input::configure(rd.decoder_mut());
+    let pb = crate::progress::bytes(0, "recv");
     let started = Instant::now();
     let mut pending: Vec<Action> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0u32;
-    let result: Result<(), StopError> = loop {
+    let result = loop {
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(StopError::Wire(e)),
+            Err(e) => {
+                break Err(match (crate::signals::pending(), e) {
+                    (Some(sig), _) => StopError::Interrupted(sig),
+                    // Only the idle timeout makes Tee return TimedOut.
+                    (None, qmig_wire::WireError::Io { offset, source })
+                        if source.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        StopError::Peer {
+                            message: source.to_string(),
+                            offset,
+                        }
+                    }
+                    (None, e) => StopError::Wire(e),
+                });
+            }
         };
         let mut g = lock(&inner);
         n = n.wrapping_add(1);
-        if n.is_multiple_of(1024) {
+        if n.is_multiple_of(256) {
             let st = g.session.dst.stats();
+            pb.set_position(received.get());
             pb.set_message(format!(
-                "{:.1} MiB, {} pages, {} zero, {} xbzrle, {} requested",
-                received.get() as f64 / (1 << 20) as f64,
+                "recv {} pages, {} zero, {} xbzrle, {} requested",
                 st.page + st.compressed,
                 st.zero,
                 st.xbzrle,
@@ -241,8 +509,7 @@ fn receive(
         let last = matches!(ri.item, Item::Vmdesc(_));
         let eof = matches!(ri.item, Item::Eof);
         if eof {
-            after_eof.set(true);
-            let _ = timeout_sock.set_read_timeout(Some(AFTER_EOF_TIMEOUT));
+            after_eof.set(Some(Instant::now()));
         }
         if let Err(e) = g.session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
@@ -263,7 +530,10 @@ fn receive(
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
             let why = g.rp_error.clone().unwrap_or_default();
-            break Err(StopError::Io(why));
+            break Err(StopError::Peer {
+                message: why,
+                offset: rd.decoder().position(),
+            });
         }
         if let Some(e) = &g.host.error {
             break Err(StopError::Postcopy(format!("fault handler: {e}")));
@@ -274,7 +544,7 @@ fn receive(
         }
     };
     // The fault handler may have failed while the reader was blocked (and
-    // woke it by shutting the socket down): report that, not the read error.
+    // made it stop through `abort`): report that, not the read error.
     let result = match (result, lock(&inner).host.error.clone()) {
         (Err(_), Some(e)) => Err(StopError::Postcopy(format!("fault handler: {e}"))),
         (r, _) => r,
@@ -287,71 +557,76 @@ fn receive(
         let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
             .write(&mut out)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-        let rp = &mut g.rp_sock();
-        if let Err(e) = written
-            .and_then(|()| rp.write_all(&out))
-            .and_then(|_| rp.flush())
-        {
-            g.rp_error
-                .get_or_insert(format!("return path: sending SHUT: {e}"));
+        if let Some(w) = g.rp_sock() {
+            if let Err(e) = written
+                .and_then(|()| w.write_all(&out))
+                .and_then(|_| w.flush())
+            {
+                g.rp_error
+                    .get_or_insert(format!("return path: sending SHUT: {e}"));
+            }
         }
     }
-    let mut tee = rd.into_inner();
-    if let Some(s) = &mut tee.save {
-        if s.flush().is_err() {
-            save_error.set(true);
+    let tee = rd.into_inner();
+    g.close_rp();
+    drop(tee);
+    if let Some(mut c) = child {
+        if result.is_err() {
+            let _ = c.kill();
         }
+        let _ = c.wait();
     }
-    let _ = g.rp_sock().shutdown(std::net::Shutdown::Write);
     let secs = started.elapsed().as_secs_f64();
     let rp_open = g.rp_open;
-    let extra = json!({
-        "peer": peer.to_string(),
-        "return_path": rp_open,
-        "bytes_received": received.get(),
-        "seconds": secs,
-        "saved_stream": save.map(|p| p.display().to_string()),
-        "postcopy": postcopy,
-    });
+    let info = RecvInfo {
+        peer,
+        return_path: rp_open,
+        bytes_received: received.get(),
+        seconds: secs,
+        saved_stream: save.map(|p| p.display().to_string()),
+        postcopy: Some(postcopy),
+    };
     // Every userfaultfd is closed (host.stop): the memory reads safely now.
     let tps = g.session.dst.page_size();
+    let at = g.session.dst.applied_up_to();
     let (mem, blocks) = g.session.dst.split_mut();
     let images = mem
         .write_images(blocks, tps)
-        .map_err(|e| StopError::Io(format!("block images: {e}")));
-    let result = g.session.finish(result.and(images), extra)?;
-    let applied = g.session.dst.applied_up_to();
-    if let Err(e) = result {
-        let state = g.session.dst.postcopy_state();
-        if matches!(state, PostcopyState::Listening | PostcopyState::Running) {
-            eprintln!(
-                "qmig recv: the migration failed during postcopy ({state:?}): the source held \
-                 the only copy of the pages it had not sent; they are zero in the images"
-            );
-        }
-        eprintln!("qmig recv: stopped: {e}; images hold the stream applied up to offset {applied}");
-        return Ok(ExitCode::from(1));
+        .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }));
+    let result = result.and(images);
+    let state = g.session.dst.postcopy_state();
+    if result.is_err() && matches!(state, PostcopyState::Listening | PostcopyState::Running) {
+        eprintln!(
+            "qmig recv: the migration failed during postcopy ({state:?}): the source held \
+             the only copy of the pages it had not sent; they are zero in the images"
+        );
     }
-    if save_error.get() {
-        eprintln!("qmig recv: writing the --save file failed; the capture is incomplete");
-        return Ok(ExitCode::from(1));
+    g.session.finish(result, Some(info), listen)?;
+    if let Some((offset, source)) = save_error.borrow_mut().take() {
+        return Err(CliError::Io {
+            path: save.map(|p| p.display().to_string()).unwrap_or_default(),
+            op: "write (--save; the capture is incomplete)",
+            offset: Some(offset),
+            source,
+        });
     }
-    if let Some(e) = &g.rp_error {
-        eprintln!("qmig recv: {e}");
-        return Ok(ExitCode::from(1));
+    if let Some(e) = g.rp_error.take() {
+        return Err(CliError::data(e));
     }
     let st = g.session.dst.stats();
-    eprintln!(
-        "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; \
-         {} page requests; return path: {}",
-        received.get(),
-        st.page,
-        st.zero,
-        st.xbzrle,
-        st.compressed,
-        st.page_requests,
-        if rp_open { "SHUT sent" } else { "none" }
-    );
+    if !crate::progress::quiet() {
+        eprintln!(
+            "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; \
+             {} page requests; return path: {}",
+            received.get(),
+            st.page,
+            st.zero,
+            st.xbzrle,
+            st.compressed,
+            st.page_requests,
+            if rp_open { "SHUT sent" } else { "none" }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -361,8 +636,7 @@ mod tests {
     //! (tests/data) over loopback TCP and reads the return path.
 
     use super::*;
-    use std::io::Read;
-    use std::path::PathBuf;
+    use serde_json::Value;
 
     fn capture(name: &str) -> Vec<u8> {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -386,7 +660,7 @@ mod tests {
         layout: Layout,
         tag: &str,
         close_after: bool,
-    ) -> (ExitCode, Value, Vec<u8>, PathBuf) {
+    ) -> (u8, Value, Vec<u8>, PathBuf) {
         run_touch(stream, layout, tag, close_after, 0, None)
     }
 
@@ -417,7 +691,7 @@ mod tests {
         close_after: bool,
         touch: usize,
         hold_at: Option<usize>,
-    ) -> (ExitCode, Value, Vec<u8>, PathBuf) {
+    ) -> (u8, Value, Vec<u8>, PathBuf) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let src = std::thread::spawn(move || {
@@ -451,16 +725,19 @@ mod tests {
         });
         let out = tmpdir(tag);
         let save = out.with_extension("saved");
-        let code = receive(
-            listener,
+        std::fs::create_dir_all(&out).unwrap();
+        let code = match receive(
+            Listener::Tcp(listener),
             &out,
             layout,
             Some(&save),
             "test",
             Duration::from_secs(60),
             touch,
-        )
-        .unwrap();
+        ) {
+            Ok(_) => 0,
+            Err(e) => e.exit_code(),
+        };
         let rp = src.join().unwrap();
         let m: Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
@@ -472,7 +749,7 @@ mod tests {
     fn return_path_gets_pong_and_shut_while_the_socket_stays_open() {
         let stream = capture("q10-return-path");
         let (code, m, rp, save) = run_with(stream.clone(), Layout::Adopt, "rp", false);
-        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(code, 0);
         assert_eq!(m["complete"], true);
         assert_eq!(m["return_path"], true);
         assert_eq!(m["applied_up_to"], stream.len() as u64);
@@ -497,7 +774,7 @@ mod tests {
         let stream = capture("q10-return-path");
         let cut = stream.len() / 2;
         let (code, m, rp, _) = run_with(stream[..cut].to_vec(), Layout::Adopt, "cut", true);
-        assert_ne!(code, ExitCode::SUCCESS);
+        assert_ne!(code, 0);
         assert_eq!(m["complete"], false);
         assert!(m["error_offset"].as_u64().is_some_and(|o| o <= cut as u64));
         assert!(m["applied_up_to"].as_u64().is_some_and(|o| o <= cut as u64));
@@ -513,17 +790,36 @@ mod tests {
         let stream = capture("q10-stopped");
         let layout = Layout::Fixed(vec![LocalBlock::fixed("pc.ram", 1 << 20)]);
         let (code, m, _, _) = run_with(stream, layout, "layout", true);
-        assert_ne!(code, ExitCode::SUCCESS);
+        assert_ne!(code, 0);
         let err = m["error"].as_str().unwrap();
         assert!(err.contains("pc.ram") && err.contains("offset"), "{err}");
     }
 
     #[test]
-    fn listen_address_is_checked() {
-        assert!(parse_listen("tcp:127.0.0.1:4444").is_ok());
-        assert!(parse_listen("tcp:[::1]:4444").is_ok());
-        assert!(parse_listen("unix:/x").is_err());
-        assert!(parse_listen("tcp:127.0.0.1").is_err());
+    fn file_uri_is_received_without_return_path() {
+        let stream = capture("q10-stopped");
+        let dir = tmpdir("file");
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.stream");
+        std::fs::write(&input, &stream).unwrap();
+        let out = dir.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let uri = MigUri::File(input);
+        let l = Listener::open(&uri).unwrap();
+        receive(
+            l,
+            &out,
+            Layout::Adopt,
+            None,
+            &uri.to_string(),
+            Duration::from_secs(60),
+            0,
+        )
+        .unwrap();
+        let m = Manifest::read(&out).unwrap();
+        assert!(m.complete);
+        assert!(!m.recv.unwrap().return_path);
+        assert_eq!(m.applied_up_to, Some(stream.len() as u64));
     }
 
     /// A real postcopy capture replayed by a fake source, with touch threads
@@ -547,7 +843,7 @@ mod tests {
         }
         let uffd = qmig_uffd_host::probe().is_ok();
         let (code, m, rp, _) = run_touch(stream.clone(), Layout::Adopt, "pc", false, 2, hold);
-        assert_eq!(code, ExitCode::SUCCESS, "{m}");
+        assert_eq!(code, 0, "{m}");
         assert_eq!(m["complete"], true);
         assert_eq!(m["postcopy_state"], "End");
         let pc = &m["postcopy"];
@@ -601,7 +897,7 @@ mod tests {
     fn hugepage_postcopy_is_received_passively() {
         let stream = capture("q10-hugepage-postcopy");
         let (code, m, rp, _) = run_touch(stream, Layout::Adopt, "hp", false, 2, None);
-        assert_eq!(code, ExitCode::SUCCESS, "{m}");
+        assert_eq!(code, 0, "{m}");
         let pc = &m["postcopy"];
         let mode = pc["mode"].as_str().unwrap();
         assert!(

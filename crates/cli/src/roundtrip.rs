@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
+use crate::error::{CliError, CliResult};
 use crate::input::Input;
 
 /// Passes reads through and keeps a copy of the bytes, for [`Replay`]: a
@@ -42,7 +43,7 @@ impl Read for Replay {
     }
 }
 
-pub fn run(path: &Path) -> Result<ExitCode, String> {
+pub fn run(path: &Path) -> CliResult {
     // A regular file (compressed or not) is read twice: once parsed, once as
     // the bytes to compare with. A pipe is read once, its bytes kept until
     // compared.
@@ -75,22 +76,30 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
-                println!("parse error: {e}");
-                return Ok(ExitCode::from(1));
+                pb.finish_and_clear();
+                return Err(CliError::wire(path, e));
             }
         };
         let (off, item) = (ri.offset, ri.item);
         out.clear();
         if let Err(e) = item.write(&mut out) {
-            println!(
-                "offset {off}: {} does not re-serialize: {e}",
-                item.kind_name()
-            );
-            return Ok(ExitCode::from(1));
+            pb.finish_and_clear();
+            return Err(CliError::Data {
+                message: format!(
+                    "{}: offset {off}: {} does not re-serialize: {e}",
+                    path.display(),
+                    item.kind_name()
+                ),
+                offset: Some(off),
+            });
         }
         want.resize(out.len(), 0);
-        orig.read_exact(&mut want)
-            .map_err(|e| format!("re-reading input at {off}: {e}"))?;
+        orig.read_exact(&mut want).map_err(|e| CliError::Io {
+            path: path.display().to_string(),
+            op: "re-read",
+            offset: Some(off),
+            source: e,
+        })?;
         if out != want {
             let i = out.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
             println!(
@@ -109,7 +118,11 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
     }
     pb.finish_and_clear();
     let mut extra = [0u8; 1];
-    if orig.read(&mut extra).map_err(|e| e.to_string())? != 0 {
+    if orig
+        .read(&mut extra)
+        .map_err(|e| CliError::io(path, "re-read", e))?
+        != 0
+    {
         println!(
             "difference: input has bytes after the last item at offset {}",
             rd.decoder().position()

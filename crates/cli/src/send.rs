@@ -3,24 +3,44 @@
 //!
 //! The stream: the template's header and configuration, the `ram` START
 //! section (MEM_SIZE), PART sections of at most one rate-limit period's
-//! bytes each, [SWITCHOVER_START], the `ram` END section (the final pass),
+//! bytes each, \[SWITCHOVER_START\], the `ram` END section (the final pass),
 //! then the template's device sections, EOF and vmdesc, byte for byte.
 //!
 //! With `--passes N` (N > 1), a deterministic workload (seeded PRNG) changes
 //! a fraction of the first block's pages before passes 2..=N and reports
 //! them dirty; pass N is the completion stage. `--final-ram DIR` writes the
 //! memory as the destination must end with it (manifest + images).
+//!
+//! Safety checks: the RAM directory's manifest must say complete
+//! (`--allow-incomplete`), its layout must match the template's MEM_SIZE
+//! list (`--force`), and `--compress` is refused for a template whose
+//! machine type belongs to QEMU 9.1 or later, which can no longer load
+//! COMPRESS_PAGE records.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock, Template, DEFAULT_XBZRLE_CACHE_SIZE};
 use qmig_wire::{Item, SectionKind};
-use serde_json::{json, Value};
+use serde::Serialize;
+
+use crate::error::{CliError, CliResult};
+use crate::manifest::{self, BlockEntry, Manifest};
+use crate::uri::MigUri;
+
+/// `--dirty-fraction`: a number in [0, 1] (NaN refused).
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|_| format!("\"{s}\" is not a number"))?;
+    if !(0.0..=1.0).contains(&f) {
+        return Err(format!("{s} is not in [0, 1]"));
+    }
+    Ok(f)
+}
 
 /// Options of `qmig send`.
 #[derive(Debug, Clone, clap::Args)]
@@ -31,29 +51,29 @@ pub struct SendArgs {
     /// Stream whose header, configuration, device sections and vmdesc are reused.
     #[arg(long, value_name = "STREAM")]
     pub template: PathBuf,
-    /// Destination: tcp:HOST:PORT, file:PATH or exec:CMD.
-    #[arg(long, value_name = "URI")]
-    pub to: String,
+    /// Destination: `tcp:HOST:PORT`, `tcp::PORT`, `tcp:[IPv6]:PORT`, `unix:PATH`, `file:PATH` or `exec:CMD`.
+    #[arg(long, value_name = "URI", value_parser = crate::uri::MigUri::parse)]
+    pub to: MigUri,
     /// Use XBZRLE after the first pass.
     #[arg(long)]
     pub xbzrle: bool,
-    /// XBZRLE cache size in bytes (default 64 MiB).
-    #[arg(long, value_name = "BYTES", requires = "xbzrle")]
+    /// XBZRLE cache size (bytes, or with a K/M/G/T suffix; default 64M).
+    #[arg(long, value_name = "SIZE", requires = "xbzrle", value_parser = crate::size::parse_size)]
     pub cache_size: Option<u64>,
-    /// Send COMPRESS_PAGE records at this zlib level (for QEMU <= 9.0 destinations).
+    /// Send COMPRESS_PAGE records at this zlib level (QEMU <= 9.0 destinations only).
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
     pub compress: Option<u32>,
-    /// Number of passes; before passes 2..=N a workload changes pages (N is the final pass).
-    #[arg(long, default_value_t = 1)]
+    /// Number of passes (>= 1); before passes 2..=N a workload changes pages (N is the final pass).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub passes: u32,
-    /// Fraction of the first block's pages changed before each later pass.
-    #[arg(long, default_value_t = 0.05)]
+    /// Fraction (0 to 1) of the first block's pages changed before each later pass.
+    #[arg(long, default_value_t = 0.05, value_parser = parse_fraction)]
     pub dirty_fraction: f64,
     /// Workload PRNG seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Rate limit in bytes per second (QEMU's max-bandwidth; 0 = unlimited).
-    #[arg(long, value_name = "BYTES_PER_SEC")]
+    /// Rate limit per second (QEMU's max-bandwidth; bytes or K/M/G/T suffix; 0 = unlimited).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     pub max_bandwidth: Option<u64>,
     /// Send zero pages as PAGE (QEMU's zero-page-detection=none).
     #[arg(long)]
@@ -61,7 +81,16 @@ pub struct SendArgs {
     /// Write the memory the destination must end with (manifest + images) here.
     #[arg(long, value_name = "DIR")]
     pub final_ram: Option<PathBuf>,
-    /// Print the counters as JSON on stdout.
+    /// Send RAM whose manifest says incomplete (an interrupted or failed extract/recv).
+    #[arg(long)]
+    pub allow_incomplete: bool,
+    /// Send although the RAM layout does not match the template's.
+    #[arg(long)]
+    pub force: bool,
+    /// Keep a partial file: output after an error (default: removed).
+    #[arg(long)]
+    pub keep_partial: bool,
+    /// Print the counters (or the error) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
     /// Give up when a tcp: destination accepts no data, or does not close
@@ -71,123 +100,214 @@ pub struct SendArgs {
     pub idle_timeout: u64,
 }
 
-type Error = Box<dyn std::error::Error>;
-
 /// Where the stream goes.
 enum Sink {
     Tcp(TcpStream),
+    Unix(UnixStream),
     File(File),
     Exec(Child, Option<ChildStdin>),
 }
 
+/// Connect retries: the destination may still be starting.
+const CONNECT_TRIES: u32 = 50;
+
 impl Sink {
-    fn open(uri: &str, idle: Duration) -> Result<Sink, Error> {
-        if let Some(addr) = uri.strip_prefix("tcp:") {
+    /// Opens the destination. A socket gets `idle` as its read and write
+    /// timeout: a destination that stops reading cannot stall us forever.
+    fn open(uri: &MigUri, idle: Duration) -> Result<Sink, CliError> {
+        let retry = |f: &mut dyn FnMut() -> std::io::Result<Sink>| {
             let mut last = None;
-            // The destination may still be starting: retry for a few seconds.
-            for _ in 0..50 {
-                match TcpStream::connect(addr) {
-                    Ok(s) => {
-                        s.set_nodelay(true).ok();
-                        // A destination that stops reading cannot stall us forever.
-                        s.set_write_timeout(Some(idle))?;
-                        s.set_read_timeout(Some(idle))?;
-                        return Ok(Sink::Tcp(s));
-                    }
+            for _ in 0..CONNECT_TRIES {
+                if let Some(signal) = crate::signals::pending() {
+                    return Err(CliError::Interrupted {
+                        signal,
+                        detail: Some("while connecting".into()),
+                    });
+                }
+                match f() {
+                    Ok(s) => return Ok(s),
                     Err(e) => last = Some(e),
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let e = last.map_or_else(|| "no address".to_string(), |e| e.to_string());
-            Err(format!("cannot connect to {addr}: {e}").into())
-        } else if let Some(path) = uri.strip_prefix("file:") {
-            Ok(Sink::File(
-                File::create(path).map_err(|e| format!("cannot create {path}: {e}"))?,
+            Err(CliError::io(
+                uri.to_string(),
+                "connect",
+                last.unwrap_or_else(|| std::io::Error::other("no address")),
             ))
-        } else if let Some(cmd) = uri.strip_prefix("exec:") {
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(cmd)
-                .stdin(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-            let stdin = child.stdin.take();
-            Ok(Sink::Exec(child, stdin))
-        } else {
-            Err(
-                format!("unknown URI {uri:?}: expected tcp:HOST:PORT, file:PATH or exec:CMD")
-                    .into(),
-            )
+        };
+        match uri {
+            MigUri::Tcp { host, port } => {
+                let addr = MigUri::socket_addr(host, *port, "localhost");
+                retry(&mut || {
+                    let s = TcpStream::connect(addr.as_str())?;
+                    s.set_nodelay(true).ok();
+                    s.set_write_timeout(Some(idle))?;
+                    s.set_read_timeout(Some(idle))?;
+                    Ok(Sink::Tcp(s))
+                })
+            }
+            MigUri::Unix(p) => retry(&mut || {
+                let s = UnixStream::connect(p)?;
+                s.set_write_timeout(Some(idle))?;
+                s.set_read_timeout(Some(idle))?;
+                Ok(Sink::Unix(s))
+            }),
+            MigUri::File(p) => Ok(Sink::File(
+                File::create(p).map_err(|e| CliError::io(p, "create", e))?,
+            )),
+            MigUri::Exec(cmd) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| CliError::io("/bin/sh", "run", e))?;
+                let stdin = child.stdin.take();
+                Ok(Sink::Exec(child, stdin))
+            }
         }
     }
 
-    fn write_all(&mut self, buf: &[u8], sent: u64) -> Result<(), Error> {
-        let r = match self {
-            Sink::Tcp(s) => s.write_all(buf),
-            Sink::File(f) => f.write_all(buf),
-            Sink::Exec(_, Some(i)) => i.write_all(buf),
-            Sink::Exec(_, None) => Ok(()),
-        };
-        r.map_err(|e| match e.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                format!("the destination closed the connection after {sent} bytes (it refused the stream?): {e}").into()
+    /// Writes all of `buf`, counting every byte that went out in `sent`
+    /// (so an error reports the real offset).
+    fn write_all(&mut self, mut buf: &[u8], sent: &mut u64, uri: &MigUri) -> Result<(), CliError> {
+        while !buf.is_empty() {
+            let r = match self {
+                Sink::Tcp(s) => s.write(buf),
+                Sink::Unix(s) => s.write(buf),
+                Sink::File(f) => f.write(buf),
+                Sink::Exec(_, Some(i)) => i.write(buf),
+                Sink::Exec(_, None) => Ok(buf.len()),
+            };
+            match r {
+                Ok(0) => {
+                    return Err(CliError::Io {
+                        path: uri.to_string(),
+                        op: "write",
+                        offset: Some(*sent),
+                        source: std::io::ErrorKind::WriteZero.into(),
+                    })
+                }
+                Ok(n) => {
+                    *sent += n as u64;
+                    buf = &buf[n..];
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    if let Some(signal) = crate::signals::pending() {
+                        return Err(CliError::Interrupted {
+                            signal,
+                            detail: Some(format!("after {sent} bytes")),
+                        });
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Err(CliError::Data {
+                        message: format!(
+                            "{uri}: the destination closed the connection after {sent} bytes (it refused the stream?): {e}"
+                        ),
+                        offset: Some(*sent),
+                    })
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(CliError::Data {
+                        message: format!(
+                            "{uri}: the destination accepted no data for the idle timeout (--idle-timeout) after {sent} bytes"
+                        ),
+                        offset: Some(*sent),
+                    })
+                }
+                Err(e) => {
+                    return Err(CliError::Io {
+                        path: uri.to_string(),
+                        op: "write",
+                        offset: Some(*sent),
+                        source: e,
+                    })
+                }
             }
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
-                "the destination accepted no data for the idle timeout (--idle-timeout) after {sent} bytes"
-            )
-            .into(),
-            _ => format!("write failed after {sent} bytes: {e}").into(),
-        })
+        }
+        Ok(())
     }
 
     /// Ends the stream and waits for the destination to let go.
-    fn finish(self) -> Result<(), Error> {
+    fn finish(self, uri: &MigUri) -> Result<(), CliError> {
+        let refused = |what: String| CliError::data(format!("{uri}: {what}"));
+        let io = |op, e| CliError::io(uri.to_string(), op, e);
         match self {
-            Sink::Tcp(mut s) => {
-                s.flush()?;
+            Sink::Tcp(s) => {
                 s.shutdown(std::net::Shutdown::Write).ok();
-                // QEMU closes its end once it has loaded the stream (the read
-                // timeout is --idle-timeout, set at connect).
-                let mut buf = [0u8; 256];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                            return Err(
-                                "the destination reset the connection at the end of the stream"
-                                    .into(),
-                            )
-                        }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            return Err("the destination did not close the connection within the idle timeout (--idle-timeout) after the stream".into())
-                        }
-                        Err(e) => {
-                            return Err(format!("waiting for the destination to close: {e}").into())
-                        }
-                    }
-                }
+                wait_close(s, &refused, &io)
             }
-            Sink::File(mut f) => {
+            Sink::Unix(s) => {
+                s.shutdown(std::net::Shutdown::Write).ok();
+                wait_close(s, &refused, &io)
+            }
+            Sink::File(f) => {
                 // Like QEMU's file: migration, no fsync: the data is in the
                 // page cache when the command returns.
-                f.flush()?;
+                drop(f);
                 Ok(())
             }
             Sink::Exec(mut c, stdin) => {
                 drop(stdin);
-                let st = c.wait()?;
+                let st = c.wait().map_err(|e| io("wait", e))?;
                 if st.success() {
                     Ok(())
                 } else {
-                    Err(format!("exec command failed: {st}").into())
+                    Err(refused(format!("the command failed: {st}")))
                 }
             }
+        }
+    }
+}
+
+/// QEMU closes its end once it has loaded the stream: waits for that.
+/// The read timeout is `--idle-timeout`, set at connect.
+fn wait_close(
+    mut s: impl Read,
+    refused: &dyn Fn(String) -> CliError,
+    io: &dyn Fn(&'static str, std::io::Error) -> CliError,
+) -> Result<(), CliError> {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                if let Some(signal) = crate::signals::pending() {
+                    return Err(CliError::Interrupted {
+                        signal,
+                        detail: Some("waiting for the destination to close".into()),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(refused(
+                    "the destination reset the connection at the end of the stream".into(),
+                ))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(refused(
+                    "the destination did not close the connection within the idle timeout (--idle-timeout) after the stream".into(),
+                ))
+            }
+            Err(e) => return Err(io("waiting for the destination to close", e)),
         }
     }
 }
@@ -199,40 +319,68 @@ struct Ram {
     images: Vec<Vec<u8>>,
 }
 
-fn load_ram(dir: &Path) -> Result<Ram, Error> {
-    let mpath = dir.join("manifest.json");
-    let m: Value =
-        serde_json::from_slice(&fs::read(&mpath).map_err(|e| format!("{}: {e}", mpath.display()))?)
-            .map_err(|e| format!("{}: {e}", mpath.display()))?;
-    let blocks = m["blocks"]
-        .as_array()
-        .ok_or_else(|| format!("{}: no \"blocks\" array", mpath.display()))?;
+fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
+    let mpath = dir.join(manifest::MANIFEST);
+    let m = Manifest::read(dir)?;
+    if !m.complete && !allow_incomplete {
+        let why = if m.interrupted {
+            "the run that wrote it was interrupted".to_string()
+        } else if m.in_progress {
+            "it is still being written, or its writer died".to_string()
+        } else if let Some(e) = &m.error {
+            format!("its writer stopped: {e}")
+        } else {
+            "it does not say \"complete\": true".to_string()
+        };
+        return Err(CliError::data(format!(
+            "{}: the RAM is incomplete ({why}); pass --allow-incomplete to send it anyway",
+            mpath.display()
+        )));
+    }
     let mut ram = Ram {
         names: Vec::new(),
         files: Vec::new(),
         images: Vec::new(),
     };
-    for b in blocks {
-        let (Some(name), Some(file), Some(len)) =
-            (b["name"].as_str(), b["file"].as_str(), b["length"].as_u64())
-        else {
-            return Err(
-                format!("{}: block entry without name/file/length", mpath.display()).into(),
-            );
+    for b in m.blocks {
+        let Some(file) = b.file else {
+            return Err(CliError::data(format!(
+                "{}: block \"{}\" has no image file",
+                mpath.display(),
+                b.name
+            )));
         };
-        if file.contains('/') || file.starts_with('.') {
-            return Err(format!("{}: suspicious file name {file:?}", mpath.display()).into());
+        if !manifest::is_plain_file_name(&file) {
+            return Err(CliError::data(format!(
+                "{}: image file name \"{file}\" leaves the directory",
+                mpath.display()
+            )));
         }
-        let mut img = fs::read(dir.join(file)).map_err(|e| format!("{file}: {e}"))?;
-        if img.len() as u64 > len {
-            return Err(format!("{file}: {} bytes, manifest says {len}", img.len()).into());
+        let path = dir.join(&file);
+        let mut img = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
+        if img.len() as u64 > b.length {
+            return Err(CliError::data(format!(
+                "{}: {} bytes, the manifest says {}",
+                path.display(),
+                img.len(),
+                b.length
+            )));
         }
-        img.resize(len as usize, 0);
-        ram.names.push(name.to_string());
-        ram.files.push(file.to_string());
+        img.resize(b.length as usize, 0);
+        ram.names.push(b.name);
+        ram.files.push(file);
         ram.images.push(img);
     }
     Ok(ram)
+}
+
+/// The QEMU version a versioned machine type belongs to: `pc-i440fx-9.1`
+/// and `pc-q35-10.0` give (9, 1) and (10, 0); `microvm` gives `None`.
+pub(crate) fn machine_version(machine: &str) -> Option<(u32, u32)> {
+    machine.split('-').rev().find_map(|part| {
+        let (a, b) = part.split_once('.')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    })
 }
 
 /// splitmix64: a small deterministic PRNG for the workload.
@@ -268,7 +416,7 @@ fn workload(
     src: &mut RamSrc,
     fraction: f64,
     page_size: usize,
-) -> Result<u64, Error> {
+) -> Result<u64, CliError> {
     let Some(img) = ram.images.first_mut() else {
         return Ok(0);
     };
@@ -294,9 +442,29 @@ fn workload(
             14..=16 => page.iter_mut().for_each(|b| *b = rng.next() as u8),
             _ => page.fill(0),
         }
-        src.handle_dirty_page(0, p)?;
+        src.handle_dirty_page(0, p)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
     }
     Ok(n)
+}
+
+/// Reads the template stream item by item (gzip'd or not) and keeps
+/// everything but its page records: a valid stream with the same container,
+/// MEM_SIZE list and device state, a few hundred KiB however large the
+/// template's RAM.
+fn template_skeleton(path: &Path) -> Result<Vec<u8>, CliError> {
+    let (mut rd, _) = crate::input::open_stream(path)?;
+    let mut out = Vec::new();
+    while let Some(ri) = rd.next_item().map_err(|e| CliError::wire(path, e))? {
+        match &ri.item {
+            Item::Ram(r) if r.is_page() => {}
+            it => it.write(&mut out).map_err(|e| CliError::Data {
+                message: format!("{}: {e}", path.display()),
+                offset: Some(ri.offset),
+            })?,
+        }
+    }
+    Ok(out)
 }
 
 /// Writes `buf` and paces to `bw` bytes per second.
@@ -307,9 +475,14 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn send(&mut self, sink: &mut Sink, buf: &mut Vec<u8>) -> Result<(), Error> {
-        sink.write_all(buf, self.sent)?;
-        self.sent += buf.len() as u64;
+    fn send(&mut self, sink: &mut Sink, buf: &mut Vec<u8>, uri: &MigUri) -> Result<(), CliError> {
+        if let Some(signal) = crate::signals::pending() {
+            return Err(CliError::Interrupted {
+                signal,
+                detail: Some(format!("after {} bytes", self.sent)),
+            });
+        }
+        sink.write_all(buf, &mut self.sent, uri)?;
         buf.clear();
         if let Some(bw) = self.bw {
             let due = Duration::from_secs_f64(self.sent as f64 / bw as f64);
@@ -322,30 +495,96 @@ impl Pacer {
     }
 }
 
-/// Reads the template stream item by item (gzip'd or not) and keeps
-/// everything but its page records: a valid stream with the same container,
-/// MEM_SIZE list and device state, a few hundred KiB however large the
-/// template's RAM.
-fn template_skeleton(path: &Path) -> Result<Vec<u8>, Error> {
-    let (mut rd, _) = crate::input::open_stream(path)?;
-    let mut out = Vec::new();
-    while let Some(ri) = rd
-        .next_item()
-        .map_err(|e| format!("{}: {e}", path.display()))?
-    {
-        match &ri.item {
-            Item::Ram(r) if r.is_page() => {}
-            it => it.write(&mut out)?,
+/// The `--json` summary.
+#[derive(Serialize)]
+struct Summary {
+    bytes: u64,
+    seconds: f64,
+    passes: u32,
+    dirty_sync_count: u64,
+    normal: u64,
+    duplicate: u64,
+    xbzrle: XbzrleSummary,
+    compressed: CompressedSummary,
+}
+
+#[derive(Serialize)]
+struct XbzrleSummary {
+    pages: u64,
+    bytes: u64,
+    cache_miss: u64,
+    overflow: u64,
+    unchanged: u64,
+}
+
+#[derive(Serialize)]
+struct CompressedSummary {
+    pages: u64,
+    bytes: u64,
+}
+
+fn src_error(e: qmig_ram_src::RamSrcError) -> CliError {
+    CliError::data(e.to_string())
+}
+
+/// Checks the RAM directory's blocks against the template's MEM_SIZE list.
+fn check_layout(t: &Template<'_>, ram: &Ram, force: bool) -> Result<(), CliError> {
+    let mut problems = Vec::new();
+    for (name, img) in ram.names.iter().zip(&ram.images) {
+        match t.mem_block(name) {
+            Some(tb) if tb.used_length != img.len() as u64 => problems.push(format!(
+                "block {name} is {:#x} bytes, the template's is {:#x}",
+                img.len(),
+                tb.used_length
+            )),
+            None => problems.push(format!("block {name} is not in the template")),
+            _ => {}
         }
     }
-    Ok(out)
+    for tb in &t.mem_blocks {
+        if !ram.names.iter().any(|n| n == tb.name) {
+            problems.push(format!(
+                "the template's block {} is not in the RAM directory",
+                tb.name
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let text = problems.join("; ");
+    if force {
+        eprintln!("qmig: send: warning (--force): {text}");
+        return Ok(());
+    }
+    Err(CliError::data(format!(
+        "the RAM layout does not match the template: {text}; a destination started like the template would refuse it (--force sends anyway)"
+    )))
 }
 
 /// Runs `qmig send`.
-pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
+pub fn run(a: &SendArgs) -> CliResult {
     let tpl_bytes = template_skeleton(&a.template)?;
-    let t = Template::parse(&tpl_bytes)?;
-    let mut ram = load_ram(&a.ram)?;
+    let t = Template::parse(&tpl_bytes)
+        .map_err(|e| CliError::data(format!("{}: {e}", a.template.display())))?;
+    if let (Some(_), Some((major, minor))) = (a.compress, machine_version(t.machine)) {
+        if (major, minor) >= (9, 1) {
+            return Err(CliError::Usage(format!(
+                "--compress: the template's machine type {} belongs to QEMU {major}.{minor}, and QEMU 9.1 removed \
+                 the compress capability: its destinations cannot load COMPRESS_PAGE records (use --xbzrle, or \
+                 a template captured from QEMU 9.0 or older)",
+                t.machine
+            )));
+        }
+    }
+    if t.has_capability("mapped-ram") {
+        return Err(CliError::data(format!(
+            "{}: the template uses mapped-ram, which qmig does not support",
+            a.template.display()
+        )));
+    }
+    let mut ram = load_ram(&a.ram, a.allow_incomplete)?;
+    check_layout(&t, &ram, a.force)?;
     let page_size = 1usize << t.page_bits;
 
     let mut blocks = SrcBlock::sequential(
@@ -355,27 +594,15 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
             .map(|(n, i)| (n.as_str(), i.len() as u64)),
     );
     let ignore_shared = t.has_capability("x-ignore-shared");
-    if t.has_capability("mapped-ram") {
-        return Err("template uses mapped-ram: not supported".into());
-    }
     for b in &mut blocks {
         let tb = t.mem_block(&b.name);
-        match tb {
-            Some(tb) if tb.used_length != b.used_length => eprintln!(
-                "qmig: warning: block {} is {:#x} bytes, the template's is {:#x}",
-                b.name, b.used_length, tb.used_length
-            ),
-            None => eprintln!("qmig: warning: block {} is not in the template", b.name),
-            _ => {}
-        }
         b.mem_size_page_size = tb.and_then(|tb| tb.page_size);
         b.mem_size_addr = tb.and_then(|tb| tb.addr);
         if ignore_shared && b.mem_size_addr.is_none() {
-            return Err(format!(
-                "template has x-ignore-shared but no guest address for block {}",
+            return Err(CliError::data(format!(
+                "the template has x-ignore-shared but no guest address for block {}",
                 b.name
-            )
-            .into());
+            )));
         }
         b.host_page_size = page_size as u64;
     }
@@ -387,94 +614,62 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
         compress_level: a.compress,
         zero_page_detection: !a.no_zero_detection,
     };
-    let mut src = RamSrc::new(blocks, config)?;
-    let total: u64 = ram.images.iter().map(|i| i.len() as u64).sum();
+    let mut src = RamSrc::new(blocks, config).map_err(|e| CliError::Usage(e.to_string()))?;
+    if let Some(dir) = &a.final_ram {
+        crate::files::output_dir(dir)?;
+    }
 
+    crate::signals::install();
+    let partial = match &a.to {
+        MigUri::File(p) => Some(p.clone()),
+        _ => None,
+    };
     let mut sink = Sink::open(&a.to, Duration::from_secs(a.idle_timeout))?;
-    let bw = a.max_bandwidth.filter(|&b| b > 0);
-    // QEMU's rate limit: max-bandwidth per 100 ms period (default 128 MiB/s).
-    let budget = bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
     let mut pacer = Pacer {
         start: Instant::now(),
         sent: 0,
-        bw,
+        bw: a.max_bandwidth.filter(|&b| b > 0),
     };
-    let mut out = Vec::with_capacity(budget + (1 << 16));
-    let mut rng = Rng(a.seed);
-    let passes = a.passes.max(1);
-    let verbose = !a.json;
-
-    t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out)?;
-    src.poll_setup(&mut out)?;
-    t.end_section(&mut out);
-    pacer.send(&mut sink, &mut out)?;
-
-    let pb = crate::progress::bytes(total, "pass 1");
-    for pass in 1..passes.max(2) {
-        if pass > 1 {
-            let n = workload(&mut rng, &mut ram, &mut src, a.dirty_fraction, page_size)?;
-            let d = src.handle_sync()?;
-            if verbose {
-                eprintln!("qmig: pass {pass}: workload changed {n} pages, {d} dirty");
-            }
+    let r =
+        stream(a, &t, &mut ram, &mut src, &mut sink, &mut pacer).and_then(|()| sink.finish(&a.to));
+    if let Err(e) = r {
+        if let (Some(p), false) = (&partial, a.keep_partial) {
+            let _ = std::fs::remove_file(p);
         }
-        loop {
-            t.begin_section(SectionKind::Part, &mut out)?;
-            let p = src.poll_iterate(&ram.images, budget, &mut out)?;
-            t.end_section(&mut out);
-            pb.set_position(src.counters().transferred.min(total));
-            pacer.send(&mut sink, &mut out)?;
-            if p == Progress::Clean {
-                break;
-            }
-        }
+        return Err(e);
     }
-    pb.finish_and_clear();
-    if passes > 1 {
-        let n = workload(&mut rng, &mut ram, &mut src, a.dirty_fraction, page_size)?;
-        if verbose {
-            eprintln!("qmig: pass {passes} (completion): workload changed {n} pages");
-        }
-    }
-    t.write_switchover(&mut out)?;
-    t.begin_section(SectionKind::End, &mut out)?;
-    src.poll_complete(&ram.images, &mut out)?;
-    t.end_section(&mut out);
-    t.write_tail(&mut out);
-    pacer.send(&mut sink, &mut out)?;
     let elapsed = pacer.start.elapsed();
-    sink.finish()?;
 
     if let Some(dir) = &a.final_ram {
-        fs::create_dir_all(dir)?;
-        let mut blocks = Vec::new();
-        for ((n, f), img) in ram.names.iter().zip(&ram.files).zip(&ram.images) {
-            fs::write(dir.join(f), img)?;
-            blocks.push(json!({"name": n, "file": f, "length": img.len()}));
-        }
-        fs::write(
-            dir.join("manifest.json"),
-            serde_json::to_vec_pretty(&json!({"blocks": blocks, "complete": true}))?,
-        )?;
+        write_final_ram(dir, &ram, &a.to)?;
     }
 
     let c = src.counters();
-    let summary = json!({
-        "bytes": pacer.sent,
-        "seconds": elapsed.as_secs_f64(),
-        "passes": passes,
-        "dirty_sync_count": c.dirty_sync_count,
-        "normal": c.normal,
-        "duplicate": c.duplicate,
-        "xbzrle": {"pages": c.xbzrle_pages, "bytes": c.xbzrle_bytes,
-                   "cache_miss": c.xbzrle_cache_miss, "overflow": c.xbzrle_overflow,
-                   "unchanged": c.xbzrle_unchanged},
-        "compressed": {"pages": c.compressed_pages, "bytes": c.compressed_bytes},
-    });
+    let summary = Summary {
+        bytes: pacer.sent,
+        seconds: elapsed.as_secs_f64(),
+        passes: a.passes,
+        dirty_sync_count: c.dirty_sync_count,
+        normal: c.normal,
+        duplicate: c.duplicate,
+        xbzrle: XbzrleSummary {
+            pages: c.xbzrle_pages,
+            bytes: c.xbzrle_bytes,
+            cache_miss: c.xbzrle_cache_miss,
+            overflow: c.xbzrle_overflow,
+            unchanged: c.xbzrle_unchanged,
+        },
+        compressed: CompressedSummary {
+            pages: c.compressed_pages,
+            bytes: c.compressed_bytes,
+        },
+    };
     if a.json {
-        println!("{summary}");
-    } else {
+        println!(
+            "{}",
+            serde_json::to_string(&summary).map_err(|e| CliError::data(e.to_string()))?
+        );
+    } else if !crate::progress::quiet() {
         eprintln!(
             "qmig: sent {} bytes in {:.3}s: {} normal, {} zero, {} xbzrle ({} cache misses, {} overflows), {} compressed, {} syncs",
             pacer.sent,
@@ -489,4 +684,126 @@ pub fn run(a: &SendArgs) -> Result<ExitCode, Error> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The stream itself: setup, passes, completion, tail.
+fn stream(
+    a: &SendArgs,
+    t: &Template<'_>,
+    ram: &mut Ram,
+    src: &mut RamSrc,
+    sink: &mut Sink,
+    pacer: &mut Pacer,
+) -> Result<(), CliError> {
+    let total: u64 = ram.images.iter().map(|i| i.len() as u64).sum();
+    let page_size = 1usize << t.page_bits;
+    // QEMU's rate limit: max-bandwidth per 100 ms period (default 128 MiB/s).
+    let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
+    let mut out = Vec::with_capacity(budget + (1 << 16));
+    let mut rng = Rng(a.seed);
+    let passes = a.passes.max(1);
+    let verbose = !a.json && !crate::progress::quiet();
+    let uri = &a.to;
+
+    t.write_prefix(&mut out);
+    t.begin_section(SectionKind::Start, &mut out)
+        .map_err(src_error)?;
+    src.poll_setup(&mut out).map_err(src_error)?;
+    t.end_section(&mut out);
+    pacer.send(sink, &mut out, uri)?;
+
+    let pb = crate::progress::bytes(total, "send pass 1");
+    for pass in 1..passes.max(2) {
+        if pass > 1 {
+            let n = workload(&mut rng, ram, src, a.dirty_fraction, page_size)?;
+            let d = src.handle_sync().map_err(src_error)?;
+            pb.set_message(format!("send pass {pass}"));
+            if verbose {
+                pb.suspend(|| {
+                    eprintln!("qmig: pass {pass}: workload changed {n} pages, {d} dirty")
+                });
+            }
+        }
+        loop {
+            t.begin_section(SectionKind::Part, &mut out)
+                .map_err(src_error)?;
+            let p = src
+                .poll_iterate(&ram.images, budget, &mut out)
+                .map_err(src_error)?;
+            t.end_section(&mut out);
+            pb.set_position(src.counters().transferred.min(total));
+            pacer.send(sink, &mut out, uri)?;
+            if p == Progress::Clean {
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if passes > 1 {
+        let n = workload(&mut rng, ram, src, a.dirty_fraction, page_size)?;
+        if verbose {
+            eprintln!("qmig: pass {passes} (completion): workload changed {n} pages");
+        }
+    }
+    t.write_switchover(&mut out).map_err(src_error)?;
+    t.begin_section(SectionKind::End, &mut out)
+        .map_err(src_error)?;
+    src.poll_complete(&ram.images, &mut out)
+        .map_err(src_error)?;
+    t.end_section(&mut out);
+    t.write_tail(&mut out);
+    pacer.send(sink, &mut out, uri)
+}
+
+/// `--final-ram DIR`: the memory the destination must end with.
+fn write_final_ram(dir: &Path, ram: &Ram, to: &MigUri) -> Result<(), CliError> {
+    manifest::begin(dir, "send", &to.to_string())?;
+    let mut blocks = Vec::new();
+    for ((n, f), img) in ram.names.iter().zip(&ram.files).zip(&ram.images) {
+        let path = dir.join(f);
+        let mut file = crate::files::create_fresh(&path)?;
+        file.write_all(img)
+            .map_err(|e| CliError::io(&path, "write", e))?;
+        blocks.push(BlockEntry {
+            name: n.clone(),
+            file: Some(f.clone()),
+            length: img.len() as u64,
+            max_length: None,
+            page_size: None,
+            resizable: None,
+        });
+    }
+    manifest::write(
+        dir,
+        &Manifest {
+            blocks,
+            writer: Some("send".into()),
+            source: Some(to.to_string()),
+            complete: true,
+            ..Manifest::default()
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_versions() {
+        assert_eq!(machine_version("pc-i440fx-9.1"), Some((9, 1)));
+        assert_eq!(machine_version("pc-q35-10.0"), Some((10, 0)));
+        assert_eq!(machine_version("pc-i440fx-7.2"), Some((7, 2)));
+        assert_eq!(machine_version("microvm"), None);
+        assert_eq!(machine_version("pc"), None);
+    }
+
+    #[test]
+    fn fractions() {
+        assert_eq!(parse_fraction("0.5"), Ok(0.5));
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        for bad in ["5", "nan", "NaN", "-0.1", "inf", "x"] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -417,7 +417,13 @@ fn assert_refused(dir: &Path, name: &str, bytes: &[u8], needles: &[&str]) {
         run(&[&"extract", &f, &"-o", &dir.join("refused.out")]),
     ] {
         assert!(!out.status.success(), "{name}: accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
+        // With --json the error is the "error" object on stdout; without,
+        // one line on stderr.
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
         for n in needles {
             assert!(err.contains(n), "{name}: {n:?} not in {err:?}");
         }

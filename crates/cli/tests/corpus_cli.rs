@@ -189,7 +189,9 @@ fn roundtrip_reports_parse_errors_with_offset() {
     std::fs::write(&s, &bytes).unwrap();
     let out = qmig().arg("roundtrip").arg(&s).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let msg = String::from_utf8_lossy(&out.stdout);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.starts_with("qmig: roundtrip: "), "{msg}");
     assert!(msg.contains(&format!("offset {at}")), "{msg}");
+    assert!(out.stdout.is_empty(), "error printed once, on stderr");
     let _ = std::fs::remove_dir_all(&dir);
 }

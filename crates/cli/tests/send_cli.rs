@@ -131,5 +131,5 @@ fn send_reports_bad_destination() {
         .arg(&cap)
         .args(["--to", "udp:1"]));
     assert_eq!(rc, 2, "{t}");
-    assert!(t.contains("unknown URI"), "{t}");
+    assert!(t.contains("unknown transport \"udp\""), "{t}");
 }

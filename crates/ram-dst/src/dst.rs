@@ -159,6 +159,27 @@ pub enum PostcopyState {
     End,
 }
 
+impl PostcopyState {
+    /// A lower-case name for output (`none`, `advised`, `discarding`,
+    /// `listening`, `running`, `end`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PostcopyState::None => "none",
+            PostcopyState::Advised => "advised",
+            PostcopyState::Discarding => "discarding",
+            PostcopyState::Listening => "listening",
+            PostcopyState::Running => "running",
+            PostcopyState::End => "end",
+        }
+    }
+}
+
+impl std::fmt::Display for PostcopyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Something the host of the state machine must do, from [`RamDst::poll_action`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -382,6 +403,9 @@ pub struct RamDst<M> {
     stopped: bool,
     scratch: Vec<u8>,
     inflate: flate2::Decompress,
+    /// mapped-ram: the block whose file region is being read, and its
+    /// bitmap once read.
+    mapped: Option<(usize, Vec<u8>)>,
 }
 
 impl<M: GuestMemory> RamDst<M> {
@@ -466,6 +490,7 @@ impl<M: GuestMemory> RamDst<M> {
             stopped: false,
             scratch: Vec::new(),
             inflate: flate2::Decompress::new(true),
+            mapped: None,
         })
     }
 
@@ -748,7 +773,7 @@ impl<M: GuestMemory> RamDst<M> {
     /// vmdesc, the machine type or the records themselves rather than the
     /// configuration section).
     pub fn handle_read_item(&mut self, ri: &ReadItem<'_>) -> Result<(), RamDstError> {
-        if let Item::Ram(_) = ri.item {
+        if let Item::Ram(_) | Item::MappedRam(_) = ri.item {
             let bits = ri.decoder.ram_context().page_bits;
             if bits != self.page_bits && !self.stopped {
                 if let Err(e) = self.handle_configuration(ri.offset, Some(bits)) {
@@ -788,6 +813,7 @@ impl<M: GuestMemory> RamDst<M> {
             Item::Ram(rec) => self.handle_record(offset, rec),
             Item::Command(c) => self.handle_command(offset, c),
             Item::Eof => self.handle_eof(offset),
+            Item::MappedRam(m) => self.handle_mapped(offset, m),
             _ => Ok(()),
         };
         match r {
@@ -989,6 +1015,64 @@ impl<M: GuestMemory> RamDst<M> {
             RamBody::Eos | RamBody::MultifdFlush | RamBody::Hook => {}
         }
         Ok(())
+    }
+
+    /// Applies a mapped-ram item (wire-format §14): each block entry is
+    /// adopted or checked as a one-block MEM_SIZE list; the bitmap is kept;
+    /// a page whose bit is set is applied as a PAGE record, one whose bit is
+    /// clear as a ZERO record (QEMU clears the bit of a page it found zero
+    /// and leaves it out of the file), as `read_ramblock_mapped_ram` loads
+    /// them into fresh memory.
+    fn handle_mapped(&mut self, at: u64, m: &qmig_wire::MappedRam<'_>) -> Result<(), RamDstError> {
+        use qmig_wire::MappedRam;
+        match m {
+            MappedRam::MemSize { .. } | MappedRam::Padding(_) => Ok(()),
+            MappedRam::Block { block, .. } => {
+                self.mapped = None;
+                self.handle_mem_size(at, block.used_length, std::slice::from_ref(block))?;
+                let index =
+                    *self
+                        .by_name
+                        .get(block.name)
+                        .ok_or_else(|| RamDstError::UnknownBlock {
+                            offset: at,
+                            name: block.name.to_string(),
+                        })?;
+                self.mapped = Some((index, Vec::new()));
+                Ok(())
+            }
+            MappedRam::Bitmap(b) => {
+                let (_, bm) = self
+                    .mapped
+                    .as_mut()
+                    .ok_or(RamDstError::NoCurrentBlock { offset: at })?;
+                bm.clear();
+                bm.extend_from_slice(b);
+                Ok(())
+            }
+            MappedRam::Pages { first, data } => {
+                let Some((index, bm)) = self.mapped.take() else {
+                    return Err(RamDstError::NoCurrentBlock { offset: at });
+                };
+                let tps = self.page_size();
+                let r = (|| {
+                    for (k, page) in data.chunks(tps as usize).enumerate() {
+                        let i = first.saturating_add(k as u64);
+                        let off = i.saturating_mul(tps);
+                        let rec = if qmig_wire::mapped_ram::page_is_set(&bm, i) {
+                            RamRecord::page(off, None, page)
+                        } else {
+                            RamRecord::zero(off, None)
+                        };
+                        self.current = Some(index);
+                        self.handle_record(at + k as u64 * tps, &rec)?;
+                    }
+                    Ok(())
+                })();
+                self.mapped = Some((index, bm));
+                r
+            }
+        }
     }
 
     fn check_page_len(&self, at: u64, len: usize) -> Result<(), RamDstError> {

@@ -115,7 +115,7 @@ pub enum RamDstError {
         why: &'static str,
     },
     /// A command not allowed in the current postcopy state.
-    #[error("offset {offset}: {event} is not allowed in postcopy state {state:?}")]
+    #[error("offset {offset}: {event} is not allowed in postcopy state {state}")]
     IllegalTransition {
         /// Stream offset of the command or record.
         offset: u64,

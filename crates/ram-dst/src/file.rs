@@ -79,14 +79,28 @@ impl FileMemory {
     /// Writes back the `bytes_mut` range and the pending run.
     fn settle(&mut self) -> io::Result<()> {
         if let Some((i, off)) = self.slot.take() {
-            self.blocks[i].file.write_all_at(&self.slot_buf, off)?;
+            let r = self.blocks[i].file.write_all_at(&self.slot_buf, off);
+            r.map_err(|e| self.write_error(i, off, self.slot_buf.len(), e))?;
         }
         if let Some((i, off)) = self.pending.take() {
             let r = self.blocks[i].file.write_all_at(&self.buf, off);
+            let len = self.buf.len();
             self.buf.clear();
-            r?;
+            r.map_err(|e| self.write_error(i, off, len, e))?;
         }
         Ok(())
+    }
+
+    /// A write error naming the image path and the byte range (same kind).
+    fn write_error(&self, index: usize, offset: u64, len: usize, e: io::Error) -> io::Error {
+        let path = self.dir.join(&self.blocks[index].file_name);
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{}: write of {len} bytes at image offset {offset:#x}: {e}",
+                path.display()
+            ),
+        )
     }
 }
 
@@ -107,7 +121,10 @@ impl GuestMemory for FileMemory {
         let b = self.blocks.get_mut(index).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("no block {index}"))
         })?;
-        b.file.set_len(len)?;
+        let path = self.dir.join(&b.file_name);
+        b.file.set_len(len).map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: set length: {e}", path.display()))
+        })?;
         b.len = len;
         Ok(())
     }

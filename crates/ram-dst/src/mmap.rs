@@ -229,20 +229,30 @@ pub(crate) fn image_file_name(name: &str, taken: impl Fn(&str) -> bool) -> Strin
     format!("{s}.img")
 }
 
-/// Creates (truncating) the image file of block `name` in `dir`, under a
-/// file name that `taken` does not already use.
+/// Creates the image file of block `name` in `dir` fresh, under a file name
+/// that `taken` does not already use: a stale file or a symlink at that name
+/// is unlinked first and the open uses `O_EXCL | O_NOFOLLOW`, so an image is
+/// never written through a link planted in the directory. Errors name the path.
 pub(crate) fn create_image(
     dir: &Path,
     name: &str,
     taken: impl Fn(&str) -> bool,
 ) -> io::Result<(String, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file_name = image_file_name(name, taken);
+    let path = dir.join(&file_name);
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if !m.is_dir() => std::fs::remove_file(&path).map_err(named)?,
+        _ => {}
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join(&file_name))?;
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(named)?;
     Ok((file_name, file))
 }
 

@@ -48,7 +48,7 @@ pub enum RamSrcError {
         want: u64,
     },
     /// A method was called in a state where it is not allowed.
-    #[error("{call} called in state {state:?}")]
+    #[error("{call} called in state {}", state.name())]
     State {
         /// The method.
         call: &'static str,

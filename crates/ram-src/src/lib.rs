@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 
 mod compress;
+pub mod convert;
 mod error;
 mod src;
 pub mod template;

@@ -113,6 +113,17 @@ pub enum State {
     Done,
 }
 
+impl State {
+    /// A lower-case name for messages (`setup`, `iterating`, `done`).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Setup => "setup",
+            State::Iterating => "iterating",
+            State::Done => "done",
+        }
+    }
+}
+
 /// How a call to [`RamSrc::poll_iterate`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]

@@ -22,6 +22,11 @@ pub struct Features {
     /// Faults report the faulting thread's id (`UFFD_FEATURE_THREAD_ID`),
     /// which per-vCPU blocktime needs.
     pub thread_id: bool,
+    /// Only faults of user-space accesses are reported (`UFFD_USER_MODE_ONLY`):
+    /// what an unprivileged process gets with `vm.unprivileged_userfaultfd=0`.
+    /// Enough for vCPU threads touching guest memory, not for kernel accesses
+    /// (a `read(2)` into a missing page fails with EFAULT instead of blocking).
+    pub user_mode_only: bool,
 }
 
 impl Features {
@@ -33,6 +38,7 @@ impl Features {
             missing_hugetlbfs: raw & sys::FEATURE_MISSING_HUGETLBFS != 0,
             zeropage,
             thread_id: raw & sys::FEATURE_THREAD_ID != 0,
+            user_mode_only: sys::user_mode_only(),
         }
     }
 }

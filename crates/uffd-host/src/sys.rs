@@ -146,38 +146,80 @@ fn open_error(e: io::Error) -> UffdError {
     }
 }
 
-/// Opens a new userfaultfd (close-on-exec, non-blocking). Tries the
-/// `userfaultfd(2)` system call first and, when it is refused with EPERM,
-/// `/dev/userfaultfd` (whose file permissions may grant what the sysctl does
-/// not).
-pub(crate) fn open_uffd() -> Result<OwnedFd, UffdError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+/// `UFFD_USER_MODE_ONLY` (linux/userfaultfd.h, since 5.11): the fd only
+/// handles faults raised by user-space accesses, which the
+/// `vm.unprivileged_userfaultfd=0` default allows without privileges.
+pub(crate) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+
+/// Whether [`open_uffd`] had to fall back to user-mode-only faults.
+static USER_MODE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the userfaultfds opened so far handle user-mode faults only
+/// (see [`open_uffd`]).
+pub(crate) fn user_mode_only() -> bool {
+    USER_MODE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn syscall_uffd(flags: libc::c_int) -> Result<OwnedFd, io::Error> {
     // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or -1.
     let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if r >= 0 {
-        // SAFETY: `r` is a fresh fd that nothing else owns.
-        return Ok(unsafe { OwnedFd::from_raw_fd(r as i32) });
+    if r < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EPERM) {
-        return Err(open_error(err));
+    // SAFETY: `r` is a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Opens a new userfaultfd (close-on-exec, non-blocking). Tries the
+/// `userfaultfd(2)` system call first; when it is refused with EPERM,
+/// `/dev/userfaultfd` (whose file permissions may grant what the sysctl does
+/// not); and when that fails too, the system call with
+/// `UFFD_USER_MODE_ONLY`, which an unprivileged process may always use:
+/// faults raised inside the kernel (a `read(2)` into registered memory, say)
+/// are then not reported, only those of user-space accesses.
+pub(crate) fn open_uffd() -> Result<OwnedFd, UffdError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    if !user_mode_only() {
+        let err = match syscall_uffd(flags) {
+            Ok(fd) => return Ok(fd),
+            Err(e) => e,
+        };
+        if err.raw_os_error() != Some(libc::EPERM) {
+            return Err(open_error(err));
+        }
+        if let Some(fd) = open_dev_uffd(flags) {
+            return Ok(fd);
+        }
+        match syscall_uffd(flags | UFFD_USER_MODE_ONLY) {
+            Ok(fd) => {
+                USER_MODE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(fd)
+            }
+            // Report the first refusal: that is the one the sysctl governs.
+            Err(_) => Err(open_error(err)),
+        }
+    } else {
+        syscall_uffd(flags | UFFD_USER_MODE_ONLY).map_err(open_error)
     }
+}
+
+/// A userfaultfd from `/dev/userfaultfd`, if its permissions allow.
+fn open_dev_uffd(flags: libc::c_int) -> Option<OwnedFd> {
     let path: &CStr = c"/dev/userfaultfd";
     // SAFETY: `path` is a NUL-terminated string; open returns a new fd or -1.
     let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if dev < 0 {
-        // Report the system call's refusal: that is the one the sysctl governs.
-        return Err(open_error(err));
+        return None;
     }
     // SAFETY: `dev` is a fresh fd that nothing else owns.
     let dev = unsafe { OwnedFd::from_raw_fd(dev) };
     // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
     if r < 0 {
-        return Err(open_error(io::Error::last_os_error()));
+        return None;
     }
     // SAFETY: `r` is a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    Some(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 /// The UFFDIO_API handshake (once per fd): asks for `features`; returns the

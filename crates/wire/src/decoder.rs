@@ -19,6 +19,7 @@
 //!                      └─► AfterEof ─(vmdesc)─► Done
 //! ```
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use crate::command::{self, Command};
 use crate::devices::DeviceTable;
 use crate::error::{PErr, WireError};
 use crate::header::{self, Configuration};
+use crate::mapped_ram::{self, MappedRam, Region};
 use crate::ram::{self, RamBody, RamContext, RamRecord};
 use crate::section::{self, SectionHeader, SectionKind};
 use crate::target_page::{self, PageSizeSource};
@@ -94,6 +96,10 @@ pub enum Item<'a> {
     Eof,
     /// The vmdesc JSON trailer.
     Vmdesc(&'a [u8]),
+    /// A mapped-ram part of the RAM START section: the MEM_SIZE word, a
+    /// block entry with its header, or a piece of a block's file region
+    /// (bitmap, padding, pages) — see [`crate::mapped_ram`].
+    MappedRam(MappedRam<'a>),
 }
 
 impl Item<'_> {
@@ -124,6 +130,7 @@ impl Item<'_> {
             Item::PackageEnd => {}
             Item::Eof => out.push(section::EOF),
             Item::Vmdesc(j) => crate::vmdesc::write_vmdesc(out, j)?,
+            Item::MappedRam(m) => m.write(out)?,
         }
         Ok(())
     }
@@ -141,6 +148,7 @@ impl Item<'_> {
             Item::PackageEnd => "PACKAGE_END",
             Item::Eof => "EOF",
             Item::Vmdesc(_) => "VMDESC",
+            Item::MappedRam(m) => m.kind_name(),
         }
     }
 }
@@ -267,6 +275,20 @@ pub struct Decoder {
     ram_section: RamSection,
     has_configuration: Option<bool>,
     section_kind: SectionKind,
+    /// Footer scan progress kept across calls on a growing buffer
+    /// (position of the payload, section id, bytes already ruled out), so
+    /// input arriving in small pieces is scanned once: linear time.
+    scan_resume: Cell<(u64, u32, usize)>,
+    mapped: Option<MappedState>,
+}
+
+/// Where a mapped-ram MEM_SIZE list is: lengths so far, and the file region
+/// being read, if any.
+#[derive(Debug, Clone, Copy)]
+struct MappedState {
+    total: u64,
+    sum: u64,
+    region: Option<Region>,
 }
 
 /// Candidate target page bits tried, most common first, when the stream
@@ -313,6 +335,8 @@ impl Decoder {
             ram_section: RamSection::NotStarted,
             has_configuration: None,
             section_kind: SectionKind::Full,
+            scan_resume: Cell::new((u64::MAX, 0, 0)),
+            mapped: None,
         }
     }
 
@@ -560,6 +584,11 @@ impl Decoder {
                 if self.page_source.is_none() {
                     return self.infer_page_bits(buf, eof);
                 }
+                if self.ram.mapped_ram {
+                    if let Some(step) = self.decode_mapped(buf, eof)? {
+                        return Ok(step);
+                    }
+                }
                 let (r, rec) = ram::parse_ram_record(buf, &self.ram, self.have_block)?;
                 Ok(Step::Item {
                     item: Item::Ram(rec),
@@ -702,6 +731,133 @@ impl Decoder {
                 buf,
                 WireError::UnknownSectionType { offset: 0, byte: b },
             )),
+        }
+    }
+
+    /// A mapped-ram stream's RAM payload: the MEM_SIZE word, block entries
+    /// with their headers and file regions ([`crate::mapped_ram`]); `None`
+    /// for a record read as usual (EOS). Page records are refused, as
+    /// QEMU's `ram_load_precopy` does for mapped-ram.
+    fn decode_mapped<'a>(
+        &self,
+        buf: &'a [u8],
+        eof: bool,
+    ) -> Result<Option<Step<'a>>, nom::Err<PErr>> {
+        let item = |m: MappedRam<'a>, len: usize| {
+            Ok(Some(Step::Item {
+                item: Item::MappedRam(m),
+                len,
+            }))
+        };
+        let need = |n: usize| Err(nom::Err::Incomplete(nom::Needed::new(n)));
+        match self.mapped {
+            Some(MappedState {
+                region: Some(r), ..
+            }) => {
+                let pos = self.pos;
+                if pos < r.bitmap_end {
+                    let n = (r.bitmap_end - pos) as usize;
+                    if buf.len() < n {
+                        return need(n - buf.len());
+                    }
+                    return item(MappedRam::Bitmap(&buf[..n]), n);
+                }
+                // Padding and pages are cut at fixed boundaries (1 MiB of
+                // the file, 1 MiB of the page area), so every reader gives
+                // the same items whatever it has buffered.
+                let cut = |from: u64, limit: u64, chunk: u64| {
+                    let next = ((pos - from) / chunk + 1).saturating_mul(chunk);
+                    (from.saturating_add(next).min(limit) - pos) as usize
+                };
+                if pos < r.pages_offset {
+                    let n = cut(0, r.pages_offset, mapped_ram::PADDING_CHUNK as u64);
+                    if buf.len() < n {
+                        return need(n - buf.len());
+                    }
+                    return item(MappedRam::Padding(&buf[..n]), n);
+                }
+                let n = cut(r.pages_offset, r.end, mapped_ram::PAGES_CHUNK as u64);
+                if buf.len() < n {
+                    return need(n - buf.len());
+                }
+                item(
+                    MappedRam::Pages {
+                        first: (pos - r.pages_offset) / r.page_size,
+                        data: &buf[..n],
+                    },
+                    n,
+                )
+            }
+            Some(st) if st.sum < st.total => {
+                let (rest, (block, header)) =
+                    mapped_ram::parse_block_entry(buf, self.ram.ignore_shared)?;
+                let len = buf.len() - rest.len();
+                let after = self.pos + len as u64;
+                let input_end = match (self.eof_hint, eof) {
+                    (Some(h), true) => Some(h.min(self.pos + buf.len() as u64)),
+                    (Some(h), false) => Some(h),
+                    (None, true) => Some(self.pos + buf.len() as u64),
+                    (None, false) => None,
+                };
+                if let Err(why) = mapped_ram::check_block(
+                    &block,
+                    &header,
+                    after,
+                    self.ram.page_size() as u64,
+                    st.total,
+                    st.sum,
+                    self.limits.max_device_section as u64,
+                    input_end,
+                ) {
+                    return Err(PErr::at(
+                        buf,
+                        WireError::MappedRam {
+                            offset: 0,
+                            block: block.name.to_string(),
+                            why,
+                        },
+                    ));
+                }
+                item(MappedRam::Block { block, header }, len)
+            }
+            _ => {
+                let (_, word) = nom::number::streaming::be_u64::<_, PErr>(buf)?;
+                let mask = (1u64 << self.ram.page_bits) - 1;
+                let f = word & mask;
+                if f == ram::flags::MEM_SIZE {
+                    if self.mapped.is_some() {
+                        return Err(PErr::at(
+                            buf,
+                            WireError::Structure {
+                                offset: 0,
+                                why: "a second MEM_SIZE record in a mapped-ram stream",
+                            },
+                        ));
+                    }
+                    return item(
+                        MappedRam::MemSize {
+                            total: word & !mask,
+                        },
+                        8,
+                    );
+                }
+                let page_like = ram::flags::PAGE
+                    | ram::flags::ZERO
+                    | ram::flags::XBZRLE
+                    | ram::flags::COMPRESS_PAGE
+                    | ram::flags::HOOK
+                    | ram::flags::MULTIFD_FLUSH;
+                if f & page_like != 0 {
+                    return Err(PErr::at(
+                        buf,
+                        WireError::Structure {
+                            offset: 0,
+                            why: "PAGE, ZERO, XBZRLE, COMPRESS_PAGE, HOOK or MULTIFD_FLUSH record in a mapped-ram stream (its pages live at file offsets; QEMU's ram_load_precopy refuses these)",
+                        },
+                    ));
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -937,7 +1093,18 @@ impl Decoder {
             ));
         }
         let idb = id.to_be_bytes();
-        let mut from = 0;
+        // Candidates before `from` were ruled out by an earlier call at this
+        // position: a "no" never turns into "yes" when more bytes arrive.
+        let (rp, rid, rfrom) = self.scan_resume.get();
+        let mut from = if rp == self.pos && rid == id {
+            rfrom.min(buf.len())
+        } else {
+            0
+        };
+        let pause = |at: usize| {
+            self.scan_resume.set((self.pos, id, at));
+            Ok(None)
+        };
         while let Some(k) = buf[from..].iter().position(|&b| b == section::FOOTER) {
             let cand = from + k;
             if cand > self.limits.max_device_section {
@@ -948,17 +1115,26 @@ impl Decoder {
                 if eof {
                     break;
                 }
-                return Ok(None);
+                return pause(cand);
             }
             if tail[..4] == idb {
                 let next_abs = self.pos + cand as u64 + 5;
                 match self.plausible_next(&buf[cand + 5..], next_abs, eof) {
-                    Tri::Yes => return self.check_unambiguous(buf, id, cand, eof),
-                    Tri::NeedMore => return Ok(None),
+                    Tri::Yes => {
+                        let r = self.check_unambiguous(buf, id, cand, eof);
+                        if let Ok(None) = r {
+                            return pause(cand);
+                        }
+                        return r;
+                    }
+                    Tri::NeedMore => return pause(cand),
                     Tri::No => {}
                 }
             }
             from = cand + 1;
+        }
+        if !eof {
+            self.scan_resume.set((self.pos, id, buf.len()));
         }
         if buf.len() > self.limits.max_device_section {
             return Err(PErr::at(
@@ -1099,6 +1275,45 @@ impl Decoder {
         }
     }
 
+    /// Updates the mapped-ram state after `m` (already checked by decode).
+    fn commit_mapped(&mut self, m: &MappedRam<'_>) {
+        let pos = self.pos;
+        match m {
+            MappedRam::MemSize { total } => {
+                self.mapped = Some(MappedState {
+                    total: *total,
+                    sum: 0,
+                    region: None,
+                })
+            }
+            MappedRam::Block { block, header } => {
+                let ps = self.ram.page_size() as u64;
+                let max = self.limits.max_device_section as u64;
+                if let Some(st) = self.mapped.as_mut() {
+                    let r = mapped_ram::check_block(
+                        block, header, pos, ps, st.total, st.sum, max, None,
+                    )
+                    .ok();
+                    st.sum = st.sum.saturating_add(block.used_length);
+                    st.region = r.filter(|r| r.end > pos);
+                }
+            }
+            MappedRam::Bitmap(_) | MappedRam::Padding(_) | MappedRam::Pages { .. } => {
+                if let Some(st) = self.mapped.as_mut() {
+                    if st.region.is_some_and(|r| pos >= r.end) {
+                        st.region = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The current mapped-ram file region (after a block entry, until its
+    /// last byte is read), if any.
+    pub fn mapped_ram_region(&self) -> Option<Region> {
+        self.mapped.and_then(|m| m.region)
+    }
+
     /// Moves past an item returned by [`Decoder::decode`] (with its length).
     pub fn commit(&mut self, item: &Item<'_>, len: usize) {
         let start = self.pos;
@@ -1209,6 +1424,7 @@ impl Decoder {
             }
             Item::Eof => self.phase = Phase::AfterEof,
             Item::Vmdesc(_) => self.phase = Phase::Done,
+            Item::MappedRam(m) => self.commit_mapped(m),
         }
     }
 }

@@ -313,6 +313,27 @@ pub enum WireError {
         /// What is wrong with it.
         why: String,
     },
+    /// A mapped-ram block header or file region breaks a rule of the layout
+    /// (wire-format §14; QEMU's `parse_ramblock_mapped_ram`).
+    #[error("offset {offset}: mapped-ram block \"{block}\": {why}")]
+    MappedRam {
+        /// Offset of the block entry or region part.
+        offset: u64,
+        /// The RAM block's idstr.
+        block: String,
+        /// Rule broken.
+        why: String,
+    },
+    /// A multifd channel header or packet breaks a rule (wire-format
+    /// multifd section; QEMU's `multifd_recv_initial_packet` and
+    /// `multifd_recv_unfill_packet`).
+    #[error("offset {offset}: multifd: {why}")]
+    Multifd {
+        /// Offset of the offending field.
+        offset: u64,
+        /// Rule broken.
+        why: String,
+    },
     /// Reading the underlying input failed.
     #[error("offset {offset}: I/O error: {source}")]
     Io {
@@ -357,6 +378,8 @@ macro_rules! each_offset {
             | WireError::PageSize { offset: $o, .. }
             | WireError::Ambiguous { offset: $o, .. }
             | WireError::Unwritable { offset: $o, .. }
+            | WireError::MappedRam { offset: $o, .. }
+            | WireError::Multifd { offset: $o, .. }
             | WireError::Io { offset: $o, .. } => $body,
         }
     };

@@ -30,8 +30,8 @@ pub mod flags {
     pub const MULTIFD_FLUSH: u64 = 0x200;
 }
 
-/// Magic of a mapped-ram block header.
-pub const MAPPED_RAM_HEADER_LEN: usize = 28;
+/// Length of a mapped-ram block header ([`crate::mapped_ram::HEADER_LEN`]).
+pub const MAPPED_RAM_HEADER_LEN: usize = crate::mapped_ram::HEADER_LEN;
 
 /// Parsing context for RAM records: what the stream announced so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,7 +488,7 @@ fn parse_mem_size<'a>(i: &'a [u8], total: u64, ctx: &RamContext) -> PResult<'a, 
         fail!(
             i,
             Unsupported {
-                what: "mapped-ram streams (pages live at file offsets, not in records)"
+                what: "a mapped-ram MEM_SIZE list as one record (its block regions lie between the entries: read it with the Decoder, which gives MappedRam items)"
             }
         );
     }

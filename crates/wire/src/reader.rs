@@ -57,6 +57,12 @@ impl<'a> SliceReader<'a> {
     pub fn decoder(&self) -> &Decoder {
         &self.dec
     }
+
+    /// The decoder, to give it what the stream does not say (a target page
+    /// size override, say) before the first item is read.
+    pub fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.dec
+    }
 }
 
 fn tail(buf: &[u8], max_json: usize) -> &[u8] {
@@ -176,6 +182,12 @@ impl<R: Read> StreamReader<R> {
     /// The decoder: its position is the offset of the next item.
     pub fn decoder(&self) -> &Decoder {
         &self.dec
+    }
+
+    /// The decoder, to give it what the stream does not say (a target page
+    /// size override, say) before the first item is read.
+    pub fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.dec
     }
 
     /// Returns the next item with its absolute offset, `Ok(None)` at the end.

@@ -15,11 +15,13 @@ fn reencoding_every_real_xbzrle_record_gives_qemus_bytes() {
         let mut mem: HashMap<String, Vec<u8>> = HashMap::new();
         let mut cur = String::new();
         let mut checked = 0usize;
-        let mut page_size = 4096;
         let mut out = vec![0u8; 65536];
-        for it in SliceReader::new(&c.stream) {
+        let mut rd = SliceReader::new(&c.stream);
+        while let Some(it) = rd.next() {
             let (off, it) = it.unwrap();
             let Item::Ram(r) = it else { continue };
+            // The decoder's target page size (1 KiB on 32-bit ARM boards).
+            let page_size = rd.decoder().ram_context().page_size();
             if let Some(b) = r.block {
                 cur = b.to_string();
             }
@@ -32,10 +34,7 @@ fn reencoding_every_real_xbzrle_record_gives_qemus_bytes() {
                     }
                 }
                 RamBody::Zero { fill } => mem.get_mut(&cur).unwrap()[o..o + page_size].fill(*fill),
-                RamBody::Page(d) => {
-                    page_size = d.len();
-                    mem.get_mut(&cur).unwrap()[o..o + page_size].copy_from_slice(d)
-                }
+                RamBody::Page(d) => mem.get_mut(&cur).unwrap()[o..o + page_size].copy_from_slice(d),
                 RamBody::Compressed(z) => {
                     use std::io::Read;
                     let page = &mut mem.get_mut(&cur).unwrap()[o..o + page_size];

@@ -1,0 +1,362 @@
+//! `qmig convert`: rewrite any stream qmig reads as one single-pass precopy
+//! stream holding each page's final content once, with records QEMU 10
+//! loads (see `qmig_ram_src::convert`).
+//!
+//! The final RAM image is held in sparse files mapped into the process
+//! (`MmapMemory`) and the non-RAM bytes in spool files, all in a temporary
+//! directory next to OUT; the output is written to a temporary name next to
+//! OUT and renamed only when complete. A libvirt save image stays one: its
+//! header and data (domain XML, cookie, padding) are kept and its `format`
+//! field set to the payload's compression.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use qmig_container::libvirt::{encode_image_prefix, SaveFormat};
+use qmig_container::Layer;
+use qmig_ram_dst::{MappedInput, MmapMemory};
+use qmig_ram_src::convert::{ConvertError, Converter, Options, Report, ZeroPages};
+use qmig_wire::{ReadItem, SliceReader};
+use serde_json::json;
+
+/// What `--zero-pages` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZeroArg {
+    /// A ZERO record for every all-zero page.
+    Zero,
+    /// No record: only for a destination whose RAM starts zeroed.
+    Skip,
+}
+
+/// What `--compress-output` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutCompression {
+    /// gzip (`gzip -dc`, libvirt format 1).
+    Gzip,
+    /// Zstandard (libvirt format 5).
+    Zstd,
+    /// xz (libvirt format 3).
+    Xz,
+}
+
+/// Options of `qmig convert`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConvertArgs {
+    /// The input: any stream qmig reads (`-` for stdin), or a libvirt save image.
+    pub input: PathBuf,
+    /// The output file (written under a temporary name, renamed when complete).
+    pub output: PathBuf,
+    /// All-zero pages: ZERO records, or none (`skip`: only for a destination
+    /// whose RAM starts zeroed).
+    #[arg(long, value_enum, default_value_t = ZeroArg::Zero)]
+    pub zero_pages: ZeroArg,
+    /// Compress the output stream (a libvirt image's payload, with its format field set).
+    #[arg(long, value_enum)]
+    pub compress_output: Option<OutCompression>,
+    /// Print sizes, pages per kind before and after, and the compaction ratio.
+    #[arg(long)]
+    pub report: bool,
+    /// With --report: print it as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+type Error = Box<dyn std::error::Error>;
+
+/// Removes the temporary directory and the unfinished output on every exit.
+struct Temp {
+    dir: PathBuf,
+    part: PathBuf,
+    keep_part: bool,
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+        if !self.keep_part {
+            let _ = fs::remove_file(&self.part);
+        }
+    }
+}
+
+/// A writer that counts the bytes written through it.
+struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Runs `qmig convert`.
+pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
+    let opened = crate::input::open(&a.input)?;
+    let libvirt = opened.layers.iter().find_map(|l| match l {
+        Layer::Libvirt(i) => Some((**i).clone()),
+        Layer::Compressed(_) => None,
+    });
+    let input_bytes = if crate::input::is_regular_file(&a.input) {
+        fs::metadata(&a.input).map(|m| m.len()).ok()
+    } else {
+        None
+    };
+    let name = a
+        .output
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file name", a.output.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match a.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let pid = std::process::id();
+    let tmp = Temp {
+        dir: parent.join(format!(".{name}.qmig-convert-{pid}.d")),
+        part: parent.join(format!(".{name}.qmig-convert-{pid}.part")),
+        keep_part: false,
+    };
+    fs::create_dir_all(&tmp.dir).map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
+    let mem = MmapMemory::create(&tmp.dir.join("ram"))
+        .map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
+    let opts = Options {
+        zero_pages: match a.zero_pages {
+            ZeroArg::Zero => ZeroPages::Zero,
+            ZeroArg::Skip => ZeroPages::Skip,
+        },
+        ..Options::default()
+    };
+    let mut conv = Converter::new(mem, &tmp.dir, opts)?;
+
+    let apply = match opened.input {
+        crate::input::Input::Plain { file, base } if opened.seekable => {
+            let map = MappedInput::new(file).map_err(|e| format!("{}: {e}", a.input.display()))?;
+            apply_slice(&map, base, &mut conv)
+        }
+        other => {
+            let (mut rd, _) = crate::input::reader_for(other, false, &a.input)?;
+            let mut r = Ok(());
+            loop {
+                match rd.next_item() {
+                    Ok(Some(ri)) => {
+                        if let Err(e) = conv.handle(&ri) {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        r = Err(e.into());
+                        break;
+                    }
+                }
+            }
+            r
+        }
+    };
+    apply.map_err(|e| format!("{}: {e}; nothing written", a.input.display()))?;
+
+    let file = File::create(&tmp.part).map_err(|e| format!("{}: {e}", tmp.part.display()))?;
+    let mut out = Counted {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        n: 0,
+    };
+    if let Some(img) = &libvirt {
+        let mut h = img.header.clone();
+        h.format = match a.compress_output {
+            None => SaveFormat::Raw,
+            Some(OutCompression::Gzip) => SaveFormat::Gzip,
+            Some(OutCompression::Xz) => SaveFormat::Xz,
+            Some(OutCompression::Zstd) => SaveFormat::Zstd,
+        };
+        let used = img.data.xml.len() as u64
+            + 1
+            + img.data.cookie.as_ref().map_or(0, |c| c.len() as u64 + 1);
+        let padding = u64::from(img.header.data_len).saturating_sub(used);
+        let prefix = encode_image_prefix(
+            &mut h,
+            &img.data,
+            u32::try_from(padding).unwrap_or(0),
+            u32::MAX,
+        )?;
+        out.write_all(&prefix)?;
+    }
+    let report = {
+        let w: &mut dyn Write = &mut out;
+        match a.compress_output {
+            None => conv.finish(w)?,
+            Some(OutCompression::Gzip) => {
+                let mut e = flate2::write::GzEncoder::new(w, flate2::Compression::default());
+                let r = conv.finish(&mut e)?;
+                e.finish()?;
+                r
+            }
+            Some(OutCompression::Zstd) => {
+                let mut e = zstd::stream::write::Encoder::new(w, 3)?;
+                let r = conv.finish(&mut e)?;
+                e.finish()?;
+                r
+            }
+            Some(OutCompression::Xz) => {
+                let mut e = liblzma::write::XzEncoder::new(w, 6);
+                let r = conv.finish(&mut e)?;
+                e.finish()?;
+                r
+            }
+        }
+    };
+    out.flush()?;
+    let out_bytes = out.n;
+    drop(out);
+    fs::rename(&tmp.part, &a.output).map_err(|e| {
+        format!(
+            "cannot rename {} to {}: {e}",
+            tmp.part.display(),
+            a.output.display()
+        )
+    })?;
+    drop(tmp);
+    if a.report || a.json {
+        print_report(a, &report, input_bytes, out_bytes, libvirt.is_some());
+    } else {
+        eprintln!(
+            "qmig: converted {} ({} page records) to {} ({} pages once, {} bytes)",
+            a.input.display(),
+            report.input.total(),
+            a.output.display(),
+            report.output.total(),
+            out_bytes
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Applies every item of a mapped stream (which starts at file offset
+/// `base`), releasing applied pages of the mapping as it goes.
+fn apply_slice(
+    map: &MappedInput,
+    base: u64,
+    conv: &mut Converter<MmapMemory>,
+) -> Result<(), ConvertError> {
+    const RELEASE_STEP: u64 = 32 << 20;
+    let buf = map.as_slice();
+    let buf = buf.get(base as usize..).unwrap_or(&[]);
+    let pb = crate::progress::bytes(buf.len() as u64, "convert");
+    let mut rd = SliceReader::new(buf);
+    let mut released = 0u64;
+    let mut n = 0u32;
+    let r = loop {
+        let (offset, item) = match rd.next() {
+            Some(Ok(x)) => x,
+            None => break Ok(()),
+            Some(Err(e)) => break Err(e.into()),
+        };
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(4096) {
+            pb.set_position(offset);
+            if offset - released > RELEASE_STEP {
+                map.release_prefix((base + offset) as usize);
+                released = offset;
+            }
+        }
+        let decoder = rd.decoder();
+        let len = (decoder.position() - offset) as usize;
+        if let Err(e) = conv.handle(&ReadItem {
+            offset,
+            len,
+            item,
+            decoder,
+        }) {
+            break Err(e);
+        }
+    };
+    pb.finish_and_clear();
+    r
+}
+
+fn print_report(
+    a: &ConvertArgs,
+    r: &Report,
+    input_bytes: Option<u64>,
+    output_bytes: u64,
+    libvirt: bool,
+) {
+    let in_bytes = input_bytes.unwrap_or(r.input_stream_bytes);
+    let ratio = if output_bytes > 0 {
+        in_bytes as f64 / output_bytes as f64
+    } else {
+        0.0
+    };
+    let kinds = |k: &qmig_ram_src::convert::Kinds| json!({"zero": k.zero, "page": k.page, "xbzrle": k.xbzrle, "compressed": k.compressed, "total": k.total()});
+    if a.json {
+        let v = json!({
+            "input": a.input.display().to_string(),
+            "output": a.output.display().to_string(),
+            "input_bytes": in_bytes,
+            "input_stream_bytes": r.input_stream_bytes,
+            "output_bytes": output_bytes,
+            "output_stream_bytes": r.output_stream_bytes,
+            "compaction_ratio": ratio,
+            "pages_before": kinds(&r.input),
+            "pages_after": kinds(&r.output),
+            "discarded_pages": r.discarded_pages,
+            "skipped_zero_pages": r.skipped_zero_pages,
+            "untouched_pages": r.untouched_pages,
+            "page_size": r.page_size,
+            "blocks": r.blocks.iter().map(|(n, l)| json!({"name": n, "length": l})).collect::<Vec<_>>(),
+            "dropped_commands": r.dropped_commands,
+            "postcopy": r.postcopy,
+            "vmdesc": r.vmdesc,
+            "libvirt_image": libvirt,
+            "compress_output": a.compress_output.map(|c| format!("{c:?}").to_lowercase()),
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "input   {}: {in_bytes} bytes (QEMU stream {} bytes)",
+        a.input.display(),
+        r.input_stream_bytes
+    );
+    println!(
+        "output  {}: {output_bytes} bytes (QEMU stream {} bytes){}",
+        a.output.display(),
+        r.output_stream_bytes,
+        if libvirt { ", libvirt save image" } else { "" }
+    );
+    println!("pages   kind          before      after");
+    for (k, b, o) in [
+        ("zero", r.input.zero, r.output.zero),
+        ("page", r.input.page, r.output.page),
+        ("xbzrle", r.input.xbzrle, r.output.xbzrle),
+        ("compressed", r.input.compressed, r.output.compressed),
+        ("total", r.input.total(), r.output.total()),
+    ] {
+        println!("        {k:<10} {b:>10} {o:>10}");
+    }
+    if r.discarded_pages > 0 || r.skipped_zero_pages > 0 || r.untouched_pages > 0 {
+        println!(
+            "        postcopy-discarded {}, zero pages skipped {}, never sent (not written) {}",
+            r.discarded_pages, r.skipped_zero_pages, r.untouched_pages
+        );
+    }
+    if !r.dropped_commands.is_empty() {
+        let d: Vec<String> = r
+            .dropped_commands
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("dropped commands: {}", d.join(", "));
+    }
+    println!("compaction ratio {ratio:.2} (input bytes / output bytes)");
+}

@@ -1,0 +1,244 @@
+//! `qmig convert` end to end: libvirt save images stay libvirt save images
+//! (same XML and cookie), `--compress-output`, stdin input, `--report
+//! --json`, and the temporary name: a failed conversion leaves neither OUT
+//! nor temporary files behind. Memory is compared through `qmig extract`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn qmig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qmig"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qmig-convert-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn data(p: &str) -> PathBuf {
+    qmig_tests::data_dir().join(p)
+}
+
+fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    qmig()
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `qmig extract`'s images of `stream`: (block name, bytes).
+fn extract(stream: &Path, dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let o = run(&[&"extract", &stream, &"-o", &dir]);
+    ok(&o);
+    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap())
+        .expect("manifest");
+    assert_eq!(m["complete"], true);
+    m["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                std::fs::read(dir.join(b["file"].as_str().unwrap())).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The directory holds exactly `names` (no temporary files left).
+fn only(dir: &Path, names: &[&str]) {
+    let mut got: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(got, want, "files in {}", dir.display());
+}
+
+fn inspect_json(p: &Path) -> Value {
+    let o = run(&[&"inspect", &"--json", &p]);
+    ok(&o);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn libvirt_images_stay_libvirt_images() {
+    for name in ["raw", "gzip", "bzip2", "xz"] {
+        let d = scratch(&format!("libvirt-{name}"));
+        let out_dir = d.join("out");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let input = data(&format!("libvirt-save/{name}.sav"));
+        let out = out_dir.join("converted.sav");
+        ok(&run(&[&"convert", &input, &out]));
+        only(&out_dir, &["converted.sav"]);
+        // Same domain XML and cookie.
+        let xml = |p: &Path| {
+            let o = run(&[&"inspect", &p, &"--libvirt-xml"]);
+            ok(&o);
+            o.stdout
+        };
+        assert_eq!(xml(&out), xml(&input), "{name}: XML differs");
+        let j = inspect_json(&out);
+        let c = &j["container"][0];
+        assert_eq!(c["kind"], "libvirt", "{name}: {j}");
+        assert_eq!(c["format"], "raw", "{name}");
+        let i = &inspect_json(&input)["container"];
+        let lv = i
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["kind"] == "libvirt")
+            .unwrap();
+        for k in [
+            "data_len",
+            "cookie_offset",
+            "was_running",
+            "version",
+            "byte_order",
+        ] {
+            assert_eq!(c[k], lv[k], "{name}: {k}");
+        }
+        assert_eq!(
+            extract(&out, &d.join("a")),
+            extract(&input, &d.join("b")),
+            "{name}: memory differs"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
+
+#[test]
+fn compressed_outputs() {
+    let input = data("q10-xbzrle/stream");
+    let d = scratch("compress");
+    let want = extract(&input, &d.join("want"));
+    for (c, magic) in [
+        ("gzip", &[0x1f, 0x8b][..]),
+        ("zstd", &[0x28, 0xb5, 0x2f, 0xfd][..]),
+        ("xz", &[0xfd, b'7', b'z', b'X', b'Z', 0][..]),
+    ] {
+        let out = d.join(format!("out.{c}"));
+        ok(&run(&[&"convert", &input, &out, &"--compress-output", &c]));
+        let b = std::fs::read(&out).unwrap();
+        assert!(b.starts_with(magic), "{c}: magic");
+        assert_eq!(extract(&out, &d.join(c)), want, "{c}: memory differs");
+    }
+    // A libvirt image with a compressed payload: format field set to match.
+    let out = d.join("lv.sav");
+    ok(&run(&[
+        &"convert",
+        &data("libvirt-save/raw.sav"),
+        &out,
+        &"--compress-output",
+        &"zstd",
+    ]));
+    let j = inspect_json(&out);
+    assert_eq!(j["container"][0]["kind"], "libvirt");
+    assert_eq!(j["container"][0]["format"], "zstd");
+    assert_eq!(
+        extract(&out, &d.join("lv")),
+        extract(&data("libvirt-save/raw.sav"), &d.join("lv-in"))
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn report_json_and_stdin() {
+    let input = data("q10-xbzrle/stream");
+    let bytes = std::fs::read(&input).unwrap();
+    let d = scratch("report");
+    let out = d.join("out");
+    let mut child = qmig()
+        .args(["convert", "-"])
+        .arg(&out)
+        .args(["--report", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&bytes);
+    });
+    let o = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    ok(&o);
+    let r: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let before = &r["pages_before"];
+    let after = &r["pages_after"];
+    // QEMU's own counters for this capture (oracle.json): 1280 XBZRLE pages.
+    assert_eq!(before["xbzrle"], 1280);
+    assert_eq!(after["xbzrle"], 0);
+    assert_eq!(after["compressed"], 0);
+    // pc.ram 2 MiB + ROM blocks: every page of every block once.
+    let pages: u64 = r["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["length"].as_u64().unwrap() / 4096)
+        .sum();
+    assert_eq!(after["total"].as_u64().unwrap(), pages);
+    assert_eq!(
+        r["output_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+    let ratio = r["compaction_ratio"].as_f64().unwrap();
+    assert!(ratio > 1.4, "ratio {ratio}");
+    let i = inspect_json(&out);
+    assert_eq!(i["totals"]["page"], after["page"]);
+    assert_eq!(i["totals"]["zero"], after["zero"]);
+    // Text form names the same numbers.
+    let o = run(&[&"convert", &input, &d.join("out2"), &"--report"]);
+    ok(&o);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("compaction ratio"), "{t}");
+    assert!(t.contains("xbzrle"), "{t}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn failed_conversion_leaves_nothing() {
+    let d = scratch("fail");
+    let stream = std::fs::read(data("q10-passes/stream")).unwrap();
+    let cut = d.join("cut.stream");
+    std::fs::write(&cut, &stream[..stream.len() / 2]).unwrap();
+    let out_dir = d.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    // An existing OUT is not touched by a failed conversion.
+    std::fs::write(out_dir.join("keep"), b"old").unwrap();
+    let o = run(&[&"convert", &cut, &out_dir.join("keep")]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("offset"), "{e}");
+    assert!(e.contains("nothing written"), "{e}");
+    assert_eq!(std::fs::read(out_dir.join("keep")).unwrap(), b"old");
+    only(&out_dir, &["keep"]);
+    // The mapped-ram layout is refused with the reason.
+    let o = run(&[
+        &"convert",
+        &data("field/mapped-ram-file/stream.gz"),
+        &out_dir.join("m"),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("mapped-ram"));
+    only(&out_dir, &["keep"]);
+    std::fs::remove_dir_all(&d).unwrap();
+}

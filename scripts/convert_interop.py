@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Live interop: `qmig convert` output restored by a real QEMU 10 (`-incoming file:`).
+
+usage: convert_interop.py [--list] [--keep] [SCENARIO...]     (default: all)
+env:   QMIG   path of the qmig binary (default target/release/qmig, then target/debug/qmig)
+
+Each scenario takes a committed real capture (tests/data/NAME: QEMU 7.2 with
+`compress`, QEMU 7.2 / 10 XBZRLE over several passes, QEMU 10 postcopy), runs
+`qmig convert IN OUT --report --json`, then starts QEMU 10 with the capture's
+machine options (oracle.json `machine_args`, `-M` replaced by the canonical
+machine type the stream's configuration section names, e.g. pc-i440fx-7.2),
+the IDE disk and serial port the capture's source had, `-S` and
+`-incoming file:OUT`. It checks:
+  * the converted stream holds no XBZRLE or COMPRESS_PAGE record and each page
+    once (`qmig inspect --json` totals), the device state byte count unchanged,
+    and RAM costing no more than the non-zero pages plus record headers and
+    framing (it prints output / (non-zero pages + container));
+  * QEMU 10's query-migrate says `completed` and query-status `paused`
+    (loaded, not running);
+  * QEMU 10's pmemsave equals the capture source's own digests (oracle.json
+    `digests`: pc.ram outside the hole, and pc.bios at 4 GiB - its length);
+  * for COMPRESS_PAGE captures, QEMU 10 refuses the original stream (the
+    reason to convert), reported as a note if it does not.
+It prints the compaction ratio (input stream bytes / output bytes).
+Exits non-zero naming the failed scenarios.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qmp  # noqa: E402
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(SCRIPTS)
+DATA = os.path.join(REPO, "tests", "data")
+
+SCENARIOS = {
+    "q72-compress": dict(capture="q72-compress", refused_as_is=True,
+                         about="QEMU 7.2 compress (level 1) -> convert -> QEMU 10 -M pc-i440fx-7.2"),
+    "q72-compress6": dict(capture="q72-compress6", refused_as_is=True,
+                          about="QEMU 7.2 compress (level 6) -> convert -> QEMU 10 -M pc-i440fx-7.2"),
+    "q72-compress-zstd": dict(capture="q72-compress", convert_args=["--compress-output", "zstd"],
+                              incoming="exec:zstd -dc {out}",
+                              about="QEMU 7.2 compress -> convert --compress-output zstd -> "
+                                    "QEMU 10 -incoming 'exec:zstd -dc OUT'"),
+    "q72-xbzrle": dict(capture="q72-xbzrle",
+                       about="QEMU 7.2 XBZRLE, several passes -> convert -> QEMU 10 -M pc-i440fx-7.2"),
+    "q10-xbzrle": dict(capture="q10-xbzrle",
+                       about="QEMU 10 XBZRLE, several passes -> convert -> QEMU 10"),
+    "q10-postcopy": dict(capture="q10-postcopy",
+                         about="QEMU 10 postcopy (PACKAGED, discards) -> convert -> QEMU 10 precopy file"),
+}
+
+
+def qmig_binary():
+    q = os.environ.get("QMIG")
+    if q:
+        return q
+    for c in ("target/release/qmig", "target/debug/qmig"):
+        p = os.path.join(REPO, c)
+        if os.path.exists(p):
+            return p
+    sys.exit("convert_interop: no qmig binary (set QMIG or cargo build --release)")
+
+
+def capture_stream(capture):
+    d = os.path.join(DATA, capture)
+    for n in ("stream", "stream.gz"):
+        if os.path.exists(os.path.join(d, n)):
+            return os.path.join(d, n)
+    raise RuntimeError(f"no stream in {d}")
+
+
+def inspect(qmig, path):
+    p = subprocess.run([qmig, "inspect", "--json", path], capture_output=True, text=True,
+                       timeout=120)
+    if p.returncode != 0:
+        raise RuntimeError(f"qmig inspect {path} exited {p.returncode}: {p.stderr.strip()}")
+    return json.loads(p.stdout)
+
+
+def dst_args(oracle, machine, work, stream, incoming="file:{out}"):
+    """The capture's machine options with -M set to `machine`, plus the boot
+    disk and serial port its source had (scripts/capture.py)."""
+    args = list(oracle["machine_args"])
+    if "-M" in args:
+        args[args.index("-M") + 1] = machine
+    else:
+        args = ["-M", machine] + args
+    disk = os.path.join(work, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    return args + ["-drive", f"file={disk},format=raw,if=ide", "-serial", "null",
+                   "-S", "-incoming", incoming.format(out=stream)]
+
+
+def wait_loaded(dst, timeout=60.0):
+    """query-migrate until completed/failed, or the process exits."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if dst.proc.poll() is not None:
+            return {"status": "exited", "log": dst.read_log()}
+        try:
+            last = dst.cmd("query-migrate")
+        except qmp.QMPError as e:
+            return {"status": "exited", "log": f"{e}: {dst.read_log()}"}
+        if last.get("status") in ("completed", "failed", "cancelled"):
+            return last
+        time.sleep(0.05)
+    return {"status": "timeout", "last": last}
+
+
+def check_digests(dst, oracle, work):
+    """Compares QEMU's memory with the source's digests; returns (n, problems)."""
+    problems = []
+    n = 0
+    for d in oracle["digests"]:
+        gpa = d.get("gpa")
+        if gpa is None:
+            if d["block"] != "pc.bios":
+                continue
+            gpa = (1 << 32) - d["length"] - d["offset"]
+        path = qmp.pmemsave(dst.qmp, gpa, d["length"], os.path.join(work, f"pmem-{n}"))
+        got = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        n += 1
+        if got != d["sha256"]:
+            problems.append(f"{d['block']}+{d['offset']:#x} ({d['length']} bytes at gpa "
+                            f"{gpa:#x}): sha256 {got[:16]}..., source {d['sha256'][:16]}...")
+    return n, problems
+
+
+def run_scenario(name, sc, work, qmig):
+    oracle = json.load(open(os.path.join(DATA, sc["capture"], "oracle.json")))
+    src = capture_stream(sc["capture"])
+    before = inspect(qmig, src)
+    machine = before["machine"]
+    out = os.path.join(work, "converted.stream")
+    t0 = time.monotonic()
+    p = subprocess.run([qmig, "convert", src, out, "--report", "--json"]
+                       + sc.get("convert_args", []),
+                       capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"qmig convert exited {p.returncode}: {p.stderr.strip()}")
+    rep = json.loads(p.stdout)
+    after = inspect(qmig, out)  # reads compressed output too
+    t = after["totals"]
+    if t["xbzrle"] or t["compressed"]:
+        raise RuntimeError(f"converted stream still has xbzrle {t['xbzrle']} / "
+                           f"compressed {t['compressed']} records")
+    pages = sum(b["length"] for b in after["blocks"]) // after["target_page_size"]
+    if t["zero"] + t["page"] > pages:
+        raise RuntimeError(f"{t['zero'] + t['page']} page records for {pages} pages")
+    # Size: the device state is kept byte for byte, and the RAM costs the
+    # non-zero pages plus record headers (8 bytes a page, 9 a ZERO record,
+    # block names once) and section framing: nothing else.
+    if after["device_bytes"] != before["device_bytes"]:
+        raise RuntimeError(f"device bytes {before['device_bytes']} -> {after['device_bytes']}")
+    ps = after["target_page_size"]
+    names = sum(1 + len(b["name"]) for b in after["blocks"])
+    bound = t["page"] * (ps + 8) + t["zero"] * 9 + 2 * names + 4096
+    if after["ram_bytes"] > bound:
+        raise RuntimeError(f"RAM part {after['ram_bytes']} bytes > {bound} "
+                           f"({t['page']} pages + headers + framing)")
+    payload = t["page"] * ps + after["length"] - after["ram_bytes"]
+    rep["vs_payload"] = after["length"] / payload
+    if rep["pages_after"]["total"] != t["zero"] + t["page"]:
+        raise RuntimeError(f"report says {rep['pages_after']['total']} records, "
+                           f"inspect counts {t['zero'] + t['page']}")
+
+    note = ""
+    if sc.get("refused_as_is"):
+        # The reason to convert: QEMU 10 cannot load the original.
+        plain = src
+        if src.endswith(".gz"):
+            plain = os.path.join(work, "original.stream")
+            subprocess.run(["sh", "-c", f"gzip -dc '{src}' > '{plain}'"], check=True)
+        log = os.path.join(work, "orig.log")
+        try:
+            orig = qmp.Qemu(qmp.qemu_binary("10"), dst_args(oracle, machine, work, plain),
+                            work, "orig")
+            try:
+                r = wait_loaded(orig)
+            finally:
+                orig.quit()
+        except (qmp.QMPError, OSError) as e:
+            # QEMU exits as soon as the incoming load fails, maybe before QMP answers.
+            r = {"status": f"exited ({e.__class__.__name__})"}
+        why = ""
+        if os.path.exists(log):
+            lines = [x for x in open(log, errors="replace").read().splitlines() if x.strip()]
+            why = f": {lines[-1].strip()}" if lines else ""
+        if r["status"] == "completed":
+            note = "; NOTE: QEMU 10 also loaded the original stream"
+        else:
+            note = f"; QEMU 10 refuses the original ({r['status']}{why})"
+
+    incoming = sc.get("incoming", "file:{out}")
+    dst = qmp.Qemu(qmp.qemu_binary("10"), dst_args(oracle, machine, work, out, incoming),
+                   work, "dst")
+    try:
+        r = wait_loaded(dst)
+        if r["status"] != "completed":
+            raise RuntimeError(f"QEMU 10 did not load the converted stream: {r}\n"
+                               f"log: {dst.read_log()}")
+        status = dst.cmd("query-status")["status"]
+        if status not in ("paused", "prelaunch", "postmigrate"):
+            raise RuntimeError(f"QEMU 10 run state after load: {status}")
+        version = qmp.version_string(dst.qmp)
+        n, problems = check_digests(dst, oracle, work)
+        if problems:
+            raise RuntimeError(f"{len(problems)} of {n} ranges differ: " + "; ".join(problems))
+        if n == 0:
+            raise RuntimeError("the oracle has no digests to compare")
+    finally:
+        dst.quit()
+    print(f"  ok: -incoming {incoming.format(out='OUT')}: convert {took:.2f}s, {rep['input_stream_bytes']} -> "
+          f"{rep['output_stream_bytes']} bytes (ratio "
+          f"{rep['input_stream_bytes'] / rep['output_stream_bytes']:.2f}); pages before "
+          f"{rep['pages_before']} after {rep['pages_after']}; output / (non-zero pages + "
+          f"container) = {rep['vs_payload']:.4f}; QEMU {version} -M {machine}: "
+          f"completed/{status}, {n} digests equal the source's{note}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("scenarios", nargs="*")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep work directories")
+    a = ap.parse_args()
+    if a.list:
+        for k, v in SCENARIOS.items():
+            print(f"{k:16} {v['about']}")
+        return 0
+    names = a.scenarios or list(SCENARIOS)
+    for n in names:
+        if n not in SCENARIOS:
+            sys.exit(f"unknown scenario {n}; --list")
+    qmig = qmig_binary()
+    failed = []
+    for n in names:
+        sc = SCENARIOS[n]
+        print(f"convert_interop: {n}: {sc['about']}", flush=True)
+        work = tempfile.mkdtemp(prefix=f"qmig-convert-{n}-")
+        try:
+            run_scenario(n, sc, work, qmig)
+        except Exception as e:  # noqa: BLE001 - report every scenario
+            print(f"  FAIL: {e}", flush=True)
+            failed.append(n)
+        finally:
+            if a.keep:
+                print(f"  kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        print(f"convert_interop: FAILED: {', '.join(failed)}")
+        return 1
+    print(f"convert_interop: all {len(names)} scenarios passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
