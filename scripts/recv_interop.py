@@ -288,7 +288,7 @@ def run_postcopy(name, sc, qmig, work):
         check(rc == 0, f"qmig recv exited {rc}: {err}")
         m = json.load(open(os.path.join(out, "manifest.json")))
         check(m["complete"], f"manifest not complete: {m['error']}")
-        check(m["postcopy_state"] == "End", f"postcopy state {m['postcopy_state']}")
+        check(m["postcopy_state"] == "end", f"postcopy state {m['postcopy_state']}")
         pc = m["postcopy"]
         check(pc["mode"] == "userfaultfd", f"postcopy mode {pc['mode']}")
         q = final.get("ram", {})

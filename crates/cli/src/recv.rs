@@ -845,7 +845,7 @@ mod tests {
         let (code, m, rp, _) = run_touch(stream.clone(), Layout::Adopt, "pc", false, 2, hold);
         assert_eq!(code, 0, "{m}");
         assert_eq!(m["complete"], true);
-        assert_eq!(m["postcopy_state"], "End");
+        assert_eq!(m["postcopy_state"], "end");
         let pc = &m["postcopy"];
         let msgs = qmig_wire::parse_return_path(&rp).unwrap();
         let reqs: Vec<_> = msgs
