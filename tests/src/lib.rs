@@ -136,3 +136,28 @@ pub fn gunzip(b: &[u8]) -> Vec<u8> {
         .expect("gunzip");
     out
 }
+
+/// Runs `cmd` with `input` written to its stdin (from another thread, so a
+/// child that stops reading early cannot block the test) and collects its
+/// output. The CLI tests use it for every "through a pipe" case.
+///
+/// # Panics
+/// When the command cannot be started.
+pub fn run_with_stdin(cmd: &mut std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = w.join();
+    out
+}

@@ -160,10 +160,37 @@ pub fn set_target_page_size(size: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The device-section lengths of `--vmdesc-from FILE`, for streams that
+/// carry no vmdesc of their own (postcopy captures, `suppress-vmdesc`).
+static VMDESC_FROM: std::sync::OnceLock<std::sync::Arc<qmig_wire::devices::DeviceTable>> =
+    std::sync::OnceLock::new();
+
+/// Records `--vmdesc-from FILE` (a bare vmdesc JSON, or another capture of
+/// the same QEMU and machine type) for every reader this process opens.
+///
+/// # Errors
+/// The file cannot be read or holds no valid vmdesc.
+pub fn set_vmdesc_from(path: &Path) -> Result<(), crate::error::CliError> {
+    let json = crate::inspect::file_vmdesc(path)?;
+    let table = qmig_wire::devices::DeviceTable::from_vmdesc_json(&json).map_err(|e| {
+        crate::error::CliError::data(format!("--vmdesc-from {}: {e}", path.display()))
+    })?;
+    let _ = VMDESC_FROM.set(std::sync::Arc::new(table));
+    Ok(())
+}
+
 /// Gives a new reader's decoder the options of this process.
 pub fn configure(dec: &mut Decoder) {
     if let Some(&bits) = TARGET_PAGE_BITS.get() {
         dec.set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Override);
+    }
+    if let Some(t) = VMDESC_FROM.get() {
+        // The stream's own vmdesc, when it has one, wins.
+        if !dec.has_vmdesc() {
+            if let Err(e) = dec.set_vmdesc(Some(t.clone())) {
+                eprintln!("qmig: --vmdesc-from not used: {e}");
+            }
+        }
     }
 }
 

@@ -1007,7 +1007,7 @@ fn stream_vmdesc(path: &Path) -> Result<Option<Vec<u8>>, CliError> {
 
 /// The vmdesc held by `--vmdesc FILE`: a bare JSON (e.g. `recv`'s
 /// `vmdesc.json`) or another capture of the same QEMU and machine type.
-fn file_vmdesc(path: &Path) -> Result<Vec<u8>, CliError> {
+pub(crate) fn file_vmdesc(path: &Path) -> Result<Vec<u8>, CliError> {
     use std::io::Read;
     let err = |e: std::io::Error| CliError::io(path, "read", e);
     let mut head = Vec::new();

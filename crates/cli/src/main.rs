@@ -38,6 +38,11 @@ struct Cli {
     /// it overrides every source in the stream.
     #[arg(long, global = true, value_name = "SIZE", value_parser = size::parse_size)]
     target_page_size: Option<u64>,
+    /// For streams without a vmdesc of their own (postcopy captures): take
+    /// the device-section lengths from FILE, a bare vmdesc JSON or another
+    /// capture of the same QEMU and machine type (`recv` keeps `vmdesc.json`).
+    #[arg(long, global = true, value_name = "FILE")]
+    vmdesc_from: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -194,6 +199,12 @@ fn main() -> ExitCode {
         }
     };
     progress::set_quiet(cli.quiet);
+    if let Some(f) = &cli.vmdesc_from {
+        if let Err(e) = input::set_vmdesc_from(f) {
+            eprintln!("qmig: {}: {e}", command_word());
+            return ExitCode::from(e.exit_code());
+        }
+    }
     if let Some(ps) = cli.target_page_size {
         if let Err(e) = input::set_target_page_size(ps) {
             eprintln!("qmig: {}: {e}", command_word());

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use qmig_tests::{captures, Capture};
 use serde_json::Value;
@@ -35,22 +35,7 @@ fn capture(name: &str) -> Capture {
 
 /// Runs `qmig ARGS` with `input` written to its stdin.
 fn piped(args: &[&str], input: &[u8]) -> Output {
-    let mut child = qmig()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = input.to_vec();
-    // The child may stop reading early (an error): ignore a broken pipe.
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
-    out
+    qmig_tests::run_with_stdin(qmig().args(args), input)
 }
 
 fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {

@@ -5,9 +5,8 @@
 //! source's memory digests. The mapped-ram file (gzip'd here) is read
 //! compressed, through a pipe and decompressed as a plain file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use qmig_tests::sha256;
 use serde_json::Value;
@@ -38,20 +37,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `inspect --json` of `bytes` given through a pipe.
 fn inspect_pipe(bytes: &[u8]) -> (bool, Value) {
-    let mut child = qmig()
-        .args(["inspect", "/dev/stdin", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = bytes.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
+    let out = qmig_tests::run_with_stdin(qmig().args(["inspect", "/dev/stdin", "--json"]), bytes);
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.success(), v)
 }
@@ -356,4 +342,46 @@ fn target_page_size_override() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A postcopy capture has no vmdesc: `--vmdesc-from` another capture of the
+/// same QEMU and machine type delimits its (packaged) device sections
+/// exactly, with the same result as the footer reading; a vmdesc of another
+/// machine is refused, never used to misread.
+#[test]
+fn vmdesc_from_another_capture() {
+    let data = qmig_tests::data_dir();
+    let s = data.join("q10-postcopy").join("stream");
+    let (ok, plain) = inspect_file(&s);
+    assert!(ok);
+    assert_eq!(plain["device_sections_delimited_by"], "footer");
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .arg("--json")
+        .arg("--vmdesc-from")
+        .arg(data.join("q10-stopped").join("stream"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["device_sections_delimited_by"], "vmdesc");
+    assert_eq!(v["totals"], plain["totals"]);
+    assert_eq!(v["device_bytes"], plain["device_bytes"]);
+    let out = qmig()
+        .arg("roundtrip")
+        .arg(&s)
+        .arg("--vmdesc-from")
+        .arg(data.join("q10-stopped").join("stream"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = qmig()
+        .arg("inspect")
+        .arg(&s)
+        .arg("--vmdesc-from")
+        .arg(data.join("arm-versatilepb").join("stream"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
 }

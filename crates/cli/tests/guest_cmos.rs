@@ -7,9 +7,8 @@
 //! QEMU reads it (from a file and from a pipe), and without it the reader
 //! either reads it the same way or refuses.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use qmig_wire::section::{write_footer, SectionHeader};
 use qmig_wire::{Item, RamBody, RamRecord, SliceReader, VmDesc};
@@ -103,20 +102,7 @@ fn extract(stream: &Path, dir: &Path) -> Option<PathBuf> {
 }
 
 fn inspect_pipe(bytes: &[u8]) -> (bool, serde_json::Value) {
-    let mut child = qmig()
-        .args(["inspect", "-", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = bytes.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
+    let out = qmig_tests::run_with_stdin(qmig().args(["inspect", "-", "--json"]), bytes);
     (
         out.status.success(),
         serde_json::from_slice(&out.stdout).unwrap_or_default(),

@@ -947,6 +947,23 @@ impl Decoder {
         }
     }
 
+    /// A [`WireError::DeviceSection`] for section `id` at the start of `buf`.
+    fn device_error(&self, buf: &[u8], id: u32, why: &'static str) -> nom::Err<PErr> {
+        PErr::at(
+            buf,
+            WireError::DeviceSection {
+                offset: 0,
+                section_id: id,
+                idstr: self
+                    .sections
+                    .get(&id)
+                    .map(|s| s.idstr.clone())
+                    .unwrap_or_default(),
+                why,
+            },
+        )
+    }
+
     /// Delimits a device section payload: by the vmdesc's exact length when
     /// the section is described, else by its footer under structural and
     /// ambiguity checks.
@@ -957,17 +974,7 @@ impl Decoder {
         eof: bool,
     ) -> Result<Step<'a>, nom::Err<PErr>> {
         let info = self.sections.get(&id);
-        let dev_err = |why: &'static str| {
-            PErr::at(
-                buf,
-                WireError::DeviceSection {
-                    offset: 0,
-                    section_id: id,
-                    idstr: info.map(|s| s.idstr.clone()).unwrap_or_default(),
-                    why,
-                },
-            )
-        };
+        let dev_err = |why: &'static str| self.device_error(buf, id, why);
         if let Some(i) = info.filter(|i| i.iterative && crate::iterative::known(&i.idstr)) {
             let (r, ()) = crate::iterative::parse_payload(
                 buf,
@@ -1005,9 +1012,14 @@ impl Decoder {
                         len: n,
                     });
                 }
-                // Iterative sections other than RAM (dirty-bitmap,
-                // spapr/htab...) are not in the vmdesc.
-                None if info.is_some_and(|i| i.iterative) => true,
+                // Iterative sections other than RAM are not in the vmdesc;
+                // the known ones were decoded above. Cutting an unknown
+                // one at footer-like bytes could be steered by its data.
+                None if info.is_some_and(|i| i.iterative) => {
+                    return Err(dev_err(
+                        "an iterative section whose format qmig does not know (it reads ram, spapr/htab and s390-storage_attributes); the vmdesc does not describe iterative sections",
+                    ))
+                }
                 None => return Err(dev_err("the vmdesc does not describe this section")),
             },
             // Postcopy packages never have a vmdesc; sections before or
@@ -1075,18 +1087,7 @@ impl Decoder {
     /// Finds the end of a device section payload: the first footer for this
     /// section id that is followed by something a QEMU source could send next.
     fn scan_device(&self, buf: &[u8], id: u32, eof: bool) -> Result<Option<usize>, nom::Err<PErr>> {
-        let info = self.sections.get(&id);
-        let dev_err = |why: &'static str| {
-            PErr::at(
-                buf,
-                WireError::DeviceSection {
-                    offset: 0,
-                    section_id: id,
-                    idstr: info.map(|s| s.idstr.clone()).unwrap_or_default(),
-                    why,
-                },
-            )
-        };
+        let dev_err = |why: &'static str| self.device_error(buf, id, why);
         if self.footers == Some(false) {
             return Err(dev_err(
                 "the stream has no section footers, so device sections cannot be delimited",

@@ -453,3 +453,42 @@ fn item_crossing_package_end_is_rejected() {
     let e = first_error(&s);
     assert!(e.is_truncation(), "{e}");
 }
+
+/// With a vmdesc, no section is ever cut at footer-like bytes: an iterative
+/// section of a format qmig does not know (here `dirty-bitmap`) is refused
+/// rather than delimited by a scan its own data could steer; the same
+/// bytes without a vmdesc go through the guarded scan.
+#[test]
+fn unknown_iterative_section_with_vmdesc_is_refused() {
+    let mut s = prelude();
+    SectionHeader::start(3, "dirty-bitmap", 0, 1)
+        .write(&mut s)
+        .unwrap();
+    s.extend_from_slice(&[0x7e, 0, 0, 0, 3, 0, 0, 0, 0]);
+    write_footer(&mut s, 3);
+    SectionHeader::end(2).write(&mut s).unwrap();
+    RamRecord::eos().write(&mut s).unwrap();
+    write_footer(&mut s, 2);
+    s.push(0);
+    let mut with = s.clone();
+    qmig_wire::vmdesc::write_vmdesc(&mut with, br#"{"page_size":4096,"devices":[]}"#).unwrap();
+    match first_error(&with) {
+        WireError::DeviceSection { idstr, why, .. } => {
+            assert_eq!(idstr, "dirty-bitmap");
+            assert!(why.contains("iterative"), "{why}");
+        }
+        e => panic!("{e}"),
+    }
+    // Without a vmdesc the footer scan applies: the fake footer inside the
+    // payload is not followed by anything QEMU could send, so the payload
+    // is read whole.
+    let items = SliceReader::new(&s).collect::<Result<Vec<_>, _>>().unwrap();
+    let payloads: Vec<&[u8]> = items
+        .iter()
+        .filter_map(|(_, it)| match it {
+            Item::DeviceData(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(payloads, vec![&[0x7e, 0, 0, 0, 3, 0, 0, 0, 0][..]]);
+}
