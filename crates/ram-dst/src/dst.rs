@@ -748,6 +748,10 @@ impl<M: GuestMemory> RamDst<M> {
     /// actions need no reply. Replies are bounded: a PONG is 8 bytes for a
     /// 9-byte PING, and no reply grows with a size the input announces.
     ///
+    /// The PONG is also queued, in order with page requests, for
+    /// [`RamDst::poll_transmit`]; a host that drains `poll_transmit` (as
+    /// `qmig recv` does) calls `reply` only for the other actions.
+    ///
     /// # Errors
     /// As for [`write_recv_bitmap_reply`](crate::write_recv_bitmap_reply).
     pub fn reply(&self, action: &Action, out: &mut Vec<u8>) -> Result<(), RamDstError> {
