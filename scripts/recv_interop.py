@@ -12,6 +12,10 @@ Each scenario boots the dirtying guest (scripts/guest) on a QEMU source, starts
   * record counts equal QEMU's counters (QEMU 10: ram.normal, ram.duplicate,
     xbzrle-cache.pages), the return path was (or was not) used as configured;
   * the --save capture replays (`qmig extract`) to the same pc.ram.
+Scenario `q10-postcopy` (128 MiB guest, postcopy started after ~1 s, `recv --touch 2`)
+checks instead that pc.ram equals the source's pmemsave after `completed`, and that the
+source's ram.postcopy-requests is > 0 and equal to the page requests qmig reports;
+`q10-postcopy-killed` kills the source mid-postcopy (recv must fail cleanly, no hang).
 Scenario `killed-source` kills the source mid-stream: recv must exit non-zero with the
 error offset in manifest.json and images consistent with `applied_up_to`.
 Exits non-zero with a message naming the failed scenarios.
@@ -38,6 +42,9 @@ RAM_MIB = 16
 
 G_PLAIN = {"start": 0x100000, "size": 256 * 4096, "writes": 2}
 G_XBZ = {"start": 0x100000, "size": 128 * 4096, "writes": 2, "delay": 0x1000}
+# Postcopy: 96 MiB of the 128 MiB guest dirtied continuously, so precopy at 32 MiB/s is
+# still running after 1 s and never converges by itself.
+G_POSTCOPY = {"start": 0x100000, "size": 96 * MiB, "writes": 2, "delay": 0x1000}
 
 SCENARIOS = {
     "q10-plain": dict(qemu="10", guest=G_PLAIN, min_syncs=4,
@@ -63,6 +70,17 @@ SCENARIOS = {
                          params={"max-bandwidth": 4_000_000, "compress-level": 1,
                                  "compress-threads": 2},
                          about="QEMU 7.2, compress capability (COMPRESS_PAGE records)"),
+    "q10-postcopy": dict(qemu="10", guest=G_POSTCOPY, postcopy=True, ram_mib=128, touch=2,
+                         caps={"postcopy-ram": True},
+                         params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB},
+                         about="QEMU 10, -m 128, postcopy-ram, migrate-start-postcopy after ~1 s, "
+                               "qmig recv --touch 2 demand-pages over userfaultfd"),
+    "q10-postcopy-killed": dict(qemu="10", guest=G_POSTCOPY, postcopy=True, ram_mib=128, touch=2,
+                                kill=True, caps={"postcopy-ram": True},
+                                params={"max-bandwidth": 32 * MiB,
+                                        "max-postcopy-bandwidth": 4 * MiB},
+                                about="QEMU 10 source killed mid-postcopy: recv fails cleanly, "
+                                      "no hang"),
     "killed-source": dict(qemu="10", guest=G_PLAIN, kill=True,
                           params={"max-bandwidth": 1_000_000},
                           about="QEMU 10 source killed mid-stream: recv fails cleanly"),
@@ -93,11 +111,11 @@ def check(cond, msg):
         raise Fail(msg)
 
 
-def start_recv(qmig, out, work):
+def start_recv(qmig, out, work, extra=()):
     port = qmp.free_port()
     errlog = open(os.path.join(work, "recv.stderr"), "w+b")
     p = subprocess.Popen([qmig, "recv", "--listen", f"tcp:127.0.0.1:{port}", "-o", out,
-                          "--save", os.path.join(out, "saved.stream")],
+                          "--save", os.path.join(out, "saved.stream"), *extra],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog,
                          start_new_session=True)
     p.errlog = errlog
@@ -139,6 +157,8 @@ def compare_ram(img, mem):
 
 
 def run_scenario(name, sc, qmig, work):
+    if sc.get("postcopy"):
+        return run_postcopy(name, sc, qmig, work)
     os.makedirs(work, exist_ok=True)
     out = os.path.join(work, "out")
     img = capture.build_guest(sc["guest"], os.path.join(work, "guest.img"))
@@ -203,6 +223,91 @@ def run_scenario(name, sc, qmig, work):
               "--save capture size differs from the bytes received")
         return (f"completed after {syncs} syncs; {m['bytes_received']} bytes; records {r}; "
                 f"return path {m['return_path']}")
+    finally:
+        if recv and recv.poll() is None:
+            recv.kill()
+            recv.wait()
+        src.kill()
+
+
+def run_postcopy(name, sc, qmig, work):
+    """A QEMU source switches to postcopy after ~1 s; `qmig recv --touch N` registers the
+    RAM with userfaultfd at LISTEN and asks for every page its touch threads fault on."""
+    os.makedirs(work, exist_ok=True)
+    out = os.path.join(work, "out")
+    ram_mib = sc["ram_mib"]
+    img = capture.build_guest(sc["guest"], os.path.join(work, "guest.img"))
+    serial = os.path.join(work, "src.serial")
+    args = ["-M", "pc", "-m", str(ram_mib), "-nodefaults", "-display", "none",
+            "-drive", f"file={img},format=raw,if=ide", "-serial", f"file:{serial}"]
+    src = qmp.Qemu(qmp.qemu_binary(sc["qemu"]), args, work, "src")
+    recv = None
+    try:
+        capture.wait_guest(serial)
+        recv, port = start_recv(qmig, out, work, ["--touch", str(sc["touch"])])
+        src.cmd("migrate-set-capabilities",
+                capabilities=[{"capability": k, "state": v} for k, v in sc["caps"].items()])
+        src.cmd("migrate-set-parameters", **sc["params"])
+        # Precopy must not converge on its own: postcopy is started by hand.
+        src.cmd("migrate-set-parameters", **{"downtime-limit": 1})
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        time.sleep(1.0)
+        st = src.cmd("query-migrate")
+        check(st.get("status") == "active", f"not in precopy after 1 s: {st.get('status')}")
+        src.cmd("migrate-start-postcopy")
+        if sc.get("kill"):
+            qmp.wait_migration(src.qmp, timeout=60, done=("postcopy-active",))
+            time.sleep(0.5)
+            src.kill()
+            t0 = time.monotonic()
+            rc = wait_recv(recv, timeout=90)
+            took = time.monotonic() - t0
+            err = read_err(recv)
+            check(rc != 0, "qmig recv exited 0 after the source was killed mid-postcopy")
+            m = json.load(open(os.path.join(out, "manifest.json")))
+            check(not m["complete"] and m["error"], f"manifest must record the failure: {m}")
+            pc = m["postcopy"]
+            check(pc["mode"] == "userfaultfd", f"postcopy mode {pc['mode']}")
+            check(pc["touch_threads_unfinished"] == 0, "touch threads still blocked at exit")
+            # Images are consistent: the offline replay of the saved prefix up to
+            # applied_up_to gives the same pc.ram (every page old or new, none torn).
+            saved = open(os.path.join(out, "saved.stream"), "rb").read()
+            prefix = os.path.join(work, "prefix.stream")
+            open(prefix, "wb").write(saved[:m["applied_up_to"]])
+            ex = os.path.join(work, "prefix")
+            subprocess.run([qmig, "extract", prefix, "-o", ex], stderr=subprocess.DEVNULL)
+            mx = json.load(open(os.path.join(ex, "manifest.json")))
+            check(mx["applied_up_to"] == m["applied_up_to"], "prefix replay stops elsewhere")
+            check(image_of(ex, mx, "pc.ram") == image_of(out, m, "pc.ram"),
+                  "pc.ram differs from the stream applied up to applied_up_to")
+            return (f"recv failed cleanly {took:.1f}s after the kill ({pc['page_requests']} "
+                    f"requests sent): {err.splitlines()[-1]}")
+        final = qmp.wait_migration(src.qmp, timeout=180)
+        rc = wait_recv(recv)
+        err = read_err(recv)
+        check(rc == 0, f"qmig recv exited {rc}: {err}")
+        m = json.load(open(os.path.join(out, "manifest.json")))
+        check(m["complete"], f"manifest not complete: {m['error']}")
+        check(m["postcopy_state"] == "end", f"postcopy state {m['postcopy_state']}")
+        pc = m["postcopy"]
+        check(pc["mode"] == "userfaultfd", f"postcopy mode {pc['mode']}")
+        q = final.get("ram", {})
+        reqs = q.get("postcopy-requests")
+        check(reqs is not None and reqs > 0, f"source's ram.postcopy-requests is {reqs}")
+        check(reqs == pc["page_requests"],
+              f"source counted {reqs} page requests, qmig sent {pc['page_requests']}")
+        check(pc["touched_pages"] > 0 and pc["touch_threads_unfinished"] == 0,
+              f"touch threads: {pc['touched_pages']} pages, "
+              f"{pc['touch_threads_unfinished']} unfinished")
+        qmp.wait_status(src.qmp, "postmigrate")
+        mem = open(qmp.pmemsave(src.qmp, 0, ram_mib * MiB, os.path.join(work, "src.mem")),
+                   "rb").read()
+        compare_ram(image_of(out, m, "pc.ram"), mem)
+        lat = pc["fault_latency_us"]
+        return (f"completed; ram.postcopy-requests {reqs} = qmig page_requests; faults "
+                f"{pc['faults']}, latency p50 {lat['p50']} us p99 {lat['p99']} us "
+                f"(n={lat['count']}); touched {pc['touched_pages']} pages; "
+                f"{m['bytes_received']} bytes; records {m['records']}")
     finally:
         if recv and recv.poll() is None:
             recv.kill()

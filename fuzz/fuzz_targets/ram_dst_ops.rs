@@ -260,10 +260,35 @@ fuzz_target!(|data: &[u8]| {
                 let _ = e.offset();
             }
         }
+        // A thread faults somewhere (any block index, any offset): a typed
+        // outcome or error, never a panic.
+        if c.u8() % 4 == 0 {
+            let block = c.u8() as usize % 5;
+            let off = if c.u8() & 1 == 0 { c.u64() } else { c.offset() };
+            if let Err(e) = dst.handle_page_fault(block, off) {
+                let _ = e.to_string();
+            }
+        }
         while let Some(a) = dst.poll_action() {
+            // The host places what the machine asks for and reports it.
+            match &a {
+                qmig_ram_dst::Action::PlaceHostPage {
+                    block,
+                    offset,
+                    data,
+                } => dst
+                    .handle_placed(*block, *offset, data.len() as u64)
+                    .expect("own placement is whole host pages"),
+                qmig_ram_dst::Action::PlaceZeroPage { block, offset, len } => dst
+                    .handle_placed(*block, *offset, *len)
+                    .expect("own placement is whole host pages"),
+                _ => {}
+            }
             if let qmig_ram_dst::Action::SendRecvBitmap { block } = a {
                 let mut out = Vec::new();
-                assert!(dst.recv_bitmap_reply(block, &mut out).expect("own block names are writable"));
+                assert!(dst
+                    .recv_bitmap_reply(block, &mut out)
+                    .expect("own block names are writable"));
                 let b = &dst.blocks()[block];
                 let pages = b.used_length() / dst.page_size();
                 let (name, bm, n) =
@@ -271,6 +296,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!((name.as_str(), n), (b.name(), out.len()));
                 assert_eq!(&bm, b.received());
             }
+        }
+        // Return-path bytes are whole, parseable messages.
+        let mut out = Vec::new();
+        if dst.poll_transmit(&mut out) {
+            qmig_wire::parse_return_path(&out).expect("own return-path bytes parse");
         }
         at += len as u64;
     }

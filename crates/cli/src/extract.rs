@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qmig_ram_dst::{
-    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, RamDst, RamDstError,
+    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, Placement, RamDst,
+    RamDstError,
 };
 use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
 
@@ -52,6 +53,9 @@ pub(crate) enum StopError {
     },
     /// SIGINT or SIGTERM.
     Interrupted(i32),
+    /// The postcopy host (userfaultfd, fault handling) failed or refused
+    /// the stream.
+    Postcopy(String),
 }
 
 impl std::fmt::Display for StopError {
@@ -73,6 +77,7 @@ impl std::fmt::Display for StopError {
             StopError::Interrupted(sig) => {
                 write!(f, "interrupted by {}", crate::error::signal_name(*sig))
             }
+            StopError::Postcopy(e) => write!(f, "postcopy: {e}"),
         }
     }
 }
@@ -83,7 +88,7 @@ impl StopError {
             StopError::Wire(e) => Some(e.offset()),
             StopError::Dst(e) => Some(e.offset()),
             StopError::Io { offset, .. } | StopError::Peer { offset, .. } => Some(*offset),
-            StopError::Interrupted(_) => None,
+            StopError::Interrupted(_) | StopError::Postcopy(_) => None,
         }
     }
 
@@ -129,6 +134,10 @@ impl StopError {
             StopError::Peer { message, offset } => CliError::Data {
                 message: format!("{input}: {message}; {detail}"),
                 offset: Some(offset),
+            },
+            StopError::Postcopy(e) => CliError::Data {
+                message: format!("{input}: postcopy: {e}; {detail}"),
+                offset: None,
             },
             StopError::Interrupted(signal) => CliError::Interrupted {
                 signal,
@@ -251,11 +260,13 @@ impl<M: Images> Session<M> {
         outdir: &Path,
         mem: M,
         layout: Layout,
+        placement: Placement,
         writer: &'static str,
         source: String,
     ) -> Result<Self, CliError> {
         let cfg = Config {
             layout,
+            placement,
             ..Config::default()
         };
         let dst = RamDst::new(cfg, mem).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -440,7 +451,14 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
     // mappings when the stream is read from a file.
     let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let name = path.display().to_string();
-    let mut s = Session::new(outdir, mem, Layout::Adopt, "extract", name.clone())?;
+    let mut s = Session::new(
+        outdir,
+        mem,
+        Layout::Adopt,
+        Placement::Apply,
+        "extract",
+        name.clone(),
+    )?;
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().

@@ -15,6 +15,7 @@ mod files;
 mod input;
 mod inspect;
 mod manifest;
+mod postcopy;
 mod progress;
 mod recv;
 mod roundtrip;
@@ -102,7 +103,7 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Receive a live precopy migration from a QEMU source (`migrate tcp:...`) into
+    /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
     #[command(after_help = error::EXIT_CODES)]
     Recv {
@@ -120,6 +121,10 @@ enum Cmd {
         /// Also record the whole incoming stream, byte for byte, in this file.
         #[arg(long, value_name = "STREAM")]
         save: Option<PathBuf>,
+        /// Postcopy: from POSTCOPY_RUN on, N threads read every guest page
+        /// once in a pseudo-random order (like vCPUs), so pages are demand-paged.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        touch: usize,
         /// Give up when the source sends nothing, or does not read the return
         /// path, for this many seconds (the manifest then says so).
         #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -249,6 +254,7 @@ fn main() -> ExitCode {
             output,
             blocks,
             save,
+            touch,
             idle_timeout,
         } => recv::run(
             &listen,
@@ -256,6 +262,7 @@ fn main() -> ExitCode {
             blocks.as_deref(),
             save.as_deref(),
             std::time::Duration::from_secs(idle_timeout),
+            touch,
         ),
         Cmd::Send(args) => send::run(&args),
         Cmd::Convert(args) => convert::run(&args).map_err(|e| CliError::from(e.to_string())),

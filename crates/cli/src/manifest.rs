@@ -114,6 +114,61 @@ pub struct RecvInfo {
     pub seconds: f64,
     /// The `--save` file, if any.
     pub saved_stream: Option<String>,
+    /// How postcopy was served (absent before postcopy support wrote it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyInfo>,
+}
+
+/// Fault-to-placement latencies of the pages asked of the source, in
+/// microseconds (`null` when there were none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Faults that were answered by a requested page.
+    pub count: u64,
+    /// Median.
+    pub p50: Option<u64>,
+    /// 99th percentile.
+    pub p99: Option<u64>,
+    /// Largest.
+    pub max: Option<u64>,
+}
+
+/// What `recv` reports about postcopy (the manifest's `postcopy` object).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyInfo {
+    /// `"userfaultfd"`, `"passive (why)"`, or `null` when the stream never
+    /// reached POSTCOPY_LISTEN.
+    pub mode: Option<String>,
+    /// REQ_PAGES / REQ_PAGES_ID messages sent on the return path.
+    pub page_requests: u64,
+    /// Faults the userfaultfd fault threads read.
+    pub faults: u64,
+    /// Faults handed to the state machine.
+    pub faults_handled: u64,
+    /// Faults on pages already received (placed locally, nothing asked).
+    pub faults_resolved_locally: u64,
+    /// Faults on pages already asked for.
+    pub faults_already_requested: u64,
+    /// Requests still unanswered at the end.
+    pub outstanding_requests: u64,
+    /// Host pages placed with UFFDIO_COPY (or written, passively).
+    pub placed_host_pages: u64,
+    /// Zero host pages placed.
+    pub placed_zero_pages: u64,
+    /// Fault-to-placement latencies.
+    pub fault_latency_us: LatencySummary,
+    /// Total vCPU blocktime (QEMU's definition), microseconds.
+    pub blocktime_total_us: u64,
+    /// `--touch`.
+    pub touch_threads: usize,
+    /// Pages the touch threads read.
+    pub touched_pages: u64,
+    /// Touch threads still blocked when `recv` gave up waiting.
+    pub touch_threads_unfinished: u64,
+    /// Errors of the fault threads.
+    pub fault_thread_errors: Vec<String>,
+    /// The fault handler's error, if any.
+    pub error: Option<String>,
 }
 
 /// The manifest of a RAM directory.
@@ -284,11 +339,18 @@ mod tests {
                 bytes_received: 5,
                 seconds: 0.5,
                 saved_stream: None,
+                postcopy: Some(PostcopyInfo {
+                    mode: Some("userfaultfd".into()),
+                    page_requests: 3,
+                    ..PostcopyInfo::default()
+                }),
             }),
             ..Manifest::default()
         };
         let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
         assert_eq!(v["peer"], "127.0.0.1:1");
+        assert_eq!(v["postcopy"]["page_requests"], 3);
+        assert!(v["postcopy"]["fault_latency_us"]["p50"].is_null());
         assert_eq!(v["complete"], true);
         assert!(v.get("interrupted").is_none());
         let back: Manifest = serde_json::from_str(&m.to_json()).unwrap();

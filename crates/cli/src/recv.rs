@@ -20,14 +20,17 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qmig_ram_dst::{Action, FileMemory, Layout, LocalBlock};
+use qmig_ram_dst::{Action, Layout, LocalBlock, Placement, PostcopyState, RamDstError};
 use qmig_wire::{Item, RpMessage, StreamReader};
 
 use crate::error::{CliError, CliResult};
 use crate::extract::{Session, StopError};
 use crate::manifest::{Manifest, RecvInfo};
+use crate::postcopy::{lock, Inner, RecvMemory, Running};
 use crate::uri::MigUri;
 
 /// How long to wait for the vmdesc trailer once EOF was read.
@@ -54,6 +57,9 @@ struct Tee {
     after_eof: Rc<Cell<Option<Instant>>>,
     /// The first failed `--save` write: stream offset and OS error.
     save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
+    /// Set by the postcopy fault handler when it failed: the migration
+    /// cannot go on (checked every [`POLL`] on sockets).
+    abort: Arc<AtomicBool>,
 }
 
 /// The error a read returns when a signal arrived (not `Interrupted`, which
@@ -77,6 +83,9 @@ impl Read for Tee {
                 {
                     if let Some(sig) = crate::signals::pending() {
                         return Err(interrupted_io(sig));
+                    }
+                    if self.abort.load(Ordering::Acquire) {
+                        return Err(std::io::Error::other("the postcopy fault handler failed"));
                     }
                     match self.after_eof.get() {
                         Some(t) if t.elapsed() >= AFTER_EOF_TIMEOUT => break 0,
@@ -174,7 +183,7 @@ pub(crate) enum Listener {
 struct Incoming {
     src: Box<dyn Read>,
     polled: bool,
-    rp: Option<Box<dyn Write>>,
+    rp: Option<Box<dyn Write + Send>>,
     peer: String,
     child: Option<Child>,
 }
@@ -370,6 +379,7 @@ pub fn run(
     blocks: Option<&Path>,
     save: Option<&Path>,
     idle: Duration,
+    touch: usize,
 ) -> CliResult {
     let layout = match blocks {
         Some(p) => read_layout(p)?,
@@ -383,8 +393,19 @@ pub fn run(
     crate::files::output_dir(outdir)?;
     let listener = Listener::open(listen)?;
     crate::signals::install();
-    receive(listener, outdir, layout, save, &listen.to_string(), idle)
+    receive(
+        listener,
+        outdir,
+        layout,
+        save,
+        &listen.to_string(),
+        idle,
+        touch,
+    )
 }
+
+/// How long the end of a migration waits for `--touch` threads.
+const TOUCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Takes one migration from `listener` (see the module documentation).
 pub(crate) fn receive(
@@ -394,8 +415,9 @@ pub(crate) fn receive(
     save: Option<&Path>,
     listen: &str,
     idle: Duration,
+    touch: usize,
 ) -> CliResult {
-    let mem = FileMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
+    let mem = RecvMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
         Some(p) => Some(File::create(p).map_err(|e| CliError::io(p, "create", e))?),
         None => None,
@@ -406,8 +428,17 @@ pub(crate) fn receive(
     let inc = listener.accept(idle)?;
     drop(listener);
     // The directory is marked incomplete only now: a recv that never got a
-    // migration leaves an earlier result alone.
-    let mut session = Session::new(outdir, mem, layout, "recv", listen.to_string())?;
+    // migration leaves an earlier result alone. Emit: postcopy host pages
+    // are placed by the host (UFFDIO_COPY once registered), which reports
+    // each placement back.
+    let session = Session::new(
+        outdir,
+        mem,
+        layout,
+        Placement::Emit,
+        "recv",
+        listen.to_string(),
+    )?;
     if !crate::progress::quiet() {
         eprintln!("qmig recv: migration from {}", inc.peer);
     }
@@ -418,10 +449,10 @@ pub(crate) fn receive(
         peer,
         child,
     } = inc;
-    let mut rp_sock = rp;
     let received = Rc::new(Cell::new(0u64));
     let after_eof = Rc::new(Cell::new(None));
     let save_error = Rc::new(RefCell::new(None));
+    let abort = Arc::new(AtomicBool::new(false));
     let tee = Tee {
         src,
         polled,
@@ -431,21 +462,18 @@ pub(crate) fn receive(
         received: received.clone(),
         after_eof: after_eof.clone(),
         save_error: save_error.clone(),
+        abort: abort.clone(),
     };
+    let inner = Arc::new(Mutex::new(Inner::new(session, rp, idle)));
+    let host = Running::start(&inner, abort, touch);
     let mut rd = StreamReader::new(tee);
     crate::input::configure(rd.decoder_mut());
     let pb = crate::progress::bytes(0, "recv");
     let started = Instant::now();
-    let mut rp_open = false;
-    let mut rp_error: Option<String> = None;
-    let mut rp_dead = false;
     let mut pending: Vec<Action> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0u32;
-    let result: Result<(), StopError> = loop {
-        if let Some(sig) = crate::signals::pending() {
-            break Err(StopError::Interrupted(sig));
-        }
+    let result = loop {
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) => break Ok(()),
@@ -465,84 +493,82 @@ pub(crate) fn receive(
                 });
             }
         };
+        let mut g = lock(&inner);
         n = n.wrapping_add(1);
         if n.is_multiple_of(256) {
-            let st = session.dst.stats();
+            let st = g.session.dst.stats();
             pb.set_position(received.get());
             pb.set_message(format!(
-                "recv {} pages, {} zero, {} xbzrle",
+                "recv {} pages, {} zero, {} xbzrle, {} requested",
                 st.page + st.compressed,
                 st.zero,
-                st.xbzrle
+                st.xbzrle,
+                st.page_requests
             ));
         }
         let last = matches!(ri.item, Item::Vmdesc(_));
-        if matches!(ri.item, Item::Eof) {
+        let eof = matches!(ri.item, Item::Eof);
+        if eof {
             after_eof.set(Some(Instant::now()));
         }
-        if let Err(e) = session.handle(&ri, |a| pending.push(a)) {
+        if let Err(e) = g.session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
         }
+        let mut r = Ok(());
         for a in pending.drain(..) {
-            out.clear();
-            // The state machine decides what QEMU would answer (bounded
-            // replies, nothing without a return path): fuzz target recv_state.
-            if let Err(e) = session.dst.reply(&a, &mut out) {
-                rp_error.get_or_insert(format!("return path: {e}"));
-            }
-            match a {
-                Action::OpenReturnPath => rp_open = rp_sock.is_some(),
-                Action::NonZeroFill { offset, fill, .. } => {
-                    pb.suspend(|| eprintln!("qmig recv: note: offset {offset}: ZERO record with fill byte {fill:#04x}"));
-                }
-                _ => {}
-            }
-            if let (false, false, Some(w)) = (out.is_empty(), rp_dead, rp_sock.as_mut()) {
-                if let Err(e) = w.write_all(&out) {
-                    let why = if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) {
-                        format!(
-                            "return path: the source read nothing for {} s (--idle-timeout)",
-                            idle.as_secs_f64()
-                        )
-                    } else {
-                        format!("return path: {e}")
-                    };
-                    rp_error.get_or_insert(why);
-                    rp_dead = true;
-                }
+            if r.is_ok() {
+                r = g.execute(a, &host.ctl, &mut |m| {
+                    pb.suspend(|| eprintln!("qmig recv: note: {m}"))
+                });
             }
         }
-        if rp_dead {
+        g.flush_transmit(&mut out);
+        if let Err(e) = r {
+            break Err(e);
+        }
+        if g.rp_dead {
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
-            let why = rp_error.clone().unwrap_or_default();
+            let why = g.rp_error.clone().unwrap_or_default();
             break Err(StopError::Peer {
                 message: why,
                 offset: rd.decoder().position(),
             });
         }
-        if last {
+        if let Some(e) = &g.host.error {
+            break Err(StopError::Postcopy(format!("fault handler: {e}")));
+        }
+        // A postcopy stream has no vmdesc trailer: it is complete at EOF.
+        if last || (eof && g.session.dst.postcopy_state() == PostcopyState::End) {
             break Ok(());
         }
     };
+    // The fault handler may have failed while the reader was blocked (and
+    // made it stop through `abort`): report that, not the read error.
+    let result = match (result, lock(&inner).host.error.clone()) {
+        (Err(_), Some(e)) => Err(StopError::Postcopy(format!("fault handler: {e}"))),
+        (r, _) => r,
+    };
     pb.finish_and_clear();
-    if let (true, false, Some(w)) = (rp_open, rp_dead, rp_sock.as_mut()) {
+    let postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
+    let mut g = lock(&inner);
+    if g.rp_open && !g.rp_dead {
         out.clear();
         let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
             .write(&mut out)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-        if let Err(e) = written
-            .and_then(|()| w.write_all(&out))
-            .and_then(|_| w.flush())
-        {
-            rp_error.get_or_insert(format!("return path: sending SHUT: {e}"));
+        if let Some(w) = g.rp_sock() {
+            if let Err(e) = written
+                .and_then(|()| w.write_all(&out))
+                .and_then(|_| w.flush())
+            {
+                g.rp_error
+                    .get_or_insert(format!("return path: sending SHUT: {e}"));
+            }
         }
     }
     let tee = rd.into_inner();
-    drop(rp_sock);
+    g.close_rp();
     drop(tee);
     if let Some(mut c) = child {
         if result.is_err() {
@@ -551,14 +577,31 @@ pub(crate) fn receive(
         let _ = c.wait();
     }
     let secs = started.elapsed().as_secs_f64();
+    let rp_open = g.rp_open;
     let info = RecvInfo {
         peer,
         return_path: rp_open,
         bytes_received: received.get(),
         seconds: secs,
         saved_stream: save.map(|p| p.display().to_string()),
+        postcopy: Some(postcopy),
     };
-    session.finish(result, Some(info), listen)?;
+    // Every userfaultfd is closed (host.stop): the memory reads safely now.
+    let tps = g.session.dst.page_size();
+    let at = g.session.dst.applied_up_to();
+    let (mem, blocks) = g.session.dst.split_mut();
+    let images = mem
+        .write_images(blocks, tps)
+        .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }));
+    let result = result.and(images);
+    let state = g.session.dst.postcopy_state();
+    if result.is_err() && matches!(state, PostcopyState::Listening | PostcopyState::Running) {
+        eprintln!(
+            "qmig recv: the migration failed during postcopy ({state:?}): the source held \
+             the only copy of the pages it had not sent; they are zero in the images"
+        );
+    }
+    g.session.finish(result, Some(info), listen)?;
     if let Some((offset, source)) = save_error.borrow_mut().take() {
         return Err(CliError::Io {
             path: save.map(|p| p.display().to_string()).unwrap_or_default(),
@@ -567,18 +610,20 @@ pub(crate) fn receive(
             source,
         });
     }
-    if let Some(e) = rp_error {
+    if let Some(e) = g.rp_error.take() {
         return Err(CliError::data(e));
     }
-    let st = session.dst.stats();
+    let st = g.session.dst.stats();
     if !crate::progress::quiet() {
         eprintln!(
-            "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; return path: {}",
+            "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; \
+             {} page requests; return path: {}",
             received.get(),
             st.page,
             st.zero,
             st.xbzrle,
             st.compressed,
+            st.page_requests,
             if rp_open { "SHUT sent" } else { "none" }
         );
     }
@@ -616,17 +661,65 @@ mod tests {
         tag: &str,
         close_after: bool,
     ) -> (u8, Value, Vec<u8>, PathBuf) {
+        run_touch(stream, layout, tag, close_after, 0, None)
+    }
+
+    /// Whether `rp` holds a page request (parsing the complete messages).
+    fn has_request(rp: &[u8]) -> bool {
+        let mut at = 0;
+        while rp.len() >= at + 4 {
+            let len = u16::from_be_bytes([rp[at + 2], rp[at + 3]]) as usize;
+            if rp.len() < at + 4 + len {
+                break;
+            }
+            if let Ok(m) = qmig_wire::parse_return_path(&rp[at..at + 4 + len]) {
+                if m.iter().any(|(_, x)| {
+                    matches!(x, RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. })
+                }) {
+                    return true;
+                }
+            }
+            at += 4 + len;
+        }
+        false
+    }
+
+    fn run_touch(
+        stream: Vec<u8>,
+        layout: Layout,
+        tag: &str,
+        close_after: bool,
+        touch: usize,
+        hold_at: Option<usize>,
+    ) -> (u8, Value, Vec<u8>, PathBuf) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let src = std::thread::spawn(move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut early = Vec::new();
+            let mut rest = &stream[..];
+            if let Some(k) = hold_at {
+                // Send up to `k`, then hold the rest back until a page is
+                // asked for (at most 10 s): the destination must fault.
+                let _ = s.write_all(&stream[..k]);
+                rest = &stream[k..];
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = [0u8; 4096];
+                while !has_request(&early) {
+                    match s.read(&mut buf) {
+                        Ok(n) if n > 0 => early.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                s.set_read_timeout(None).unwrap();
+            }
             // The receiver may refuse the stream and close early (layout
             // mismatch): a failed write is then expected, not a test failure.
-            let _ = s.write_all(&stream);
+            let _ = s.write_all(rest);
             if close_after {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
-            let mut rp = Vec::new();
+            let mut rp = early;
             let _ = s.read_to_end(&mut rp);
             rp
         });
@@ -640,6 +733,7 @@ mod tests {
             Some(&save),
             "test",
             Duration::from_secs(60),
+            touch,
         ) {
             Ok(_) => 0,
             Err(e) => e.exit_code(),
@@ -719,11 +813,135 @@ mod tests {
             None,
             &uri.to_string(),
             Duration::from_secs(60),
+            0,
         )
         .unwrap();
         let m = Manifest::read(&out).unwrap();
         assert!(m.complete);
         assert!(!m.recv.unwrap().return_path);
         assert_eq!(m.applied_up_to, Some(stream.len() as u64));
+    }
+
+    /// A real postcopy capture replayed by a fake source, with touch threads
+    /// faulting on guest memory: pages the threads need are asked for on the
+    /// return path (REQ_PAGES_ID / REQ_PAGES, whole host pages) and resolved by the
+    /// capture's pages as they arrive; the images equal `extract`'s. Without a
+    /// usable userfaultfd, postcopy is received passively (no requests) and
+    /// the images are the same.
+    #[test]
+    fn postcopy_capture_with_touch_threads_requests_pages_and_completes() {
+        let stream = capture("q10-postcopy");
+        // Hold the stream back right after POSTCOPY_RUN (inside PACKAGED).
+        let mut rd = qmig_wire::SliceReader::new(&stream);
+        let mut hold = None;
+        while let Some(r) = rd.next() {
+            let (_, item) = r.unwrap();
+            if matches!(item, Item::Command(qmig_wire::Command::PostcopyRun)) {
+                hold = Some(rd.decoder().position() as usize);
+                break;
+            }
+        }
+        let uffd = qmig_uffd_host::probe().is_ok();
+        let (code, m, rp, _) = run_touch(stream.clone(), Layout::Adopt, "pc", false, 2, hold);
+        assert_eq!(code, 0, "{m}");
+        assert_eq!(m["complete"], true);
+        assert_eq!(m["postcopy_state"], "end");
+        let pc = &m["postcopy"];
+        let msgs = qmig_wire::parse_return_path(&rp).unwrap();
+        let reqs: Vec<_> = msgs
+            .iter()
+            .filter(|(_, x)| matches!(x, RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. }))
+            .collect();
+        assert_eq!(reqs.len() as u64, pc["page_requests"].as_u64().unwrap());
+        assert!(
+            matches!(msgs.last(), Some((_, RpMessage::Shut(0)))),
+            "{msgs:?}"
+        );
+        assert!(hold.is_some(), "the capture has POSTCOPY_RUN");
+        if uffd {
+            assert_eq!(pc["mode"], "userfaultfd");
+            assert!(
+                !reqs.is_empty(),
+                "the touch threads faulted, nothing was asked: {pc}"
+            );
+            assert!(
+                pc["fault_latency_us"]["count"].as_u64().unwrap() > 0,
+                "{pc}"
+            );
+            assert_eq!(pc["touch_threads_unfinished"], 0);
+            assert!(pc["touched_pages"].as_u64().unwrap() > 0, "{pc}");
+            for (_, r) in &reqs {
+                let (RpMessage::ReqPages { start, len } | RpMessage::ReqPagesId { start, len, .. }) =
+                    r
+                else {
+                    unreachable!()
+                };
+                assert!(*len == 4096 && start % 4096 == 0, "{r:?}");
+            }
+            if let Some((_, first)) = reqs.first() {
+                assert!(
+                    matches!(first, RpMessage::ReqPagesId { .. }),
+                    "first names its block"
+                );
+            }
+        } else {
+            assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
+        }
+        same_images_as_extract(&m, "pc", "q10-postcopy");
+    }
+
+    /// A block with 2 MiB pages (hugetlbfs on the source) is not registered:
+    /// postcopy is received passively, touch threads are not run, and the
+    /// images are still right.
+    #[test]
+    fn hugepage_postcopy_is_received_passively() {
+        let stream = capture("q10-hugepage-postcopy");
+        let (code, m, rp, _) = run_touch(stream, Layout::Adopt, "hp", false, 2, None);
+        assert_eq!(code, 0, "{m}");
+        let pc = &m["postcopy"];
+        let mode = pc["mode"].as_str().unwrap();
+        assert!(
+            mode.starts_with("passive") && mode.contains("hugetlbfs"),
+            "{pc}"
+        );
+        assert_eq!(pc["page_requests"], 0);
+        assert_eq!(pc["touched_pages"], 0);
+        let msgs = qmig_wire::parse_return_path(&rp).unwrap();
+        assert!(
+            matches!(msgs.last(), Some((_, RpMessage::Shut(0)))),
+            "{msgs:?}"
+        );
+        same_images_as_extract(&m, "hp", "q10-hugepage-postcopy");
+    }
+
+    /// The images `run_touch(.., tag, ..)` wrote equal `extract`'s of the capture.
+    fn same_images_as_extract(m: &Value, tag: &str, name: &str) {
+        // run_touch's output directory (tmpdir would remove it).
+        let out = std::env::temp_dir().join(format!("qmig-recv-test-{tag}-{}", std::process::id()));
+        let ex = tmpdir(&format!("{tag}-extract"));
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data")
+            .join(name)
+            .join("stream");
+        crate::extract::run(&p, &ex).unwrap();
+        let mx: Value =
+            serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            m["blocks"].as_array().unwrap().len(),
+            mx["blocks"].as_array().unwrap().len()
+        );
+        assert!(!mx["blocks"].as_array().unwrap().is_empty());
+        for (a, b) in m["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(mx["blocks"].as_array().unwrap())
+        {
+            assert_eq!(a["name"], b["name"]);
+            let ia = std::fs::read(out.join(a["file"].as_str().unwrap())).unwrap();
+            let ib = std::fs::read(ex.join(b["file"].as_str().unwrap())).unwrap();
+            assert!(ia == ib, "block {} differs from extract", a["name"]);
+        }
     }
 }

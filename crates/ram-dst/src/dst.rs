@@ -202,7 +202,8 @@ pub enum Action {
         fill: u8,
     },
     /// Place `data` (one whole host page) at `offset` of `block` atomically
-    /// ([`Placement::Emit`] only). Its received bits are already set.
+    /// ([`Placement::Emit`] only). Its received bits are set when the host
+    /// reports the placement with [`RamDst::handle_placed`].
     PlaceHostPage {
         /// Block index.
         block: usize,
@@ -212,7 +213,8 @@ pub enum Action {
         data: Vec<u8>,
     },
     /// Place a zero host page of `len` bytes at `offset` of `block`
-    /// ([`Placement::Emit`] only).
+    /// ([`Placement::Emit`] only, or after [`RamDst::handle_page_fault`] on
+    /// a received page); report it with [`RamDst::handle_placed`].
     PlaceZeroPage {
         /// Block index.
         block: usize,
@@ -266,6 +268,28 @@ pub struct Stats {
     pub placed_host_pages: u64,
     /// Zero host pages placed in postcopy mode.
     pub placed_zero_pages: u64,
+    /// Page requests (REQ_PAGES / REQ_PAGES_ID) queued on the return path by
+    /// [`RamDst::handle_page_fault`].
+    pub page_requests: u64,
+    /// Faults resolved without asking the source: the host page was received
+    /// (as zero, never written) but is not present in memory.
+    pub faults_resolved_locally: u64,
+    /// Faults on a host page already asked for and not yet placed.
+    pub faults_already_requested: u64,
+}
+
+/// What [`RamDst::handle_page_fault`] decided for a faulting host page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// A REQ_PAGES / REQ_PAGES_ID for the whole host page was queued for
+    /// [`RamDst::poll_transmit`].
+    Requested,
+    /// The host page was asked for before and has not been placed yet:
+    /// nothing new is sent.
+    AlreadyRequested,
+    /// The host page was received (a zero page that precopy never had to
+    /// write) but is not present: an [`Action::PlaceZeroPage`] was queued.
+    PlaceLocally,
 }
 
 /// The destination's view of one RAM block.
@@ -367,6 +391,13 @@ pub struct RamDst<M> {
     leniencies: Vec<Leniency>,
     pub(crate) host_page: Option<HostPage>,
     actions: VecDeque<Action>,
+    /// Return-path bytes waiting for [`RamDst::poll_transmit`].
+    transmit: Vec<u8>,
+    /// Host pages asked for (block, host-page offset) and not yet placed.
+    requested: HashSet<(usize, u64)>,
+    /// The block named by the last REQ_PAGES_ID (later requests for the same
+    /// block use REQ_PAGES, as QEMU's `migrate_send_rp_req_pages` does).
+    last_requested_block: Option<usize>,
     stats: Stats,
     applied_to: u64,
     stopped: bool,
@@ -451,6 +482,9 @@ impl<M: GuestMemory> RamDst<M> {
             leniencies: Vec::new(),
             host_page: None,
             actions: VecDeque::new(),
+            transmit: Vec::new(),
+            requested: HashSet::new(),
+            last_requested_block: None,
             stats: Stats::default(),
             applied_to: 0,
             stopped: false,
@@ -468,6 +502,12 @@ impl<M: GuestMemory> RamDst<M> {
     /// The guest memory, mutably (e.g. for a host that places pages itself).
     pub fn memory_mut(&mut self) -> &mut M {
         &mut self.memory
+    }
+
+    /// The memory, mutably, beside the blocks (e.g. to copy out only the
+    /// pages whose received bit is set).
+    pub fn split_mut(&mut self) -> (&mut M, &[BlockState]) {
+        (&mut self.memory, &self.blocks)
     }
 
     /// Gives the memory back.
@@ -516,6 +556,176 @@ impl<M: GuestMemory> RamDst<M> {
         self.actions.pop_front()
     }
 
+    /// Appends the return-path bytes the state machine wants sent (PONG
+    /// after OPEN_RETURN_PATH, REQ_PAGES / REQ_PAGES_ID from
+    /// [`RamDst::handle_page_fault`]) to `out`, in order; returns whether
+    /// there were any. Drain it after every `handle_*` call and write the
+    /// bytes to the return path as they are. (SHUT is the host's: it knows
+    /// when its side is finished.)
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.transmit.is_empty() {
+            return false;
+        }
+        out.append(&mut self.transmit);
+        true
+    }
+
+    /// Host page bounds of `page_offset` in block `block`, checked: the
+    /// block exists and the offset is inside its used length.
+    fn fault_page(&self, block: usize, page_offset: u64) -> Result<(u64, u64), RamDstError> {
+        let bad = |why: String| RamDstError::BadFault {
+            offset: self.applied_to,
+            block,
+            page_offset,
+            why,
+        };
+        let Some(blk) = self.blocks.get(block) else {
+            return Err(bad(format!("no such block ({} blocks)", self.blocks.len())));
+        };
+        if page_offset >= blk.used_length {
+            return Err(bad(format!(
+                "outside \"{}\" (used length {:#x})",
+                blk.name, blk.used_length
+            )));
+        }
+        let hps = blk.page_size;
+        Ok((page_offset - page_offset % hps, hps))
+    }
+
+    /// A thread faulted on `page_offset` of block `block` (a page that is
+    /// not present in the host's memory, e.g. a userfaultfd missing fault
+    /// after POSTCOPY_LISTEN). Decides, for the whole host page:
+    ///
+    /// * not received and not asked for: a REQ_PAGES_ID (first request, or
+    ///   another block than the last request) or REQ_PAGES is queued for
+    ///   [`RamDst::poll_transmit`] ([`FaultOutcome::Requested`]), as QEMU's
+    ///   `postcopy_request_page` / `migrate_send_rp_req_pages` do;
+    /// * asked for already: nothing ([`FaultOutcome::AlreadyRequested`]);
+    /// * received (every target page): it was received as a zero page that
+    ///   never had to be written, so an [`Action::PlaceZeroPage`] is queued
+    ///   ([`FaultOutcome::PlaceLocally`]) and nothing is asked of the source,
+    ///   which would not send an already-sent page again.
+    ///
+    /// Call order: only between items (never while a `handle_*` call runs),
+    /// then drain [`RamDst::poll_action`] and [`RamDst::poll_transmit`].
+    ///
+    /// # Errors
+    /// [`RamDstError::BadFault`] for an unknown block, an offset outside it,
+    /// a fault before POSTCOPY_LISTEN, a request without a return path, or a
+    /// request after the postcopy stream ended; [`RamDstError::Stopped`]
+    /// after an earlier error.
+    pub fn handle_page_fault(
+        &mut self,
+        block: usize,
+        page_offset: u64,
+    ) -> Result<FaultOutcome, RamDstError> {
+        if self.stopped {
+            return Err(RamDstError::Stopped {
+                offset: self.applied_to,
+            });
+        }
+        let (start, hps) = self.fault_page(block, page_offset)?;
+        let bad = |why: String| RamDstError::BadFault {
+            offset: self.applied_to,
+            block,
+            page_offset,
+            why,
+        };
+        use PostcopyState as S;
+        if !matches!(self.postcopy, S::Listening | S::Running | S::End) {
+            return Err(bad(format!(
+                "a fault before POSTCOPY_LISTEN (state {:?})",
+                self.postcopy
+            )));
+        }
+        let tps = self.page_size();
+        let blk = &self.blocks[block];
+        let (p, n) = (start / tps, hps / tps);
+        if (p..p + n).all(|i| blk.received.get(i)) {
+            self.stats.faults_resolved_locally += 1;
+            self.actions.push_back(Action::PlaceZeroPage {
+                block,
+                offset: start,
+                len: hps,
+            });
+            return Ok(FaultOutcome::PlaceLocally);
+        }
+        if self.requested.contains(&(block, start)) {
+            self.stats.faults_already_requested += 1;
+            return Ok(FaultOutcome::AlreadyRequested);
+        }
+        if self.postcopy == S::End {
+            return Err(bad(
+                "the postcopy stream ended without this page: nobody left to ask".into(),
+            ));
+        }
+        if !self.return_path {
+            return Err(bad(
+                "postcopy needs a return path to ask for pages (no OPEN_RETURN_PATH)".into(),
+            ));
+        }
+        let len = u32::try_from(hps).map_err(|_| bad(format!("host page {hps:#x} too large")))?;
+        let msg = if self.last_requested_block == Some(block) {
+            qmig_wire::RpMessage::ReqPages { start, len }
+        } else {
+            qmig_wire::RpMessage::ReqPagesId {
+                start,
+                len,
+                block: &blk.name,
+            }
+        };
+        msg.write(&mut self.transmit)?;
+        self.last_requested_block = Some(block);
+        self.requested.insert((block, start));
+        self.stats.page_requests += 1;
+        Ok(FaultOutcome::Requested)
+    }
+
+    /// The host placed `len` bytes at `offset` of block `block` (an
+    /// [`Action::PlaceHostPage`] or [`Action::PlaceZeroPage`] succeeded,
+    /// EEXIST included): their received bits are set now, and the host page
+    /// is no longer outstanding. Call it before feeding the next item.
+    ///
+    /// # Errors
+    /// [`RamDstError::BadFault`] for an unknown block or a range that is not
+    /// whole host pages inside the block.
+    pub fn handle_placed(
+        &mut self,
+        block: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), RamDstError> {
+        let (start, hps) = self.fault_page(block, offset)?;
+        let blk = &self.blocks[block];
+        if start != offset
+            || len == 0
+            || !len.is_multiple_of(hps)
+            || offset.checked_add(len).is_none_or(|e| e > blk.used_length)
+        {
+            return Err(RamDstError::BadFault {
+                offset: self.applied_to,
+                block,
+                page_offset: offset,
+                why: format!("placement of {len:#x} bytes is not whole host pages of the block"),
+            });
+        }
+        let tps = self.page_size();
+        self.blocks[block]
+            .received
+            .set_range(offset / tps, len / tps);
+        let mut at = offset;
+        while at < offset + len {
+            self.requested.remove(&(block, at));
+            at += hps;
+        }
+        Ok(())
+    }
+
+    /// Host pages asked for and not yet placed.
+    pub fn outstanding_requests(&self) -> usize {
+        self.requested.len()
+    }
+
     /// Writes the return-path RECV_BITMAP message for block `index` (framed
     /// message, be64 size, little-endian bitmap, end marker) to `out`.
     /// Returns false for an unknown index.
@@ -537,6 +747,10 @@ impl<M: GuestMemory> RamDst<M> {
     /// and RESUME_ACK (postcopy recovery only, never emitted today). Other
     /// actions need no reply. Replies are bounded: a PONG is 8 bytes for a
     /// 9-byte PING, and no reply grows with a size the input announces.
+    ///
+    /// The PONG is also queued, in order with page requests, for
+    /// [`RamDst::poll_transmit`]; a host that drains `poll_transmit` (as
+    /// `qmig recv` does) calls `reply` only for the other actions.
     ///
     /// # Errors
     /// As for [`write_recv_bitmap_reply`](crate::write_recv_bitmap_reply).
@@ -712,12 +926,19 @@ impl<M: GuestMemory> RamDst<M> {
                 self.check_fill(at, *fill, "ram_load_precopy")?;
                 let p = off / tps;
                 let blk = &mut self.blocks[b];
-                if *fill != 0 || blk.nonzero.get(p) {
+                if *fill != 0 {
                     let mem = self
                         .memory
                         .bytes_mut(b, off, tps as usize)
                         .map_err(|source| RamDstError::Memory { offset: at, source })?;
                     mem.fill(*fill);
+                } else if blk.nonzero.get(p) {
+                    // Through zero_page: memory that tracks presence (a
+                    // postcopy destination's) must not keep the page present,
+                    // or a later placement of it would find it there.
+                    self.memory
+                        .zero_page(b, off, tps)
+                        .map_err(|source| RamDstError::Memory { offset: at, source })?;
                 }
                 if *fill != 0 {
                     blk.nonzero.set(p);
@@ -1128,6 +1349,7 @@ impl<M: GuestMemory> RamDst<M> {
                         why: format!("PING {v:#x} with no return path open"),
                     });
                 }
+                qmig_wire::RpMessage::Pong(*v).write(&mut self.transmit)?;
                 self.actions.push_back(Action::Pong(*v))
             }
             Command::PostcopyAdvise(advise) => {
@@ -1454,7 +1676,10 @@ impl<M: GuestMemory> RamDst<M> {
                 }
             }
         }
-        self.blocks[b].received.set_range(p, n);
+        if self.placement == Placement::Apply {
+            // Emit: set when the host reports success (handle_placed).
+            self.blocks[b].received.set_range(p, n);
+        }
         if hp.all_zero {
             self.stats.placed_zero_pages += 1;
         } else {

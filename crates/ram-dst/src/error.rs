@@ -184,6 +184,22 @@ pub enum RamDstError {
         /// What is wrong.
         why: String,
     },
+    /// A page fault reported by the host ([`RamDst::handle_page_fault`](crate::RamDst::handle_page_fault))
+    /// or a placement it reports ([`RamDst::handle_placed`](crate::RamDst::handle_placed))
+    /// that the state machine cannot accept.
+    #[error(
+        "offset {offset}: page fault or placement at {page_offset:#x} of block {block}: {why}"
+    )]
+    BadFault {
+        /// Stream offset applied so far when the fault came.
+        offset: u64,
+        /// Block index given by the host.
+        block: usize,
+        /// Offset in the block given by the host.
+        page_offset: u64,
+        /// The rule broken.
+        why: String,
+    },
     /// Input after an earlier error: the state machine stopped at `offset`.
     #[error("offset {offset}: the destination stopped after an earlier error")]
     Stopped {
@@ -212,6 +228,7 @@ impl RamDstError {
             | RamDstError::Memory { offset, .. }
             | RamDstError::Bitmap { offset, .. }
             | RamDstError::QemuRule { offset, .. }
+            | RamDstError::BadFault { offset, .. }
             | RamDstError::Stopped { offset } => *offset,
             RamDstError::Wire(e) => e.offset(),
         }

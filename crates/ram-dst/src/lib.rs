@@ -40,8 +40,8 @@ mod mmap;
 
 pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply, PageBitmap};
 pub use dst::{
-    machine_qemu_version, Action, BlockState, Config, Layout, Leniency, LocalBlock, Placement,
-    PostcopyState, RamDst, Stats, MAX_ADOPTED_BLOCKS, MAX_ADOPTED_PAGES, MAX_PAGE_SIZE,
+    machine_qemu_version, Action, BlockState, Config, FaultOutcome, Layout, Leniency, LocalBlock,
+    Placement, PostcopyState, RamDst, Stats, MAX_ADOPTED_BLOCKS, MAX_ADOPTED_PAGES, MAX_PAGE_SIZE,
     TARGET_PAGE_BITS,
 };
 pub use error::RamDstError;

@@ -45,6 +45,19 @@ pub trait GuestMemory {
         Ok(())
     }
 
+    /// Makes the page `offset..offset + len` of block `index` read as zero
+    /// (a ZERO record onto a page that held data). The default writes zeros;
+    /// a memory whose pages can be *not present* (anonymous memory that will
+    /// be registered with userfaultfd) drops the page instead, so that it
+    /// faults, and a postcopy placement of it succeeds, later.
+    ///
+    /// # Errors
+    /// As for [`GuestMemory::bytes_mut`].
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
+        self.bytes_mut(index, offset, len as usize)?.fill(0);
+        Ok(())
+    }
+
     /// Drops `offset..offset + len` of block `index`: afterwards it reads as zero.
     ///
     /// # Errors

@@ -992,6 +992,11 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
             data: want
         }]
     );
+    assert!(
+        !d.blocks()[0].received().get(2),
+        "received only once the host reports the placement"
+    );
+    d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
     assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
     assert!(
         mem(&d).iter().all(|&x| x == 0),
@@ -1575,4 +1580,366 @@ fn adopted_pages_are_capped_for_bitmap_memory() {
         &ram(RamRecord::mem_size(vec![mb("a", MAX_ADOPTED_PAGES * PS)])),
     )
     .unwrap();
+}
+
+// ---- page faults and the return path (handle_page_fault / poll_transmit) ----------
+
+/// Every return-path message queued so far.
+fn transmitted(d: &mut RamDst<VecMemory>) -> Vec<qmig_wire::RpMessage<'static>> {
+    let mut out = Vec::new();
+    d.poll_transmit(&mut out);
+    let out: &'static [u8] = Box::leak(out.into_boxed_slice());
+    qmig_wire::parse_return_path(out)
+        .unwrap()
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect()
+}
+
+/// Two blocks (huge pages in the first), return path open, listening.
+fn faulting() -> RamDst<VecMemory> {
+    let mut d = emit(vec![huge_block(), LocalBlock::fixed("vram", 4 * PS)]);
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    listening(&mut d);
+    d
+}
+
+#[test]
+fn pong_is_transmitted_by_the_state_machine() {
+    let mut d = adopt();
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    feed(&mut d, 5, cmd(Command::Ping(7))).unwrap();
+    feed(&mut d, 9, cmd(Command::Ping(8))).unwrap();
+    use qmig_wire::RpMessage as M;
+    assert_eq!(transmitted(&mut d), vec![M::Pong(7), M::Pong(8)]);
+    assert!(!d.poll_transmit(&mut Vec::new()), "drained");
+}
+
+#[test]
+fn faults_request_whole_host_pages_once_with_block_names_when_they_change() {
+    use qmig_wire::RpMessage as M;
+    let mut d = faulting();
+    // 2 target pages per host page in pc.ram: a fault inside one asks for it whole.
+    assert_eq!(
+        d.handle_page_fault(0, 3 * PS + 100).unwrap(),
+        FaultOutcome::Requested
+    );
+    assert_eq!(
+        d.handle_page_fault(0, 2 * PS).unwrap(),
+        FaultOutcome::AlreadyRequested
+    );
+    assert_eq!(
+        d.handle_page_fault(0, 6 * PS).unwrap(),
+        FaultOutcome::Requested
+    );
+    assert_eq!(d.handle_page_fault(1, PS).unwrap(), FaultOutcome::Requested);
+    assert_eq!(d.handle_page_fault(0, 0).unwrap(), FaultOutcome::Requested);
+    assert_eq!(
+        transmitted(&mut d),
+        vec![
+            M::ReqPagesId {
+                start: 2 * PS,
+                len: 2 * PS as u32,
+                block: "pc.ram"
+            },
+            M::ReqPages {
+                start: 6 * PS,
+                len: 2 * PS as u32
+            },
+            M::ReqPagesId {
+                start: PS,
+                len: PS as u32,
+                block: "vram"
+            },
+            M::ReqPagesId {
+                start: 0,
+                len: 2 * PS as u32,
+                block: "pc.ram"
+            },
+        ]
+    );
+    assert_eq!(d.stats().page_requests, 4);
+    assert_eq!(d.stats().faults_already_requested, 1);
+    assert_eq!(d.outstanding_requests(), 4);
+    // The page arrives and is placed: no longer outstanding, and received.
+    let a = [3u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))).unwrap();
+    let placed = actions(&mut d);
+    assert!(
+        matches!(placed[..], [Action::PlaceHostPage { block: 0, offset, .. }] if offset == 2 * PS)
+    );
+    d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
+    assert_eq!(d.outstanding_requests(), 3);
+    assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
+}
+
+#[test]
+fn a_fault_on_a_received_page_is_placed_locally_as_zero() {
+    let mut d = emit(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    // Precopy: page 1 arrives as ZERO (never written to memory).
+    feed(
+        &mut d,
+        1,
+        ram(RamRecord::mem_size(vec![mb("pc.ram", 4 * PS)])),
+    )
+    .unwrap();
+    feed(&mut d, 2, ram(RamRecord::zero(PS, Some("pc.ram")))).unwrap();
+    listening(&mut d);
+    assert_eq!(
+        d.handle_page_fault(0, PS).unwrap(),
+        FaultOutcome::PlaceLocally
+    );
+    assert_eq!(
+        actions(&mut d),
+        vec![Action::PlaceZeroPage {
+            block: 0,
+            offset: PS,
+            len: PS
+        }]
+    );
+    assert!(
+        transmitted(&mut d).is_empty(),
+        "nothing asked of the source"
+    );
+    assert_eq!(d.stats().faults_resolved_locally, 1);
+}
+
+#[test]
+fn bad_faults_are_typed_errors() {
+    let mut d = faulting();
+    let bad = |r: Result<FaultOutcome, RamDstError>| {
+        assert!(matches!(r, Err(RamDstError::BadFault { .. })), "{r:?}")
+    };
+    bad(d.handle_page_fault(2, 0));
+    bad(d.handle_page_fault(1, 4 * PS));
+    bad(d.handle_page_fault(0, u64::MAX));
+    assert!(d.handle_placed(0, PS, 2 * PS).is_err(), "unaligned");
+    assert!(
+        d.handle_placed(0, 0, 3 * PS).is_err(),
+        "not whole host pages"
+    );
+    assert!(d.handle_placed(0, 6 * PS, 4 * PS).is_err(), "past the end");
+    assert!(d.handle_placed(9, 0, 2 * PS).is_err(), "unknown block");
+    // Before LISTEN, and without a return path.
+    let mut e = emit(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
+    bad(e.handle_page_fault(0, 0));
+    listening(&mut e);
+    let r = e.handle_page_fault(0, 0).unwrap_err();
+    assert!(r.to_string().contains("return path"), "{r}");
+    // After the stream ended, an unreceived page has nobody to ask.
+    let mut f = faulting();
+    feed(&mut f, 3, Item::Eof).unwrap();
+    assert_eq!(f.postcopy_state(), PostcopyState::End);
+    bad(f.handle_page_fault(0, 0));
+}
+
+// ---- postcopy model: faults in any order, any discard set ---------------------------
+
+/// Guest memory that also tracks which 4 KiB pages are *present* (written
+/// at least once and not discarded), as anonymous memory registered with
+/// userfaultfd would: touching a page that is not present faults.
+#[derive(Default)]
+struct PresentMemory {
+    data: Vec<u8>,
+    present: Vec<bool>,
+}
+
+impl GuestMemory for PresentMemory {
+    fn set_block_len(&mut self, index: usize, _name: &str, len: u64) -> std::io::Result<()> {
+        assert_eq!(index, 0, "one block");
+        self.data.resize(len as usize, 0);
+        self.present.resize((len / PS) as usize, false);
+        Ok(())
+    }
+
+    fn bytes_mut(&mut self, _index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        let (a, b) = (offset / PS, (offset + len as u64).div_ceil(PS));
+        for p in a..b {
+            self.present[p as usize] = true;
+        }
+        Ok(&mut self.data[offset as usize..offset as usize + len])
+    }
+
+    /// Like anonymous memory: the page is dropped, not written.
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        self.discard(index, offset, len)
+    }
+
+    fn discard(&mut self, _index: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        self.data[offset as usize..(offset + len) as usize].fill(0);
+        for p in offset / PS..(offset + len) / PS {
+            self.present[p as usize] = false;
+        }
+        Ok(())
+    }
+}
+
+/// The host side of the model: executes placements into `PresentMemory`
+/// (as UFFDIO_COPY / UFFDIO_ZEROPAGE would, EEXIST leaving the page alone)
+/// and reports them.
+fn model_drain(d: &mut RamDst<PresentMemory>) {
+    while let Some(a) = d.poll_action() {
+        let (off, data, len) = match a {
+            Action::PlaceHostPage { offset, data, .. } => {
+                let n = data.len() as u64;
+                (offset, Some(data), n)
+            }
+            Action::PlaceZeroPage { offset, len, .. } => (offset, None, len),
+            _ => continue,
+        };
+        let p = (off / PS) as usize;
+        let m = d.memory_mut();
+        assert!(
+            !m.present[p],
+            "placement onto a present page at {off:#x} (would be EEXIST)"
+        );
+        if let Some(data) = data {
+            m.data[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        m.present[p] = true;
+        d.handle_placed(0, off, len).unwrap();
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any precopy subset, any set of pages dirtied afterwards (discarded),
+    /// any order of faults interleaved with the background stream: every
+    /// fault on a page not received is asked for exactly once, every page
+    /// is placed once, and the memory ends equal to the source's.
+    #[test]
+    fn postcopy_faults_in_any_order_end_equal_to_the_source(
+        pages in proptest::collection::vec(
+            (0u8..3, proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY),
+            1..40,
+        ),
+        faults in proptest::collection::vec(0usize..40, 0..80),
+        interleave in proptest::collection::vec(0u8..3, 0..120),
+    ) {
+        // Per page: content kind (0 zero, 1/2 data), sent in precopy, dirtied
+        // after, and (if sent) zeroed by a later precopy ZERO record.
+        let n = pages.len() as u64;
+        let content = |p: usize, v: u8| -> Vec<u8> {
+            if v == 0 { vec![0; PS as usize] } else { vec![(p as u8).wrapping_mul(7) ^ v; PS as usize] }
+        };
+        let mut d = RamDst::new(
+            Config {
+                layout: Layout::Fixed(vec![LocalBlock::fixed("pc.ram", n * PS)]),
+                placement: Placement::Emit,
+                ..Config::default()
+            },
+            PresentMemory::default(),
+        )
+        .unwrap();
+        let mut at = 0;
+        let mut next = |d: &mut RamDst<PresentMemory>, item: Item<'_>| {
+            at += 10;
+            d.handle_item(at, 10, &item).unwrap();
+            model_drain(d);
+        };
+        next(&mut d, cmd(Command::OpenReturnPath));
+        next(&mut d, ram(RamRecord::mem_size(vec![mb("pc.ram", n * PS)])));
+        next(&mut d, cmd(Command::PostcopyAdvise(None)));
+        // Precopy: the old content (1) of the sent pages.
+        for (p, &(_, sent, _, rezero)) in pages.iter().enumerate() {
+            if sent {
+                let c = content(p, 1);
+                next(&mut d, ram(RamRecord::page(p as u64 * PS, Some("pc.ram"), &c)));
+                if rezero {
+                    next(&mut d, ram(RamRecord::zero(p as u64 * PS, Some("pc.ram"))));
+                }
+            }
+        }
+        // The source's final content: dirtied pages take their kind; pages
+        // sent and not dirtied keep the old content.
+        let fin: Vec<Vec<u8>> = pages
+            .iter()
+            .enumerate()
+            .map(|(p, &(v, sent, dirty, rezero))| {
+                content(p, match (sent && !dirty, rezero) {
+                    (true, true) => 0,
+                    (true, false) => 1,
+                    _ => v,
+                })
+            })
+            .collect();
+        let ranges: Vec<(u64, u64)> = pages
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, sent, dirty, _))| sent && dirty)
+            .map(|(p, _)| (p as u64 * PS, PS))
+            .collect();
+        if !ranges.is_empty() {
+            next(&mut d, discard("pc.ram", &ranges));
+        }
+        next(&mut d, cmd(Command::PostcopyListen));
+        next(&mut d, cmd(Command::PostcopyRun));
+        let _ = d.poll_transmit(&mut Vec::new());
+        // Postcopy: the source still owes every page not sent or dirtied.
+        let mut owed: std::collections::VecDeque<usize> = pages
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, sent, dirty, _))| !sent || dirty)
+            .map(|(p, _)| p)
+            .collect();
+        let mut requested = std::collections::HashSet::new();
+        let mut faults = faults.into_iter().map(|f| f % pages.len());
+        let mut steps = interleave.into_iter();
+        let send = |d: &mut RamDst<PresentMemory>, at: &mut u64, p: usize| {
+            *at += 10;
+            let rec = if fin[p].iter().all(|&b| b == 0) {
+                RamRecord::zero(p as u64 * PS, Some("pc.ram"))
+            } else {
+                RamRecord::page(p as u64 * PS, Some("pc.ram"), &fin[p])
+            };
+            d.handle_item(*at, 10, &Item::Ram(rec)).unwrap();
+            model_drain(d);
+        };
+        loop {
+            let step = steps.next().unwrap_or(0);
+            if step == 0 || owed.is_empty() {
+                // A thread touches a page: it faults if the page is not present.
+                let Some(p) = faults.next() else {
+                    if owed.is_empty() { break; }
+                    let q = owed.pop_front().unwrap();
+                    send(&mut d, &mut at, q);
+                    continue;
+                };
+                if d.memory().present[p] {
+                    continue;
+                }
+                match d.handle_page_fault(0, p as u64 * PS + 5).unwrap() {
+                    FaultOutcome::Requested => {
+                        proptest::prop_assert!(requested.insert(p), "page {} asked twice", p);
+                        let mut out = Vec::new();
+                        proptest::prop_assert!(d.poll_transmit(&mut out));
+                        // The source serves the request first (if still owed).
+                        if let Some(i) = owed.iter().position(|&q| q == p) {
+                            owed.remove(i);
+                            send(&mut d, &mut at, p);
+                        }
+                    }
+                    FaultOutcome::AlreadyRequested => {
+                        proptest::prop_assert!(requested.contains(&p));
+                    }
+                    FaultOutcome::PlaceLocally => model_drain(&mut d),
+                }
+            } else if let Some(q) = owed.pop_front() {
+                send(&mut d, &mut at, q);
+            }
+        }
+        d.handle_item(at + 10, 1, &Item::Eof).unwrap();
+        proptest::prop_assert_eq!(d.postcopy_state(), PostcopyState::End);
+        proptest::prop_assert_eq!(d.outstanding_requests(), 0);
+        proptest::prop_assert_eq!(d.stats().page_requests, requested.len() as u64);
+        // Every page is received; a page not present reads as zero (anonymous memory).
+        for (p, want) in fin.iter().enumerate() {
+            proptest::prop_assert!(d.blocks()[0].received().get(p as u64));
+            let got = &d.memory().data[p * PS as usize..(p + 1) * PS as usize];
+            proptest::prop_assert_eq!(got, &want[..], "page {}", p);
+        }
+    }
 }

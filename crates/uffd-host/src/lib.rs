@@ -48,14 +48,17 @@
 
 mod blocktime;
 mod fault;
+mod guest;
 mod probe;
 mod region;
 mod sys;
 
 pub use blocktime::Blocktime;
 pub use fault::{Fault, FaultStats, FaultThread};
+pub use guest::AnonMemory;
 pub use probe::{probe, Features};
 pub use region::{Placed, Region};
+pub use sys::Mapping;
 
 /// Errors of the userfaultfd edge.
 #[derive(Debug, thiserror::Error)]

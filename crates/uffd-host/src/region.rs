@@ -47,7 +47,7 @@ pub(crate) struct Tracking {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub fd: OwnedFd,
-    pub map: Mapping,
+    pub map: Arc<Mapping>,
     pub page_size: usize,
     pub features: Features,
     pub zeropage: bool,
@@ -128,11 +128,32 @@ impl Region {
                 why: "a region must be a non-zero multiple of the host page size",
             });
         }
+        Region::register(Arc::new(Mapping::anonymous(len)?))
+    }
+
+    /// Registers an existing anonymous mapping (e.g. guest RAM that precopy
+    /// filled, at POSTCOPY_LISTEN) for missing faults with a new
+    /// userfaultfd. Pages already present stay as they are; touching any
+    /// other page faults from now on. The region keeps the mapping alive;
+    /// dropping the last handle (and stopping the fault thread) closes the
+    /// userfaultfd, which unregisters the range and wakes every waiter.
+    ///
+    /// # Errors
+    /// As for [`Region::new`].
+    pub fn register(map: Arc<Mapping>) -> Result<Self, UffdError> {
+        let page_size = sys::host_page_size();
+        let len = map.len;
+        if len == 0 || !len.is_multiple_of(page_size) {
+            return Err(UffdError::BadRange {
+                offset: 0,
+                len,
+                why: "a region must be a non-zero multiple of the host page size",
+            });
+        }
         let offered = offered_features()?;
         let want = offered & sys::FEATURE_THREAD_ID;
         let fd = sys::open_uffd()?;
         sys::api(&fd, want)?;
-        let map = Mapping::anonymous(len)?;
         let ioctls = sys::register_missing(&fd, map.addr as u64, len as u64)?;
         for (bit, what) in [
             (sys::IOCTL_COPY_BIT, "UFFDIO_COPY on the registered range"),

@@ -270,16 +270,60 @@ pub(crate) fn host_page_size() -> usize {
     }
 }
 
-/// An anonymous private mapping, unmapped on drop.
+/// An anonymous private mapping (`MAP_PRIVATE | MAP_ANONYMOUS |
+/// MAP_NORESERVE`), unmapped on drop. Pages never written are not present:
+/// once registered with a [`Region`](crate::Region) touching them faults.
 #[derive(Debug)]
-pub(crate) struct Mapping {
-    pub addr: usize,
-    pub len: usize,
+pub struct Mapping {
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
 }
 
 impl Mapping {
-    /// Maps `len` bytes of anonymous, private, read/write memory.
-    pub(crate) fn anonymous(len: usize) -> Result<Self, UffdError> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out with volatile reads, as a
+    /// vCPU would touch them: a page that is registered and missing blocks
+    /// the call until it is placed (or the userfaultfd is closed; it then
+    /// reads as zero).
+    ///
+    /// # Errors
+    /// [`UffdError::BadRange`] when the range is outside the mapping.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), UffdError> {
+        if offset.checked_add(buf.len()).is_none_or(|e| e > self.len) {
+            return Err(UffdError::BadRange {
+                offset,
+                len: buf.len(),
+                why: "outside the mapping",
+            });
+        }
+        let src = self.as_ptr().wrapping_add(offset);
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `offset + i` is inside the live mapping (checked
+            // above); a volatile u8 read has no alignment needs.
+            *b = unsafe { std::ptr::read_volatile(src.wrapping_add(i)) };
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes (non-zero) of anonymous, private, read/write memory.
+    ///
+    /// # Errors
+    /// [`UffdError::Syscall`] when mmap fails (e.g. `len` is 0).
+    pub fn anonymous(len: usize) -> Result<Self, UffdError> {
         // SAFETY: a fresh anonymous mapping at an address the kernel picks
         // aliases nothing.
         let p = unsafe {

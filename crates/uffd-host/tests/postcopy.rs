@@ -132,6 +132,7 @@ fn ram_dst_emit_actions_resolve_real_faults() {
                     assert_eq!(block, 0);
                     let p = region.place_page(offset as usize, &data).unwrap();
                     assert_eq!(p.already_present, 0);
+                    dst.handle_placed(block, offset, data.len() as u64).unwrap();
                     placed += 1;
                 }
                 Action::PlaceZeroPage { block, offset, len } => {
@@ -139,6 +140,7 @@ fn ram_dst_emit_actions_resolve_real_faults() {
                     region
                         .place_zero_page(offset as usize, len as usize)
                         .unwrap();
+                    dst.handle_placed(block, offset, len).unwrap();
                     zeroed += 1;
                 }
                 Action::PostcopyState(st) => states.push(st),

@@ -1,0 +1,611 @@
+//! The postcopy host of `qmig recv`: guest RAM in anonymous mappings
+//! ([`RecvMemory`]), registered with userfaultfd at POSTCOPY_LISTEN, a fault
+//! handler thread that turns faults into page requests through the state
+//! machine ([`RamDst::handle_page_fault`]), placement of the host pages the
+//! state machine assembles, and `--touch` threads that read every page once
+//! from POSTCOPY_RUN on, as vCPUs would.
+//!
+//! Locking: the state machine, the return-path socket and the regions live
+//! in one [`Inner`] under one mutex, taken by the stream reader for each item
+//! and by the fault handler for each fault; placements and return-path writes
+//! happen under it, so a fault never sees a page half placed.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use qmig_ram_dst::{
+    Action, BlockState, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState,
+};
+use qmig_uffd_host::{AnonMemory, Blocktime, Fault, FaultThread, Mapping, Region};
+
+use crate::extract::{Images, Session, StopError};
+use crate::manifest::{LatencySummary, PostcopyInfo};
+
+/// Guest memory of `qmig recv`: anonymous mappings (which userfaultfd can
+/// register) while the migration runs, written to sparse image files in the
+/// output directory at the end ([`GuestMemory::flush`], only once every
+/// region is gone: a registered page that was never placed would block).
+pub(crate) struct RecvMemory {
+    pub(crate) anon: AnonMemory,
+    files: FileMemory,
+}
+
+impl RecvMemory {
+    pub(crate) fn create(dir: &Path) -> io::Result<Self> {
+        Ok(RecvMemory {
+            anon: AnonMemory::new(),
+            files: FileMemory::create(dir)?,
+        })
+    }
+}
+
+impl RecvMemory {
+    /// Copies into the image files every non-zero target page whose
+    /// received bit is set (no other page can hold data: pages never
+    /// received were never written, and discarded pages were dropped), so
+    /// the cost follows what was received, not the block sizes. Call it once
+    /// every region is gone: a registered page that is missing would block.
+    pub(crate) fn write_images(&mut self, blocks: &[BlockState], tps: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; tps as usize];
+        for (i, b) in blocks.iter().enumerate() {
+            for p in b.received().iter_ones() {
+                let at = p * tps;
+                self.anon.read(i, at, &mut buf)?;
+                if buf.iter().any(|&x| x != 0) {
+                    self.files.write(i, at, &buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for RecvMemory {
+    fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> io::Result<()> {
+        self.anon.set_block_len(index, name, len)?;
+        self.files.set_block_len(index, name, len)
+    }
+
+    fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> io::Result<&mut [u8]> {
+        self.anon.bytes_mut(index, offset, len)
+    }
+
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
+        self.anon.zero_page(index, offset, len)
+    }
+
+    fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {
+        self.anon.discard(index, offset, len)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.files.flush()
+    }
+}
+
+impl Images for RecvMemory {
+    fn images(&self) -> Vec<ImageFile> {
+        self.files.files()
+    }
+}
+
+/// Postcopy bookkeeping kept under the lock.
+#[derive(Default)]
+pub(crate) struct Host {
+    /// How postcopy is served: "userfaultfd", "passive (...)" or unset.
+    mode: Option<String>,
+    regions: Vec<Option<Region>>,
+    fault_threads: Vec<FaultThread>,
+    /// Host pages a thread faulted on and that are not placed yet, with the
+    /// time the fault handler saw the fault.
+    waiting: HashMap<(usize, u64), Instant>,
+    latencies_us: Vec<u64>,
+    /// Faults handed to the state machine.
+    faults_handled: u64,
+    /// The first error of the fault handler.
+    pub(crate) error: Option<String>,
+    touch: Vec<JoinHandle<u64>>,
+}
+
+/// Everything the stream reader and the fault handler share.
+pub(crate) struct Inner {
+    pub(crate) session: Session<RecvMemory>,
+    /// The return path (sockets only).
+    rp: Option<Box<dyn Write + Send>>,
+    pub(crate) rp_open: bool,
+    pub(crate) rp_error: Option<String>,
+    pub(crate) rp_dead: bool,
+    idle: Duration,
+    pub(crate) host: Host,
+}
+
+/// What the host needs besides [`Inner`]: the fault channel and the
+/// `--touch` configuration.
+pub(crate) struct Ctl {
+    fault_tx: Sender<Fault>,
+    touch_threads: usize,
+    touch_stop: Arc<AtomicBool>,
+    touched: Arc<AtomicU64>,
+    /// Set when the fault handler must stop (end of the migration or error).
+    stop: Arc<AtomicBool>,
+}
+
+pub(crate) fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn new(
+        session: Session<RecvMemory>,
+        rp: Option<Box<dyn Write + Send>>,
+        idle: Duration,
+    ) -> Self {
+        Inner {
+            session,
+            rp,
+            rp_open: false,
+            rp_error: None,
+            rp_dead: false,
+            idle,
+            host: Host::default(),
+        }
+    }
+
+    /// The return path (none for `file:` and `exec:`).
+    pub(crate) fn rp_sock(&mut self) -> Option<&mut (dyn Write + Send + 'static)> {
+        self.rp.as_deref_mut()
+    }
+
+    /// Closes the return path (half-closing a socket for writing).
+    pub(crate) fn close_rp(&mut self) {
+        self.rp = None;
+    }
+
+    /// Writes what the state machine wants sent on the return path.
+    pub(crate) fn flush_transmit(&mut self, out: &mut Vec<u8>) {
+        out.clear();
+        if self.session.dst.poll_transmit(out) {
+            self.send(out);
+        }
+    }
+
+    /// Writes `bytes` on the return path, if it is open and alive.
+    fn send(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || self.rp_dead || !self.rp_open {
+            return;
+        }
+        let Some(rp) = self.rp.as_mut() else {
+            return;
+        };
+        if let Err(e) = rp.write_all(bytes) {
+            let why = if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                format!(
+                    "return path: the source read nothing for {} s (--idle-timeout)",
+                    self.idle.as_secs_f64()
+                )
+            } else {
+                format!("return path: {e}")
+            };
+            self.rp_error.get_or_insert(why);
+            self.rp_dead = true;
+        }
+    }
+
+    /// The host placed `len` bytes at `offset` of `block`: tell the state
+    /// machine and close the fault latencies of the pages.
+    fn placed(&mut self, block: usize, offset: u64, len: u64) -> Result<(), StopError> {
+        self.session
+            .dst
+            .handle_placed(block, offset, len)
+            .map_err(StopError::Dst)?;
+        if !self.host.waiting.is_empty() {
+            let now = Instant::now();
+            let ps = self
+                .session
+                .dst
+                .blocks()
+                .get(block)
+                .map_or(4096, |b| b.page_size());
+            let mut at = offset;
+            while at < offset + len {
+                if let Some(t) = self.host.waiting.remove(&(block, at)) {
+                    self.host
+                        .latencies_us
+                        .push(now.duration_since(t).as_micros() as u64);
+                }
+                at += ps;
+            }
+        }
+        Ok(())
+    }
+
+    /// Places a host page the state machine assembled (or a zero page it
+    /// decided on): with UFFDIO_COPY / UFFDIO_ZEROPAGE into a registered
+    /// block, else straight into memory (passive mode).
+    ///
+    /// A page of the stream that is already present (EEXIST) is an error, as
+    /// in QEMU's `postcopy_place_page`: its new content would be lost. For a
+    /// zero page decided locally (`stream` false) it only means a race with
+    /// another placement, and is fine.
+    fn place(
+        &mut self,
+        block: usize,
+        offset: u64,
+        data: Option<&[u8]>,
+        len: u64,
+        stream: bool,
+    ) -> Result<(), StopError> {
+        let region = self.host.regions.get(block).and_then(Option::as_ref);
+        let r = match (region, data) {
+            (Some(r), Some(d)) => r.place_page(offset as usize, d),
+            (Some(r), None) => r.place_zero_page(offset as usize, len as usize),
+            (None, d) => {
+                let mem = self.session.dst.memory_mut();
+                let w = match d {
+                    Some(d) => mem.write(block, offset, d),
+                    None => mem
+                        .bytes_mut(block, offset, len as usize)
+                        .map(|m| m.fill(0)),
+                };
+                let at = self.session.dst.applied_up_to();
+                return w
+                    .map_err(|source| {
+                        StopError::Dst(qmig_ram_dst::RamDstError::Memory { offset: at, source })
+                    })
+                    .and_then(|()| self.placed(block, offset, len));
+            }
+        };
+        let placed = r.map_err(|e| {
+            StopError::Postcopy(format!("placing {offset:#x} of block {block}: {e}"))
+        })?;
+        if stream && placed.already_present > 0 {
+            return Err(StopError::Postcopy(format!(
+                "placing {offset:#x} of block {block}: {:#x} bytes already present (EEXIST; \
+                 QEMU: postcopy_place_page)",
+                placed.already_present
+            )));
+        }
+        self.placed(block, offset, len)
+    }
+
+    /// Executes one action of the state machine.
+    pub(crate) fn execute(
+        &mut self,
+        a: Action,
+        ctl: &Ctl,
+        note: &mut dyn FnMut(String),
+    ) -> Result<(), StopError> {
+        if !matches!(a, Action::Pong(_)) {
+            // PONG is already queued for poll_transmit (in order with page
+            // requests); other replies (RECV_BITMAP, RESUME_ACK) come from
+            // RamDst::reply, bounded as the fuzz target recv_state checks.
+            let mut out = Vec::new();
+            if let Err(e) = self.session.dst.reply(&a, &mut out) {
+                self.rp_error.get_or_insert(format!("return path: {e}"));
+            }
+            self.send(&out);
+        }
+        match a {
+            Action::OpenReturnPath => self.rp_open = self.rp.is_some(),
+            Action::NonZeroFill { offset, fill, .. } => note(format!(
+                "offset {offset}: ZERO record with fill byte {fill:#04x}"
+            )),
+            Action::PlaceHostPage {
+                block,
+                offset,
+                data,
+            } => {
+                let len = data.len() as u64;
+                self.place(block, offset, Some(&data), len, true)?
+            }
+            Action::PlaceZeroPage { block, offset, len } => {
+                self.place(block, offset, None, len, true)?
+            }
+            Action::PostcopyState(PostcopyState::Listening) => self.listen(ctl, note)?,
+            Action::PostcopyState(PostcopyState::Running) => self.start_touch(ctl),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// POSTCOPY_LISTEN: register every block with userfaultfd and start a
+    /// fault thread per block; without userfaultfd, postcopy is received
+    /// passively (pages are written as they come, nothing is asked for).
+    fn listen(&mut self, ctl: &Ctl, note: &mut dyn FnMut(String)) -> Result<(), StopError> {
+        let host_ps = 4096u64;
+        let dst = &self.session.dst;
+        let passive = |why: String, host: &mut Host, note: &mut dyn FnMut(String)| {
+            let why = format!("passive ({why})");
+            note(format!(
+                "postcopy received {why}; no page is asked for, --touch is not run"
+            ));
+            host.mode = Some(why);
+        };
+        if let Some(b) = dst.blocks().iter().find(|b| b.page_size() != host_ps) {
+            let why = format!(
+                "block \"{}\" has {} KiB pages (hugetlbfs-backed): only blocks with 4 KiB \
+                 pages are registered with userfaultfd so far",
+                b.name(),
+                b.page_size() / 1024
+            );
+            passive(why, &mut self.host, note);
+            return Ok(());
+        }
+        if let Err(e) = qmig_uffd_host::probe() {
+            passive(
+                format!("userfaultfd unavailable: {e}"),
+                &mut self.host,
+                note,
+            );
+            return Ok(());
+        }
+        let mem = &self.session.dst.memory().anon;
+        let mut regions = Vec::new();
+        for i in 0..mem.len() {
+            let used = mem.block(i).map_or(0, |b| b.1);
+            if used == 0 {
+                regions.push(None);
+                continue;
+            }
+            let r = mem
+                .register(i)
+                .map_err(|e| StopError::Postcopy(format!("registering block {i}: {e}")))?;
+            let ft = r
+                .spawn_fault_thread(
+                    i,
+                    Blocktime::new(ctl.touch_threads.max(1)),
+                    ctl.fault_tx.clone(),
+                )
+                .map_err(|e| StopError::Postcopy(format!("fault thread of block {i}: {e}")))?;
+            self.host.fault_threads.push(ft);
+            regions.push(Some(r));
+        }
+        self.host.regions = regions;
+        self.host.mode = Some("userfaultfd".into());
+        Ok(())
+    }
+
+    /// POSTCOPY_RUN: start the `--touch` threads.
+    fn start_touch(&mut self, ctl: &Ctl) {
+        let n = ctl.touch_threads;
+        // Passive postcopy writes memory as pages come: no reader may run.
+        if n == 0 || self.host.mode.as_deref() != Some("userfaultfd") {
+            return;
+        }
+        let mem = &self.session.dst.memory().anon;
+        let maps: Vec<(Arc<Mapping>, u64)> = (0..mem.len())
+            .filter_map(|i| Some((mem.mapping(i)?, mem.block(i)?.1)))
+            .collect();
+        for t in 0..n {
+            let maps = maps.clone();
+            let stop = ctl.touch_stop.clone();
+            let touched = ctl.touched.clone();
+            self.host.touch.push(std::thread::spawn(move || {
+                touch(&maps, t, n, &stop, &touched)
+            }));
+        }
+    }
+}
+
+/// One `--touch` thread: reads one byte of every 4 KiB page of its share
+/// (pages `t, t + n, t + 2n, ...` over all blocks) in a pseudo-random order
+/// (Fisher-Yates with xorshift64, seeded by `t`). Returns pages read.
+fn touch(
+    maps: &[(Arc<Mapping>, u64)],
+    t: usize,
+    n: usize,
+    stop: &AtomicBool,
+    touched: &AtomicU64,
+) -> u64 {
+    let mut pages: Vec<(usize, u64)> = Vec::new();
+    let mut k = 0usize;
+    for (i, (_, used)) in maps.iter().enumerate() {
+        for p in 0..used.div_ceil(4096) {
+            if k % n == t {
+                pages.push((i, p * 4096));
+            }
+            k += 1;
+        }
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
+    for i in (1..pages.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        pages.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut done = 0;
+    for (i, off) in pages {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut b = [0u8; 1];
+        if maps[i].0.read(off as usize, &mut b).is_err() {
+            break;
+        }
+        done += 1;
+        touched.fetch_add(1, Ordering::Relaxed);
+    }
+    done
+}
+
+/// The running postcopy host: the fault handler thread and the shared state.
+pub(crate) struct Running {
+    pub(crate) ctl: Ctl,
+    handler: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Starts the fault handler over `inner`; `abort` is set if it fails,
+    /// so the stream reader (which polls it) stops.
+    pub(crate) fn start(
+        inner: &Arc<Mutex<Inner>>,
+        abort: Arc<AtomicBool>,
+        touch_threads: usize,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctl = Ctl {
+            fault_tx: tx,
+            touch_threads,
+            touch_stop: Arc::new(AtomicBool::new(false)),
+            touched: Arc::new(AtomicU64::new(0)),
+            stop: stop.clone(),
+        };
+        let inner = inner.clone();
+        let handler = std::thread::Builder::new()
+            .name("qmig-faults".into())
+            .spawn(move || handle_faults(&inner, &rx, &stop, &abort))
+            .ok();
+        Running { ctl, handler }
+    }
+
+    /// Stops the fault handler, the fault threads and the regions (closing
+    /// the userfaultfds wakes every thread still waiting, which then reads
+    /// zero), then the touch threads (waiting at most `wait` for them).
+    /// Returns the manifest's `postcopy` object.
+    ///
+    /// After a complete migration (`ok`) the touch threads are first given
+    /// `wait` to finish reading every page while faults are still served;
+    /// after a failure they are told to stop at once.
+    pub(crate) fn stop(mut self, inner: &Mutex<Inner>, ok: bool, wait: Duration) -> PostcopyInfo {
+        let t0 = Instant::now();
+        if ok {
+            loop {
+                let done = lock(inner).host.touch.iter().all(JoinHandle::is_finished);
+                if done || t0.elapsed() >= wait {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.ctl.stop.store(true, Ordering::Release);
+        self.ctl.touch_stop.store(true, Ordering::Release);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        let mut g = lock(inner);
+        let mut faults = 0u64;
+        let mut thread_errors = Vec::new();
+        let mut blocktime_us = 0u128;
+        for r in g.host.regions.iter().flatten() {
+            blocktime_us += r.blocktime().total().as_micros();
+        }
+        for ft in g.host.fault_threads.drain(..) {
+            match ft.stop() {
+                Ok(s) => faults += s.faults,
+                Err(e) => thread_errors.push(e.to_string()),
+            }
+        }
+        g.host.regions.clear();
+        let touch: Vec<JoinHandle<u64>> = g.host.touch.drain(..).collect();
+        let t0 = Instant::now();
+        drop(g);
+        // Every userfaultfd is closed now: a touch thread still waiting was
+        // woken and reads zero, so this wait is short.
+        let mut touch_unfinished = 0;
+        let mut touched_pages = 0;
+        for h in touch {
+            while !h.is_finished() && t0.elapsed() < wait {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                touched_pages += h.join().unwrap_or(0);
+            } else {
+                touch_unfinished += 1;
+            }
+        }
+        let g = lock(inner);
+        let mut lat = g.host.latencies_us.clone();
+        lat.sort_unstable();
+        let pct = |p: f64| -> Option<u64> {
+            if lat.is_empty() {
+                None
+            } else {
+                let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+                Some(lat[i])
+            }
+        };
+        let st = g.session.dst.stats();
+        PostcopyInfo {
+            mode: g.host.mode.clone(),
+            page_requests: st.page_requests,
+            faults,
+            faults_handled: g.host.faults_handled,
+            faults_resolved_locally: st.faults_resolved_locally,
+            faults_already_requested: st.faults_already_requested,
+            outstanding_requests: g.session.dst.outstanding_requests() as u64,
+            placed_host_pages: st.placed_host_pages,
+            placed_zero_pages: st.placed_zero_pages,
+            fault_latency_us: LatencySummary {
+                count: lat.len() as u64,
+                p50: pct(0.50),
+                p99: pct(0.99),
+                max: lat.last().copied(),
+            },
+            blocktime_total_us: blocktime_us as u64,
+            touch_threads: self.ctl.touch_threads,
+            touched_pages,
+            touch_threads_unfinished: touch_unfinished,
+            fault_thread_errors: thread_errors,
+            error: g.host.error.clone(),
+        }
+    }
+}
+
+/// The fault handler: each fault from the fault threads goes to the state
+/// machine, which decides what to ask for (REQ_PAGES) or place locally.
+fn handle_faults(
+    inner: &Mutex<Inner>,
+    rx: &Receiver<Fault>,
+    stop: &AtomicBool,
+    abort: &AtomicBool,
+) {
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        let f = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(f) => f,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let seen = Instant::now();
+        let mut g = lock(inner);
+        g.host.faults_handled += 1;
+        let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
+            Ok(FaultOutcome::Requested) => {
+                // Latency is measured for pages asked of the source: from
+                // the fault to the placement of the page it brought.
+                let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
+                g.host.waiting.insert((f.tag, start), seen);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(StopError::Dst(e)),
+        };
+        while let (Ok(()), Some(a)) = (&r, g.session.dst.poll_action()) {
+            r = match a {
+                Action::PlaceZeroPage { block, offset, len } => {
+                    g.place(block, offset, None, len, false)
+                }
+                _ => Ok(()),
+            };
+        }
+        g.flush_transmit(&mut out);
+        if let Err(e) = r {
+            g.host.error.get_or_insert(e.to_string());
+            drop(g);
+            // Wake the stream reader: the migration cannot go on.
+            abort.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
