@@ -47,7 +47,9 @@ for c in "$data"/multifd/*/conn-*.bin.gz; do
     gzip -dc "$c" > "$tmp"
     if [ "$(head -c 4 "$tmp" | od -An -tx1 | tr -d ' \n')" = "11223344" ]; then
         { printf '\x80'; head -c 300000 "$tmp"; } > "$here/corpus/multifd_packet/$n"
-        { printf '\x02'; tail -c +65 "$tmp" | head -c 20000; } > "$here/corpus/multifd_packet/$n-packet"
+        # (dd, not tail | head: under pipefail head's early exit is an error)
+        { printf '\x02'; dd if="$tmp" iflag=skip_bytes,count_bytes skip=64 count=20000 status=none; } \
+            > "$here/corpus/multifd_packet/$n-packet"
     fi
 done
 rm -f "$tmp"
