@@ -271,7 +271,7 @@ impl Listener {
                 Ok(Incoming {
                     src: Box::new(sock),
                     polled: true,
-                    rp: Some(Box::new(TcpRp(rp))),
+                    rp: Some(Box::new(SocketRp(rp))),
                     peer: peer.to_string(),
                     child: None,
                 })
@@ -292,7 +292,7 @@ impl Listener {
                 Ok(Incoming {
                     src: Box::new(sock),
                     polled: true,
-                    rp: Some(Box::new(UnixRp(rp))),
+                    rp: Some(Box::new(SocketRp(rp))),
                     peer: format!("unix:{}", p.display()),
                     child: None,
                 })
@@ -336,10 +336,29 @@ impl Drop for Listener {
     }
 }
 
-/// The return path over TCP (half-closed for writing at the end).
-struct TcpRp(TcpStream);
+/// A stream socket whose writing half can be closed on its own.
+trait HalfClose: Write {
+    /// Half-closes for writing (errors ignored: the peer may be gone).
+    fn close_write(&self);
+}
 
-impl Write for TcpRp {
+impl HalfClose for TcpStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl HalfClose for UnixStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// The return path over a TCP or Unix socket, half-closed for writing when
+/// dropped so the source sees its end.
+struct SocketRp<S: HalfClose>(S);
+
+impl<S: HalfClose> Write for SocketRp<S> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.0.write(b)
     }
@@ -348,27 +367,9 @@ impl Write for TcpRp {
     }
 }
 
-impl Drop for TcpRp {
+impl<S: HalfClose> Drop for SocketRp<S> {
     fn drop(&mut self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Write);
-    }
-}
-
-/// The return path over a Unix socket.
-struct UnixRp(UnixStream);
-
-impl Write for UnixRp {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.write(b)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
-impl Drop for UnixRp {
-    fn drop(&mut self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Write);
+        self.0.close_write();
     }
 }
 
