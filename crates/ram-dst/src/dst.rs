@@ -4,9 +4,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use qmig_wire::{Command, Item, MemBlock, RamBody, RamRecord, ReadItem};
 
-use crate::bitmap::{write_recv_bitmap_reply, PageBitmap};
+use crate::bitmap::write_recv_bitmap_reply;
 use crate::memory::GuestMemory;
 use crate::RamDstError;
+use qmig_wire::bitmap::PageBitmap;
 
 /// Largest block page size accepted from a stream (1 GiB huge pages).
 /// With [`Placement::Apply`] no buffer of this size is ever allocated: target

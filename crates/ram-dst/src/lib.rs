@@ -38,7 +38,7 @@ mod file;
 mod memory;
 mod mmap;
 
-pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply, PageBitmap};
+pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply};
 pub use dst::{
     machine_qemu_version, Action, BlockState, Config, FaultOutcome, Layout, Leniency, LocalBlock,
     Placement, PostcopyState, RamDst, Stats, MAX_ADOPTED_BLOCKS, MAX_ADOPTED_PAGES, MAX_PAGE_SIZE,
@@ -48,6 +48,7 @@ pub use error::RamDstError;
 pub use file::FileMemory;
 pub use memory::{GuestMemory, VecMemory};
 pub use mmap::{ImageFile, MappedInput, MmapMemory};
+pub use qmig_wire::bitmap::PageBitmap;
 
 #[cfg(test)]
 mod tests;

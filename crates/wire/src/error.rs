@@ -209,6 +209,15 @@ pub enum WireError {
         /// Size read.
         size: u64,
     },
+    /// A page bitmap in wire form (RECV_BITMAP, mapped-ram) of the wrong
+    /// length for its block, or with bits set past the block's last page.
+    #[error("offset {offset}: page bitmap: {why}")]
+    Bitmap {
+        /// Offset of the bitmap bytes.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
     /// A configuration section that is malformed.
     #[error("offset {offset}: configuration: {why}")]
     Configuration {
@@ -368,6 +377,7 @@ macro_rules! each_offset {
             | WireError::ReturnPathLength { offset: $o, .. }
             | WireError::BitmapEndMarker { offset: $o, .. }
             | WireError::BitmapSize { offset: $o, .. }
+            | WireError::Bitmap { offset: $o, .. }
             | WireError::Configuration { offset: $o, .. }
             | WireError::DeviceSection { offset: $o, .. }
             | WireError::Vmdesc { offset: $o, .. }

@@ -25,6 +25,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bitmap;
 pub mod command;
 pub mod decoder;
 pub mod devices;
@@ -42,6 +43,7 @@ pub mod target_page;
 pub mod vmdesc;
 pub mod vmstate;
 
+pub use bitmap::PageBitmap;
 pub use command::{Advise, Command, Discard, DiscardRange};
 pub use decoder::{Decoder, Item, Limits, Phase, SectionInfo, Step, StreamStart};
 pub use error::WireError;
