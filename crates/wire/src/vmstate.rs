@@ -56,7 +56,12 @@
 //! signed values followed by ` (-N)`), booleans as JSON booleans, raw bytes
 //! as space-separated hex pairs, repeated names (array elements) grouped
 //! into a list, structs as nested objects, subsections under their
-//! `vmsd_name`. [`DeviceState::to_text`] gives a readable listing.
+//! `vmsd_name`. [`DeviceState::to_text`] gives a readable listing. One
+//! deliberate difference: analyze-migration.py prints `uint8 equal`,
+//! `uint16 equal` and `int64 equal` (QEMU's name for its uint64 equality
+//! check) as signed; qmig follows QEMU's types and prints them unsigned (no
+//! ` (-N)` suffix). On the committed captures no such value has its top bit
+//! set, so the outputs are equal there.
 //!
 //! # Limits and errors
 //!
