@@ -73,7 +73,8 @@ def main():
     if not script or not os.path.isfile(script):
         sys.exit("check_devices: set ANALYZE_MIGRATION to QEMU 10's analyze-migration.py "
                  "(scripts/fetch_analyze_migration.sh fetches it)")
-    qmig = os.environ.get("QMIG", os.path.join(ROOT, "target/debug/qmig"))
+    script = os.path.abspath(script)
+    qmig = os.path.abspath(os.environ.get("QMIG", os.path.join(ROOT, "target/debug/qmig")))
     streams = sys.argv[1:]
     if not streams:
         # $QMIG_FIELD_DIR overrides ../shared/field (e.g. from a git worktree).

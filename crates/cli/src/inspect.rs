@@ -1184,14 +1184,20 @@ impl serde::Serialize for RamSizes<'_> {
     }
 }
 
-struct Top<'a>(&'a [(String, Shown)]);
+/// The `--devices --json` object: `"idstr (section id)"` → state, each
+/// section decoded as it is written.
+struct Top<'a> {
+    secs: &'a [DevSection],
+    key: &'a dyn Fn(&DevSection) -> String,
+    shown: &'a dyn Fn(&DevSection) -> Shown,
+}
 
 impl serde::Serialize for Top<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, v)?;
+        let mut m = s.serialize_map(Some(self.secs.len()))?;
+        for sec in self.secs {
+            m.serialize_entry(&(self.key)(sec), &(self.shown)(sec))?;
         }
         m.end()
     }
@@ -1342,33 +1348,42 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> CliRes
             path.display()
         )));
     };
-    let shown: Vec<(String, Shown)> = secs
-        .iter()
-        .map(|s| (format!("{} ({})", s.idstr, s.id), show(s, &desc)))
-        .collect();
-    let errors = shown
-        .iter()
-        .filter(|(_, s)| matches!(s, Shown::Error(_)))
-        .count();
+    // Each section is decoded when it is printed and dropped after, so
+    // only one decoded state is held at a time.
+    let errors: std::cell::RefCell<Vec<(String, String)>> = Default::default();
+    let key = |s: &DevSection| format!("{} ({})", s.idstr, s.id);
+    let shown = |s: &DevSection| {
+        let sh = show(s, &desc);
+        if let Shown::Error(e) = &sh {
+            errors.borrow_mut().push((key(s), e.clone()));
+        }
+        sh
+    };
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     if json_out {
         let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
         let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-        serde::Serialize::serialize(&Top(&shown), &mut ser).map_err(|e| {
-            match e.io_error_kind() {
-                Some(k) => crate::output_error(k.into()),
-                None => CliError::data(e.to_string()),
-            }
+        let top = Top {
+            secs: &secs,
+            key: &key,
+            shown: &shown,
+        };
+        serde::Serialize::serialize(&top, &mut ser).map_err(|e| match e.io_error_kind() {
+            Some(k) => crate::output_error(k.into()),
+            None => CliError::data(e.to_string()),
         })?;
         writeln!(out).map_err(crate::output_error)?;
     } else {
-        for ((key, sh), s) in shown.iter().zip(&secs) {
+        for s in &secs {
             let head = format!(
-                "section {key}: {} instance {} version {}",
-                s.kind, s.instance, s.version
+                "section {}: {} instance {} version {}",
+                key(s),
+                s.kind,
+                s.instance,
+                s.version
             );
-            match sh {
+            match shown(s) {
                 Shown::Ram(sizes) => {
                     writeln!(out, "{head}: RAM").map_err(crate::output_error)?;
                     for (n, l) in sizes {
@@ -1405,16 +1420,15 @@ pub fn run_devices(path: &Path, json_out: bool, vmdesc: Option<&Path>) -> CliRes
     out.flush().map_err(crate::output_error)?;
     // The decoded sections are already on stdout: errors go to stderr only,
     // so `--json` output stays one document.
-    for (k, s) in &shown {
-        if let Shown::Error(e) = s {
-            eprintln!("qmig: inspect: section {k}: {e}");
-        }
+    let errors = errors.into_inner();
+    for (k, e) in &errors {
+        eprintln!("qmig: inspect: section {k}: {e}");
     }
     if let Some(e) = &read_error {
         eprintln!("qmig: inspect: {e}");
         return Ok(ExitCode::from(e.exit_code()));
     }
-    if errors > 0 {
+    if !errors.is_empty() {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

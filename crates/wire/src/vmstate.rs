@@ -56,14 +56,20 @@
 //! signed values followed by ` (-N)`), booleans as JSON booleans, raw bytes
 //! as space-separated hex pairs, repeated names (array elements) grouped
 //! into a list, structs as nested objects, subsections under their
-//! `vmsd_name`. [`DeviceState::to_text`] gives a readable listing.
+//! `vmsd_name`. [`DeviceState::to_text`] gives a readable listing. One
+//! deliberate difference: analyze-migration.py prints `uint8 equal`,
+//! `uint16 equal` and `int64 equal` (QEMU's name for its uint64 equality
+//! check) as signed; qmig follows QEMU's types and prints them unsigned (no
+//! ` (-N)` suffix). On the committed captures no such value has its top bit
+//! set, so the outputs are equal there.
 //!
 //! # Limits and errors
 //!
 //! [`VmDesc::parse`] rejects (as [`WireError::Vmdesc`]) JSON over
 //! [`DEFAULT_MAX_VMDESC`](crate::vmdesc::DEFAULT_MAX_VMDESC) bytes, nested
 //! deeper than [`MAX_JSON_DEPTH`], with more than [`MAX_OBJECTS`] objects, a
-//! device that would decode to more than [`MAX_DECODED_NODES`] values, and
+//! device that would decode to more than [`MAX_DECODED_NODES`] values (all
+//! devices: [`MAX_TOTAL_NODES`]), and
 //! any entry QEMU would not write (missing keys, a struct whose `size`
 //! differs from what its fields add up to, lengths that overflow, a
 //! duplicate `(name, instance_id)`). [`DeviceDesc::decode`] returns
@@ -93,6 +99,11 @@ pub const MAX_OBJECTS: usize = 1_000_000;
 /// Most values (fields, array elements, struct elements, subsections) one
 /// device may decode to, which bounds [`DeviceDesc::decode`]'s allocations.
 pub const MAX_DECODED_NODES: u64 = 1_000_000;
+/// Most values all devices of one vmdesc may decode to, which bounds the work
+/// of decoding every section of a stream whatever the vmdesc says (arrays of
+/// zero-size elements take no payload bytes). QEMU's x86 `pc` machine with
+/// one vCPU has about 3,000.
+pub const MAX_TOTAL_NODES: u64 = 4_000_000;
 
 /// Subsection marker byte (`QEMU_VM_SUBSECTION`).
 pub const SUBSECTION: u8 = 0x05;
@@ -757,6 +768,14 @@ impl<'de> Visitor<'de> for RootSeed<'_> {
             }
         }
         let devices = list.ok_or_else(|| ctx.err("missing \"devices\""))?.devices;
+        let total = devices
+            .iter()
+            .fold(0u64, |a, d| a.saturating_add(d.body.nodes));
+        if total > MAX_TOTAL_NODES {
+            return Err(ctx.err(format!(
+                "devices decode to {total} values, more than {MAX_TOTAL_NODES}"
+            )));
+        }
         let mut index = HashMap::with_capacity(devices.len());
         for (i, d) in devices.iter().enumerate() {
             if index.insert((d.name.clone(), d.instance_id), i).is_some() {
@@ -783,7 +802,8 @@ impl VmDesc {
     /// # Errors
     /// [`WireError::Vmdesc`] with the offset in `json` where the rule broke
     /// (for a rule about a whole entry: just after that entry): invalid JSON,
-    /// over a cap ([`MAX_JSON_DEPTH`], [`MAX_OBJECTS`], [`MAX_DECODED_NODES`])
+    /// over a cap ([`MAX_JSON_DEPTH`], [`MAX_OBJECTS`], [`MAX_DECODED_NODES`],
+    /// [`MAX_TOTAL_NODES`])
     /// or an entry QEMU would not write (its path is in the message).
     /// [`WireError::TooLarge`] for JSON over
     /// [`DEFAULT_MAX_VMDESC`](crate::vmdesc::DEFAULT_MAX_VMDESC) bytes.
@@ -1498,6 +1518,16 @@ mod tests {
                 matches!(VmDesc::parse(c.as_bytes()), Err(WireError::Vmdesc { .. })),
                 "{c}"
             );
+        }
+        let five: Vec<String> = (0..5)
+            .map(|i| format!("{{\"name\": \"x\", \"instance_id\": {i}, \"fields\": [{{\"name\": \"a\", \"type\": \"b\", \"size\": 0, \"array_len\": 999999}}]}}"))
+            .collect();
+        let j = format!("{{\"devices\": [{}]}}", five.join(","));
+        match VmDesc::parse(j.as_bytes()) {
+            Err(WireError::Vmdesc { why, .. }) => {
+                assert!(why.contains("more than 4000000"), "{why}")
+            }
+            r => panic!("{r:?}"),
         }
         let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
         match VmDesc::parse(deep.as_bytes()) {
