@@ -15,6 +15,7 @@ mod files;
 mod input;
 mod inspect;
 mod manifest;
+mod multifd_apply;
 mod postcopy;
 mod progress;
 mod recv;
@@ -102,6 +103,10 @@ enum Cmd {
         /// Output directory (created if missing).
         #[arg(short, long)]
         output: PathBuf,
+        /// A recorded multifd channel connection (repeatable): its packets
+        /// are applied at the main STREAM's sync points.
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
@@ -248,7 +253,11 @@ fn main() -> ExitCode {
             ),
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
-        Cmd::Extract { stream, output } => extract::run(&stream, &output),
+        Cmd::Extract {
+            stream,
+            output,
+            multifd_channel,
+        } => extract::run(&stream, &output, &multifd_channel),
         Cmd::Recv {
             listen,
             output,

@@ -924,7 +924,7 @@ mod tests {
             .join("../../tests/data")
             .join(name)
             .join("stream");
-        crate::extract::run(&p, &ex).unwrap();
+        crate::extract::run(&p, &ex, &[]).unwrap();
         let mx: Value =
             serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
                 .unwrap();
