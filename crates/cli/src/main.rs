@@ -16,6 +16,7 @@ mod input;
 mod inspect;
 mod manifest;
 mod multifd_apply;
+mod multifd_recv;
 mod postcopy;
 mod progress;
 mod recv;
