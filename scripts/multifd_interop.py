@@ -15,7 +15,8 @@ guest, lifts the cap and checks:
   * the --save capture set (conn-0.bin main, conn-1.bin.. channels) replays with
     `qmig extract conn-0.bin --multifd-channel ...` to the same pc.ram;
   * the channel count qmig reports equals multifd-channels.
-Scenario `refuse-postcopy`: multifd + postcopy-ram is refused, naming postcopy-ram.
+(QEMU 10.0 itself refuses multifd with postcopy-ram; qpl/uadk/qatzip need hardware
+builds: those refusals are tested on crafted channels in crates/cli/tests/multifd_cli.rs.)
 Scenarios run in parallel (--jobs, default 3). Exits non-zero naming the failed scenarios.
 """
 
@@ -46,7 +47,10 @@ SCENARIOS = {}
 for n in (2, 4):
     for comp in ("none", "zlib", "zstd"):
         SCENARIOS[f"mfd{n}-{comp}"] = dict(channels=n, comp=comp, rp=(comp == "zlib"))
-SCENARIOS["refuse-postcopy"] = dict(channels=2, comp="none", rp=False, postcopy=True)
+SCENARIOS["mfd8-zstd-rp"] = dict(channels=8, comp="zstd", rp=True)
+SCENARIOS["mfd4-none-rp"] = dict(channels=4, comp="none", rp=True)
+# The guest's pages compress ~20x: a lower cap keeps compressed migrations iterating.
+BANDWIDTH = {"none": 8 * MiB, "zlib": 256 << 10, "zstd": 256 << 10}
 
 
 def log(*a):
@@ -114,27 +118,13 @@ def run(name, sc, qmig, work):
             check(time.monotonic() < deadline, "qmig recv never listened")
             time.sleep(0.05)
         caps = {"multifd": True, "return-path": sc["rp"]}
-        if sc.get("postcopy"):
-            caps["postcopy-ram"] = True
         src.cmd("migrate-set-capabilities",
                 capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
         src.cmd("migrate-set-parameters", **{"multifd-channels": sc["channels"],
                                              "multifd-compression": sc["comp"],
-                                             "max-bandwidth": 8 * MiB, "downtime-limit": 1})
+                                             "max-bandwidth": BANDWIDTH[sc["comp"]],
+                                             "downtime-limit": 1})
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        if sc.get("postcopy"):
-            try:
-                recv.wait(60)
-            except subprocess.TimeoutExpired:
-                raise Fail("qmig recv did not refuse multifd + postcopy-ram within 60 s")
-            err = open(errlog.name, "rb").read().decode(errors="replace")
-            check(recv.returncode != 0, "qmig recv accepted multifd + postcopy-ram")
-            check("postcopy-ram" in err, f"refusal does not name postcopy-ram: {err}")
-            try:
-                qmp.wait_migration(src.qmp, timeout=30, done=("failed", "cancelled"), fail=())
-            except qmp.QMPError as e:
-                raise Fail(f"source did not fail: {e}")
-            return "refused: " + err.strip().splitlines()[-1][:160]
         capture.wait_progress(src, {"min_syncs": 3})
         src.cmd("stop")
         src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 2000})
