@@ -95,6 +95,10 @@ enum Cmd {
     Roundtrip {
         /// The migration stream.
         stream: PathBuf,
+        /// A recorded multifd channel connection (repeatable): its header and
+        /// packets are re-serialized and compared too.
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Write the final content of every RAM block as a raw image, plus manifest.json.
     #[command(after_help = error::EXIT_CODES)]
@@ -124,8 +128,10 @@ enum Cmd {
         /// {"blocks":[{"name","length"}]}); default: adopt the source's layout.
         #[arg(long, value_name = "MANIFEST")]
         blocks: Option<PathBuf>,
-        /// Also record the whole incoming stream, byte for byte, in this file.
-        #[arg(long, value_name = "STREAM")]
+        /// Also record the whole incoming stream, byte for byte, in this file; multifd
+        /// channels go to STREAM.conn-N.bin. An existing directory gets a capture set:
+        /// conn-0.bin (main) and conn-1.bin... (channels, for --multifd-channel).
+        #[arg(long, value_name = "STREAM|DIR")]
         save: Option<PathBuf>,
         /// Postcopy: from POSTCOPY_RUN on, N threads read every guest page
         /// once in a pseudo-random order (like vCPUs), so pages are demand-paged.
@@ -253,7 +259,10 @@ fn main() -> ExitCode {
                 &multifd_channel,
             ),
         },
-        Cmd::Roundtrip { stream } => roundtrip::run(&stream),
+        Cmd::Roundtrip {
+            stream,
+            multifd_channel,
+        } => roundtrip::run(&stream, &multifd_channel),
         Cmd::Extract {
             stream,
             output,

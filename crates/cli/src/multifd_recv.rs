@@ -214,8 +214,7 @@ impl MultifdRecv {
                 break;
             }
             let k = st.pairing.released + 1;
-            if let Some(i) =
-                (0..st.ended.len()).find(|&i| st.ended[i] && st.pairing.synced[i] < k)
+            if let Some(i) = (0..st.ended.len()).find(|&i| st.ended[i] && st.pairing.synced[i] < k)
             {
                 let ch = st.ids[i].map_or(format!("connection {}", i + 1), |id| {
                     format!("channel {id}")
@@ -224,7 +223,9 @@ impl MultifdRecv {
                     stream: "main".into(),
                     offset: ri.offset,
                     rule: "multifd_recv_sync_main",
-                    why: format!("{ch} closed before its SYNC {k}, which pairs with this sync point"),
+                    why: format!(
+                        "{ch} closed before its SYNC {k}, which pairs with this sync point"
+                    ),
                 }));
             }
             if let Some(sig) = crate::signals::pending() {
@@ -263,12 +264,14 @@ impl MultifdRecv {
             return Ok(());
         };
         let mut socks: Vec<Box<dyn Read + Send>> = Vec::new();
-        let accept_err = |e: std::io::Error| StopError::Multifd(MultifdError::Rule {
-            stream: "main".into(),
-            offset: at,
-            rule: "multifd",
-            why: format!("accepting the channel connections: {e}"),
-        });
+        let accept_err = |e: std::io::Error| {
+            StopError::Multifd(MultifdError::Rule {
+                stream: "main".into(),
+                offset: at,
+                rule: "multifd",
+                why: format!("accepting the channel connections: {e}"),
+            })
+        };
         match &listener {
             Listener::Tcp(l) => {
                 l.set_nonblocking(true).map_err(accept_err)?;
@@ -354,12 +357,14 @@ impl MultifdRecv {
             let h = std::thread::Builder::new()
                 .name(format!("multifd-recv-{i}"))
                 .spawn(move || channel_thread(i, sock, save, page_size, inner, shared, abort))
-                .map_err(|e| StopError::Multifd(MultifdError::Rule {
-                    stream: "main".into(),
-                    offset: at,
-                    rule: "multifd",
-                    why: format!("starting a channel thread: {e}"),
-                }))?;
+                .map_err(|e| {
+                    StopError::Multifd(MultifdError::Rule {
+                        stream: "main".into(),
+                        offset: at,
+                        rule: "multifd",
+                        why: format!("starting a channel thread: {e}"),
+                    })
+                })?;
             self.threads.push(h);
         }
         Ok(())
