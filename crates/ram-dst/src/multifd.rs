@@ -668,8 +668,9 @@ mod tests {
         let Packet::Ram(r) = p else {
             panic!("not a RAM packet")
         };
+        let id = dec.id();
         let x = dec.decode(64, &r)?;
-        d.apply_multifd(dec.id(), &x)
+        d.apply_multifd(id, &x)
     }
 
     fn method() -> impl Strategy<Value = Compression> {
