@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,28 @@ use crate::recv::Listener;
 /// How often a blocked channel read or sync wait looks at the stop flag
 /// and the signals.
 const POLL: Duration = Duration::from_millis(200);
+
+/// When a channel last made progress, in milliseconds since [`epoch`]
+/// (0: never). The main stream's `--idle-timeout` counts only time when
+/// neither it nor a channel received anything: during a long first pass
+/// every page may travel on the channels.
+static LAST_CHANNEL_DATA_MS: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static E: OnceLock<Instant> = OnceLock::new();
+    *E.get_or_init(Instant::now)
+}
+
+fn channel_progress() {
+    let ms = epoch().elapsed().as_millis() as u64 + 1;
+    LAST_CHANNEL_DATA_MS.store(ms, Ordering::Relaxed);
+}
+
+/// Whether a multifd channel received data within `idle`.
+pub(crate) fn channels_active(idle: Duration) -> bool {
+    let last = LAST_CHANNEL_DATA_MS.load(Ordering::Relaxed);
+    last != 0 && epoch().elapsed().as_millis() as u64 + 1 - last < idle.as_millis() as u64
+}
 
 /// Where `--save` puts the main stream: `DIR/conn-0.bin` when `--save`
 /// names an existing directory, else the path itself.
@@ -113,7 +135,10 @@ impl Read for ChannelSock {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
             match self.sock.read(buf) {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    channel_progress();
+                    return Ok(n);
+                }
                 Err(e)
                     if matches!(
                         e.kind(),

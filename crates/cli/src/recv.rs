@@ -89,7 +89,10 @@ impl Read for Tee {
                     }
                     match self.after_eof.get() {
                         Some(t) if t.elapsed() >= AFTER_EOF_TIMEOUT => break 0,
-                        None if self.polled && self.last_data.elapsed() >= self.idle => {
+                        None if self.polled
+                            && self.last_data.elapsed() >= self.idle
+                            && !crate::multifd_recv::channels_active(self.idle) =>
+                        {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::TimedOut,
                                 format!(

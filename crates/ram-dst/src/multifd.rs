@@ -432,7 +432,7 @@ impl<M: GuestMemory> RamDst<M> {
         let (mem, blocks) = self.multifd_parts();
         let blk = &mut blocks[b];
         let used = blk.used_length();
-        let bad = |o: u64| o % tps != 0 || o.checked_add(tps).is_none_or(|e| e > used);
+        let bad = |o: u64| !o.is_multiple_of(tps) || o.checked_add(tps).is_none_or(|e| e > used);
         if let Some(o) = p.normal_offsets().chain(p.zero_offsets()).find(|&o| bad(o)) {
             return Err(MultifdError::PageOutOfBlock {
                 channel,
