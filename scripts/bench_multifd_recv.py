@@ -12,7 +12,8 @@ data, and zero-page detection has work). The VM stays stopped; `multifd` on with
 starts a fresh source and migrates it over loopback TCP into either
   * `qmig recv --listen tcp:... -o DIR` (DIR under /dev/shm when it exists), or
   * QEMU 10 `-M pc -m MIB -S -incoming tcp:...` with the same multifd settings,
-and reads the source's `total-time` from query-migrate at `completed`. Runs alternate
+and reads the source's `total-time` from query-migrate at `completed`; qmig's pc.ram
+image is checked against the blob. Runs alternate
 between the two destinations. Prints one JSON line per run and a summary line with the
 medians and the ratio qmig / QEMU.
 """
@@ -108,6 +109,13 @@ def run_qmig(work, blob, a, qmig):
             raise RuntimeError("qmig recv failed: " + open(errp).read())
         if f"{a.channels} multifd channel connections" not in open(errp).read():
             raise RuntimeError("qmig recv did not use the channels: " + open(errp).read())
+        # The received memory is the source's: the blob from 1 MiB on.
+        m = json.load(open(os.path.join(out, "manifest.json")))
+        f = next(b["file"] for b in m["blocks"] if b["name"] == "pc.ram")
+        with open(os.path.join(out, f), "rb") as img, open(blob, "rb") as want:
+            img.seek(MiB)
+            if img.read(os.path.getsize(blob)) != want.read():
+                raise RuntimeError("qmig recv's pc.ram differs from the loaded blob")
         return final
     finally:
         if p.poll() is None:
