@@ -56,6 +56,9 @@ pub(crate) enum StopError {
     /// The postcopy host (userfaultfd, fault handling) failed or refused
     /// the stream.
     Postcopy(String),
+    /// A multifd channel broke a rule (its offset is in that channel, or
+    /// in the main stream for the sync pairing).
+    Multifd(qmig_ram_dst::multifd::MultifdError),
 }
 
 impl std::fmt::Display for StopError {
@@ -78,6 +81,7 @@ impl std::fmt::Display for StopError {
                 write!(f, "interrupted by {}", crate::error::signal_name(*sig))
             }
             StopError::Postcopy(e) => write!(f, "postcopy: {e}"),
+            StopError::Multifd(e) => write!(f, "{e}"),
         }
     }
 }
@@ -87,6 +91,7 @@ impl StopError {
         match self {
             StopError::Wire(e) => Some(e.offset()),
             StopError::Dst(e) => Some(e.offset()),
+            StopError::Multifd(e) => Some(e.offset()),
             StopError::Io { offset, .. } | StopError::Peer { offset, .. } => Some(*offset),
             StopError::Interrupted(_) | StopError::Postcopy(_) => None,
         }
@@ -138,6 +143,10 @@ impl StopError {
             StopError::Postcopy(e) => CliError::Data {
                 message: format!("{input}: postcopy: {e}; {detail}"),
                 offset: None,
+            },
+            StopError::Multifd(e) => CliError::Data {
+                message: format!("{input}: {e}; {detail}"),
+                offset: Some(e.offset()),
             },
             StopError::Interrupted(signal) => CliError::Interrupted {
                 signal,
@@ -251,6 +260,8 @@ pub(crate) struct Session<M> {
     device: DeviceState,
     device_path: PathBuf,
     vmdesc: bool,
+    /// Recorded multifd channels applied with the stream (`extract`).
+    pub(crate) multifd: Option<crate::multifd_apply::OfflineChannels>,
 }
 
 impl<M: Images> Session<M> {
@@ -290,6 +301,7 @@ impl<M: Images> Session<M> {
             },
             device_path,
             vmdesc: false,
+            multifd: None,
         })
     }
 
@@ -300,6 +312,10 @@ impl<M: Images> Session<M> {
         ri: &ReadItem<'_>,
         mut on_action: impl FnMut(Action),
     ) -> Result<(), StopError> {
+        if let Some(m) = &mut self.multifd {
+            m.before_item(ri, &mut self.dst)
+                .map_err(StopError::Multifd)?;
+        }
         match &ri.item {
             Item::Ram(_) => self.dst.handle_read_item(ri).map_err(StopError::Dst)?,
             Item::Vmdesc(j) => {
@@ -441,7 +457,7 @@ pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Vec<L
         .collect()
 }
 
-pub fn run(path: &Path, outdir: &Path) -> CliResult {
+pub fn run(path: &Path, outdir: &Path, channels: &[PathBuf]) -> CliResult {
     let opened = crate::input::open(path)?;
     let (input, seekable) = (opened.input, opened.seekable);
     let consumed = opened.consumed;
@@ -459,6 +475,9 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
         "extract",
         name.clone(),
     )?;
+    if !channels.is_empty() {
+        s.multifd = Some(crate::multifd_apply::OfflineChannels::new(channels));
+    }
     let result = match input {
         // A regular file is mapped: the records are applied straight from the
         // page cache, without a copy through read().
@@ -473,6 +492,14 @@ pub fn run(path: &Path, outdir: &Path) -> CliResult {
             let rd = StreamReader::with_decoder(SignalAware(other), dec);
             apply_reader(rd, &mut s, 0, consumed)
         }
+    };
+    let result = match s.multifd.take() {
+        Some(mut m) if result.is_ok() => {
+            let r = m.finish(&mut s.dst).map_err(StopError::Multifd);
+            crate::multifd_apply::report(&m.stats());
+            r
+        }
+        _ => result,
     };
     s.finish(result, None, &name)?;
     let fills = s.dst.stats().nonzero_fill;

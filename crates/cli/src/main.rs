@@ -15,6 +15,8 @@ mod files;
 mod input;
 mod inspect;
 mod manifest;
+mod multifd_apply;
+mod multifd_recv;
 mod postcopy;
 mod progress;
 mod recv;
@@ -93,6 +95,10 @@ enum Cmd {
     Roundtrip {
         /// The migration stream.
         stream: PathBuf,
+        /// A recorded multifd channel connection (repeatable): its header and
+        /// packets are re-serialized and compared too.
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Write the final content of every RAM block as a raw image, plus manifest.json.
     #[command(after_help = error::EXIT_CODES)]
@@ -102,6 +108,10 @@ enum Cmd {
         /// Output directory (created if missing).
         #[arg(short, long)]
         output: PathBuf,
+        /// A recorded multifd channel connection (repeatable): its packets
+        /// are applied at the main STREAM's sync points.
+        #[arg(long, value_name = "FILE")]
+        multifd_channel: Vec<PathBuf>,
     },
     /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
@@ -118,8 +128,10 @@ enum Cmd {
         /// {"blocks":[{"name","length"}]}); default: adopt the source's layout.
         #[arg(long, value_name = "MANIFEST")]
         blocks: Option<PathBuf>,
-        /// Also record the whole incoming stream, byte for byte, in this file.
-        #[arg(long, value_name = "STREAM")]
+        /// Also record the whole incoming stream, byte for byte, in this file; multifd
+        /// channels go to STREAM.conn-N.bin. An existing directory gets a capture set:
+        /// conn-0.bin (main) and conn-1.bin... (channels, for --multifd-channel).
+        #[arg(long, value_name = "STREAM|DIR")]
         save: Option<PathBuf>,
         /// Postcopy: from POSTCOPY_RUN on, N threads read every guest page
         /// once in a pseudo-random order (like vCPUs), so pages are demand-paged.
@@ -247,8 +259,15 @@ fn main() -> ExitCode {
                 &multifd_channel,
             ),
         },
-        Cmd::Roundtrip { stream } => roundtrip::run(&stream),
-        Cmd::Extract { stream, output } => extract::run(&stream, &output),
+        Cmd::Roundtrip {
+            stream,
+            multifd_channel,
+        } => roundtrip::run(&stream, &multifd_channel),
+        Cmd::Extract {
+            stream,
+            output,
+            multifd_channel,
+        } => extract::run(&stream, &output, &multifd_channel),
         Cmd::Recv {
             listen,
             output,

@@ -89,7 +89,10 @@ impl Read for Tee {
                     }
                     match self.after_eof.get() {
                         Some(t) if t.elapsed() >= AFTER_EOF_TIMEOUT => break 0,
-                        None if self.polled && self.last_data.elapsed() >= self.idle => {
+                        None if self.polled
+                            && self.last_data.elapsed() >= self.idle
+                            && !crate::multifd_recv::channels_active(self.idle) =>
+                        {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::TimedOut,
                                 format!(
@@ -420,14 +423,16 @@ pub(crate) fn receive(
 ) -> CliResult {
     let mem = RecvMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
-        Some(p) => Some(File::create(p).map_err(|e| CliError::io(p, "create", e))?),
+        Some(p) => {
+            let p = crate::multifd_recv::save_main_path(p);
+            Some(File::create(&p).map_err(|e| CliError::io(&p, "create", e))?)
+        }
         None => None,
     };
     if matches!(listener, Listener::Tcp(_) | Listener::Unix(..)) {
         eprintln!("qmig recv: listening on {}", listener.describe());
     }
     let inc = listener.accept(idle)?;
-    drop(listener);
     // The directory is marked incomplete only now: a recv that never got a
     // migration leaves an earlier result alone. Emit: postcopy host pages
     // are placed by the host (UFFDIO_COPY once registered), which reports
@@ -454,6 +459,8 @@ pub(crate) fn receive(
     let after_eof = Rc::new(Cell::new(None));
     let save_error = Rc::new(RefCell::new(None));
     let abort = Arc::new(AtomicBool::new(false));
+    // Multifd: the listener is kept for the channel connections.
+    let mut mfd = crate::multifd_recv::MultifdRecv::new(listener, save, abort.clone(), idle);
     let tee = Tee {
         src,
         polled,
@@ -494,6 +501,9 @@ pub(crate) fn receive(
                 });
             }
         };
+        if let Err(e) = mfd.before_item(&ri, &inner) {
+            break Err(e);
+        }
         let mut g = lock(&inner);
         n = n.wrapping_add(1);
         if n.is_multiple_of(256) {
@@ -544,6 +554,7 @@ pub(crate) fn receive(
             break Ok(());
         }
     };
+    let result = mfd.finish(result);
     // The fault handler may have failed while the reader was blocked (and
     // made it stop through `abort`): report that, not the read error.
     let result = match (result, lock(&inner).host.error.clone()) {
@@ -924,7 +935,7 @@ mod tests {
             .join("../../tests/data")
             .join(name)
             .join("stream");
-        crate::extract::run(&p, &ex).unwrap();
+        crate::extract::run(&p, &ex, &[]).unwrap();
         let mx: Value =
             serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
                 .unwrap();

@@ -43,7 +43,7 @@ impl Read for Replay {
     }
 }
 
-pub fn run(path: &Path) -> CliResult {
+pub fn run(path: &Path, channels: &[std::path::PathBuf]) -> CliResult {
     // A regular file (compressed or not) is read twice: once parsed, once as
     // the bytes to compare with. A pipe is read once, its bytes kept until
     // compared.
@@ -133,5 +133,13 @@ pub fn run(path: &Path) -> CliResult {
         "identical: {items} items, {} bytes",
         rd.decoder().position()
     );
+    // Recorded multifd channels: each packet re-serialized.
+    let page_size = 1u64 << rd.decoder().ram_context().page_bits;
+    for c in channels {
+        if let Some(diff) = crate::multifd_apply::roundtrip_channel(c, page_size)? {
+            println!("{}: {diff}", c.display());
+            return Ok(ExitCode::from(1));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -336,6 +336,21 @@ impl BlockState {
     pub fn received(&self) -> &PageBitmap {
         &self.received
     }
+
+    /// Multifd hook: whether target page `page` may hold non-zero bytes.
+    pub(crate) fn maybe_nonzero(&self, page: u64) -> bool {
+        self.nonzero.get(page)
+    }
+
+    /// Multifd hook: target page `page` was received, with data or as zero.
+    pub(crate) fn mark_received(&mut self, page: u64, nonzero: bool) {
+        if nonzero {
+            self.nonzero.set(page);
+        } else {
+            self.nonzero.clear(page);
+        }
+        self.received.set(page);
+    }
 }
 
 /// A host page being assembled in postcopy mode.
@@ -509,6 +524,11 @@ impl<M: GuestMemory> RamDst<M> {
     /// pages whose received bit is set).
     pub fn split_mut(&mut self) -> (&mut M, &[BlockState]) {
         (&mut self.memory, &self.blocks)
+    }
+
+    /// Multifd hook (`crate::multifd`): the memory and the block table.
+    pub(crate) fn multifd_parts(&mut self) -> (&mut M, &mut [BlockState]) {
+        (&mut self.memory, &mut self.blocks)
     }
 
     /// Gives the memory back.

@@ -37,6 +37,7 @@ mod error;
 mod file;
 mod memory;
 mod mmap;
+pub mod multifd;
 
 pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply};
 pub use dst::{
