@@ -1,0 +1,385 @@
+//! Writing mapped-ram files (wire-format §14; QEMU 9.0+ `migrate file:`
+//! with the `mapped-ram` capability): [`MappedRamWriter`].
+//!
+//! QEMU's `ram_save_setup` writes, for each block of the MEM_SIZE list, the
+//! block entry followed by a 28-byte header ([`MappedRamHeader::plan`]), and
+//! the stream then continues at `pages_offset + used_length`. Page `i` of
+//! the block lives at `pages_offset + i × page_size`; a page found all zero
+//! keeps its bitmap bit clear and is not written, so the file is sparse; the
+//! bitmap (little-endian 64-bit words) is written at the position right
+//! after the header once the pages are in place. The loader
+//! (`parse_ramblock_mapped_ram`, `read_ramblock_mapped_ram`) reads the
+//! header, the bitmap and the pages whose bit is set, and seeks past the
+//! region; PAGE, ZERO, XBZRLE and MULTIFD_FLUSH records are invalid in such
+//! a stream, and the configuration must list `mapped-ram`
+//! ([`set_mapped_ram_capability`]).
+//!
+//! The writer takes the stream bytes around the RAM (header,
+//! configuration, section headers, device state, vmdesc) through its
+//! [`Write`] implementation and each block through
+//! [`MappedRamWriter::block`], which seeks only forward over pages it leaves
+//! out and once back to the bitmap.
+//!
+//! ```
+//! use std::io::Cursor;
+//! use qmig_ram_src::mapped::MappedRamWriter;
+//! use qmig_wire::MemBlock;
+//! let mut ram = vec![0u8; 4 * 4096];
+//! ram[4096] = 7; // page 1 is the only non-zero page
+//! let mut w = MappedRamWriter::new(Cursor::new(Vec::new()), 4096)?;
+//! w.mem_size(ram.len() as u64)?;
+//! let block = MemBlock { name: "pc.ram", used_length: ram.len() as u64, page_size: None, addr: None };
+//! let n = w.block(&block, &mut &ram[..], &|_| true)?;
+//! assert_eq!((n.written, n.zero), (1, 3));
+//! # Ok::<(), qmig_ram_src::mapped::MappedRamWriteError>(())
+//! ```
+
+use std::io::{self, Seek, SeekFrom, Write};
+
+use qmig_wire::mapped_ram::{bitmap_len, set_page, MappedRam, MappedRamHeader};
+use qmig_wire::{Configuration, Item, MemBlock, WireError};
+
+use crate::zero::is_zero;
+
+/// Why a mapped-ram file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MappedRamWriteError {
+    /// A record or header would not read back (the rule is named).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The calls do not describe a valid file: a block before MEM_SIZE,
+    /// block lengths beyond the MEM_SIZE total, a block with a postcopy
+    /// page-size field, source bytes of the wrong length.
+    #[error("mapped-ram file offset {offset}: {why}")]
+    Layout {
+        /// File offset reached.
+        offset: u64,
+        /// The rule broken.
+        why: String,
+    },
+    /// Reading the block's bytes or writing the file failed.
+    #[error("mapped-ram file offset {offset}: {what}: {source}")]
+    Io {
+        /// File offset reached.
+        offset: u64,
+        /// What was being read or written.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Where a block's bytes come from.
+pub trait BlockBytes {
+    /// `len` bytes of the block from byte `offset` on.
+    ///
+    /// # Errors
+    /// Any I/O error of the underlying memory; the writer reports it with
+    /// the file offset reached.
+    fn bytes(&mut self, offset: u64, len: usize) -> io::Result<&[u8]>;
+}
+
+impl BlockBytes for &[u8] {
+    fn bytes(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
+        usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.get(o..o.checked_add(len)?))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{len} bytes at {offset:#x} of a {:#x}-byte image",
+                        self.len()
+                    ),
+                )
+            })
+    }
+}
+
+/// What [`MappedRamWriter::block`] did with a block's pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    /// Pages written (bitmap bit set): QEMU's `normal`.
+    pub written: u64,
+    /// Kept pages found all zero (bit clear, not written): QEMU's `duplicate`.
+    pub zero: u64,
+    /// Pages the caller left out (bit clear, not written).
+    pub left_out: u64,
+}
+
+/// Writes a mapped-ram file to a seekable output. Stream offsets are the
+/// output's positions, starting where it stood when created (the QEMU
+/// stream starts at file offset 0 in a file QEMU writes). See the module
+/// documentation.
+#[derive(Debug)]
+pub struct MappedRamWriter<W> {
+    out: W,
+    /// Logical stream position (where the next stream byte goes).
+    pos: u64,
+    /// Where the output's cursor actually is.
+    cursor: u64,
+    page_size: u64,
+    total: Option<u64>,
+    sum: u64,
+    scratch: Vec<u8>,
+}
+
+/// Bytes of a block read and scanned at a time.
+const CHUNK: usize = 1 << 20;
+
+impl<W: Write + Seek> MappedRamWriter<W> {
+    /// A writer at the output's current position, for target pages of
+    /// `page_size` bytes.
+    ///
+    /// # Errors
+    /// [`MappedRamWriteError::Wire`] for a page size QEMU cannot have (not
+    /// a power of two in 1 KiB..=64 KiB); [`MappedRamWriteError::Io`] when
+    /// the position cannot be read.
+    pub fn new(mut out: W, page_size: u64) -> Result<Self, MappedRamWriteError> {
+        MappedRamHeader::plan(0, 0, page_size)?;
+        let pos = out
+            .stream_position()
+            .map_err(|source| MappedRamWriteError::Io {
+                offset: 0,
+                what: "output position",
+                source,
+            })?;
+        Ok(MappedRamWriter {
+            out,
+            pos,
+            cursor: pos,
+            page_size,
+            total: None,
+            sum: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The stream offset the next byte goes to.
+    #[must_use]
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(io::Error) -> MappedRamWriteError {
+        let offset = self.pos;
+        move |source| MappedRamWriteError::Io {
+            offset,
+            what,
+            source,
+        }
+    }
+
+    /// Writes `b` at file offset `at`, seeking only when the cursor is
+    /// elsewhere.
+    fn put_at(&mut self, at: u64, b: &[u8]) -> Result<(), MappedRamWriteError> {
+        if self.cursor != at {
+            self.out
+                .seek(SeekFrom::Start(at))
+                .map_err(self.io("seeking the output"))?;
+            self.cursor = at;
+        }
+        self.out
+            .write_all(b)
+            .map_err(self.io("writing the output"))?;
+        self.cursor += b.len() as u64;
+        Ok(())
+    }
+
+    /// Writes stream bytes at the current position.
+    ///
+    /// # Errors
+    /// [`MappedRamWriteError::Io`].
+    pub fn write_stream(&mut self, b: &[u8]) -> Result<(), MappedRamWriteError> {
+        self.put_at(self.pos, b)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the MEM_SIZE record's header word (`total`: the sum of the
+    /// block lengths); the blocks follow with [`block`](Self::block).
+    ///
+    /// # Errors
+    /// [`MappedRamWriteError::Wire`] for a total with bits below 1 KiB set;
+    /// [`MappedRamWriteError::Io`].
+    pub fn mem_size(&mut self, total: u64) -> Result<(), MappedRamWriteError> {
+        let mut b = std::mem::take(&mut self.scratch);
+        b.clear();
+        Item::MappedRam(MappedRam::MemSize { total }).write(&mut b)?;
+        self.write_stream(&b)?;
+        self.scratch = b;
+        self.total = Some(total);
+        self.sum = 0;
+        Ok(())
+    }
+
+    /// Writes one block: its MEM_SIZE entry with the header, the pages
+    /// `keep` accepts (by page index) that are not all zero at their fixed
+    /// offsets, then the bitmap; the stream continues after the block's
+    /// region. `src` gives the block's `used_length` bytes.
+    ///
+    /// # Errors
+    /// [`MappedRamWriteError::Layout`] when no MEM_SIZE came first, the
+    /// lengths exceed its total or the entry has a page-size field;
+    /// [`MappedRamWriteError::Wire`] for a name, length or offset the
+    /// reader would refuse; [`MappedRamWriteError::Io`] when `src` or the
+    /// output fails.
+    pub fn block(
+        &mut self,
+        block: &MemBlock<'_>,
+        src: &mut dyn BlockBytes,
+        keep: &dyn Fn(u64) -> bool,
+    ) -> Result<BlockCounts, MappedRamWriteError> {
+        let layout = |offset: u64, why: String| MappedRamWriteError::Layout { offset, why };
+        let Some(total) = self.total else {
+            return Err(layout(
+                self.pos,
+                "a block before the MEM_SIZE record".into(),
+            ));
+        };
+        match self.sum.checked_add(block.used_length) {
+            Some(s) if s <= total => self.sum = s,
+            _ => {
+                return Err(layout(
+                    self.pos,
+                    format!(
+                        "block \"{}\" takes the lengths past the MEM_SIZE total {total:#x}",
+                        block.name
+                    ),
+                ))
+            }
+        }
+        let ps = self.page_size;
+        // The entry's length does not depend on the header's values.
+        let mut entry = std::mem::take(&mut self.scratch);
+        entry.clear();
+        let placeholder = MappedRamHeader {
+            version: 0,
+            page_size: 0,
+            bitmap_offset: 0,
+            pages_offset: 0,
+        };
+        Item::MappedRam(MappedRam::Block {
+            block: *block,
+            header: placeholder,
+        })
+        .write(&mut entry)?;
+        let header = MappedRamHeader::plan(self.pos + entry.len() as u64, block.used_length, ps)?;
+        entry.clear();
+        Item::MappedRam(MappedRam::Block {
+            block: *block,
+            header,
+        })
+        .write(&mut entry)?;
+        self.write_stream(&entry)?;
+        self.scratch = entry;
+
+        let pages = block.used_length / ps;
+        let mut bitmap = vec![0u8; bitmap_len(pages) as usize];
+        let mut counts = BlockCounts::default();
+        let page = ps as usize;
+        let chunk = CHUNK.max(page);
+        let mut off = 0u64;
+        while off < block.used_length {
+            let n = (block.used_length - off).min(chunk as u64) as usize;
+            let data = src.bytes(off, n).map_err(self.io("reading the block"))?;
+            if data.len() != n {
+                return Err(layout(
+                    self.pos,
+                    format!(
+                        "{} bytes given for {n} of block \"{}\"",
+                        data.len(),
+                        block.name
+                    ),
+                ));
+            }
+            let first = off / ps;
+            // Runs of written pages become one write each.
+            let mut run: Option<usize> = None;
+            let mut k = 0;
+            for pg in data.chunks_exact(page) {
+                let p = first + k as u64;
+                let write = if !keep(p) {
+                    counts.left_out += 1;
+                    false
+                } else if is_zero(pg) {
+                    counts.zero += 1;
+                    false
+                } else {
+                    counts.written += 1;
+                    set_page(&mut bitmap, p);
+                    true
+                };
+                match (write, run) {
+                    (true, None) => run = Some(k),
+                    (false, Some(s)) => {
+                        let at = header.pages_offset + (first + s as u64) * ps;
+                        self.put_at(at, &data[s * page..k * page])?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+                k += 1;
+            }
+            if let Some(s) = run {
+                let at = header.pages_offset + (first + s as u64) * ps;
+                self.put_at(at, &data[s * page..k * page])?;
+            }
+            off += n as u64;
+        }
+        self.put_at(header.bitmap_offset, &bitmap)?;
+        self.pos = header.pages_offset + block.used_length;
+        Ok(counts)
+    }
+
+    /// Flushes the output and gives it back.
+    ///
+    /// # Errors
+    /// [`MappedRamWriteError::Io`].
+    pub fn finish(mut self) -> Result<W, MappedRamWriteError> {
+        self.out.flush().map_err(self.io("flushing the output"))?;
+        Ok(self.out)
+    }
+}
+
+/// Sequential stream bytes (header, sections, device state...).
+impl<W: Write + Seek> Write for MappedRamWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_stream(buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Rewrites a stream prefix (the 8-byte header, the configuration section,
+/// and whatever follows) with `mapped-ram` listed (`on`) or not in the
+/// configuration's capabilities ([`Configuration::set_capability`]). A
+/// prefix whose configuration already says so, or that has no
+/// configuration section, comes back unchanged.
+///
+/// # Errors
+/// [`WireError`] when the configuration does not parse or cannot be
+/// written back.
+pub fn set_mapped_ram_capability(prefix: &[u8], on: bool) -> Result<Vec<u8>, WireError> {
+    const HEADER: usize = 8;
+    if prefix.get(HEADER) != Some(&qmig_wire::header::CONFIGURATION) {
+        return Ok(prefix.to_vec());
+    }
+    // The decoder needs the byte after the last subsection: give it one
+    // that is not a subsection marker when the prefix ends there.
+    let mut buf = prefix[HEADER..].to_vec();
+    buf.push(0);
+    let (mut c, len): (Configuration<'_>, usize) =
+        qmig_wire::header::decode_configuration(&buf, HEADER as u64)?;
+    if c.has_capability("mapped-ram") == on {
+        return Ok(prefix.to_vec());
+    }
+    c.set_capability("mapped-ram", on);
+    let mut out = prefix[..HEADER].to_vec();
+    c.write(&mut out)?;
+    out.extend_from_slice(&prefix[HEADER + len..]);
+    Ok(out)
+}
