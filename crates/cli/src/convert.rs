@@ -431,3 +431,72 @@ fn print_report(
     }
     println!("compaction ratio {ratio:.2} (input bytes / output bytes)");
 }
+
+/// `qmig send --mapped-ram --to file:PATH`: writes the RAM images
+/// (`names`, `images`, already checked against the template) as a
+/// mapped-ram file in the template's container
+/// ([`qmig_ram_src::mapped::write_from_template`]). It lives here, with
+/// `convert`'s mapped-ram output, to keep `send`'s stream code apart. A
+/// failed file is removed unless `--keep-partial`.
+pub fn send_mapped_ram(
+    a: &crate::send::SendArgs,
+    t: &qmig_ram_src::Template<'_>,
+    names: &[String],
+    images: &[Vec<u8>],
+) -> crate::error::CliResult {
+    use crate::error::CliError;
+    let crate::uri::MigUri::File(path) = &a.to else {
+        return Err(CliError::Usage(format!(
+            "--mapped-ram writes a file (QEMU reads mapped-ram only from file:), not {}",
+            a.to
+        )));
+    };
+    let start = std::time::Instant::now();
+    let file = File::create(path).map_err(|e| CliError::io(path, "create", e))?;
+    let blocks: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(images)
+        .map(|(n, i)| (n.as_str(), i.as_slice()))
+        .collect();
+    let r = qmig_ram_src::mapped::write_from_template(
+        t,
+        &blocks,
+        BufWriter::with_capacity(1 << 20, file),
+    )
+    .map_err(|e| CliError::data(format!("{}: {e}", path.display())))
+    .and_then(|(c, w)| {
+        let f = w
+            .into_inner()
+            .map_err(|e| CliError::io(path, "write", e.into_error()))?;
+        let len = f
+            .metadata()
+            .map_err(|e| CliError::io(path, "stat", e))?
+            .len();
+        Ok((c, len))
+    });
+    let (counts, len) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            if !a.keep_partial {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({"bytes": len, "seconds": secs, "mapped_ram": true, "passes": 1,
+                   "normal": counts.written, "duplicate": counts.zero})
+        );
+    } else if !crate::progress::quiet() {
+        eprintln!(
+            "qmig: wrote mapped-ram file {} ({len} bytes, sparse) in {secs:.3}s: {} normal, {} zero pages",
+            path.display(),
+            counts.written,
+            counts.zero
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

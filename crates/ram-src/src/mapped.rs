@@ -37,7 +37,9 @@
 use std::io::{self, Seek, SeekFrom, Write};
 
 use qmig_wire::mapped_ram::{bitmap_len, set_page, MappedRam, MappedRamHeader};
-use qmig_wire::{Configuration, Item, MemBlock, WireError};
+use qmig_wire::{Configuration, Item, MemBlock, RamRecord, SectionKind, WireError};
+
+use crate::Template;
 
 use crate::zero::is_zero;
 
@@ -382,4 +384,59 @@ pub fn set_mapped_ram_capability(prefix: &[u8], on: bool) -> Result<Vec<u8>, Wir
     c.write(&mut out)?;
     out.extend_from_slice(&prefix[HEADER + len..]);
     Ok(out)
+}
+
+/// Writes a whole mapped-ram file: the container of template stream `t`
+/// (header and configuration, with `mapped-ram` listed; the `ram` section's
+/// id, instance, version and footers; SWITCHOVER_START if it had it; its
+/// device sections, EOF and vmdesc byte for byte) around `blocks` (name,
+/// final content), laid out as QEMU 10's `migrate file:` with `mapped-ram`
+/// does ([`MappedRamWriter`]). A block's guest address field is the
+/// template's (`x-ignore-shared`). Returns the page counts and `out`.
+///
+/// # Errors
+/// [`MappedRamWriteError`] when the template's container or a block cannot
+/// be written.
+pub fn write_from_template<W: Write + Seek>(
+    t: &Template<'_>,
+    blocks: &[(&str, &[u8])],
+    out: W,
+) -> Result<(BlockCounts, W), MappedRamWriteError> {
+    let mut w = MappedRamWriter::new(out, 1u64 << t.page_bits)?;
+    let template = |w: &MappedRamWriter<W>, e: crate::RamSrcError| MappedRamWriteError::Layout {
+        offset: w.position(),
+        why: e.to_string(),
+    };
+    let mut buf = Vec::new();
+    t.write_prefix(&mut buf);
+    let mut buf = set_mapped_ram_capability(&buf, true)?;
+    t.begin_section(SectionKind::Start, &mut buf)
+        .map_err(|e| template(&w, e))?;
+    w.write_stream(&buf)?;
+    let total = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+    w.mem_size(total)?;
+    let mut counts = BlockCounts::default();
+    for (name, data) in blocks {
+        let block = MemBlock {
+            name,
+            used_length: data.len() as u64,
+            page_size: None,
+            addr: t.mem_block(name).and_then(|b| b.addr),
+        };
+        let c = w.block(&block, &mut &data[..], &|_| true)?;
+        counts.written += c.written;
+        counts.zero += c.zero;
+        counts.left_out += c.left_out;
+    }
+    buf.clear();
+    RamRecord::eos().write(&mut buf)?;
+    t.end_section(&mut buf);
+    t.write_switchover(&mut buf).map_err(|e| template(&w, e))?;
+    t.begin_section(SectionKind::End, &mut buf)
+        .map_err(|e| template(&w, e))?;
+    RamRecord::eos().write(&mut buf)?;
+    t.end_section(&mut buf);
+    t.write_tail(&mut buf);
+    w.write_stream(&buf)?;
+    Ok((counts, w.finish()?))
 }
