@@ -66,6 +66,10 @@ SCENARIOS = {
         capture="q72-compress", convert_args=["--format", "mapped-ram"], mapped_ram=True,
         about="QEMU 7.2 compress stream -> convert --format mapped-ram -> QEMU 10 -M pc-i440fx-7.2 "
               "(mapped-ram on)"),
+    "send-mapped-ram": dict(
+        capture="q10-xbzrle", send_mapped_ram=True, mapped_ram=True,
+        about="qmig extract (QEMU 10 XBZRLE capture) -> qmig send --mapped-ram --to file: -> "
+              "QEMU 10 (mapped-ram on)"),
     "mapped-ram-to-stream": dict(
         capture="field/mapped-ram-file", machine_args=["-M", "pc", "-m", "64", "-nodefaults",
                                                        "-display", "none"],
@@ -181,13 +185,28 @@ def run_scenario(name, sc, work, qmig):
     machine = before["machine"]
     out = os.path.join(work, "converted.stream")
     t0 = time.monotonic()
-    p = subprocess.run([qmig, "convert", src, out, "--report", "--json"]
-                       + sc.get("convert_args", []),
-                       capture_output=True, text=True, timeout=300)
+    if sc.get("send_mapped_ram"):
+        # qmig send --mapped-ram: the capture's final RAM in its own container.
+        ram = os.path.join(work, "ram")
+        subprocess.run([qmig, "extract", src, "-o", ram], check=True, capture_output=True,
+                       timeout=120)
+        p = subprocess.run([qmig, "send", "--ram", ram, "--template", src, "--to", f"file:{out}",
+                            "--mapped-ram", "--json"], capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"qmig send --mapped-ram exited {p.returncode}: {p.stderr.strip()}")
+        sent = json.loads(p.stdout)
+        rep = {"input_stream_bytes": before["length"], "output_stream_bytes": sent["bytes"],
+               "pages_before": before["totals"],
+               "pages_after": {"page": sent["normal"], "zero": sent["duplicate"],
+                               "total": sent["normal"] + sent["duplicate"]}}
+    else:
+        p = subprocess.run([qmig, "convert", src, out, "--report", "--json"]
+                           + sc.get("convert_args", []),
+                           capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"qmig convert exited {p.returncode}: {p.stderr.strip()}")
+        rep = json.loads(p.stdout)
     took = time.monotonic() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"qmig convert exited {p.returncode}: {p.stderr.strip()}")
-    rep = json.loads(p.stdout)
     after = inspect(qmig, out)  # reads compressed output too
     t = after["totals"]
     if t["xbzrle"] or t["compressed"]:
@@ -277,8 +296,10 @@ def run_scenario(name, sc, work, qmig):
             raise RuntimeError("the oracle has no digests to compare")
     finally:
         dst.quit()
+    alloc = os.stat(out).st_blocks * 512
+    sparse = f" ({alloc} allocated: a sparse mapped-ram file)" if mapped else ""
     print(f"  ok: -incoming {incoming.format(out='OUT')}: convert {took:.2f}s, {rep['input_stream_bytes']} -> "
-          f"{rep['output_stream_bytes']} bytes (ratio "
+          f"{rep['output_stream_bytes']} bytes{sparse} (ratio "
           f"{rep['input_stream_bytes'] / rep['output_stream_bytes']:.2f}); pages before "
           f"{rep['pages_before']} after {rep['pages_after']}; output / (non-zero pages + "
           f"container) = {rep['vs_payload']:.4f}; QEMU {version} -M {machine}: "
