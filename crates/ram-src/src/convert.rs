@@ -301,6 +301,8 @@ pub struct Converter<M> {
     mem_blocks: Vec<(String, u64, Option<u64>)>,
     /// The input is a mapped-ram file.
     mapped_input: bool,
+    /// The input has a configuration section.
+    configuration: bool,
     /// Block of the mapped-ram region being read.
     mapped_block: Option<usize>,
     /// Whether `ram` sections carry footers.
@@ -351,6 +353,7 @@ impl<M: GuestMemory> Converter<M> {
             mem_size: Vec::new(),
             mem_blocks: Vec::new(),
             mapped_input: false,
+            configuration: false,
             mapped_block: None,
             footers: false,
             in_ram_payload: false,
@@ -573,6 +576,7 @@ impl<M: GuestMemory> Converter<M> {
                 self.tail_item(&ri.item)
             }
             Item::Configuration(c) => {
+                self.configuration = true;
                 let mapped = self.opts.format == Format::MappedRam;
                 if c.has_capability("mapped-ram") == mapped {
                     return self.keep(&ri.item);
@@ -739,12 +743,23 @@ impl<M: GuestMemory> Converter<M> {
     ///
     /// # Errors
     /// As [`finish`](Self::finish), plus [`ConvertError::MappedRam`] when
-    /// the file cannot be laid out or written.
+    /// the file cannot be laid out or written, and
+    /// [`ConvertError::Unsupported`] for an input without a configuration
+    /// section (nothing is written then).
     pub fn finish_mapped_ram<W: Write + Seek>(
         &mut self,
         out: W,
     ) -> Result<(Report, W), ConvertError> {
         let mut report = self.start_report()?;
+        if !self.configuration {
+            return Err(ConvertError::Unsupported {
+                offset: 8,
+                why: "the input has no configuration section (send-configuration=off), where a \
+                      mapped-ram file must list the capability for QEMU and readers to find \
+                      its layout"
+                    .into(),
+            });
+        }
         let tps = self.dst.page_size();
         let mut w = MappedRamWriter::new(out, tps)?;
         self.prefix.copy_to(&mut w)?;
