@@ -222,7 +222,8 @@ impl<W: Write + Seek> MappedRamWriter<W> {
     ///
     /// # Errors
     /// [`MappedRamWriteError::Layout`] when no MEM_SIZE came first, the
-    /// lengths exceed its total or the entry has a page-size field;
+    /// block is empty, the lengths exceed its total or the entry has a
+    /// page-size field (after an error the file is not usable);
     /// [`MappedRamWriteError::Wire`] for a name, length or offset the
     /// reader would refuse; [`MappedRamWriteError::Io`] when `src` or the
     /// output fails.
@@ -239,6 +240,14 @@ impl<W: Write + Seek> MappedRamWriter<W> {
                 "a block before the MEM_SIZE record".into(),
             ));
         };
+        if block.used_length == 0 {
+            // The loader reads entries only while the lengths read stay
+            // below the total: an empty block would be read as a record.
+            return Err(layout(
+                self.pos,
+                format!("block \"{}\" has no pages", block.name),
+            ));
+        }
         match self.sum.checked_add(block.used_length) {
             Some(s) if s <= total => self.sum = s,
             _ => {
@@ -439,4 +448,248 @@ pub fn write_from_template<W: Write + Seek>(
     t.write_tail(&mut buf);
     w.write_stream(&buf)?;
     Ok((counts, w.finish()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use qmig_wire::{ConfigBody, ConfigSubsection, SectionHeader, SliceReader};
+    use std::io::Cursor;
+
+    /// A whole mapped-ram stream of `blocks` (name, bytes) with `keep`
+    /// deciding per (block, page), plus the counts.
+    fn file(
+        blocks: &[(String, Vec<u8>)],
+        ps: u64,
+        keep: &dyn Fn(usize, u64) -> bool,
+    ) -> (Vec<u8>, Vec<BlockCounts>) {
+        let mut s = Vec::new();
+        qmig_wire::header::write_header(&mut s);
+        Configuration {
+            machine: "pc-i440fx-10.0",
+            subsections: vec![ConfigSubsection {
+                name: "configuration/target-page-bits",
+                version: 1,
+                body: ConfigBody::TargetPageBits(ps.trailing_zeros()),
+            }],
+        }
+        .write(&mut s)
+        .unwrap();
+        let s = set_mapped_ram_capability(&s, true).unwrap();
+        let mut w = MappedRamWriter::new(Cursor::new(Vec::new()), ps).unwrap();
+        w.write_stream(&s).unwrap();
+        let mut b = Vec::new();
+        SectionHeader::start(2, "ram", 0, 4).write(&mut b).unwrap();
+        w.write_stream(&b).unwrap();
+        w.mem_size(blocks.iter().map(|(_, d)| d.len() as u64).sum())
+            .unwrap();
+        let mut counts = Vec::new();
+        for (k, (name, data)) in blocks.iter().enumerate() {
+            let block = MemBlock {
+                name,
+                used_length: data.len() as u64,
+                page_size: None,
+                addr: None,
+            };
+            counts.push(w.block(&block, &mut &data[..], &|p| keep(k, p)).unwrap());
+        }
+        b.clear();
+        RamRecord::eos().write(&mut b).unwrap();
+        SectionHeader {
+            kind: SectionKind::End,
+            section_id: 2,
+            ident: None,
+        }
+        .write(&mut b)
+        .unwrap();
+        RamRecord::eos().write(&mut b).unwrap();
+        b.push(0); // EOF
+        w.write_stream(&b).unwrap();
+        (w.finish().unwrap().into_inner(), counts)
+    }
+
+    /// Reads a mapped-ram stream back: per block, the pages whose bit is
+    /// set (others zero).
+    fn read(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut bitmap = Vec::new();
+        let mut ps = 0;
+        for it in SliceReader::new(stream) {
+            match it.expect("the written file parses").1 {
+                Item::MappedRam(MappedRam::Block { block, header }) => {
+                    ps = header.page_size as usize;
+                    out.push((block.name.to_string(), vec![0; block.used_length as usize]));
+                }
+                Item::MappedRam(MappedRam::Bitmap(b)) => bitmap = b.to_vec(),
+                Item::MappedRam(MappedRam::Pages { first, data }) => {
+                    let img = &mut out.last_mut().unwrap().1;
+                    for (k, pg) in data.chunks(ps).enumerate() {
+                        let p = first + k as u64;
+                        if qmig_wire::mapped_ram::page_is_set(&bitmap, p) {
+                            let o = p as usize * ps;
+                            img[o..o + ps].copy_from_slice(pg);
+                        }
+                    }
+                }
+                Item::Ram(r) => assert!(
+                    matches!(r.body, qmig_wire::RamBody::Eos),
+                    "page record in a mapped-ram file"
+                ),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn blocks() -> impl Strategy<Value = (u32, Vec<(String, Vec<u8>)>, Vec<bool>)> {
+        (10u32..=13).prop_flat_map(|bits| {
+            let ps = 1usize << bits;
+            let block = (
+                "[a-z./]{1,12}",
+                prop::collection::vec((0u8..3, any::<u8>()), 1..70),
+            )
+                .prop_map(move |(n, pages)| {
+                    let mut d = vec![0u8; pages.len() * ps];
+                    for (i, (kind, v)) in pages.iter().enumerate() {
+                        match kind {
+                            0 => {}
+                            1 => d[i * ps + (*v as usize % ps)] = v | 1,
+                            _ => d[i * ps..(i + 1) * ps].fill(v | 1),
+                        }
+                    }
+                    (n, d)
+                });
+            (
+                Just(bits),
+                prop::collection::vec(block, 1..4),
+                prop::collection::vec(any::<bool>(), 0..300),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn written_files_read_back((bits, mut bl, drop) in blocks()) {
+            // Distinct names, as MEM_SIZE needs.
+            for (i, b) in bl.iter_mut().enumerate() {
+                b.0 = format!("{i}{}", b.0);
+            }
+            let ps = 1u64 << bits;
+            let keep = |k: usize, p: u64| !drop.get(k * 100 + p as usize).copied().unwrap_or(false);
+            let (f, counts) = file(&bl, ps, &keep);
+            // serialize(parse(b)) == b.
+            let mut again = Vec::new();
+            for it in SliceReader::new(&f) {
+                it.unwrap().1.write(&mut again).unwrap();
+            }
+            prop_assert!(again == f);
+            let got = read(&f);
+            prop_assert_eq!(got.len(), bl.len());
+            for (k, ((n, img), (gn, gimg))) in bl.iter().zip(&got).enumerate() {
+                prop_assert_eq!(n, gn);
+                let mut want = img.clone();
+                let mut c = BlockCounts::default();
+                for (p, pg) in want.chunks_mut(ps as usize).enumerate() {
+                    if !keep(k, p as u64) {
+                        pg.fill(0);
+                        c.left_out += 1;
+                    } else if pg.iter().all(|&b| b == 0) {
+                        c.zero += 1;
+                    } else {
+                        c.written += 1;
+                    }
+                }
+                prop_assert!(&want == gimg, "block {} differs", n);
+                prop_assert_eq!(counts[k], c);
+            }
+        }
+    }
+
+    #[test]
+    fn calls_out_of_order_are_refused() {
+        let mut w = MappedRamWriter::new(Cursor::new(Vec::new()), 4096).unwrap();
+        let b = MemBlock {
+            name: "pc.ram",
+            used_length: 8192,
+            page_size: None,
+            addr: None,
+        };
+        let data = vec![1u8; 8192];
+        let e = w.block(&b, &mut &data[..], &|_| true).unwrap_err();
+        assert!(e.to_string().contains("before the MEM_SIZE"), "{e}");
+        let fresh = |total| {
+            let mut w = MappedRamWriter::new(Cursor::new(Vec::new()), 4096).unwrap();
+            w.mem_size(total).unwrap();
+            w
+        };
+        let e = fresh(4096)
+            .block(&b, &mut &data[..], &|_| true)
+            .unwrap_err();
+        assert!(e.to_string().contains("past the MEM_SIZE total"), "{e}");
+        let short = vec![1u8; 4096];
+        let e = fresh(8192)
+            .block(&b, &mut &short[..], &|_| true)
+            .unwrap_err();
+        assert!(matches!(e, MappedRamWriteError::Io { .. }), "{e}");
+        for (blk, want) in [
+            (
+                MemBlock {
+                    used_length: 4000,
+                    ..b
+                },
+                "multiple of the page size",
+            ),
+            (
+                MemBlock {
+                    used_length: 0,
+                    ..b
+                },
+                "no pages",
+            ),
+            (
+                MemBlock {
+                    page_size: Some(1 << 21),
+                    used_length: 4096,
+                    ..b
+                },
+                "page-size field",
+            ),
+        ] {
+            let e = fresh(8192)
+                .block(&blk, &mut &data[..], &|_| true)
+                .unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        assert!(MappedRamWriter::new(Cursor::new(Vec::new()), 3000).is_err());
+    }
+
+    #[test]
+    fn capability_is_listed_and_unlisted() {
+        let mut s = Vec::new();
+        qmig_wire::header::write_header(&mut s);
+        Configuration {
+            machine: "pc",
+            subsections: vec![ConfigSubsection {
+                name: "configuration/uuid",
+                version: 1,
+                body: ConfigBody::Uuid([7; 16]),
+            }],
+        }
+        .write(&mut s)
+        .unwrap();
+        s.extend_from_slice(&[0x04, 0, 0, 0, 2]); // a following section
+        let on = set_mapped_ram_capability(&s, true).unwrap();
+        let (c, n) = qmig_wire::header::decode_configuration(&on[8..], 8).unwrap();
+        assert!(c.has_capability("mapped-ram"));
+        // Capabilities come before the uuid, as in vmstate_configuration.
+        assert!(matches!(c.subsections[0].body, ConfigBody::Capabilities(_)));
+        assert_eq!(&on[8 + n..], &[0x04, 0, 0, 0, 2]);
+        assert_eq!(set_mapped_ram_capability(&on, true).unwrap(), on);
+        assert_eq!(set_mapped_ram_capability(&on, false).unwrap(), s);
+        // No configuration section: unchanged.
+        let bare = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 0x01];
+        assert_eq!(set_mapped_ram_capability(&bare, true).unwrap(), bare);
+    }
 }
