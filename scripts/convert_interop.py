@@ -57,6 +57,32 @@ SCENARIOS = {
                        about="QEMU 10 XBZRLE, several passes -> convert -> QEMU 10"),
     "q10-postcopy": dict(capture="q10-postcopy",
                          about="QEMU 10 postcopy (PACKAGED, discards) -> convert -> QEMU 10 precopy file"),
+    # mapped-ram <-> stream, both ways (issue 12; issue 11 item 5).
+    "q10-xbzrle-to-mapped-ram": dict(
+        capture="q10-xbzrle", convert_args=["--format", "mapped-ram"], mapped_ram=True,
+        about="QEMU 10 XBZRLE stream -> convert --format mapped-ram -> QEMU 10 "
+              "(mapped-ram on, migrate-incoming file:)"),
+    "q72-compress-to-mapped-ram": dict(
+        capture="q72-compress", convert_args=["--format", "mapped-ram"], mapped_ram=True,
+        about="QEMU 7.2 compress stream -> convert --format mapped-ram -> QEMU 10 -M pc-i440fx-7.2 "
+              "(mapped-ram on)"),
+    "send-mapped-ram": dict(
+        capture="q10-xbzrle", send_mapped_ram=True, mapped_ram=True,
+        about="qmig extract (QEMU 10 XBZRLE capture) -> qmig send --mapped-ram --to file: -> "
+              "QEMU 10 (mapped-ram on)"),
+    "mapped-ram-to-stream": dict(
+        capture="field/mapped-ram-file", machine_args=["-M", "pc", "-m", "64", "-nodefaults",
+                                                       "-display", "none"],
+        about="QEMU 10 mapped-ram file -> convert -> stream -> QEMU 10 -incoming file:"),
+    "mapped-ram-multifd-to-stream": dict(
+        capture="multifd/mapped-ram-multifd4", machine_args=["-M", "pc", "-m", "64", "-nodefaults",
+                                                             "-display", "none"],
+        about="QEMU 10 mapped-ram file written with 4 multifd channels -> convert -> stream -> "
+              "QEMU 10 -incoming file:"),
+    "mapped-ram-to-mapped-ram": dict(
+        capture="field/mapped-ram-file", convert_args=["--format", "mapped-ram"], mapped_ram=True,
+        machine_args=["-M", "pc", "-m", "64", "-nodefaults", "-display", "none"],
+        about="QEMU 10 mapped-ram file -> convert --format mapped-ram -> QEMU 10 (mapped-ram on)"),
 }
 
 
@@ -89,12 +115,16 @@ def inspect(qmig, path):
 
 def dst_args(oracle, machine, work, stream, incoming="file:{out}"):
     """The capture's machine options with -M set to `machine`, plus the boot
-    disk and serial port its source had (scripts/capture.py)."""
-    args = list(oracle["machine_args"])
+    disk and serial port its source had (scripts/capture.py). A field input
+    (no `machine_args` in its oracle) gets the scenario's options only."""
+    field = "machine_args" not in oracle
+    args = list(oracle.get("machine_args") or oracle["scenario_machine_args"])
     if "-M" in args:
         args[args.index("-M") + 1] = machine
     else:
         args = ["-M", machine] + args
+    if field:
+        return args + ["-S", "-incoming", incoming.format(out=stream)]
     disk = os.path.join(work, "disk.img")
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
@@ -119,11 +149,19 @@ def wait_loaded(dst, timeout=60.0):
     return {"status": "timeout", "last": last}
 
 
+def oracle_digests(oracle):
+    """The capture's `digests`, or a field input's `ranges` (pc.ram offsets are
+    guest addresses below the PCI hole in these 64 MiB pc guests)."""
+    if "digests" in oracle:
+        return oracle["digests"]
+    return [dict(r, gpa=r["offset"]) for r in oracle["ranges"] if r["block"] == "pc.ram"]
+
+
 def check_digests(dst, oracle, work):
     """Compares QEMU's memory with the source's digests; returns (n, problems)."""
     problems = []
     n = 0
-    for d in oracle["digests"]:
+    for d in oracle_digests(oracle):
         gpa = d.get("gpa")
         if gpa is None:
             if d["block"] != "pc.bios":
@@ -140,18 +178,35 @@ def check_digests(dst, oracle, work):
 
 def run_scenario(name, sc, work, qmig):
     oracle = json.load(open(os.path.join(DATA, sc["capture"], "oracle.json")))
+    oracle["scenario_machine_args"] = sc.get("machine_args")
     src = capture_stream(sc["capture"])
+    mapped = sc.get("mapped_ram", False)
     before = inspect(qmig, src)
     machine = before["machine"]
     out = os.path.join(work, "converted.stream")
     t0 = time.monotonic()
-    p = subprocess.run([qmig, "convert", src, out, "--report", "--json"]
-                       + sc.get("convert_args", []),
-                       capture_output=True, text=True, timeout=300)
+    if sc.get("send_mapped_ram"):
+        # qmig send --mapped-ram: the capture's final RAM in its own container.
+        ram = os.path.join(work, "ram")
+        subprocess.run([qmig, "extract", src, "-o", ram], check=True, capture_output=True,
+                       timeout=120)
+        p = subprocess.run([qmig, "send", "--ram", ram, "--template", src, "--to", f"file:{out}",
+                            "--mapped-ram", "--json"], capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"qmig send --mapped-ram exited {p.returncode}: {p.stderr.strip()}")
+        sent = json.loads(p.stdout)
+        rep = {"input_stream_bytes": before["length"], "output_stream_bytes": sent["bytes"],
+               "pages_before": before["totals"],
+               "pages_after": {"page": sent["normal"], "zero": sent["duplicate"],
+                               "total": sent["normal"] + sent["duplicate"]}}
+    else:
+        p = subprocess.run([qmig, "convert", src, out, "--report", "--json"]
+                           + sc.get("convert_args", []),
+                           capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"qmig convert exited {p.returncode}: {p.stderr.strip()}")
+        rep = json.loads(p.stdout)
     took = time.monotonic() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"qmig convert exited {p.returncode}: {p.stderr.strip()}")
-    rep = json.loads(p.stdout)
     after = inspect(qmig, out)  # reads compressed output too
     t = after["totals"]
     if t["xbzrle"] or t["compressed"]:
@@ -160,6 +215,16 @@ def run_scenario(name, sc, work, qmig):
     pages = sum(b["length"] for b in after["blocks"]) // after["target_page_size"]
     if t["zero"] + t["page"] > pages:
         raise RuntimeError(f"{t['zero'] + t['page']} page records for {pages} pages")
+    caps = after.get("capabilities") or []
+    if mapped != ("mapped-ram" in caps):
+        raise RuntimeError(f"output capabilities {caps} (mapped-ram output: {mapped})")
+    if mapped:
+        # The pages sit at fixed offsets: RAM bytes are the file layout, bounded
+        # by the blocks' lengths plus 1 MiB alignment and a bitmap per block.
+        bound = sum(b["length"] + (1 << 20) + b["length"] // after["target_page_size"] // 8 + 4096
+                    for b in after["blocks"])
+        if after["ram_bytes"] > bound:
+            raise RuntimeError(f"mapped-ram RAM part {after['ram_bytes']} bytes > {bound}")
     # Size: the device state is kept byte for byte, and the RAM costs the
     # non-zero pages plus record headers (8 bytes a page, 9 a ZERO record,
     # block names once) and section framing: nothing else.
@@ -168,7 +233,7 @@ def run_scenario(name, sc, work, qmig):
     ps = after["target_page_size"]
     names = sum(1 + len(b["name"]) for b in after["blocks"])
     bound = t["page"] * (ps + 8) + t["zero"] * 9 + 2 * names + 4096
-    if after["ram_bytes"] > bound:
+    if not mapped and after["ram_bytes"] > bound:
         raise RuntimeError(f"RAM part {after['ram_bytes']} bytes > {bound} "
                            f"({t['page']} pages + headers + framing)")
     payload = t["page"] * ps + after["length"] - after["ram_bytes"]
@@ -205,9 +270,17 @@ def run_scenario(name, sc, work, qmig):
             note = f"; QEMU 10 refuses the original ({r['status']}{why})"
 
     incoming = sc.get("incoming", "file:{out}")
-    dst = qmp.Qemu(qmp.qemu_binary("10"), dst_args(oracle, machine, work, out, incoming),
+    dst = qmp.Qemu(qmp.qemu_binary("10"),
+                   dst_args(oracle, machine, work, out, "defer" if mapped else incoming),
                    work, "dst")
     try:
+        if mapped:
+            # A mapped-ram file loads only with the capability on (QEMU checks
+            # the configuration's list against it) and from file:.
+            dst.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": "mapped-ram", "state": True}])
+            dst.cmd("migrate-incoming", uri=incoming.format(out=out))
+            incoming = "defer; mapped-ram on; migrate-incoming " + incoming
         r = wait_loaded(dst)
         if r["status"] != "completed":
             raise RuntimeError(f"QEMU 10 did not load the converted stream: {r}\n"
@@ -223,8 +296,10 @@ def run_scenario(name, sc, work, qmig):
             raise RuntimeError("the oracle has no digests to compare")
     finally:
         dst.quit()
+    alloc = os.stat(out).st_blocks * 512
+    sparse = f" ({alloc} allocated: a sparse mapped-ram file)" if mapped else ""
     print(f"  ok: -incoming {incoming.format(out='OUT')}: convert {took:.2f}s, {rep['input_stream_bytes']} -> "
-          f"{rep['output_stream_bytes']} bytes (ratio "
+          f"{rep['output_stream_bytes']} bytes{sparse} (ratio "
           f"{rep['input_stream_bytes'] / rep['output_stream_bytes']:.2f}); pages before "
           f"{rep['pages_before']} after {rep['pages_after']}; output / (non-zero pages + "
           f"container) = {rep['vs_payload']:.4f}; QEMU {version} -M {machine}: "

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use qmig_container::libvirt::{encode_image_prefix, SaveFormat};
 use qmig_container::Layer;
 use qmig_ram_dst::{MappedInput, MmapMemory};
-use qmig_ram_src::convert::{ConvertError, Converter, Options, Report, ZeroPages};
+use qmig_ram_src::convert::{ConvertError, Converter, Format, Options, Report, ZeroPages};
 use qmig_wire::{ReadItem, SliceReader};
 use serde_json::json;
 
@@ -28,6 +28,16 @@ pub enum ZeroArg {
     Zero,
     /// No record: only for a destination whose RAM starts zeroed.
     Skip,
+}
+
+/// What `--format` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// One single-pass record stream (`-incoming file:OUT`).
+    Stream,
+    /// A mapped-ram file (`migrate-set-capabilities mapped-ram on`,
+    /// `migrate-incoming file:OUT`): pages at fixed offsets, zero pages as holes.
+    MappedRam,
 }
 
 /// What `--compress-output` takes.
@@ -48,6 +58,10 @@ pub struct ConvertArgs {
     pub input: PathBuf,
     /// The output file (written under a temporary name, renamed when complete).
     pub output: PathBuf,
+    /// The output's form: a record stream, or a mapped-ram file (QEMU 9.0+,
+    /// loaded with the mapped-ram capability on).
+    #[arg(long, value_enum, default_value_t = FormatArg::Stream)]
+    pub format: FormatArg,
     /// All-zero pages: ZERO records, or none (`skip`: only for a destination
     /// whose RAM starts zeroed).
     #[arg(long, value_enum, default_value_t = ZeroArg::Zero)]
@@ -105,6 +119,20 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         Layer::Libvirt(i) => Some((**i).clone()),
         Layer::Compressed(_) => None,
     });
+    let mapped = a.format == FormatArg::MappedRam;
+    if mapped && a.compress_output.is_some() {
+        return Err("--format mapped-ram: a mapped-ram file is read at fixed offsets \
+                    (QEMU loads it only from file:), so it cannot be compressed; leave out --compress-output"
+            .into());
+    }
+    if mapped && libvirt.is_some() {
+        return Err(format!(
+            "{}: --format mapped-ram: the input is a libvirt save image, and its \"sparse\" format \
+             (mapped-ram inside the image) is not written; convert to a stream, or from the bare QEMU stream",
+            a.input.display()
+        )
+        .into());
+    }
     let input_bytes = if crate::input::is_regular_file(&a.input) {
         fs::metadata(&a.input).map(|m| m.len()).ok()
     } else {
@@ -133,6 +161,11 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         zero_pages: match a.zero_pages {
             ZeroArg::Zero => ZeroPages::Zero,
             ZeroArg::Skip => ZeroPages::Skip,
+        },
+        format: if mapped {
+            Format::MappedRam
+        } else {
+            Format::Stream
         },
         ..Options::default()
     };
@@ -167,6 +200,32 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
     apply.map_err(|e| format!("{}: {e}; nothing written", a.input.display()))?;
 
     let file = File::create(&tmp.part).map_err(|e| format!("{}: {e}", tmp.part.display()))?;
+    if mapped {
+        let (report, w) = conv.finish_mapped_ram(BufWriter::with_capacity(1 << 20, file))?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        let meta = file.metadata()?;
+        drop(file);
+        fs::rename(&tmp.part, &a.output).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                tmp.part.display(),
+                a.output.display()
+            )
+        })?;
+        drop(tmp);
+        finish_message(a, &report, input_bytes, meta.len(), false);
+        {
+            use std::os::unix::fs::MetadataExt;
+            if a.report && !a.json {
+                println!(
+                    "mapped-ram file: {} bytes apparent, {} bytes allocated on disk (sparse)",
+                    meta.len(),
+                    meta.blocks() * 512
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut out = Counted {
         inner: BufWriter::with_capacity(1 << 20, file),
         n: 0,
@@ -226,8 +285,20 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         )
     })?;
     drop(tmp);
+    finish_message(a, &report, input_bytes, out_bytes, libvirt.is_some());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The report (`--report`), or one line on stderr.
+fn finish_message(
+    a: &ConvertArgs,
+    report: &Report,
+    input_bytes: Option<u64>,
+    out_bytes: u64,
+    libvirt: bool,
+) {
     if a.report || a.json {
-        print_report(a, &report, input_bytes, out_bytes, libvirt.is_some());
+        print_report(a, report, input_bytes, out_bytes, libvirt);
     } else {
         eprintln!(
             "qmig: converted {} ({} page records) to {} ({} pages once, {} bytes)",
@@ -238,7 +309,6 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
             out_bytes
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Applies every item of a mapped stream (which starts at file offset
@@ -319,6 +389,7 @@ fn print_report(
             "vmdesc": r.vmdesc,
             "libvirt_image": libvirt,
             "compress_output": a.compress_output.map(|c| format!("{c:?}").to_lowercase()),
+            "format": if a.format == FormatArg::MappedRam { "mapped-ram" } else { "stream" },
         });
         println!("{v}");
         return;
@@ -359,4 +430,73 @@ fn print_report(
         println!("dropped commands: {}", d.join(", "));
     }
     println!("compaction ratio {ratio:.2} (input bytes / output bytes)");
+}
+
+/// `qmig send --mapped-ram --to file:PATH`: writes the RAM images
+/// (`names`, `images`, already checked against the template) as a
+/// mapped-ram file in the template's container
+/// ([`qmig_ram_src::mapped::write_from_template`]). It lives here, with
+/// `convert`'s mapped-ram output, to keep `send`'s stream code apart. A
+/// failed file is removed unless `--keep-partial`.
+pub fn send_mapped_ram(
+    a: &crate::send::SendArgs,
+    t: &qmig_ram_src::Template<'_>,
+    names: &[String],
+    images: &[Vec<u8>],
+) -> crate::error::CliResult {
+    use crate::error::CliError;
+    let crate::uri::MigUri::File(path) = &a.to else {
+        return Err(CliError::Usage(format!(
+            "--mapped-ram writes a file (QEMU reads mapped-ram only from file:), not {}",
+            a.to
+        )));
+    };
+    let start = std::time::Instant::now();
+    let file = File::create(path).map_err(|e| CliError::io(path, "create", e))?;
+    let blocks: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(images)
+        .map(|(n, i)| (n.as_str(), i.as_slice()))
+        .collect();
+    let r = qmig_ram_src::mapped::write_from_template(
+        t,
+        &blocks,
+        BufWriter::with_capacity(1 << 20, file),
+    )
+    .map_err(|e| CliError::data(format!("{}: {e}", path.display())))
+    .and_then(|(c, w)| {
+        let f = w
+            .into_inner()
+            .map_err(|e| CliError::io(path, "write", e.into_error()))?;
+        let len = f
+            .metadata()
+            .map_err(|e| CliError::io(path, "stat", e))?
+            .len();
+        Ok((c, len))
+    });
+    let (counts, len) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            if !a.keep_partial {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({"bytes": len, "seconds": secs, "mapped_ram": true, "passes": 1,
+                   "normal": counts.written, "duplicate": counts.zero})
+        );
+    } else if !crate::progress::quiet() {
+        eprintln!(
+            "qmig: wrote mapped-ram file {} ({len} bytes, sparse) in {secs:.3}s: {} normal, {} zero pages",
+            path.display(),
+            counts.written,
+            counts.zero
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

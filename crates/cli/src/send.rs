@@ -93,6 +93,10 @@ pub struct SendArgs {
     /// Print the counters (or the error) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Write a mapped-ram file (`--to file:PATH` only; QEMU loads it with
+    /// the mapped-ram capability on): the RAM at fixed offsets, in one pass.
+    #[arg(long, conflicts_with_all = ["xbzrle", "compress", "passes", "no_zero_detection", "max_bandwidth", "final_ram"])]
+    pub mapped_ram: bool,
     /// Give up when a tcp: destination accepts no data, or does not close
     /// the connection after the stream, for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60,
@@ -585,6 +589,9 @@ pub fn run(a: &SendArgs) -> CliResult {
     }
     let mut ram = load_ram(&a.ram, a.allow_incomplete)?;
     check_layout(&t, &ram, a.force)?;
+    if a.mapped_ram {
+        return crate::convert::send_mapped_ram(a, &t, &ram.names, &ram.images);
+    }
     let page_size = 1usize << t.page_bits;
 
     let mut blocks = SrcBlock::sequential(

@@ -1,7 +1,9 @@
 //! `qmig convert` end to end: libvirt save images stay libvirt save images
 //! (same XML and cookie), `--compress-output`, stdin input, `--report
 //! --json`, and the temporary name: a failed conversion leaves neither OUT
-//! nor temporary files behind. Memory is compared through `qmig extract`.
+//! nor temporary files behind; mapped-ram files both ways (`--format
+//! mapped-ram`, mapped-ram input) and `send --mapped-ram`. Memory is
+//! compared through `qmig extract`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -231,14 +233,177 @@ fn failed_conversion_leaves_nothing() {
     assert!(e.contains("nothing written"), "{e}");
     assert_eq!(std::fs::read(out_dir.join("keep")).unwrap(), b"old");
     only(&out_dir, &["keep"]);
-    // The mapped-ram layout is refused with the reason.
+    // mapped-ram output that cannot be: refused with the reason, nothing left.
+    for (input, extra, want) in [
+        (
+            data("q10-passes/stream"),
+            &["--compress-output", "zstd"][..],
+            "cannot be compressed",
+        ),
+        (data("libvirt-save/raw.sav"), &[][..], "libvirt save image"),
+        (
+            data("q72-no-config/stream"),
+            &[][..],
+            "no configuration section",
+        ),
+    ] {
+        if !input.exists() {
+            panic!("{} missing", input.display());
+        }
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"convert", &input, &"--format", &"mapped-ram"];
+        let target = out_dir.join("m");
+        args.push(&target);
+        for e in extra {
+            args.push(e);
+        }
+        let o = run(&args);
+        assert!(!o.status.success(), "{}", input.display());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{}: {e}", input.display());
+        only(&out_dir, &["keep"]);
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Allocated bytes of a file (sparse files allocate less than their length).
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn mapped_ram_both_ways() {
+    let d = scratch("mapped");
+    // Streams (one pass, several passes, XBZRLE, COMPRESS_PAGE, postcopy) to
+    // mapped-ram files, and QEMU 10's mapped-ram files (plain and multifd)
+    // to streams and to mapped-ram again: each output re-serializes to its
+    // bytes and leaves the memory of its input.
+    for (i, name) in [
+        "q10-stopped/stream",
+        "q10-passes/stream",
+        "q10-xbzrle/stream",
+        "q72-compress/stream",
+        "q10-postcopy/stream",
+        "field/mapped-ram-file/stream.gz",
+        "multifd/mapped-ram-multifd4/stream.gz",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let input = data(name);
+        let want = extract(&input, &d.join(format!("want{i}")));
+        let in_mapped = name.contains("mapped-ram");
+        for format in ["mapped-ram", "stream"] {
+            if format == "stream" && !in_mapped {
+                continue; // covered by the stream tests
+            }
+            let out = d.join(format!("out{i}.{format}"));
+            let o = run(&[
+                &"convert",
+                &input,
+                &out,
+                &"--format",
+                &format,
+                &"--report",
+                &"--json",
+            ]);
+            ok(&o);
+            let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(rep["format"], format, "{name}");
+            let o = run(&[&"roundtrip", &out]);
+            ok(&o);
+            let j = inspect_json(&out);
+            let caps: Vec<&str> = j["capabilities"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                caps.contains(&"mapped-ram"),
+                format == "mapped-ram",
+                "{name}"
+            );
+            if format == "mapped-ram" {
+                assert_eq!(j["totals"]["page"], rep["pages_after"]["page"], "{name}");
+                let len = std::fs::metadata(&out).unwrap().len();
+                assert!(allocated(&out) < len, "{name}: not sparse");
+            }
+            let got = extract(&out, &d.join(format!("got{i}{format}")));
+            assert_eq!(got.len(), want.len(), "{name}");
+            for ((n, a), (m, b)) in got.iter().zip(&want) {
+                assert_eq!(n, m);
+                assert!(a == b, "{name} -> {format}: block {n} differs");
+            }
+            only_no_temp(&d);
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// No temporary name of convert is left in `dir`.
+fn only_no_temp(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!n.contains("qmig-convert"), "left behind: {n}");
+    }
+}
+
+#[test]
+fn send_mapped_ram_writes_the_ram() {
+    let d = scratch("send-mapped");
+    let tpl = data("q10-xbzrle/stream");
+    let want = extract(&tpl, &d.join("ram"));
+    let out = d.join("out.mapped");
+    let to = format!("file:{}", out.display());
     let o = run(&[
-        &"convert",
-        &data("field/mapped-ram-file/stream.gz"),
-        &out_dir.join("m"),
+        &"send",
+        &"--ram",
+        &d.join("ram"),
+        &"--template",
+        &tpl,
+        &"--to",
+        &to,
+        &"--mapped-ram",
+        &"--json",
     ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("mapped-ram"));
-    only(&out_dir, &["keep"]);
+    ok(&o);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["mapped_ram"], true);
+    ok(&run(&[&"roundtrip", &out]));
+    let got = extract(&out, &d.join("got"));
+    assert_eq!(got, want);
+    let i = inspect_json(&out);
+    assert_eq!(i["totals"]["page"], j["normal"]);
+    // Only to a file, and not with options of a streamed migration.
+    let ram = d.join("ram");
+    for extra in [&["--xbzrle"][..], &["--passes", "2"][..]] {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"send",
+            &"--ram",
+            &ram,
+            &"--template",
+            &tpl,
+            &"--to",
+            &to,
+            &"--mapped-ram",
+        ];
+        for e in extra {
+            args.push(e);
+        }
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}");
+    }
+    let o = run(&[
+        &"send",
+        &"--ram",
+        &ram,
+        &"--template",
+        &tpl,
+        &"--to",
+        &"tcp:127.0.0.1:1",
+        &"--mapped-ram",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("file:"));
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -65,9 +65,11 @@ use qmig_ram_dst::{
 };
 use qmig_wire::section::write_footer;
 use qmig_wire::{
-    Command, Item, MemBlock, RamBody, RamRecord, ReadItem, SectionHeader, SectionKind, WireError,
+    Command, Item, MappedRam, MemBlock, RamBody, RamRecord, ReadItem, SectionHeader, SectionKind,
+    WireError,
 };
 
+use crate::mapped::{BlockBytes, MappedRamWriter};
 use crate::zero::is_zero;
 
 /// What the output does with pages whose final content is all zero.
@@ -82,11 +84,28 @@ pub enum ZeroPages {
     Skip,
 }
 
+/// The form of the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// A record stream ([`Converter::finish`]): what `migrate file:`,
+    /// `exec:` or a socket carry.
+    #[default]
+    Stream,
+    /// A mapped-ram file ([`Converter::finish_mapped_ram`]; wire-format
+    /// §14): the configuration lists `mapped-ram`, pages sit at fixed file
+    /// offsets, and QEMU loads it with that capability on.
+    MappedRam,
+}
+
 /// Options of a conversion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
-    /// Zero pages: ZERO records or nothing.
+    /// Zero pages: ZERO records or nothing (a mapped-ram file never holds
+    /// them: their bit stays clear).
     pub zero_pages: ZeroPages,
+    /// The output's form; it decides whether the configuration lists
+    /// `mapped-ram`.
+    pub format: Format,
     /// Largest `ram` PART section payload written, in bytes (QEMU's own
     /// sections are bounded by its rate limit; the loader has no limit).
     pub section_bytes: usize,
@@ -96,6 +115,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             zero_pages: ZeroPages::Zero,
+            format: Format::Stream,
             section_bytes: 16 << 20,
         }
     }
@@ -126,6 +146,9 @@ pub enum ConvertError {
         /// Stream offset where the input ended.
         offset: u64,
     },
+    /// Writing the mapped-ram output failed.
+    #[error(transparent)]
+    MappedRam(#[from] crate::mapped::MappedRamWriteError),
     /// Reading or writing the spool files, the memory or the output failed.
     #[error("{what}: {source}")]
     Io {
@@ -274,6 +297,14 @@ pub struct Converter<M> {
     ram_start: Vec<u8>,
     /// The MEM_SIZE record to write.
     mem_size: Vec<u8>,
+    /// The input's MEM_SIZE list: name, used length, guest address.
+    mem_blocks: Vec<(String, u64, Option<u64>)>,
+    /// The input is a mapped-ram file.
+    mapped_input: bool,
+    /// The input has a configuration section.
+    configuration: bool,
+    /// Block of the mapped-ram region being read.
+    mapped_block: Option<usize>,
     /// Whether `ram` sections carry footers.
     footers: bool,
     /// Inside a `ram` section's payload (header seen, EOS not yet).
@@ -320,6 +351,10 @@ impl<M: GuestMemory> Converter<M> {
             ram_id: None,
             ram_start: Vec::new(),
             mem_size: Vec::new(),
+            mem_blocks: Vec::new(),
+            mapped_input: false,
+            configuration: false,
+            mapped_block: None,
             footers: false,
             in_ram_payload: false,
             ram_footer_next: false,
@@ -409,9 +444,31 @@ impl<M: GuestMemory> Converter<M> {
                 }
                 self.keep(&ri.item)
             }
-            Item::MappedRam(_) => Err(unsupported(
-                "mapped-ram input (pages at file offsets); convert reads record streams".into(),
-            )),
+            Item::MappedRam(m) => {
+                self.mapped_input = true;
+                match m {
+                    MappedRam::MemSize { .. } => self.mem_blocks.clear(),
+                    MappedRam::Block { block, .. } => {
+                        self.mem_blocks.push((
+                            block.name.to_string(),
+                            block.used_length,
+                            block.addr,
+                        ));
+                        self.size_touched();
+                        self.mapped_block = self.dst.block_index(block.name);
+                    }
+                    // Every page of the area is read: a clear bit is a
+                    // page QEMU found zero (`duplicate`), as a ZERO record.
+                    MappedRam::Pages { first, data } => {
+                        let tps = self.dst.page_size().max(1);
+                        if let Some(t) = self.mapped_block.and_then(|b| self.touched.get_mut(b)) {
+                            t.set_range(*first, data.len() as u64 / tps);
+                        }
+                    }
+                    MappedRam::Bitmap(_) | MappedRam::Padding(_) => {}
+                }
+                Ok(())
+            }
             Item::Ram(rec) => {
                 if !self.in_ram_payload {
                     return Err(unsupported(format!(
@@ -421,6 +478,10 @@ impl<M: GuestMemory> Converter<M> {
                 }
                 match &rec.body {
                     RamBody::MemSize(blocks) => {
+                        self.mem_blocks = blocks
+                            .iter()
+                            .map(|b| (b.name.to_string(), b.used_length, b.addr))
+                            .collect();
                         self.mem_size.clear();
                         if blocks.iter().any(|b| b.page_size.is_some()) {
                             let list: Vec<MemBlock<'_>> = blocks
@@ -514,7 +575,17 @@ impl<M: GuestMemory> Converter<M> {
                 self.vmdesc = true;
                 self.tail_item(&ri.item)
             }
-            Item::Header { .. } | Item::Configuration(_) => self.keep(&ri.item),
+            Item::Configuration(c) => {
+                self.configuration = true;
+                let mapped = self.opts.format == Format::MappedRam;
+                if c.has_capability("mapped-ram") == mapped {
+                    return self.keep(&ri.item);
+                }
+                let mut c = c.clone();
+                c.set_capability("mapped-ram", mapped);
+                self.keep(&Item::Configuration(c))
+            }
+            Item::Header { .. } => self.keep(&ri.item),
             Item::DeviceData(_) | Item::Footer(_) => self.keep(&ri.item),
         }
     }
@@ -529,34 +600,23 @@ impl<M: GuestMemory> Converter<M> {
     /// writing `out`, fails; [`ConvertError::Wire`] if a record cannot be
     /// written (not expected: every record is one the reader accepted).
     pub fn finish(&mut self, out: &mut dyn Write) -> Result<Report, ConvertError> {
-        if !self.eof {
-            return Err(ConvertError::Incomplete {
-                offset: self.end_offset,
-            });
+        let mut report = self.start_report()?;
+        if self.mapped_input {
+            // The record-stream MEM_SIZE: the same list without headers.
+            let list: Vec<MemBlock<'_>> = self
+                .mem_blocks
+                .iter()
+                .map(|(name, used_length, addr)| MemBlock {
+                    name,
+                    used_length: *used_length,
+                    page_size: None,
+                    addr: *addr,
+                })
+                .collect();
+            let mut m = Vec::new();
+            RamRecord::mem_size(list).write(&mut m)?;
+            self.mem_size = m;
         }
-        self.dst.memory_mut().flush().map_err(io_err("RAM image"))?;
-        let mut report = Report {
-            postcopy: self.postcopy,
-            vmdesc: self.vmdesc,
-            dropped_commands: self.dropped.clone(),
-            input_stream_bytes: self.end_offset,
-            page_size: self.dst.page_size(),
-            ..Report::default()
-        };
-        let st = *self.dst.stats();
-        report.input = Kinds {
-            zero: st.zero,
-            page: st.page,
-            xbzrle: st.xbzrle,
-            compressed: st.compressed,
-        };
-        report.discarded_pages = st.discarded_pages;
-        report.blocks = self
-            .dst
-            .blocks()
-            .iter()
-            .map(|b| (b.name().to_string(), b.used_length()))
-            .collect();
         let mut n = self.prefix.copy_to(out)?;
         let Some(ram_id) = self.ram_id else {
             // No RAM at all: the input's items, as they were.
@@ -667,6 +727,137 @@ impl<M: GuestMemory> Converter<M> {
         Ok(report)
     }
 
+    /// Writes the output as a mapped-ram file (wire-format §14) to `out`
+    /// and reports what was converted; gives `out` back. The layout is the
+    /// one QEMU 10 writes for `migrate file:` with `mapped-ram`: the
+    /// prefix (header, configuration listing `mapped-ram`, early device
+    /// sections), the `ram` START section whose MEM_SIZE entries each carry
+    /// a block header, bitmap and page area ([`MappedRamWriter`]), EOS;
+    /// other iterative sections' items; SWITCHOVER_START if the input had
+    /// it; `ram` END with an EOS; device sections, EOF and vmdesc as for
+    /// [`finish`](Self::finish). A page the input sent (or discarded) whose
+    /// final content is not all zero is written with its bit set; zero
+    /// pages and pages never sent keep their bit clear, as QEMU's loader
+    /// then leaves them as the destination has them. Build the converter
+    /// with [`Format::MappedRam`] so the configuration lists the capability.
+    ///
+    /// # Errors
+    /// As [`finish`](Self::finish), plus [`ConvertError::MappedRam`] when
+    /// the file cannot be laid out or written, and
+    /// [`ConvertError::Unsupported`] for an input without a configuration
+    /// section (nothing is written then).
+    pub fn finish_mapped_ram<W: Write + Seek>(
+        &mut self,
+        out: W,
+    ) -> Result<(Report, W), ConvertError> {
+        let mut report = self.start_report()?;
+        if !self.configuration {
+            return Err(ConvertError::Unsupported {
+                offset: 8,
+                why: "the input has no configuration section (send-configuration=off), where a \
+                      mapped-ram file must list the capability for QEMU and readers to find \
+                      its layout"
+                    .into(),
+            });
+        }
+        let tps = self.dst.page_size();
+        let mut w = MappedRamWriter::new(out, tps)?;
+        self.prefix.copy_to(&mut w)?;
+        let Some(ram_id) = self.ram_id else {
+            self.middle.copy_to(&mut w)?;
+            self.tail.copy_to(&mut w)?;
+            report.output_stream_bytes = w.position();
+            return Ok((report, w.finish()?));
+        };
+        let mut buf = Vec::new();
+        let footer = |buf: &mut Vec<u8>| {
+            if self.footers {
+                write_footer(buf, ram_id);
+            }
+        };
+        w.write_stream(&self.ram_start)?;
+        let total = self.mem_blocks.iter().map(|b| b.1).sum();
+        w.mem_size(total)?;
+        for (name, used_length, addr) in &self.mem_blocks {
+            let index = self
+                .dst
+                .block_index(name)
+                .ok_or_else(|| ConvertError::Unsupported {
+                    offset: w.position(),
+                    why: format!("MEM_SIZE block \"{name}\" is not among the blocks loaded"),
+                })?;
+            let block = MemBlock {
+                name,
+                used_length: *used_length,
+                page_size: None,
+                addr: *addr,
+            };
+            let touched = self.touched.get(index);
+            let keep = |p: u64| touched.is_some_and(|t| t.get(p));
+            let mut src = MemBytes {
+                mem: self.dst.memory_mut(),
+                index,
+            };
+            let c = w.block(&block, &mut src, &keep)?;
+            report.output.page += c.written;
+            report.output.zero += c.zero;
+            report.untouched_pages += c.left_out;
+        }
+        RamRecord::eos().write(&mut buf)?;
+        footer(&mut buf);
+        w.write_stream(&buf)?;
+        buf.clear();
+        self.middle.copy_to(&mut w)?;
+        if self.switchover_start {
+            Command::SwitchoverStart.write(&mut buf)?;
+        }
+        SectionHeader {
+            kind: SectionKind::End,
+            section_id: ram_id,
+            ident: None,
+        }
+        .write(&mut buf)?;
+        RamRecord::eos().write(&mut buf)?;
+        footer(&mut buf);
+        w.write_stream(&buf)?;
+        self.tail.copy_to(&mut w)?;
+        report.output_stream_bytes = w.position();
+        Ok((report, w.finish()?))
+    }
+
+    /// Checks the input is complete, flushes the RAM image and fills in
+    /// what the input was.
+    fn start_report(&mut self) -> Result<Report, ConvertError> {
+        if !self.eof {
+            return Err(ConvertError::Incomplete {
+                offset: self.end_offset,
+            });
+        }
+        self.dst.memory_mut().flush().map_err(io_err("RAM image"))?;
+        let st = *self.dst.stats();
+        Ok(Report {
+            postcopy: self.postcopy,
+            vmdesc: self.vmdesc,
+            dropped_commands: self.dropped.clone(),
+            input_stream_bytes: self.end_offset,
+            page_size: self.dst.page_size(),
+            input: Kinds {
+                zero: st.zero,
+                page: st.page,
+                xbzrle: st.xbzrle,
+                compressed: st.compressed,
+            },
+            discarded_pages: st.discarded_pages,
+            blocks: self
+                .dst
+                .blocks()
+                .iter()
+                .map(|b| (b.name().to_string(), b.used_length()))
+                .collect(),
+            ..Report::default()
+        })
+    }
+
     /// Gives every block a touched bitmap of its current length.
     fn size_touched(&mut self) {
         let tps = self.dst.page_size().max(1);
@@ -703,6 +894,18 @@ impl<M: GuestMemory> Converter<M> {
         self.scratch.clear();
         item.write(&mut self.scratch)?;
         self.tail.write(&self.scratch)
+    }
+}
+
+/// One block of a [`GuestMemory`], for the mapped-ram writer.
+struct MemBytes<'m, M> {
+    mem: &'m mut M,
+    index: usize,
+}
+
+impl<M: GuestMemory> BlockBytes for MemBytes<'_, M> {
+    fn bytes(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
+        self.mem.bytes_mut(self.index, offset, len).map(|b| &*b)
     }
 }
 

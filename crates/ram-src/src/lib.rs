@@ -43,6 +43,7 @@
 mod compress;
 pub mod convert;
 mod error;
+pub mod mapped;
 mod src;
 pub mod template;
 mod zero;

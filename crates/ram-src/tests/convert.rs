@@ -1,7 +1,7 @@
-//! `convert`: over every committed real capture (tests/data, and
-//! tests/data/field except the mapped-ram file) and over generated streams
-//! with several passes, XBZRLE, postcopy discards and a PACKAGED blob, the
-//! converted stream
+//! `convert`: over every committed real capture (tests/data, the field
+//! inputs and the mapped-ram files) and over generated streams with several
+//! passes, XBZRLE, postcopy discards and a PACKAGED blob, the converted
+//! stream, and the converted mapped-ram file likewise,
 //! - leaves the same memory as the input (`extract(convert(x)) == extract(x)`,
 //!   compared by SHA-256 per block, and against the source's own digests
 //!   where the capture has them),
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use qmig_ram_dst::{RamDst, VecMemory};
-use qmig_ram_src::convert::{Converter, Options, Report, ZeroPages};
+use qmig_ram_src::convert::{ConvertError, Converter, Format, Options, Report, ZeroPages};
 use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock};
 use qmig_tests::sha256;
 use qmig_wire::ram::flags;
@@ -43,6 +43,7 @@ fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
         zero_pages,
         // Small sections, so that PART splitting is exercised.
         section_bytes: 64 << 10,
+        ..Options::default()
     };
     let mut conv = Converter::new(VecMemory::new(), &dir, opts).expect("converter");
     let mut rd = StreamReader::new(stream);
@@ -55,6 +56,88 @@ fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
     std::fs::remove_dir_all(&dir).expect("spool files removed with the converter");
     assert_eq!(report.output_stream_bytes, out.len() as u64);
     (out, report)
+}
+
+/// Converts `stream` to a mapped-ram file (written through a seekable
+/// in-memory cursor: gaps read back as zeros, as holes do).
+fn convert_mapped(stream: &[u8]) -> Result<(Vec<u8>, Report), ConvertError> {
+    let dir = spool_dir("m");
+    let opts = Options {
+        format: Format::MappedRam,
+        ..Options::default()
+    };
+    let mut conv = Converter::new(VecMemory::new(), &dir, opts).expect("converter");
+    let mut rd = StreamReader::new(stream);
+    while let Some(ri) = rd.next_item().expect("input parses") {
+        conv.handle(&ri).expect("input converts");
+    }
+    let r = conv.finish_mapped_ram(std::io::Cursor::new(Vec::new()));
+    drop(conv);
+    std::fs::remove_dir_all(&dir).expect("spool files removed with the converter");
+    let (report, cur) = r?;
+    let out = cur.into_inner();
+    assert_eq!(report.output_stream_bytes, out.len() as u64);
+    Ok((out, report))
+}
+
+/// The mapped-ram checks of one input: the file parses as mapped-ram (the
+/// configuration lists it, the layout passes the reader's checks), holds
+/// no page record, re-serializes to itself, leaves the same memory, and
+/// keeps every non-RAM item but the configuration byte for byte; its
+/// bitmaps count the report's pages.
+fn check_mapped(name: &str, stream: &[u8], want: &[(String, Vec<u8>)]) -> Option<Vec<u8>> {
+    if !has_configuration(stream) {
+        // Nowhere to list the capability: refused, nothing written.
+        let r = convert_mapped(stream);
+        assert!(
+            matches!(r, Err(ConvertError::Unsupported { .. })),
+            "{name}: mapped-ram output without a configuration section: {:?}",
+            r.map(|(_, r)| r)
+        );
+        return None;
+    }
+    let (out, report) = convert_mapped(stream).expect("converts to mapped-ram");
+    assert!(
+        roundtrips(&out),
+        "{name}: roundtrip(convert --format mapped-ram) differs"
+    );
+    let mut set = 0;
+    let mut cfg = false;
+    for it in SliceReader::new(&out) {
+        match it.expect("parses").1 {
+            Item::Configuration(c) => cfg = c.has_capability("mapped-ram"),
+            Item::Ram(r) if !matches!(r.body, RamBody::Eos) => {
+                panic!("{name}: {:?} record in a mapped-ram file", r.kind())
+            }
+            Item::MappedRam(qmig_wire::MappedRam::Bitmap(b)) => {
+                set += qmig_wire::mapped_ram::count_set(b, b.len() as u64 * 8);
+            }
+            _ => {}
+        }
+    }
+    assert!(cfg, "{name}: mapped-ram not listed");
+    assert_eq!(set, report.output.page, "{name}: bitmaps vs report");
+    let after = replay(&out);
+    assert_eq!(after.len(), want.len(), "{name}: blocks");
+    for ((n, a), (m, b)) in after.iter().zip(want) {
+        assert_eq!(n, m, "{name}");
+        assert!(
+            a == b,
+            "{name}: block {n}: extract(convert --format mapped-ram) differs"
+        );
+    }
+    assert_eq!(
+        container_items(&out, true),
+        container_items(stream, true),
+        "{name}: container not kept"
+    );
+    Some(out)
+}
+
+fn has_configuration(stream: &[u8]) -> bool {
+    SliceReader::new(stream)
+        .take(3)
+        .any(|it| matches!(it, Ok((_, Item::Configuration(_)))))
 }
 
 /// The memory a stream leaves behind (what `qmig extract` writes).
@@ -86,9 +169,10 @@ fn roundtrips(stream: &[u8]) -> bool {
     out == stream
 }
 
-/// The non-RAM items (no RAM records, no `ram` section framing, no
-/// commands), serialized, in order.
-fn container_items(stream: &[u8]) -> Vec<Vec<u8>> {
+/// The non-RAM items (no RAM records or mapped-ram layout, no `ram`
+/// section framing, no commands; without the configuration when
+/// `skip_config`, since mapped-ram is listed there), serialized, in order.
+fn container_items(stream: &[u8], skip_config: bool) -> Vec<Vec<u8>> {
     let mut ram_id = None;
     let mut out = Vec::new();
     for it in SliceReader::new(stream) {
@@ -103,7 +187,8 @@ fn container_items(stream: &[u8]) -> Vec<Vec<u8>> {
                 }
             }
             Item::Footer(id) if Some(*id) == ram_id => continue,
-            Item::Ram(_) | Item::Command(_) | Item::PackageEnd => continue,
+            Item::Ram(_) | Item::MappedRam(_) | Item::Command(_) | Item::PackageEnd => continue,
+            Item::Configuration(_) if skip_config => continue,
             _ => {}
         }
         let mut b = Vec::new();
@@ -169,9 +254,13 @@ fn check(name: &str, stream: &[u8]) -> (Report, Vec<u8>, Memory) {
             "{name}: block {n}: extract(convert(x)) != extract(x)"
         );
     }
+    // A mapped-ram input's configuration loses the capability.
+    let mapped_in = SliceReader::new(stream)
+        .take(3)
+        .any(|it| matches!(it, Ok((_, Item::Configuration(c))) if c.has_capability("mapped-ram")));
     assert_eq!(
-        container_items(&out),
-        container_items(stream),
+        container_items(&out, mapped_in),
+        container_items(stream, mapped_in),
         "{name}: container not kept byte for byte"
     );
     let (zero, page) = check_records(&out);
@@ -180,6 +269,7 @@ fn check(name: &str, stream: &[u8]) -> (Report, Vec<u8>, Memory) {
         (report.output.zero, report.output.page),
         "{name}"
     );
+    check_mapped(name, stream, &after);
     (report, out, after)
 }
 
@@ -191,13 +281,11 @@ fn field_streams() -> Vec<(String, Vec<u8>)> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
+    // QEMU 10's mapped-ram file written by 4 multifd channels.
+    dirs.push(qmig_tests::data_dir().join("multifd/mapped-ram-multifd4"));
     dirs.sort();
     for d in dirs {
         let n = d.file_name().unwrap().to_string_lossy().into_owned();
-        // mapped-ram keeps pages at file offsets, not in records: out of scope.
-        if n.contains("mapped-ram") {
-            continue;
-        }
         let read = |p: &Path| std::fs::read(p).ok();
         let s = read(&d.join("stream"))
             .or_else(|| read(&d.join("stream.gz")).map(|b| qmig_tests::gunzip(&b)))
@@ -727,4 +815,64 @@ fn multifd_main_channel_is_refused() {
     }
     drop(conv);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn mapped_ram_output_is_the_layout_qemu_writes() {
+    // QEMU 10's own mapped-ram file, converted to mapped-ram: byte for byte
+    // the same file (header, every block header, bitmap and page at the
+    // same offset, device state, vmdesc), except that QEMU's empty `ram`
+    // PART section (an EOS between footers) is not written.
+    let d = qmig_tests::data_dir().join("field/mapped-ram-file");
+    let qemu = qmig_tests::gunzip(&std::fs::read(d.join("stream.gz")).unwrap());
+    let (ours, r) = convert_mapped(&qemu).unwrap();
+    assert_eq!(
+        (r.output.page, r.output.zero),
+        (99, 16415),
+        "query-migrate normal/duplicate"
+    );
+    let mut part = None;
+    for it in SliceReader::new(&qemu) {
+        let (off, item) = it.unwrap();
+        if let Item::Section(h) = item {
+            if h.kind == SectionKind::Part {
+                part = Some(off as usize);
+            }
+        }
+    }
+    let part = part.expect("QEMU's file has a PART section");
+    // PART header (5) + EOS (8) + footer (5).
+    let cut = part + 18;
+    assert_eq!(ours.len(), qemu.len() - 18);
+    assert!(
+        ours[..part] == qemu[..part],
+        "differs before the PART section"
+    );
+    assert!(
+        ours[part..] == qemu[cut..],
+        "differs after the PART section"
+    );
+}
+
+#[test]
+fn stream_to_mapped_ram_and_back_is_the_original() {
+    let c = qmig_tests::captures()
+        .into_iter()
+        .find(|c| c.name == "q10-stopped")
+        .expect("q10-stopped");
+    let (mapped, _) = convert_mapped(&c.stream).unwrap();
+    let dir = spool_dir("b");
+    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let mut rd = StreamReader::new(&mapped[..]);
+    while let Some(ri) = rd.next_item().unwrap() {
+        conv.handle(&ri).unwrap();
+    }
+    let mut back = Vec::new();
+    conv.finish(&mut back).unwrap();
+    drop(conv);
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(
+        back == c.stream,
+        "q10-stopped -> mapped-ram -> stream changed"
+    );
 }

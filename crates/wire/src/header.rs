@@ -159,6 +159,53 @@ impl Configuration<'_> {
     }
 }
 
+impl<'a> Configuration<'a> {
+    /// Lists or unlists capability `cap` in `configuration/capabilities`,
+    /// as QEMU's `vmstate_capabilites` would for a source with `cap` on or
+    /// off: the subsection is created (version 1, after
+    /// `configuration/target-page-bits`, before `configuration/uuid`, the
+    /// order of `vmstate_configuration`'s subsections) when the first
+    /// capability is listed and left out when none remains, since QEMU
+    /// sends it only when a checked capability is on. Used to turn a stream
+    /// into a mapped-ram file and back (wire-format §14): the destination
+    /// refuses a stream whose list differs from its own capabilities.
+    pub fn set_capability(&mut self, cap: &'a str, on: bool) {
+        let pos = self
+            .subsections
+            .iter()
+            .position(|s| matches!(s.body, ConfigBody::Capabilities(_)));
+        match (pos, on) {
+            (Some(i), _) => {
+                if let ConfigBody::Capabilities(caps) = &mut self.subsections[i].body {
+                    caps.retain(|c| *c != cap);
+                    if on {
+                        caps.push(cap);
+                    }
+                    if caps.is_empty() {
+                        self.subsections.remove(i);
+                    }
+                }
+            }
+            (None, true) => {
+                let at = self
+                    .subsections
+                    .iter()
+                    .position(|s| matches!(s.body, ConfigBody::Uuid(_)))
+                    .unwrap_or(self.subsections.len());
+                self.subsections.insert(
+                    at,
+                    ConfigSubsection {
+                        name: "configuration/capabilities",
+                        version: 1,
+                        body: ConfigBody::Capabilities(vec![cap]),
+                    },
+                );
+            }
+            (None, false) => {}
+        }
+    }
+}
+
 /// Parses the configuration section, type byte included. Subsections are
 /// taken while the next byte is 0x05.
 pub(crate) fn parse_configuration(i: &[u8]) -> PResult<'_, Configuration<'_>> {

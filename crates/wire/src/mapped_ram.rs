@@ -92,6 +92,60 @@ pub fn page_is_set(bitmap: &[u8], i: u64) -> bool {
         .is_some_and(|byte| byte >> (i % 8) & 1 == 1)
 }
 
+/// Sets bit `i` of a bitmap in the file's layout (little-endian 64-bit
+/// words, as [`page_is_set`] reads it). A bit beyond the bitmap is ignored.
+pub fn set_page(bitmap: &mut [u8], i: u64) {
+    if let Some(byte) = usize::try_from(i / 8).ok().and_then(|b| bitmap.get_mut(b)) {
+        *byte |= 1 << (i % 8);
+    }
+}
+
+impl MappedRamHeader {
+    /// The header QEMU writes for a block of `used_length` bytes whose
+    /// header ends at file offset `after_header` (`mapped_ram_setup_ramblock`):
+    /// version 1, the bitmap right after the header, the pages at the next
+    /// 1 MiB boundary after the bitmap. The block's region then ends at
+    /// `pages_offset + used_length`, where the stream resumes.
+    ///
+    /// # Errors
+    /// [`crate::WireError::Unwritable`] (at offset `after_header`) when the
+    /// page size is not a power of two in 1 KiB..=64 KiB, the length is not
+    /// a multiple of it, or the offsets overflow: exactly what
+    /// [`check_block`] would refuse on reading.
+    pub fn plan(
+        after_header: u64,
+        used_length: u64,
+        page_size: u64,
+    ) -> Result<MappedRamHeader, crate::WireError> {
+        let bad = |why: String| crate::WireError::Unwritable {
+            offset: after_header,
+            what: "mapped-ram block header",
+            why,
+        };
+        if crate::target_page::page_bits_of(page_size).is_none() {
+            return Err(bad(format!(
+                "page size {page_size} is not a power of two in 1 KiB..=64 KiB"
+            )));
+        }
+        if !used_length.is_multiple_of(page_size) {
+            return Err(bad(format!(
+                "used length {used_length:#x} is not a multiple of the page size {page_size}"
+            )));
+        }
+        let pages_offset = after_header
+            .checked_add(bitmap_len(used_length / page_size))
+            .and_then(|e| e.checked_next_multiple_of(FILE_OFFSET_ALIGNMENT))
+            .filter(|p| p.checked_add(used_length).is_some())
+            .ok_or_else(|| bad("the block's file region overflows a 64-bit offset".into()))?;
+        Ok(MappedRamHeader {
+            version: VERSION,
+            page_size,
+            bitmap_offset: after_header,
+            pages_offset,
+        })
+    }
+}
+
 /// Set bits among the first `pages` bits of `bitmap`.
 pub fn count_set(bitmap: &[u8], pages: u64) -> u64 {
     let whole = usize::try_from(pages / 8)
@@ -418,6 +472,53 @@ mod tests {
                 prop_assert_eq!(r.end - r.pages_offset, pages * 4096);
                 prop_assert_eq!(r.bitmap_end - r.bitmap_offset, pages.div_ceil(64) * 8);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn planned_headers_pass_the_reader_checks(
+            pages in 0u64..1 << 22, bits in 10u32..=16, after in 0u64..1 << 40, sum in 0u64..1 << 40,
+        ) {
+            let ps = 1u64 << bits;
+            let block = MemBlock { name: "b", used_length: pages * ps, page_size: None, addr: None };
+            let h = MappedRamHeader::plan(after, block.used_length, ps).unwrap();
+            let r = check_block(&block, &h, after, ps, sum + block.used_length, sum, 1 << 26, None).unwrap();
+            prop_assert_eq!(r.pages, pages);
+            // The smallest aligned offset past the bitmap.
+            prop_assert!(h.pages_offset - r.bitmap_end < FILE_OFFSET_ALIGNMENT);
+        }
+
+        #[test]
+        fn set_bits_read_back(bits in proptest::collection::btree_set(0u64..4096, 0..64)) {
+            let mut bm = vec![0u8; bitmap_len(4096) as usize];
+            for &b in &bits {
+                set_page(&mut bm, b);
+            }
+            for i in 0..4096 {
+                prop_assert_eq!(page_is_set(&bm, i), bits.contains(&i));
+            }
+            prop_assert_eq!(count_set(&bm, 4096), bits.len() as u64);
+        }
+    }
+
+    #[test]
+    fn plan_matches_the_qemu_file() {
+        // tests/data/field/mapped-ram-file: pc.ram (64 MiB) header ends at
+        // 142, pages at 1 MiB; /rom@etc/acpi/tables (128 KiB) at 68157497.
+        let h = MappedRamHeader::plan(142, 64 << 20, 4096).unwrap();
+        assert_eq!((h.bitmap_offset, h.pages_offset), (142, 1 << 20));
+        let h = MappedRamHeader::plan(68_157_497, 128 << 10, 4096).unwrap();
+        assert_eq!(h.pages_offset, 69_206_016);
+        for (after, len, ps, want) in [
+            (0, 4096, 3000, "power of two"),
+            (0, 4097, 4096, "multiple"),
+            (u64::MAX - 10, 4096, 4096, "overflows"),
+        ] {
+            let e = MappedRamHeader::plan(after, len, ps)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
         }
     }
 
