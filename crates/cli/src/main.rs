@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod channels;
+mod connections;
 mod convert;
 mod diff;
 mod error;
@@ -55,7 +56,11 @@ enum Cmd {
     Inspect {
         /// The migration stream (e.g. written by `migrate file:PATH`), `-` for
         /// stdin; gzip, bzip2, xz, zstd and libvirt save images are recognised.
-        stream: PathBuf,
+        /// Several files: the main connections of one postcopy migration that
+        /// was paused and recovered, in order (each later one continues the
+        /// one before it).
+        #[arg(required = true, num_args = 1..)]
+        stream: Vec<PathBuf>,
         /// Print one JSON object instead of text (with --records: one JSON object per line).
         #[arg(long)]
         json: bool,
@@ -68,9 +73,10 @@ enum Cmd {
         /// With --records: only items of this kind (PAGE, ZERO, XBZRLE, START, ...; case-insensitive).
         #[arg(long, value_name = "KIND", requires = "records")]
         kind: Option<String>,
-        /// A captured return path (destination → source) to summarise too.
+        /// A captured return path (destination → source) to summarise too;
+        /// with several connections, one per main connection (repeatable).
         #[arg(long, value_name = "FILE")]
-        return_path: Option<PathBuf>,
+        return_path: Vec<PathBuf>,
         /// Print the device state of every section, decoded field by field
         /// from the vmdesc (like analyze-migration.py -d state).
         #[arg(long, conflicts_with = "records")]
@@ -87,18 +93,33 @@ enum Cmd {
         /// with the main STREAM (its target page size).
         #[arg(long, value_name = "FILE")]
         multifd_channel: Vec<PathBuf>,
+        /// A recorded postcopy-preempt channel (page records only); the k-th
+        /// belongs to the k-th main connection (repeatable).
+        #[arg(long, value_name = "FILE")]
+        preempt_channel: Vec<PathBuf>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     #[command(after_help = error::EXIT_CODES)]
     Roundtrip {
-        /// The migration stream.
-        stream: PathBuf,
+        /// The migration stream; several files: the main connections of one
+        /// recovered postcopy migration, in order.
+        #[arg(required = true, num_args = 1..)]
+        stream: Vec<PathBuf>,
+        /// A recorded postcopy-preempt channel (repeatable).
+        #[arg(long, value_name = "FILE")]
+        preempt_channel: Vec<PathBuf>,
     },
     /// Write the final content of every RAM block as a raw image, plus manifest.json.
     #[command(after_help = error::EXIT_CODES)]
     Extract {
-        /// The migration stream.
-        stream: PathBuf,
+        /// The migration stream; several files: the main connections of one
+        /// recovered postcopy migration, in order (`main1.bin main2.bin`).
+        #[arg(required = true, num_args = 1..)]
+        stream: Vec<PathBuf>,
+        /// A recorded postcopy-preempt channel (page records only); the k-th
+        /// belongs to the k-th main connection (repeatable).
+        #[arg(long, value_name = "FILE")]
+        preempt_channel: Vec<PathBuf>,
         /// Output directory (created if missing).
         #[arg(short, long)]
         output: PathBuf,
@@ -234,21 +255,88 @@ fn main() -> ExitCode {
             vmdesc,
             libvirt_xml,
             multifd_channel,
+            preempt_channel,
+        } if stream.len() > 1 || !preempt_channel.is_empty() => {
+            if devices
+                || vmdesc.is_some()
+                || libvirt_xml
+                || !multifd_channel.is_empty()
+                || block.is_some()
+                || kind.is_some()
+            {
+                Err(CliError::Usage(
+                    "--devices, --vmdesc, --libvirt-xml, --multifd-channel, --block and --kind take one stream, not a list of connections".into(),
+                ))
+            } else {
+                connections::inspect(
+                    &connections::Plan {
+                        mains: &stream,
+                        preempt: &preempt_channel,
+                    },
+                    json,
+                    records,
+                    &return_path,
+                )
+            }
+        }
+        Cmd::Inspect { return_path, .. } if return_path.len() > 1 => Err(CliError::Usage(
+            "several --return-path files need several connections (one per main connection)".into(),
+        )),
+        Cmd::Inspect {
+            stream,
+            json,
+            records,
+            return_path,
+            block,
+            kind,
+            devices,
+            vmdesc,
+            libvirt_xml,
+            multifd_channel,
+            ..
         } => match (devices, vmdesc) {
-            (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
-            (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
+            (true, v) => inspect::run_devices(&stream[0], json, v.flatten().as_deref()),
+            (false, Some(v)) => inspect::run_vmdesc(&stream[0], v.as_deref()),
             (false, None) => inspect::run(
-                &stream,
+                &stream[0],
                 json,
                 records,
-                return_path.as_deref(),
+                return_path.first().map(PathBuf::as_path),
                 libvirt_xml,
                 &inspect::Filter { block, kind },
                 &multifd_channel,
             ),
         },
-        Cmd::Roundtrip { stream } => roundtrip::run(&stream),
-        Cmd::Extract { stream, output } => extract::run(&stream, &output),
+        Cmd::Roundtrip {
+            stream,
+            preempt_channel,
+        } => {
+            if stream.len() > 1 || !preempt_channel.is_empty() {
+                connections::roundtrip(&connections::Plan {
+                    mains: &stream,
+                    preempt: &preempt_channel,
+                })
+            } else {
+                roundtrip::run(&stream[0])
+            }
+        }
+        Cmd::Extract {
+            stream,
+            output,
+            preempt_channel,
+        } => {
+            if stream.len() > 1 || !preempt_channel.is_empty() {
+                connections::extract(
+                    &connections::Plan {
+                        mains: &stream,
+                        preempt: &preempt_channel,
+                    },
+                    &output,
+                )
+            } else {
+                extract::run(&stream[0], &output)
+            }
+        }
         Cmd::Recv {
             listen,
             output,

@@ -504,10 +504,14 @@ impl Decoder {
     /// this one was cut: a postcopy recovery connection (wire-format §11),
     /// which starts with commands (RECV_BITMAP, POSTCOPY_RESUME) instead of
     /// a QEVM header. It keeps what the stream announced (sections, RAM
-    /// context and page size, footers, device lengths, the postcopy state,
-    /// and the channel's last RAM block, which QEMU's destination never
-    /// resets) and starts at offset 0 of the new connection, between
-    /// sections. Call it on the decoder of the previous connection, at the
+    /// context and page size, footers, device lengths, the postcopy state)
+    /// and starts at offset 0 of the new connection, between sections. Its
+    /// first page record must name its block: QEMU's source always does
+    /// after a resume; its destination would also take a CONTINUE against
+    /// the channel's last block, which qmig refuses
+    /// ([`WireError::ContinueWithoutBlock`]) so that a reader applying
+    /// several channels one after the other never resolves it against
+    /// another channel's block. Call it on the decoder of the previous connection, at the
     /// end of its last whole item; a partly read item is dropped, as QEMU's
     /// destination drops it.
     ///
@@ -534,6 +538,7 @@ impl Decoder {
         let mut d = self.clone();
         d.phase = Phase::Top;
         d.pos = 0;
+        d.have_block = false;
         d.packages.clear();
         d.scan_once = false;
         d.scan_resume = Cell::new((u64::MAX, 0, 0));
