@@ -241,3 +241,69 @@ fn continuation_only_when_listed_after_another() {
     let _ = std::fs::remove_dir_all(&d);
     let _: &Path = &d;
 }
+
+/// The destination state machine, fed the connections recorded before the
+/// cut (main-1 and its preempt channel), has received exactly the pages
+/// QEMU's destination said it had when the source asked (the RECV_BITMAP
+/// replies of the recovery connection's return path), block by block, bit
+/// by bit.
+#[test]
+fn received_bitmaps_at_the_pause_equal_qemus() {
+    use qmig_ram_dst::{Config, RamDst, VecMemory};
+    use qmig_wire::recovery::parse_recv_bitmap_reply;
+    use qmig_wire::{Decoder, ReturnPathReader, RpMessage, SliceReader};
+    for sc in SCENARIOS {
+        let (m, p, rp) = files(sc);
+        let read = |f: &PathBuf| qmig_tests::gunzip(&std::fs::read(f).unwrap());
+        let mut dst = RamDst::new(Config::default(), VecMemory::new()).unwrap();
+        let m1 = read(&m[0]);
+        let mut rd = SliceReader::with_decoder(&m1, Decoder::new(Default::default()));
+        let mut cut = None;
+        while let Some(r) = rd.next() {
+            match r {
+                Ok((off, item)) => {
+                    let len = (rd.decoder().position() - off) as usize;
+                    dst.handle_item(off, len, &item).unwrap();
+                }
+                Err(e) => cut = Some(e),
+            }
+        }
+        assert!(
+            cut.is_some_and(|e| e.is_truncation()),
+            "{sc}: main-1 was cut"
+        );
+        if let Some(p1) = p.first() {
+            let b = read(p1);
+            let mut rd = SliceReader::with_decoder(&b, rd.decoder().preempt_channel());
+            while let Some(r) = rd.next() {
+                let (off, item) = r.unwrap();
+                let len = (rd.decoder().position() - off) as usize;
+                dst.handle_item(off, len, &item).unwrap();
+            }
+        }
+        let tps = dst.page_size();
+        let rp2 = read(&rp[1]);
+        let mut compared = 0;
+        for r in ReturnPathReader::new(&rp2) {
+            let (off, msg) = r.unwrap();
+            if let RpMessage::RecvBitmap { .. } = msg {
+                let pages = |n: &str| {
+                    dst.block_index(n)
+                        .map(|i| dst.blocks()[i].used_length() / tps)
+                };
+                let (reply, _) = parse_recv_bitmap_reply(&rp2[off as usize..], off, pages).unwrap();
+                let i = dst.block_index(reply.block).unwrap();
+                assert_eq!(
+                    &reply.bitmap,
+                    dst.blocks()[i].received(),
+                    "{sc}: received bitmap of {} ({} pages received by QEMU, {} by qmig)",
+                    reply.block,
+                    reply.bitmap.count_ones(),
+                    dst.blocks()[i].received().count_ones()
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, dst.blocks().len(), "{sc}");
+    }
+}
