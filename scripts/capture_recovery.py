@@ -50,6 +50,13 @@ SCENARIOS = {
               "on the destination; migrate-pause on the source in postcopy-active, "
               "migrate-recover on the destination, migrate resume=true; two main "
               "connections"),
+    "q10-postcopy-relay-cut": dict(
+        caps={"postcopy-ram": True}, cuts=["relay"],
+        about="QEMU 10 -> QEMU 10, postcopy-ram, -M pc -m 32; the relay cuts both "
+              "directions of the connection (shutdown, as a network failure) 20011 bytes "
+              "after the page requests, inside a record, while "
+              "postcopy is active, then migrate-recover and migrate resume=true; pages "
+              "requested with HMP xp before the cut and after the resume"),
     "q10-preempt-recover": dict(
         caps={"postcopy-ram": True, "postcopy-preempt": True},
         about="QEMU 10 -> QEMU 10, postcopy-ram + postcopy-preempt, -M pc -m 32; pages "
@@ -107,7 +114,7 @@ def run(name, sc, outroot, work):
     shutil.copy(img, dimg)
     caps = sc["caps"]
     src = vm(work, "src", img, [])
-    dport, rport = qmp.free_port(), qmp.free_port()
+    dport = qmp.free_port()
     dst = vm(work, "dst", dimg, ["-incoming", "defer"])
     try:
         version = qmp.version_string(src.qmp)
@@ -120,7 +127,8 @@ def run(name, sc, outroot, work):
         dst.cmd("migrate-set-capabilities", capabilities=capl)
         # (postcopy-preempt must be set before the destination listens)
         dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{dport}")
-        params = {"max-bandwidth": 4_000_000, "max-postcopy-bandwidth": 400_000,
+        params = {"max-bandwidth": 4_000_000,
+                  "max-postcopy-bandwidth": sc.get("max_postcopy_bandwidth", 400_000),
                   "downtime-limit": 1}
         src.cmd("migrate-set-parameters", **params)
         relay = MultiRelay(dport, os.path.join(work, "conn")).start()
@@ -129,21 +137,36 @@ def run(name, sc, outroot, work):
         wait_state(src, ("postcopy-active",), 60)
         wait_state(dst, ("postcopy-active",), 60)
         time.sleep(0.3)
-        before = [GUEST["start"] + GUEST["size"] - 4096 * k for k in (1, 9, 17)]
-        request_pages(dst, before)
-        st = src.cmd("query-migrate")
-        if st.get("status") != "postcopy-active":
-            raise RuntimeError(f"postcopy ended before the cut: {st.get('status')}")
-        src.cmd("migrate-pause")
-        wait_state(src, ("postcopy-paused",), 60)
-        wait_state(dst, ("postcopy-paused",), 60)
-        if not relay.wait(30):
-            raise RuntimeError("relay connections did not end after the pause")
-        first = len(relay.conns)
-        relay.target = rport
-        dst.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{rport}")
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}", resume=True)
-        wait_state(src, ("postcopy-active", "completed"), 60)
+        before = []
+        epochs = []
+        for i, how in enumerate(sc.get("cuts", ["pause"])):
+            pages = [GUEST["start"] + GUEST["size"] - 4096 * (k + 24 * i) for k in (1, 9, 17)]
+            request_pages(dst, pages)
+            before += pages
+            st = src.cmd("query-migrate")
+            if st.get("status") != "postcopy-active":
+                raise RuntimeError(f"postcopy ended before cut {i + 1}: {st.get('status')}")
+            if how == "pause":
+                src.cmd("migrate-pause")
+            else:
+                # An odd byte count: the cut falls inside a record.
+                relay.cut_after(20011)
+            wait_state(src, ("postcopy-paused",), 60)
+            wait_state(dst, ("postcopy-paused",), 60)
+            if not relay.wait(30):
+                raise RuntimeError("relay connections did not end after the cut")
+            epochs.append(len(relay.conns))
+            rport = qmp.free_port()
+            relay.target = rport
+            dst.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{rport}")
+            src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}", resume=True)
+            # (a resumed migration is not rate limited again by itself)
+            src.cmd("migrate-set-parameters",
+                    **{"max-postcopy-bandwidth": params["max-postcopy-bandwidth"]})
+            wait_state(src, ("postcopy-active", "completed"), 60)
+            wait_state(dst, ("postcopy-active", "completed"), 60)
+            time.sleep(0.3)
+        first = epochs[0]
         after = [GUEST["start"] + 4096 * k for k in (3, 11)] + [0x3000000, 0x1F00000]
         request_pages(dst, after)
         final = qmp.wait_migration(src.qmp, timeout=120)
@@ -187,8 +210,9 @@ def run(name, sc, outroot, work):
                 with gzip.GzipFile(fileobj=g, mode="wb", mtime=0, filename="") as z:
                     z.write(blob)
             files[kind] = {"file": fn, "bytes": len(blob), "sha256": sha256(blob)}
-        conns.append({"connection": i + 1, "role": role,
-                      "before_cut": i < first, "target": "incoming" if i < first else "recover",
+        epoch = sum(1 for e in epochs if i >= e)
+        conns.append({"connection": i + 1, "role": role, "epoch": epoch,
+                      "target": "incoming" if i < first else "recover",
                       "files": files})
     oracle = {
         "scenario": name,
@@ -201,8 +225,10 @@ def run(name, sc, outroot, work):
                   "build": "scripts/guest/build.sh -s START -n SIZE -w WRITES -d DELAY -p PASSES"},
         "capabilities": caps,
         "parameters": params,
-        "flow": "migrate; migrate-start-postcopy; xp on destination; migrate-pause (source); "
-                "migrate-recover (destination); migrate resume=true; xp; completed",
+        "flow": "migrate; migrate-start-postcopy; per cut: xp on destination, then "
+                "migrate-pause on the source (pause) or the relay shuts both sockets down "
+                "(relay), migrate-recover (destination), migrate resume=true; xp; completed",
+        "cuts": sc.get("cuts", ["pause"]),
         "requested_before_cut": before,
         "requested_after_resume": after,
         "connections": conns,

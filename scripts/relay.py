@@ -129,6 +129,10 @@ class MultiRelay:
                     data = b""
                 if not data:
                     break
+                lim = c.get("limit") if key == "src" else None
+                last = lim is not None and c["bytes"][key] + len(data) >= lim
+                if last:
+                    data = data[:max(0, lim - c["bytes"][key])]
                 try:
                     dst.sendall(data)
                 except OSError as e:
@@ -137,6 +141,9 @@ class MultiRelay:
                 rec.write(data)
                 rec.flush()
                 c["bytes"][key] += len(data)
+                if last:
+                    self.cut()
+                    break
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -173,6 +180,13 @@ class MultiRelay:
                 self.conns.append(c)
             for t in c["threads"]:
                 t.start()
+
+    def cut_after(self, n):
+        """Cut every connection once `n` more bytes of the newest connection's
+        source -> destination direction have been forwarded (mid-record, say)."""
+        with self.lock:
+            c = self.conns[-1]
+            c["limit"] = c["bytes"]["src"] + n
 
     def cut(self):
         """Shut down both directions of every open connection."""

@@ -10,7 +10,11 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 2] = ["q10-postcopy-recover", "q10-preempt-recover"];
+const SCENARIOS: [&str; 3] = [
+    "q10-postcopy-recover",
+    "q10-postcopy-relay-cut",
+    "q10-preempt-recover",
+];
 
 fn dir(name: &str) -> PathBuf {
     qmig_tests::data_dir().join("recovery").join(name)
@@ -155,8 +159,20 @@ fn inspect_shows_recovery_commands_and_counts() {
         assert_eq!(v["complete"], true);
         let o = oracle(sc);
         let q = &o["query_migrate_ram"];
-        assert_eq!(v["totals"]["page"], q["normal"], "{sc}");
-        assert_eq!(v["totals"]["zero"], q["duplicate"], "{sc}");
+        if sc.contains("relay-cut") {
+            // The relay cut the source's side too: what the source had
+            // written into it was lost, counted by QEMU, sent again after
+            // the resume (and counted again). Never fewer counted than recorded.
+            assert!(v["totals"]["page"].as_u64() <= q["normal"].as_u64(), "{sc}");
+            assert!(
+                v["totals"]["zero"].as_u64() <= q["duplicate"].as_u64(),
+                "{sc}"
+            );
+        } else {
+            // migrate-pause: nothing was lost in flight.
+            assert_eq!(v["totals"]["page"], q["normal"], "{sc}");
+            assert_eq!(v["totals"]["zero"], q["duplicate"], "{sc}");
+        }
         let conns = v["connections"].as_array().unwrap();
         let rec = conns.iter().find(|c| c["role"] == "recovery").unwrap();
         let blocks = v["blocks"].as_array().unwrap().len() as u64;

@@ -222,7 +222,11 @@ fn load(scenario: &str, file: &str) -> Option<Vec<u8>> {
     std::fs::read(p).ok().map(|b| qmig_tests::gunzip(&b))
 }
 
-const SCENARIOS: [&str; 2] = ["q10-postcopy-recover", "q10-preempt-recover"];
+const SCENARIOS: [&str; 3] = [
+    "q10-postcopy-recover",
+    "q10-postcopy-relay-cut",
+    "q10-preempt-recover",
+];
 
 /// Reads `buf` with `dec`, re-serializing every item; returns the decoder
 /// at the end of the last whole item and the error that stopped it (None
