@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert recovery; do
     mkdir -p "$here/corpus/$t"
 done
 # URIs and sizes as users write them.
@@ -25,6 +25,24 @@ for d in "$data"/*/; do
         done
     fi
     if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
+done
+# recovery: the connections of the recovered postcopy captures, behind the
+# target's mode byte (0: recovery main connection, 1: preempt channel,
+# 2: return path).
+for d in "$data"/recovery/*/; do
+    [ -d "$d" ] || continue
+    n="$(basename "$d")"
+    for f in "$d"main-*.bin.gz "$d"preempt-*.bin.gz "$d"rp-*.bin.gz; do
+        [ -f "$f" ] || continue
+        b="$(basename "$f" .bin.gz)"
+        case "$b" in
+            main-1) continue ;;  # starts with a QEVM header, not a recovery connection
+            main-*) m='\x00' ;;
+            preempt-*) m='\x01' ;;
+            *) m='\x02' ;;
+        esac
+        { printf "$m"; gzip -dc "$f" | head -c 65536 || true; } > "$here/corpus/recovery/$n-$b"
+    done
 done
 # Field inputs: the mapped-ram file's head (configuration with mapped-ram,
 # the MEM_SIZE word, the first block header, its bitmap and padding).

@@ -85,6 +85,142 @@ class Relay:
         return not self.thread.is_alive()
 
 
+
+class MultiRelay:
+    """A recording relay for migrations made of several connections (postcopy
+    recovery, the postcopy-preempt channel), which the caller can cut.
+
+    Every connection accepted on 127.0.0.1:LISTEN is connected to
+    127.0.0.1:`target` as it is when the connection arrives (set `target` to the
+    destination's `migrate-recover` port before resuming). Connection i (from 1, in
+    accept order) is recorded as PREFIX-i.src (source -> destination, only the bytes
+    actually handed to the destination) and PREFIX-i.dst (destination -> source).
+
+    `cut()` ends every open connection the way a network failure that is noticed
+    would: both directions are shut down (FIN, no RST), so each side reads what it was
+    sent, then end of file.
+    """
+
+    def __init__(self, target_port, prefix, timeout=300.0):
+        self.target = target_port
+        self.prefix = prefix
+        self.timeout = timeout
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []  # dicts: n, src, dst, a, b, threads, bytes
+        self.error = None
+        self.lock = threading.Lock()
+        self.closed = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _pump(self, src, dst, path, c, key):
+        with open(path, "wb") as rec:
+            while True:
+                try:
+                    data = src.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                lim = c.get("limit") if key == "src" else None
+                last = lim is not None and c["bytes"][key] + len(data) >= lim
+                if last:
+                    data = data[:max(0, lim - c["bytes"][key])]
+                try:
+                    dst.sendall(data)
+                except OSError as e:
+                    self.error = self.error or f"conn {c['n']} {key}: {e}"
+                    break
+                rec.write(data)
+                rec.flush()
+                c["bytes"][key] += len(data)
+                if last:
+                    self.cut()
+                    break
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _accept(self):
+        self.lsock.settimeout(0.2)
+        while not self.closed:
+            try:
+                a, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            except OSError as e:
+                self.error = self.error or f"connect to {self.target}: {e}"
+                a.close()
+                continue
+            for s in (a, b):
+                s.settimeout(None)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                n = len(self.conns) + 1
+                c = {"n": n, "a": a, "b": b, "target": self.target,
+                     "src": f"{self.prefix}-{n}.src", "dst": f"{self.prefix}-{n}.dst",
+                     "bytes": {"src": 0, "dst": 0}}
+                c["threads"] = [
+                    threading.Thread(target=self._pump, args=(a, b, c["src"], c, "src"),
+                                     daemon=True),
+                    threading.Thread(target=self._pump, args=(b, a, c["dst"], c, "dst"),
+                                     daemon=True)]
+                self.conns.append(c)
+            for t in c["threads"]:
+                t.start()
+
+    def cut_after(self, n):
+        """Cut every connection once `n` more bytes of the newest connection's
+        source -> destination direction have been forwarded (mid-record, say)."""
+        with self.lock:
+            c = self.conns[-1]
+            c["limit"] = c["bytes"]["src"] + n
+
+    def cut(self):
+        """Shut down both directions of every open connection."""
+        with self.lock:
+            conns = list(self.conns)
+        for c in conns:
+            for s in (c["a"], c["b"]):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def wait(self, timeout=60.0):
+        """Wait for every connection's pumps to end; returns whether they did."""
+        import time
+        deadline = time.monotonic() + timeout
+        for c in list(self.conns):
+            for t in c["threads"]:
+                t.join(max(0.0, deadline - time.monotonic()))
+                if t.is_alive():
+                    return False
+        return True
+
+    def close(self):
+        self.closed = True
+        self.thread.join(5)
+        self.lsock.close()
+        for c in self.conns:
+            for s in (c["a"], c["b"]):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
 if __name__ == "__main__":
     if len(sys.argv) != 4:
         sys.exit(__doc__)

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod channels;
+mod connections;
 mod convert;
 mod diff;
 mod error;
@@ -57,7 +58,11 @@ enum Cmd {
     Inspect {
         /// The migration stream (e.g. written by `migrate file:PATH`), `-` for
         /// stdin; gzip, bzip2, xz, zstd and libvirt save images are recognised.
-        stream: PathBuf,
+        /// Several files: the main connections of one postcopy migration that
+        /// was paused and recovered, in order (each later one continues the
+        /// one before it).
+        #[arg(required = true, num_args = 1..)]
+        stream: Vec<PathBuf>,
         /// Print one JSON object instead of text (with --records: one JSON object per line).
         #[arg(long)]
         json: bool,
@@ -70,9 +75,10 @@ enum Cmd {
         /// With --records: only items of this kind (PAGE, ZERO, XBZRLE, START, ...; case-insensitive).
         #[arg(long, value_name = "KIND", requires = "records")]
         kind: Option<String>,
-        /// A captured return path (destination → source) to summarise too.
+        /// A captured return path (destination → source) to summarise too;
+        /// with several connections, one per main connection (repeatable).
         #[arg(long, value_name = "FILE")]
-        return_path: Option<PathBuf>,
+        return_path: Vec<PathBuf>,
         /// Print the device state of every section, decoded field by field
         /// from the vmdesc (like analyze-migration.py -d state).
         #[arg(long, conflicts_with = "records")]
@@ -89,12 +95,21 @@ enum Cmd {
         /// with the main STREAM (its target page size).
         #[arg(long, value_name = "FILE")]
         multifd_channel: Vec<PathBuf>,
+        /// A recorded postcopy-preempt channel (page records only); the k-th
+        /// belongs to the k-th main connection (repeatable).
+        #[arg(long, value_name = "FILE")]
+        preempt_channel: Vec<PathBuf>,
     },
     /// Parse and re-serialize a stream; exit 0 iff the bytes are identical.
     #[command(after_help = error::EXIT_CODES)]
     Roundtrip {
-        /// The migration stream.
-        stream: PathBuf,
+        /// The migration stream; several files: the main connections of one
+        /// recovered postcopy migration, in order.
+        #[arg(required = true, num_args = 1..)]
+        stream: Vec<PathBuf>,
+        /// A recorded postcopy-preempt channel (repeatable).
+        #[arg(long, value_name = "FILE")]
+        preempt_channel: Vec<PathBuf>,
         /// A recorded multifd channel connection (repeatable): its header and
         /// packets are re-serialized and compared too.
         #[arg(long, value_name = "FILE")]
@@ -103,8 +118,14 @@ enum Cmd {
     /// Write the final content of every RAM block as a raw image, plus manifest.json.
     #[command(after_help = error::EXIT_CODES)]
     Extract {
-        /// The migration stream.
-        stream: PathBuf,
+        /// The migration stream; several files: the main connections of one
+        /// recovered postcopy migration, in order (`main1.bin main2.bin`).
+        #[arg(required = true, num_args = 1..)]
+        stream: Vec<PathBuf>,
+        /// A recorded postcopy-preempt channel (page records only); the k-th
+        /// belongs to the k-th main connection (repeatable).
+        #[arg(long, value_name = "FILE")]
+        preempt_channel: Vec<PathBuf>,
         /// Output directory (created if missing).
         #[arg(short, long)]
         output: PathBuf,
@@ -246,14 +267,53 @@ fn main() -> ExitCode {
             vmdesc,
             libvirt_xml,
             multifd_channel,
+            preempt_channel,
+        } if stream.len() > 1 || !preempt_channel.is_empty() => {
+            if devices
+                || vmdesc.is_some()
+                || libvirt_xml
+                || !multifd_channel.is_empty()
+                || block.is_some()
+                || kind.is_some()
+            {
+                Err(CliError::Usage(
+                    "--devices, --vmdesc, --libvirt-xml, --multifd-channel, --block and --kind take one stream, not a list of connections".into(),
+                ))
+            } else {
+                connections::inspect(
+                    &connections::Plan {
+                        mains: &stream,
+                        preempt: &preempt_channel,
+                    },
+                    json,
+                    records,
+                    &return_path,
+                )
+            }
+        }
+        Cmd::Inspect { return_path, .. } if return_path.len() > 1 => Err(CliError::Usage(
+            "several --return-path files need several connections (one per main connection)".into(),
+        )),
+        Cmd::Inspect {
+            stream,
+            json,
+            records,
+            return_path,
+            block,
+            kind,
+            devices,
+            vmdesc,
+            libvirt_xml,
+            multifd_channel,
+            ..
         } => match (devices, vmdesc) {
-            (true, v) => inspect::run_devices(&stream, json, v.flatten().as_deref()),
-            (false, Some(v)) => inspect::run_vmdesc(&stream, v.as_deref()),
+            (true, v) => inspect::run_devices(&stream[0], json, v.flatten().as_deref()),
+            (false, Some(v)) => inspect::run_vmdesc(&stream[0], v.as_deref()),
             (false, None) => inspect::run(
-                &stream,
+                &stream[0],
                 json,
                 records,
-                return_path.as_deref(),
+                return_path.first().map(PathBuf::as_path),
                 libvirt_xml,
                 &inspect::Filter { block, kind },
                 &multifd_channel,
@@ -261,13 +321,40 @@ fn main() -> ExitCode {
         },
         Cmd::Roundtrip {
             stream,
+            preempt_channel,
             multifd_channel,
-        } => roundtrip::run(&stream, &multifd_channel),
+        } => {
+            if stream.len() > 1 || !preempt_channel.is_empty() {
+                no_multifd_with_connections(&multifd_channel).and_then(|()| {
+                    connections::roundtrip(&connections::Plan {
+                        mains: &stream,
+                        preempt: &preempt_channel,
+                    })
+                })
+            } else {
+                roundtrip::run(&stream[0], &multifd_channel)
+            }
+        }
         Cmd::Extract {
             stream,
             output,
+            preempt_channel,
             multifd_channel,
-        } => extract::run(&stream, &output, &multifd_channel),
+        } => {
+            if stream.len() > 1 || !preempt_channel.is_empty() {
+                no_multifd_with_connections(&multifd_channel).and_then(|()| {
+                    connections::extract(
+                        &connections::Plan {
+                            mains: &stream,
+                            preempt: &preempt_channel,
+                        },
+                        &output,
+                    )
+                })
+            } else {
+                extract::run(&stream[0], &output, &multifd_channel)
+            }
+        }
         Cmd::Recv {
             listen,
             output,
@@ -312,5 +399,17 @@ fn main() -> ExitCode {
             }
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// Multifd channels belong to one main connection; QEMU has no postcopy
+/// (hence no recovery or preempt channel) with multifd.
+fn no_multifd_with_connections(multifd: &[PathBuf]) -> Result<(), CliError> {
+    if multifd.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Usage(
+            "--multifd-channel takes one main connection: QEMU does not combine multifd with postcopy recovery or preempt".into(),
+        ))
     }
 }

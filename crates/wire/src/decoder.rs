@@ -228,6 +228,12 @@ pub enum Phase {
     },
     /// After EOF: a vmdesc trailer or the end.
     AfterEof,
+    /// A connection that carries RAM page records only, outside any
+    /// section: the postcopy-preempt channel (wire-format §12). ZERO and
+    /// PAGE records (with a block name or CONTINUE); an EOS ends it (QEMU
+    /// 7.2 and machine types up to 7.2 write one last), and so does a clean
+    /// end of input between records. See [`Decoder::preempt_channel`].
+    RamChannel,
     /// After the vmdesc: only the end.
     Done,
 }
@@ -268,6 +274,7 @@ pub struct Decoder {
     packages: Vec<u64>,
     eof_hint: Option<u64>,
     postcopy_listening: bool,
+    postcopy_run: bool,
     page_source: Option<PageSizeSource>,
     devices: DeviceLengths,
     scan_once: bool,
@@ -328,6 +335,7 @@ impl Decoder {
             packages: Vec::new(),
             eof_hint: None,
             postcopy_listening: false,
+            postcopy_run: false,
             page_source: None,
             devices: DeviceLengths::Unknown,
             scan_once: false,
@@ -485,6 +493,76 @@ impl Decoder {
         self.postcopy_listening
     }
 
+    /// Whether POSTCOPY_RUN has been seen (the destination runs the guest:
+    /// from here on a broken connection pauses the migration instead of
+    /// failing it, wire-format §11).
+    pub fn postcopy_running(&self) -> bool {
+        self.postcopy_run
+    }
+
+    /// A decoder for the next main connection of the same migration, after
+    /// this one was cut: a postcopy recovery connection (wire-format §11),
+    /// which starts with commands (RECV_BITMAP, POSTCOPY_RESUME) instead of
+    /// a QEVM header. It keeps what the stream announced (sections, RAM
+    /// context and page size, footers, device lengths, the postcopy state)
+    /// and starts at offset 0 of the new connection, between sections. Its
+    /// first page record must name its block: QEMU's source always does
+    /// after a resume; its destination would also take a CONTINUE against
+    /// the channel's last block, which qmig refuses
+    /// ([`WireError::ContinueWithoutBlock`]) so that a reader applying
+    /// several channels one after the other never resolves it against
+    /// another channel's block. Call it on the decoder of the previous connection, at the
+    /// end of its last whole item; a partly read item is dropped, as QEMU's
+    /// destination drops it.
+    ///
+    /// Only the caller knows that a connection continues another one: a
+    /// stream is never read as a continuation because of what it holds.
+    ///
+    /// # Errors
+    /// [`WireError::Recovery`] (offset: this decoder's position) when the
+    /// connection was cut before POSTCOPY_RUN: QEMU pauses only in postcopy
+    /// after RUN (`postcopy_pause_incoming`); before that the migration fails.
+    pub fn continuation(&self) -> Result<Decoder, WireError> {
+        if !self.postcopy_run {
+            return Err(WireError::Recovery {
+                offset: self.pos,
+                why: "the connection ended before POSTCOPY_RUN, so QEMU would have failed the migration, not paused it: no later connection can continue it",
+            });
+        }
+        if self.is_done() {
+            return Err(WireError::Recovery {
+                offset: self.pos,
+                why: "the connection reached EOF: the migration was complete, no later connection can continue it",
+            });
+        }
+        let mut d = self.clone();
+        d.phase = Phase::Top;
+        d.pos = 0;
+        d.have_block = false;
+        d.packages.clear();
+        d.scan_once = false;
+        d.scan_resume = Cell::new((u64::MAX, 0, 0));
+        d.eof_hint = None;
+        Ok(d)
+    }
+
+    /// A decoder for a postcopy-preempt channel of this migration
+    /// (wire-format §12): RAM page records only, from offset 0, with the
+    /// RAM context of this (main channel) decoder and no last block yet
+    /// (the channel names its first block). Only the caller knows that a
+    /// connection is a preempt channel.
+    pub fn preempt_channel(&self) -> Decoder {
+        let mut d = self.clone();
+        d.phase = Phase::RamChannel;
+        d.pos = 0;
+        d.have_block = false;
+        d.packages.clear();
+        d.scan_once = false;
+        d.scan_resume = Cell::new((u64::MAX, 0, 0));
+        d.eof_hint = None;
+        d
+    }
+
     /// Whether the stream is complete (vmdesc read, or EOF read and the input ended).
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done | Phase::AfterEof)
@@ -525,7 +603,7 @@ impl Decoder {
             Phase::Header => "stream header",
             Phase::Config => "configuration section",
             Phase::Top => "section header or command",
-            Phase::RamPayload { .. } => "RAM record",
+            Phase::RamPayload { .. } | Phase::RamChannel => "RAM record",
             Phase::Device { .. } => "device section",
             Phase::Footer { .. } => "section footer",
             Phase::AfterEof | Phase::Done => "vmdesc trailer",
@@ -596,6 +674,35 @@ impl Decoder {
                 })
             }
             Phase::Device { section_id } => self.decode_device(buf, section_id, eof),
+            Phase::RamChannel => {
+                if buf.is_empty() {
+                    return if eof {
+                        Ok(Step::End)
+                    } else {
+                        Err(nom::Err::Incomplete(nom::Needed::new(1)))
+                    };
+                }
+                if self.page_source.is_none() {
+                    return self.infer_page_bits(buf, eof);
+                }
+                let (r, rec) = ram::parse_ram_record(buf, &self.ram, self.have_block)?;
+                if !matches!(
+                    rec.body,
+                    RamBody::Zero { .. } | RamBody::Page(_) | RamBody::Eos
+                ) {
+                    return Err(PErr::at(
+                        buf,
+                        WireError::Structure {
+                            offset: 0,
+                            why: "a postcopy-preempt channel carries only ZERO and PAGE records (and a last EOS from QEMU 7.2)",
+                        },
+                    ));
+                }
+                Ok(Step::Item {
+                    item: Item::Ram(rec),
+                    len: item_len(r),
+                })
+            }
             Phase::Footer { section_id } => {
                 if self.footers == Some(false)
                     || (self.footers.is_none()
@@ -1391,6 +1498,9 @@ impl Decoder {
                     self.have_block = true;
                 }
                 if let RamBody::Eos = r.body {
+                    if self.phase == Phase::RamChannel {
+                        self.phase = Phase::Done;
+                    }
                     if let Phase::RamPayload { section_id } = self.phase {
                         self.phase = if self.footers == Some(false) {
                             Phase::Top
@@ -1415,6 +1525,7 @@ impl Decoder {
                     self.ram.postcopy_advised = Some(a.map(|a| a.page_size_summary));
                 }
                 Command::PostcopyListen => self.postcopy_listening = true,
+                Command::PostcopyRun => self.postcopy_run = true,
                 Command::Packaged { len: n } => {
                     self.packages.push(start + len as u64 + *n as u64);
                 }

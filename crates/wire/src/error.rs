@@ -218,6 +218,54 @@ pub enum WireError {
         /// What is wrong.
         why: String,
     },
+    /// A postcopy recovery message names a RAM block that the layout does
+    /// not have (QEMU's `loadvm_handle_recv_bitmap` and
+    /// `ram_dirty_bitmap_reload` look the name up and fail).
+    #[error(
+        "offset {offset}: {what} names RAM block \"{name}\", which the migration does not have"
+    )]
+    UnknownBlock {
+        /// Offset of the message.
+        offset: u64,
+        /// Which message (e.g. `RECV_BITMAP command`).
+        what: &'static str,
+        /// The name it gave.
+        name: String,
+    },
+    /// A RECV_BITMAP reply whose size is not the one the block's length
+    /// gives (wire-format §11: `round_up(ceil(pages / 8), 8)`; QEMU's
+    /// `ram_dirty_bitmap_reload` compares it with its own).
+    #[error("offset {offset}: RECV_BITMAP reply for \"{block}\" has size {size}, its {pages} pages need {expected} bytes")]
+    RecvBitmapSize {
+        /// Offset of the be64 size field.
+        offset: u64,
+        /// The block.
+        block: String,
+        /// Size read.
+        size: u64,
+        /// Target pages of the block.
+        pages: u64,
+        /// Size the block needs.
+        expected: u64,
+    },
+    /// A RESUME_ACK whose value is not 1 (QEMU's `migrate_handle_rp_resume_ack`
+    /// fails the migration on any other value).
+    #[error("offset {offset}: RESUME_ACK value {value}, QEMU accepts only 1")]
+    ResumeAck {
+        /// Offset of the message.
+        offset: u64,
+        /// Value read.
+        value: u32,
+    },
+    /// A postcopy recovery connection breaks the order QEMU follows
+    /// (wire-format §11: RECV_BITMAP commands, POSTCOPY_RESUME, then RAM).
+    #[error("offset {offset}: postcopy recovery: {why}")]
+    Recovery {
+        /// Offset of the offending item.
+        offset: u64,
+        /// Rule broken.
+        why: &'static str,
+    },
     /// A configuration section that is malformed.
     #[error("offset {offset}: configuration: {why}")]
     Configuration {
@@ -378,6 +426,10 @@ macro_rules! each_offset {
             | WireError::BitmapEndMarker { offset: $o, .. }
             | WireError::BitmapSize { offset: $o, .. }
             | WireError::Bitmap { offset: $o, .. }
+            | WireError::UnknownBlock { offset: $o, .. }
+            | WireError::RecvBitmapSize { offset: $o, .. }
+            | WireError::ResumeAck { offset: $o, .. }
+            | WireError::Recovery { offset: $o, .. }
             | WireError::Configuration { offset: $o, .. }
             | WireError::DeviceSection { offset: $o, .. }
             | WireError::Vmdesc { offset: $o, .. }

@@ -37,6 +37,7 @@ pub mod multifd;
 mod names;
 pub mod ram;
 pub mod reader;
+pub mod recovery;
 pub mod return_path;
 pub mod section;
 pub mod target_page;
