@@ -102,6 +102,19 @@ enum Cmd {
         /// Output directory (created if missing).
         #[arg(short, long)]
         output: PathBuf,
+        /// Also write a guest-physical memory image, OUTPUT/physical.{raw,elf,lime}:
+        /// raw = sparse file at guest-physical offsets, elf = ELF core with one
+        /// PT_LOAD (p_paddr) per RAM range, lime = LiME range headers.
+        #[arg(long, value_name = "FORMAT", value_parser = extract::parse_format)]
+        format: Option<qmig_phys::image::ImageFormat>,
+        /// The guest's max-ram-below-4g machine option (x86 pc/q35; not in the stream).
+        #[arg(long, value_name = "SIZE", value_parser = size::parse_size, requires = "format")]
+        max_ram_below_4g: Option<u64>,
+        /// The guest-physical layout instead of the stream's machine type:
+        /// pc, pc-legacy, q35, microvm, virt or flat, optionally with the RAM
+        /// blocks in address order (`q35:m0,m1`).
+        #[arg(long, value_name = "LAYOUT[:BLOCKS]", requires = "format")]
+        machine_layout: Option<String>,
     },
     /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
@@ -248,7 +261,21 @@ fn main() -> ExitCode {
             ),
         },
         Cmd::Roundtrip { stream } => roundtrip::run(&stream),
-        Cmd::Extract { stream, output } => extract::run(&stream, &output),
+        Cmd::Extract {
+            stream,
+            output,
+            format,
+            max_ram_below_4g,
+            machine_layout,
+        } => extract::run_with(
+            &stream,
+            &output,
+            &extract::PhysArgs {
+                format,
+                max_ram_below_4g,
+                machine_layout,
+            },
+        ),
         Cmd::Recv {
             listen,
             output,

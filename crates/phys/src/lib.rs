@@ -25,6 +25,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod image;
+
 /// 1 GiB in bytes.
 pub const GIB: u64 = 1 << 30;
 /// The 4 GiB boundary: RAM that does not fit below it continues here.
