@@ -9,7 +9,8 @@
 #      equal the source's pmemsave digests (tests/data/*/oracle.json) outside
 #      the legacy hole
 # Environment: QMIG_PY_VENV (default target/pyvenv), QMIG_PY_TIMEOUT (seconds
-# per step, default 900 for the install, 300 otherwise).
+# per step, default 900 for the install, 300 otherwise), QMIG_PY_REUSE=1 (keep
+# an existing venv instead of reinstalling).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -20,14 +21,18 @@ t_step="${QMIG_PY_TIMEOUT:-300}"
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null
 fi
-rm -rf "$venv"
-python3 -m venv "$venv"
 py="$venv/bin/python"
-# Reuse what the workspace build already compiled where it matches.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
-echo "python_check: pip install ./python pytest hypothesis volatility3 ($(date +%T))"
-timeout "$t_install" "$py" -m pip install -q --disable-pip-version-check \
-    ./python pytest hypothesis volatility3
+if [ "${QMIG_PY_REUSE:-0}" = 1 ] && [ -x "$py" ]; then
+    echo "python_check: reusing $venv (QMIG_PY_REUSE=1)"
+else
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    # Reuse what the workspace build already compiled where it matches.
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+    echo "python_check: pip install ./python pytest hypothesis volatility3 ($(date +%T))"
+    timeout "$t_install" "$py" -m pip install -q --disable-pip-version-check \
+        ./python pytest hypothesis volatility3
+fi
 "$py" -c 'import qmig, qmig.vol3; print("qmig", qmig.__file__, "plugin dir", qmig.vol3.plugin_dir())'
 
 echo "python_check: pytest ($(date +%T))"
@@ -54,7 +59,7 @@ for cap in q10-stopped q72-plain q35-backends; do
     out="$work/$cap"
     mkdir -p "$out"
     (cd "$out" && timeout "$t_step" "$venv/bin/vol" -q -f "$root/tests/data/$cap/stream" \
-        -p "$plugins" layerwriter -o physical.raw >"$out/vol.log" 2>&1) || {
+        -p "$plugins" layerwriter >"$out/vol.log" 2>&1) || {
         cat "$out/vol.log" >&2
         echo "python_check: vol layerwriter failed on $cap" >&2
         exit 1
@@ -62,7 +67,7 @@ for cap in q10-stopped q72-plain q35-backends; do
     "$py" - "$root/tests/data/$cap/oracle.json" "$out" <<'PY'
 import glob, hashlib, json, sys
 oracle = json.load(open(sys.argv[1]))
-files = glob.glob(sys.argv[2] + "/physical*.raw")
+files = glob.glob(sys.argv[2] + "/*.raw")
 assert len(files) == 1, files
 data = open(files[0], "rb").read()
 hole = oracle.get("hole") or [0xA0000, 0x100000]
