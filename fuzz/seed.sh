@@ -4,8 +4,16 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert recovery; do
+for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert recovery phys_map; do
     mkdir -p "$here/corpus/$t"
+done
+# Machine types, layouts and RAM blocks as qmig-phys sees them.
+i=0
+for s in 'pc-i440fx-10.0|||pc.ram=4294967296|pc.bios=262144' 'pc-q35-10.0||1073741824|m0=2097152|m1=2097152' \
+         'microvm|||microvm.ram=4294967296' 'virt-10.0|||mach-virt.ram=16777216|virt.flash0=67108864' \
+         'x|q35:m1,m0||m0=2097152|m1=2097152' 'sun4u|flat||sun4u.ram=16777216'; do
+    i=$((i + 1))
+    printf '%s' "$s" > "$here/corpus/phys_map/seed-$i"
 done
 # URIs and sizes as users write them.
 i=0

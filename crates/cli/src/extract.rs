@@ -14,6 +14,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use qmig_phys::image::ImageFormat;
 use qmig_ram_dst::{
     Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, Placement, RamDst,
     RamDstError,
@@ -262,6 +263,8 @@ pub(crate) struct Session<M> {
     vmdesc: bool,
     /// Recorded multifd channels applied with the stream (`extract`).
     pub(crate) multifd: Option<crate::multifd_apply::OfflineChannels>,
+    /// The machine type of the configuration section, once seen.
+    pub(crate) machine: Option<String>,
 }
 
 impl<M: Images> Session<M> {
@@ -302,6 +305,7 @@ impl<M: Images> Session<M> {
             device_path,
             vmdesc: false,
             multifd: None,
+            machine: None,
         })
     }
 
@@ -335,6 +339,9 @@ impl<M: Images> Session<M> {
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
             }
             _ => {
+                if let Item::Configuration(c) = &ri.item {
+                    self.machine = Some(c.machine.to_string());
+                }
                 self.dst.handle_read_item(ri).map_err(StopError::Dst)?;
                 self.device.handle(ri).map_err(|source| StopError::Io {
                     path: self.device_path.clone(),
@@ -457,7 +464,88 @@ pub(crate) fn leniencies<M: qmig_ram_dst::GuestMemory>(dst: &RamDst<M>) -> Vec<L
         .collect()
 }
 
+/// `extract --format`: a guest-physical image written beside the block
+/// images, and the machine facts the stream does not carry.
+#[derive(Debug, Default, Clone)]
+pub struct PhysArgs {
+    /// The image format (`None`: block images only).
+    pub format: Option<ImageFormat>,
+    /// `--max-ram-below-4g`, bytes.
+    pub max_ram_below_4g: Option<u64>,
+    /// `--machine-layout LAYOUT[:BLOCK,...]`.
+    pub machine_layout: Option<String>,
+}
+
+/// Parses `--format`.
+pub fn parse_format(s: &str) -> Result<ImageFormat, String> {
+    match s {
+        "raw" => Ok(ImageFormat::Raw),
+        "elf" => Ok(ImageFormat::Elf),
+        "lime" => Ok(ImageFormat::Lime),
+        other => Err(format!("unknown format {other:?} (raw, elf or lime)")),
+    }
+}
+
+/// Writes `outdir/physical.<ext>` from the block images just extracted.
+fn write_physical<M: Images>(
+    s: &Session<M>,
+    outdir: &Path,
+    format: ImageFormat,
+    phys: &PhysArgs,
+) -> Result<(), CliError> {
+    let mut opts = qmig_phys::Options {
+        max_ram_below_4g: phys.max_ram_below_4g,
+        ..Default::default()
+    };
+    if let Some(l) = &phys.machine_layout {
+        let (layout, blocks) = qmig_phys::parse_layout_arg(l)
+            .map_err(|e| CliError::Usage(format!("--machine-layout: {e}")))?;
+        opts.layout = Some(layout);
+        opts.ram_blocks = blocks;
+    }
+    let images = s.dst.memory().images();
+    let blocks: Vec<(&str, u64)> = images.iter().map(|i| (i.name.as_str(), i.length)).collect();
+    let map = qmig_phys::map(s.machine.as_deref(), &blocks, &opts)
+        .map_err(|e| CliError::data(format!("--format {}: {e}", format.extension())))?;
+    let path = outdir.join(format!("physical.{}", format.extension()));
+    let mut out = crate::files::create_fresh(&path)?;
+    let mut files: std::collections::HashMap<&str, File> = std::collections::HashMap::new();
+    let read = |block: &str, offset: u64, buf: &mut [u8]| -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let img = images
+            .iter()
+            .find(|i| i.name == block)
+            .ok_or_else(|| std::io::Error::other(format!("no image for block {block}")))?;
+        if !files.contains_key(img.name.as_str()) {
+            files.insert(img.name.as_str(), File::open(outdir.join(&img.file_name))?);
+        }
+        files[img.name.as_str()].read_exact_at(buf, offset)
+    };
+    let n = qmig_phys::image::write_image(format, &map, &mut out, read)
+        .map_err(|e| CliError::io(&path, "write", e))?;
+    out.sync_all().map_err(|e| CliError::io(&path, "sync", e))?;
+    if !crate::progress::quiet() {
+        eprintln!(
+            "wrote {} ({} layout, {} ranges, {n} bytes; RAM below 4 GiB {:#x}, above {:#x})",
+            path.display(),
+            map.layout,
+            map.ranges.len(),
+            map.below_4g,
+            map.above_4g
+        );
+    }
+    Ok(())
+}
+
+/// `qmig extract STREAM -o OUTDIR`: block images, device state, manifest;
+/// `channels` are recorded multifd channel connections of the stream.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn run(path: &Path, outdir: &Path, channels: &[PathBuf]) -> CliResult {
+    run_with(path, outdir, channels, &PhysArgs::default())
+}
+
+/// `qmig extract`, with a guest-physical image when `phys.format` is set.
+pub fn run_with(path: &Path, outdir: &Path, channels: &[PathBuf], phys: &PhysArgs) -> CliResult {
     let opened = crate::input::open(path)?;
     let (input, seekable) = (opened.input, opened.seekable);
     let consumed = opened.consumed;
@@ -502,6 +590,9 @@ pub fn run(path: &Path, outdir: &Path, channels: &[PathBuf]) -> CliResult {
         _ => result,
     };
     s.finish(result, None, &name)?;
+    if let Some(format) = phys.format {
+        write_physical(&s, outdir, format, phys)?;
+    }
     let fills = s.dst.stats().nonzero_fill;
     if fills > 0 {
         eprintln!(

@@ -133,6 +133,19 @@ enum Cmd {
         /// are applied at the main STREAM's sync points.
         #[arg(long, value_name = "FILE")]
         multifd_channel: Vec<PathBuf>,
+        /// Also write a guest-physical memory image, OUTPUT/physical.{raw,elf,lime}:
+        /// raw = sparse file at guest-physical offsets, elf = ELF core with one
+        /// PT_LOAD (p_paddr) per RAM range, lime = LiME range headers.
+        #[arg(long, value_name = "FORMAT", value_parser = extract::parse_format)]
+        format: Option<qmig_phys::image::ImageFormat>,
+        /// The guest's max-ram-below-4g machine option (x86 pc/q35; not in the stream).
+        #[arg(long, value_name = "SIZE", value_parser = size::parse_size, requires = "format")]
+        max_ram_below_4g: Option<u64>,
+        /// The guest-physical layout instead of the stream's machine type:
+        /// pc, pc-legacy, q35, microvm, virt or flat, optionally with the RAM
+        /// blocks in address order (`q35:m0,m1`).
+        #[arg(long, value_name = "LAYOUT[:BLOCKS]", requires = "format")]
+        machine_layout: Option<String>,
     },
     /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
@@ -340,9 +353,17 @@ fn main() -> ExitCode {
             output,
             preempt_channel,
             multifd_channel,
+            format,
+            max_ram_below_4g,
+            machine_layout,
         } => {
             if stream.len() > 1 || !preempt_channel.is_empty() {
                 no_multifd_with_connections(&multifd_channel).and_then(|()| {
+                    if format.is_some() {
+                        return Err(CliError::Usage(
+                            "--format takes one main connection (extract the list first, then the images)".into(),
+                        ));
+                    }
                     connections::extract(
                         &connections::Plan {
                             mains: &stream,
@@ -352,7 +373,16 @@ fn main() -> ExitCode {
                     )
                 })
             } else {
-                extract::run(&stream[0], &output, &multifd_channel)
+                extract::run_with(
+                    &stream[0],
+                    &output,
+                    &multifd_channel,
+                    &extract::PhysArgs {
+                        format,
+                        max_ram_below_4g,
+                        machine_layout,
+                    },
+                )
             }
         }
         Cmd::Recv {
