@@ -513,7 +513,10 @@ mod tests {
     /// stream, and that the decoder ran once per item: one call per item, one per
     /// refill (the attempt that ran short), a few decoder requests and the final `End`.
     fn one_decode_per_item(capture: &str, chunk: usize) {
-        let path = format!("{}/../../tests/data/{capture}/stream", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../../tests/data/{capture}/stream",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let bytes = std::fs::read(&path).expect("committed capture");
         struct Chunked<'a>(&'a [u8], usize, usize);
         impl Read for Chunked<'_> {
