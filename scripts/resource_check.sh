@@ -187,6 +187,10 @@ for kind in gib spread; do
     done
 done
 
+# Peak RSS of inspect/roundtrip/extract/convert on every committed capture and
+# on a generated 1 GiB stream piped in (issue 13).
+QMIG="$QMIG" bash scripts/rss_check.sh "$work/rss" || fail=1
+
 if [ -z "${1:-}" ]; then rm -rf "$work"; fi
 if [ "$fail" -ne 0 ]; then
     echo "resource check FAILED"

@@ -78,7 +78,17 @@ impl Drop for Mapped {
 pub struct MmapMemory {
     dir: PathBuf,
     blocks: Vec<Mapped>,
+    /// Bytes handed out by `bytes_mut` since the mappings' pages were last
+    /// released (see [`RELEASE_EVERY`]).
+    touched: u64,
 }
+
+/// Bytes accessed through an [`MmapMemory`] after which its mapped pages are
+/// released from the process (`MADV_DONTNEED`): the data stays in the image
+/// files' page cache and is faulted back in on the next access, but the
+/// process's resident set stays bounded (about this much plus its own heap)
+/// however large the guest, as for a memory that writes with `pwrite`.
+pub(crate) const RELEASE_EVERY: u64 = 16 << 20;
 
 /// What [`MmapMemory::files`] lists per block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +111,7 @@ impl MmapMemory {
         Ok(MmapMemory {
             dir: dir.to_path_buf(),
             blocks: Vec::new(),
+            touched: 0,
         })
     }
 
@@ -119,6 +130,22 @@ impl MmapMemory {
     /// The directory holding the images.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Releases every mapped page from the process (see [`RELEASE_EVERY`]).
+    fn release_all(&mut self) {
+        for b in &self.blocks {
+            if let Some(p) = b.map {
+                // SAFETY: `p` and `len` are the address and length of this block's
+                // live shared file mapping. MADV_DONTNEED on a shared file mapping
+                // only unmaps its pages from this process: dirty pages stay in the
+                // file's page cache, and the next access faults the same bytes back
+                // in, so the contents seen through the mapping do not change. No
+                // slice into the mapping is live (we hold `&mut self`).
+                unsafe { libc::madvise(p.as_ptr().cast(), b.len as usize, libc::MADV_DONTNEED) };
+            }
+        }
+        self.touched = 0;
     }
 
     fn get(&mut self, index: usize) -> io::Result<&mut Mapped> {
@@ -151,6 +178,10 @@ impl GuestMemory for MmapMemory {
 
     #[inline]
     fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> io::Result<&mut [u8]> {
+        self.touched += len as u64;
+        if self.touched > RELEASE_EVERY {
+            self.release_all();
+        }
         let b = self.get(index)?;
         let r = check_range(index, offset, len, b.len)?;
         let Some(base) = b.map else {

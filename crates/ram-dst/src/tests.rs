@@ -1199,6 +1199,37 @@ fn bitmap_ranges() {
 // ---- mmap'd memory -------------------------------------------------------------------
 
 #[test]
+fn mmap_memory_keeps_data_across_page_releases() {
+    // Writes and reads back more than RELEASE_EVERY several times over, so the
+    // mapped pages are released (MADV_DONTNEED) between accesses: every byte
+    // written must still read back, through the mapping and in the file.
+    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-release-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut mem = MmapMemory::create(&dir).unwrap();
+    let len = 3 * crate::mmap::RELEASE_EVERY;
+    mem.set_block_len(0, "pc.ram", len).unwrap();
+    mem.set_block_len(1, "small", 2 * PS).unwrap();
+    let page = |p: u64| [(p % 251) as u8 | 1; PS as usize];
+    for p in 0..len / PS {
+        mem.write(0, p * PS, &page(p)).unwrap();
+        if p % 1000 == 0 {
+            mem.write(1, PS, &page(p)).unwrap();
+            assert_eq!(mem.bytes_mut(1, PS, PS as usize).unwrap(), &page(p)[..]);
+        }
+    }
+    for p in (0..len / PS).rev() {
+        assert_eq!(mem.bytes_mut(0, p * PS, PS as usize).unwrap(), &page(p)[..]);
+    }
+    let file = std::fs::read(dir.join("pc.ram.img")).unwrap();
+    for p in 0..len / PS {
+        let at = (p * PS) as usize;
+        assert_eq!(&file[at..at + PS as usize], &page(p)[..]);
+    }
+    drop(mem);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn mmap_memory_writes_files_sparsely_and_punches_holes() {
     use std::os::unix::fs::MetadataExt;
     let dir = std::env::temp_dir().join(format!("qmig-ram-dst-test-{}", std::process::id()));

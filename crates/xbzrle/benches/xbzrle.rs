@@ -6,7 +6,7 @@
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use qmig_xbzrle::{decode, encode, encode_portable, validate, variants};
+use qmig_xbzrle::{decode, decode_two_pass, encode, encode_portable, validate, variants};
 use std::hint::black_box;
 
 const PAGE: usize = 4096;
@@ -146,15 +146,20 @@ fn bench(c: &mut Criterion) {
                     black_box(validate(&enc[a..e], PAGE)).unwrap();
                 })
             });
-            g.bench_function("decode", |b| {
-                let mut i = 0;
-                b.iter(|| {
-                    i = (i + 1) % n_pages;
-                    let (a, e) = spans[i];
-                    decode(&enc[a..e], &mut dst[i * PAGE..(i + 1) * PAGE]).unwrap();
-                    black_box(&mut dst);
-                })
-            });
+            type Dec = fn(&[u8], &mut [u8]) -> Result<(), qmig_xbzrle::XbzrleError>;
+            let decoders: [(&str, Dec); 2] =
+                [("decode", decode), ("decode-two-pass", decode_two_pass)];
+            for (label, f) in decoders {
+                g.bench_function(label, |b| {
+                    let mut i = 0;
+                    b.iter(|| {
+                        i = (i + 1) % n_pages;
+                        let (a, e) = spans[i];
+                        f(&enc[a..e], &mut dst[i * PAGE..(i + 1) * PAGE]).unwrap();
+                        black_box(&mut dst);
+                    })
+                });
+            }
         }
         g.finish();
     }

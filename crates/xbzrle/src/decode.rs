@@ -1,4 +1,6 @@
-//! Two-phase decoder: validate the whole encoded page, then apply it.
+//! One-pass decoder: every bound is checked as the runs are applied, with an undo log of
+//! the page bytes overwritten so far; on error the log is written back, leaving the page
+//! as it was.
 
 use crate::uleb128;
 use crate::XbzrleError;
@@ -6,9 +8,12 @@ use crate::XbzrleError;
 /// Applies an XBZRLE-encoded page onto `page`, the destination's current content of that
 /// page, turning it into the source's new content.
 ///
-/// The input is validated completely before the first byte of `page` is written, so on
-/// error `page` is untouched: a page is always either its old or its new content. An
-/// empty input is valid and leaves the page unchanged.
+/// The input is parsed once: each run is checked, then applied, while the page bytes it
+/// overwrites are saved in an undo log on the stack. If a later run breaks a rule, the
+/// saved bytes are written back before the error is returned, so on error `page` is
+/// untouched: a page is always either its old or its new content. An empty input is
+/// valid and leaves the page unchanged. (Inputs longer than 4 KiB are validated
+/// completely first and then applied, to keep the stack use bounded.)
 ///
 /// Accepted inputs are exactly those QEMU's destination accepts (`load_xbzrle` +
 /// `xbzrle_decode_buffer`), including non-minimal 2-byte lengths such as `80 00`.
@@ -40,13 +45,161 @@ use crate::XbzrleError;
 /// assert_eq!(page, new);
 /// ```
 pub fn decode(encoded: &[u8], page: &mut [u8]) -> Result<(), XbzrleError> {
+    let len = encoded.len();
+    if len > page.len() {
+        return Err(XbzrleError::InputTooLong {
+            len,
+            page_len: page.len(),
+        });
+    }
+    // The undo log holds at most the input's literal bytes (< len), so a stack array of
+    // the next size up is enough; the sizes keep zeroing it cheap for short inputs.
+    match len {
+        0 => Ok(()),
+        1..=64 => decode_undo::<64>(encoded, page),
+        65..=512 => decode_undo::<512>(encoded, page),
+        513..=2048 => decode_undo::<2048>(encoded, page),
+        2049..=4096 => decode_undo::<4096>(encoded, page),
+        _ => decode_two_pass(encoded, page),
+    }
+}
+
+/// [`validate`], then apply: the decoder for inputs above 4 KiB (pages above 4 KiB), and
+/// the previous design, kept for comparison in benchmarks and tests.
+///
+/// # Errors
+/// As for [`decode`].
+pub fn decode_two_pass(encoded: &[u8], page: &mut [u8]) -> Result<(), XbzrleError> {
     validate(encoded, page.len())?;
     apply_validated(encoded, page);
     Ok(())
 }
 
+/// The one-pass decoder with an undo log of `N >= encoded.len()` bytes.
+#[inline(always)]
+fn decode_undo<const N: usize>(encoded: &[u8], page: &mut [u8]) -> Result<(), XbzrleError> {
+    let mut undo = [0u8; N];
+    let len = encoded.len();
+    let page_len = page.len();
+    let mut i = 0usize; // input position
+    let mut d = 0usize; // page position
+    let mut u = 0usize; // undo log length (literal bytes applied so far)
+    while i < len {
+        // Common case first: both lengths one byte, every rule satisfied.
+        if let Some(&[z, n]) = encoded
+            .get(i..i + 2)
+            .map(|s| <&[u8; 2]>::try_from(s).unwrap())
+        {
+            let (z, n) = (usize::from(z), usize::from(n));
+            if z | n < 0x80
+                && (z != 0 || i == 0)
+                && n != 0
+                && d + z + n <= page_len
+                && i + 2 + n <= len
+                && u + n <= N
+            {
+                d += z;
+                let dst = &mut page[d..d + n];
+                copy_run(&mut undo[u..u + n], dst);
+                copy_run(dst, &encoded[i + 2..i + 2 + n]);
+                i += 2 + n;
+                d += n;
+                u += n;
+                continue;
+            }
+        }
+        match check_pair(encoded, i, d, page_len) {
+            Ok((data, zrun, nzrun)) => {
+                d += zrun;
+                let dst = &mut page[d..d + nzrun];
+                // `u + nzrun <= data <= len <= N`: literal bytes are input bytes.
+                copy_run(&mut undo[u..u + nzrun], dst);
+                copy_run(dst, &encoded[data..data + nzrun]);
+                i = data + nzrun;
+                d += nzrun;
+                u += nzrun;
+            }
+            Err(e) => {
+                roll_back(encoded, i, page, &undo[..u]);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the undo log back: re-walks the pairs before input position `end` (all valid,
+/// they were applied) and restores the page bytes each data run overwrote.
+#[cold]
+#[inline(never)]
+fn roll_back(encoded: &[u8], end: usize, page: &mut [u8], undo: &[u8]) {
+    let (mut i, mut d, mut u) = (0usize, 0usize, 0usize);
+    while i < end {
+        let (zrun, w) = read_len_unchecked(encoded, i);
+        i += w;
+        d += zrun;
+        let (nzrun, w) = read_len_unchecked(encoded, i);
+        i += w + nzrun;
+        page[d..d + nzrun].copy_from_slice(&undo[u..u + nzrun]);
+        d += nzrun;
+        u += nzrun;
+    }
+    debug_assert_eq!(u, undo.len());
+}
+
+/// Checks the run pair at input position `i` (page position `d`) with every rule, in the
+/// order [`validate`] reports them. Returns the input position of its literal bytes and
+/// the two run lengths.
+#[inline(never)]
+fn check_pair(
+    encoded: &[u8],
+    i: usize,
+    d: usize,
+    page_len: usize,
+) -> Result<(usize, usize, usize), XbzrleError> {
+    let len = encoded.len();
+    let position = i;
+    let (zrun, w) = read_len(encoded, i)?;
+    if zrun == 0 && i != 0 {
+        return Err(XbzrleError::ZeroSkipRun { position });
+    }
+    let i = i + w;
+    let page_offset = d;
+    let d = d + zrun;
+    if d > page_len {
+        return Err(XbzrleError::RunPastPageEnd {
+            position,
+            page_offset,
+            end: d,
+            page_len,
+        });
+    }
+    let position = i;
+    let (nzrun, w) = read_len(encoded, i)?;
+    if nzrun == 0 {
+        return Err(XbzrleError::ZeroDataRun { position });
+    }
+    let i = i + w;
+    if d + nzrun > page_len {
+        return Err(XbzrleError::RunPastPageEnd {
+            position,
+            page_offset: d,
+            end: d + nzrun,
+            page_len,
+        });
+    }
+    if nzrun > len - i {
+        return Err(XbzrleError::RunPastInputEnd {
+            position,
+            len: nzrun,
+            available: len - i,
+        });
+    }
+    Ok((i, zrun, nzrun))
+}
+
 /// Checks that `encoded` is a well-formed XBZRLE page for a page of `page_len` bytes,
-/// without applying it. [`decode`] calls this first.
+/// without applying it.
 ///
 /// # Errors
 /// As for [`decode`].
@@ -75,45 +228,9 @@ pub fn validate(encoded: &[u8], page_len: usize) -> Result<(), XbzrleError> {
                 continue;
             }
         }
-        let position = i;
-        let (zrun, w) = read_len(encoded, i)?;
-        if zrun == 0 && i != 0 {
-            return Err(XbzrleError::ZeroSkipRun { position });
-        }
-        i += w;
-        let page_offset = d;
-        d += zrun;
-        if d > page_len {
-            return Err(XbzrleError::RunPastPageEnd {
-                position,
-                page_offset,
-                end: d,
-                page_len,
-            });
-        }
-        let position = i;
-        let (nzrun, w) = read_len(encoded, i)?;
-        if nzrun == 0 {
-            return Err(XbzrleError::ZeroDataRun { position });
-        }
-        i += w;
-        if d + nzrun > page_len {
-            return Err(XbzrleError::RunPastPageEnd {
-                position,
-                page_offset: d,
-                end: d + nzrun,
-                page_len,
-            });
-        }
-        if nzrun > len - i {
-            return Err(XbzrleError::RunPastInputEnd {
-                position,
-                len: nzrun,
-                available: len - i,
-            });
-        }
-        i += nzrun;
-        d += nzrun;
+        let (data, zrun, nzrun) = check_pair(encoded, i, d, page_len)?;
+        i = data + nzrun;
+        d += zrun + nzrun;
     }
     Ok(())
 }
@@ -127,8 +244,9 @@ fn read_len(encoded: &[u8], i: usize) -> Result<(usize, usize), XbzrleError> {
     }
 }
 
-/// Second phase: `encoded` has passed [`validate`] for `page.len()`, so no check here can
-/// fail; the slice indexing that remains is only the compiler's bounds checks.
+/// Second phase of [`decode_two_pass`]: `encoded` has passed [`validate`] for
+/// `page.len()`, so no check here can fail; the slice indexing that remains is only the
+/// compiler's bounds checks.
 #[inline]
 fn apply_validated(encoded: &[u8], page: &mut [u8]) {
     let len = encoded.len();
@@ -182,9 +300,16 @@ fn copy_run(dst: &mut [u8], src: &[u8]) {
     if (8..=16).contains(&n) {
         dst[..8].copy_from_slice(&src[..8]);
         dst[n - 8..].copy_from_slice(&src[n - 8..]);
+    } else if (17..=32).contains(&n) {
+        dst[..16].copy_from_slice(&src[..16]);
+        dst[n - 16..].copy_from_slice(&src[n - 16..]);
     } else if (4..8).contains(&n) {
         dst[..4].copy_from_slice(&src[..4]);
         dst[n - 4..].copy_from_slice(&src[n - 4..]);
+    } else if (1..4).contains(&n) {
+        dst[0] = src[0];
+        dst[n / 2] = src[n / 2];
+        dst[n - 1] = src[n - 1];
     } else {
         dst.copy_from_slice(src);
     }

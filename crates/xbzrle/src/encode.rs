@@ -45,7 +45,7 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow>
 /// If `old` and `new` differ in length.
 pub fn encode_portable(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
     assert_eq!(old.len(), new.len(), "old and new pages differ in length");
-    encode_core(old, new, out, |a, b| diff_mask_swar(a, b))
+    encode_core(old, new, out, |a, b| diff_mask_swar(a, b), uniform_swar)
 }
 
 /// Bit `k` of the result is set iff `a[k] != b[k]` (`a`, `b` at most 64 bytes, same
@@ -75,25 +75,51 @@ pub(crate) fn diff_mask_swar(a: &[u8], b: &[u8]) -> u64 {
     mask
 }
 
-/// The encoder proper, generic over the kernel computing the difference mask of one full
-/// 64-byte block. Always inlined so each kernel gets its own specialised copy (and, for
-/// SIMD kernels, the target features of the calling function).
+/// Whether two 128-byte spans are uniform: every byte pair differs (`differ`) or every
+/// byte pair is equal (`!differ`). Portable SWAR kernel.
 #[inline(always)]
-pub(crate) fn encode_core<M>(
+pub(crate) fn uniform_swar(a: &[u8; UNIFORM], b: &[u8; UNIFORM], differ: bool) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut acc = 0u64;
+    for (wa, wb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let x =
+            u64::from_le_bytes(wa.try_into().unwrap()) ^ u64::from_le_bytes(wb.try_into().unwrap());
+        // `differ`: a zero byte of x (an equal pair) sets its byte's high bit (exact test).
+        acc |= if differ {
+            x.wrapping_sub(LO) & !x & HI
+        } else {
+            x
+        };
+    }
+    acc == 0
+}
+
+/// Bytes checked per step by the uniform-stretch kernels: two blocks.
+pub(crate) const UNIFORM: usize = 2 * BLOCK;
+
+/// The encoder proper, generic over the kernel computing the difference mask of one full
+/// 64-byte block and the kernel testing two blocks for uniformity. Always inlined so each
+/// kernel gets its own specialised copy (and, for SIMD kernels, the target features of
+/// the calling function).
+#[inline(always)]
+pub(crate) fn encode_core<M, U>(
     old: &[u8],
     new: &[u8],
     out: &mut [u8],
     mask: M,
+    uniform: U,
 ) -> Result<usize, Overflow>
 where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+    U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
 {
     // Runs can only exceed the 14-bit limit on pages above 16 KiB: a separate copy of the
     // loop keeps those checks out of the common case.
     if new.len() > MAX_RUN {
-        encode_loop::<M, true>(old, new, out, mask)
+        encode_loop::<M, U, true>(old, new, out, mask, uniform)
     } else {
-        encode_loop::<M, false>(old, new, out, mask)
+        encode_loop::<M, U, false>(old, new, out, mask, uniform)
     }
 }
 
@@ -102,14 +128,16 @@ where
 const FAST_OUT: usize = 256 + 32;
 
 #[inline(always)]
-fn encode_loop<M, const LONG: bool>(
+fn encode_loop<M, U, const LONG: bool>(
     old: &[u8],
     new: &[u8],
     out: &mut [u8],
     mask: M,
+    uniform: U,
 ) -> Result<usize, Overflow>
 where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+    U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
 {
     let len = new.len();
     let dlen = out.len();
@@ -143,7 +171,19 @@ where
         let mut t = m ^ ((m << 1) | carry);
         carry = m >> 63;
         if t == 0 {
+            // No run starts in this block: it continues the current run (all bytes equal
+            // outside a data run, all different inside one). Skip the blocks that follow
+            // of the same kind with the cheaper uniformity test, two at a time; runs are
+            // only emitted (and checked) where they end, so skipping changes nothing.
             base += BLOCK;
+            while base + UNIFORM <= full {
+                let a: &[u8; UNIFORM] = old[base..base + UNIFORM].try_into().unwrap();
+                let b: &[u8; UNIFORM] = new[base..base + UNIFORM].try_into().unwrap();
+                if !uniform(a, b, carry != 0) {
+                    break;
+                }
+                base += UNIFORM;
+            }
             continue;
         }
         // Fast path, for blocks where none of QEMU's overflow checks can fire: while all
@@ -343,11 +383,13 @@ mod simd {
     //! x86_64 block kernels. SSE2 is part of the x86_64 baseline; AVX2 is detected at
     //! run time. The only `unsafe` code of the crate lives here.
 
-    use super::{encode_core, BLOCK};
+    use super::{encode_core, BLOCK, UNIFORM};
     use crate::Overflow;
     use core::arch::x86_64::{
         __m128i, __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
-        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8,
+        _mm256_or_si256, _mm256_setzero_si256, _mm256_testz_si256, _mm256_xor_si256,
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
+        _mm_xor_si128,
     };
 
     pub(super) fn encode_x86(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
@@ -356,7 +398,7 @@ mod simd {
             // requirement of `encode_avx2`.
             unsafe { encode_avx2(old, new, out) }
         } else {
-            encode_core(old, new, out, diff_mask_sse2)
+            encode_core(old, new, out, diff_mask_sse2, uniform_sse2)
         }
     }
 
@@ -364,11 +406,77 @@ mod simd {
     /// The CPU must support AVX2 and BMI1.
     #[target_feature(enable = "avx2,bmi1")]
     unsafe fn encode_avx2(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
-        encode_core(old, new, out, |a, b| {
-            // SAFETY: this closure only runs inside `encode_avx2`, whose caller has
-            // checked that the CPU supports AVX2 (and BMI1).
-            unsafe { diff_mask_avx2(a, b) }
-        })
+        encode_core(
+            old,
+            new,
+            out,
+            |a, b| {
+                // SAFETY: this closure only runs inside `encode_avx2`, whose caller has
+                // checked that the CPU supports AVX2 (and BMI1).
+                unsafe { diff_mask_avx2(a, b) }
+            },
+            |a, b, differ| {
+                // SAFETY: as above.
+                unsafe { uniform_avx2(a, b, differ) }
+            },
+        )
+    }
+
+    /// Uniformity of two blocks (see [`super::uniform_swar`]) with 32-byte compares.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn uniform_avx2(a: &[u8; UNIFORM], b: &[u8; UNIFORM], differ: bool) -> bool {
+        let mut acc = [_mm256_setzero_si256(); 2];
+        for k in 0..4 {
+            let off = 32 * k;
+            // SAFETY: `off + 32 <= 128`, so 32 bytes are readable from both pointers;
+            // `loadu` has no alignment requirement.
+            let x = unsafe { _mm256_loadu_si256(a[off..].as_ptr().cast::<__m256i>()) };
+            // SAFETY: as above.
+            let y = unsafe { _mm256_loadu_si256(b[off..].as_ptr().cast::<__m256i>()) };
+            let v = if differ {
+                _mm256_cmpeq_epi8(x, y)
+            } else {
+                _mm256_xor_si256(x, y)
+            };
+            acc[k & 1] = _mm256_or_si256(acc[k & 1], v);
+        }
+        let all = _mm256_or_si256(acc[0], acc[1]);
+        _mm256_testz_si256(all, all) != 0
+    }
+
+    /// Uniformity of two blocks with 16-byte compares (SSE2, always available).
+    #[inline(always)]
+    fn uniform_sse2(a: &[u8; UNIFORM], b: &[u8; UNIFORM], differ: bool) -> bool {
+        // SAFETY: SSE2 is part of the x86_64 baseline.
+        let mut acc = unsafe { _mm_setzero_si128() };
+        for k in 0..8 {
+            let off = 16 * k;
+            // SAFETY: `off + 16 <= 128`, so 16 bytes are readable from both pointers;
+            // `loadu` has no alignment requirement and SSE2 is baseline on x86_64.
+            let x = unsafe { _mm_loadu_si128(a[off..].as_ptr().cast::<__m128i>()) };
+            // SAFETY: as above.
+            let y = unsafe { _mm_loadu_si128(b[off..].as_ptr().cast::<__m128i>()) };
+            let v = if differ {
+                // SAFETY: SSE2 is part of the x86_64 baseline.
+                unsafe { _mm_cmpeq_epi8(x, y) }
+            } else {
+                // SAFETY: as above.
+                unsafe { _mm_xor_si128(x, y) }
+            };
+            // SAFETY: as above.
+            acc = unsafe { _mm_or_si128(acc, v) };
+        }
+        // SAFETY: as above.
+        let zero = unsafe { _mm_setzero_si128() };
+        // SAFETY: as above.
+        let eq_zero = unsafe { _mm_cmpeq_epi8(acc, zero) };
+        // SAFETY: as above.
+        let nonzero = unsafe { _mm_movemask_epi8(eq_zero) };
+        nonzero == 0xFFFF
     }
 
     /// Difference mask of one block with 32-byte compares.
@@ -412,9 +520,27 @@ mod simd {
         !eq
     }
 
+    /// A uniformity kernel, as tests call it.
+    #[cfg(test)]
+    pub(super) type UniformFn = fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool;
+
+    /// The uniformity kernels available on this CPU, for tests: (name, kernel).
+    #[cfg(test)]
+    pub(super) fn uniform_kernels() -> Vec<(&'static str, UniformFn)> {
+        let mut v: Vec<(&'static str, UniformFn)> = vec![("sse2", uniform_sse2)];
+        if std::is_x86_feature_detected!("avx2") {
+            fn avx2(a: &[u8; UNIFORM], b: &[u8; UNIFORM], differ: bool) -> bool {
+                // SAFETY: only listed after the AVX2 check above.
+                unsafe { uniform_avx2(a, b, differ) }
+            }
+            v.push(("avx2", avx2));
+        }
+        v
+    }
+
     /// Exposes the SSE2 path to tests and benchmarks.
     pub(crate) fn encode_sse2(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
-        encode_core(old, new, out, diff_mask_sse2)
+        encode_core(old, new, out, diff_mask_sse2, uniform_sse2)
     }
 }
 
@@ -443,7 +569,53 @@ pub mod variants {
 
 #[cfg(test)]
 mod tests {
-    use super::diff_mask_swar;
+    use super::{diff_mask_swar, uniform_swar, UNIFORM};
+
+    /// Every uniformity kernel (SWAR, SSE2, AVX2 where the CPU has it) agrees with the
+    /// byte-by-byte definition: spans all equal, all different, and each with exactly
+    /// one byte pair of the other kind at every position, over several byte values.
+    #[test]
+    fn uniform_kernels_agree_with_definition() {
+        type K = fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool;
+        let mut kernels: Vec<(&str, K)> = vec![("swar", uniform_swar)];
+        #[cfg(target_arch = "x86_64")]
+        kernels.extend(super::simd::uniform_kernels());
+        let naive = |a: &[u8; UNIFORM], b: &[u8; UNIFORM], differ: bool| {
+            a.iter().zip(b).all(|(x, y)| (x != y) == differ)
+        };
+        for (base, delta) in [
+            (0u8, 0x80u8),
+            (0x7F, 0x01),
+            (0xFF, 0xFF),
+            (0x01, 0x7F),
+            (0x80, 0x01),
+        ] {
+            let a = [base; UNIFORM];
+            let same = a;
+            let other = [base ^ delta; UNIFORM];
+            let mut cases = vec![(a, same), (a, other)];
+            for k in 0..UNIFORM {
+                let mut one_diff = same;
+                one_diff[k] ^= delta;
+                let mut one_same = other;
+                one_same[k] = base;
+                cases.push((a, one_diff));
+                cases.push((a, one_same));
+            }
+            for (x, y) in &cases {
+                for differ in [false, true] {
+                    let want = naive(x, y, differ);
+                    for (name, k) in &kernels {
+                        assert_eq!(
+                            k(x, y, differ),
+                            want,
+                            "{name} differ={differ} base={base:#x}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn swar_mask_every_byte_pattern() {

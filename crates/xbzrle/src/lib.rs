@@ -13,7 +13,8 @@
 //! * [`encode`]: fast encoder (SIMD compares where available), identical in output and
 //!   overflow behaviour to QEMU's generic encoder and to the naive
 //!   [`reference::encode`] oracle.
-//! * [`decode`]: validates, then applies, an encoded page onto the destination's page.
+//! * [`decode`]: applies an encoded page onto the destination's page in one checked pass
+//!   (undo log on error).
 //! * [`PageCache`]: QEMU's direct-mapped, age-protected cache of previously sent pages.
 //!
 //! ```
@@ -41,6 +42,6 @@ pub mod reference;
 pub mod uleb128;
 
 pub use cache::{InsertRefused, PageCache, SaveOutcome, CACHED_PAGE_LIFETIME};
-pub use decode::{decode, validate};
+pub use decode::{decode, decode_two_pass, validate};
 pub use encode::{encode, encode_portable, variants};
 pub use error::{Overflow, XbzrleError};

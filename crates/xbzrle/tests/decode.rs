@@ -2,13 +2,16 @@
 //! agreement with the naive reference decoder on arbitrary input.
 
 use proptest::prelude::*;
-use qmig_xbzrle::{decode, reference, validate, XbzrleError as E};
+use qmig_xbzrle::{decode, decode_two_pass, encode, reference, validate, XbzrleError as E};
 
 fn run(enc: &[u8], page_len: usize) -> Result<Vec<u8>, E> {
     let old: Vec<u8> = (0..page_len).map(|i| i as u8).collect();
     let mut page = old.clone();
     let r = decode(enc, &mut page);
     assert_eq!(r, validate(enc, page_len));
+    let mut page2 = old.clone();
+    assert_eq!(decode_two_pass(enc, &mut page2), r);
+    assert_eq!(page2, page, "one-pass and two-pass decoders disagree");
     assert_eq!(r.is_ok(), reference::decode(enc, &old).is_some());
     match r {
         Ok(()) => {
@@ -158,4 +161,119 @@ proptest! {
         }
         run(&enc, page_len).ok();
     }
+}
+
+/// A valid encoding of `new` against `old`, for pages whose delta fits one page.
+fn encoding(old: &[u8], new: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; new.len()];
+    let n = encode(old, new, &mut out).expect("delta fits");
+    out.truncate(n);
+    out
+}
+
+/// `new`: `old` with the bytes at `changes` (page offsets) flipped.
+fn changed(old: &[u8], changes: &[usize]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    for &c in changes {
+        new[c % old.len()] ^= 0x5A;
+    }
+    new
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Real encodings of pages from 1 byte to 8 KiB (every undo-log size and the two-pass
+    /// path above 4 KiB of input) with one byte replaced anywhere: when the damage makes
+    /// the input invalid, however late, the runs already applied are rolled back and the
+    /// page is left as it was; when it stays valid, the result is the reference's.
+    #[test]
+    fn damaged_real_encoding_rolls_back(
+        page_len in 1usize..8192,
+        runs in proptest::collection::vec((any::<usize>(), 1usize..48), 1..200),
+        at in any::<usize>(),
+        byte in any::<u8>(),
+        cut in any::<bool>(),
+    ) {
+        let old: Vec<u8> = (0..page_len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let changes: Vec<usize> = runs.iter().flat_map(|&(at, n)| at..at + n).collect();
+        let new = changed(&old, &changes);
+        let mut out = vec![0u8; page_len];
+        let Ok(n) = encode(&old, &new, &mut out) else { return Ok(()) };
+        let mut enc = out[..n].to_vec();
+        if !enc.is_empty() {
+            let at = at % enc.len();
+            if cut {
+                enc.truncate(at);
+            } else {
+                enc[at] = byte;
+            }
+        }
+        // `run` checks the one-pass decoder against the two-pass one, `validate` and the
+        // reference, and the page left untouched on error, over its own page content.
+        run(&enc, page_len).ok();
+        // Over the real old page too: an intact encoding gives `new`.
+        let mut page = old.clone();
+        let r = decode(&enc, &mut page);
+        match reference::decode(&enc, &old) {
+            Some(want) => prop_assert_eq!(page, want),
+            None => prop_assert!(r.is_err() && page == old),
+        }
+        if enc == out[..n] {
+            prop_assert!(r.is_ok());
+        }
+    }
+}
+
+#[test]
+fn late_error_after_many_runs_leaves_page_untouched() {
+    // 400 one-byte data runs applied, then a zero-length skip run: all 400 rolled back.
+    let old: Vec<u8> = (0..4096).map(|i| (i % 253) as u8).collect();
+    let changes: Vec<usize> = (0..400).map(|k| 10 * k + 3).collect();
+    let new = changed(&old, &changes);
+    let mut enc = encoding(&old, &new);
+    assert!(enc.len() > 1024, "input uses the 2048-byte undo log");
+    let bad = enc.len();
+    enc.extend_from_slice(&[0, 1, 9]);
+    let mut page = old.clone();
+    assert_eq!(
+        decode(&enc, &mut page),
+        Err(E::ZeroSkipRun { position: bad })
+    );
+    assert_eq!(page, old);
+    // Same input without the bad pair: applied.
+    decode(&enc[..bad], &mut page).unwrap();
+    assert_eq!(page, new);
+}
+
+#[test]
+fn long_runs_and_large_pages_roll_back() {
+    // A 2-byte data run of 3000 bytes in a 16 KiB page (two-pass path above 4 KiB of
+    // input is not reached: 3000 + a few bytes), then a run past the page end.
+    let old = vec![0x11u8; 16384];
+    let mut new = old.clone();
+    new[100..3100].fill(0x22);
+    let mut enc = encoding(&old, &new);
+    let bad = enc.len();
+    enc.extend_from_slice(&[0xFF, 0x7F, 1, 0]); // skip 0x3FFF: past the page end
+    let mut page = old.clone();
+    assert_eq!(
+        decode(&enc, &mut page),
+        Err(E::RunPastPageEnd {
+            position: bad,
+            page_offset: 3100,
+            end: 3100 + 0x3FFF,
+            page_len: 16384
+        })
+    );
+    assert_eq!(page, old);
+    // Input above 4 KiB (two-pass path), damaged at its end.
+    new[5000..10000].fill(0x33);
+    let mut enc = encoding(&old, &new);
+    assert!(enc.len() > 4096);
+    let last = enc.len() - 1;
+    enc.truncate(last);
+    let mut page = old.clone();
+    assert!(decode(&enc, &mut page).is_err());
+    assert_eq!(page, old);
 }
