@@ -640,7 +640,11 @@ fn listen_twice_and_run_before_listen_are_refused_with_shut_1() {
         &["IllegalTransition", "POSTCOPY_RUN", "advised"],
     );
     refused(&[run], 13, &["POSTCOPY_RUN", "none"]);
-    refused(&[listen.clone()], 13, &["POSTCOPY_LISTEN", "none"]);
+    refused(
+        std::slice::from_ref(&listen),
+        13,
+        &["POSTCOPY_LISTEN", "none"],
+    );
     // DISCARD after LISTEN.
     refused(
         &[advise(), listen, discard(0, TPS)],
