@@ -17,7 +17,6 @@ use qmig_wire::{Item, ReadItem};
 
 use crate::memory::GuestMemory;
 use crate::RamDstError;
-use qmig_wire::bitmap::PageBitmap;
 
 mod apply;
 mod host_page;
@@ -119,9 +118,11 @@ pub struct Stats {
     pub mem_size: u64,
     /// Target pages dropped by POSTCOPY_RAM_DISCARD.
     pub discarded_pages: u64,
-    /// Host pages placed in postcopy mode (with data).
+    /// Host pages with data assembled in postcopy mode (written with
+    /// [`Placement::Apply`], handed out as [`Place::HostPage`] with
+    /// [`Placement::Emit`]).
     pub placed_host_pages: u64,
-    /// Zero host pages placed in postcopy mode.
+    /// Zero host pages assembled in postcopy mode (as for `placed_host_pages`).
     pub placed_zero_pages: u64,
     /// Page requests (REQ_PAGES / REQ_PAGES_ID) queued on the return path by
     /// [`RamDst::handle_page_fault`].
@@ -260,46 +261,13 @@ impl<M: GuestMemory> RamDst<M> {
                 ),
             });
         }
-        let tps = 1u64 << config.target_page_bits;
-        let mut blocks = Vec::new();
-        let mut by_name = HashMap::new();
         let adopt = matches!(config.layout, Layout::Adopt);
-        if let Layout::Fixed(local) = config.layout {
-            for (i, b) in local.into_iter().enumerate() {
-                let bad = |why: String| RamDstError::BadSize {
-                    offset: 0,
-                    why: format!("local block \"{}\": {why}", b.name),
-                };
-                if !b.page_size.is_power_of_two()
-                    || b.page_size < tps
-                    || b.page_size > MAX_PAGE_SIZE
-                {
-                    return Err(bad(format!("page size {:#x}", b.page_size)));
-                }
-                if !b.used_length.is_multiple_of(b.page_size) || b.max_length < b.used_length {
-                    return Err(bad(format!(
-                        "length {:#x} (max {:#x})",
-                        b.used_length, b.max_length
-                    )));
-                }
-                if by_name.insert(b.name.clone(), i).is_some() {
-                    return Err(bad("listed twice".into()));
-                }
-                memory
-                    .set_block_len(i, &b.name, b.used_length)
-                    .map_err(|source| RamDstError::Memory { offset: 0, source })?;
-                let pages = b.used_length / tps;
-                blocks.push(BlockState {
-                    name: b.name,
-                    used_length: b.used_length,
-                    max_length: b.max_length,
-                    page_size: b.page_size,
-                    resizable: b.resizable,
-                    received: PageBitmap::new(pages),
-                    nonzero: PageBitmap::new(pages),
-                });
+        let (blocks, by_name) = match config.layout {
+            Layout::Fixed(local) => {
+                layout::local_blocks(local, 1u64 << config.target_page_bits, &mut memory)?
             }
-        }
+            Layout::Adopt => (Vec::new(), HashMap::new()),
+        };
         Ok(RamDst {
             memory,
             adopt,

@@ -3,7 +3,7 @@
 //! every page record's address go through, and the limits on what a stream
 //! may make the destination allocate.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use qmig_wire::bitmap::PageBitmap;
 use qmig_wire::{MemBlock, RamRecord};
@@ -13,7 +13,7 @@ use crate::memory::GuestMemory;
 use crate::RamDstError;
 
 /// Largest block page size accepted from a stream (1 GiB huge pages).
-/// With [`Placement::Apply`] no buffer of this size is ever allocated: target
+/// With [`Placement::Apply`](crate::Placement::Apply) no buffer of this size is ever allocated: target
 /// pages are applied as they arrive.
 pub const MAX_PAGE_SIZE: u64 = 1 << 30;
 
@@ -115,6 +115,54 @@ impl BlockState {
     pub fn received(&self) -> &PageBitmap {
         &self.received
     }
+}
+
+/// Checks the local blocks of a [`Layout::Fixed`] configuration (page size a
+/// power of two from the target page size to [`MAX_PAGE_SIZE`], lengths
+/// whole pages, names unique) and gives each to `memory`, in order.
+///
+/// # Errors
+/// [`RamDstError::BadSize`] naming the block and the rule broken;
+/// [`RamDstError::Memory`] when the memory cannot create a block.
+pub(super) fn local_blocks<M: GuestMemory>(
+    local: Vec<LocalBlock>,
+    tps: u64,
+    memory: &mut M,
+) -> Result<(Vec<BlockState>, HashMap<String, usize>), RamDstError> {
+    let mut blocks = Vec::new();
+    let mut by_name = HashMap::new();
+    for (i, b) in local.into_iter().enumerate() {
+        let bad = |why: String| RamDstError::BadSize {
+            offset: 0,
+            why: format!("local block \"{}\": {why}", b.name),
+        };
+        if !b.page_size.is_power_of_two() || b.page_size < tps || b.page_size > MAX_PAGE_SIZE {
+            return Err(bad(format!("page size {:#x}", b.page_size)));
+        }
+        if !b.used_length.is_multiple_of(b.page_size) || b.max_length < b.used_length {
+            return Err(bad(format!(
+                "length {:#x} (max {:#x})",
+                b.used_length, b.max_length
+            )));
+        }
+        if by_name.insert(b.name.clone(), i).is_some() {
+            return Err(bad("listed twice".into()));
+        }
+        memory
+            .set_block_len(i, &b.name, b.used_length)
+            .map_err(|source| RamDstError::Memory { offset: 0, source })?;
+        let pages = b.used_length / tps;
+        blocks.push(BlockState {
+            name: b.name,
+            used_length: b.used_length,
+            max_length: b.max_length,
+            page_size: b.page_size,
+            resizable: b.resizable,
+            received: PageBitmap::new(pages),
+            nonzero: PageBitmap::new(pages),
+        });
+    }
+    Ok((blocks, by_name))
 }
 
 impl<M: GuestMemory> RamDst<M> {
