@@ -379,7 +379,8 @@ impl<M: GuestMemory> RamDst<M> {
     ///
     /// # Errors
     /// A [`RamDstError`] naming `offset` when the item breaks a rule; the item
-    /// is then not applied and the machine stops.
+    /// is then not applied, the machine stops and SHUT(1) is queued for
+    /// [`RamDst::poll_transmit`] (if a return path is open).
     pub fn handle_item(
         &mut self,
         offset: u64,
