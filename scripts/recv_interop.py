@@ -12,7 +12,7 @@ Each scenario boots the dirtying guest (scripts/guest) on a QEMU source, starts
   * record counts equal QEMU's counters (QEMU 10: ram.normal, ram.duplicate,
     xbzrle-cache.pages), the return path was (or was not) used as configured;
   * the --save capture replays (`qmig extract`) to the same pc.ram.
-Scenario `q10-postcopy` (128 MiB guest, postcopy started after ~1 s, `recv --touch 2`)
+Scenarios `q10-postcopy` and `q72-postcopy` (128 MiB guest, postcopy started after ~1 s, `recv --touch 2`)
 checks instead that pc.ram equals the source's pmemsave after `completed`, and that the
 source's ram.postcopy-requests is > 0 and equal to the page requests qmig reports;
 `q10-postcopy-killed` kills the source mid-postcopy (recv must fail cleanly, no hang).
@@ -81,6 +81,11 @@ SCENARIOS = {
                                         "max-postcopy-bandwidth": 4 * MiB},
                                 about="QEMU 10 source killed mid-postcopy: recv fails cleanly, "
                                       "no hang"),
+    "q72-postcopy": dict(qemu="7.2", guest=G_POSTCOPY, postcopy=True, ram_mib=128, touch=2,
+                         caps={"postcopy-ram": True},
+                         params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB},
+                         about="QEMU 7.2, -m 128, postcopy-ram, migrate-start-postcopy after ~1 s, "
+                               "qmig recv --touch 2 demand-pages over userfaultfd"),
     "killed-source": dict(qemu="10", guest=G_PLAIN, kill=True,
                           params={"max-bandwidth": 1_000_000},
                           about="QEMU 10 source killed mid-stream: recv fails cleanly"),

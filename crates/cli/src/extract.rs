@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use qmig_phys::image::ImageFormat;
 use qmig_ram_dst::{
-    Action, Config, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, Placement, RamDst,
+    Config, Event, FileMemory, GuestMemory, ImageFile, Layout, MappedInput, Placement, RamDst,
     RamDstError,
 };
 use qmig_wire::{Item, ReadItem, SectionKind, SliceReader, StreamReader, WireError};
@@ -309,12 +309,14 @@ impl<M: Images> Session<M> {
         })
     }
 
-    /// Applies one item; actions are handed to `on_action`.
+    /// Applies one item; events are handed to `on_event`. Placements and
+    /// return-path bytes stay queued in `dst` for the caller (with
+    /// [`Placement::Apply`] there are none).
     #[inline]
     pub(crate) fn handle(
         &mut self,
         ri: &ReadItem<'_>,
-        mut on_action: impl FnMut(Action),
+        mut on_event: impl FnMut(Event),
     ) -> Result<(), StopError> {
         if let Some(m) = &mut self.multifd {
             m.before_item(ri, &mut self.dst)
@@ -351,8 +353,8 @@ impl<M: Images> Session<M> {
                 })?;
             }
         }
-        while let Some(a) = self.dst.poll_action() {
-            on_action(a);
+        while let Some(e) = self.dst.poll_event() {
+            on_event(e);
         }
         Ok(())
     }
@@ -646,6 +648,7 @@ fn apply_slice<M: Images>(
     let mut rd = SliceReader::new(buf);
     crate::input::configure(rd.decoder_mut());
     let mut n = 0u32;
+    let mut rp = Vec::new();
     let r = loop {
         let (offset, item) = match rd.next() {
             Some(Ok(x)) => x,
@@ -678,6 +681,9 @@ fn apply_slice<M: Images>(
         ) {
             break Err(e);
         }
+        // Offline: no return path to answer on (PONGs of a capture are dropped).
+        rp.clear();
+        s.dst.poll_transmit(&mut rp);
     };
     pb.finish_and_clear();
     r
@@ -692,6 +698,7 @@ fn apply_reader<M: Images, R: std::io::Read>(
 ) -> Result<(), StopError> {
     let pb = crate::progress::input(total, consumed, "extract");
     let mut n = 0u32;
+    let mut rp = Vec::new();
     let r = loop {
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
@@ -712,6 +719,9 @@ fn apply_reader<M: Images, R: std::io::Read>(
         if let Err(e) = s.handle(&ri, |_| {}) {
             break Err(e);
         }
+        // Offline: no return path to answer on (PONGs of a capture are dropped).
+        rp.clear();
+        s.dst.poll_transmit(&mut rp);
     };
     pb.finish_and_clear();
     r

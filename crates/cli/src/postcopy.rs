@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qmig_ram_dst::{
-    Action, BlockState, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState,
+    BlockState, Event, FaultOutcome, FileMemory, GuestMemory, ImageFile, Place, PostcopyState,
 };
 use qmig_uffd_host::{AnonMemory, Blocktime, Fault, FaultThread, Mapping, Region};
 
@@ -264,55 +264,72 @@ impl Inner {
                     .and_then(|()| self.placed(block, offset, len));
             }
         };
-        let placed = r.map_err(|e| {
-            StopError::Postcopy(format!("placing {offset:#x} of block {block}: {e}"))
-        })?;
-        if stream && placed.already_present > 0 {
-            return Err(StopError::Postcopy(format!(
-                "placing {offset:#x} of block {block}: {:#x} bytes already present (EEXIST; \
-                 QEMU: postcopy_place_page)",
+        let why = match r {
+            Err(e) => e.to_string(),
+            Ok(placed) if stream && placed.already_present > 0 => format!(
+                "{:#x} bytes already present (EEXIST; QEMU: postcopy_place_page)",
                 placed.already_present
-            )));
-        }
-        self.placed(block, offset, len)
+            ),
+            Ok(_) => return self.placed(block, offset, len),
+        };
+        // The state machine keeps the pages unreceived and queues SHUT(1).
+        let _ = self
+            .session
+            .dst
+            .handle_place_failed(block, offset, len, why.clone());
+        Err(StopError::Postcopy(format!(
+            "placing {offset:#x} of block {block}: {why}"
+        )))
     }
 
-    /// Executes one action of the state machine.
+    /// Acts on one event of the state machine.
     pub(crate) fn execute(
         &mut self,
-        a: Action,
+        e: Event,
         ctl: &Ctl,
         note: &mut dyn FnMut(String),
     ) -> Result<(), StopError> {
-        if !matches!(a, Action::Pong(_)) {
-            // PONG is already queued for poll_transmit (in order with page
-            // requests); other replies (RECV_BITMAP, RESUME_ACK) come from
-            // RamDst::reply, bounded as the fuzz target recv_state checks.
-            let mut out = Vec::new();
-            if let Err(e) = self.session.dst.reply(&a, &mut out) {
-                self.rp_error.get_or_insert(format!("return path: {e}"));
-            }
-            self.send(&out);
-        }
-        match a {
-            Action::OpenReturnPath => self.rp_open = self.rp.is_some(),
-            Action::NonZeroFill { offset, fill, .. } => note(format!(
+        match e {
+            Event::OpenReturnPath => self.rp_open = self.rp.is_some(),
+            Event::NonZeroFill { offset, fill, .. } => note(format!(
                 "offset {offset}: ZERO record with fill byte {fill:#04x}"
             )),
-            Action::PlaceHostPage {
-                block,
-                offset,
-                data,
-            } => {
-                let len = data.len() as u64;
-                self.place(block, offset, Some(&data), len, true)?
-            }
-            Action::PlaceZeroPage { block, offset, len } => {
-                self.place(block, offset, None, len, true)?
-            }
-            Action::PostcopyState(PostcopyState::Listening) => self.listen(ctl, note)?,
-            Action::PostcopyState(PostcopyState::Running) => self.start_touch(ctl),
+            Event::PostcopyState(PostcopyState::Listening) => self.listen(ctl, note)?,
+            Event::PostcopyState(PostcopyState::Running) => self.start_touch(ctl),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Carries out every placement the state machine queued, in order
+    /// (`stream`: they come from the stream, not from a fault decided
+    /// locally; see [`Inner::place`]).
+    pub(crate) fn execute_placements(&mut self, stream: bool) -> Result<(), StopError> {
+        while let Some(p) = self.session.dst.poll_placement() {
+            match p {
+                Place::HostPage {
+                    block,
+                    offset,
+                    data,
+                } => {
+                    let len = data.len() as u64;
+                    self.place(block, offset, Some(&data), len, stream)?
+                }
+                Place::ZeroPage { block, offset, len } => {
+                    self.place(block, offset, None, len, stream)?
+                }
+                // Before LISTEN: nothing is registered yet.
+                Place::Discard { block, offset, len } => {
+                    let at = self.session.dst.applied_up_to();
+                    self.session
+                        .dst
+                        .memory_mut()
+                        .discard(block, offset, len)
+                        .map_err(|source| {
+                            StopError::Dst(qmig_ram_dst::RamDstError::Memory { offset: at, source })
+                        })?
+                }
+            }
         }
         Ok(())
     }
@@ -591,13 +608,8 @@ fn handle_faults(
             Ok(_) => Ok(()),
             Err(e) => Err(StopError::Dst(e)),
         };
-        while let (Ok(()), Some(a)) = (&r, g.session.dst.poll_action()) {
-            r = match a {
-                Action::PlaceZeroPage { block, offset, len } => {
-                    g.place(block, offset, None, len, false)
-                }
-                _ => Ok(()),
-            };
+        if r.is_ok() {
+            r = g.execute_placements(false);
         }
         g.flush_transmit(&mut out);
         if let Err(e) = r {

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qmig_ram_dst::{Action, Layout, LocalBlock, Placement, PostcopyState, RamDstError};
-use qmig_wire::{Item, RpMessage, StreamReader};
+use qmig_ram_dst::{Event, Layout, LocalBlock, Placement, PostcopyState, RamDstError};
+use qmig_wire::{Item, StreamReader};
 
 use crate::error::{CliError, CliResult};
 use crate::extract::{Session, StopError};
@@ -478,7 +478,7 @@ pub(crate) fn receive(
     crate::input::configure(rd.decoder_mut());
     let pb = crate::progress::bytes(0, "recv");
     let started = Instant::now();
-    let mut pending: Vec<Action> = Vec::new();
+    let mut pending: Vec<Event> = Vec::new();
     let mut out = Vec::new();
     let mut n = 0u32;
     let result = loop {
@@ -533,6 +533,9 @@ pub(crate) fn receive(
                 });
             }
         }
+        if r.is_ok() {
+            r = g.execute_placements(true);
+        }
         g.flush_transmit(&mut out);
         if let Err(e) = r {
             break Err(e);
@@ -564,16 +567,20 @@ pub(crate) fn receive(
     pb.finish_and_clear();
     let postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
     let mut g = lock(&inner);
-    if g.rp_open && !g.rp_dead {
-        out.clear();
-        let written = RpMessage::Shut(if result.is_ok() { 0 } else { 1 })
-            .write(&mut out)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    // The state machine decides SHUT: 0 for a complete stream, 1 after any
+    // error (its own, already queued, or ours).
+    let result = match result {
+        Ok(()) => g.session.dst.handle_end_of_input().map_err(StopError::Dst),
+        Err(e) => {
+            g.session.dst.handle_failure();
+            Err(e)
+        }
+    };
+    out.clear();
+    g.session.dst.poll_transmit(&mut out);
+    if g.rp_open && !g.rp_dead && !out.is_empty() {
         if let Some(w) = g.rp_sock() {
-            if let Err(e) = written
-                .and_then(|()| w.write_all(&out))
-                .and_then(|_| w.flush())
-            {
+            if let Err(e) = w.write_all(&out).and_then(|_| w.flush()) {
                 g.rp_error
                     .get_or_insert(format!("return path: sending SHUT: {e}"));
             }
@@ -648,6 +655,7 @@ mod tests {
     //! (tests/data) over loopback TCP and reads the return path.
 
     use super::*;
+    use qmig_wire::RpMessage;
     use serde_json::Value;
 
     fn capture(name: &str) -> Vec<u8> {

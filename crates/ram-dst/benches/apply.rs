@@ -60,7 +60,7 @@ fn apply(stream: &[u8], layout: &[LocalBlock], mem: VecMemory) -> VecMemory {
         let (off, item) = r.expect("stream parses");
         let len = (rd.decoder().position() - off) as usize;
         dst.handle_item(off, len, &item).expect("stream applies");
-        while dst.poll_action().is_some() {}
+        while dst.poll_event().is_some() || dst.poll_placement().is_some() {}
     }
     dst.into_memory()
 }
@@ -93,7 +93,7 @@ fn bench(c: &mut Criterion) {
     for r in SliceReader::new(&stream) {
         let (off, item) = r.expect("stream parses");
         dst.handle_item(off, 0, &item).expect("stream applies");
-        while dst.poll_action().is_some() {}
+        while dst.poll_event().is_some() || dst.poll_placement().is_some() {}
     }
     let layout: Vec<LocalBlock> = dst
         .blocks()

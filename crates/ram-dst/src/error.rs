@@ -200,6 +200,23 @@ pub enum RamDstError {
         /// The rule broken.
         why: String,
     },
+    /// The host reported that a placement failed
+    /// ([`RamDst::handle_place_failed`](crate::RamDst::handle_place_failed)).
+    #[error(
+        "offset {offset}: placing {len:#x} bytes at {page_offset:#x} of \"{block}\" failed: {why}"
+    )]
+    PlacementFailed {
+        /// Stream offset applied so far when the failure was reported.
+        offset: u64,
+        /// Block name.
+        block: String,
+        /// Offset in the block, bytes.
+        page_offset: u64,
+        /// Length, bytes.
+        len: u64,
+        /// The host's reason (OS error).
+        why: String,
+    },
     /// Input after an earlier error: the state machine stopped at `offset`.
     #[error("offset {offset}: the destination stopped after an earlier error")]
     Stopped {
@@ -229,6 +246,7 @@ impl RamDstError {
             | RamDstError::Bitmap { offset, .. }
             | RamDstError::QemuRule { offset, .. }
             | RamDstError::BadFault { offset, .. }
+            | RamDstError::PlacementFailed { offset, .. }
             | RamDstError::Stopped { offset } => *offset,
             RamDstError::Wire(e) => e.offset(),
         }

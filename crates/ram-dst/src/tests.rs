@@ -57,8 +57,18 @@ fn cmd(c: Command<'_>) -> Item<'_> {
     Item::Command(c)
 }
 
-fn actions(d: &mut RamDst<VecMemory>) -> Vec<Action> {
-    std::iter::from_fn(|| d.poll_action()).collect()
+/// An output of the machine other than return-path bytes.
+#[derive(Debug, PartialEq)]
+enum Out {
+    E(Event),
+    P(Place),
+}
+
+/// The events, then the placements, queued so far.
+fn actions<M: GuestMemory>(d: &mut RamDst<M>) -> Vec<Out> {
+    let mut v: Vec<Out> = std::iter::from_fn(|| d.poll_event()).map(Out::E).collect();
+    v.extend(std::iter::from_fn(|| d.poll_placement()).map(Out::P));
+    v
 }
 
 fn with_ram(len: u64) -> RamDst<VecMemory> {
@@ -168,10 +178,10 @@ fn resizable_block_resizes_up_to_max() {
     assert_eq!(d.memory().block("acpi").unwrap().len(), 6 * PS as usize);
     assert_eq!(
         actions(&mut d),
-        vec![Action::BlockResized {
+        vec![Out::E(Event::BlockResized {
             block: 0,
             len: 6 * PS
-        }]
+        })]
     );
     let mut d = fixed(vec![b]);
     let e = feed(
@@ -336,12 +346,12 @@ fn zero_page_clears_written_page_and_nonzero_fill_is_reported() {
     assert!(mem(&d)[..4096].iter().all(|&b| b == 0x5a));
     assert_eq!(
         actions(&mut d),
-        vec![Action::NonZeroFill {
+        vec![Out::E(Event::NonZeroFill {
             offset: 30,
             block: 0,
             page_offset: 0,
             fill: 0x5a
-        }]
+        })]
     );
     assert_eq!(d.stats().nonzero_fill, 1);
     assert_eq!(d.stats().zero, 2);
@@ -530,10 +540,8 @@ fn ping_and_open_return_path() {
     let mut d = adopt();
     feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
     feed(&mut d, 5, cmd(Command::Ping(0x42))).unwrap();
-    assert_eq!(
-        actions(&mut d),
-        vec![Action::OpenReturnPath, Action::Pong(0x42)]
-    );
+    assert_eq!(actions(&mut d), vec![Out::E(Event::OpenReturnPath)]);
+    assert_eq!(transmitted(&mut d), vec![qmig_wire::RpMessage::Pong(0x42)]);
 }
 
 #[test]
@@ -816,7 +824,7 @@ fn postcopy_full_sequence() {
     let states: Vec<_> = actions(&mut d)
         .into_iter()
         .filter_map(|a| {
-            if let Action::PostcopyState(s) = a {
+            if let Out::E(Event::PostcopyState(s)) = a {
                 Some(s)
             } else {
                 None
@@ -986,11 +994,11 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
     want.extend_from_slice(&b);
     assert_eq!(
         actions(&mut d),
-        vec![Action::PlaceHostPage {
+        vec![Out::P(Place::HostPage {
             block: 0,
             offset: 2 * PS,
             data: want
-        }]
+        })]
     );
     assert!(
         !d.blocks()[0].received().get(2),
@@ -1006,11 +1014,11 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
     feed(&mut d, 40, ram(RamRecord::zero(5 * PS, None))).unwrap();
     assert_eq!(
         actions(&mut d),
-        vec![Action::PlaceZeroPage {
+        vec![Out::P(Place::ZeroPage {
             block: 0,
             offset: 4 * PS,
             len: 2 * PS
-        }]
+        })]
     );
     assert_eq!(d.stats().placed_host_pages, 1);
     assert_eq!(d.stats().placed_zero_pages, 1);
@@ -1164,38 +1172,6 @@ fn recv_bitmap_reply_round_trip() {
     assert!(parse_recv_bitmap_reply(&out[..20], |_| Some(130)).is_err());
 }
 
-#[test]
-fn bitmap_sizes_round_up_to_8_bytes() {
-    assert_eq!(PageBitmap::new(0).to_le_bytes().len(), 0);
-    assert_eq!(PageBitmap::new(1).to_le_bytes().len(), 8);
-    assert_eq!(PageBitmap::new(64).to_le_bytes().len(), 8);
-    assert_eq!(PageBitmap::new(65).to_le_bytes().len(), 16);
-    let mut b = PageBitmap::new(10);
-    b.set(9);
-    let bytes = b.to_le_bytes();
-    assert_eq!(bytes, vec![0, 2, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(PageBitmap::from_le_bytes(&bytes, 10).unwrap(), b);
-    // A bit past the end.
-    assert!(PageBitmap::from_le_bytes(&bytes, 9).is_err());
-    assert!(PageBitmap::from_le_bytes(&bytes[..4], 10).is_err());
-}
-
-#[test]
-fn bitmap_ranges() {
-    let mut b = PageBitmap::new(200);
-    b.set_range(3, 130);
-    assert_eq!(b.count_ones(), 130);
-    assert!(b.any_in_range(132, 5) && !b.any_in_range(133, 50));
-    b.clear_range(64, 64);
-    assert_eq!(b.count_ones(), 66);
-    b.set_range(190, 100);
-    assert_eq!(b.count_ones(), 76);
-    b.resize(195);
-    assert_eq!(b.count_ones(), 71);
-    b.resize(300);
-    assert!(!b.get(196));
-}
-
 // ---- mmap'd memory -------------------------------------------------------------------
 
 #[test]
@@ -1335,49 +1311,6 @@ fn file_memory_combines_writes_and_writes_back_modified_pages() {
     assert!(m.bytes_mut(1, 0, 1).is_err());
     drop(m);
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-proptest::proptest! {
-    /// The summarised bitmap agrees with a plain `Vec<bool>` under any mix of
-    /// operations, at sizes that need one to three summary levels.
-    #[test]
-    fn bitmap_matches_a_plain_model(
-        bits in proptest::prop_oneof![0u64..200, 4000u64..5000, 262_000u64..263_000],
-        ops in proptest::collection::vec((0u8..6, 0u64..263_000, 0u64..70_000), 0..60),
-    ) {
-        let mut b = PageBitmap::new(bits);
-        let mut m = vec![false; bits as usize];
-        for (op, start, n) in ops {
-            let start = start % (bits + 2);
-            let end = start.saturating_add(n).min(bits);
-            match op {
-                0 => { b.set(start); if start < bits { m[start as usize] = true; } }
-                1 => { b.clear(start); if start < bits { m[start as usize] = false; } }
-                2 => { b.set_range(start, n); for i in start..end { m[i as usize] = true; } }
-                3 => {
-                    let want = (start..end).any(|i| m[i as usize]);
-                    proptest::prop_assert_eq!(b.clear_range(start, n), want);
-                    for i in start..end { m[i as usize] = false; }
-                }
-                4 => {
-                    let want = (start..end).any(|i| m[i as usize]);
-                    proptest::prop_assert_eq!(b.any_in_range(start, n), want);
-                }
-                _ => {
-                    let want = (start.min(bits)..bits).filter(|&i| m[i as usize]).count() as u64;
-                    proptest::prop_assert_eq!(b.count_ones() - (0..start.min(bits)).filter(|&i| m[i as usize]).count() as u64, want);
-                }
-            }
-        }
-        let ones: Vec<u64> = (0..bits).filter(|&i| m[i as usize]).collect();
-        proptest::prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), ones);
-        let round = PageBitmap::from_le_bytes(&b.to_le_bytes(), bits).unwrap();
-        proptest::prop_assert_eq!(&round, &b);
-        for probe in [0, bits / 3, bits / 2, bits.saturating_sub(70)] {
-            let want = (probe..bits).any(|i| m[i as usize]);
-            proptest::prop_assert_eq!(round.any_in_range(probe, bits), want);
-        }
-    }
 }
 
 // ---- parity with QEMU 10's loader ----------------------------------------------------
@@ -1616,7 +1549,7 @@ fn adopted_pages_are_capped_for_bitmap_memory() {
 // ---- page faults and the return path (handle_page_fault / poll_transmit) ----------
 
 /// Every return-path message queued so far.
-fn transmitted(d: &mut RamDst<VecMemory>) -> Vec<qmig_wire::RpMessage<'static>> {
+fn transmitted<M: GuestMemory>(d: &mut RamDst<M>) -> Vec<qmig_wire::RpMessage<'static>> {
     let mut out = Vec::new();
     d.poll_transmit(&mut out);
     let out: &'static [u8] = Box::leak(out.into_boxed_slice());
@@ -1698,7 +1631,7 @@ fn faults_request_whole_host_pages_once_with_block_names_when_they_change() {
     feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))).unwrap();
     let placed = actions(&mut d);
     assert!(
-        matches!(placed[..], [Action::PlaceHostPage { block: 0, offset, .. }] if offset == 2 * PS)
+        matches!(placed[..], [Out::P(Place::HostPage { block: 0, offset, .. })] if offset == 2 * PS)
     );
     d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
     assert_eq!(d.outstanding_requests(), 3);
@@ -1724,11 +1657,11 @@ fn a_fault_on_a_received_page_is_placed_locally_as_zero() {
     );
     assert_eq!(
         actions(&mut d),
-        vec![Action::PlaceZeroPage {
+        vec![Out::P(Place::ZeroPage {
             block: 0,
             offset: PS,
             len: PS
-        }]
+        })]
     );
     assert!(
         transmitted(&mut d).is_empty(),
@@ -1737,33 +1670,151 @@ fn a_fault_on_a_received_page_is_placed_locally_as_zero() {
     assert_eq!(d.stats().faults_resolved_locally, 1);
 }
 
-#[test]
-fn bad_faults_are_typed_errors() {
-    let mut d = faulting();
-    let bad = |r: Result<FaultOutcome, RamDstError>| {
-        assert!(matches!(r, Err(RamDstError::BadFault { .. })), "{r:?}")
-    };
-    bad(d.handle_page_fault(2, 0));
-    bad(d.handle_page_fault(1, 4 * PS));
-    bad(d.handle_page_fault(0, u64::MAX));
-    assert!(d.handle_placed(0, PS, 2 * PS).is_err(), "unaligned");
-    assert!(
-        d.handle_placed(0, 0, 3 * PS).is_err(),
-        "not whole host pages"
+/// The machine stopped with SHUT(1) as the last (and only new) return-path message.
+fn assert_shut_1<M: GuestMemory>(d: &mut RamDst<M>) {
+    assert!(d.is_stopped());
+    assert_eq!(d.shut_code(), Some(1));
+    let msgs = transmitted(d);
+    assert_eq!(
+        msgs.last(),
+        Some(&qmig_wire::RpMessage::Shut(1)),
+        "{msgs:?}"
     );
-    assert!(d.handle_placed(0, 6 * PS, 4 * PS).is_err(), "past the end");
-    assert!(d.handle_placed(9, 0, 2 * PS).is_err(), "unknown block");
-    // Before LISTEN, and without a return path.
+}
+
+#[test]
+fn bad_faults_are_typed_errors_with_shut_1() {
+    let bad = |r: Result<FaultOutcome, RamDstError>, why: &str| match r {
+        Err(e @ RamDstError::BadFault { .. }) => {
+            assert!(e.to_string().contains(why), "{e} (wanted {why:?})")
+        }
+        other => panic!("{other:?}"),
+    };
+    for (block, off, why) in [
+        (2, 0, "no such block"),
+        (1, 4 * PS, "outside \"vram\""),
+        (0, u64::MAX, "outside \"pc.ram\""),
+    ] {
+        let mut d = faulting();
+        bad(d.handle_page_fault(block, off), why);
+        assert_shut_1(&mut d);
+        // Stopped: later input is refused, nothing more is sent.
+        assert!(matches!(
+            d.handle_page_fault(0, 0),
+            Err(RamDstError::Stopped { .. })
+        ));
+        assert!(!d.poll_transmit(&mut Vec::new()));
+    }
+    // Before any block exists.
+    let mut d = RamDst::new(
+        Config {
+            placement: Placement::Emit,
+            ..Config::default()
+        },
+        VecMemory::new(),
+    )
+    .unwrap();
+    feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+    bad(d.handle_page_fault(0, 0), "no such block (0 blocks)");
+    assert_shut_1(&mut d);
+    // Placement reports that do not match a placement handed out.
+    for (block, off, len, why) in [
+        (0, PS, 2 * PS, "not whole host pages"),
+        (0, 0, 3 * PS, "not whole host pages"),
+        (0, 6 * PS, 4 * PS, "not whole host pages"),
+        (9, 0, 2 * PS, "no such block"),
+        (0, 0, 2 * PS, "not handed out"),
+    ] {
+        let mut d = faulting();
+        let e = d.handle_placed(block, off, len).unwrap_err();
+        assert!(
+            matches!(e, RamDstError::BadFault { .. }) && e.to_string().contains(why),
+            "{e} (wanted {why:?})"
+        );
+        assert_shut_1(&mut d);
+    }
+    // Before LISTEN (a return path open): SHUT(1).
     let mut e = emit(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
-    bad(e.handle_page_fault(0, 0));
+    feed(&mut e, 0, cmd(Command::OpenReturnPath)).unwrap();
+    bad(e.handle_page_fault(0, 0), "before POSTCOPY_LISTEN");
+    assert_shut_1(&mut e);
+    // Without a return path: a typed error, and no SHUT (nowhere to send it).
+    let mut e = emit(vec![LocalBlock::fixed("pc.ram", 4 * PS)]);
     listening(&mut e);
-    let r = e.handle_page_fault(0, 0).unwrap_err();
-    assert!(r.to_string().contains("return path"), "{r}");
+    bad(e.handle_page_fault(0, 0), "return path");
+    assert!(e.is_stopped() && e.shut_code().is_none());
+    assert!(!e.poll_transmit(&mut Vec::new()));
     // After the stream ended, an unreceived page has nobody to ask.
     let mut f = faulting();
     feed(&mut f, 3, Item::Eof).unwrap();
     assert_eq!(f.postcopy_state(), PostcopyState::End);
-    bad(f.handle_page_fault(0, 0));
+    bad(f.handle_page_fault(0, 0), "nobody left to ask");
+    assert_shut_1(&mut f);
+}
+
+#[test]
+fn received_bits_are_set_only_when_the_placement_succeeded() {
+    let mut d = faulting();
+    let a = [5u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 20, ram(RamRecord::page(3 * PS, None, &a))).unwrap();
+    assert!(matches!(
+        actions(&mut d)[..],
+        [Out::P(Place::HostPage { offset, .. })] if offset == 2 * PS
+    ));
+    // A fault while the placement is outstanding asks nothing.
+    assert_eq!(
+        d.handle_page_fault(0, 2 * PS).unwrap(),
+        FaultOutcome::AlreadyRequested
+    );
+    assert!(transmitted(&mut d).is_empty());
+    // The same host page again in the stream before the report: refused.
+    let mut dup = faulting();
+    feed(
+        &mut dup,
+        10,
+        ram(RamRecord::page(2 * PS, Some("pc.ram"), &a)),
+    )
+    .unwrap();
+    feed(&mut dup, 20, ram(RamRecord::page(3 * PS, None, &a))).unwrap();
+    let e = feed(&mut dup, 30, ram(RamRecord::page(2 * PS, None, &a))).unwrap_err();
+    assert!(e.to_string().contains("being placed"), "{e}");
+    assert_shut_1(&mut dup);
+    // The host reports a failure: bits stay clear, typed error, SHUT(1).
+    let e = d.handle_place_failed(0, 2 * PS, 2 * PS, "UFFDIO_COPY: ENOMEM");
+    assert!(
+        matches!(
+            &e,
+            RamDstError::PlacementFailed { page_offset, len, block, .. }
+                if *page_offset == 2 * PS && *len == 2 * PS && block == "pc.ram"
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("ENOMEM"), "{e}");
+    assert!(!d.blocks()[0].received().get(2) && !d.blocks()[0].received().get(3));
+    assert_shut_1(&mut d);
+}
+
+#[test]
+fn end_of_input_queues_shut_0_once() {
+    let mut d = faulting();
+    feed(&mut d, 3, Item::Eof).unwrap();
+    d.handle_end_of_input().unwrap();
+    assert_eq!(d.shut_code(), Some(0));
+    assert_eq!(transmitted(&mut d), vec![qmig_wire::RpMessage::Shut(0)]);
+    d.handle_failure();
+    assert!(!d.poll_transmit(&mut Vec::new()), "one SHUT only");
+    // Input ending inside a host page: SHUT(1).
+    let mut d = faulting();
+    let a = [5u8; 4096];
+    feed(&mut d, 10, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    let e = d.handle_end_of_input().unwrap_err();
+    assert!(e.to_string().contains("inside a host page"), "{e}");
+    assert_shut_1(&mut d);
+    // No return path: nothing to send either way.
+    let mut d = adopt();
+    d.handle_end_of_input().unwrap();
+    assert!(d.shut_code().is_none() && !d.poll_transmit(&mut Vec::new()));
 }
 
 // ---- postcopy model: faults in any order, any discard set ---------------------------
@@ -1811,14 +1862,18 @@ impl GuestMemory for PresentMemory {
 /// (as UFFDIO_COPY / UFFDIO_ZEROPAGE would, EEXIST leaving the page alone)
 /// and reports them.
 fn model_drain(d: &mut RamDst<PresentMemory>) {
-    while let Some(a) = d.poll_action() {
+    while d.poll_event().is_some() {}
+    while let Some(a) = d.poll_placement() {
         let (off, data, len) = match a {
-            Action::PlaceHostPage { offset, data, .. } => {
+            Place::HostPage { offset, data, .. } => {
                 let n = data.len() as u64;
                 (offset, Some(data), n)
             }
-            Action::PlaceZeroPage { offset, len, .. } => (offset, None, len),
-            _ => continue,
+            Place::ZeroPage { offset, len, .. } => (offset, None, len),
+            Place::Discard { offset, len, .. } => {
+                d.memory_mut().discard(0, offset, len).unwrap();
+                continue;
+            }
         };
         let p = (off / PS) as usize;
         let m = d.memory_mut();

@@ -91,7 +91,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // PINGs need a return path (QEMU's loadvm_process_command).
     dst.handle_item(0, 0, &Item::Command(Command::OpenReturnPath))
         .unwrap();
-    while dst.poll_action().is_some() {}
+    while dst.poll_event().is_some() || dst.poll_placement().is_some() {}
     let blocks: Vec<MemBlock> = BLOCKS
         .iter()
         .map(|&(name, pages)| MemBlock {
@@ -105,7 +105,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         .unwrap();
     dst.handle_item(1, 1, &Item::Command(Command::PostcopyAdvise(None)))
         .unwrap();
-    while dst.poll_action().is_some() {}
+    while dst.poll_event().is_some() || dst.poll_placement().is_some() {}
     let mut model = Model {
         mem: BLOCKS.iter().map(|&(_, p)| vec![0; p * PS]).collect(),
         received: BLOCKS.iter().map(|&(_, p)| vec![false; p]).collect(),
@@ -251,11 +251,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Ping(v) => {
-                prop_assert_eq!(dst.poll_action(), Some(qmig_ram_dst::Action::Pong(v)));
+                let mut rp = Vec::new();
+                prop_assert!(dst.poll_transmit(&mut rp));
+                let mut want = Vec::new();
+                qmig_wire::RpMessage::Pong(v).write(&mut want).unwrap();
+                prop_assert_eq!(rp, want);
             }
             _ => {}
         }
-        while dst.poll_action().is_some() {}
+        while dst.poll_event().is_some() || dst.poll_placement().is_some() {}
     }
     prop_assert!(matches!(
         dst.postcopy_state(),

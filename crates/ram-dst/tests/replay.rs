@@ -31,7 +31,7 @@ fn replay(stream: &[u8]) -> (RamDst<VecMemory>, Option<String>) {
         if let Err(e) = dst.handle_read_item(&ri) {
             return (dst, Some(e.to_string()));
         }
-        while dst.poll_action().is_some() {}
+        while dst.poll_event().is_some() || dst.poll_placement().is_some() {}
     }
     (dst, None)
 }

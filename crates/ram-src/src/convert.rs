@@ -61,7 +61,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use qmig_ram_dst::{
-    Action, Config as DstConfig, GuestMemory, Layout, PageBitmap, RamDst, RamDstError,
+    Config as DstConfig, Event, GuestMemory, Layout, PageBitmap, RamDst, RamDstError,
 };
 use qmig_wire::section::write_footer;
 use qmig_wire::{
@@ -390,8 +390,8 @@ impl<M: GuestMemory> Converter<M> {
     /// spooling fails.
     pub fn handle(&mut self, ri: &ReadItem<'_>) -> Result<(), ConvertError> {
         self.dst.handle_read_item(ri)?;
-        while let Some(a) = self.dst.poll_action() {
-            if let Action::BlockResized { .. } = a {
+        while let Some(a) = self.dst.poll_event() {
+            if let Event::BlockResized { .. } = a {
                 self.size_touched();
             }
         }

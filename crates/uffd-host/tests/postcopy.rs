@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qmig_ram_dst::{
-    Action, Config, Layout, LocalBlock, Placement, PostcopyState, RamDst, VecMemory,
+    Config, Event, Layout, LocalBlock, Place, Placement, PostcopyState, RamDst, VecMemory,
 };
 use qmig_uffd_host::{probe, Blocktime, Region};
 use qmig_wire::header::Configuration;
@@ -122,9 +122,16 @@ fn ram_dst_emit_actions_resolve_real_faults() {
         let (off, item) = r.unwrap();
         let len = (rd.decoder().position() - off) as usize;
         dst.handle_item(off, len, &item).unwrap();
-        while let Some(a) = dst.poll_action() {
+        while let Some(e) = dst.poll_event() {
+            match e {
+                Event::PostcopyState(st) => states.push(st),
+                Event::OpenReturnPath => {}
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        while let Some(a) = dst.poll_placement() {
             match a {
-                Action::PlaceHostPage {
+                Place::HostPage {
                     block,
                     offset,
                     data,
@@ -135,7 +142,7 @@ fn ram_dst_emit_actions_resolve_real_faults() {
                     dst.handle_placed(block, offset, data.len() as u64).unwrap();
                     placed += 1;
                 }
-                Action::PlaceZeroPage { block, offset, len } => {
+                Place::ZeroPage { block, offset, len } => {
                     assert_eq!(block, 0);
                     region
                         .place_zero_page(offset as usize, len as usize)
@@ -143,9 +150,8 @@ fn ram_dst_emit_actions_resolve_real_faults() {
                     dst.handle_placed(block, offset, len).unwrap();
                     zeroed += 1;
                 }
-                Action::PostcopyState(st) => states.push(st),
-                Action::OpenReturnPath => {}
-                other => panic!("unexpected action {other:?}"),
+                // Nothing was written before the discards: none to carry out.
+                other => panic!("unexpected placement {other:?}"),
             }
         }
     }

@@ -395,3 +395,84 @@ impl PageBitmap {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Moved from qmig-ram-dst with the type.
+    use super::PageBitmap;
+
+    #[test]
+    fn bitmap_sizes_round_up_to_8_bytes() {
+        assert_eq!(PageBitmap::new(0).to_le_bytes().len(), 0);
+        assert_eq!(PageBitmap::new(1).to_le_bytes().len(), 8);
+        assert_eq!(PageBitmap::new(64).to_le_bytes().len(), 8);
+        assert_eq!(PageBitmap::new(65).to_le_bytes().len(), 16);
+        let mut b = PageBitmap::new(10);
+        b.set(9);
+        let bytes = b.to_le_bytes();
+        assert_eq!(bytes, vec![0, 2, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(PageBitmap::from_le_bytes(&bytes, 10).unwrap(), b);
+        // A bit past the end.
+        assert!(PageBitmap::from_le_bytes(&bytes, 9).is_err());
+        assert!(PageBitmap::from_le_bytes(&bytes[..4], 10).is_err());
+    }
+
+    #[test]
+    fn bitmap_ranges() {
+        let mut b = PageBitmap::new(200);
+        b.set_range(3, 130);
+        assert_eq!(b.count_ones(), 130);
+        assert!(b.any_in_range(132, 5) && !b.any_in_range(133, 50));
+        b.clear_range(64, 64);
+        assert_eq!(b.count_ones(), 66);
+        b.set_range(190, 100);
+        assert_eq!(b.count_ones(), 76);
+        b.resize(195);
+        assert_eq!(b.count_ones(), 71);
+        b.resize(300);
+        assert!(!b.get(196));
+    }
+
+    proptest::proptest! {
+        /// The summarised bitmap agrees with a plain `Vec<bool>` under any mix of
+        /// operations, at sizes that need one to three summary levels.
+        #[test]
+        fn bitmap_matches_a_plain_model(
+            bits in proptest::prop_oneof![0u64..200, 4000u64..5000, 262_000u64..263_000],
+            ops in proptest::collection::vec((0u8..6, 0u64..263_000, 0u64..70_000), 0..60),
+        ) {
+            let mut b = PageBitmap::new(bits);
+            let mut m = vec![false; bits as usize];
+            for (op, start, n) in ops {
+                let start = start % (bits + 2);
+                let end = start.saturating_add(n).min(bits);
+                match op {
+                    0 => { b.set(start); if start < bits { m[start as usize] = true; } }
+                    1 => { b.clear(start); if start < bits { m[start as usize] = false; } }
+                    2 => { b.set_range(start, n); for i in start..end { m[i as usize] = true; } }
+                    3 => {
+                        let want = (start..end).any(|i| m[i as usize]);
+                        proptest::prop_assert_eq!(b.clear_range(start, n), want);
+                        for i in start..end { m[i as usize] = false; }
+                    }
+                    4 => {
+                        let want = (start..end).any(|i| m[i as usize]);
+                        proptest::prop_assert_eq!(b.any_in_range(start, n), want);
+                    }
+                    _ => {
+                        let want = (start.min(bits)..bits).filter(|&i| m[i as usize]).count() as u64;
+                        proptest::prop_assert_eq!(b.count_ones() - (0..start.min(bits)).filter(|&i| m[i as usize]).count() as u64, want);
+                    }
+                }
+            }
+            let ones: Vec<u64> = (0..bits).filter(|&i| m[i as usize]).collect();
+            proptest::prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), ones);
+            let round = PageBitmap::from_le_bytes(&b.to_le_bytes(), bits).unwrap();
+            proptest::prop_assert_eq!(&round, &b);
+            for probe in [0, bits / 3, bits / 2, bits.saturating_sub(70)] {
+                let want = (probe..bits).any(|i| m[i as usize]);
+                proptest::prop_assert_eq!(round.any_in_range(probe, bits), want);
+            }
+        }
+    }
+}
