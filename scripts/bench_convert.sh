@@ -47,7 +47,7 @@ b["length"] = size
 json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
 PY
     "$qmig" send --ram "$work/ram" --template "$repo/tests/data/q10-stopped/stream" \
-        --to "file:$stream" --passes "$passes" --dirty-fraction "$fraction" --seed 3 2>&1 \
+        --to "file:$stream" --passes "$passes" --dirty-fraction "$fraction" --seed 3 --force 2>&1 \
         | grep -v warning >&2 || true
 fi
 size=$(stat -c %s "$stream")
