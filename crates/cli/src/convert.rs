@@ -569,10 +569,13 @@ impl AnonImage {
                 format!("{len} bytes at {offset:#x} outside block {index} of {have:#x} bytes"),
             ));
         };
-        // SAFETY: `start..start + len` lies inside the block's mapping of
-        // `have` bytes (checked above), and the returned borrow of `self`
-        // keeps the mapping alive and unaliased for its lifetime.
-        Ok(unsafe { std::slice::from_raw_parts_mut(p.add(start), len) })
+        // SAFETY: `start` is within the block's mapping of `have` bytes
+        // (checked above).
+        let at = unsafe { p.add(start) };
+        // SAFETY: `at..at + len` lies inside that mapping (checked above),
+        // and the returned borrow of `self` keeps the mapping alive and
+        // unaliased for its lifetime.
+        Ok(unsafe { std::slice::from_raw_parts_mut(at, len) })
     }
 }
 
