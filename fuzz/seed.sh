@@ -58,7 +58,7 @@ mr="$data/field/mapped-ram-file/stream.gz"
 if [ -f "$mr" ]; then
     tmp="$(mktemp)"
     gzip -dc "$mr" > "$tmp"
-    for t in parse_stream roundtrip ram_dst_ops; do
+    for t in parse_stream roundtrip ram_dst_ops convert; do
         head -c 65536 "$tmp" > "$here/corpus/$t/mapped-ram-head"
     done
     rm -f "$tmp"

@@ -2,8 +2,8 @@
 //! stream holding each page's final content once, with records QEMU 10
 //! loads (see `qmig_ram_src::convert`).
 //!
-//! The final RAM image is held in sparse files mapped into the process
-//! (`MmapMemory`) and the non-RAM bytes in spool files, all in a temporary
+//! The final RAM image is held in anonymous memory (`AnonImage`: pages
+//! never written cost nothing) and the non-RAM bytes in spool files in a temporary
 //! directory next to OUT; the output is written to a temporary name next to
 //! OUT and renamed only when complete. A libvirt save image stays one: its
 //! header and data (domain XML, cookie, padding) are kept and its `format`
@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use qmig_container::libvirt::{encode_image_prefix, SaveFormat};
 use qmig_container::Layer;
-use qmig_ram_dst::{MappedInput, MmapMemory};
+use qmig_ram_dst::MappedInput;
 use qmig_ram_src::convert::{ConvertError, Converter, Format, Options, Report, ZeroPages};
 use qmig_wire::{ReadItem, SliceReader};
 use serde_json::json;
@@ -155,8 +155,7 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         keep_part: false,
     };
     fs::create_dir_all(&tmp.dir).map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
-    let mem = MmapMemory::create(&tmp.dir.join("ram"))
-        .map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
+    let mem = AnonImage { blocks: Vec::new() };
     let opts = Options {
         zero_pages: match a.zero_pages {
             ZeroArg::Zero => ZeroPages::Zero,
@@ -316,7 +315,7 @@ fn finish_message(
 fn apply_slice(
     map: &MappedInput,
     base: u64,
-    conv: &mut Converter<MmapMemory>,
+    conv: &mut Converter<AnonImage>,
 ) -> Result<(), ConvertError> {
     const RELEASE_STEP: u64 = 32 << 20;
     let buf = map.as_slice();
@@ -499,4 +498,145 @@ pub fn send_mapped_ram(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The final RAM image of a conversion, in anonymous memory: one private
+/// anonymous mapping per block, advised for transparent huge pages. Pages
+/// never written cost nothing (they read as the shared zero page), a ZERO
+/// record onto a page that is still zero writes nothing, and nothing goes
+/// to disk (the image is read once, to write the output). It replaced
+/// sparse files mapped from the temporary directory: faulting page-cache
+/// pages of those files in, and their writeback, were a third of the run.
+struct AnonImage {
+    blocks: Vec<(String, *mut u8, usize)>,
+}
+
+impl std::fmt::Debug for AnonImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.blocks.iter().map(|(n, _, l)| (n, l)))
+            .finish()
+    }
+}
+
+impl AnonImage {
+    fn map(len: usize) -> std::io::Result<*mut u8> {
+        if len == 0 {
+            return Ok(std::ptr::NonNull::<u8>::dangling().as_ptr());
+        }
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched, and the result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just created, of its exact length;
+        // failure only means no huge pages.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        Ok(p.cast())
+    }
+
+    fn unmap(p: *mut u8, len: usize) {
+        if len > 0 {
+            // SAFETY: `p`/`len` are exactly a mapping made by `map` and not
+            // used after this (the caller drops or replaces the entry).
+            unsafe { libc::munmap(p.cast(), len) };
+        }
+    }
+
+    fn slice(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        let Some(&(_, p, have)) = self.blocks.get(index) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("block index {index} out of range"),
+            ));
+        };
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&o| o.checked_add(len).is_some_and(|e| e <= have));
+        let Some(start) = start else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {offset:#x} outside block {index} of {have:#x} bytes"),
+            ));
+        };
+        // SAFETY: `start` is within the block's mapping of `have` bytes
+        // (checked above).
+        let at = unsafe { p.add(start) };
+        // SAFETY: `at..at + len` lies inside that mapping (checked above),
+        // and the returned borrow of `self` keeps the mapping alive and
+        // unaliased for its lifetime.
+        Ok(unsafe { std::slice::from_raw_parts_mut(at, len) })
+    }
+}
+
+impl Drop for AnonImage {
+    fn drop(&mut self) {
+        for &(_, p, len) in &self.blocks {
+            Self::unmap(p, len);
+        }
+    }
+}
+
+impl qmig_ram_dst::GuestMemory for AnonImage {
+    fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> std::io::Result<()> {
+        let len = usize::try_from(len)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::OutOfMemory, "block too large"))?;
+        let p = Self::map(len)?;
+        match index.cmp(&self.blocks.len()) {
+            std::cmp::Ordering::Less => {
+                let (_, old, old_len) = self.blocks[index];
+                let keep = old_len.min(len);
+                // SAFETY: both mappings are live and distinct; `keep` is
+                // within each.
+                unsafe { std::ptr::copy_nonoverlapping(old, p, keep) };
+                Self::unmap(old, old_len);
+                self.blocks[index] = (name.to_string(), p, len);
+            }
+            std::cmp::Ordering::Equal => self.blocks.push((name.to_string(), p, len)),
+            std::cmp::Ordering::Greater => {
+                Self::unmap(p, len);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("block index {index} skips ahead"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        self.slice(index, offset, len)
+    }
+
+    fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        let b = self.slice(index, offset, len as usize)?;
+        // Reading a page never written maps the zero page: no allocation.
+        if !qmig_ram_src::is_zero(b) {
+            b.fill(0);
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, index: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut at = offset;
+        let end = offset.checked_add(len).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "discard range overflows")
+        })?;
+        while at < end {
+            let n = (end - at).min(1 << 20);
+            self.zero_page(index, at, n)?;
+            at += n;
+        }
+        Ok(())
+    }
 }

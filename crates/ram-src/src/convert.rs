@@ -18,6 +18,15 @@
 //! device sections, EOF, [vmdesc]                       (as in the input)
 //! ```
 //!
+//! With [`Format::MappedRam`], [`Converter::finish_mapped_ram`] writes the
+//! same items as a mapped-ram file instead (wire-format §14; the `ram`
+//! START section carries each block's header, bitmap and page area, written
+//! by [`crate::mapped::MappedRamWriter`], and no PART section), with
+//! `mapped-ram` listed in the configuration. A mapped-ram input is read like
+//! any other: every page of its page areas is applied (a clear bit as a
+//! zero page), and for stream output its MEM_SIZE list is written without
+//! the block headers and `mapped-ram` leaves the configuration.
+//!
 //! What changes, and why (QEMU 10's loader, `ram_load_precopy` and
 //! `loadvm_process_command`, is the reference):
 //! - Page records are ZERO (all-zero page; left out with

@@ -542,7 +542,10 @@ mod tests {
         out
     }
 
-    fn blocks() -> impl Strategy<Value = (u32, Vec<(String, Vec<u8>)>, Vec<bool>)> {
+    /// Page bits, blocks (name, bytes), pages left out.
+    type Generated = (u32, Vec<(String, Vec<u8>)>, Vec<bool>);
+
+    fn blocks() -> impl Strategy<Value = Generated> {
         (10u32..=13).prop_flat_map(|bits| {
             let ps = 1usize << bits;
             let block = (
