@@ -1,5 +1,5 @@
 //! Arbitrary bytes as a multifd channel applied to a destination with
-//! pc.ram (64 MiB) and pc.rom (128 KiB), through the channel's decoder
+//! pc.ram (4 MiB, small to keep runs fast) and pc.rom (128 KiB), through the channel's decoder
 //! (none/zlib/zstd streams): no panic, every error names an offset inside
 //! the input, and the memory keeps its block sizes.
 #![no_main]
@@ -12,8 +12,18 @@ use qmig_wire::{Item, MemBlock, RamRecord};
 fuzz_target!(|data: &[u8]| {
     let mut dst = RamDst::new(Config::default(), VecMemory::new()).unwrap();
     let blocks = vec![
-        MemBlock { name: "pc.ram", used_length: 64 << 20, page_size: None, addr: None },
-        MemBlock { name: "pc.rom", used_length: 128 << 10, page_size: None, addr: None },
+        MemBlock {
+            name: "pc.ram",
+            used_length: 4 << 20,
+            page_size: None,
+            addr: None,
+        },
+        MemBlock {
+            name: "pc.rom",
+            used_length: 128 << 10,
+            page_size: None,
+            addr: None,
+        },
     ];
     dst.handle_item(0, 1, &Item::Ram(RamRecord::mem_size(blocks)))
         .unwrap();
@@ -31,6 +41,9 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => break,
         }
     }
-    assert_eq!(dst.memory().block("pc.ram").map(<[u8]>::len), Some(64 << 20));
-    assert_eq!(dst.memory().block("pc.rom").map(<[u8]>::len), Some(128 << 10));
+    assert_eq!(dst.memory().block("pc.ram").map(<[u8]>::len), Some(4 << 20));
+    assert_eq!(
+        dst.memory().block("pc.rom").map(<[u8]>::len),
+        Some(128 << 10)
+    );
 });

@@ -22,6 +22,10 @@
 //! [`FileMemory`] (sparse image files written with combined `pwrite`s; the
 //! fastest for replaying a stream from a file).
 //!
+//! Multifd: [`multifd::ChannelDecoder`] inflates a channel's packets (one
+//! zlib or zstd stream per channel) and [`RamDst::apply_multifd`] applies
+//! them; [`multifd::SyncPairing`] is the SYNC / MULTIFD_FLUSH pairing rule.
+//!
 //! Every check that keeps a hostile stream from writing outside a block is
 //! done before memory is touched; every error names the stream offset.
 //!
