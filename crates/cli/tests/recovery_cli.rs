@@ -323,3 +323,88 @@ fn received_bitmaps_at_the_pause_equal_qemus() {
         assert_eq!(compared, dst.blocks().len(), "{sc}");
     }
 }
+
+/// Hostile recovery messages in real captures: a RECV_BITMAP for a block the
+/// migration does not have, RAM before POSTCOPY_RESUME, a RESUME_ACK of 2, a
+/// reply with a broken end marker; each a typed error naming the file and
+/// the offset.
+#[test]
+fn hostile_recovery_messages_are_typed_errors() {
+    let (m, _, rp) = files("q10-postcopy-recover");
+    let d = tmpdir("hostile");
+    std::fs::create_dir_all(&d).unwrap();
+    let raw = |f: &PathBuf| qmig_tests::gunzip(&std::fs::read(f).unwrap());
+    // RECV_BITMAP "pc.xam" at offset 0 of the recovery connection.
+    let mut m2 = raw(&m[1]);
+    assert_eq!(&m2[6..12], b"pc.ram");
+    m2[9] = b'x';
+    let bad = d.join("main-2-unknown.bin");
+    std::fs::write(&bad, &m2).unwrap();
+    let r = qmig(&args(&["inspect"], &[m[0].clone(), bad.clone()], &[]));
+    assert_eq!(r.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(
+        e.contains("main-2-unknown.bin")
+            && e.contains("offset 0: RECV_BITMAP command names RAM block \"pc.xam\""),
+        "{e}"
+    );
+    // RAM before POSTCOPY_RESUME: drop the RESUME command.
+    let m2 = raw(&m[1]);
+    let at = m2.windows(5).position(|w| w == [8, 0, 9, 0, 0]).unwrap();
+    let mut cut = m2[..at].to_vec();
+    cut.extend_from_slice(&m2[at + 5..]);
+    let bad = d.join("main-2-noresume.bin");
+    std::fs::write(&bad, &cut).unwrap();
+    let r = qmig(&args(
+        &["extract", "-q", "-o"],
+        &[d.join("out"), m[0].clone(), bad.clone()],
+        &[],
+    ));
+    assert_eq!(r.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(
+        e.contains(&format!("offset {at}: postcopy recovery")),
+        "{e}"
+    );
+    // RESUME_ACK 2, and a broken end marker, on the return path.
+    let rp2 = raw(&rp[1]);
+    let ack = rp2
+        .windows(8)
+        .position(|w| w == [0, 6, 0, 4, 0, 0, 0, 1])
+        .unwrap();
+    let mut two = rp2.clone();
+    two[ack + 7] = 2;
+    let end = rp2
+        .windows(8)
+        .position(|w| w == [1, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef])
+        .unwrap();
+    let mut marker = rp2.clone();
+    marker[end] = 0;
+    for (name, bytes, want) in [
+        (
+            "rp-ack2.bin",
+            two,
+            format!("offset {ack}: RESUME_ACK value 2"),
+        ),
+        (
+            "rp-marker.bin",
+            marker,
+            format!("offset {end}: received bitmap end marker"),
+        ),
+    ] {
+        let f = d.join(name);
+        std::fs::write(&f, &bytes).unwrap();
+        let mut a = args(&["inspect"], &m[..], &[]);
+        a.extend([
+            "--return-path".as_ref(),
+            rp[0].as_os_str(),
+            "--return-path".as_ref(),
+            f.as_os_str(),
+        ]);
+        let r = qmig(&a);
+        assert_eq!(r.status.code(), Some(1), "{name}");
+        let e = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(e.contains(&want), "{name}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
