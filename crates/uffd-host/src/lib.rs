@@ -56,7 +56,7 @@ mod sys;
 
 pub use blocktime::{latency_bucket, Blocktime, Latency, LATENCY_BUCKETS};
 pub use fault::{Fault, FaultStats, FaultThread};
-pub use guest::AnonMemory;
+pub use guest::{AnonMemory, LiveMemory};
 pub use probe::{probe, Features};
 pub use region::{BlocktimeHandle, Placed, Region};
 pub use sys::{Backing, Mapping, HUGE_PAGE_SIZE};
