@@ -2,7 +2,7 @@
 //! [`GuestMemory`] and registered for postcopy at POSTCOPY_LISTEN.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use qmig_ram_dst::GuestMemory;
 
@@ -163,7 +163,7 @@ impl AnonMemory {
                     name: b.name.clone(),
                     used: b.used,
                     map: b.map.clone(),
-                    region: regions.next().flatten(),
+                    region: RwLock::new(regions.next().flatten()),
                 })
                 .collect(),
         }
@@ -221,12 +221,20 @@ impl AnonMemory {
     }
 }
 
+impl LiveBlock {
+    fn slot(&self) -> std::sync::RwLockReadGuard<'_, Option<Region>> {
+        self.region.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[derive(Debug)]
 struct LiveBlock {
     name: String,
     used: u64,
     map: Option<Arc<Mapping>>,
-    region: Option<Region>,
+    /// Behind a lock so [`LiveMemory::unregister`] can close it while
+    /// other threads still hold the memory (and may be blocked reading it).
+    region: RwLock<Option<Region>>,
 }
 
 /// Live guest memory during postcopy, shared (`&self`, `Send + Sync`) by
@@ -260,14 +268,15 @@ impl LiveMemory {
         self.blocks.get(index).map(|b| (b.name.as_str(), b.used))
     }
 
-    /// The region registered for block `index`, if any.
-    pub fn region(&self, index: usize) -> Option<&Region> {
-        self.blocks.get(index)?.region.as_ref()
+    /// A handle on the region registered for block `index`, if any (it
+    /// keeps the userfaultfd open while held).
+    pub fn region(&self, index: usize) -> Option<Region> {
+        self.blocks.get(index)?.slot().clone()
     }
 
-    /// Every region, by block.
-    pub fn regions(&self) -> impl Iterator<Item = &Region> {
-        self.blocks.iter().filter_map(|b| b.region.as_ref())
+    /// Whether block `index` is registered.
+    pub fn is_registered(&self, index: usize) -> bool {
+        self.blocks.get(index).is_some_and(|b| b.slot().is_some())
     }
 
     /// Copies `buf.len()` bytes at `offset` of block `index` out, as a vCPU
@@ -296,15 +305,16 @@ impl LiveMemory {
         }
     }
 
-    /// Drops every region (closing the userfaultfds wakes every waiter,
-    /// which then reads zeros); the mappings stay.
-    pub fn unregister(&mut self) {
-        for b in &mut self.blocks {
-            b.region = None;
+    /// Drops every region's handle: once the fault threads are stopped too,
+    /// the userfaultfds close, which wakes every waiter (it then reads
+    /// zeros). The mappings stay.
+    pub fn unregister(&self) {
+        for b in &self.blocks {
+            *b.region.write().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 
-    fn region_or_err(&self, index: usize) -> Result<&Region, UffdError> {
+    fn region_or_err(&self, index: usize) -> Result<Region, UffdError> {
         self.region(index).ok_or(UffdError::BadRange {
             offset: 0,
             len: 0,
