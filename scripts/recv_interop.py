@@ -15,6 +15,9 @@ Each scenario boots the dirtying guest (scripts/guest) on a QEMU source, starts
 Scenario `q10-postcopy` (128 MiB guest, postcopy started after ~1 s, `recv --touch 2`)
 checks instead that pc.ram equals the source's pmemsave after `completed`, and that the
 source's ram.postcopy-requests is > 0 and equal to the page requests qmig reports;
+`q10-postcopy-hugepage` does the same with the source's RAM in a hugetlbfs
+memory-backend-file (share=on, 2 MiB pages; the script raises vm.nr_hugepages when it must):
+qmig must ask for and place 2 MiB pages in hugetlbfs memory.
 `q10-postcopy-killed` kills the source mid-postcopy (recv must fail cleanly, no hang).
 Scenario `killed-source` kills the source mid-stream: recv must exit non-zero with the
 error offset in manifest.json and images consistent with `applied_up_to`.

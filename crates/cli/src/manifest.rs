@@ -188,6 +188,15 @@ pub struct PostcopyInfo {
     /// anything longer).
     #[serde(default)]
     pub fault_latency_dist_us: Vec<u64>,
+    /// Round trips of the faults that needed a page from the source: from
+    /// the fault thread reading the fault, through REQ_PAGES, to the
+    /// placement of the page the source sent, µs.
+    #[serde(default)]
+    pub request_latency_us: LatencySummary,
+    /// Log2 histogram of `request_latency_us` (the layout of
+    /// `fault_latency_dist_us`).
+    #[serde(default)]
+    pub request_latency_dist_us: Vec<u64>,
     /// Time during which every vCPU (touch thread) was blocked at once, µs:
     /// QEMU's `postcopy-blocktime`.
     #[serde(default)]

@@ -10,6 +10,7 @@
 //! and by the fault handler for each fault; placements and return-path writes
 //! happen under it, so a fault never sees a page half placed.
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use qmig_ram_dst::{
     Action, BlockState, FaultOutcome, FileMemory, GuestMemory, ImageFile, PostcopyState,
 };
 use qmig_uffd_host::{
-    AnonMemory, Backing, Blocktime, BlocktimeHandle, Fault, FaultThread, LiveMemory,
+    AnonMemory, Backing, Blocktime, BlocktimeHandle, Fault, FaultThread, Latency, LiveMemory,
 };
 
 use crate::extract::{Images, Session, StopError};
@@ -147,6 +148,11 @@ pub(crate) struct Host {
     /// How each block was backed at LISTEN.
     backing: Vec<BlockBacking>,
     fault_threads: Vec<FaultThread>,
+    /// Host pages asked of the source and not placed yet, with the time the
+    /// fault thread read the fault that caused the request.
+    waiting: HashMap<(usize, u64), Instant>,
+    /// Round trips fault → request → placed.
+    request_latency: Latency,
     /// Faults handed to the state machine.
     faults_handled: u64,
     /// The first error of the fault handler.
@@ -247,7 +253,11 @@ impl Inner {
         self.session
             .dst
             .handle_placed(block, offset, len)
-            .map_err(StopError::Dst)
+            .map_err(StopError::Dst)?;
+        if let Some(t) = self.host.waiting.remove(&(block, offset)) {
+            self.host.request_latency.record(t.elapsed());
+        }
+        Ok(())
     }
 
     /// Places a host page the state machine assembled (or a zero page it
@@ -601,13 +611,10 @@ impl Running {
             outstanding_requests: g.session.dst.outstanding_requests() as u64,
             placed_host_pages: st.placed_host_pages,
             placed_zero_pages: st.placed_zero_pages,
-            fault_latency_us: LatencySummary {
-                count: lat.count(),
-                p50: lat.quantile_us(0.50),
-                p99: lat.quantile_us(0.99),
-                max: lat.max_us(),
-            },
+            fault_latency_us: summary(lat),
             fault_latency_dist_us: lat.dist().to_vec(),
+            request_latency_us: summary(&g.host.request_latency),
+            request_latency_dist_us: g.host.request_latency.dist().to_vec(),
             blocktime_us: bt.all_vcpus_blocked().as_micros() as u64,
             blocktime_total_us: bt.total().as_micros() as u64,
             vcpu_blocktime,
@@ -619,6 +626,15 @@ impl Running {
             fault_thread_errors: thread_errors,
             error: g.host.error.clone(),
         }
+    }
+}
+
+fn summary(l: &Latency) -> LatencySummary {
+    LatencySummary {
+        count: l.count(),
+        p50: l.quantile_us(0.50),
+        p99: l.quantile_us(0.99),
+        max: l.max_us(),
     }
 }
 
@@ -640,7 +656,12 @@ fn handle_faults(
         let mut g = lock(inner);
         g.host.faults_handled += 1;
         let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
-            Ok(FaultOutcome::Requested | FaultOutcome::AlreadyRequested) => Ok(()),
+            Ok(FaultOutcome::Requested) => {
+                let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
+                g.host.waiting.insert((f.tag, start), f.seen);
+                Ok(())
+            }
+            Ok(FaultOutcome::AlreadyRequested) => Ok(()),
             Ok(FaultOutcome::PlaceLocally) => Ok(()),
             Err(e) => Err(StopError::Dst(e)),
         };

@@ -27,6 +27,9 @@ pub struct Fault {
     pub thread_id: Option<u32>,
     /// Whether the access was a write.
     pub write: bool,
+    /// When the fault thread read the fault (the start of its round trip:
+    /// fault → request → placed).
+    pub seen: std::time::Instant,
 }
 
 /// Counters kept by the fault thread.
@@ -273,6 +276,7 @@ fn handle_fault(
         offset,
         thread_id,
         write,
+        seen: std::time::Instant::now(),
     };
     if tx.send(f).is_err() {
         stats.undelivered += 1;

@@ -127,7 +127,8 @@ fn fault_is_reported_and_placement_resolves_it() {
             tag: 3,
             offset: 2 * PS as u64,
             thread_id: Some(tid),
-            write: false
+            write: false,
+            seen: f.seen,
         }
     );
     std::thread::sleep(Duration::from_millis(5));
