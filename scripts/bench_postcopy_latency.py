@@ -12,8 +12,21 @@ manifest's `request_latency_us` is the same span for the faults that needed a pa
 source. Variants change what the fault waits behind:
   limited     max-bandwidth / max-postcopy-bandwidth 32 MiB/s (the CI scenario)
   unlimited   max-postcopy-bandwidth 0 (no limit in postcopy)
+  unlimited-rcvbuf / limited-rcvbuf   as above with `recv --rcvbuf 131072`
   sequential  as limited, `--touch-pattern sequential`
 Prints one line per run and a summary table.
+
+Findings (2 shared cores, load average ~19, 3 runs each, 2026-11-30): bare userfaultfd round
+trip p50 11-13 us. `limited`: p50 1.3-99 ms, mostly ~90-100 ms with most samples in the
+[65, 131) ms bucket: with max-postcopy-bandwidth set, QEMU serves a page request only when
+its 100 ms rate-limit window ends (the migration thread is woken for the urgent request but
+the iterate step still sees the rate exceeded), so p50 tracks that window, not qmig;
+`--rcvbuf` does not change it. `unlimited`: p50 16-21 ms, p99 168-335 ms: the requested page
+waits behind the background pages already queued in the socket buffers (one channel, no
+postcopy-preempt); `unlimited-rcvbuf` (128 KiB): p99 52-75 ms, p50 15-24 ms, same migration
+time. The rest is CPU contention (QEMU's busy vCPU, the touch threads and other work share the
+2 cores). Nagle is not a factor: the socket carrying the return path has TCP_NODELAY; the
+fault handler takes the receiver's lock for one item at a time.
 """
 
 import argparse
@@ -30,6 +43,10 @@ MiB = 1 << 20
 VARIANTS = {
     "limited": dict(params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB}),
     "unlimited": dict(params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 0}),
+    "unlimited-rcvbuf": dict(params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 0},
+                             rcvbuf=128 * 1024),
+    "limited-rcvbuf": dict(params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB},
+                           rcvbuf=128 * 1024),
     "sequential": dict(params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB},
                        pattern="sequential"),
 }
@@ -46,6 +63,8 @@ def live(name, v, qmig, work):
     sc = dict(ri.SCENARIOS["q10-postcopy"])
     sc["params"] = v["params"]
     extra = ["--touch-pattern", v.get("pattern", "random")]
+    if v.get("rcvbuf"):
+        extra += ["--rcvbuf", str(v["rcvbuf"])]
     orig = ri.start_recv
     ri.start_recv = lambda q, o, w, e=(): orig(q, o, w, list(e) + extra)
     try:
@@ -80,16 +99,17 @@ def main():
                 print(f"{n} run {r}: FAILED: {e}", flush=True)
                 continue
             rl = pc["request_latency_us"]
-            rows.append((n, rl["count"], rl["p50"], rl["p99"], pc["blocktime_us"]))
+            rows.append((n, rl["count"], rl["p50"], rl["p99"], pc["blocktime_us"],
+                         msg.split(";")[0]))
             print(f"{n} run {r}: requests {pc['page_requests']}, round trip p50 {rl['p50']} us "
                   f"p99 {rl['p99']} us (n={rl['count']}), dist {pc['request_latency_dist_us']}",
                   flush=True)
     subprocess.run(["rm", "-rf", root])
-    print("\nvariant      n    p50_us    p99_us  blocktime_us")
-    print(f"{'bare-uffd':10} {4000:4} {b['fault_to_placed_us']['p50']:9} "
+    print("\nvariant            n    p50_us    p99_us  blocktime_us  migration")
+    print(f"{'bare-uffd':16} {4000:4} {b['fault_to_placed_us']['p50']:9} "
           f"{b['fault_to_placed_us']['p99']:9}")
-    for n, c, p50, p99, bt in rows:
-        print(f"{n:10} {c:4} {p50!s:>9} {p99!s:>9} {bt:13}")
+    for n, c, p50, p99, bt, took in rows:
+        print(f"{n:16} {c:4} {p50!s:>9} {p99!s:>9} {bt:13}  {took}")
     return 0
 
 

@@ -189,6 +189,38 @@ struct Incoming {
 }
 
 impl Listener {
+    /// `--rcvbuf`: sets SO_RCVBUF on a TCP listener, before any connection
+    /// (so the window it advertises is small from the start). Postcopy's
+    /// requested pages come behind everything buffered in the one stream;
+    /// a small buffer bounds that queue (see scripts/bench_postcopy_latency.py).
+    fn set_rcvbuf(&self, bytes: usize) -> Result<(), CliError> {
+        let Listener::Tcp(l) = self else {
+            return Err(CliError::Usage("--rcvbuf applies to tcp: only".into()));
+        };
+        let n = libc::c_int::try_from(bytes)
+            .map_err(|_| CliError::Usage(format!("--rcvbuf {bytes} is too large")))?;
+        let p: *const libc::c_int = &n;
+        // SAFETY: SO_RCVBUF takes an int, which `p` points to for the call;
+        // the listener's fd is open.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(l),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                p.cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(CliError::io(
+                self.describe(),
+                "setsockopt(SO_RCVBUF)",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Binds / checks the URI (before anything is written to the output).
     pub(crate) fn open(uri: &MigUri) -> Result<Listener, CliError> {
         match uri {
@@ -381,6 +413,7 @@ pub fn run(
     save: Option<&Path>,
     idle: Duration,
     touch: Touch,
+    rcvbuf: Option<usize>,
 ) -> CliResult {
     let layout = match blocks {
         Some(p) => read_layout(p)?,
@@ -393,6 +426,9 @@ pub fn run(
     }
     crate::files::output_dir(outdir)?;
     let listener = Listener::open(listen)?;
+    if let Some(n) = rcvbuf {
+        listener.set_rcvbuf(n)?;
+    }
     crate::signals::install();
     receive(
         listener,
