@@ -55,12 +55,13 @@ HUGE_PAGE = 2 * MiB
 
 
 def reserve_hugepages(n):
-    """Make sure `n` more 2 MiB pages are free (as root: raises vm.nr_hugepages)."""
+    """Make sure `n` more 2 MiB pages are free (as root: raises vm.nr_hugepages). Returns
+    the previous vm.nr_hugepages when it was raised (to restore), else None."""
     info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
     total = int(info["HugePages_Total"].split()[0])
     free = int(info["HugePages_Free"].split()[0])
     if free >= n:
-        return
+        return None
     want = total + (n - free)
     try:
         with open("/proc/sys/vm/nr_hugepages", "w") as f:
@@ -71,6 +72,7 @@ def reserve_hugepages(n):
     info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
     free = int(info["HugePages_Free"].split()[0])
     check(free >= n, f"need {n} free 2 MiB pages, the kernel gave {free}")
+    return total
 
 
 SCENARIOS = {
@@ -273,9 +275,10 @@ def run_postcopy(name, sc, qmig, work):
     img = capture.build_guest(sc["guest"], os.path.join(work, "guest.img"))
     serial = os.path.join(work, "src.serial")
     machine = ["-M", "pc", "-m", str(ram_mib)]
+    restore_hugepages = None
     if sc.get("hugepage"):
         # The source's RAM and qmig's copy of it, both in 2 MiB pages.
-        reserve_hugepages(2 * ram_mib * MiB // HUGE_PAGE)
+        restore_hugepages = reserve_hugepages(2 * ram_mib * MiB // HUGE_PAGE)
         machine = ["-M", "pc,memory-backend=hp", "-m", str(ram_mib), "-object",
                    f"memory-backend-file,id=hp,size={ram_mib}M,mem-path=/dev/hugepages,"
                    "share=on"]
@@ -368,6 +371,12 @@ def run_postcopy(name, sc, qmig, work):
             recv.kill()
             recv.wait()
         src.kill()
+        if restore_hugepages is not None:
+            try:
+                with open("/proc/sys/vm/nr_hugepages", "w") as f:
+                    f.write(str(restore_hugepages))
+            except OSError:
+                pass
 
 
 def killed(src, recv, out, qmig, work):
