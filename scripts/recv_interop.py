@@ -15,6 +15,9 @@ Each scenario boots the dirtying guest (scripts/guest) on a QEMU source, starts
 Scenarios `q10-postcopy` and `q72-postcopy` (128 MiB guest, postcopy started after ~1 s, `recv --touch 2`)
 checks instead that pc.ram equals the source's pmemsave after `completed`, and that the
 source's ram.postcopy-requests is > 0 and equal to the page requests qmig reports;
+`q10-postcopy-hugepage` does the same with the source's RAM in a hugetlbfs
+memory-backend-file (share=on, 2 MiB pages; the script raises vm.nr_hugepages when it must):
+qmig must ask for and place 2 MiB pages in hugetlbfs memory.
 `q10-postcopy-killed` kills the source mid-postcopy (recv must fail cleanly, no hang).
 Scenario `killed-source` kills the source mid-stream: recv must exit non-zero with the
 error offset in manifest.json and images consistent with `applied_up_to`.
@@ -46,6 +49,32 @@ G_XBZ = {"start": 0x100000, "size": 128 * 4096, "writes": 2, "delay": 0x1000}
 # still running after 1 s and never converges by itself.
 G_POSTCOPY = {"start": 0x100000, "size": 96 * MiB, "writes": 2, "delay": 0x1000}
 
+# The hugetlbfs guest: 24 of its 32 MiB dirtied continuously.
+G_POSTCOPY_HP = {"start": 0x100000, "size": 24 * MiB, "writes": 2, "delay": 0x1000}
+HUGE_PAGE = 2 * MiB
+
+
+def reserve_hugepages(n):
+    """Make sure `n` more 2 MiB pages are free (as root: raises vm.nr_hugepages). Returns
+    the previous vm.nr_hugepages when it was raised (to restore), else None."""
+    info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    total = int(info["HugePages_Total"].split()[0])
+    free = int(info["HugePages_Free"].split()[0])
+    if free >= n:
+        return None
+    want = total + (n - free)
+    try:
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(want))
+    except OSError as e:
+        raise Fail(f"need {n} free 2 MiB pages, have {free}; could not raise "
+                   f"vm.nr_hugepages to {want}: {e}")
+    info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    free = int(info["HugePages_Free"].split()[0])
+    check(free >= n, f"need {n} free 2 MiB pages, the kernel gave {free}")
+    return total
+
+
 SCENARIOS = {
     "q10-plain": dict(qemu="10", guest=G_PLAIN, min_syncs=4,
                       params={"max-bandwidth": 4_000_000},
@@ -75,6 +104,13 @@ SCENARIOS = {
                          params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB},
                          about="QEMU 10, -m 128, postcopy-ram, migrate-start-postcopy after ~1 s, "
                                "qmig recv --touch 2 demand-pages over userfaultfd"),
+    "q10-postcopy-hugepage": dict(qemu="10", guest=G_POSTCOPY_HP, postcopy=True, ram_mib=32,
+                                  touch=2, hugepage=True, caps={"postcopy-ram": True},
+                                  params={"max-bandwidth": 8 * MiB,
+                                          "max-postcopy-bandwidth": 8 * MiB},
+                                  about="QEMU 10, -m 32 in a hugetlbfs memory-backend-file "
+                                        "(share=on), postcopy: recv --touch 2 asks for and "
+                                        "places 2 MiB pages in hugetlbfs memory"),
     "q10-postcopy-killed": dict(qemu="10", guest=G_POSTCOPY, postcopy=True, ram_mib=128, touch=2,
                                 kill=True, caps={"postcopy-ram": True},
                                 params={"max-bandwidth": 32 * MiB,
@@ -243,13 +279,22 @@ def run_postcopy(name, sc, qmig, work):
     ram_mib = sc["ram_mib"]
     img = capture.build_guest(sc["guest"], os.path.join(work, "guest.img"))
     serial = os.path.join(work, "src.serial")
-    args = ["-M", "pc", "-m", str(ram_mib), "-nodefaults", "-display", "none",
-            "-drive", f"file={img},format=raw,if=ide", "-serial", f"file:{serial}"]
+    machine = ["-M", "pc", "-m", str(ram_mib)]
+    restore_hugepages = None
+    if sc.get("hugepage"):
+        # The source's RAM and qmig's copy of it, both in 2 MiB pages.
+        restore_hugepages = reserve_hugepages(2 * ram_mib * MiB // HUGE_PAGE)
+        machine = ["-M", "pc,memory-backend=hp", "-m", str(ram_mib), "-object",
+                   f"memory-backend-file,id=hp,size={ram_mib}M,mem-path=/dev/hugepages,"
+                   "share=on"]
+    args = machine + ["-nodefaults", "-display", "none",
+                      "-drive", f"file={img},format=raw,if=ide", "-serial", f"file:{serial}"]
     src = qmp.Qemu(qmp.qemu_binary(sc["qemu"]), args, work, "src")
     recv = None
     try:
         capture.wait_guest(serial)
         recv, port = start_recv(qmig, out, work, ["--touch", str(sc["touch"])])
+        t_migrate = time.monotonic()
         src.cmd("migrate-set-capabilities",
                 capabilities=[{"capability": k, "state": v} for k, v in sc["caps"].items()])
         src.cmd("migrate-set-parameters", **sc["params"])
@@ -288,6 +333,7 @@ def run_postcopy(name, sc, qmig, work):
             return (f"recv failed cleanly {took:.1f}s after the kill ({pc['page_requests']} "
                     f"requests sent): {err.splitlines()[-1]}")
         final = qmp.wait_migration(src.qmp, timeout=180)
+        took = time.monotonic() - t_migrate
         rc = wait_recv(recv)
         err = read_err(recv)
         check(rc == 0, f"qmig recv exited {rc}: {err}")
@@ -307,17 +353,35 @@ def run_postcopy(name, sc, qmig, work):
         qmp.wait_status(src.qmp, "postmigrate")
         mem = open(qmp.pmemsave(src.qmp, 0, ram_mib * MiB, os.path.join(work, "src.mem")),
                    "rb").read()
-        compare_ram(image_of(out, m, "pc.ram"), mem)
+        # The RAM block: pc.ram, or the memory backend's block.
+        ram = next(b["name"] for b in m["blocks"] if b["length"] == ram_mib * MiB)
+        compare_ram(image_of(out, m, ram), mem)
         lat = pc["fault_latency_us"]
-        return (f"completed; ram.postcopy-requests {reqs} = qmig page_requests; faults "
+        extra = ""
+        if sc.get("hugepage"):
+            bk = next((b for b in pc["backing"] if b["block"] == ram), None)
+            check(bk is not None and bk["host_page_size"] == HUGE_PAGE
+                  and bk["backing"] == "hugetlbfs",
+                  f"block {ram} was not demand-paged in 2 MiB hugetlbfs pages: {bk}")
+            extra = f"block {ram} in hugetlbfs, 2 MiB requests; "
+        check(took < 120, f"migration took {took:.0f}s")
+        return (f"completed in {took:.1f}s; {extra}"
+                f"ram.postcopy-requests {reqs} = qmig page_requests; faults "
                 f"{pc['faults']}, latency p50 {lat['p50']} us p99 {lat['p99']} us "
-                f"(n={lat['count']}); touched {pc['touched_pages']} pages; "
+                f"(n={lat['count']}); blocktime {pc['blocktime_us']} us (all vCPUs), "
+                f"{pc['blocktime_total_us']} us summed; touched {pc['touched_pages']} pages; "
                 f"{m['bytes_received']} bytes; records {m['records']}")
     finally:
         if recv and recv.poll() is None:
             recv.kill()
             recv.wait()
         src.kill()
+        if restore_hugepages is not None:
+            try:
+                with open("/proc/sys/vm/nr_hugepages", "w") as f:
+                    f.write(str(restore_hugepages))
+            except OSError:
+                pass
 
 
 def killed(src, recv, out, qmig, work):

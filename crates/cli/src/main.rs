@@ -171,6 +171,14 @@ enum Cmd {
         /// once in a pseudo-random order (like vCPUs), so pages are demand-paged.
         #[arg(long, value_name = "N", default_value_t = 0)]
         touch: usize,
+        /// The order in which `--touch` threads read pages.
+        #[arg(long, value_enum, default_value_t = postcopy::TouchPattern::Random)]
+        touch_pattern: postcopy::TouchPattern,
+        /// TCP receive buffer (SO_RCVBUF, bytes; the kernel doubles it) instead of Linux's
+        /// autotuning. A small one (e.g. 131072) shortens postcopy page-request round trips:
+        /// requested pages queue behind what the socket buffers hold.
+        #[arg(long, value_name = "BYTES")]
+        rcvbuf: Option<usize>,
         /// Give up when the source sends nothing, or does not read the return
         /// path, for this many seconds (the manifest then says so).
         #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -391,6 +399,8 @@ fn main() -> ExitCode {
             blocks,
             save,
             touch,
+            touch_pattern,
+            rcvbuf,
             idle_timeout,
         } => recv::run(
             &listen,
@@ -398,7 +408,11 @@ fn main() -> ExitCode {
             blocks.as_deref(),
             save.as_deref(),
             std::time::Duration::from_secs(idle_timeout),
-            touch,
+            postcopy::Touch {
+                threads: touch,
+                pattern: touch_pattern,
+            },
+            rcvbuf,
         ),
         Cmd::Send(args) => send::run(&args),
         Cmd::Convert(args) => convert::run(&args).map_err(|e| CliError::from(e.to_string())),

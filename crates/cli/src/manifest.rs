@@ -119,11 +119,12 @@ pub struct RecvInfo {
     pub postcopy: Option<PostcopyInfo>,
 }
 
-/// Fault-to-placement latencies of the pages asked of the source, in
-/// microseconds (`null` when there were none).
+/// Fault latencies in microseconds (`null` when there were none): each wait
+/// of a faulting thread, from the fault thread reading the fault to the
+/// placement that released it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
-    /// Faults that were answered by a requested page.
+    /// Waits closed by a placement.
     pub count: u64,
     /// Median.
     pub p50: Option<u64>,
@@ -131,6 +132,30 @@ pub struct LatencySummary {
     pub p99: Option<u64>,
     /// Largest.
     pub max: Option<u64>,
+}
+
+/// One vCPU's (touch thread's) blocktime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VcpuBlocktime {
+    /// Kernel thread id.
+    pub thread: u32,
+    /// Total time blocked on missing pages, µs.
+    pub blocktime_us: u64,
+    /// Faults waited on.
+    pub faults: u64,
+}
+
+/// The memory a block was registered in at POSTCOPY_LISTEN.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockBacking {
+    /// Block name.
+    pub block: String,
+    /// `anonymous`, `memfd` or `hugetlbfs`.
+    pub backing: String,
+    /// Bytes asked for and placed at a time (the block's host page).
+    pub host_page_size: u64,
+    /// The userfaultfd reports user-mode faults only (unprivileged).
+    pub user_mode_only: bool,
 }
 
 /// What `recv` reports about postcopy (the manifest's `postcopy` object).
@@ -157,10 +182,39 @@ pub struct PostcopyInfo {
     pub placed_zero_pages: u64,
     /// Fault-to-placement latencies.
     pub fault_latency_us: LatencySummary,
-    /// Total vCPU blocktime (QEMU's definition), microseconds.
+    /// Log2 histogram of the same latencies, laid out as QEMU 10.1's
+    /// `postcopy-latency-dist`: element `n` counts latencies in
+    /// `[2^n, 2^(n+1))` µs (element 0 also takes < 1 µs, the last, 25,
+    /// anything longer).
+    #[serde(default)]
+    pub fault_latency_dist_us: Vec<u64>,
+    /// Round trips of the faults that needed a page from the source: from
+    /// the fault thread reading the fault, through REQ_PAGES, to the
+    /// placement of the page the source sent, µs.
+    #[serde(default)]
+    pub request_latency_us: LatencySummary,
+    /// Log2 histogram of `request_latency_us` (the layout of
+    /// `fault_latency_dist_us`).
+    #[serde(default)]
+    pub request_latency_dist_us: Vec<u64>,
+    /// Time during which every vCPU (touch thread) was blocked at once, µs:
+    /// QEMU's `postcopy-blocktime`.
+    #[serde(default)]
+    pub blocktime_us: u64,
+    /// Blocked time summed over the vCPUs, µs.
     pub blocktime_total_us: u64,
+    /// Per vCPU (touch thread): QEMU's `postcopy-vcpu-blocktime`, in µs, with
+    /// the faults it waited on.
+    #[serde(default)]
+    pub vcpu_blocktime: Vec<VcpuBlocktime>,
+    /// How each registered block was backed.
+    #[serde(default)]
+    pub backing: Vec<BlockBacking>,
     /// `--touch`.
     pub touch_threads: usize,
+    /// `--touch-pattern` (`random` or `sequential`).
+    #[serde(default)]
+    pub touch_pattern: String,
     /// Pages the touch threads read.
     pub touched_pages: u64,
     /// Touch threads still blocked when `recv` gave up waiting.

@@ -22,10 +22,50 @@ use std::time::{Duration, Instant};
 use qmig_ram_dst::{
     BlockState, Event, FaultOutcome, FileMemory, GuestMemory, ImageFile, Place, PostcopyState,
 };
-use qmig_uffd_host::{AnonMemory, Blocktime, Fault, FaultThread, Mapping, Region};
+use qmig_uffd_host::{
+    AnonMemory, Backing, Blocktime, BlocktimeHandle, Fault, FaultThread, Latency, LiveMemory,
+};
 
 use crate::extract::{Images, Session, StopError};
-use crate::manifest::{LatencySummary, PostcopyInfo};
+use crate::manifest::{BlockBacking, LatencySummary, PostcopyInfo, VcpuBlocktime};
+
+/// The order in which `--touch` threads read pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TouchPattern {
+    /// A pseudo-random permutation of each thread's pages (xorshift64,
+    /// seeded by the thread number): faults all over guest memory.
+    #[default]
+    Random,
+    /// Each thread's pages in address order.
+    Sequential,
+}
+
+impl TouchPattern {
+    fn name(self) -> &'static str {
+        match self {
+            TouchPattern::Random => "random",
+            TouchPattern::Sequential => "sequential",
+        }
+    }
+}
+
+/// The `--touch` workload: how many vCPU stand-ins, reading in which order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Touch {
+    /// Threads started at POSTCOPY_RUN (0: none).
+    pub threads: usize,
+    /// Page order.
+    pub pattern: TouchPattern,
+}
+
+impl From<usize> for Touch {
+    fn from(threads: usize) -> Self {
+        Touch {
+            threads,
+            pattern: TouchPattern::Random,
+        }
+    }
+}
 
 /// Guest memory of `qmig recv`: anonymous mappings (which userfaultfd can
 /// register) while the migration runs, written to sparse image files in the
@@ -100,12 +140,19 @@ impl Images for RecvMemory {
 pub(crate) struct Host {
     /// How postcopy is served: "userfaultfd", "passive (...)" or unset.
     mode: Option<String>,
-    regions: Vec<Option<Region>>,
+    /// Guest memory shared with the fault and touch threads (from LISTEN).
+    live: Option<Arc<LiveMemory>>,
+    /// Blocktime of every fault thread (one accounting: "all vCPUs blocked"
+    /// spans blocks).
+    blocktime: Option<BlocktimeHandle>,
+    /// How each block was backed at LISTEN.
+    backing: Vec<BlockBacking>,
     fault_threads: Vec<FaultThread>,
-    /// Host pages a thread faulted on and that are not placed yet, with the
-    /// time the fault handler saw the fault.
+    /// Host pages asked of the source and not placed yet, with the time the
+    /// fault thread read the fault that caused the request.
     waiting: HashMap<(usize, u64), Instant>,
-    latencies_us: Vec<u64>,
+    /// Round trips fault → request → placed.
+    request_latency: Latency,
     /// Faults handed to the state machine.
     faults_handled: u64,
     /// The first error of the fault handler.
@@ -129,7 +176,7 @@ pub(crate) struct Inner {
 /// `--touch` configuration.
 pub(crate) struct Ctl {
     fault_tx: Sender<Fault>,
-    touch_threads: usize,
+    touch: Touch,
     touch_stop: Arc<AtomicBool>,
     touched: Arc<AtomicU64>,
     /// Set when the fault handler must stop (end of the migration or error).
@@ -201,29 +248,14 @@ impl Inner {
     }
 
     /// The host placed `len` bytes at `offset` of `block`: tell the state
-    /// machine and close the fault latencies of the pages.
+    /// machine (fault latencies are closed by the region itself).
     fn placed(&mut self, block: usize, offset: u64, len: u64) -> Result<(), StopError> {
         self.session
             .dst
             .handle_placed(block, offset, len)
             .map_err(StopError::Dst)?;
-        if !self.host.waiting.is_empty() {
-            let now = Instant::now();
-            let ps = self
-                .session
-                .dst
-                .blocks()
-                .get(block)
-                .map_or(4096, |b| b.page_size());
-            let mut at = offset;
-            while at < offset + len {
-                if let Some(t) = self.host.waiting.remove(&(block, at)) {
-                    self.host
-                        .latencies_us
-                        .push(now.duration_since(t).as_micros() as u64);
-                }
-                at += ps;
-            }
+        if let Some(t) = self.host.waiting.remove(&(block, offset)) {
+            self.host.request_latency.record(t.elapsed());
         }
         Ok(())
     }
@@ -244,10 +276,10 @@ impl Inner {
         len: u64,
         stream: bool,
     ) -> Result<(), StopError> {
-        let region = self.host.regions.get(block).and_then(Option::as_ref);
-        let r = match (region, data) {
-            (Some(r), Some(d)) => r.place_page(offset as usize, d),
-            (Some(r), None) => r.place_zero_page(offset as usize, len as usize),
+        let live = self.host.live.as_ref().filter(|l| l.is_registered(block));
+        let r = match (live, data) {
+            (Some(l), Some(d)) => l.place_page(block, offset, d),
+            (Some(l), None) => l.place_zero_page(block, offset, len),
             (None, d) => {
                 let mem = self.session.dst.memory_mut();
                 let w = match d {
@@ -334,12 +366,12 @@ impl Inner {
         Ok(())
     }
 
-    /// POSTCOPY_LISTEN: register every block with userfaultfd and start a
-    /// fault thread per block; without userfaultfd, postcopy is received
+    /// POSTCOPY_LISTEN: give blocks of large pages their backing (2 MiB:
+    /// hugetlbfs, else anonymous memory asked for and placed a host page at
+    /// a time), register every block with userfaultfd and start a fault
+    /// thread per block; without userfaultfd, postcopy is received
     /// passively (pages are written as they come, nothing is asked for).
     fn listen(&mut self, ctl: &Ctl, note: &mut dyn FnMut(String)) -> Result<(), StopError> {
-        let host_ps = 4096u64;
-        let dst = &self.session.dst;
         let passive = |why: String, host: &mut Host, note: &mut dyn FnMut(String)| {
             let why = format!("passive ({why})");
             note(format!(
@@ -347,16 +379,6 @@ impl Inner {
             ));
             host.mode = Some(why);
         };
-        if let Some(b) = dst.blocks().iter().find(|b| b.page_size() != host_ps) {
-            let why = format!(
-                "block \"{}\" has {} KiB pages (hugetlbfs-backed): only blocks with 4 KiB \
-                 pages are registered with userfaultfd so far",
-                b.name(),
-                b.page_size() / 1024
-            );
-            passive(why, &mut self.host, note);
-            return Ok(());
-        }
         if let Err(e) = qmig_uffd_host::probe() {
             passive(
                 format!("userfaultfd unavailable: {e}"),
@@ -365,10 +387,40 @@ impl Inner {
             );
             return Ok(());
         }
+        let sizes: Vec<u64> = self
+            .session
+            .dst
+            .blocks()
+            .iter()
+            .map(|b| b.page_size())
+            .collect();
+        let anon = &mut self.session.dst.memory_mut().anon;
+        for (i, &ps) in sizes.iter().enumerate() {
+            if ps <= 4096 || anon.block(i).is_none_or(|b| b.1 == 0) {
+                continue;
+            }
+            let mut r = Err(std::io::Error::other("not tried"));
+            if ps == qmig_uffd_host::HUGE_PAGE_SIZE as u64 {
+                r = anon.set_host_page_size(i, ps, Backing::Hugetlbfs);
+                if let Err(e) = &r {
+                    note(format!(
+                        "block {i}: no hugetlbfs memory ({e}); anonymous memory placed \
+                         {} KiB at a time instead",
+                        ps / 1024
+                    ));
+                }
+            }
+            if r.is_err() {
+                anon.set_host_page_size(i, ps, Backing::Anonymous)
+                    .map_err(|e| StopError::Postcopy(format!("block {i}: {e}")))?;
+            }
+        }
         let mem = &self.session.dst.memory().anon;
+        let blocktime = BlocktimeHandle::from(Blocktime::new(ctl.touch.threads.max(1)));
         let mut regions = Vec::new();
+        let mut backing = Vec::new();
         for i in 0..mem.len() {
-            let used = mem.block(i).map_or(0, |b| b.1);
+            let (name, used) = mem.block(i).unwrap_or(("", 0));
             if used == 0 {
                 regions.push(None);
                 continue;
@@ -376,56 +428,63 @@ impl Inner {
             let r = mem
                 .register(i)
                 .map_err(|e| StopError::Postcopy(format!("registering block {i}: {e}")))?;
+            backing.push(BlockBacking {
+                block: name.to_string(),
+                backing: r.mapping().backing().name().to_string(),
+                host_page_size: r.page_size() as u64,
+                user_mode_only: r.features().user_mode_only,
+            });
             let ft = r
-                .spawn_fault_thread(
-                    i,
-                    Blocktime::new(ctl.touch_threads.max(1)),
-                    ctl.fault_tx.clone(),
-                )
+                .spawn_fault_thread(i, blocktime.clone(), ctl.fault_tx.clone())
                 .map_err(|e| StopError::Postcopy(format!("fault thread of block {i}: {e}")))?;
             self.host.fault_threads.push(ft);
             regions.push(Some(r));
         }
-        self.host.regions = regions;
+        self.host.live = Some(Arc::new(mem.live(regions)));
+        self.host.blocktime = Some(blocktime);
+        self.host.backing = backing;
         self.host.mode = Some("userfaultfd".into());
         Ok(())
     }
 
     /// POSTCOPY_RUN: start the `--touch` threads.
     fn start_touch(&mut self, ctl: &Ctl) {
-        let n = ctl.touch_threads;
+        let n = ctl.touch.threads;
         // Passive postcopy writes memory as pages come: no reader may run.
-        if n == 0 || self.host.mode.as_deref() != Some("userfaultfd") {
+        let Some(live) = self.host.live.clone() else {
             return;
-        }
-        let mem = &self.session.dst.memory().anon;
-        let maps: Vec<(Arc<Mapping>, u64)> = (0..mem.len())
-            .filter_map(|i| Some((mem.mapping(i)?, mem.block(i)?.1)))
-            .collect();
+        };
         for t in 0..n {
-            let maps = maps.clone();
+            let live = live.clone();
             let stop = ctl.touch_stop.clone();
             let touched = ctl.touched.clone();
+            let pattern = ctl.touch.pattern;
             self.host.touch.push(std::thread::spawn(move || {
-                touch(&maps, t, n, &stop, &touched)
+                touch(&live, t, n, pattern, &stop, &touched)
             }));
         }
     }
 }
 
 /// One `--touch` thread: reads one byte of every 4 KiB page of its share
-/// (pages `t, t + n, t + 2n, ...` over all blocks) in a pseudo-random order
-/// (Fisher-Yates with xorshift64, seeded by `t`). Returns pages read.
+/// (pages `t, t + n, t + 2n, ...` over all blocks), in address order or a
+/// pseudo-random one (Fisher-Yates with xorshift64, seeded by `t`). Returns
+/// pages read.
 fn touch(
-    maps: &[(Arc<Mapping>, u64)],
+    live: &LiveMemory,
     t: usize,
     n: usize,
+    pattern: TouchPattern,
     stop: &AtomicBool,
     touched: &AtomicU64,
 ) -> u64 {
     let mut pages: Vec<(usize, u64)> = Vec::new();
     let mut k = 0usize;
-    for (i, (_, used)) in maps.iter().enumerate() {
+    for i in 0..live.len() {
+        let used = live.block(i).map_or(0, |b| b.1);
+        if !live.is_registered(i) {
+            continue;
+        }
         for p in 0..used.div_ceil(4096) {
             if k % n == t {
                 pages.push((i, p * 4096));
@@ -433,12 +492,14 @@ fn touch(
             k += 1;
         }
     }
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
-    for i in (1..pages.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        pages.swap(i, (x % (i as u64 + 1)) as usize);
+    if pattern == TouchPattern::Random {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
+        for i in (1..pages.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            pages.swap(i, (x % (i as u64 + 1)) as usize);
+        }
     }
     let mut done = 0;
     for (i, off) in pages {
@@ -446,7 +507,7 @@ fn touch(
             break;
         }
         let mut b = [0u8; 1];
-        if maps[i].0.read(off as usize, &mut b).is_err() {
+        if live.read(i, off, &mut b).is_err() {
             break;
         }
         done += 1;
@@ -467,13 +528,13 @@ impl Running {
     pub(crate) fn start(
         inner: &Arc<Mutex<Inner>>,
         abort: Arc<AtomicBool>,
-        touch_threads: usize,
+        touch: impl Into<Touch>,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let ctl = Ctl {
             fault_tx: tx,
-            touch_threads,
+            touch: touch.into(),
             touch_stop: Arc::new(AtomicBool::new(false)),
             touched: Arc::new(AtomicU64::new(0)),
             stop: stop.clone(),
@@ -513,22 +574,20 @@ impl Running {
         let mut g = lock(inner);
         let mut faults = 0u64;
         let mut thread_errors = Vec::new();
-        let mut blocktime_us = 0u128;
-        for r in g.host.regions.iter().flatten() {
-            blocktime_us += r.blocktime().total().as_micros();
-        }
         for ft in g.host.fault_threads.drain(..) {
             match ft.stop() {
                 Ok(s) => faults += s.faults,
                 Err(e) => thread_errors.push(e.to_string()),
             }
         }
-        g.host.regions.clear();
+        // Drop the regions (closing the userfaultfds); touch threads still
+        // hold the mappings, never a userfaultfd.
+        if let Some(live) = g.host.live.take() {
+            live.unregister();
+        }
         let touch: Vec<JoinHandle<u64>> = g.host.touch.drain(..).collect();
         let t0 = Instant::now();
         drop(g);
-        // Every userfaultfd is closed now: a touch thread still waiting was
-        // woken and reads zero, so this wait is short.
         let mut touch_unfinished = 0;
         let mut touched_pages = 0;
         for h in touch {
@@ -542,16 +601,22 @@ impl Running {
             }
         }
         let g = lock(inner);
-        let mut lat = g.host.latencies_us.clone();
-        lat.sort_unstable();
-        let pct = |p: f64| -> Option<u64> {
-            if lat.is_empty() {
-                None
-            } else {
-                let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-                Some(lat[i])
-            }
-        };
+        let bt = g
+            .host
+            .blocktime
+            .as_ref()
+            .map(BlocktimeHandle::snapshot)
+            .unwrap_or_default();
+        let lat = bt.latency();
+        let vcpu_blocktime = bt
+            .per_thread()
+            .iter()
+            .map(|(&tid, d)| VcpuBlocktime {
+                thread: tid,
+                blocktime_us: d.as_micros() as u64,
+                faults: bt.faults_per_thread().get(&tid).copied().unwrap_or(0),
+            })
+            .collect();
         let st = g.session.dst.stats();
         PostcopyInfo {
             mode: g.host.mode.clone(),
@@ -563,19 +628,30 @@ impl Running {
             outstanding_requests: g.session.dst.outstanding_requests() as u64,
             placed_host_pages: st.placed_host_pages,
             placed_zero_pages: st.placed_zero_pages,
-            fault_latency_us: LatencySummary {
-                count: lat.len() as u64,
-                p50: pct(0.50),
-                p99: pct(0.99),
-                max: lat.last().copied(),
-            },
-            blocktime_total_us: blocktime_us as u64,
-            touch_threads: self.ctl.touch_threads,
+            fault_latency_us: summary(lat),
+            fault_latency_dist_us: lat.dist().to_vec(),
+            request_latency_us: summary(&g.host.request_latency),
+            request_latency_dist_us: g.host.request_latency.dist().to_vec(),
+            blocktime_us: bt.all_vcpus_blocked().as_micros() as u64,
+            blocktime_total_us: bt.total().as_micros() as u64,
+            vcpu_blocktime,
+            backing: g.host.backing.clone(),
+            touch_threads: self.ctl.touch.threads,
+            touch_pattern: self.ctl.touch.pattern.name().to_string(),
             touched_pages,
             touch_threads_unfinished: touch_unfinished,
             fault_thread_errors: thread_errors,
             error: g.host.error.clone(),
         }
+    }
+}
+
+fn summary(l: &Latency) -> LatencySummary {
+    LatencySummary {
+        count: l.count(),
+        p50: l.quantile_us(0.50),
+        p99: l.quantile_us(0.99),
+        max: l.max_us(),
     }
 }
 
@@ -594,18 +670,16 @@ fn handle_faults(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let seen = Instant::now();
         let mut g = lock(inner);
         g.host.faults_handled += 1;
         let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
             Ok(FaultOutcome::Requested) => {
-                // Latency is measured for pages asked of the source: from
-                // the fault to the placement of the page it brought.
                 let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
-                g.host.waiting.insert((f.tag, start), seen);
+                g.host.waiting.insert((f.tag, start), f.seen);
                 Ok(())
             }
-            Ok(_) => Ok(()),
+            Ok(FaultOutcome::AlreadyRequested) => Ok(()),
+            Ok(FaultOutcome::PlaceLocally) => Ok(()),
             Err(e) => Err(StopError::Dst(e)),
         };
         if r.is_ok() {

@@ -28,6 +28,14 @@ struct Waiting {
 /// [`Blocktime::with_vcpu_threads`] only the listed thread ids are counted
 /// and faults from other threads (I/O threads, the test harness) are ignored.
 /// Timestamps are offsets from any fixed origin and must not go backwards.
+/// Pages are keyed by any address space shared by all callers (the fault
+/// thread uses virtual addresses, so one `Blocktime` can serve every region
+/// of a guest: "all vCPUs blocked" must see faults in every RAM block).
+///
+/// This is the definition of QEMU's `postcopy_blocktime` accounting
+/// (postcopy-ram.c, `mark_postcopy_blocktime_begin/end`): per vCPU the sum of
+/// its blocked intervals (`postcopy-vcpu-blocktime`), and overall the time
+/// during which every vCPU was blocked at once (`postcopy-blocktime`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Blocktime {
     vcpus: usize,
@@ -37,6 +45,86 @@ pub struct Blocktime {
     total: Duration,
     all_blocked: Duration,
     all_since: Option<Duration>,
+    faults_per_thread: BTreeMap<u32, u64>,
+    latency: Latency,
+}
+
+/// Number of buckets of [`Latency::dist`], as QEMU 10.1's
+/// `postcopy-latency-dist` (bucket `n` counts latencies in
+/// `[2^n, 2^(n+1))` microseconds; the last bucket also takes anything
+/// longer, and bucket 0 anything under 2 µs).
+pub const LATENCY_BUCKETS: usize = 26;
+
+/// Fault latencies: each closed wait, from the fault being read to the
+/// placement that released it (QEMU 10.1's `postcopy-latency` family).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latency {
+    /// Every latency, microseconds (for exact percentiles).
+    samples_us: Vec<u64>,
+    dist: [u64; LATENCY_BUCKETS],
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            samples_us: Vec::new(),
+            dist: [0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+/// The bucket of a latency of `us` microseconds: `floor(log2(us))`,
+/// clamped to `0..LATENCY_BUCKETS`.
+pub fn latency_bucket(us: u64) -> usize {
+    if us == 0 {
+        0
+    } else {
+        (us.ilog2() as usize).min(LATENCY_BUCKETS - 1)
+    }
+}
+
+impl Latency {
+    /// Records one latency.
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.samples_us.push(us);
+        self.dist[latency_bucket(us)] += 1;
+    }
+
+    /// Latencies recorded.
+    pub fn count(&self) -> u64 {
+        self.samples_us.len() as u64
+    }
+
+    /// The `p`-quantile (0 < p <= 1, nearest rank) in microseconds; `None`
+    /// when nothing was recorded.
+    pub fn quantile_us(&self, p: f64) -> Option<u64> {
+        if self.samples_us.is_empty() {
+            return None;
+        }
+        let mut v = self.samples_us.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+        Some(v[i])
+    }
+
+    /// Largest latency, microseconds.
+    pub fn max_us(&self) -> Option<u64> {
+        self.samples_us.iter().copied().max()
+    }
+
+    /// The log2 histogram (see [`LATENCY_BUCKETS`]).
+    pub fn dist(&self) -> &[u64; LATENCY_BUCKETS] {
+        &self.dist
+    }
+
+    /// Adds `other`'s samples to these.
+    pub fn merge(&mut self, other: &Latency) {
+        self.samples_us.extend_from_slice(&other.samples_us);
+        for (a, b) in self.dist.iter_mut().zip(other.dist.iter()) {
+            *a += b;
+        }
+    }
 }
 
 impl Blocktime {
@@ -108,6 +196,8 @@ impl Blocktime {
     fn release(&mut self, tid: u32, w: Waiting, now: Duration) {
         let d = now.saturating_sub(w.since);
         *self.per_thread.entry(tid).or_default() += d;
+        *self.faults_per_thread.entry(tid).or_default() += 1;
+        self.latency.record(d);
         self.total += d;
         if self.waiting.len() < self.vcpus {
             if let Some(since) = self.all_since.take() {
@@ -119,6 +209,16 @@ impl Blocktime {
     /// Closed blocked time per thread id.
     pub fn per_thread(&self) -> &BTreeMap<u32, Duration> {
         &self.per_thread
+    }
+
+    /// Closed waits per thread id (faults resolved).
+    pub fn faults_per_thread(&self) -> &BTreeMap<u32, u64> {
+        &self.faults_per_thread
+    }
+
+    /// Latencies of the closed waits.
+    pub fn latency(&self) -> &Latency {
+        &self.latency
     }
 
     /// Closed blocked time summed over all threads.
@@ -216,6 +316,35 @@ mod tests {
         assert_eq!(b.per_thread()[&2], ms(19));
         assert_eq!(b.per_thread()[&3], ms(15));
         assert_eq!(b.total(), ms(64));
+        assert_eq!(b.faults_per_thread()[&1], 2);
+        assert_eq!(b.latency().count(), 4);
+        // 10, 20, 19, 15 ms: p50 (nearest rank) is 15 ms, p99 20 ms.
+        assert_eq!(b.latency().quantile_us(0.5), Some(15_000));
+        assert_eq!(b.latency().quantile_us(0.99), Some(20_000));
+        // 10 ms and 15 ms fall in [8192, 16384) µs; 19 and 20 ms in the next.
+        assert_eq!(b.latency().dist()[13], 2);
+        assert_eq!(b.latency().dist()[14], 2);
+    }
+
+    #[test]
+    fn latency_buckets_are_log2_microseconds() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1), 0);
+        assert_eq!(latency_bucket(2), 1);
+        assert_eq!(latency_bucket(3), 1);
+        assert_eq!(latency_bucket(256), 8);
+        assert_eq!(latency_bucket(511), 8);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        let mut l = Latency::default();
+        assert_eq!(l.quantile_us(0.5), None);
+        l.record(Duration::from_micros(300));
+        let mut m = Latency::default();
+        m.record(Duration::from_micros(5));
+        l.merge(&m);
+        assert_eq!(l.count(), 2);
+        assert_eq!(l.dist()[8], 1);
+        assert_eq!(l.dist()[2], 1);
+        assert_eq!(l.max_us(), Some(300));
     }
 
     #[test]

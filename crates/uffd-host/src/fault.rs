@@ -8,8 +8,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::blocktime::Blocktime;
-use crate::region::{Region, Shared};
+use userfaultfd::{Event, EventBuffer, ReadWrite};
+
+use crate::region::{BlocktimeHandle, Region, Shared};
 use crate::sys;
 use crate::UffdError;
 
@@ -26,6 +27,9 @@ pub struct Fault {
     pub thread_id: Option<u32>,
     /// Whether the access was a write.
     pub write: bool,
+    /// When the fault thread read the fault (the start of its round trip:
+    /// fault → request → placed).
+    pub seen: std::time::Instant,
 }
 
 /// Counters kept by the fault thread.
@@ -56,9 +60,10 @@ impl Region {
     /// Starts the fault thread of this region. Each missing fault on a host
     /// page that is neither placed nor already reported is sent on `tx` as a
     /// [`Fault`] tagged `tag`; faults on placed pages just wake their thread.
-    /// `blocktime` says how many vCPUs (or which threads) to account for;
-    /// it replaces the region's accounting, readable with
-    /// [`Region::blocktime`].
+    /// `blocktime` says how many vCPUs (or which threads) to account for; a
+    /// [`BlocktimeHandle`] may be shared by the fault threads of every
+    /// region of a guest (waits are keyed by virtual address). It replaces
+    /// the region's accounting, readable with [`Region::blocktime`].
     ///
     /// # Errors
     /// [`UffdError::FaultThreadRunning`] if this region already has one;
@@ -67,7 +72,7 @@ impl Region {
     pub fn spawn_fault_thread(
         &self,
         tag: usize,
-        blocktime: Blocktime,
+        blocktime: impl Into<BlocktimeHandle>,
         tx: Sender<Fault>,
     ) -> Result<FaultThread, UffdError> {
         self.claim_fault_thread()?;
@@ -76,7 +81,7 @@ impl Region {
             let stop_dup = stop
                 .try_clone()
                 .map_err(|source| UffdError::Syscall { op: "dup", source })?;
-            self.shared.lock().blocktime = blocktime;
+            self.shared.lock().blocktime = Some(blocktime.into());
             let shared = Arc::clone(&self.shared);
             let handle = std::thread::Builder::new()
                 .name("uffd-fault".into())
@@ -137,7 +142,7 @@ impl Drop for FaultThread {
 }
 
 /// The thread body: poll the userfaultfd and the stop eventfd, read fault
-/// messages in batches, handle each.
+/// events in batches (the crate's `read_events`), handle each.
 fn run(
     shared: &Shared,
     stop: &OwnedFd,
@@ -145,12 +150,11 @@ fn run(
     tx: &Sender<Fault>,
 ) -> Result<FaultStats, UffdError> {
     let mut stats = FaultStats::default();
-    let mut msgs = [sys::UffdMsg::default(); 16];
-    let msg_size = std::mem::size_of::<sys::UffdMsg>();
+    let mut buf = EventBuffer::new(16);
     loop {
         let mut fds = [
             libc::pollfd {
-                fd: shared.fd.as_raw_fd(),
+                fd: shared.uffd.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -161,7 +165,8 @@ fn run(
             },
         ];
         let fds_ptr = fds.as_mut_ptr();
-        // SAFETY: `fds_ptr` points to 2 initialised pollfds owned by this frame.
+        // SAFETY: `fds_ptr` points to 2 initialised pollfds owned by this
+        // frame. (Raw poll(2): the crate has no way to wait on two fds.)
         let r = unsafe { libc::poll(fds_ptr, 2, -1) };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -185,27 +190,41 @@ fn run(
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
-        let buf = msgs.as_mut_ptr().cast::<libc::c_void>();
-        // SAFETY: `buf` is the start of `msgs`, writable for its whole size;
-        // any bit pattern is a valid `UffdMsg` (plain integers).
-        let n = unsafe { libc::read(shared.fd.as_raw_fd(), buf, msg_size * msgs.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                // Another reader took it, or a signal: poll again.
-                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                _ => {
-                    return Err(UffdError::Syscall {
-                        op: "read(userfaultfd)",
-                        source: e,
-                    })
-                }
+        // Non-blocking: EAGAIN (another reader took it) reads as no event.
+        let events = match shared.uffd.read_events(&mut buf) {
+            Ok(ev) => ev,
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EINTR => continue,
+            Err(e) => {
+                return Err(UffdError::Syscall {
+                    op: "read(userfaultfd)",
+                    source: io::Error::other(e.to_string()),
+                })
             }
-        }
-        let count = n as usize / msg_size;
-        for m in &msgs[..count] {
-            if m.event == sys::EVENT_PAGEFAULT {
-                handle_fault(shared, m, tag, tx, &mut stats)?;
+        };
+        for ev in events {
+            // Events other than page faults are not asked for; an event the
+            // crate does not know is skipped.
+            if let Ok(Event::Pagefault {
+                addr,
+                rw,
+                thread_id,
+                ..
+            }) = ev
+            {
+                let tid = if shared.features.thread_id {
+                    u32::try_from(thread_id.as_raw()).ok().filter(|&t| t != 0)
+                } else {
+                    None
+                };
+                handle_fault(
+                    shared,
+                    addr as usize,
+                    tid,
+                    rw == ReadWrite::Write,
+                    tag,
+                    tx,
+                    &mut stats,
+                )?;
             }
         }
     }
@@ -213,14 +232,16 @@ fn run(
 
 fn handle_fault(
     shared: &Shared,
-    m: &sys::UffdMsg,
+    address: usize,
+    thread_id: Option<u32>,
+    write: bool,
     tag: usize,
     tx: &Sender<Fault>,
     stats: &mut FaultStats,
 ) -> Result<(), UffdError> {
     stats.faults += 1;
     let ps = shared.page_size;
-    let Some(off) = (m.pf_address as usize)
+    let Some(off) = address
         .checked_sub(shared.map.addr)
         .filter(|&o| o < shared.map.len)
     else {
@@ -229,31 +250,33 @@ fn handle_fault(
     };
     let page = off / ps;
     let offset = (page * ps) as u64;
-    let thread_id = (m.pf_ptid != 0).then_some(m.pf_ptid);
-    let now = shared.now();
-    let mut t = shared.lock();
-    if t.received.get(page) {
+    let t_now = crate::region::now();
+    let t = shared.lock();
+    if t.received.get(page as u64) {
         drop(t);
         // Placed between the fault and now: the copy woke the thread, but a
         // spare wake-up is cheap and covers an EEXIST placement.
         stats.already_placed += 1;
         return shared.wake(page * ps, ps);
     }
-    if let Some(tid) = thread_id {
-        t.blocktime.fault(tid, offset, now);
+    let mut t = t;
+    if let (Some(tid), Some(b)) = (thread_id, &t.blocktime) {
+        b.lock()
+            .fault(tid, (shared.map.addr + page * ps) as u64, t_now);
     }
-    if t.requested.get(page) {
+    if t.requested.get(page as u64) {
         stats.duplicates += 1;
         return Ok(());
     }
-    t.requested.set(page);
+    t.requested.set(page as u64);
     drop(t);
     stats.reported += 1;
     let f = Fault {
         tag,
         offset,
         thread_id,
-        write: m.pf_flags & sys::PAGEFAULT_FLAG_WRITE != 0,
+        write,
+        seen: std::time::Instant::now(),
     };
     if tx.send(f).is_err() {
         stats.undelivered += 1;

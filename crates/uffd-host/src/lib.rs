@@ -7,8 +7,10 @@
 //!
 //! * [`probe`] — what the kernel offers ([`Features`]), or why userfaultfd
 //!   cannot be used ([`UffdError::NotPermitted`], [`UffdError::NotSupported`]).
-//! * [`Region`] — an anonymous mapping of N bytes with its own userfaultfd,
-//!   registered for missing faults: [`Region::place_page`] (`UFFDIO_COPY`),
+//! * [`Mapping`] — guest memory: anonymous, memfd or hugetlbfs
+//!   ([`Backing`]), read and written through `&self` with volatile copies.
+//! * [`Region`] — an existing [`Mapping`] registered for missing faults
+//!   with its own userfaultfd (at POSTCOPY_LISTEN, after precopy filled it): [`Region::place_page`] (`UFFDIO_COPY`),
 //!   [`Region::place_zero_page`] (`UFFDIO_ZEROPAGE`), [`Region::wake`]
 //!   (`UFFDIO_WAKE`), [`Region::discard`] (`MADV_DONTNEED`). Placing a page
 //!   that is already present (EEXIST) is not an error; its waiters are woken.
@@ -32,16 +34,15 @@
 //! # Ok::<(), qmig_uffd_host::UffdError>(())
 //! ```
 //!
-//! ## Why raw `libc` ioctls and not the `userfaultfd` crate
-//! The `userfaultfd` crate (0.8) builds and works here, but its
-//! `UffdBuilder::create` performs the UFFDIO_API handshake and drops the
-//! feature bits the kernel answers with, so it cannot tell what is offered
-//! (the handshake can be done only once per fd; a probe would need one fd
-//! per feature guess). It also brings nix 0.27, a second thiserror major and
-//! a bindgen build needing libclang at build time. What postcopy needs is
-//! five ioctls on four plain structs; they are declared in `sys.rs` with
-//! their sizes checked at compile time, and every real-kernel test
-//! exercises them.
+//! ## The `userfaultfd` crate, and where raw `libc` remains
+//! Opening, the API handshake, registration, `UFFDIO_COPY`,
+//! `UFFDIO_ZEROPAGE`, `UFFDIO_WAKE` and reading fault events go through the
+//! `userfaultfd` crate. Raw `libc` is left where the crate cannot express
+//! the call: the user-mode-only fallback for unprivileged processes (the
+//! crate never tries the system call when `/dev/userfaultfd` exists but is
+//! not accessible; see `sys.rs`), `poll(2)` on the userfaultfd and a stop
+//! eventfd, and the mappings themselves (mmap, memfd_create, madvise).
+//! Building the crate needs libclang (bindgen): `apt-get install libclang-dev`.
 //!
 //! [`PlaceHostPage`/`PlaceZeroPage`]: https://docs.rs/qmig-ram-dst
 #![warn(missing_docs)]
@@ -53,12 +54,12 @@ mod probe;
 mod region;
 mod sys;
 
-pub use blocktime::Blocktime;
+pub use blocktime::{latency_bucket, Blocktime, Latency, LATENCY_BUCKETS};
 pub use fault::{Fault, FaultStats, FaultThread};
-pub use guest::AnonMemory;
+pub use guest::{AnonMemory, LiveMemory};
 pub use probe::{probe, Features};
-pub use region::{Placed, Region};
-pub use sys::Mapping;
+pub use region::{BlocktimeHandle, Placed, Region};
+pub use sys::{Backing, Mapping, HUGE_PAGE_SIZE};
 
 /// Errors of the userfaultfd edge.
 #[derive(Debug, thiserror::Error)]

@@ -2,13 +2,15 @@
 
 use std::sync::OnceLock;
 
+use userfaultfd::{FeatureFlags, IoctlFlags};
+
 use crate::sys::{self, Mapping};
 use crate::UffdError;
 
 /// The userfaultfd features relevant to postcopy, as found by [`probe`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Features {
-    /// The raw `UFFD_FEATURE_*` bits the UFFDIO_API handshake offered.
+    /// The raw `UFFD_FEATURE_*` bits the UFFDIO_API handshake accepted.
     pub raw: u64,
     /// Missing faults on anonymous private memory can be registered and
     /// resolved with `UFFDIO_COPY` (what [`Region`](crate::Region) uses).
@@ -30,37 +32,60 @@ pub struct Features {
 }
 
 impl Features {
-    pub(crate) fn from_raw(raw: u64, missing_anon: bool, zeropage: bool) -> Self {
+    pub(crate) fn from_flags(
+        enabled: FeatureFlags,
+        missing_anon: bool,
+        zeropage: bool,
+        user_mode_only: bool,
+    ) -> Self {
         Features {
-            raw,
+            raw: enabled.bits(),
             missing_anon,
-            missing_shmem: raw & sys::FEATURE_MISSING_SHMEM != 0,
-            missing_hugetlbfs: raw & sys::FEATURE_MISSING_HUGETLBFS != 0,
+            missing_shmem: enabled.contains(FeatureFlags::MISSING_SHMEM),
+            missing_hugetlbfs: enabled.contains(FeatureFlags::MISSING_HUGETLBFS),
             zeropage,
-            thread_id: raw & sys::FEATURE_THREAD_ID != 0,
-            user_mode_only: sys::user_mode_only(),
+            thread_id: enabled.contains(FeatureFlags::THREAD_ID),
+            user_mode_only,
         }
     }
 }
 
-/// The feature bits offered by the kernel (asked once per process: the
-/// answer does not change, and each ask costs a userfaultfd).
-pub(crate) fn offered_features() -> Result<u64, UffdError> {
-    static OFFERED: OnceLock<u64> = OnceLock::new();
+/// What the UFFDIO_API handshake accepted, learnt once per process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offered {
+    /// The features a handshake accepted.
+    pub enabled: FeatureFlags,
+}
+
+/// The features the kernel accepts (asked once per process: the answer
+/// does not change, and each ask costs a userfaultfd).
+///
+/// The `userfaultfd` crate does not return the kernel's answer to the
+/// handshake, only whether the features asked for were accepted; so this
+/// asks for the postcopy set (thread ids, shmem and hugetlbfs missing
+/// faults) and, if refused (EINVAL: an older kernel), for none.
+pub(crate) fn offered_features() -> Result<Offered, UffdError> {
+    static OFFERED: OnceLock<Offered> = OnceLock::new();
     if let Some(&f) = OFFERED.get() {
         return Ok(f);
     }
-    // The handshake can be done only once per fd: a first fd asks with no
-    // features and learns what is offered; users open another to ask.
-    let fd = sys::open_uffd()?;
-    let api = sys::api(&fd, 0)?;
-    Ok(*OFFERED.get_or_init(|| api.features))
+    let all =
+        FeatureFlags::THREAD_ID | FeatureFlags::MISSING_SHMEM | FeatureFlags::MISSING_HUGETLBFS;
+    let enabled = match sys::open_uffd(all) {
+        Ok(_) => all,
+        Err(UffdError::Api { .. }) => {
+            sys::open_uffd(FeatureFlags::empty())?;
+            FeatureFlags::empty()
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(*OFFERED.get_or_init(|| Offered { enabled }))
 }
 
-/// Probes the kernel's userfaultfd support: opens a userfaultfd, does the
-/// API handshake to learn the offered features, then registers a one-page
-/// anonymous test mapping for missing faults to see which range ioctls
-/// (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`) it allows.
+/// Probes the kernel's userfaultfd support: opens a userfaultfd with the
+/// features postcopy uses, then registers a one-page anonymous test mapping
+/// for missing faults to see which range ioctls (`UFFDIO_COPY`,
+/// `UFFDIO_ZEROPAGE`) it allows.
 ///
 /// ```no_run
 /// let f = qmig_uffd_host::probe()?;
@@ -71,21 +96,28 @@ pub(crate) fn offered_features() -> Result<u64, UffdError> {
 ///
 /// # Errors
 /// [`UffdError::NotPermitted`] (EPERM: not root and
-/// `vm.unprivileged_userfaultfd` is 0), [`UffdError::NotSupported`] (ENOSYS:
-/// no userfaultfd in this kernel, or a seccomp filter), [`UffdError::Api`]
-/// when the handshake fails, [`UffdError::Syscall`] for anything else.
+/// `vm.unprivileged_userfaultfd` is 0, and even a user-mode-only fd was
+/// refused), [`UffdError::NotSupported`] (ENOSYS: no userfaultfd in this
+/// kernel, or a seccomp filter), [`UffdError::Api`] when the handshake
+/// fails, [`UffdError::Syscall`] for anything else.
 pub fn probe() -> Result<Features, UffdError> {
     let offered = offered_features()?;
-    let fd = sys::open_uffd()?;
-    sys::api(&fd, offered & sys::FEATURE_THREAD_ID)?;
+    let opened = sys::open_uffd(offered.enabled & FeatureFlags::THREAD_ID)?;
     let page = sys::host_page_size();
     let map = Mapping::anonymous(page)?;
-    let ioctls = sys::register_missing(&fd, map.addr as u64, page as u64)?;
+    let ioctls = opened
+        .uffd
+        .register(map.as_ptr().cast(), page)
+        .map_err(|e| UffdError::Syscall {
+            op: "UFFDIO_REGISTER",
+            source: std::io::Error::other(e.to_string()),
+        })?;
     // Closing the fd unregisters the test page; `map` unmaps it.
-    drop(fd);
-    Ok(Features::from_raw(
-        offered,
-        ioctls & sys::IOCTL_COPY_BIT != 0,
-        ioctls & sys::IOCTL_ZEROPAGE_BIT != 0,
+    drop(opened.uffd);
+    Ok(Features::from_flags(
+        offered.enabled,
+        ioctls.contains(IoctlFlags::COPY),
+        ioctls.contains(IoctlFlags::ZEROPAGE),
+        opened.user_mode_only,
     ))
 }

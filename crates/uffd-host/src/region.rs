@@ -1,83 +1,95 @@
-//! [`Region`]: an anonymous mapping registered for missing faults, and the
+//! [`Region`]: a guest-memory mapping registered for missing faults, and the
 //! placement calls that resolve them.
 
 use std::io;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+
+use qmig_wire::PageBitmap;
+use userfaultfd::{IoctlFlags, Uffd};
 
 use crate::blocktime::Blocktime;
 use crate::probe::offered_features;
 use crate::sys::{self, Mapping};
 use crate::{Features, UffdError};
 
-/// A bitmap with one bit per host page.
-#[derive(Debug, Clone)]
-pub(crate) struct HostPageBitmap(Vec<u64>);
-
-impl HostPageBitmap {
-    fn new(pages: usize) -> Self {
-        HostPageBitmap(vec![0; pages.div_ceil(64)])
-    }
-    pub(crate) fn get(&self, i: usize) -> bool {
-        self.0[i / 64] >> (i % 64) & 1 == 1
-    }
-    pub(crate) fn set(&mut self, i: usize) {
-        self.0[i / 64] |= 1 << (i % 64);
-    }
-    fn clear(&mut self, i: usize) {
-        self.0[i / 64] &= !(1 << (i % 64));
-    }
-}
-
-/// What the fault thread and the placement path share, under one lock.
+/// What the region and its fault thread track, under one mutex: the host
+/// pages placed and the host pages reported (asked for), one bit per host
+/// page ([`PageBitmap`], the one bitmap type of every qmig crate; it is not
+/// itself thread-safe, so it lives only behind this lock).
 #[derive(Debug)]
 pub(crate) struct Tracking {
-    /// Host pages placed (by this region's placement calls).
-    pub received: HostPageBitmap,
-    /// Host pages already reported as faults (asked for).
-    pub requested: HostPageBitmap,
-    pub blocktime: Blocktime,
+    pub received: PageBitmap,
+    pub requested: PageBitmap,
+    pub blocktime: Option<BlocktimeHandle>,
 }
 
-/// State shared by a [`Region`] and its fault thread. Owns the fd and the
-/// mapping; the fd is declared first so it is closed (unregistering the
-/// range and releasing any waiter) before the memory is unmapped.
+/// A [`Blocktime`] shared by the fault threads and placements of every
+/// region of a guest (and readable by anyone), keyed by virtual address.
+#[derive(Debug, Clone, Default)]
+pub struct BlocktimeHandle(Arc<Mutex<Blocktime>>);
+
+impl From<Blocktime> for BlocktimeHandle {
+    fn from(b: Blocktime) -> Self {
+        BlocktimeHandle(Arc::new(Mutex::new(b)))
+    }
+}
+
+impl BlocktimeHandle {
+    /// A copy of the accounting as it is now.
+    pub fn snapshot(&self) -> Blocktime {
+        self.lock().clone()
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Blocktime> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The origin of every blocktime timestamp (one per process, so waits in
+/// different regions compare).
+pub(crate) fn now() -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
+}
+
+/// State shared by a [`Region`] and its fault thread. Owns the userfaultfd
+/// and the mapping; the userfaultfd is declared first so it is closed
+/// (unregistering the range and releasing any waiter) before the memory is
+/// unmapped.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub fd: OwnedFd,
+    pub uffd: Uffd,
     pub map: Arc<Mapping>,
     pub page_size: usize,
     pub features: Features,
     pub zeropage: bool,
-    pub epoch: Instant,
     pub tracking: Mutex<Tracking>,
     pub fault_thread: AtomicBool,
 }
 
-impl Shared {
-    pub(crate) fn now(&self) -> Duration {
-        self.epoch.elapsed()
-    }
+fn uffd_error(op: &'static str, e: userfaultfd::Error) -> UffdError {
+    let source = match e {
+        userfaultfd::Error::SystemError(n)
+        | userfaultfd::Error::CopyFailed(n)
+        | userfaultfd::Error::ZeropageFailed(n) => io::Error::from_raw_os_error(n as i32),
+        other => io::Error::other(other.to_string()),
+    };
+    UffdError::Syscall { op, source }
+}
 
+impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Tracking> {
         // A panic while holding the lock leaves only bitmaps behind: usable.
         self.tracking.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn wake(&self, offset: usize, len: usize) -> Result<(), UffdError> {
-        let mut r = sys::UffdioRange {
-            start: (self.map.addr + offset) as u64,
-            len: len as u64,
-        };
-        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
-        unsafe { sys::ioctl(&self.fd, sys::UFFDIO_WAKE, &mut r) }.map_err(|source| {
-            UffdError::Syscall {
-                op: "UFFDIO_WAKE",
-                source,
-            }
-        })
+        let start = self.map.as_ptr().wrapping_add(offset).cast();
+        self.uffd
+            .wake(start, len)
+            .map_err(|e| uffd_error("UFFDIO_WAKE", e))
     }
 }
 
@@ -93,32 +105,31 @@ pub struct Placed {
 /// Most EAGAIN retries of one placement before giving up.
 const MAX_RETRIES: u32 = 1000;
 
-/// Guest RAM stand-in for postcopy: an anonymous private mapping of `len`
-/// bytes with its own userfaultfd, registered for missing faults.
+/// Guest RAM for postcopy: a [`Mapping`] (anonymous, memfd or hugetlbfs)
+/// with its own userfaultfd, registered for missing faults.
 ///
 /// Touching a page that was never placed blocks the touching thread until
 /// [`Region::place_page`] or [`Region::place_zero_page`] fills it; the fault
 /// is reported by the fault thread ([`Region::spawn_fault_thread`]).
 /// Placement methods take `&self` and may be called from any thread.
 ///
-/// Only base (host) pages: hugetlbfs and shmem-backed regions are not
-/// created here, though [`probe`](crate::probe) reports whether the kernel
-/// would allow them.
+/// The region's *host page* (the unit of faults, requests and placements)
+/// is the mapping's kernel page (2 MiB for hugetlbfs) or, with
+/// [`Region::register_host_pages`], a larger power of two: an anonymous
+/// stand-in for a block of 2 MiB pages is then asked for and placed 2 MiB
+/// at a time, as QEMU does for such blocks.
 #[derive(Debug, Clone)]
 pub struct Region {
     pub(crate) shared: Arc<Shared>,
 }
 
 impl Region {
-    /// Maps `len` bytes and registers them for missing faults. Requests
-    /// `UFFD_FEATURE_THREAD_ID` when the kernel offers it.
+    /// Maps `len` bytes of anonymous memory and registers them for missing
+    /// faults.
     ///
     /// # Errors
     /// [`UffdError::BadRange`] when `len` is zero or not a multiple of the host
-    /// page size; [`UffdError::NotPermitted`] / [`UffdError::NotSupported`]
-    /// when userfaultfd cannot be used; [`UffdError::MissingFeature`] when the
-    /// registration does not allow `UFFDIO_COPY`; [`UffdError::Syscall`] for
-    /// other failures.
+    /// page size; otherwise as for [`Region::register`].
     pub fn new(len: usize) -> Result<Self, UffdError> {
         let page_size = sys::host_page_size();
         if len == 0 || !len.is_multiple_of(page_size) {
@@ -131,56 +142,102 @@ impl Region {
         Region::register(Arc::new(Mapping::anonymous(len)?))
     }
 
-    /// Registers an existing anonymous mapping (e.g. guest RAM that precopy
-    /// filled, at POSTCOPY_LISTEN) for missing faults with a new
-    /// userfaultfd. Pages already present stay as they are; touching any
-    /// other page faults from now on. The region keeps the mapping alive;
-    /// dropping the last handle (and stopping the fault thread) closes the
-    /// userfaultfd, which unregisters the range and wakes every waiter.
+    /// Registers an existing mapping (guest RAM that precopy filled, at
+    /// POSTCOPY_LISTEN, after the discards) for missing faults with a new
+    /// userfaultfd; its host page is the mapping's kernel page. Pages
+    /// already present stay as they are; touching any other page faults from
+    /// now on. The region keeps the mapping alive; dropping the last handle
+    /// (and stopping the fault thread) closes the userfaultfd, which
+    /// unregisters the range and wakes every waiter.
+    ///
+    /// Requests `UFFD_FEATURE_THREAD_ID` when the kernel offers it. The
+    /// userfaultfd handles kernel-mode faults too unless the process may
+    /// only have a user-mode-only one ([`Features::user_mode_only`]).
     ///
     /// # Errors
-    /// As for [`Region::new`].
+    /// [`UffdError::BadRange`] when the length is not whole host pages;
+    /// [`UffdError::NotPermitted`] / [`UffdError::NotSupported`] when
+    /// userfaultfd cannot be used; [`UffdError::MissingFeature`] when the
+    /// registration does not allow `UFFDIO_COPY`; [`UffdError::Syscall`] for
+    /// other failures (UFFDIO_REGISTER refuses memory of other kinds, e.g.
+    /// a mapping of a regular file).
     pub fn register(map: Arc<Mapping>) -> Result<Self, UffdError> {
-        let page_size = sys::host_page_size();
+        let ps = map.page_size();
+        Region::register_host_pages(map, ps)
+    }
+
+    /// As [`Region::register`], with host pages of `host_page_size` bytes
+    /// (a power of two, at least the mapping's kernel page).
+    ///
+    /// # Errors
+    /// As for [`Region::register`]; [`UffdError::BadRange`] for a bad
+    /// `host_page_size`.
+    pub fn register_host_pages(
+        map: Arc<Mapping>,
+        host_page_size: usize,
+    ) -> Result<Self, UffdError> {
+        let page_size = host_page_size;
         let len = map.len;
-        if len == 0 || !len.is_multiple_of(page_size) {
+        if !page_size.is_power_of_two()
+            || page_size < map.page_size()
+            || len == 0
+            || !len.is_multiple_of(page_size)
+            || !map.addr.is_multiple_of(map.page_size())
+        {
             return Err(UffdError::BadRange {
                 offset: 0,
                 len,
-                why: "a region must be a non-zero multiple of the host page size",
+                why: "a region must be a non-zero multiple of its host page size, \
+                      a power of two no smaller than the kernel page",
             });
         }
         let offered = offered_features()?;
-        let want = offered & sys::FEATURE_THREAD_ID;
-        let fd = sys::open_uffd()?;
-        sys::api(&fd, want)?;
-        let ioctls = sys::register_missing(&fd, map.addr as u64, len as u64)?;
+        let want = offered.enabled & userfaultfd::FeatureFlags::THREAD_ID;
+        let opened = sys::open_uffd(want)?;
+        let ioctls = opened
+            .uffd
+            .register(map.as_ptr().cast(), len)
+            .map_err(|e| uffd_error("UFFDIO_REGISTER", e))?;
         for (bit, what) in [
-            (sys::IOCTL_COPY_BIT, "UFFDIO_COPY on the registered range"),
-            (sys::IOCTL_WAKE_BIT, "UFFDIO_WAKE on the registered range"),
+            (IoctlFlags::COPY, "UFFDIO_COPY on the registered range"),
+            (IoctlFlags::WAKE, "UFFDIO_WAKE on the registered range"),
         ] {
-            if ioctls & bit == 0 {
+            if !ioctls.contains(bit) {
                 return Err(UffdError::MissingFeature { what });
             }
         }
-        let zeropage = ioctls & sys::IOCTL_ZEROPAGE_BIT != 0;
-        let pages = len / page_size;
+        let zeropage = ioctls.contains(IoctlFlags::ZEROPAGE);
+        let pages = (len / page_size) as u64;
+        let mut features =
+            Features::from_flags(offered.enabled, true, zeropage, opened.user_mode_only);
+        features.thread_id = opened
+            .features
+            .contains(userfaultfd::FeatureFlags::THREAD_ID);
         Ok(Region {
             shared: Arc::new(Shared {
-                fd,
+                uffd: opened.uffd,
                 map,
                 page_size,
-                features: Features::from_raw(offered, true, zeropage),
+                features,
                 zeropage,
-                epoch: Instant::now(),
                 tracking: Mutex::new(Tracking {
-                    received: HostPageBitmap::new(pages),
-                    requested: HostPageBitmap::new(pages),
-                    blocktime: Blocktime::default(),
+                    received: PageBitmap::new(pages),
+                    requested: PageBitmap::new(pages),
+                    blocktime: None,
                 }),
                 fault_thread: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// The features this region's userfaultfd has.
+    pub fn features(&self) -> Features {
+        self.shared.features
+    }
+
+    /// The mapping.
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.shared.map
     }
 
     /// Length in bytes.
@@ -211,12 +268,23 @@ impl Region {
 
     /// Whether the host page at `offset` was placed by this region.
     pub fn is_placed(&self, offset: usize) -> bool {
-        offset < self.len() && self.shared.lock().received.get(offset / self.page_size())
+        offset < self.len()
+            && self
+                .shared
+                .lock()
+                .received
+                .get((offset / self.page_size()) as u64)
     }
 
-    /// A snapshot of the blocktime accounting.
+    /// A snapshot of the blocktime accounting of the fault thread (empty
+    /// before one was started).
     pub fn blocktime(&self) -> Blocktime {
-        self.shared.lock().blocktime.clone()
+        self.shared
+            .lock()
+            .blocktime
+            .as_ref()
+            .map(BlocktimeHandle::snapshot)
+            .unwrap_or_default()
     }
 
     /// Copies `buf.len()` bytes at `offset` out of the region, touching the
@@ -286,71 +354,61 @@ impl Region {
         self.shared.wake(offset, len)
     }
 
-    /// Drops the pages of `[offset, offset + len)` (`MADV_DONTNEED`, as for
-    /// POSTCOPY_RAM_DISCARD) and forgets that they were placed or asked
-    /// for: touching them faults again.
+    /// Drops the pages of `[offset, offset + len)` (as for
+    /// POSTCOPY_RAM_DISCARD; [`Mapping::discard`]) and forgets that they
+    /// were placed or asked for: touching them faults again.
     ///
     /// # Errors
     /// [`UffdError::BadRange`]; [`UffdError::Syscall`] when madvise fails.
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), UffdError> {
         self.check(offset, len, true)?;
-        let p = self.as_ptr().wrapping_add(offset).cast::<libc::c_void>();
-        // SAFETY: the range is whole pages inside the mapping this region
-        // owns; dropping them only makes later reads fault.
-        let r = unsafe { libc::madvise(p, len, libc::MADV_DONTNEED) };
-        if r != 0 {
-            return Err(UffdError::Syscall {
-                op: "madvise(MADV_DONTNEED)",
-                source: io::Error::last_os_error(),
-            });
-        }
+        self.shared.map.discard(offset, len)?;
         let ps = self.page_size();
         let mut t = self.shared.lock();
-        for page in offset / ps..(offset + len) / ps {
-            t.received.clear(page);
-            t.requested.clear(page);
-        }
+        let (first, n) = ((offset / ps) as u64, (len / ps) as u64);
+        t.received.clear_range(first, n);
+        t.requested.clear_range(first, n);
         Ok(())
     }
 
-    /// One placement ioctl over `[dst, dst + len)`: `Ok(n)` bytes done, or
-    /// the errno.
+    /// One placement ioctl over `[dst, dst + len)`: the bytes done, or the
+    /// errno with the bytes done before it (EAGAIN: a partial copy).
     fn fill_ioctl(
         &self,
         dst: usize,
         len: usize,
         src: Option<&[u8]>,
         wake: bool,
-    ) -> (i64, io::Result<()>) {
-        let addr = (self.shared.map.addr + dst) as u64;
+    ) -> Result<usize, (usize, io::Error)> {
+        let addr = self.shared.map.as_ptr().wrapping_add(dst).cast();
         match src {
             Some(s) => {
-                let mut c = sys::UffdioCopy {
-                    dst: addr,
-                    src: s.as_ptr() as u64,
-                    len: len as u64,
-                    mode: if wake { 0 } else { 1 },
-                    copy: 0,
-                };
-                // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; `src`
-                // points to `len` readable bytes borrowed for the call and
-                // `dst` lies inside the registered range (checked by callers).
-                let r = unsafe { sys::ioctl(&self.shared.fd, sys::UFFDIO_COPY, &mut c) };
-                (c.copy, r)
+                // SAFETY: `s` is `len` readable bytes borrowed for the call
+                // (callers pass `len <= s.len()`), and `addr..addr + len` lies
+                // inside the registered range (checked by callers); the
+                // kernel copies atomically into pages not yet present.
+                let r = unsafe { self.shared.uffd.copy(s.as_ptr().cast(), addr, len, wake) };
+                match r {
+                    Ok(n) => Ok(n),
+                    Err(userfaultfd::Error::PartiallyCopied(n)) => {
+                        Err((n, io::Error::from_raw_os_error(libc::EAGAIN)))
+                    }
+                    Err(userfaultfd::Error::CopyFailed(e)) => Err((0, io::Error::from(e))),
+                    Err(e) => Err((0, io::Error::other(e.to_string()))),
+                }
             }
             None => {
-                let mut z = sys::UffdioZeropage {
-                    range: sys::UffdioRange {
-                        start: addr,
-                        len: len as u64,
-                    },
-                    mode: if wake { 0 } else { 1 },
-                    zeropage: 0,
-                };
-                // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`;
-                // the range lies inside the registered range.
-                let r = unsafe { sys::ioctl(&self.shared.fd, sys::UFFDIO_ZEROPAGE, &mut z) };
-                (z.zeropage, r)
+                // SAFETY: the range lies inside the registered range
+                // (checked by callers).
+                let r = unsafe { self.shared.uffd.zeropage(addr, len, wake) };
+                match r {
+                    Ok(n) => Ok(n),
+                    // The crate drops the partial count of an EAGAIN: report
+                    // none done; the retry then skips what was zeroed as
+                    // EEXIST pages.
+                    Err(userfaultfd::Error::ZeropageFailed(e)) => Err((0, io::Error::from(e))),
+                    Err(e) => Err((0, io::Error::other(e.to_string()))),
+                }
             }
         }
     }
@@ -376,35 +434,35 @@ impl Region {
         let mut done = 0;
         let mut retries = 0;
         while done < len {
-            let src = data.map(|d| &d[done..]);
-            let (n, r) = self.fill_ioctl(offset + done, len - done, src, wake);
-            match r {
-                Ok(()) => {
-                    let n = usize::try_from(n).unwrap_or(0).min(len - done);
+            let src = data.map(|d| &d[done..len]);
+            match self.fill_ioctl(offset + done, len - done, src, wake) {
+                Ok(n) => {
+                    let n = n.min(len - done);
                     out.filled += n;
                     done += n;
                     if n == 0 {
                         retries += 1;
                     }
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    // The first page of what remains is already there (the
-                    // kernel reports pages copied before it as a short count,
-                    // and EEXIST only when none were). Skip that page and wake
+                Err((_, e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // The first kernel page of what remains is already there
+                    // (the kernel reports pages copied before it as a short
+                    // count, and EEXIST only when none were). Skip it and wake
                     // anyone waiting on it: a failed copy wakes no one.
-                    self.shared.wake(offset + done, ps)?;
-                    out.already_present += ps;
-                    done += ps;
+                    let kps = self.shared.map.page_size().min(len - done);
+                    self.shared.wake(offset + done, kps)?;
+                    out.already_present += kps;
+                    done += kps;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                Err((n, e)) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     // The address space changed under the copy; `n` says how
                     // much got through. Retry the rest.
-                    let n = usize::try_from(n).unwrap_or(0).min(len - done);
+                    let n = n.min(len - done);
                     out.filled += n;
                     done += n;
                     retries += 1;
                 }
-                Err(source) => return Err(UffdError::Syscall { op, source }),
+                Err((_, source)) => return Err(UffdError::Syscall { op, source }),
             }
             if retries > MAX_RETRIES {
                 return Err(UffdError::Syscall {
@@ -413,12 +471,14 @@ impl Region {
                 });
             }
         }
-        let now = self.shared.now();
+        let t_now = now();
         let mut t = self.shared.lock();
-        for page in offset / ps..(offset + len) / ps {
-            t.received.set(page);
+        t.received
+            .set_range((offset / ps) as u64, (len / ps) as u64);
+        if let Some(b) = &t.blocktime {
+            let start = (self.shared.map.addr + offset) as u64;
+            b.lock().placed(start, len as u64, t_now);
         }
-        t.blocktime.placed(offset as u64, len as u64, now);
         Ok(out)
     }
 

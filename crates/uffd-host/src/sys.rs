@@ -1,137 +1,49 @@
-//! The kernel interface: `struct uffdio_*` layouts, ioctl numbers, and the
-//! few calls that create and configure a userfaultfd. Everything here is a
-//! thin, checked wrapper around one system call.
+//! The kernel interface: opening a userfaultfd (through the `userfaultfd`
+//! crate, with one raw fallback), the guest-memory mappings userfaultfd's
+//! missing mode can register (anonymous, memfd/shmem, hugetlbfs), and the
+//! stop eventfd of the fault thread.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
+
 use crate::UffdError;
 
+/// `UFFD_USER_MODE_ONLY` (linux/userfaultfd.h, since 5.11): the fd only
+/// handles faults raised by user-space accesses, which the
+/// `vm.unprivileged_userfaultfd=0` default allows without privileges.
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+
 /// `UFFD_API`: the only API version the kernel knows.
-pub(crate) const UFFD_API: u64 = 0xAA;
+const UFFD_API: u64 = 0xAA;
 
-/// `UFFD_EVENT_PAGEFAULT`.
-pub(crate) const EVENT_PAGEFAULT: u8 = 0x12;
-/// `UFFD_PAGEFAULT_FLAG_WRITE`.
-pub(crate) const PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
-
-/// `UFFD_FEATURE_MISSING_HUGETLBFS`.
-pub(crate) const FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
-/// `UFFD_FEATURE_MISSING_SHMEM`.
-pub(crate) const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
-/// `UFFD_FEATURE_THREAD_ID`.
-pub(crate) const FEATURE_THREAD_ID: u64 = 1 << 8;
-
-/// `UFFDIO_REGISTER_MODE_MISSING`.
-pub(crate) const REGISTER_MODE_MISSING: u64 = 1 << 0;
-
-/// Bit numbers of the ioctls in `uffdio_api.ioctls` / `uffdio_register.ioctls`.
-pub(crate) const IOCTL_REGISTER_BIT: u64 = 1 << 0x00;
-pub(crate) const IOCTL_UNREGISTER_BIT: u64 = 1 << 0x01;
-pub(crate) const IOCTL_WAKE_BIT: u64 = 1 << 0x02;
-pub(crate) const IOCTL_COPY_BIT: u64 = 1 << 0x03;
-pub(crate) const IOCTL_ZEROPAGE_BIT: u64 = 1 << 0x04;
-
-const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
-}
-const IOC_WRITE: u64 = 1;
-const IOC_READ: u64 = 2;
-
-/// `struct uffdio_api`.
+/// `struct uffdio_api`, for the one handshake the crate cannot do for us
+/// (see [`open_user_mode_only`]).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UffdioApi {
-    pub api: u64,
-    pub features: u64,
-    pub ioctls: u64,
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
 }
-
-/// `struct uffdio_range`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UffdioRange {
-    pub start: u64,
-    pub len: u64,
-}
-
-/// `struct uffdio_register`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UffdioRegister {
-    pub range: UffdioRange,
-    pub mode: u64,
-    pub ioctls: u64,
-}
-
-/// `struct uffdio_copy`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UffdioCopy {
-    pub dst: u64,
-    pub src: u64,
-    pub len: u64,
-    pub mode: u64,
-    /// Bytes copied, or a negated errno.
-    pub copy: i64,
-}
-
-/// `struct uffdio_zeropage`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UffdioZeropage {
-    pub range: UffdioRange,
-    pub mode: u64,
-    /// Bytes zeroed, or a negated errno.
-    pub zeropage: i64,
-}
-
-/// `struct uffd_msg`, with its union read as the page-fault member
-/// (`flags`, `address`, `feat.ptid`); other events are recognised by
-/// `event` and ignored.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UffdMsg {
-    pub event: u8,
-    pub reserved1: u8,
-    pub reserved2: u16,
-    pub reserved3: u32,
-    pub pf_flags: u64,
-    pub pf_address: u64,
-    pub pf_ptid: u32,
-    pub pad: u32,
-}
-
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
-const _: () = assert!(std::mem::size_of::<UffdioRange>() == 16);
-const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
-const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
-const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
-const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+/// `UFFDIO_API` = `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
 
-pub(crate) const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, 24);
-pub(crate) const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, 32);
-pub(crate) const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, 16);
-pub(crate) const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, 40);
-pub(crate) const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, 32);
-/// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
-const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
+fn is_permission(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+}
 
-/// Issues ioctl `req` on `fd` with argument `arg`; returns the errno on failure.
-///
-/// # Safety
-/// `req` must be an ioctl whose argument is a `T` that the kernel may read
-/// and write (one of the `UFFDIO_*` numbers above with its matching struct).
-pub(crate) unsafe fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
-    let p: *mut T = arg;
-    // SAFETY: the caller guarantees `req` takes a `T`; `p` points to a live,
-    // exclusively borrowed `T` for the duration of the call.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, p) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+/// The crate's error as an `io::Error` (its errno when it has one).
+fn crate_io_error(e: userfaultfd::Error) -> io::Error {
+    match e {
+        userfaultfd::Error::SystemError(errno)
+        | userfaultfd::Error::CopyFailed(errno)
+        | userfaultfd::Error::ZeropageFailed(errno) => io::Error::from_raw_os_error(errno as i32),
+        userfaultfd::Error::OpenDevUserfaultfd(e) => e,
+        other => io::Error::other(other.to_string()),
     }
 }
 
@@ -146,117 +58,99 @@ fn open_error(e: io::Error) -> UffdError {
     }
 }
 
-/// `UFFD_USER_MODE_ONLY` (linux/userfaultfd.h, since 5.11): the fd only
-/// handles faults raised by user-space accesses, which the
-/// `vm.unprivileged_userfaultfd=0` default allows without privileges.
-pub(crate) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-
-/// Whether [`open_uffd`] had to fall back to user-mode-only faults.
-static USER_MODE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether the userfaultfds opened so far handle user-mode faults only
-/// (see [`open_uffd`]).
-pub(crate) fn user_mode_only() -> bool {
-    USER_MODE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+/// A userfaultfd and how it was obtained.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub uffd: Uffd,
+    /// The features the handshake enabled.
+    pub features: FeatureFlags,
+    /// Only user-mode faults are reported (the unprivileged fallback).
+    pub user_mode_only: bool,
 }
 
-fn syscall_uffd(flags: libc::c_int) -> Result<OwnedFd, io::Error> {
+/// Opens a new userfaultfd (close-on-exec, non-blocking) and does the
+/// UFFDIO_API handshake asking for `features`.
+///
+/// Full (kernel-mode too) fault handling is tried first, through the
+/// `userfaultfd` crate with `user_mode_only(false)`: a privileged process
+/// (CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd=1`, or access to
+/// `/dev/userfaultfd`) must serve faults the kernel itself raises (a
+/// `read(2)` into guest memory, vhost), as QEMU's destination does. Only if
+/// that is refused for lack of permission does it fall back to
+/// `UFFD_USER_MODE_ONLY`, which an unprivileged process may always use.
+pub(crate) fn open_uffd(features: FeatureFlags) -> Result<Opened, UffdError> {
+    let full = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(features)
+        .create();
+    let err = match full {
+        Ok(uffd) => {
+            return Ok(Opened {
+                uffd,
+                features,
+                user_mode_only: false,
+            })
+        }
+        Err(e) => crate_io_error(e),
+    };
+    if !is_permission(&err) {
+        return Err(match err.raw_os_error() {
+            Some(libc::EINVAL) => UffdError::Api {
+                features: features.bits(),
+                source: err,
+            },
+            _ => open_error(err),
+        });
+    }
+    match open_user_mode_only(features) {
+        Ok(uffd) => Ok(Opened {
+            uffd,
+            features,
+            user_mode_only: true,
+        }),
+        // Report the first refusal: that is the one the fixes address.
+        Err(_) => Err(open_error(err)),
+    }
+}
+
+/// The unprivileged fallback: `userfaultfd(UFFD_USER_MODE_ONLY)` and the
+/// UFFDIO_API handshake, with raw `libc`.
+///
+/// Why not the crate: `UffdBuilder::create` opens `/dev/userfaultfd`
+/// whenever that node exists and gives up if it cannot be opened, without
+/// trying the system call; on a stock system the node exists with mode 0600,
+/// so an unprivileged process would never reach the user-mode-only system
+/// call the kernel does allow it. The crate's handshake is private, so it is
+/// done here too; the fd is then handed to the crate ([`Uffd::from_raw_fd`])
+/// for everything else.
+fn open_user_mode_only(features: FeatureFlags) -> Result<Uffd, io::Error> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
     // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or -1.
     let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `r` is a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-}
-
-/// Opens a new userfaultfd (close-on-exec, non-blocking). Tries the
-/// `userfaultfd(2)` system call first; when it is refused with EPERM,
-/// `/dev/userfaultfd` (whose file permissions may grant what the sysctl does
-/// not); and when that fails too, the system call with
-/// `UFFD_USER_MODE_ONLY`, which an unprivileged process may always use:
-/// faults raised inside the kernel (a `read(2)` into registered memory, say)
-/// are then not reported, only those of user-space accesses.
-pub(crate) fn open_uffd() -> Result<OwnedFd, UffdError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    if !user_mode_only() {
-        let err = match syscall_uffd(flags) {
-            Ok(fd) => return Ok(fd),
-            Err(e) => e,
-        };
-        if err.raw_os_error() != Some(libc::EPERM) {
-            return Err(open_error(err));
-        }
-        if let Some(fd) = open_dev_uffd(flags) {
-            return Ok(fd);
-        }
-        match syscall_uffd(flags | UFFD_USER_MODE_ONLY) {
-            Ok(fd) => {
-                USER_MODE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok(fd)
-            }
-            // Report the first refusal: that is the one the sysctl governs.
-            Err(_) => Err(open_error(err)),
-        }
-    } else {
-        syscall_uffd(flags | UFFD_USER_MODE_ONLY).map_err(open_error)
-    }
-}
-
-/// A userfaultfd from `/dev/userfaultfd`, if its permissions allow.
-fn open_dev_uffd(flags: libc::c_int) -> Option<OwnedFd> {
-    let path: &CStr = c"/dev/userfaultfd";
-    // SAFETY: `path` is a NUL-terminated string; open returns a new fd or -1.
-    let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if dev < 0 {
-        return None;
-    }
-    // SAFETY: `dev` is a fresh fd that nothing else owns.
-    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-    // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
-    let r = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
-    if r < 0 {
-        return None;
-    }
-    // SAFETY: `r` is a fresh fd that nothing else owns.
-    Some(unsafe { OwnedFd::from_raw_fd(r) })
-}
-
-/// The UFFDIO_API handshake (once per fd): asks for `features`; returns the
-/// kernel's answer (with `features = 0` the answer lists every feature the
-/// kernel offers).
-pub(crate) fn api(fd: &OwnedFd, features: u64) -> Result<UffdioApi, UffdError> {
+    let raw = i32::try_from(r).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut a = UffdioApi {
         api: UFFD_API,
-        features,
+        features: features.bits(),
         ioctls: 0,
     };
-    // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
-    unsafe { ioctl(fd, UFFDIO_API, &mut a) }
-        .map_err(|source| UffdError::Api { features, source })?;
-    let need = IOCTL_REGISTER_BIT | IOCTL_UNREGISTER_BIT;
-    if a.ioctls & need != need {
-        return Err(UffdError::MissingFeature {
-            what: "UFFDIO_REGISTER/UFFDIO_UNREGISTER",
-        });
+    let p: *mut UffdioApi = &mut a;
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `p` points to
+    // for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, p) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
     }
-    Ok(a)
-}
-
-/// Registers `[start, start + len)` for missing faults; returns the range
-/// ioctls the kernel allows on it.
-pub(crate) fn register_missing(fd: &OwnedFd, start: u64, len: u64) -> Result<u64, UffdError> {
-    let mut r = UffdioRegister {
-        range: UffdioRange { start, len },
-        mode: REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`.
-    unsafe { ioctl(fd, UFFDIO_REGISTER, &mut r) }.map_err(|source| UffdError::Syscall {
-        op: "UFFDIO_REGISTER",
-        source,
-    })?;
-    Ok(r.ioctls)
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: `raw` is an open userfaultfd whose ownership moves to the
+    // `Uffd` (which closes it on drop).
+    Ok(unsafe { <Uffd as FromRawFd>::from_raw_fd(raw) })
 }
 
 /// The host (base) page size.
@@ -270,13 +164,48 @@ pub(crate) fn host_page_size() -> usize {
     }
 }
 
-/// An anonymous private mapping (`MAP_PRIVATE | MAP_ANONYMOUS |
-/// MAP_NORESERVE`), unmapped on drop. Pages never written are not present:
-/// once registered with a [`Region`](crate::Region) touching them faults.
+/// The memory behind a [`Mapping`]: the three kinds userfaultfd's missing
+/// mode can register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous private memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+    Anonymous,
+    /// A memfd (shmem), mapped shared.
+    Memfd,
+    /// A hugetlbfs memfd (`MFD_HUGETLB`) of 2 MiB pages, mapped shared.
+    Hugetlbfs,
+}
+
+impl Backing {
+    /// The name used in manifests and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anonymous",
+            Backing::Memfd => "memfd",
+            Backing::Hugetlbfs => "hugetlbfs",
+        }
+    }
+}
+
+/// The huge page size [`Backing::Hugetlbfs`] uses.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Guest memory mapped read/write, unmapped on drop: anonymous private
+/// memory, a memfd or a hugetlbfs memfd. Pages never written are not
+/// present: once registered with a [`Region`](crate::Region) touching them
+/// faults.
+///
+/// Access is through `&self` only, with volatile copies ([`Mapping::read`],
+/// [`Mapping::write`]), in the manner of vm-memory's `VolatileSlice`: other
+/// threads (UFFDIO_COPY, vCPU stand-ins) may change the bytes at any time,
+/// so no Rust reference into the memory is ever made while it is shared.
 #[derive(Debug)]
 pub struct Mapping {
     pub(crate) addr: usize,
     pub(crate) len: usize,
+    backing: Backing,
+    /// The memfd, for shared backings (kept for the mapping's lifetime).
+    _fd: Option<OwnedFd>,
 }
 
 impl Mapping {
@@ -295,6 +224,31 @@ impl Mapping {
         self.addr as *mut u8
     }
 
+    /// What the memory is.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The kernel page size of the memory: 2 MiB for hugetlbfs, else the
+    /// host page size. Placements and discards are multiples of it.
+    pub fn page_size(&self) -> usize {
+        match self.backing {
+            Backing::Hugetlbfs => HUGE_PAGE_SIZE,
+            _ => host_page_size(),
+        }
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), UffdError> {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(UffdError::BadRange {
+                offset,
+                len,
+                why: "outside the mapping",
+            });
+        }
+        Ok(())
+    }
+
     /// Copies `buf.len()` bytes at `offset` out with volatile reads, as a
     /// vCPU would touch them: a page that is registered and missing blocks
     /// the call until it is placed (or the userfaultfd is closed; it then
@@ -303,13 +257,7 @@ impl Mapping {
     /// # Errors
     /// [`UffdError::BadRange`] when the range is outside the mapping.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), UffdError> {
-        if offset.checked_add(buf.len()).is_none_or(|e| e > self.len) {
-            return Err(UffdError::BadRange {
-                offset,
-                len: buf.len(),
-                why: "outside the mapping",
-            });
-        }
+        self.check(offset, buf.len())?;
         let src = self.as_ptr().wrapping_add(offset);
         for (i, b) in buf.iter_mut().enumerate() {
             // SAFETY: `offset + i` is inside the live mapping (checked
@@ -319,40 +267,183 @@ impl Mapping {
         Ok(())
     }
 
+    /// Copies `data` in at `offset` with volatile writes (precopy's path,
+    /// before registration; a registered missing page blocks the writer
+    /// until placed, as a vCPU write would).
+    ///
+    /// # Errors
+    /// [`UffdError::BadRange`] when the range is outside the mapping.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), UffdError> {
+        self.check(offset, data.len())?;
+        let dst = self.as_ptr().wrapping_add(offset);
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `offset + i` is inside the live mapping (checked
+            // above); a volatile u8 write has no alignment needs, and no
+            // Rust reference into the mapping exists to be invalidated.
+            unsafe { std::ptr::write_volatile(dst.wrapping_add(i), *b) };
+        }
+        Ok(())
+    }
+
+    /// Whether any byte of `[offset, offset + len)` is non-zero (volatile
+    /// reads; for pages not present this reads zeros without allocating).
+    ///
+    /// # Errors
+    /// [`UffdError::BadRange`] when the range is outside the mapping.
+    pub fn any_nonzero(&self, offset: usize, len: usize) -> Result<bool, UffdError> {
+        self.check(offset, len)?;
+        let src = self.as_ptr().wrapping_add(offset);
+        Ok((0..len).any(|i| {
+            // SAFETY: inside the live mapping (checked above).
+            unsafe { std::ptr::read_volatile(src.wrapping_add(i)) != 0 }
+        }))
+    }
+
+    /// Drops the pages of `[offset, offset + len)` (whole kernel pages):
+    /// `MADV_DONTNEED` for anonymous memory, `MADV_REMOVE` (punching a hole
+    /// in the memfd) for shared memory, where DONTNEED would only unmap the
+    /// page and leave it in the page cache, present to a later fault.
+    ///
+    /// # Errors
+    /// [`UffdError::BadRange`]; [`UffdError::Syscall`] when madvise fails.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<(), UffdError> {
+        self.check(offset, len)?;
+        let ps = self.page_size();
+        if !offset.is_multiple_of(ps) || !len.is_multiple_of(ps) {
+            return Err(UffdError::BadRange {
+                offset,
+                len,
+                why: "discards must be whole kernel pages",
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let (advice, op) = match self.backing {
+            Backing::Anonymous => (libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)"),
+            _ => (libc::MADV_REMOVE, "madvise(MADV_REMOVE)"),
+        };
+        let p = self.as_ptr().wrapping_add(offset).cast::<libc::c_void>();
+        // SAFETY: the range is whole pages inside the mapping this value
+        // owns; dropping them only makes later reads see zeros (or fault).
+        let r = unsafe { libc::madvise(p, len, advice) };
+        if r != 0 {
+            return Err(UffdError::Syscall {
+                op,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Maps `len` bytes (non-zero) of anonymous, private, read/write memory.
     ///
     /// # Errors
     /// [`UffdError::Syscall`] when mmap fails (e.g. `len` is 0).
     pub fn anonymous(len: usize) -> Result<Self, UffdError> {
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks
-        // aliases nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let addr = mmap(len, flags, None)?;
+        Ok(Mapping {
+            addr,
+            len,
+            backing: Backing::Anonymous,
+            _fd: None,
+        })
+    }
+
+    /// Maps `len` bytes of a new memfd, shared (as QEMU's
+    /// `memory-backend-memfd`): shmem with [`Backing::Memfd`], 2 MiB
+    /// hugetlbfs pages with [`Backing::Hugetlbfs`] (`len` must then be a
+    /// multiple of 2 MiB, and the huge pages are reserved at mmap time:
+    /// `vm.nr_hugepages` must have enough free).
+    ///
+    /// # Errors
+    /// [`UffdError::BadRange`] for a bad `len`; [`UffdError::Syscall`] when
+    /// memfd_create, ftruncate or mmap fails (ENOMEM from mmap: not enough
+    /// free huge pages; reserve them with `echo N > /proc/sys/vm/nr_hugepages`).
+    pub fn memfd(len: usize, backing: Backing) -> Result<Self, UffdError> {
+        let (mfd_flags, ps) = match backing {
+            Backing::Anonymous => return Mapping::anonymous(len),
+            Backing::Memfd => (libc::MFD_CLOEXEC, host_page_size()),
+            // MFD_HUGE_2MB is 21 << MFD_HUGE_SHIFT (26).
+            Backing::Hugetlbfs => (
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << 26),
+                HUGE_PAGE_SIZE,
+            ),
         };
-        if p == libc::MAP_FAILED {
+        if len == 0 || !len.is_multiple_of(ps) {
+            return Err(UffdError::BadRange {
+                offset: 0,
+                len,
+                why: "a memfd mapping must be a non-zero multiple of its page size",
+            });
+        }
+        let name: &CStr = c"qmig-guest-ram";
+        // SAFETY: `name` is NUL-terminated; memfd_create returns a new fd or -1.
+        let r = unsafe { libc::memfd_create(name.as_ptr(), mfd_flags) };
+        if r < 0 {
             return Err(UffdError::Syscall {
-                op: "mmap",
+                op: "memfd_create",
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(Mapping {
-            addr: p as usize,
+        // SAFETY: `r` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(r) };
+        let size = libc::off_t::try_from(len).map_err(|_| UffdError::BadRange {
+            offset: 0,
             len,
+            why: "too large",
+        })?;
+        // SAFETY: ftruncate on our own fd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+            return Err(UffdError::Syscall {
+                op: "ftruncate(memfd)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let addr = mmap(len, libc::MAP_SHARED, Some(&fd)).map_err(|e| match (backing, e) {
+            (Backing::Hugetlbfs, UffdError::Syscall { source, .. }) => UffdError::Syscall {
+                op: "mmap(hugetlbfs memfd): reserve 2 MiB pages with \
+                     `echo N > /proc/sys/vm/nr_hugepages`",
+                source,
+            },
+            (_, e) => e,
+        })?;
+        Ok(Mapping {
+            addr,
+            len,
+            backing,
+            _fd: Some(fd),
         })
     }
+}
+
+fn mmap(len: usize, flags: libc::c_int, fd: Option<&OwnedFd>) -> Result<usize, UffdError> {
+    // SAFETY: a fresh mapping at an address the kernel picks aliases nothing
+    // in this process.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd.map_or(-1, |f| f.as_raw_fd()),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(UffdError::Syscall {
+            op: "mmap",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(p as usize)
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `addr..addr+len` is the mapping this value owns; no
-        // reference into it outlives the owner (the `Region`'s shared state).
+        // reference into it outlives the owner.
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }

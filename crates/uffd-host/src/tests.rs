@@ -109,7 +109,7 @@ fn probe_reports_anonymous_missing_faults() {
     }
     // Everything postcopy uses on this CI kernel (6.x).
     assert!(f.thread_id && f.missing_shmem, "{f:?}");
-    assert!(f.raw & sys::FEATURE_THREAD_ID != 0);
+    assert!(f.raw & (1 << 8) != 0, "UFFD_FEATURE_THREAD_ID");
 }
 
 #[test]
@@ -127,7 +127,8 @@ fn fault_is_reported_and_placement_resolves_it() {
             tag: 3,
             offset: 2 * PS as u64,
             thread_id: Some(tid),
-            write: false
+            write: false,
+            seen: f.seen,
         }
     );
     std::thread::sleep(Duration::from_millis(5));
