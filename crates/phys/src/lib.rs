@@ -55,6 +55,9 @@ pub enum PhysError {
     /// No RAM block could be identified as the machine's RAM.
     #[error("no RAM block is the machine's RAM (no pc.ram/microvm.ram/mach-virt.ram and no memory-backend block); name them explicitly")]
     NoRamBlock,
+    /// Two RAM blocks with one name (QEMU's block names are unique).
+    #[error("RAM block {0:?} is listed twice")]
+    DuplicateBlock(String),
     /// A RAM block named explicitly is not in the stream.
     #[error("RAM block {0:?} is not in the stream")]
     MissingBlock(String),
@@ -372,6 +375,18 @@ pub fn map(
                 machine: machine.map(str::to_string),
             })?,
     };
+    for (i, (n, _)) in blocks.iter().enumerate() {
+        if blocks[..i].iter().any(|(m, _)| m == n) {
+            return Err(PhysError::DuplicateBlock(n.to_string()));
+        }
+    }
+    if let Some(names) = &opts.ram_blocks {
+        for (i, n) in names.iter().enumerate() {
+            if names[..i].contains(n) {
+                return Err(PhysError::DuplicateBlock(n.clone()));
+            }
+        }
+    }
     let ram: Vec<(&str, u64)> = match &opts.ram_blocks {
         Some(names) => names
             .iter()
@@ -652,6 +667,26 @@ mod tests {
             (MachineLayout::Q35, Some(vec!["m1".into(), "m0".into()]))
         );
         assert!(parse_layout_arg("nope").is_err());
+        // Found by the phys_map fuzz target: one name, two lengths.
+        assert_eq!(
+            map(
+                Some("pc-i440fx-11"),
+                &[("pc.rim", 42949), ("pc.rim", 4294967296)],
+                &Options::default()
+            ),
+            Err(PhysError::DuplicateBlock("pc.rim".into()))
+        );
+        assert!(matches!(
+            map(
+                Some("pc"),
+                &[("m0", M)],
+                &Options {
+                    ram_blocks: Some(vec!["m0".into(), "m0".into()]),
+                    ..Options::default()
+                }
+            ),
+            Err(PhysError::DuplicateBlock(_))
+        ));
     }
 
     proptest! {
