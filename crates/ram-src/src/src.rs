@@ -1,6 +1,6 @@
 //! The source state machine: [`RamSrc`].
 
-use qmig_wire::{MemBlock, RamRecord};
+use qmig_wire::{MemBlock, PageBitmap, RamRecord};
 use qmig_xbzrle::{PageCache, SaveOutcome};
 
 use crate::compress::PageCompressor;
@@ -166,77 +166,6 @@ pub struct Counters {
     pub iterations: u64,
 }
 
-/// A bitmap of target pages.
-#[derive(Debug, Clone, Default)]
-struct Bits {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl Bits {
-    fn new(len: usize) -> Self {
-        Bits {
-            words: vec![0; len.div_ceil(64)],
-            len,
-        }
-    }
-
-    fn set_all(&mut self) -> u64 {
-        self.words.fill(!0);
-        if !self.len.is_multiple_of(64) {
-            if let Some(w) = self.words.last_mut() {
-                *w = (1u64 << (self.len % 64)) - 1;
-            }
-        }
-        self.len as u64
-    }
-
-    fn set(&mut self, i: usize) {
-        self.words[i / 64] |= 1 << (i % 64);
-    }
-
-    /// Clears bit `i`, returning whether it was set.
-    fn test_and_clear(&mut self, i: usize) -> bool {
-        let w = &mut self.words[i / 64];
-        let m = 1u64 << (i % 64);
-        let was = *w & m != 0;
-        *w &= !m;
-        was
-    }
-
-    /// The first set bit in `[from, limit)`, or `limit`.
-    fn next_set(&self, from: usize, limit: usize) -> usize {
-        let limit = limit.min(self.len);
-        if from >= limit {
-            return limit;
-        }
-        let mut wi = from / 64;
-        let mut w = self.words[wi] & (!0u64 << (from % 64));
-        loop {
-            if w != 0 {
-                let i = wi * 64 + w.trailing_zeros() as usize;
-                return i.min(limit);
-            }
-            wi += 1;
-            if wi * 64 >= limit {
-                return limit;
-            }
-            w = self.words[wi];
-        }
-    }
-
-    /// ORs `other` into `self`, returning how many bits became set.
-    fn merge(&mut self, other: &mut Bits) -> u64 {
-        let mut n = 0;
-        for (a, b) in self.words.iter_mut().zip(other.words.iter_mut()) {
-            n += u64::from((*b & !*a).count_ones());
-            *a |= *b;
-            *b = 0;
-        }
-        n
-    }
-}
-
 /// Read access to the source's guest memory, one byte slice per block (in
 /// the order of the blocks given to [`RamSrc::new`]).
 pub trait GuestRam {
@@ -315,9 +244,9 @@ pub struct RamSrc {
     zero_detection: bool,
     state: State,
     /// Pages to send (QEMU's migration bitmap).
-    dirty: Vec<Bits>,
+    dirty: Vec<PageBitmap>,
     /// Pages the guest wrote since the last sync (the dirty log).
-    log: Vec<Bits>,
+    log: Vec<PageBitmap>,
     dirty_count: u64,
     /// Where the last search stopped (`last_seen_block`, `last_page`).
     cursor: Option<(usize, usize)>,
@@ -389,8 +318,8 @@ impl RamSrc {
             None => None,
         };
         Ok(RamSrc {
-            dirty: pages.iter().map(|&n| Bits::new(n)).collect(),
-            log: pages.iter().map(|&n| Bits::new(n)).collect(),
+            dirty: pages.iter().map(|&n| PageBitmap::new(n as u64)).collect(),
+            log: pages.iter().map(|&n| PageBitmap::new(n as u64)).collect(),
             blocks,
             pages,
             host_pages,
@@ -484,9 +413,16 @@ impl RamSrc {
             .collect();
         RamRecord::mem_size(list).write(out)?;
         RamRecord::eos().write(out)?;
-        self.dirty_count = self.dirty.iter_mut().map(Bits::set_all).sum();
+        self.dirty_count = self
+            .dirty
+            .iter_mut()
+            .map(|d| {
+                d.set_range(0, d.len());
+                d.len()
+            })
+            .sum();
         for l in &mut self.log {
-            l.words.fill(0);
+            l.clear_range(0, l.len());
         }
         self.counters.dirty_sync_count = 1;
         self.counters.transferred += (out.len() - start) as u64;
@@ -518,9 +454,7 @@ impl RamSrc {
                 }
                 let first = (offset >> self.page_bits) as usize;
                 let last = ((end - 1) >> self.page_bits) as usize;
-                for p in first..=last {
-                    self.log[block].set(p);
-                }
+                self.log[block].set_range(first as u64, (last - first + 1) as u64);
                 Ok(())
             }
             _ => Err(RamSrcError::OutOfBlock {
@@ -550,7 +484,7 @@ impl RamSrc {
         self.expect("handle_sync", State::Iterating)?;
         let mut n = 0;
         for (d, l) in self.dirty.iter_mut().zip(self.log.iter_mut()) {
-            n += d.merge(l);
+            n += d.merge_from(l);
         }
         self.dirty_count += n;
         self.counters.dirty_sync_count += 1;
@@ -646,7 +580,9 @@ impl RamSrc {
         let (mut blk, mut page) = (start_blk, start_page);
         let mut complete_round = false;
         loop {
-            page = self.dirty[blk].next_set(page, self.pages[blk]);
+            page = self.dirty[blk]
+                .next_set(page as u64, self.pages[blk] as u64)
+                .map_or(self.pages[blk], |p| p as usize);
             if complete_round && blk == start_blk && page >= start_page {
                 self.cursor = Some((blk, page));
                 return Ok(0);
@@ -686,11 +622,13 @@ impl RamSrc {
         let mut sent = 0;
         let mut p = *page;
         while p < end {
-            if self.dirty[blk].test_and_clear(p) {
+            if self.dirty[blk].test_and_clear(p as u64) {
                 self.dirty_count -= 1;
                 sent += self.save_target_page(blk, p, mem, out)?;
             }
-            p = self.dirty[blk].next_set(p + 1, end);
+            p = self.dirty[blk]
+                .next_set(p as u64 + 1, end as u64)
+                .map_or(end, |x| x as usize);
         }
         *page = end;
         Ok(sent)
