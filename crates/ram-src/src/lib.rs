@@ -43,15 +43,17 @@
 mod compress;
 pub mod convert;
 mod error;
+mod source;
 mod src;
 pub mod template;
 mod zero;
 
 pub use compress::PageCompressor;
-pub use error::RamSrcError;
+pub use error::{RamSrcError, RequestRule};
+pub use source::{ping, Source, SourcePhase};
 pub use src::{
-    Config, Counters, GuestRam, Progress, RamSrc, SrcBlock, State, DEFAULT_PAGE_SIZE,
-    DEFAULT_XBZRLE_CACHE_SIZE,
+    canonicalize_host_pages, dirty_runs, Config, Counters, GuestRam, PageRequest, Progress, RamSrc,
+    SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE, MAX_DISCARDS_PER_COMMAND,
 };
 pub use template::Template;
 pub use zero::is_zero;
