@@ -7,9 +7,15 @@
 //! and counters. It writes section payloads into a caller's buffer and never
 //! touches a socket or a clock.
 //!
+//! For postcopy, [`RamSrc::handle_return_path`] takes the destination's page
+//! requests (checked as QEMU checks them) into a queue served before the
+//! background scan, and [`RamSrc::postcopy_switchover`] writes the discards.
+//!
 //! [`Template`] supplies everything around the RAM records from a real
-//! stream (header, configuration, the `ram` section's identity, SWITCHOVER_START,
-//! device sections, EOF, vmdesc), so a whole stream can be regenerated:
+//! stream, precopy or postcopy (header, configuration, the `ram` section's
+//! identity, SWITCHOVER_START, device sections, EOF, vmdesc), and [`Source`]
+//! writes whole streams with it (see its docs for the postcopy order). By
+//! hand, a precopy stream is:
 //!
 //! ```
 //! use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock, Template};
