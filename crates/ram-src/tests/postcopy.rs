@@ -22,7 +22,10 @@ fn bitmap(bits: u64, ones: &[u64]) -> PageBitmap {
 
 /// The POSTCOPY_RAM_DISCARD commands at the start of `out`, as (block,
 /// ranges) pairs, and how many bytes they took.
-fn discards(out: &[u8]) -> (Vec<(String, Vec<(u64, u64)>)>, usize) {
+/// A block name and its (start, length) ranges.
+type BlockRanges = (String, Vec<(u64, u64)>);
+
+fn discards(out: &[u8]) -> (Vec<BlockRanges>, usize) {
     let mut at = 0;
     let mut v = Vec::new();
     while at < out.len() {
@@ -271,7 +274,7 @@ fn bad_requests_get_typed_errors() {
     );
     assert_eq!(
         rule(src.handle_return_path(&RpMessage::ReqPagesId {
-            start: u64::MAX & !(PS - 1),
+            start: !(PS - 1),
             len: 4096,
             block: "a"
         })),
