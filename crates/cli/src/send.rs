@@ -334,7 +334,46 @@ fn wait_close(
 struct Ram {
     names: Vec<String>,
     files: Vec<String>,
-    images: Vec<Vec<u8>>,
+    images: Vec<Image>,
+}
+
+/// One block image: mapped from its file (nothing is read before a page is
+/// sent, so a postcopy destination runs the guest without waiting for the
+/// whole image to be read), or owned (a file shorter than the block, padded
+/// with zeroes, or an image the workload changed). The files must not be
+/// truncated while `send` runs (reading a truncated mapping is SIGBUS).
+enum Image {
+    Owned(Vec<u8>),
+    Mapped(qmig_ram_dst::MappedInput),
+}
+
+impl Image {
+    /// The image as a writable vector (a mapped image is copied once).
+    fn make_mut(&mut self) -> &mut Vec<u8> {
+        if let Image::Mapped(m) = self {
+            *self = Image::Owned(m.as_slice().to_vec());
+        }
+        match self {
+            Image::Owned(v) => v,
+            Image::Mapped(_) => unreachable!("converted above"),
+        }
+    }
+}
+
+impl std::ops::Deref for Image {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Image::Owned(v) => v,
+            Image::Mapped(m) => m.as_slice(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for Image {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
 }
 
 fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
@@ -375,16 +414,27 @@ fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
             )));
         }
         let path = dir.join(&file);
-        let mut img = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
-        if img.len() as u64 > b.length {
+        let f = File::open(&path).map_err(|e| CliError::io(&path, "open", e))?;
+        let flen = f
+            .metadata()
+            .map_err(|e| CliError::io(&path, "stat", e))?
+            .len();
+        if flen > b.length {
             return Err(CliError::data(format!(
-                "{}: {} bytes, the manifest says {}",
+                "{}: {flen} bytes, the manifest says {}",
                 path.display(),
-                img.len(),
                 b.length
             )));
         }
-        img.resize(b.length as usize, 0);
+        let img = if flen == b.length && flen > 0 {
+            Image::Mapped(
+                qmig_ram_dst::MappedInput::new(f).map_err(|e| CliError::io(&path, "mmap", e))?,
+            )
+        } else {
+            let mut v = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
+            v.resize(b.length as usize, 0);
+            Image::Owned(v)
+        };
         ram.names.push(b.name);
         ram.files.push(file);
         ram.images.push(img);
@@ -438,6 +488,10 @@ fn workload(
     let Some(img) = ram.images.first_mut() else {
         return Ok(0);
     };
+    if fraction <= 0.0 {
+        return Ok(0);
+    }
+    let img = img.make_mut();
     let pages = (img.len() / page_size) as u64;
     let base = pages / 2;
     let span = pages - base;
