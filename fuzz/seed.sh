@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet convert; do
+for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet convert; do
     mkdir -p "$here/corpus/$t"
 done
 # URIs and sizes as users write them.
@@ -24,7 +24,10 @@ for d in "$data"/*/; do
             { head -c 8 "$s"; tail -c 32768 "$s"; } > "$here/corpus/$t/$n-tail"
         done
     fi
-    if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
+    if [ -f "$d/rp" ]; then
+        cp "$d/rp" "$here/corpus/return_path/$n-rp"
+        cp "$d/rp" "$here/corpus/src_return_path/$n-rp"
+    fi
 done
 # Field inputs: the mapped-ram file's head (configuration with mapped-ram,
 # the MEM_SIZE word, the first block header, its bitmap and padding).

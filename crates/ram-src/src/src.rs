@@ -286,6 +286,16 @@ impl<T: AsRef<[u8]>> GuestRam for Vec<T> {
 /// [`poll_complete`](Self::poll_complete) (END payload: a sync, then every
 /// dirty page regardless of budget, XBZRLE without cache updates, EOS).
 ///
+/// Postcopy (see the diagram on [`State`]): after the precopy passes,
+/// [`postcopy_switchover`](Self::postcopy_switchover) writes the
+/// POSTCOPY_RAM_DISCARD commands; then [`handle_return_path`](Self::handle_return_path)
+/// queues the destination's page requests, each [`poll_iterate`](Self::poll_iterate)
+/// sends the queued host pages first (outside its budget) and then continues
+/// the background scan, ZERO and PAGE records only, whole host pages; and
+/// [`poll_complete`](Self::poll_complete) (no sync) sends whatever is left.
+/// The framing around these payloads (PACKAGED, pings, sections) is
+/// [`crate::Source`]'s.
+///
 /// Page decisions follow QEMU: the scan resumes where it stopped and wraps
 /// around the block list (`find_dirty_block`); the block name is written
 /// only when the block differs from the previous page record's; a zero page

@@ -8,6 +8,11 @@
 //! byte for byte, the `ram` section's id, instance and version, whether
 //! sections carry footers, whether SWITCHOVER_START precedes END, and every
 //! byte after the `ram` END section (device state, EOF, vmdesc) verbatim.
+//!
+//! A postcopy capture works too: its device sections are taken from inside
+//! the PACKAGED blob (between POSTCOPY_LISTEN and the pings), its discards,
+//! pings and advice are dropped. [`Template::device_state`] gives the device
+//! sections of either kind, for a precopy tail or a postcopy package.
 
 use qmig_wire::section::{self, write_footer};
 use qmig_wire::{
