@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert recovery phys_map; do
+for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert recovery phys_map; do
     mkdir -p "$here/corpus/$t"
 done
 # Machine types, layouts and RAM blocks as qmig-phys sees them.
@@ -32,7 +32,10 @@ for d in "$data"/*/; do
             { head -c 8 "$s"; tail -c 32768 "$s"; } > "$here/corpus/$t/$n-tail"
         done
     fi
-    if [ -f "$d/rp" ]; then cp "$d/rp" "$here/corpus/return_path/$n-rp"; fi
+    if [ -f "$d/rp" ]; then
+        cp "$d/rp" "$here/corpus/return_path/$n-rp"
+        cp "$d/rp" "$here/corpus/src_return_path/$n-rp"
+    fi
 done
 # recovery: the connections of the recovered postcopy captures, behind the
 # target's mode byte (0: recovery main connection, 1: preempt channel,

@@ -16,6 +16,10 @@ It checks:
     qmig last sent it, after its workload) outside the hole [0xA0000, 0x100000);
   * the record kinds the scenario is about were really sent (XBZRLE pages, compressed
     pages, several dirty syncs), from `qmig send --json`.
+Postcopy scenarios (`--postcopy`) check instead: a pmemsave on a QEMU 10 destination while
+it is postcopy-active completes (its own thread faults, qmig serves the requests), memory
+equals the RAM sent after `completed`; a destination running the guest keeps running; and
+`qmig send --postcopy` into `qmig recv --touch 4` gives equal images and equal request counts.
 Exits non-zero naming the failed scenarios.
 """
 
@@ -53,6 +57,22 @@ SCENARIOS = {
                           args=["--passes", "4", "--max-bandwidth", "8000000"],
                           min_syncs=4,
                           about="QEMU 10 destination, rate-limited PART sections"),
+    "q10-postcopy-paused": dict(qemu="10", capture="q10-stopped", postcopy=True,
+                                caps={"postcopy-ram": True},
+                                args=["--postcopy", "--postcopy-after", "0",
+                                      "--max-bandwidth", "256K"],
+                                about="QEMU 10 destination (-S), postcopy right after setup: "
+                                      "pmemsave during postcopy is demand-paged"),
+    "q10-postcopy-running": dict(qemu="10", capture="q10-postcopy", postcopy=True, running=True,
+                                 caps={"postcopy-ram": True},
+                                 args=["--postcopy", "--postcopy-after", "1",
+                                       "--dirty-fraction", "0.1", "--max-bandwidth", "512K"],
+                                 about="QEMU 10 destination running the guest, postcopy "
+                                       "template, switchover after one precopy pass"),
+    "qmig-postcopy-touch": dict(qemu=None, capture="q10-stopped", postcopy=True, to_qmig=True,
+                                args=["--postcopy", "--postcopy-after", "0",
+                                      "--max-bandwidth", "1M"],
+                                about="qmig recv --touch 4 destination, postcopy"),
     "q72-compress6": dict(qemu="7.2", capture="q72-compress6", caps={"compress": True},
                           args=["--compress", "6"], min_compressed=50,
                           about="QEMU 7.2 destination, COMPRESS_PAGE at level 6"),
@@ -91,7 +111,148 @@ def differing_pages(a, b, skip):
     return out
 
 
+def check_same_ram(final, got_dir_or_bytes, size=None):
+    """FINAL's pc.ram against a pmemsave (bytes) outside the hole."""
+    man = json.load(open(os.path.join(final, "manifest.json")))
+    blk = next(b for b in man["blocks"] if b["name"] == "pc.ram")
+    want = open(os.path.join(final, blk["file"]), "rb").read()
+    got = got_dir_or_bytes
+    bad = differing_pages(got, want[:size or len(got)], HOLE)
+    if bad:
+        raise RuntimeError(f"{len(bad)} pages of pc.ram differ, first at {bad[0]:#x}")
+
+
+def run_postcopy_qmig(name, sc, work, qmig):
+    """qmig send --postcopy -> qmig recv --touch 4: every image equal."""
+    template = stream_path(sc["capture"], work)
+    ramdir = os.path.join(work, "ram")
+    final = os.path.join(work, "final")
+    out = os.path.join(work, "out")
+    sock = os.path.join(work, "mig.sock")
+    subprocess.run([qmig, "extract", template, "-o", ramdir], check=True,
+                   stdout=subprocess.DEVNULL)
+    recv = subprocess.Popen([qmig, "recv", "--listen", f"unix:{sock}", "-o", out,
+                             "--touch", "4", "--idle-timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        p = subprocess.run([qmig, "send", "--ram", ramdir, "--template", template,
+                            "--to", f"unix:{sock}", "--final-ram", final, "--json",
+                            "--idle-timeout", "30"] + sc["args"],
+                           capture_output=True, text=True, timeout=120)
+        rlog = recv.communicate(timeout=60)[0]
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    if p.returncode != 0 or recv.returncode != 0:
+        raise RuntimeError(f"send exited {p.returncode}: {p.stderr.strip()}; "
+                           f"recv exited {recv.returncode}: {rlog.strip()}")
+    stats = json.loads(p.stdout)
+    man = json.load(open(os.path.join(final, "manifest.json")))
+    for b in man["blocks"]:
+        a = open(os.path.join(final, b["file"]), "rb").read()
+        g = open(os.path.join(out, b["file"]), "rb").read()
+        if a != g:
+            bad = differing_pages(g, a, (0, 0))
+            raise RuntimeError(f"block {b['name']}: {len(bad)} pages differ")
+    pc = stats["postcopy"]
+    if pc["requested_pages"] == 0:
+        raise RuntimeError("no page was requested: the touch threads were not demand-paged")
+    rman = json.load(open(os.path.join(out, "manifest.json")))
+    asked = rman.get("postcopy", {}).get("page_requests")
+    if asked is not None and asked != pc["requests"]:
+        raise RuntimeError(f"recv sent {asked} page requests, send took {pc['requests']}")
+    print(f"  ok: {stats['bytes']} bytes, {pc['requests']} requests (recv: {asked}), "
+          f"{pc['requested_pages']} pages served on request; every image equal")
+
+
+def run_postcopy_qemu(name, sc, work, qmig):
+    """qmig send --postcopy -> QEMU 10 with postcopy-ram."""
+    oracle = json.load(open(os.path.join(DATA, sc["capture"], "oracle.json")))
+    template = stream_path(sc["capture"], work)
+    ramdir = os.path.join(work, "ram")
+    final = os.path.join(work, "final")
+    subprocess.run([qmig, "extract", template, "-o", ramdir], check=True,
+                   stdout=subprocess.DEVNULL)
+    port = qmp.free_port()
+    disk = os.path.join(work, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    running = sc.get("running", False)
+    args = oracle["machine_args"] + ["-drive", f"file={disk},format=raw,if=ide",
+                                     "-serial", "null", "-incoming", "defer"]
+    if not running:
+        args.append("-S")
+    dst = qmp.Qemu(qmp.qemu_binary(sc["qemu"]), args, work, "dst")
+    size = oracle["ram_size"]
+    try:
+        dst.cmd("migrate-set-capabilities",
+                capabilities=[{"capability": k, "state": v} for k, v in sc["caps"].items()])
+        dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        argv = [qmig, "send", "--ram", ramdir, "--template", template,
+                "--to", f"tcp:127.0.0.1:{port}", "--final-ram", final, "--json",
+                "--idle-timeout", "30"] + sc["args"]
+        t0 = time.monotonic()
+        send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        during = None
+        try:
+            mig = qmp.wait_migration(dst.qmp, timeout=60,
+                                     done=("postcopy-active", "completed"), interval=0.01)
+            if mig["status"] == "postcopy-active":
+                # The destination's own thread faults on every page not there yet.
+                got = open(qmp.pmemsave(dst.qmp, 0, size,
+                                        os.path.join(work, "during.pmem")), "rb").read()
+                st = dst.cmd("query-migrate")["status"]
+                during = (st, send.poll() is None)
+            out, err = send.communicate(timeout=120)
+        finally:
+            if send.poll() is None:
+                send.kill()
+        took = time.monotonic() - t0
+        if send.returncode != 0:
+            raise RuntimeError(f"qmig send exited {send.returncode}: {err.strip()}\n"
+                               f"destination log: {dst.read_log()}")
+        stats = json.loads(out)
+        mig = qmp.wait_migration(dst.qmp, timeout=60)
+        status = dst.cmd("query-status")["status"]
+        if during is None:
+            raise RuntimeError("the destination never reported postcopy-active")
+        if not running:
+            check_same_ram(final, got, size)
+        dump = qmp.pmemsave(dst.qmp, 0, size, os.path.join(work, "dst.pmem"))
+        if running:
+            # The guest wrote its own memory since: it runs; compare only
+            # what it does not dirty (everything outside its dirty window).
+            g = oracle["guest"]
+            skip = (g["dirty_start"], g["dirty_start"] + g["dirty_size"])
+            want = open(os.path.join(final, "pc.ram.img"), "rb").read()[:size]
+            got2 = open(dump, "rb").read()
+            bad = [o for o in differing_pages(got2, want, HOLE) if not skip[0] <= o < skip[1]]
+            if bad:
+                raise RuntimeError(f"{len(bad)} pages outside the guest's dirty window "
+                                   f"differ, first at {bad[0]:#x}")
+            time.sleep(0.3)
+            status2 = dst.cmd("query-status")["status"]
+            if status != "running" or status2 != "running":
+                raise RuntimeError(f"destination not running after postcopy: {status}/{status2}")
+        else:
+            check_same_ram(final, open(dump, "rb").read(), size)
+        pc = stats["postcopy"]
+        if pc["requested_pages"] == 0:
+            raise RuntimeError("no page was requested during postcopy")
+        print(f"  ok: {stats['bytes']} bytes in {took:.2f}s, dst {mig['status']}/{status}; "
+              f"pmemsave during postcopy done while dst was {during[0]} "
+              f"(send still running: {during[1]}); {pc['requests']} requests, "
+              f"{pc['requested_pages']} pages served on request, "
+              f"{pc['discard_commands']} discard commands; memory equals the RAM sent")
+    finally:
+        dst.quit()
+
+
 def run_scenario(name, sc, work, qmig):
+    if sc.get("to_qmig"):
+        return run_postcopy_qmig(name, sc, work, qmig)
+    if sc.get("postcopy"):
+        return run_postcopy_qemu(name, sc, work, qmig)
     oracle = json.load(open(os.path.join(DATA, sc["capture"], "oracle.json")))
     template = stream_path(sc["capture"], work)
     ramdir = os.path.join(work, "ram")

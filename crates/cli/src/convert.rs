@@ -437,11 +437,11 @@ fn print_report(
 /// ([`qmig_ram_src::mapped::write_from_template`]). It lives here, with
 /// `convert`'s mapped-ram output, to keep `send`'s stream code apart. A
 /// failed file is removed unless `--keep-partial`.
-pub fn send_mapped_ram(
+pub fn send_mapped_ram<I: AsRef<[u8]>>(
     a: &crate::send::SendArgs,
     t: &qmig_ram_src::Template<'_>,
     names: &[String],
-    images: &[Vec<u8>],
+    images: &[I],
 ) -> crate::error::CliResult {
     use crate::error::CliError;
     let crate::uri::MigUri::File(path) = &a.to else {
@@ -455,7 +455,7 @@ pub fn send_mapped_ram(
     let blocks: Vec<(&str, &[u8])> = names
         .iter()
         .zip(images)
-        .map(|(n, i)| (n.as_str(), i.as_slice()))
+        .map(|(n, i)| (n.as_str(), i.as_ref()))
         .collect();
     let r = qmig_ram_src::mapped::write_from_template(
         t,

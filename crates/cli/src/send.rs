@@ -25,8 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock, Template, DEFAULT_XBZRLE_CACHE_SIZE};
-use qmig_wire::{Item, SectionKind};
+use qmig_ram_src::{
+    Config, Progress, RamSrc, Source, SrcBlock, Template, DEFAULT_XBZRLE_CACHE_SIZE,
+};
+use qmig_wire::Item;
 use serde::Serialize;
 
 use crate::error::{CliError, CliResult};
@@ -102,6 +104,22 @@ pub struct SendArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
+    /// Postcopy: advise it at setup, then switch over after
+    /// `--postcopy-after` precopy passes and serve the destination's page
+    /// requests before the background scan (tcp: and unix: only; the
+    /// destination needs the postcopy-ram capability).
+    #[arg(long, conflicts_with_all = ["passes", "compress"])]
+    pub postcopy: bool,
+    /// Precopy passes before the postcopy switchover (0 = right after setup:
+    /// every page is then requested or pushed by the background scan). The
+    /// workload (`--dirty-fraction`, `--seed`) changes pages after each pass.
+    #[arg(
+        long,
+        value_name = "PASSES",
+        default_value_t = 1,
+        requires = "postcopy"
+    )]
+    pub postcopy_after: u32,
 }
 
 /// Where the stream goes.
@@ -320,7 +338,46 @@ fn wait_close(
 struct Ram {
     names: Vec<String>,
     files: Vec<String>,
-    images: Vec<Vec<u8>>,
+    images: Vec<Image>,
+}
+
+/// One block image: mapped from its file (nothing is read before a page is
+/// sent, so a postcopy destination runs the guest without waiting for the
+/// whole image to be read), or owned (a file shorter than the block, padded
+/// with zeroes, or an image the workload changed). The files must not be
+/// truncated while `send` runs (reading a truncated mapping is SIGBUS).
+enum Image {
+    Owned(Vec<u8>),
+    Mapped(qmig_ram_dst::MappedInput),
+}
+
+impl Image {
+    /// The image as a writable vector (a mapped image is copied once).
+    fn make_mut(&mut self) -> &mut Vec<u8> {
+        if let Image::Mapped(m) = self {
+            *self = Image::Owned(m.as_slice().to_vec());
+        }
+        match self {
+            Image::Owned(v) => v,
+            Image::Mapped(_) => unreachable!("converted above"),
+        }
+    }
+}
+
+impl std::ops::Deref for Image {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Image::Owned(v) => v,
+            Image::Mapped(m) => m.as_slice(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for Image {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
 }
 
 fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
@@ -361,16 +418,27 @@ fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
             )));
         }
         let path = dir.join(&file);
-        let mut img = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
-        if img.len() as u64 > b.length {
+        let f = File::open(&path).map_err(|e| CliError::io(&path, "open", e))?;
+        let flen = f
+            .metadata()
+            .map_err(|e| CliError::io(&path, "stat", e))?
+            .len();
+        if flen > b.length {
             return Err(CliError::data(format!(
-                "{}: {} bytes, the manifest says {}",
+                "{}: {flen} bytes, the manifest says {}",
                 path.display(),
-                img.len(),
                 b.length
             )));
         }
-        img.resize(b.length as usize, 0);
+        let img = if flen == b.length && flen > 0 {
+            Image::Mapped(
+                qmig_ram_dst::MappedInput::new(f).map_err(|e| CliError::io(&path, "mmap", e))?,
+            )
+        } else {
+            let mut v = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
+            v.resize(b.length as usize, 0);
+            Image::Owned(v)
+        };
         ram.names.push(b.name);
         ram.files.push(file);
         ram.images.push(img);
@@ -424,6 +492,10 @@ fn workload(
     let Some(img) = ram.images.first_mut() else {
         return Ok(0);
     };
+    if fraction <= 0.0 {
+        return Ok(0);
+    }
+    let img = img.make_mut();
     let pages = (img.len() / page_size) as u64;
     let base = pages / 2;
     let span = pages - base;
@@ -475,11 +547,23 @@ fn template_skeleton(path: &Path) -> Result<Vec<u8>, CliError> {
 struct Pacer {
     start: Instant,
     sent: u64,
+    /// Bytes not paced: pages the destination requested in postcopy.
+    exempt: u64,
     bw: Option<u64>,
 }
 
 impl Pacer {
+    /// Writes `buf` and sleeps until the rate limit allows more.
     fn send(&mut self, sink: &mut Sink, buf: &mut Vec<u8>, uri: &MigUri) -> Result<(), CliError> {
+        self.write(sink, buf, uri)?;
+        if let Some(d) = self.due() {
+            std::thread::sleep(d);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` without waiting.
+    fn write(&mut self, sink: &mut Sink, buf: &mut Vec<u8>, uri: &MigUri) -> Result<(), CliError> {
         if let Some(signal) = crate::signals::pending() {
             return Err(CliError::Interrupted {
                 signal,
@@ -488,14 +572,16 @@ impl Pacer {
         }
         sink.write_all(buf, &mut self.sent, uri)?;
         buf.clear();
-        if let Some(bw) = self.bw {
-            let due = Duration::from_secs_f64(self.sent as f64 / bw as f64);
-            let el = self.start.elapsed();
-            if due > el {
-                std::thread::sleep(due - el);
-            }
-        }
         Ok(())
+    }
+
+    /// How long the rate limit wants us to wait now, if at all.
+    fn due(&self) -> Option<Duration> {
+        let bw = self.bw?;
+        let paced = self.sent.saturating_sub(self.exempt);
+        let due = Duration::from_secs_f64(paced as f64 / bw as f64);
+        let el = self.start.elapsed();
+        (due > el).then(|| due - el)
     }
 }
 
@@ -510,6 +596,8 @@ struct Summary {
     duplicate: u64,
     xbzrle: XbzrleSummary,
     compressed: CompressedSummary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy: Option<PostcopySummary>,
 }
 
 #[derive(Serialize)]
@@ -525,6 +613,20 @@ struct XbzrleSummary {
 struct CompressedSummary {
     pages: u64,
     bytes: u64,
+}
+
+/// `--postcopy` figures (`ram.postcopy-requests` and `ram.postcopy-bytes`
+/// in QEMU's terms, plus the pages served on request).
+#[derive(Serialize)]
+struct PostcopySummary {
+    switchover_seconds: f64,
+    postcopy_seconds: f64,
+    requests: u64,
+    requested_pages: u64,
+    requested_bytes: u64,
+    postcopy_bytes: u64,
+    discard_commands: u64,
+    discard_ranges: u64,
 }
 
 fn src_error(e: qmig_ram_src::RamSrcError) -> CliError {
@@ -621,24 +723,38 @@ pub fn run(a: &SendArgs) -> CliResult {
         compress_level: a.compress,
         zero_page_detection: !a.no_zero_detection,
     };
-    let mut src = RamSrc::new(blocks, config).map_err(|e| CliError::Usage(e.to_string()))?;
+    let src = RamSrc::new(blocks, config).map_err(|e| CliError::Usage(e.to_string()))?;
+    if a.postcopy && !matches!(a.to, MigUri::Tcp { .. } | MigUri::Unix(_)) {
+        return Err(CliError::Usage(format!(
+            "--postcopy needs a return path: use a tcp: or unix: destination, not {}",
+            a.to
+        )));
+    }
     if let Some(dir) = &a.final_ram {
         crate::files::output_dir(dir)?;
     }
+    let mut source = Source::new(t, src, a.postcopy);
 
     crate::signals::install();
     let partial = match &a.to {
         MigUri::File(p) => Some(p.clone()),
         _ => None,
     };
-    let mut sink = Sink::open(&a.to, Duration::from_secs(a.idle_timeout))?;
+    let idle = Duration::from_secs(a.idle_timeout);
+    let mut sink = Sink::open(&a.to, idle)?;
     let mut pacer = Pacer {
         start: Instant::now(),
         sent: 0,
+        exempt: 0,
         bw: a.max_bandwidth.filter(|&b| b > 0),
     };
-    let r =
-        stream(a, &t, &mut ram, &mut src, &mut sink, &mut pacer).and_then(|()| sink.finish(&a.to));
+    let mut pc = None;
+    let r = if a.postcopy {
+        stream_postcopy(a, &mut ram, &mut source, &mut sink, &mut pacer, idle)
+            .map(|stats| pc = Some(stats))
+    } else {
+        stream(a, &mut ram, &mut source, &mut sink, &mut pacer).and_then(|()| sink.finish(&a.to))
+    };
     if let Err(e) = r {
         if let (Some(p), false) = (&partial, a.keep_partial) {
             let _ = std::fs::remove_file(p);
@@ -651,11 +767,15 @@ pub fn run(a: &SendArgs) -> CliResult {
         write_final_ram(dir, &ram, &a.to)?;
     }
 
-    let c = src.counters();
+    let c = source.ram().counters();
     let summary = Summary {
         bytes: pacer.sent,
         seconds: elapsed.as_secs_f64(),
-        passes: a.passes,
+        passes: if a.postcopy {
+            a.postcopy_after
+        } else {
+            a.passes
+        },
         dirty_sync_count: c.dirty_sync_count,
         normal: c.normal,
         duplicate: c.duplicate,
@@ -670,6 +790,16 @@ pub fn run(a: &SendArgs) -> CliResult {
             pages: c.compressed_pages,
             bytes: c.compressed_bytes,
         },
+        postcopy: pc.map(|p: PostcopyTimes| PostcopySummary {
+            switchover_seconds: p.switchover.as_secs_f64(),
+            postcopy_seconds: p.postcopy.as_secs_f64(),
+            requests: c.postcopy_requests,
+            requested_pages: c.requested_pages,
+            requested_bytes: c.requested_bytes,
+            postcopy_bytes: c.postcopy_bytes,
+            discard_commands: c.discard_commands,
+            discard_ranges: c.discard_ranges,
+        }),
     };
     if a.json {
         println!(
@@ -689,21 +819,32 @@ pub fn run(a: &SendArgs) -> CliResult {
             c.compressed_pages,
             c.dirty_sync_count
         );
+        if let Some(p) = &summary.postcopy {
+            eprintln!(
+                "qmig: postcopy: switched over at {:.3}s, {} page requests, {} pages served on request, \
+                 {} bytes in postcopy, {} discard commands ({} ranges)",
+                p.switchover_seconds,
+                p.requests,
+                p.requested_pages,
+                p.postcopy_bytes,
+                p.discard_commands,
+                p.discard_ranges
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The stream itself: setup, passes, completion, tail.
+/// The precopy stream: setup, passes, completion (device state, EOF, vmdesc).
 fn stream(
     a: &SendArgs,
-    t: &Template<'_>,
     ram: &mut Ram,
-    src: &mut RamSrc,
+    src: &mut Source<'_>,
     sink: &mut Sink,
     pacer: &mut Pacer,
 ) -> Result<(), CliError> {
     let total: u64 = ram.images.iter().map(|i| i.len() as u64).sum();
-    let page_size = 1usize << t.page_bits;
+    let page_size = 1usize << src.template().page_bits;
     // QEMU's rate limit: max-bandwidth per 100 ms period (default 128 MiB/s).
     let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
     let mut out = Vec::with_capacity(budget + (1 << 16));
@@ -712,18 +853,14 @@ fn stream(
     let verbose = !a.json && !crate::progress::quiet();
     let uri = &a.to;
 
-    t.write_prefix(&mut out);
-    t.begin_section(SectionKind::Start, &mut out)
-        .map_err(src_error)?;
-    src.poll_setup(&mut out).map_err(src_error)?;
-    t.end_section(&mut out);
+    src.write_setup(&mut out).map_err(src_error)?;
     pacer.send(sink, &mut out, uri)?;
 
     let pb = crate::progress::bytes(total, "send pass 1");
     for pass in 1..passes.max(2) {
         if pass > 1 {
-            let n = workload(&mut rng, ram, src, a.dirty_fraction, page_size)?;
-            let d = src.handle_sync().map_err(src_error)?;
+            let n = workload(&mut rng, ram, src.ram_mut(), a.dirty_fraction, page_size)?;
+            let d = src.ram_mut().handle_sync().map_err(src_error)?;
             pb.set_message(format!("send pass {pass}"));
             if verbose {
                 pb.suspend(|| {
@@ -732,13 +869,10 @@ fn stream(
             }
         }
         loop {
-            t.begin_section(SectionKind::Part, &mut out)
-                .map_err(src_error)?;
             let p = src
-                .poll_iterate(&ram.images, budget, &mut out)
+                .write_iteration(&ram.images, budget, &mut out)
                 .map_err(src_error)?;
-            t.end_section(&mut out);
-            pb.set_position(src.counters().transferred.min(total));
+            pb.set_position(src.ram().counters().transferred.min(total));
             pacer.send(sink, &mut out, uri)?;
             if p == Progress::Clean {
                 break;
@@ -747,19 +881,264 @@ fn stream(
     }
     pb.finish_and_clear();
     if passes > 1 {
-        let n = workload(&mut rng, ram, src, a.dirty_fraction, page_size)?;
+        let n = workload(&mut rng, ram, src.ram_mut(), a.dirty_fraction, page_size)?;
         if verbose {
             eprintln!("qmig: pass {passes} (completion): workload changed {n} pages");
         }
     }
-    t.write_switchover(&mut out).map_err(src_error)?;
-    t.begin_section(SectionKind::End, &mut out)
+    src.write_completion(&ram.images, &mut out)
         .map_err(src_error)?;
-    src.poll_complete(&ram.images, &mut out)
-        .map_err(src_error)?;
-    t.end_section(&mut out);
-    t.write_tail(&mut out);
     pacer.send(sink, &mut out, uri)
+}
+
+/// What the return-path reader thread reports.
+enum RpEvent {
+    /// One whole message (its bytes) and its offset in the return path.
+    Msg(u64, Vec<u8>),
+    /// The return path ended: EOF (`None`) or a read or framing error.
+    Closed(Option<String>),
+}
+
+/// Reads the return path of a socket destination on a thread, message by
+/// message (QEMU's `source_return_path_thread`).
+fn spawn_rp_reader(mut r: Box<dyn Read + Send>) -> std::sync::mpsc::Receiver<RpEvent> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut base = 0u64;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => {
+                    let why = (!buf.is_empty()).then(|| {
+                        format!("the return path ended inside a message at offset {base}")
+                    });
+                    let _ = tx.send(RpEvent::Closed(why));
+                    return;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    let _ = tx.send(RpEvent::Closed(Some(format!(
+                        "reading the return path: {e}"
+                    ))));
+                    return;
+                }
+            }
+            loop {
+                match qmig_wire::decode_rp_message(&buf, base) {
+                    Ok(Some((_, used))) => {
+                        let msg = buf.drain(..used).collect();
+                        if tx.send(RpEvent::Msg(base, msg)).is_err() {
+                            return;
+                        }
+                        base += used as u64;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(RpEvent::Closed(Some(format!("return path: {e}"))));
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// When the postcopy phase started and how long it took.
+struct PostcopyTimes {
+    switchover: Duration,
+    postcopy: Duration,
+}
+
+/// Hands one return-path event to the source. `Ok(false)`: the return
+/// path is closed.
+fn take_rp_event(src: &mut Source<'_>, ev: RpEvent, uri: &MigUri) -> Result<bool, CliError> {
+    match ev {
+        RpEvent::Msg(at, bytes) => {
+            let (msg, _) = qmig_wire::decode_rp_message(&bytes, at)
+                .map_err(|e| CliError::data(format!("{uri}: return path: {e}")))?
+                .ok_or_else(|| {
+                    CliError::data(format!("{uri}: return path: message at {at} cut short"))
+                })?;
+            src.handle_return_path(&msg).map_err(|e| CliError::Data {
+                message: format!("{uri}: {e} (return-path offset {at}); migration failed"),
+                offset: Some(at),
+            })?;
+            Ok(true)
+        }
+        RpEvent::Closed(None) => Ok(false),
+        RpEvent::Closed(Some(why)) => Err(CliError::data(format!("{uri}: {why}"))),
+    }
+}
+
+/// The postcopy stream: setup with ADVISE, `--postcopy-after` precopy
+/// passes, the switchover, then PART sections that serve page requests
+/// first (never paced) and push the rest in the background (paced by
+/// `--max-bandwidth`), END, EOF; then waits (at most `--idle-timeout`) for
+/// the destination's SHUT.
+fn stream_postcopy(
+    a: &SendArgs,
+    ram: &mut Ram,
+    src: &mut Source<'_>,
+    sink: &mut Sink,
+    pacer: &mut Pacer,
+    idle: Duration,
+) -> Result<PostcopyTimes, CliError> {
+    let uri = &a.to;
+    let dup = |e| CliError::io(uri.to_string(), "dup", e);
+    let reader: Box<dyn Read + Send> = match &*sink {
+        Sink::Tcp(s) => Box::new(s.try_clone().map_err(dup)?),
+        Sink::Unix(s) => Box::new(s.try_clone().map_err(dup)?),
+        _ => {
+            return Err(CliError::Usage(
+                "--postcopy needs a socket destination".into(),
+            ))
+        }
+    };
+    let rx = spawn_rp_reader(reader);
+    let page_size = 1usize << src.template().page_bits;
+    let verbose = !a.json && !crate::progress::quiet();
+    // QEMU's rate limit: max-bandwidth per 100 ms period; in postcopy, at
+    // most 1 MiB per PART so that requests wait little behind it.
+    let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
+    let pc_budget = budget.min(1 << 20);
+    let mut out = Vec::with_capacity(budget + (1 << 16));
+    let mut rng = Rng(a.seed);
+    let mut rp_open = true;
+    let drain = |src: &mut Source<'_>, open: &mut bool| -> Result<(), CliError> {
+        while *open {
+            match rx.try_recv() {
+                Ok(ev) => *open = take_rp_event(src, ev, uri)?,
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => *open = false,
+            }
+        }
+        Ok(())
+    };
+    let lost = |what: &str| {
+        CliError::data(format!(
+            "{uri}: the destination closed its return path {what} (killed, or it refused the stream?)"
+        ))
+    };
+
+    src.write_setup(&mut out).map_err(src_error)?;
+    pacer.send(sink, &mut out, uri)?;
+    for pass in 1..=a.postcopy_after {
+        loop {
+            drain(src, &mut rp_open)?;
+            if !rp_open {
+                return Err(lost("during precopy"));
+            }
+            let p = src
+                .write_iteration(&ram.images, budget, &mut out)
+                .map_err(src_error)?;
+            pacer.send(sink, &mut out, uri)?;
+            if p == Progress::Clean {
+                break;
+            }
+        }
+        let n = workload(&mut rng, ram, src.ram_mut(), a.dirty_fraction, page_size)?;
+        if pass < a.postcopy_after {
+            src.ram_mut().handle_sync().map_err(src_error)?;
+        }
+        if verbose {
+            eprintln!("qmig: precopy pass {pass}: workload changed {n} pages");
+        }
+    }
+    let switchover = pacer.start.elapsed();
+    src.write_postcopy_switchover(&mut out).map_err(src_error)?;
+    pacer.write(sink, &mut out, uri)?;
+    if verbose {
+        eprintln!(
+            "qmig: postcopy switchover after {:.3}s: {} pages to go, {} discard commands",
+            switchover.as_secs_f64(),
+            src.ram().remaining_pages(),
+            src.ram().counters().discard_commands
+        );
+    }
+    let t_post = Instant::now();
+    loop {
+        drain(src, &mut rp_open)?;
+        if !rp_open {
+            return Err(lost("during postcopy"));
+        }
+        if src.postcopy_done() {
+            break;
+        }
+        let before = src.ram().counters().requested_bytes;
+        // Background pages only when the rate limit allows them; requested
+        // pages always.
+        let b = if pacer.due().is_none() { pc_budget } else { 0 };
+        if b > 0 || src.ram().pending_requests().next().is_some() {
+            let _ = src
+                .write_iteration(&ram.images, b, &mut out)
+                .map_err(src_error)?;
+        }
+        pacer.exempt += src.ram().counters().requested_bytes - before;
+        pacer.write(sink, &mut out, uri)?;
+        // Pace the background scan; a page request ends the wait.
+        if let Some(wait) = pacer.due() {
+            match rx.recv_timeout(wait) {
+                Ok(ev) => rp_open = take_rp_event(src, ev, uri)?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => rp_open = false,
+            }
+        }
+    }
+    src.write_completion(&ram.images, &mut out)
+        .map_err(src_error)?;
+    pacer.write(sink, &mut out, uri)?;
+    let postcopy = t_post.elapsed();
+    // QEMU's source completes once the destination's SHUT arrives.
+    let deadline = Instant::now() + idle;
+    while src.ram().shut().is_none() {
+        if !rp_open {
+            return Err(lost("after the stream without sending SHUT"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(CliError::data(format!(
+                "{uri}: no SHUT from the destination within the idle timeout (--idle-timeout) after the stream"
+            )));
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(ev) => rp_open = take_rp_event(src, ev, uri)?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(signal) = crate::signals::pending() {
+                    return Err(CliError::Interrupted {
+                        signal,
+                        detail: Some("waiting for SHUT".into()),
+                    });
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => rp_open = false,
+        }
+    }
+    if let Some(v) = src.ram().shut().filter(|&v| v != 0) {
+        return Err(CliError::data(format!(
+            "{uri}: the destination sent SHUT({v}): it failed to load the stream"
+        )));
+    }
+    match &*sink {
+        Sink::Tcp(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+        Sink::Unix(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+        _ => {}
+    }
+    Ok(PostcopyTimes {
+        switchover,
+        postcopy,
+    })
 }
 
 /// `--final-ram DIR`: the memory the destination must end with.

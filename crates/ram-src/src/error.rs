@@ -55,6 +55,14 @@ pub enum RamSrcError {
         /// The machine's state.
         state: crate::State,
     },
+    /// A [`crate::Source`] method was called in a phase where it is not allowed.
+    #[error("{call} called in phase {phase:?}")]
+    Phase {
+        /// The method.
+        call: &'static str,
+        /// The source's phase.
+        phase: crate::SourcePhase,
+    },
     /// zlib failed to compress a page (it never should).
     #[error("zlib compression of page {offset:#x} of \"{block}\" failed: {why}")]
     Compress {
@@ -71,7 +79,56 @@ pub enum RamSrcError {
         /// What is wrong with it.
         why: String,
     },
+    /// A page request from the return path breaks one of QEMU's rules
+    /// (`migrate_handle_rp_req_pages`, `ram_save_queue_pages`): the
+    /// migration fails.
+    #[error("return path: {msg} for {len:#x} bytes at {start:#x} of {}: {rule}",
+            block.as_deref().map_or("no block".to_string(), |b| format!("block \"{b}\"")))]
+    PageRequest {
+        /// REQ_PAGES or REQ_PAGES_ID.
+        msg: &'static str,
+        /// The block it names or continues (`None`: no block yet).
+        block: Option<String>,
+        /// Requested start, in bytes from the block's start.
+        start: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// The rule broken.
+        rule: RequestRule,
+    },
+    /// A return-path message the source cannot take (postcopy recovery's
+    /// RECV_BITMAP and RESUME_ACK, unknown types).
+    #[error("return path: unexpected {name} message (type {msg_type})")]
+    UnexpectedMessage {
+        /// Message name.
+        name: &'static str,
+        /// Message type number.
+        msg_type: u16,
+    },
     /// The template stream does not parse.
     #[error("template stream: {0}")]
     Wire(#[from] qmig_wire::WireError),
+}
+
+/// Why a page request was refused (see [`RamSrcError::PageRequest`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestRule {
+    /// REQ_PAGES_ID names a block the source does not have.
+    #[error("unknown block")]
+    UnknownBlock,
+    /// REQ_PAGES came before any REQ_PAGES_ID named a block.
+    #[error("REQ_PAGES before any REQ_PAGES_ID named a block")]
+    NoPreviousBlock,
+    /// Start or length is not a multiple of the page size.
+    #[error("start or length not aligned to {align:#x} bytes")]
+    Unaligned {
+        /// The alignment required.
+        align: u64,
+    },
+    /// The range goes past the block's used length.
+    #[error("range past the block's used length {used_length:#x}")]
+    OutOfBlock {
+        /// The block's used length.
+        used_length: u64,
+    },
 }

@@ -7,9 +7,15 @@
 //! and counters. It writes section payloads into a caller's buffer and never
 //! touches a socket or a clock.
 //!
+//! For postcopy, [`RamSrc::handle_return_path`] takes the destination's page
+//! requests (checked as QEMU checks them) into a queue served before the
+//! background scan, and [`RamSrc::postcopy_switchover`] writes the discards.
+//!
 //! [`Template`] supplies everything around the RAM records from a real
-//! stream (header, configuration, the `ram` section's identity, SWITCHOVER_START,
-//! device sections, EOF, vmdesc), so a whole stream can be regenerated:
+//! stream, precopy or postcopy (header, configuration, the `ram` section's
+//! identity, SWITCHOVER_START, device sections, EOF, vmdesc), and [`Source`]
+//! writes whole streams with it (see its docs for the postcopy order). By
+//! hand, a precopy stream is:
 //!
 //! ```
 //! use qmig_ram_src::{Config, Progress, RamSrc, SrcBlock, Template};
@@ -44,15 +50,17 @@ mod compress;
 pub mod convert;
 mod error;
 pub mod mapped;
+mod source;
 mod src;
 pub mod template;
 mod zero;
 
 pub use compress::PageCompressor;
-pub use error::RamSrcError;
+pub use error::{RamSrcError, RequestRule};
+pub use source::{ping, Source, SourcePhase};
 pub use src::{
-    Config, Counters, GuestRam, Progress, RamSrc, SrcBlock, State, DEFAULT_PAGE_SIZE,
-    DEFAULT_XBZRLE_CACHE_SIZE,
+    canonicalize_host_pages, dirty_runs, Config, Counters, GuestRam, PageRequest, Progress, RamSrc,
+    SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE, MAX_DISCARDS_PER_COMMAND,
 };
 pub use template::Template;
 pub use zero::is_zero;

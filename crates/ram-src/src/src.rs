@@ -1,9 +1,10 @@
 //! The source state machine: [`RamSrc`].
 
-use qmig_wire::{MemBlock, RamRecord};
+use qmig_wire::{MemBlock, PageBitmap, RamRecord};
 use qmig_xbzrle::{PageCache, SaveOutcome};
 
 use crate::compress::PageCompressor;
+use crate::error::RequestRule;
 use crate::zero::is_zero;
 use crate::RamSrcError;
 
@@ -99,16 +100,27 @@ impl Default for Config {
 /// The machine's state. Calls allowed in each:
 ///
 /// ```text
-///  Setup ──poll_setup──► Iterating ──poll_complete──► Done
-///                         │  ▲
-///                         └──┘ handle_dirty, handle_sync, poll_iterate
+///  Setup ──poll_setup──► Iterating ──────────poll_complete──────────► Done
+///                         │  ▲  handle_dirty, handle_sync,              ▲
+///                         └──┘  poll_iterate, handle_return_path        │
+///                         │                                             │
+///                         └─postcopy_switchover─► Postcopy ─poll_complete┘
+///                            (sync, host-page      │  ▲ poll_iterate (requested
+///                             canonicalisation,    └──┘ pages first), handle_return_path
+///                             RAM_DISCARD commands)
 /// ```
+///
+/// [`RamSrc::handle_return_path`] is accepted in every state but `Setup`;
+/// in `Done` page requests are still checked but nothing is queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Nothing sent yet: call [`RamSrc::poll_setup`].
     Setup,
     /// The block list was sent: iterate, report dirty pages, sync.
     Iterating,
+    /// Switched to postcopy: the guest runs on the destination, which
+    /// requests the pages it faults on; no more dirty pages are reported.
+    Postcopy,
     /// The final pass was sent; nothing more to do.
     Done,
 }
@@ -119,6 +131,7 @@ impl State {
         match self {
             State::Setup => "setup",
             State::Iterating => "iterating",
+            State::Postcopy => "postcopy",
             State::Done => "done",
         }
     }
@@ -164,77 +177,73 @@ pub struct Counters {
     pub dirty_sync_count: u64,
     /// Calls that sent at least one page (QEMU's `iterations`).
     pub iterations: u64,
+    /// Page requests (REQ_PAGES / REQ_PAGES_ID) accepted
+    /// (`ram.postcopy-requests`).
+    pub postcopy_requests: u64,
+    /// Target pages sent because the destination requested them (pages a
+    /// request named that were already sent are not counted).
+    pub requested_pages: u64,
+    /// Bytes of requested pages' records (not counted against any budget).
+    pub requested_bytes: u64,
+    /// Bytes of RAM records sent in postcopy (`ram.postcopy-bytes`).
+    pub postcopy_bytes: u64,
+    /// POSTCOPY_RAM_DISCARD commands written at switchover.
+    pub discard_commands: u64,
+    /// Ranges in those commands.
+    pub discard_ranges: u64,
 }
 
-/// A bitmap of target pages.
-#[derive(Debug, Clone, Default)]
-struct Bits {
-    words: Vec<u64>,
-    len: usize,
+/// At most this many ranges go in one POSTCOPY_RAM_DISCARD command (QEMU's
+/// `MAX_DISCARDS_PER_COMMAND` in `postcopy-ram.c`).
+pub const MAX_DISCARDS_PER_COMMAND: usize = 12;
+
+/// A page request accepted from the return path and not yet served: target
+/// pages `first..first + count` of block `block` (index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Block index.
+    pub block: usize,
+    /// First target page.
+    pub first: usize,
+    /// Number of target pages.
+    pub count: usize,
 }
 
-impl Bits {
-    fn new(len: usize) -> Self {
-        Bits {
-            words: vec![0; len.div_ceil(64)],
-            len,
-        }
+/// Makes every host page (`host_pages` target pages) with any dirty target
+/// page wholly dirty (QEMU's `postcopy_chunk_hostpages_pass`): the
+/// destination can only place whole host pages.
+pub fn canonicalize_host_pages(bm: &mut PageBitmap, host_pages: u64) {
+    if host_pages <= 1 {
+        return;
     }
+    let len = bm.len();
+    let mut at = 0;
+    while let Some(p) = bm.next_set(at, len) {
+        let hp = p / host_pages * host_pages;
+        bm.set_range(hp, host_pages.min(len - hp));
+        at = hp + host_pages;
+    }
+}
 
-    fn set_all(&mut self) -> u64 {
-        self.words.fill(!0);
-        if !self.len.is_multiple_of(64) {
-            if let Some(w) = self.words.last_mut() {
-                *w = (1u64 << (self.len % 64)) - 1;
-            }
+/// The runs of set bits of `bm`, as byte ranges for POSTCOPY_RAM_DISCARD
+/// (`page_size` bytes per bit).
+#[must_use]
+pub fn dirty_runs(bm: &PageBitmap, page_size: u64) -> Vec<qmig_wire::DiscardRange> {
+    let len = bm.len();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(s) = bm.next_set(at, len) {
+        let mut e = s + 1;
+        while e < len && bm.get(e) {
+            e += 1;
         }
-        self.len as u64
+        out.push(qmig_wire::DiscardRange {
+            start: s * page_size,
+            len: (e - s) * page_size,
+        });
+        at = e;
     }
-
-    fn set(&mut self, i: usize) {
-        self.words[i / 64] |= 1 << (i % 64);
-    }
-
-    /// Clears bit `i`, returning whether it was set.
-    fn test_and_clear(&mut self, i: usize) -> bool {
-        let w = &mut self.words[i / 64];
-        let m = 1u64 << (i % 64);
-        let was = *w & m != 0;
-        *w &= !m;
-        was
-    }
-
-    /// The first set bit in `[from, limit)`, or `limit`.
-    fn next_set(&self, from: usize, limit: usize) -> usize {
-        let limit = limit.min(self.len);
-        if from >= limit {
-            return limit;
-        }
-        let mut wi = from / 64;
-        let mut w = self.words[wi] & (!0u64 << (from % 64));
-        loop {
-            if w != 0 {
-                let i = wi * 64 + w.trailing_zeros() as usize;
-                return i.min(limit);
-            }
-            wi += 1;
-            if wi * 64 >= limit {
-                return limit;
-            }
-            w = self.words[wi];
-        }
-    }
-
-    /// ORs `other` into `self`, returning how many bits became set.
-    fn merge(&mut self, other: &mut Bits) -> u64 {
-        let mut n = 0;
-        for (a, b) in self.words.iter_mut().zip(other.words.iter_mut()) {
-            n += u64::from((*b & !*a).count_ones());
-            *a |= *b;
-            *b = 0;
-        }
-        n
-    }
+    out
 }
 
 /// Read access to the source's guest memory, one byte slice per block (in
@@ -277,6 +286,16 @@ impl<T: AsRef<[u8]>> GuestRam for Vec<T> {
 /// [`poll_complete`](Self::poll_complete) (END payload: a sync, then every
 /// dirty page regardless of budget, XBZRLE without cache updates, EOS).
 ///
+/// Postcopy (see the diagram on [`State`]): after the precopy passes,
+/// [`postcopy_switchover`](Self::postcopy_switchover) writes the
+/// POSTCOPY_RAM_DISCARD commands; then [`handle_return_path`](Self::handle_return_path)
+/// queues the destination's page requests, each [`poll_iterate`](Self::poll_iterate)
+/// sends the queued host pages first (outside its budget) and then continues
+/// the background scan, ZERO and PAGE records only, whole host pages; and
+/// [`poll_complete`](Self::poll_complete) (no sync) sends whatever is left.
+/// The framing around these payloads (PACKAGED, pings, sections) is
+/// [`crate::Source`]'s.
+///
 /// Page decisions follow QEMU: the scan resumes where it stopped and wraps
 /// around the block list (`find_dirty_block`); the block name is written
 /// only when the block differs from the previous page record's; a zero page
@@ -315,9 +334,9 @@ pub struct RamSrc {
     zero_detection: bool,
     state: State,
     /// Pages to send (QEMU's migration bitmap).
-    dirty: Vec<Bits>,
+    dirty: Vec<PageBitmap>,
     /// Pages the guest wrote since the last sync (the dirty log).
-    log: Vec<Bits>,
+    log: Vec<PageBitmap>,
     dirty_count: u64,
     /// Where the last search stopped (`last_seen_block`, `last_page`).
     cursor: Option<(usize, usize)>,
@@ -329,6 +348,15 @@ pub struct RamSrc {
     compressor: Option<PageCompressor>,
     last_stage: bool,
     counters: Counters,
+    /// Page requests waiting, served before the background scan
+    /// (QEMU's `src_page_requests`).
+    urgent: std::collections::VecDeque<PageRequest>,
+    /// The block of the last page request (REQ_PAGES continues it).
+    last_req_block: Option<usize>,
+    /// SHUT's status, once the destination sent it.
+    shut: Option<u32>,
+    /// The last PONG's value.
+    last_pong: Option<u32>,
 }
 
 impl RamSrc {
@@ -389,8 +417,8 @@ impl RamSrc {
             None => None,
         };
         Ok(RamSrc {
-            dirty: pages.iter().map(|&n| Bits::new(n)).collect(),
-            log: pages.iter().map(|&n| Bits::new(n)).collect(),
+            dirty: pages.iter().map(|&n| PageBitmap::new(n as u64)).collect(),
+            log: pages.iter().map(|&n| PageBitmap::new(n as u64)).collect(),
             blocks,
             pages,
             host_pages,
@@ -407,6 +435,10 @@ impl RamSrc {
             compressor,
             last_stage: false,
             counters: Counters::default(),
+            urgent: std::collections::VecDeque::new(),
+            last_req_block: None,
+            shut: None,
+            last_pong: None,
         })
     }
 
@@ -452,6 +484,203 @@ impl RamSrc {
         self.xbzrle.as_ref()
     }
 
+    /// SHUT's status, once the destination sent it (0 = success).
+    #[must_use]
+    pub fn shut(&self) -> Option<u32> {
+        self.shut
+    }
+
+    /// The value of the last PONG received.
+    #[must_use]
+    pub fn last_pong(&self) -> Option<u32> {
+        self.last_pong
+    }
+
+    /// Page requests accepted and not yet served, oldest first.
+    pub fn pending_requests(&self) -> impl Iterator<Item = &PageRequest> + '_ {
+        self.urgent.iter()
+    }
+
+    /// The 16-byte POSTCOPY_ADVISE payload for these blocks: the OR of the
+    /// blocks' page sizes and the target page size (QEMU's
+    /// `qemu_savevm_send_postcopy_advise`).
+    #[must_use]
+    pub fn postcopy_advise(&self) -> qmig_wire::Advise {
+        qmig_wire::Advise {
+            page_size_summary: self.blocks.iter().fold(0, |a, b| a | b.host_page_size),
+            target_page_size: self.page_size as u64,
+        }
+    }
+
+    /// Takes one return-path message (QEMU's `source_return_path_thread`).
+    ///
+    /// REQ_PAGES_ID and REQ_PAGES are checked as QEMU's
+    /// `migrate_handle_rp_req_pages` and `ram_save_queue_pages` check them,
+    /// then queued: the next [`poll_iterate`](Self::poll_iterate) (or
+    /// [`poll_complete`](Self::poll_complete)) sends the requested host
+    /// pages that are still unsent before anything else, whatever its
+    /// budget. SHUT and PONG are recorded ([`shut`](Self::shut),
+    /// [`last_pong`](Self::last_pong)); SWITCHOVER_ACK is accepted.
+    ///
+    /// # Errors
+    /// [`RamSrcError::PageRequest`] for a request naming an unknown block,
+    /// a REQ_PAGES before any REQ_PAGES_ID, a start or length not aligned to
+    /// the target page size, or a range past the block's used length;
+    /// [`RamSrcError::UnexpectedMessage`] for RECV_BITMAP, RESUME_ACK
+    /// (postcopy recovery, not supported) and unknown types;
+    /// [`RamSrcError::State`] in [`State::Setup`]. The migration must then
+    /// fail: QEMU marks the return path broken and the migration failed.
+    pub fn handle_return_path(
+        &mut self,
+        msg: &qmig_wire::RpMessage<'_>,
+    ) -> Result<(), RamSrcError> {
+        use qmig_wire::RpMessage;
+        if self.state == State::Setup {
+            return Err(RamSrcError::State {
+                call: "handle_return_path",
+                state: self.state,
+            });
+        }
+        let (name, start, len, block) = match msg {
+            RpMessage::Shut(v) => {
+                self.shut = Some(*v);
+                return Ok(());
+            }
+            RpMessage::Pong(v) => {
+                self.last_pong = Some(*v);
+                return Ok(());
+            }
+            RpMessage::SwitchoverAck => return Ok(()),
+            RpMessage::ReqPagesId { start, len, block } => {
+                let Some(i) = self.blocks.iter().position(|b| b.name == *block) else {
+                    return Err(RamSrcError::PageRequest {
+                        msg: "REQ_PAGES_ID",
+                        block: Some((*block).to_string()),
+                        start: *start,
+                        len: u64::from(*len),
+                        rule: RequestRule::UnknownBlock,
+                    });
+                };
+                self.last_req_block = Some(i);
+                ("REQ_PAGES_ID", *start, u64::from(*len), i)
+            }
+            RpMessage::ReqPages { start, len } => match self.last_req_block {
+                Some(i) => ("REQ_PAGES", *start, u64::from(*len), i),
+                None => {
+                    return Err(RamSrcError::PageRequest {
+                        msg: "REQ_PAGES",
+                        block: None,
+                        start: *start,
+                        len: u64::from(*len),
+                        rule: RequestRule::NoPreviousBlock,
+                    })
+                }
+            },
+            other => {
+                return Err(RamSrcError::UnexpectedMessage {
+                    name: other.name(),
+                    msg_type: other.msg_type(),
+                })
+            }
+        };
+        let b = &self.blocks[block];
+        let fail = |rule| RamSrcError::PageRequest {
+            msg: name,
+            block: Some(b.name.clone()),
+            start,
+            len,
+            rule,
+        };
+        let align = self.page_size as u64;
+        if start % align != 0 || len % align != 0 {
+            return Err(fail(RequestRule::Unaligned { align }));
+        }
+        match start.checked_add(len) {
+            Some(end) if end <= b.used_length => {}
+            _ => {
+                return Err(fail(RequestRule::OutOfBlock {
+                    used_length: b.used_length,
+                }))
+            }
+        }
+        self.counters.postcopy_requests += 1;
+        if len > 0 && self.state != State::Done {
+            self.urgent.push_back(PageRequest {
+                block,
+                first: (start >> self.page_bits) as usize,
+                count: (len >> self.page_bits) as usize,
+            });
+        }
+        Ok(())
+    }
+
+    /// Switches to postcopy (QEMU's `ram_postcopy_send_discard_bitmap`): a
+    /// last dirty-bitmap sync, every host page with a dirty target page made
+    /// wholly dirty (`postcopy_chunk_hostpages_pass`), then for each block
+    /// with dirty pages POSTCOPY_RAM_DISCARD commands listing its dirty runs
+    /// in bytes, at most [`MAX_DISCARDS_PER_COMMAND`] ranges each. The next
+    /// page record names its block again. XBZRLE and compression stop.
+    ///
+    /// The caller frames the rest of the switchover around these commands
+    /// (see [`crate::Source`]).
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Iterating`];
+    /// [`RamSrcError::Wire`] if a command cannot be written (a block name a
+    /// reader would refuse; not expected after [`RamSrc::new`]'s checks).
+    pub fn postcopy_switchover(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
+        self.expect("postcopy_switchover", State::Iterating)?;
+        self.handle_sync()?;
+        for blk in 0..self.blocks.len() {
+            canonicalize_host_pages(&mut self.dirty[blk], self.host_pages[blk] as u64);
+            let ranges = dirty_runs(&self.dirty[blk], self.page_size as u64);
+            for chunk in ranges.chunks(MAX_DISCARDS_PER_COMMAND) {
+                qmig_wire::Command::RamDiscard(qmig_wire::Discard {
+                    block: &self.blocks[blk].name,
+                    ranges: chunk.to_vec(),
+                })
+                .write(out)?;
+                self.counters.discard_commands += 1;
+                self.counters.discard_ranges += chunk.len() as u64;
+            }
+        }
+        self.dirty_count = self.dirty.iter().map(PageBitmap::count_ones).sum();
+        self.last_sent = None;
+        self.state = State::Postcopy;
+        Ok(())
+    }
+
+    /// Sends the queued page requests: for each, the host pages of its range
+    /// that are still dirty, in order; the background scan then goes on
+    /// after the last one (QEMU's `get_queued_page`).
+    fn serve_requests<M: GuestRam + ?Sized>(
+        &mut self,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RamSrcError> {
+        while let Some(r) = self.urgent.pop_front() {
+            let at = out.len();
+            let hp = self.host_pages[r.block];
+            let end = (r.first + r.count).min(self.pages[r.block]);
+            let mut page = r.first / hp * hp;
+            while page < end {
+                let next = page + hp;
+                let dirty = self.dirty[r.block]
+                    .next_set(page as u64, next.min(self.pages[r.block]) as u64)
+                    .is_some();
+                if dirty {
+                    let mut p = page;
+                    let sent = self.save_host_page(r.block, &mut p, mem, out)?;
+                    self.counters.requested_pages += sent as u64;
+                    self.cursor = Some((r.block, p));
+                }
+                page = next;
+            }
+            self.counters.requested_bytes += (out.len() - at) as u64;
+        }
+        Ok(())
+    }
+
     fn expect(&self, call: &'static str, want: State) -> Result<(), RamSrcError> {
         if self.state == want {
             Ok(())
@@ -484,9 +713,16 @@ impl RamSrc {
             .collect();
         RamRecord::mem_size(list).write(out)?;
         RamRecord::eos().write(out)?;
-        self.dirty_count = self.dirty.iter_mut().map(Bits::set_all).sum();
+        self.dirty_count = self
+            .dirty
+            .iter_mut()
+            .map(|d| {
+                d.set_range(0, d.len());
+                d.len()
+            })
+            .sum();
         for l in &mut self.log {
-            l.words.fill(0);
+            l.clear_range(0, l.len());
         }
         self.counters.dirty_sync_count = 1;
         self.counters.transferred += (out.len() - start) as u64;
@@ -501,7 +737,7 @@ impl RamSrc {
     /// [`RamSrcError::NoSuchBlock`], [`RamSrcError::OutOfBlock`], or
     /// [`RamSrcError::State`] after completion.
     pub fn handle_dirty(&mut self, block: usize, offset: u64, len: u64) -> Result<(), RamSrcError> {
-        if self.state == State::Done {
+        if matches!(self.state, State::Done | State::Postcopy) {
             return Err(RamSrcError::State {
                 call: "handle_dirty",
                 state: self.state,
@@ -518,9 +754,7 @@ impl RamSrc {
                 }
                 let first = (offset >> self.page_bits) as usize;
                 let last = ((end - 1) >> self.page_bits) as usize;
-                for p in first..=last {
-                    self.log[block].set(p);
-                }
+                self.log[block].set_range(first as u64, (last - first + 1) as u64);
                 Ok(())
             }
             _ => Err(RamSrcError::OutOfBlock {
@@ -550,7 +784,7 @@ impl RamSrc {
         self.expect("handle_sync", State::Iterating)?;
         let mut n = 0;
         for (d, l) in self.dirty.iter_mut().zip(self.log.iter_mut()) {
-            n += d.merge(l);
+            n += d.merge_from(l);
         }
         self.dirty_count += n;
         self.counters.dirty_sync_count += 1;
@@ -571,9 +805,14 @@ impl RamSrc {
         budget: usize,
         out: &mut Vec<u8>,
     ) -> Result<Progress, RamSrcError> {
-        self.expect("poll_iterate", State::Iterating)?;
+        if self.state != State::Postcopy {
+            self.expect("poll_iterate", State::Iterating)?;
+        }
         self.check_memory(mem)?;
         let start = out.len();
+        self.serve_requests(mem, out)?;
+        // Requested pages are never held back by the budget.
+        let budget = budget.saturating_add(out.len() - start);
         let mut progress = Progress::Budget;
         while out.len() - start < budget {
             if self.find_and_save(mem, out)? == 0 {
@@ -584,6 +823,9 @@ impl RamSrc {
         }
         RamRecord::eos().write(out)?;
         self.counters.transferred += (out.len() - start) as u64;
+        if self.state == State::Postcopy {
+            self.counters.postcopy_bytes += (out.len() - start) as u64;
+        }
         Ok(progress)
     }
 
@@ -597,16 +839,29 @@ impl RamSrc {
         mem: &M,
         out: &mut Vec<u8>,
     ) -> Result<(), RamSrcError> {
-        self.expect("poll_complete", State::Iterating)?;
+        let postcopy = self.state == State::Postcopy;
+        if !postcopy {
+            self.expect("poll_complete", State::Iterating)?;
+        }
         self.check_memory(mem)?;
         self.last_stage = true;
-        self.handle_sync()?;
         let start = out.len();
+        if postcopy {
+            // The guest runs on the destination: no sync (QEMU's
+            // `ram_save_complete` syncs only outside postcopy).
+            self.serve_requests(mem, out)?;
+        } else {
+            self.handle_sync()?;
+        }
         while self.find_and_save(mem, out)? != 0 {
             self.counters.iterations += 1;
         }
         RamRecord::eos().write(out)?;
         self.counters.transferred += (out.len() - start) as u64;
+        if postcopy {
+            self.counters.postcopy_bytes += (out.len() - start) as u64;
+        }
+        self.urgent.clear();
         self.state = State::Done;
         Ok(())
     }
@@ -646,7 +901,9 @@ impl RamSrc {
         let (mut blk, mut page) = (start_blk, start_page);
         let mut complete_round = false;
         loop {
-            page = self.dirty[blk].next_set(page, self.pages[blk]);
+            page = self.dirty[blk]
+                .next_set(page as u64, self.pages[blk] as u64)
+                .map_or(self.pages[blk], |p| p as usize);
             if complete_round && blk == start_blk && page >= start_page {
                 self.cursor = Some((blk, page));
                 return Ok(0);
@@ -686,11 +943,13 @@ impl RamSrc {
         let mut sent = 0;
         let mut p = *page;
         while p < end {
-            if self.dirty[blk].test_and_clear(p) {
+            if self.dirty[blk].test_and_clear(p as u64) {
                 self.dirty_count -= 1;
                 sent += self.save_target_page(blk, p, mem, out)?;
             }
-            p = self.dirty[blk].next_set(p + 1, end);
+            p = self.dirty[blk]
+                .next_set(p as u64 + 1, end as u64)
+                .map_or(end, |x| x as usize);
         }
         *page = end;
         Ok(sent)
@@ -725,7 +984,8 @@ impl RamSrc {
         // continue the last record's block went to the compression threads,
         // which send zero pages as ZERO; the first page of a block is sent
         // by the migration thread below, as ZERO or PAGE.
-        if self.last_sent == Some(blk) && !self.xbzrle_started {
+        let postcopy = self.state == State::Postcopy;
+        if self.last_sent == Some(blk) && !self.xbzrle_started && !postcopy {
             if let Some(c) = self.compressor.as_mut() {
                 if zero {
                     self.write_zero(out, blk, offset)?;
@@ -747,7 +1007,7 @@ impl RamSrc {
         if zero {
             self.write_zero(out, blk, offset)?;
             // A page sent as zero replaces its (stale) cached copy.
-            if self.xbzrle_started {
+            if self.xbzrle_started && !postcopy {
                 let addr = self.blocks[blk].ram_addr + offset;
                 let generation = self.counters.dirty_sync_count;
                 if let Some(cache) = self.xbzrle.as_mut() {
@@ -757,7 +1017,7 @@ impl RamSrc {
             return Ok(1);
         }
 
-        if self.xbzrle_started {
+        if self.xbzrle_started && !postcopy {
             let addr = self.blocks[blk].ram_addr + offset;
             let generation = self.counters.dirty_sync_count;
             if let Some(cache) = self.xbzrle.as_mut() {

@@ -8,8 +8,13 @@
 //! byte for byte, the `ram` section's id, instance and version, whether
 //! sections carry footers, whether SWITCHOVER_START precedes END, and every
 //! byte after the `ram` END section (device state, EOF, vmdesc) verbatim.
+//!
+//! A postcopy capture works too: its device sections are taken from inside
+//! the PACKAGED blob (between POSTCOPY_LISTEN and the pings), its discards,
+//! pings and advice are dropped. [`Template::device_state`] gives the device
+//! sections of either kind, for a precopy tail or a postcopy package.
 
-use qmig_wire::section::write_footer;
+use qmig_wire::section::{self, write_footer};
 use qmig_wire::{
     Command, ConfigBody, Item, MemBlock, RamBody, SectionHeader, SectionIdent, SectionKind,
     SliceReader,
@@ -43,7 +48,14 @@ pub struct Template<'a> {
     /// Commands of the template that a new stream leaves out (return path,
     /// postcopy advice and pings belong to a live session, not to a replay).
     pub dropped_commands: Vec<&'static str>,
+    /// Whether the template is a postcopy capture: its device state came
+    /// inside the PACKAGED blob rather than after the `ram` END section.
+    pub postcopy: bool,
     tail: usize,
+    /// Byte range of the device (FULL) sections, wherever they were.
+    devices: (usize, usize),
+    /// Offset of the EOF byte (end of the stream when it has none).
+    eof: usize,
 }
 
 impl<'a> Template<'a> {
@@ -52,8 +64,9 @@ impl<'a> Template<'a> {
     /// # Errors
     /// [`RamSrcError::Wire`] when the stream does not parse up to the end of
     /// the `ram` END section; [`RamSrcError::Template`] when it has no `ram`
-    /// START/END, a PACKAGED command (postcopy), another iterative section,
-    /// or device sections before `ram` ends.
+    /// START/END, two PACKAGED commands, a package holding anything but
+    /// LISTEN, FULL device sections, PINGs and RUN, another iterative
+    /// section, or device sections before `ram` ends.
     pub fn parse(stream: &'a [u8]) -> Result<Self, RamSrcError> {
         let bad = |why: String| RamSrcError::Template { why };
         let mut t = Template {
@@ -69,22 +82,73 @@ impl<'a> Template<'a> {
             switchover_start: false,
             mem_blocks: Vec::new(),
             dropped_commands: Vec::new(),
+            postcopy: false,
             tail: stream.len(),
+            devices: (stream.len(), stream.len()),
+            eof: stream.len(),
         };
         let mut ram_id = None;
         let mut in_end = false;
         let mut end_footer_seen = false;
+        let mut tail_found = false;
+        // Inside PACKAGED: (start, end) of its device sections so far.
+        let mut package: Option<(Option<usize>, Option<usize>)> = None;
         for r in SliceReader::new(stream) {
             let (offset, item) = r?;
+            let offset = offset as usize;
+            if tail_found {
+                if item == Item::Eof {
+                    t.eof = offset;
+                    break;
+                }
+                continue;
+            }
             if in_end {
                 let ours = matches!(item, Item::Ram(_))
                     || (!end_footer_seen && item == Item::Footer(t.ram_section_id));
                 if !ours || end_footer_seen {
-                    t.tail = offset as usize;
-                    return Ok(t);
+                    t.tail = offset;
+                    tail_found = true;
+                    if item == Item::Eof {
+                        t.eof = offset;
+                        break;
+                    }
+                    continue;
                 }
                 if matches!(item, Item::Footer(_)) {
                     end_footer_seen = true;
+                }
+                continue;
+            }
+            if let Some((start, end)) = package.as_mut() {
+                match &item {
+                    Item::Section(h) if h.kind == SectionKind::Full && end.is_none() => {
+                        start.get_or_insert(offset);
+                    }
+                    Item::Section(h) => {
+                        return Err(bad(format!(
+                            "{} section inside the postcopy package",
+                            h.kind.name()
+                        )))
+                    }
+                    Item::DeviceData(_) | Item::Footer(_) => {}
+                    Item::Command(Command::PostcopyListen) if start.is_none() => {}
+                    Item::Command(Command::Ping(_) | Command::PostcopyRun) | Item::PackageEnd => {
+                        if start.is_some() {
+                            end.get_or_insert(offset);
+                        }
+                        if item == Item::PackageEnd {
+                            let s = start.unwrap_or(offset);
+                            t.devices = (s, end.unwrap_or(offset));
+                            package = None;
+                        }
+                    }
+                    other => {
+                        return Err(bad(format!(
+                            "{} inside the postcopy package at offset {offset}",
+                            other.kind_name()
+                        )))
+                    }
                 }
                 continue;
             }
@@ -106,9 +170,11 @@ impl<'a> Template<'a> {
                 }
                 Item::Command(Command::SwitchoverStart) => t.switchover_start = true,
                 Item::Command(Command::Packaged { .. }) => {
-                    return Err(bad(
-                        "postcopy stream (PACKAGED): use a precopy capture as template".into(),
-                    ))
+                    if t.postcopy {
+                        return Err(bad("two PACKAGED commands".into()));
+                    }
+                    t.postcopy = true;
+                    package = Some((None, None));
                 }
                 Item::Command(c) => t.dropped_commands.push(c.name()),
                 Item::Section(h) => match (h.kind, h.ident) {
@@ -148,11 +214,14 @@ impl<'a> Template<'a> {
                 _ => {}
             }
         }
-        if in_end {
-            // The stream ends with the ram END section: nothing after it.
-            return Ok(t);
+        if !in_end {
+            return Err(bad("no ram END section".into()));
         }
-        Err(bad("no ram END section".into()))
+        if !t.postcopy {
+            // Precopy: the device sections follow the ram END section.
+            t.devices = (t.tail, t.eof);
+        }
+        Ok(t)
     }
 
     /// The template's MEM_SIZE entry for block `name`.
@@ -219,6 +288,26 @@ impl<'a> Template<'a> {
     /// Writes [`tail`](Self::tail).
     pub fn write_tail(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.tail());
+    }
+
+    /// The device (FULL) sections: after the `ram` END section in a precopy
+    /// capture, inside the PACKAGED blob (between LISTEN and the pings) in a
+    /// postcopy capture. Either way, what a new stream puts in its own
+    /// device-state slot (after END in precopy, in the package in postcopy).
+    #[must_use]
+    pub fn device_state(&self) -> &'a [u8] {
+        &self.stream[self.devices.0..self.devices.1]
+    }
+
+    /// The EOF byte and what follows it (vmdesc) in the template; for a
+    /// postcopy capture just EOF (QEMU sends no vmdesc after postcopy).
+    #[must_use]
+    pub fn trailer(&self) -> &'a [u8] {
+        if self.eof < self.stream.len() {
+            &self.stream[self.eof..]
+        } else {
+            &[section::EOF]
+        }
     }
 }
 

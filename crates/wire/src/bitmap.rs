@@ -257,6 +257,104 @@ impl PageBitmap {
         self.any_word(self.levels.len() - 1, lo + 1, hi - 1)
     }
 
+    /// The first set bit in `from..limit` (`limit` clamped to the length), or
+    /// `None`. Skips zero words through the summaries, so a search over a
+    /// mostly clean bitmap costs time in the number of non-zero words it
+    /// passes, not in the range (QEMU's `find_next_bit` over the migration
+    /// bitmap, as `migration_bitmap_find_dirty` uses it).
+    #[must_use]
+    pub fn next_set(&self, from: u64, limit: u64) -> Option<u64> {
+        let limit = limit.min(self.bits);
+        let (lo, hi, first, last) = self.span(from, limit.saturating_sub(from))?;
+        let w = self.words();
+        let m = w[lo] & first & if lo + 1 == hi { last } else { u64::MAX };
+        if m != 0 {
+            return Some(lo as u64 * 64 + u64::from(m.trailing_zeros()));
+        }
+        if hi - lo < 2 {
+            return None;
+        }
+        let j = self.first_word(self.levels.len() - 1, lo + 1, hi)?;
+        let m = if j + 1 == hi { w[j] & last } else { w[j] };
+        (m != 0).then(|| j as u64 * 64 + u64::from(m.trailing_zeros()))
+    }
+
+    /// The index of the first non-zero word of `levels[0][lo..hi]`, using
+    /// level `k`'s summary of the words below.
+    fn first_word(&self, k: usize, lo: usize, hi: usize) -> Option<usize> {
+        if lo >= hi {
+            return None;
+        }
+        if k == 0 {
+            return self.levels[0][lo..hi]
+                .iter()
+                .position(|&w| w != 0)
+                .map(|p| lo + p);
+        }
+        let shift = 6 * (k as u32 - 1);
+        let (llo, lhi) = (lo >> shift, ((hi - 1) >> shift) + 1);
+        let (slo, shi) = (llo / 64, (lhi - 1) / 64 + 1);
+        for sj in slo..shi {
+            let mut m = self.levels[k][sj];
+            let base = sj * 64;
+            if base < llo {
+                m &= u64::MAX << (llo - base);
+            }
+            if lhi < base + 64 {
+                m &= (1u64 << (lhi - base)) - 1;
+            }
+            while m != 0 {
+                let b = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let j = base + b;
+                let (clo, chi) = ((j << shift).max(lo), ((j + 1) << shift).min(hi));
+                if let Some(x) = self.first_word(k - 1, clo, chi) {
+                    return Some(x);
+                }
+            }
+        }
+        None
+    }
+
+    /// Clears bit `i` and says whether it was set (false past the end).
+    #[inline]
+    pub fn test_and_clear(&mut self, i: u64) -> bool {
+        let was = self.get(i);
+        if was {
+            self.clear(i);
+        }
+        was
+    }
+
+    /// ORs `other` into `self` and clears `other` (QEMU's dirty-bitmap sync:
+    /// the dirty log moves into the migration bitmap). Returns how many bits
+    /// became set in `self`. Bits of `other` past `self`'s length are
+    /// dropped.
+    pub fn merge_from(&mut self, other: &mut PageBitmap) -> u64 {
+        let mut n = 0;
+        let hi = other.words().len().min(self.words().len());
+        let mut newly = Vec::new();
+        walk(&mut other.levels, 0, hi, &mut |w, word| {
+            newly.push((w, *word));
+            *word = 0;
+            false
+        });
+        for (w, word) in newly {
+            let old = self.levels[0][w];
+            n += u64::from((word & !old).count_ones());
+            self.levels[0][w] = old | word;
+            if old == 0 {
+                self.mark(w);
+            }
+        }
+        // Words of `other` past `self`'s end.
+        let rest = other.words().len();
+        if rest > hi {
+            other.clear_range(hi as u64 * 64, (rest - hi) as u64 * 64);
+        }
+        n
+    }
+
     /// Whether any word of `levels[0][lo..hi]` is non-zero, using level `k`'s
     /// summary of the words below.
     fn any_word(&self, k: usize, lo: usize, hi: usize) -> bool {
