@@ -8,7 +8,12 @@
 #      and on the QEMU 7.2 multi-pass capture; the written physical layer must
 #      equal the source's pmemsave digests (tests/data/*/oracle.json) outside
 #      the legacy hole
-# Environment: QMIG_PY_VENV (default target/pyvenv), QMIG_PY_TIMEOUT (seconds
+#   4. `qmig extract --format raw|elf|lime` of the same QEMU 10 and 7.2
+#      captures, read by Volatility3's own layers (no qmig plugin dir): vol
+#      must stack Elf64Layer / LimeLayer itself, and its layerwriter output
+#      must equal pmemsave outside the legacy hole (same comparison as 3)
+# Environment: QMIG (the qmig binary, default target/release/qmig, built if
+# missing), QMIG_PY_VENV (default target/pyvenv), QMIG_PY_TIMEOUT (seconds
 # per step, default 900 for the install, 300 otherwise), QMIG_PY_REUSE=1 (keep
 # an existing venv instead of reinstalling).
 set -euo pipefail
@@ -51,20 +56,10 @@ case $rc in
     *) echo "python_check: pytest exited with $rc" >&2; exit 1 ;;
 esac
 
-echo "python_check: Volatility3 layerwriter through the qmig layer ($(date +%T))"
-plugins="$("$py" -c 'import qmig.vol3; print(qmig.vol3.plugin_dir())')"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-for cap in q10-stopped q72-plain q35-backends; do
-    out="$work/$cap"
-    mkdir -p "$out"
-    (cd "$out" && timeout "$t_step" "$venv/bin/vol" -q -f "$root/tests/data/$cap/stream" \
-        -p "$plugins" layerwriter >"$out/vol.log" 2>&1) || {
-        cat "$out/vol.log" >&2
-        echo "python_check: vol layerwriter failed on $cap" >&2
-        exit 1
-    }
-    "$py" - "$root/tests/data/$cap/oracle.json" "$out" <<'PY'
+# compare_with_oracle ORACLE DIR: the one *.raw layerwriter wrote in DIR
+# equals the oracle's pmemsave digests on every range outside the legacy hole.
+compare_with_oracle() {
+    "$py" - "$1" "$2" <<'PY'
 import glob, hashlib, json, sys
 oracle = json.load(open(sys.argv[1]))
 files = glob.glob(sys.argv[2] + "/*.raw")
@@ -85,5 +80,62 @@ for d in oracle["digests"]:
 assert n >= 2, n
 print(f"  {oracle['scenario']}: layerwriter output equals pmemsave on {n} ranges outside the hole ({len(data)} bytes)")
 PY
+}
+
+echo "python_check: Volatility3 layerwriter through the qmig layer ($(date +%T))"
+plugins="$("$py" -c 'import qmig.vol3; print(qmig.vol3.plugin_dir())')"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+for cap in q10-stopped q72-plain q35-backends; do
+    out="$work/$cap"
+    mkdir -p "$out"
+    (cd "$out" && timeout "$t_step" "$venv/bin/vol" -q -f "$root/tests/data/$cap/stream" \
+        -p "$plugins" layerwriter >"$out/vol.log" 2>&1) || {
+        cat "$out/vol.log" >&2
+        echo "python_check: vol layerwriter failed on $cap" >&2
+        exit 1
+    }
+    compare_with_oracle "$root/tests/data/$cap/oracle.json" "$out"
+done
+
+# `qmig extract --format raw|elf|lime`, read by Volatility3's own layers (no
+# qmig plugin dir): vol must stack its Elf64Layer on the ELF core and its
+# LimeLayer on the LiME image (a raw image is its own physical layer), and the
+# layer it writes must equal pmemsave outside the legacy hole.
+echo "python_check: qmig extract --format raw|elf|lime through Volatility3's built-in layers ($(date +%T))"
+qmig="${QMIG:-$root/target/release/qmig}"
+[ -x "$qmig" ] || cargo build --release -q -p qmig-cli
+for cap in q10-stopped q72-plain; do
+    for fmt in raw elf lime; do
+        out="$work/builtin-$cap-$fmt"
+        mkdir -p "$out/vol"
+        timeout "$t_step" "$qmig" -q extract "$root/tests/data/$cap/stream" -o "$out/x" --format "$fmt"
+        case $fmt in
+            raw) want="" ;;
+            elf) want="Elf64Stacker" ;;
+            lime) want="LimeStacker" ;;
+        esac
+        (cd "$out/vol" && timeout "$t_step" "$venv/bin/vol" -vvvv -f "$out/x/physical.$fmt" \
+            layerwriter >"$out/vol.log" 2>&1) || {
+            cat "$out/vol.log" >&2
+            echo "python_check: vol layerwriter failed on $cap --format $fmt" >&2
+            exit 1
+        }
+        # vol -vvvv logs "Stacked NAME using STACKER" for each layer it stacks.
+        stacked="$(grep -o 'Stacked [^ ]* using [A-Za-z0-9_]*' "$out/vol.log" || true)"
+        if [ -n "$want" ]; then
+            grep -q "using $want\$" <<<"$stacked" || {
+                echo "$stacked" >&2
+                echo "python_check: vol did not stack with its $want on $cap --format $fmt" >&2
+                exit 1
+            }
+        elif [ -n "$stacked" ]; then
+            echo "$stacked" >&2
+            echo "python_check: vol stacked a layer on the raw image of $cap" >&2
+            exit 1
+        fi
+        echo "  $cap --format $fmt: ${stacked:-no layer stacked (raw is the physical layer)}"
+        compare_with_oracle "$root/tests/data/$cap/oracle.json" "$out/vol"
+    done
 done
 echo "python_check: OK ($(date +%T))"
