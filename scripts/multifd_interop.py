@@ -57,24 +57,8 @@ def log(*a):
     print("[multifd-interop]", *a, file=sys.stderr, flush=True)
 
 
-def find_qmig():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for p in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, p)
-        if os.path.exists(p):
-            return p
-    sys.exit("multifd_interop: no qmig binary (build it or set QMIG)")
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
+Fail = qmp.Fail
+check = qmp.check
 
 
 def pc_ram(out):
@@ -180,7 +164,7 @@ def main():
             sys.exit(f"unknown scenario {n}")
     if not qmp.have(qmp.QEMU10):
         sys.exit("multifd_interop: QEMU 10 not installed")
-    qmig = find_qmig()
+    qmig = qmp.qmig_binary("multifd_interop")
     root = tempfile.mkdtemp(prefix="qmig-multifd-interop-")
     failed = []
 

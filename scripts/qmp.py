@@ -15,6 +15,7 @@ import sys
 import time
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(SCRIPTS)
 QEMU10 = os.environ.get("QMIG_QEMU10", "qemu-system-x86_64")
 QEMU72 = os.environ.get("QMIG_QEMU72", os.path.join(SCRIPTS, "qemu72"))
 
@@ -190,6 +191,29 @@ class Qemu:
             self.logf.close()
         if self in _procs:
             _procs.remove(self)
+
+
+def qmig_binary(who, given=None):
+    """Path of the qmig binary: `given`, else $QMIG, else the repo's target/release or
+    target/debug build. Exits naming the calling script `who` when there is none."""
+    q = given or os.environ.get("QMIG")
+    if q:
+        return q
+    for c in ("target/release/qmig", "target/debug/qmig"):
+        p = os.path.join(REPO, c)
+        if os.path.exists(p):
+            return p
+    sys.exit(f"{who}: no qmig binary (set QMIG or cargo build --release)")
+
+
+class Fail(Exception):
+    """A check of a live interop run failed; the message says which."""
+
+
+def check(cond, msg):
+    """Raise `Fail(msg)` unless `cond`."""
+    if not cond:
+        raise Fail(msg)
 
 
 def qemu_binary(version):

@@ -132,24 +132,8 @@ def log(*a):
     print("[recv-interop]", *a, file=sys.stderr, flush=True)
 
 
-def find_qmig():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for p in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, p)
-        if os.path.exists(p):
-            return p
-    sys.exit("recv_interop: no qmig binary (build it or set QMIG)")
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
+Fail = qmp.Fail
+check = qmp.check
 
 
 def start_recv(qmig, out, work, extra=()):
@@ -427,7 +411,7 @@ def main():
     for n in names:
         if n not in SCENARIOS:
             sys.exit(f"unknown scenario {n}; use --list")
-    qmig = find_qmig()
+    qmig = qmp.qmig_binary("recv_interop")
     root = tempfile.mkdtemp(prefix="qmig-recv-interop.", dir="/tmp")
     failed = []
     try:
