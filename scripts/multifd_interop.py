@@ -69,14 +69,6 @@ def pc_ram(out):
     raise Fail(f"no pc.ram in {out}")
 
 
-def compare_ram(img, mem):
-    check(len(img) == len(mem), f"pc.ram is {len(img)} bytes, pmemsave {len(mem)}")
-    for lo, hi in ((0, HOLE[0]), (HOLE[1], len(mem))):
-        if img[lo:hi] != mem[lo:hi]:
-            bad = next(i for i in range(lo, hi) if img[i] != mem[i])
-            raise Fail(f"pc.ram differs from the source's memory at {bad:#x}")
-
-
 def run(name, sc, qmig, work):
     os.makedirs(work, exist_ok=True)
     out = os.path.join(work, "out")
@@ -125,7 +117,7 @@ def run(name, sc, qmig, work):
               f"qmig recv did not report {sc['channels']} channels: {err}")
         mem = open(qmp.pmemsave(src.qmp, 0, RAM_MIB * MiB, os.path.join(work, "src.mem")),
                    "rb").read()
-        compare_ram(ram, mem)
+        qmp.compare_ram(ram, mem, HOLE)
         check(m["return_path"] == sc["rp"], f"return path {m['return_path']}")
         conns = sorted(glob.glob(os.path.join(save, "conn-*.bin")))
         check(len(conns) == sc["channels"] + 1, f"--save wrote {len(conns)} files")

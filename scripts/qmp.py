@@ -216,6 +216,17 @@ def check(cond, msg):
         raise Fail(msg)
 
 
+def compare_ram(img, mem, hole):
+    """Check a received pc.ram image `img` against the source's pmemsave `mem`, byte for
+    byte outside `hole` (the (start, end) guest-physical range pmemsave cannot read back
+    faithfully). Raises `Fail` naming the first differing address."""
+    check(len(img) == len(mem), f"pc.ram is {len(img)} bytes, pmemsave {len(mem)}")
+    for lo, hi in ((0, hole[0]), (hole[1], len(mem))):
+        if img[lo:hi] != mem[lo:hi]:
+            bad = next(i for i in range(lo, hi) if img[i] != mem[i])
+            raise Fail(f"pc.ram differs from the source's memory at {bad:#x}")
+
+
 def qemu_binary(version):
     """'10' -> system QEMU, '7.2' -> the private 7.2 wrapper."""
     if version in ("10", "q10", None):

@@ -173,14 +173,6 @@ def image_of(out, manifest, name):
     raise Fail(f"no block {name} in manifest")
 
 
-def compare_ram(img, mem):
-    check(len(img) == len(mem), f"pc.ram is {len(img)} bytes, pmemsave {len(mem)}")
-    for lo, hi in ((0, HOLE[0]), (HOLE[1], len(mem))):
-        if img[lo:hi] != mem[lo:hi]:
-            bad = next(i for i in range(lo, hi) if img[i] != mem[i])
-            raise Fail(f"pc.ram differs from the source's memory at {bad:#x}")
-
-
 def run_scenario(name, sc, qmig, work):
     if sc.get("postcopy"):
         return run_postcopy(name, sc, qmig, work)
@@ -219,7 +211,7 @@ def run_scenario(name, sc, qmig, work):
         check(m["complete"], f"manifest not complete: {m['error']}")
         mem = open(qmp.pmemsave(src.qmp, 0, RAM_MIB * MiB, os.path.join(work, "src.mem")), "rb").read()
         ram = image_of(out, m, "pc.ram")
-        compare_ram(ram, mem)
+        qmp.compare_ram(ram, mem, HOLE)
         r, q = m["records"], final.get("ram", {})
         syncs = q.get("dirty-sync-count", 0)
         check(syncs >= sc.get("min_syncs", 0), f"only {syncs} dirty syncs")
@@ -339,7 +331,7 @@ def run_postcopy(name, sc, qmig, work):
                    "rb").read()
         # The RAM block: pc.ram, or the memory backend's block.
         ram = next(b["name"] for b in m["blocks"] if b["length"] == ram_mib * MiB)
-        compare_ram(image_of(out, m, ram), mem)
+        qmp.compare_ram(image_of(out, m, ram), mem, HOLE)
         lat = pc["fault_latency_us"]
         extra = ""
         if sc.get("hugepage"):
