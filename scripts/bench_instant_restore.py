@@ -39,16 +39,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
 
 
-def qmig_binary(given):
-    if given:
-        return given
-    for c in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, c)
-        if os.path.exists(p):
-            return p
-    sys.exit("bench_instant_restore: no qmig binary (cargo build --release -p qmig-cli)")
-
-
 def machine_args(ram_mib):
     return ["-M", "pc", "-m", str(ram_mib), "-nodefaults", "-display", "none"]
 
@@ -152,7 +142,7 @@ def main():
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--qmig")
     a = ap.parse_args()
-    qmig = qmig_binary(a.qmig)
+    qmig = qmp.qmig_binary("bench_instant_restore", a.qmig)
     work = tempfile.mkdtemp(prefix="qmig-instant-")
     try:
         tpl = make_template(work, a.ram_mib)

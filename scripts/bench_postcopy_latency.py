@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args()
     names = a.variants or list(VARIANTS)
-    qmig = ri.find_qmig()
+    qmig = ri.qmp.qmig_binary("bench_postcopy_latency")
     b = baseline()
     print(f"bare userfaultfd: fault->placed p50 {b['fault_to_placed_us']['p50']} us "
           f"p99 {b['fault_to_placed_us']['p99']} us; reader round trip p50 "

@@ -86,17 +86,6 @@ SCENARIOS = {
 }
 
 
-def qmig_binary():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for c in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, c)
-        if os.path.exists(p):
-            return p
-    sys.exit("convert_interop: no qmig binary (set QMIG or cargo build --release)")
-
-
 def capture_stream(capture):
     d = os.path.join(DATA, capture)
     for n in ("stream", "stream.gz"):
@@ -320,7 +309,7 @@ def main():
     for n in names:
         if n not in SCENARIOS:
             sys.exit(f"unknown scenario {n}; --list")
-    qmig = qmig_binary()
+    qmig = qmp.qmig_binary("convert_interop")
     failed = []
     for n in names:
         sc = SCENARIOS[n]

@@ -57,24 +57,8 @@ def log(*a):
     print("[multifd-interop]", *a, file=sys.stderr, flush=True)
 
 
-def find_qmig():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for p in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, p)
-        if os.path.exists(p):
-            return p
-    sys.exit("multifd_interop: no qmig binary (build it or set QMIG)")
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
+Fail = qmp.Fail
+check = qmp.check
 
 
 def pc_ram(out):
@@ -83,14 +67,6 @@ def pc_ram(out):
         if b["name"] == "pc.ram":
             return m, open(os.path.join(out, b["file"]), "rb").read()
     raise Fail(f"no pc.ram in {out}")
-
-
-def compare_ram(img, mem):
-    check(len(img) == len(mem), f"pc.ram is {len(img)} bytes, pmemsave {len(mem)}")
-    for lo, hi in ((0, HOLE[0]), (HOLE[1], len(mem))):
-        if img[lo:hi] != mem[lo:hi]:
-            bad = next(i for i in range(lo, hi) if img[i] != mem[i])
-            raise Fail(f"pc.ram differs from the source's memory at {bad:#x}")
 
 
 def run(name, sc, qmig, work):
@@ -141,7 +117,7 @@ def run(name, sc, qmig, work):
               f"qmig recv did not report {sc['channels']} channels: {err}")
         mem = open(qmp.pmemsave(src.qmp, 0, RAM_MIB * MiB, os.path.join(work, "src.mem")),
                    "rb").read()
-        compare_ram(ram, mem)
+        qmp.compare_ram(ram, mem, HOLE)
         check(m["return_path"] == sc["rp"], f"return path {m['return_path']}")
         conns = sorted(glob.glob(os.path.join(save, "conn-*.bin")))
         check(len(conns) == sc["channels"] + 1, f"--save wrote {len(conns)} files")
@@ -180,7 +156,7 @@ def main():
             sys.exit(f"unknown scenario {n}")
     if not qmp.have(qmp.QEMU10):
         sys.exit("multifd_interop: QEMU 10 not installed")
-    qmig = find_qmig()
+    qmig = qmp.qmig_binary("multifd_interop")
     root = tempfile.mkdtemp(prefix="qmig-multifd-interop-")
     failed = []
 

@@ -15,6 +15,7 @@ import sys
 import time
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(SCRIPTS)
 QEMU10 = os.environ.get("QMIG_QEMU10", "qemu-system-x86_64")
 QEMU72 = os.environ.get("QMIG_QEMU72", os.path.join(SCRIPTS, "qemu72"))
 
@@ -190,6 +191,40 @@ class Qemu:
             self.logf.close()
         if self in _procs:
             _procs.remove(self)
+
+
+def qmig_binary(who, given=None):
+    """Path of the qmig binary: `given`, else $QMIG, else the repo's target/release or
+    target/debug build. Exits naming the calling script `who` when there is none."""
+    q = given or os.environ.get("QMIG")
+    if q:
+        return q
+    for c in ("target/release/qmig", "target/debug/qmig"):
+        p = os.path.join(REPO, c)
+        if os.path.exists(p):
+            return p
+    sys.exit(f"{who}: no qmig binary (set QMIG or cargo build --release)")
+
+
+class Fail(Exception):
+    """A check of a live interop run failed; the message says which."""
+
+
+def check(cond, msg):
+    """Raise `Fail(msg)` unless `cond`."""
+    if not cond:
+        raise Fail(msg)
+
+
+def compare_ram(img, mem, hole):
+    """Check a received pc.ram image `img` against the source's pmemsave `mem`, byte for
+    byte outside `hole` (the (start, end) guest-physical range pmemsave cannot read back
+    faithfully). Raises `Fail` naming the first differing address."""
+    check(len(img) == len(mem), f"pc.ram is {len(img)} bytes, pmemsave {len(mem)}")
+    for lo, hi in ((0, hole[0]), (hole[1], len(mem))):
+        if img[lo:hi] != mem[lo:hi]:
+            bad = next(i for i in range(lo, hi) if img[i] != mem[i])
+            raise Fail(f"pc.ram differs from the source's memory at {bad:#x}")
 
 
 def qemu_binary(version):

@@ -132,24 +132,8 @@ def log(*a):
     print("[recv-interop]", *a, file=sys.stderr, flush=True)
 
 
-def find_qmig():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for p in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, p)
-        if os.path.exists(p):
-            return p
-    sys.exit("recv_interop: no qmig binary (build it or set QMIG)")
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
+Fail = qmp.Fail
+check = qmp.check
 
 
 def start_recv(qmig, out, work, extra=()):
@@ -187,14 +171,6 @@ def image_of(out, manifest, name):
         if b["name"] == name:
             return open(os.path.join(out, b["file"]), "rb").read()
     raise Fail(f"no block {name} in manifest")
-
-
-def compare_ram(img, mem):
-    check(len(img) == len(mem), f"pc.ram is {len(img)} bytes, pmemsave {len(mem)}")
-    for lo, hi in ((0, HOLE[0]), (HOLE[1], len(mem))):
-        if img[lo:hi] != mem[lo:hi]:
-            bad = next(i for i in range(lo, hi) if img[i] != mem[i])
-            raise Fail(f"pc.ram differs from the source's memory at {bad:#x}")
 
 
 def run_scenario(name, sc, qmig, work):
@@ -235,7 +211,7 @@ def run_scenario(name, sc, qmig, work):
         check(m["complete"], f"manifest not complete: {m['error']}")
         mem = open(qmp.pmemsave(src.qmp, 0, RAM_MIB * MiB, os.path.join(work, "src.mem")), "rb").read()
         ram = image_of(out, m, "pc.ram")
-        compare_ram(ram, mem)
+        qmp.compare_ram(ram, mem, HOLE)
         r, q = m["records"], final.get("ram", {})
         syncs = q.get("dirty-sync-count", 0)
         check(syncs >= sc.get("min_syncs", 0), f"only {syncs} dirty syncs")
@@ -355,7 +331,7 @@ def run_postcopy(name, sc, qmig, work):
                    "rb").read()
         # The RAM block: pc.ram, or the memory backend's block.
         ram = next(b["name"] for b in m["blocks"] if b["length"] == ram_mib * MiB)
-        compare_ram(image_of(out, m, ram), mem)
+        qmp.compare_ram(image_of(out, m, ram), mem, HOLE)
         lat = pc["fault_latency_us"]
         extra = ""
         if sc.get("hugepage"):
@@ -427,7 +403,7 @@ def main():
     for n in names:
         if n not in SCENARIOS:
             sys.exit(f"unknown scenario {n}; use --list")
-    qmig = find_qmig()
+    qmig = qmp.qmig_binary("recv_interop")
     root = tempfile.mkdtemp(prefix="qmig-recv-interop.", dir="/tmp")
     failed = []
     try:

@@ -79,17 +79,6 @@ SCENARIOS = {
 }
 
 
-def qmig_binary():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for c in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, c)
-        if os.path.exists(p):
-            return p
-    sys.exit("send_interop: no qmig binary (set QMIG or cargo build --release)")
-
-
 def stream_path(capture, work):
     d = os.path.join(DATA, capture)
     plain = os.path.join(d, "stream")
@@ -326,7 +315,7 @@ def main():
     for n in names:
         if n not in SCENARIOS:
             sys.exit(f"unknown scenario {n}; --list")
-    qmig = qmig_binary()
+    qmig = qmp.qmig_binary("send_interop")
     failed = []
     for n in names:
         sc = SCENARIOS[n]

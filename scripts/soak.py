@@ -42,19 +42,7 @@ MiB = 1 << 20
 HOLE = (0xA0000, 0x100000)
 
 
-def find_qmig():
-    q = os.environ.get("QMIG")
-    if q:
-        return q
-    for c in ("target/release/qmig", "target/debug/qmig"):
-        p = os.path.join(REPO, c)
-        if os.path.exists(p):
-            return p
-    sys.exit("soak: no qmig binary (set QMIG or cargo build --release)")
-
-
-class Fail(Exception):
-    pass
+Fail = qmp.Fail
 
 
 class Watched:
@@ -266,7 +254,7 @@ def main():
     a = ap.parse_args()
     if a.runs < 1:
         sys.exit("soak: --runs must be >= 1")
-    qmig = find_qmig()
+    qmig = qmp.qmig_binary("soak")
     work = tempfile.mkdtemp(prefix="qmig-soak-")
     problems = []
     t0 = time.monotonic()

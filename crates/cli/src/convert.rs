@@ -95,6 +95,21 @@ impl Drop for Temp {
     }
 }
 
+impl Temp {
+    /// Moves the finished output file into place as `output`; the temporary
+    /// directory goes when `self` drops, on success or error.
+    fn finish(self, output: &std::path::Path) -> Result<(), Error> {
+        fs::rename(&self.part, output).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                self.part.display(),
+                output.display()
+            )
+        })?;
+        Ok(())
+    }
+}
+
 /// A writer that counts the bytes written through it.
 struct Counted<W> {
     inner: W,
@@ -204,14 +219,7 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         let file = w.into_inner().map_err(|e| e.into_error())?;
         let meta = file.metadata()?;
         drop(file);
-        fs::rename(&tmp.part, &a.output).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                tmp.part.display(),
-                a.output.display()
-            )
-        })?;
-        drop(tmp);
+        tmp.finish(&a.output)?;
         finish_message(a, &report, input_bytes, meta.len(), false);
         {
             use std::os::unix::fs::MetadataExt;
@@ -276,14 +284,7 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
     out.flush()?;
     let out_bytes = out.n;
     drop(out);
-    fs::rename(&tmp.part, &a.output).map_err(|e| {
-        format!(
-            "cannot rename {} to {}: {e}",
-            tmp.part.display(),
-            a.output.display()
-        )
-    })?;
-    drop(tmp);
+    tmp.finish(&a.output)?;
     finish_message(a, &report, input_bytes, out_bytes, libvirt.is_some());
     Ok(ExitCode::SUCCESS)
 }

@@ -289,73 +289,58 @@ fn main() -> ExitCode {
             libvirt_xml,
             multifd_channel,
             preempt_channel,
-        } if stream.len() > 1 || !preempt_channel.is_empty() => {
-            if devices
-                || vmdesc.is_some()
-                || libvirt_xml
-                || !multifd_channel.is_empty()
-                || block.is_some()
-                || kind.is_some()
-            {
+        } => {
+            if is_connection_list(&stream, &preempt_channel) {
+                if devices
+                    || vmdesc.is_some()
+                    || libvirt_xml
+                    || !multifd_channel.is_empty()
+                    || block.is_some()
+                    || kind.is_some()
+                {
+                    Err(CliError::Usage(
+                        "--devices, --vmdesc, --libvirt-xml, --multifd-channel, --block and --kind take one stream, not a list of connections".into(),
+                    ))
+                } else {
+                    connections::inspect(
+                        &connections::Plan {
+                            mains: &stream,
+                            preempt: &preempt_channel,
+                        },
+                        json,
+                        records,
+                        &return_path,
+                    )
+                }
+            } else if return_path.len() > 1 {
                 Err(CliError::Usage(
-                    "--devices, --vmdesc, --libvirt-xml, --multifd-channel, --block and --kind take one stream, not a list of connections".into(),
+                    "several --return-path files need several connections (one per main connection)".into(),
                 ))
             } else {
-                connections::inspect(
-                    &connections::Plan {
-                        mains: &stream,
-                        preempt: &preempt_channel,
-                    },
-                    json,
-                    records,
-                    &return_path,
-                )
+                match (devices, vmdesc) {
+                    (true, v) => inspect::run_devices(&stream[0], json, v.flatten().as_deref()),
+                    (false, Some(v)) => inspect::run_vmdesc(&stream[0], v.as_deref()),
+                    (false, None) => inspect::run(
+                        &stream[0],
+                        json,
+                        records,
+                        return_path.first().map(PathBuf::as_path),
+                        libvirt_xml,
+                        &inspect::Filter { block, kind },
+                        &multifd_channel,
+                    ),
+                }
             }
         }
-        Cmd::Inspect { return_path, .. } if return_path.len() > 1 => Err(CliError::Usage(
-            "several --return-path files need several connections (one per main connection)".into(),
-        )),
-        Cmd::Inspect {
-            stream,
-            json,
-            records,
-            return_path,
-            block,
-            kind,
-            devices,
-            vmdesc,
-            libvirt_xml,
-            multifd_channel,
-            ..
-        } => match (devices, vmdesc) {
-            (true, v) => inspect::run_devices(&stream[0], json, v.flatten().as_deref()),
-            (false, Some(v)) => inspect::run_vmdesc(&stream[0], v.as_deref()),
-            (false, None) => inspect::run(
-                &stream[0],
-                json,
-                records,
-                return_path.first().map(PathBuf::as_path),
-                libvirt_xml,
-                &inspect::Filter { block, kind },
-                &multifd_channel,
-            ),
-        },
         Cmd::Roundtrip {
             stream,
             preempt_channel,
             multifd_channel,
-        } => {
-            if stream.len() > 1 || !preempt_channel.is_empty() {
-                no_multifd_with_connections(&multifd_channel).and_then(|()| {
-                    connections::roundtrip(&connections::Plan {
-                        mains: &stream,
-                        preempt: &preempt_channel,
-                    })
-                })
-            } else {
-                roundtrip::run(&stream[0], &multifd_channel)
-            }
-        }
+        } => match connection_plan(&stream, &preempt_channel, &multifd_channel) {
+            Err(e) => Err(e),
+            Ok(Some(plan)) => connections::roundtrip(&plan),
+            Ok(None) => roundtrip::run(&stream[0], &multifd_channel),
+        },
         Cmd::Extract {
             stream,
             output,
@@ -364,35 +349,24 @@ fn main() -> ExitCode {
             format,
             max_ram_below_4g,
             machine_layout,
-        } => {
-            if stream.len() > 1 || !preempt_channel.is_empty() {
-                no_multifd_with_connections(&multifd_channel).and_then(|()| {
-                    if format.is_some() {
-                        return Err(CliError::Usage(
-                            "--format takes one main connection (extract the list first, then the images)".into(),
-                        ));
-                    }
-                    connections::extract(
-                        &connections::Plan {
-                            mains: &stream,
-                            preempt: &preempt_channel,
-                        },
-                        &output,
-                    )
-                })
-            } else {
-                extract::run_with(
-                    &stream[0],
-                    &output,
-                    &multifd_channel,
-                    &extract::PhysArgs {
-                        format,
-                        max_ram_below_4g,
-                        machine_layout,
-                    },
-                )
-            }
-        }
+        } => match connection_plan(&stream, &preempt_channel, &multifd_channel) {
+            Err(e) => Err(e),
+            Ok(Some(_)) if format.is_some() => Err(CliError::Usage(
+                "--format takes one main connection (extract the list first, then the images)"
+                    .into(),
+            )),
+            Ok(Some(plan)) => connections::extract(&plan, &output),
+            Ok(None) => extract::run_with(
+                &stream[0],
+                &output,
+                &multifd_channel,
+                &extract::PhysArgs {
+                    format,
+                    max_ram_below_4g,
+                    machine_layout,
+                },
+            ),
+        },
         Cmd::Recv {
             listen,
             output,
@@ -444,6 +418,29 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// True when the command was given a list of connections rather than one stream: several
+/// main connections (the first, then each postcopy recovery connection) or a preempt channel.
+fn is_connection_list(mains: &[PathBuf], preempt: &[PathBuf]) -> bool {
+    mains.len() > 1 || !preempt.is_empty()
+}
+
+/// The [`connections::Plan`] for `roundtrip`/`extract` when they were given a list of
+/// connections (see [`is_connection_list`]); `Ok(None)` for one stream.
+///
+/// # Errors
+/// [`CliError::Usage`] when `--multifd-channel` comes with a list of connections.
+fn connection_plan<'a>(
+    mains: &'a [PathBuf],
+    preempt: &'a [PathBuf],
+    multifd: &[PathBuf],
+) -> Result<Option<connections::Plan<'a>>, CliError> {
+    if !is_connection_list(mains, preempt) {
+        return Ok(None);
+    }
+    no_multifd_with_connections(multifd)?;
+    Ok(Some(connections::Plan { mains, preempt }))
 }
 
 /// Multifd channels belong to one main connection; QEMU has no postcopy

@@ -599,6 +599,29 @@ impl<M: GuestMemory> Converter<M> {
         }
     }
 
+    /// Appends the end of the RAM section to `buf`: SWITCHOVER_START when the
+    /// input had it, the RAM section's END header, its EOS record and (when the
+    /// stream has footers) its footer.
+    ///
+    /// # Errors
+    /// [`ConvertError::Wire`] if a record cannot be written.
+    fn write_ram_end(&self, buf: &mut Vec<u8>, ram_id: u32) -> Result<(), ConvertError> {
+        if self.switchover_start {
+            Command::SwitchoverStart.write(buf)?;
+        }
+        SectionHeader {
+            kind: SectionKind::End,
+            section_id: ram_id,
+            ident: None,
+        }
+        .write(buf)?;
+        RamRecord::eos().write(buf)?;
+        if self.footers {
+            write_footer(buf, ram_id);
+        }
+        Ok(())
+    }
+
     /// Writes the output stream to `out` (see the module documentation) and
     /// reports what was converted. The memory is left holding the final RAM
     /// image.
@@ -718,17 +741,7 @@ impl<M: GuestMemory> Converter<M> {
             RamRecord::eos().write(&mut buf)?;
             footer(&mut buf);
         }
-        if self.switchover_start {
-            Command::SwitchoverStart.write(&mut buf)?;
-        }
-        SectionHeader {
-            kind: SectionKind::End,
-            section_id: ram_id,
-            ident: None,
-        }
-        .write(&mut buf)?;
-        RamRecord::eos().write(&mut buf)?;
-        footer(&mut buf);
+        self.write_ram_end(&mut buf, ram_id)?;
         write_all(out, &mut buf, &mut n)?;
         n += self.tail.copy_to(out)?;
         out.flush().map_err(io_err("output"))?;
@@ -817,17 +830,7 @@ impl<M: GuestMemory> Converter<M> {
         w.write_stream(&buf)?;
         buf.clear();
         self.middle.copy_to(&mut w)?;
-        if self.switchover_start {
-            Command::SwitchoverStart.write(&mut buf)?;
-        }
-        SectionHeader {
-            kind: SectionKind::End,
-            section_id: ram_id,
-            ident: None,
-        }
-        .write(&mut buf)?;
-        RamRecord::eos().write(&mut buf)?;
-        footer(&mut buf);
+        self.write_ram_end(&mut buf, ram_id)?;
         w.write_stream(&buf)?;
         self.tail.copy_to(&mut w)?;
         report.output_stream_bytes = w.position();

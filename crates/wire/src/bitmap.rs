@@ -254,7 +254,8 @@ impl PageBitmap {
         // Inner words are wholly inside the range: any non-zero one answers.
         // `walk` needs `&mut` for its stale-bit clean-up; a read-only copy of
         // the summaries would cost their size, so walk the levels by hand.
-        self.any_word(self.levels.len() - 1, lo + 1, hi - 1)
+        self.first_word(self.levels.len() - 1, lo + 1, hi - 1)
+            .is_some()
     }
 
     /// The first set bit in `from..limit` (`limit` clamped to the length), or
@@ -291,6 +292,7 @@ impl PageBitmap {
                 .position(|&w| w != 0)
                 .map(|p| lo + p);
         }
+        // Indices at level k - 1 are lo..hi scaled down k - 1 times.
         let shift = 6 * (k as u32 - 1);
         let (llo, lhi) = (lo >> shift, ((hi - 1) >> shift) + 1);
         let (slo, shi) = (llo / 64, (lhi - 1) / 64 + 1);
@@ -353,41 +355,6 @@ impl PageBitmap {
             other.clear_range(hi as u64 * 64, (rest - hi) as u64 * 64);
         }
         n
-    }
-
-    /// Whether any word of `levels[0][lo..hi]` is non-zero, using level `k`'s
-    /// summary of the words below.
-    fn any_word(&self, k: usize, lo: usize, hi: usize) -> bool {
-        if lo >= hi {
-            return false;
-        }
-        if k == 0 {
-            return self.levels[0][lo..hi].iter().any(|&w| w != 0);
-        }
-        // Indices at level k - 1 are lo..hi scaled down k - 1 times.
-        let shift = 6 * (k as u32 - 1);
-        let (llo, lhi) = (lo >> shift, ((hi - 1) >> shift) + 1);
-        let (slo, shi) = (llo / 64, (lhi - 1) / 64 + 1);
-        for sj in slo..shi {
-            let mut m = self.levels[k][sj];
-            let base = sj * 64;
-            if base < llo {
-                m &= u64::MAX << (llo - base);
-            }
-            if lhi < base + 64 {
-                m &= (1u64 << (lhi - base)) - 1;
-            }
-            while m != 0 {
-                let b = m.trailing_zeros() as usize;
-                m &= m - 1;
-                let j = base + b;
-                let (clo, chi) = ((j << shift).max(lo), ((j + 1) << shift).min(hi));
-                if self.any_word(k - 1, clo, chi) {
-                    return true;
-                }
-            }
-        }
-        false
     }
 
     /// Number of set bits.

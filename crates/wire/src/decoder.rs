@@ -535,15 +535,7 @@ impl Decoder {
                 why: "the connection reached EOF: the migration was complete, no later connection can continue it",
             });
         }
-        let mut d = self.clone();
-        d.phase = Phase::Top;
-        d.pos = 0;
-        d.have_block = false;
-        d.packages.clear();
-        d.scan_once = false;
-        d.scan_resume = Cell::new((u64::MAX, 0, 0));
-        d.eof_hint = None;
-        Ok(d)
+        Ok(self.new_connection(Phase::Top))
     }
 
     /// A decoder for a postcopy-preempt channel of this migration
@@ -552,8 +544,15 @@ impl Decoder {
     /// (the channel names its first block). Only the caller knows that a
     /// connection is a preempt channel.
     pub fn preempt_channel(&self) -> Decoder {
+        self.new_connection(Phase::RamChannel)
+    }
+
+    /// This decoder's migration state (announced sections, RAM context, postcopy
+    /// state) at offset 0 of a new connection that starts in `phase`: no last block,
+    /// no open packaged command, no scan or EOF state carried over.
+    fn new_connection(&self, phase: Phase) -> Decoder {
         let mut d = self.clone();
-        d.phase = Phase::RamChannel;
+        d.phase = phase;
         d.pos = 0;
         d.have_block = false;
         d.packages.clear();
