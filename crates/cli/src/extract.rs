@@ -566,7 +566,7 @@ pub fn run_with(path: &Path, outdir: &Path, channels: &[PathBuf], phys: &PhysArg
         name.clone(),
     )?;
     if !channels.is_empty() {
-        s.multifd = Some(crate::multifd_apply::OfflineChannels::new(channels));
+        s.multifd = Some(crate::multifd_apply::offline_channels(channels));
     }
     let result = match input {
         // A regular file is mapped: the records are applied straight from the

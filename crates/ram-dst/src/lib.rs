@@ -55,6 +55,7 @@ mod file;
 mod memory;
 mod mmap;
 pub mod multifd;
+pub mod multifd_offline;
 
 pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply};
 pub use dst::{
