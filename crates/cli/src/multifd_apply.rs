@@ -13,12 +13,15 @@ use qmig_wire::multifd::INIT_LEN;
 
 /// The offline applier over channel files opened as every CLI input
 /// ([`crate::input::open`]: containers peeled).
-pub(crate) type OfflineChannels = qmig_ram_dst::multifd_offline::OfflineChannels<crate::input::Input>;
+pub(crate) type OfflineChannels =
+    qmig_ram_dst::multifd_offline::OfflineChannels<crate::input::Input>;
 
 /// An [`OfflineChannels`] over the files `paths`.
 pub(crate) fn offline_channels(paths: &[PathBuf]) -> OfflineChannels {
     OfflineChannels::new(paths, |p| {
-        crate::input::open(p).map(|o| o.input).map_err(|e| e.to_string())
+        crate::input::open(p)
+            .map(|o| o.input)
+            .map_err(|e| e.to_string())
     })
 }
 

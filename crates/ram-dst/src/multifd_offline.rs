@@ -376,10 +376,7 @@ impl<R: Read> OfflineChannels<R> {
     ///
     /// # Errors
     /// As [`OfflineChannels::before_item`], or pages after the last SYNC.
-    pub fn finish<M: GuestMemory>(
-        &mut self,
-        dst: &mut RamDst<M>,
-    ) -> Result<(), MultifdError> {
+    pub fn finish<M: GuestMemory>(&mut self, dst: &mut RamDst<M>) -> Result<(), MultifdError> {
         if self.syncs == 0 && !self.paths.is_empty() {
             return Err(MultifdError::Rule {
                 stream: "main".into(),

@@ -27,6 +27,7 @@
 
 pub mod bitmap;
 pub mod command;
+pub mod connections;
 pub mod decoder;
 pub mod devices;
 mod error;
