@@ -12,16 +12,20 @@
 
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 
 use qmig_container::{Layer, Limits as ContainerLimits};
+use qmig_ram_dst::multifd::MultifdError;
+use qmig_ram_dst::multifd_offline::OfflineChannels;
 use qmig_ram_dst::{Config, GuestMemory, Layout, Placement, RamDst, RamDstError, VecMemory};
-use qmig_wire::{Decoder, Item, Limits, StreamReader, WireError};
+use qmig_wire::connections::{Conn, Event, Plan, Role, WalkError};
+use qmig_wire::{Decoder, Item, Limits, ReadItem, StreamReader, WireError};
 
 create_exception!(
     _qmig,
@@ -100,11 +104,28 @@ enum OpenError {
     Dst(RamDstError),
     Container(qmig_container::ContainerError),
     Io(io::Error),
+    Multifd(MultifdError),
+    /// An error in one file of a capture set (named instead of the source).
+    InFile(String, Box<OpenError>),
 }
 
 impl OpenError {
     fn into_py(self, py: Python<'_>, name: &str) -> PyErr {
         match self {
+            OpenError::InFile(file, e) => e.into_py(py, &file),
+            OpenError::Multifd(MultifdError::Wire { channel, source }) => raise::<StreamError>(
+                py,
+                format!("{name}: multifd channel {channel}: {source}"),
+                Some(source.offset()),
+                &rule_of(&format!("{source:?}")),
+            ),
+            OpenError::Multifd(e) => {
+                let rule = match &e {
+                    MultifdError::Rule { rule, .. } => rule.trim_start_matches('-').replace('-', "_"),
+                    _ => rule_of(&format!("{e:?}")),
+                };
+                raise::<StateError>(py, format!("{name}: {e}"), Some(e.offset()), &rule)
+            }
             OpenError::Wire(WireError::Io { offset, source }) => raise::<InputError>(
                 py,
                 format!("{name}: read error at stream offset {offset}: {source}"),
@@ -175,6 +196,11 @@ impl Read for PyReader {
 /// The sources `open()` takes.
 enum Source {
     Path(std::path::PathBuf),
+    /// The connection files of one recovered postcopy migration.
+    Set {
+        mains: Vec<PathBuf>,
+        preempt: Vec<PathBuf>,
+    },
     Bytes(Vec<u8>),
     File(Py<PyAny>),
 }
@@ -190,6 +216,8 @@ struct Rec {
     value: Option<u64>,
     /// Section idstr, command name.
     detail: Option<Arc<str>>,
+    /// The connection of a capture set (`main-1`, `preempt-1`...).
+    conn: Option<Arc<str>>,
 }
 
 /// The result of reading a stream.
@@ -217,26 +245,22 @@ fn layer_names(layers: &[Layer]) -> Vec<String> {
         .collect()
 }
 
-/// Applies every item of `rd` into a fresh destination.
-fn apply<R: Read>(
-    mut rd: StreamReader<R>,
-    memory_limit: u64,
-    layers: Vec<String>,
-) -> Result<Loaded, OpenError> {
-    let cfg = Config {
-        layout: Layout::Adopt,
-        placement: Placement::Apply,
-        ..Config::default()
-    };
-    let mut dst = RamDst::new(cfg, VecMemory::with_limit(memory_limit)).map_err(OpenError::Dst)?;
-    let mut machine = None;
-    let mut version = None;
-    let mut vmdesc = None;
-    let mut records = Vec::new();
-    let mut idstrs: std::collections::HashMap<u32, Arc<str>> = std::collections::HashMap::new();
-    let mut names: Vec<String> = Vec::new();
-    let mut cur_block: Option<u32> = None;
-    while let Some(ri) = rd.next_item().map_err(OpenError::Wire)? {
+/// What `open()` keeps of the items while applying them.
+#[derive(Default)]
+struct Collector {
+    machine: Option<String>,
+    version: Option<u32>,
+    vmdesc: Option<Vec<u8>>,
+    records: Vec<Rec>,
+    idstrs: std::collections::HashMap<u32, Arc<str>>,
+    names: Vec<String>,
+    /// The current block per connection (RAM records name it once).
+    cur_block: std::collections::HashMap<Option<Arc<str>>, u32>,
+}
+
+impl Collector {
+    /// Records one item of connection `conn` (None: a single stream).
+    fn item(&mut self, ri: &ReadItem<'_>, conn: Option<&Arc<str>>) {
         let (kind, block, value, detail): (
             &'static str,
             Option<u32>,
@@ -244,11 +268,11 @@ fn apply<R: Read>(
             Option<Arc<str>>,
         ) = match &ri.item {
             Item::Header { version: v } => {
-                version = Some(*v);
+                self.version = Some(*v);
                 ("header", None, Some(u64::from(*v)), None)
             }
             Item::Configuration(c) => {
-                machine = Some(c.machine.to_string());
+                self.machine = Some(c.machine.to_string());
                 ("configuration", None, None, Some(Arc::from(c.machine)))
             }
             Item::Section(h) => {
@@ -258,7 +282,8 @@ fn apply<R: Read>(
                     .get(&h.section_id)
                     .map(|s| s.idstr.as_str())
                     .unwrap_or("");
-                let d = idstrs
+                let d = self
+                    .idstrs
                     .entry(h.section_id)
                     .or_insert_with(|| Arc::from(id))
                     .clone();
@@ -271,18 +296,23 @@ fn apply<R: Read>(
             }
             Item::Ram(r) => {
                 if let Some(b) = r.block {
-                    let i = match names.iter().position(|n| n == b) {
+                    let i = match self.names.iter().position(|n| n == b) {
                         Some(i) => i,
                         None => {
-                            names.push(b.to_string());
-                            names.len() - 1
+                            self.names.push(b.to_string());
+                            self.names.len() - 1
                         }
                     };
-                    cur_block = Some(i as u32);
+                    self.cur_block.insert(conn.cloned(), i as u32);
                 }
                 let k = ram_kind(r.kind());
                 if r.is_page() {
-                    (k, cur_block, Some(r.offset), None)
+                    (
+                        k,
+                        self.cur_block.get(&conn.cloned()).copied(),
+                        Some(r.offset),
+                        None,
+                    )
                 } else {
                     (k, None, Some(r.offset), None)
                 }
@@ -293,54 +323,211 @@ fn apply<R: Read>(
             Item::PackageEnd => ("package_end", None, None, None),
             Item::Eof => ("eof", None, None, None),
             Item::Vmdesc(j) => {
-                vmdesc = Some(j.to_vec());
+                self.vmdesc = Some(j.to_vec());
                 ("vmdesc", None, None, None)
             }
             Item::MappedRam(_) => ("mapped_ram", None, None, None),
         };
-        records.push(Rec {
+        self.records.push(Rec {
             offset: ri.offset,
             len: ri.len as u64,
             kind,
             block,
             value,
             detail,
+            conn: conn.cloned(),
         });
+    }
+
+    /// The result, from the destination the items were applied to.
+    fn finish(self, dst: RamDst<VecMemory>, layers: Vec<String>) -> Result<Loaded, OpenError> {
+        let page_size = dst.page_size();
+        let blocks = dst
+            .blocks()
+            .iter()
+            .map(|b| (b.name().to_string(), b.used_length(), b.page_size()))
+            .collect();
+        let mut mem = dst.into_memory();
+        mem.flush().map_err(OpenError::Io)?;
+        let names = self.names;
+        // Record block names by the destination's names (the same strings).
+        let records = self
+            .records
+            .into_iter()
+            .map(|mut r| {
+                if let Some(i) = r.block {
+                    let n = &names[i as usize];
+                    r.block = mem
+                        .blocks()
+                        .iter()
+                        .position(|(b, _)| b == n)
+                        .map(|p| p as u32);
+                }
+                r
+            })
+            .collect();
+        Ok(Loaded {
+            mem,
+            blocks,
+            page_size,
+            machine: self.machine,
+            version: self.version,
+            vmdesc: self.vmdesc,
+            records,
+            layers,
+        })
+    }
+}
+
+/// A fresh destination that adopts the stream's layout and applies pages.
+fn new_dst(memory_limit: u64) -> Result<RamDst<VecMemory>, OpenError> {
+    let cfg = Config {
+        layout: Layout::Adopt,
+        placement: Placement::Apply,
+        ..Config::default()
+    };
+    RamDst::new(cfg, VecMemory::with_limit(memory_limit)).map_err(OpenError::Dst)
+}
+
+/// Multifd channel files opened with their containers peeled off.
+type Channels = OfflineChannels<Box<dyn Read + Send>>;
+
+/// The applier of multifd channel files (`open(..., multifd=[...])`).
+fn offline_channels(paths: &[PathBuf]) -> Channels {
+    OfflineChannels::new(paths, |p| {
+        let f = File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        qmig_container::open(Box::new(f), &ContainerLimits::default())
+            .map(|o| o.reader)
+            .map_err(|e| format!("{}: {e}", p.display()))
+    })
+}
+
+/// Applies every item of `rd` into a fresh destination, with the multifd
+/// channel files `multifd` applied at the stream's sync points.
+fn apply<R: Read>(
+    mut rd: StreamReader<R>,
+    memory_limit: u64,
+    layers: Vec<String>,
+    multifd: &[PathBuf],
+) -> Result<Loaded, OpenError> {
+    let mut dst = new_dst(memory_limit)?;
+    let mut col = Collector::default();
+    let mut chans = (!multifd.is_empty()).then(|| offline_channels(multifd));
+    while let Some(ri) = rd.next_item().map_err(OpenError::Wire)? {
+        col.item(&ri, None);
+        if let Some(c) = chans.as_mut() {
+            c.before_item(&ri, &mut dst).map_err(OpenError::Multifd)?;
+        }
         dst.handle_read_item(&ri).map_err(OpenError::Dst)?;
     }
-    let page_size = dst.page_size();
-    let blocks = dst
-        .blocks()
-        .iter()
-        .map(|b| (b.name().to_string(), b.used_length(), b.page_size()))
-        .collect();
-    let mut mem = dst.into_memory();
-    mem.flush().map_err(OpenError::Io)?;
-    // Record block names by the destination's names (the same strings).
-    let records = records
-        .into_iter()
-        .map(|mut r| {
-            if let Some(i) = r.block {
-                let n = &names[i as usize];
-                r.block = mem
-                    .blocks()
-                    .iter()
-                    .position(|(b, _)| b == n)
-                    .map(|p| p as u32);
+    if let Some(c) = chans.as_mut() {
+        c.finish(&mut dst).map_err(OpenError::Multifd)?;
+    }
+    col.finish(dst, layers)
+}
+
+/// A file of a capture set: seekable when it holds the stream uncompressed.
+enum SetInput {
+    Plain(File),
+    Stream(Box<dyn Read + Send>),
+}
+
+impl Read for SetInput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            SetInput::Plain(f) => f.read(buf),
+            SetInput::Stream(r) => r.read(buf),
+        }
+    }
+}
+
+impl Seek for SetInput {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        match self {
+            SetInput::Plain(f) => f.seek(pos),
+            SetInput::Stream(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a compressed input is not seekable",
+            )),
+        }
+    }
+}
+
+/// Opens one connection of a capture set (see `qmig_wire::connections::walk`):
+/// containers peeled; the first main connection read seekably when stored
+/// uncompressed in a regular file.
+fn open_conn(
+    conn: &Conn,
+    dec: Option<Decoder>,
+    layers: &mut Vec<String>,
+) -> Result<StreamReader<SetInput>, OpenError> {
+    let in_file = |e| OpenError::InFile(conn.path.display().to_string(), Box::new(e));
+    let f = File::open(&conn.path).map_err(|e| in_file(OpenError::Io(e)))?;
+    let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+    let o = qmig_container::open(Box::new(f), &ContainerLimits::default())
+        .map_err(|e| in_file(OpenError::Container(e)))?;
+    if conn.index == 1 && conn.role == Role::Main {
+        *layers = layer_names(&o.layers);
+    }
+    match dec {
+        Some(dec) => Ok(StreamReader::with_decoder(SetInput::Stream(o.reader), dec)),
+        None => {
+            if let (true, Some(base)) = (regular, o.raw_offset()) {
+                let mut f = File::open(&conn.path).map_err(|e| in_file(OpenError::Io(e)))?;
+                f.seek(SeekFrom::Start(base))
+                    .map_err(|e| in_file(OpenError::Io(e)))?;
+                return StreamReader::new_seekable(SetInput::Plain(f))
+                    .map_err(|e| in_file(OpenError::Wire(e)));
             }
-            r
-        })
-        .collect();
-    Ok(Loaded {
-        mem,
-        blocks,
-        page_size,
-        machine,
-        version,
-        vmdesc,
-        records,
-        layers,
-    })
+            Ok(StreamReader::with_decoder(
+                SetInput::Stream(o.reader),
+                Decoder::new(Limits::default()),
+            ))
+        }
+    }
+}
+
+/// Applies the connections of one recovered postcopy migration (main
+/// connections, then preempt channels) into a fresh destination, as
+/// `qmig extract MAIN1 MAIN2... --preempt-channel P...` does: the recovery
+/// handshake (RECV_BITMAP, POSTCOPY_RESUME) is checked by the walk and kept
+/// as records, not applied.
+fn apply_set(plan: &Plan<'_>, memory_limit: u64) -> Result<Loaded, OpenError> {
+    plan.check().map_err(|e| {
+        OpenError::Io(io::Error::new(io::ErrorKind::InvalidInput, e))
+    })?;
+    let mut dst = new_dst(memory_limit)?;
+    let mut col = Collector::default();
+    let mut layers = Vec::new();
+    let mut labels: std::collections::HashMap<String, Arc<str>> = Default::default();
+    let r = qmig_wire::connections::walk(
+        plan,
+        |conn, dec| open_conn(conn, dec, &mut layers),
+        |ev| -> Result<(), OpenError> {
+            let Event::Item { conn, ri, recovery } = ev else {
+                return Ok(());
+            };
+            let label = labels
+                .entry(conn.label())
+                .or_insert_with_key(|k| Arc::from(k.as_str()))
+                .clone();
+            col.item(ri, Some(&label));
+            if recovery {
+                return Ok(());
+            }
+            dst.handle_read_item(ri).map_err(|e| {
+                OpenError::InFile(conn.path.display().to_string(), Box::new(OpenError::Dst(e)))
+            })
+        },
+    );
+    match r {
+        Ok(_) => {}
+        Err(WalkError::Open(e)) | Err(WalkError::Visit(e)) => return Err(e),
+        Err(WalkError::Wire { file, err }) => {
+            return Err(OpenError::InFile(file, Box::new(OpenError::Wire(err))))
+        }
+    }
+    col.finish(dst, layers)
 }
 
 fn section_kind(name: &str) -> &'static str {
@@ -371,9 +558,18 @@ fn ram_kind(k: qmig_wire::RamKind) -> &'static str {
 
 /// Opens `src`: peels containers, then reads a stored-uncompressed stream
 /// seekably (vmdesc located first) and anything else incrementally.
-fn load(src: Source, memory_limit: u64) -> Result<Loaded, OpenError> {
+/// A capture set of several connections is walked in order (`apply_set`);
+/// `multifd` channel files are applied with a single stream.
+fn load(src: Source, memory_limit: u64, multifd: &[PathBuf]) -> Result<Loaded, OpenError> {
     let climits = ContainerLimits::default();
     match src {
+        Source::Set { mains, preempt } => apply_set(
+            &Plan {
+                mains: &mains,
+                preempt: &preempt,
+            },
+            memory_limit,
+        ),
         Source::Path(p) => {
             let f = File::open(&p).map_err(OpenError::Io)?;
             let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
@@ -384,13 +580,14 @@ fn load(src: Source, memory_limit: u64) -> Result<Loaded, OpenError> {
                     let mut f = File::open(&p).map_err(OpenError::Io)?;
                     f.seek(SeekFrom::Start(base)).map_err(OpenError::Io)?;
                     let rd = StreamReader::new_seekable(f).map_err(OpenError::Wire)?;
-                    return apply(rd, memory_limit, layers);
+                    return apply(rd, memory_limit, layers, multifd);
                 }
             }
             apply(
                 StreamReader::with_decoder(o.reader, Decoder::new(Limits::default())),
                 memory_limit,
                 layers,
+                multifd,
             )
         }
         Source::Bytes(b) => {
@@ -402,12 +599,13 @@ fn load(src: Source, memory_limit: u64) -> Result<Loaded, OpenError> {
                 let mut c = Cursor::new(ArcBytes(b));
                 c.set_position(base);
                 let rd = StreamReader::new_seekable(c).map_err(OpenError::Wire)?;
-                return apply(rd, memory_limit, layers);
+                return apply(rd, memory_limit, layers, multifd);
             }
             apply(
                 StreamReader::with_decoder(o.reader, Decoder::new(Limits::default())),
                 memory_limit,
                 layers,
+                multifd,
             )
         }
         Source::File(f) => {
@@ -418,6 +616,7 @@ fn load(src: Source, memory_limit: u64) -> Result<Loaded, OpenError> {
                 StreamReader::with_decoder(o.reader, Decoder::new(Limits::default())),
                 memory_limit,
                 layers,
+                multifd,
             )
         }
     }
@@ -502,19 +701,24 @@ struct Record {
     /// Sections: the section's idstr; commands: the command name;
     /// configuration: the machine type.
     detail: Option<String>,
+    /// The connection of a capture set the item was read from (`main-1`,
+    /// `main-2`, `preempt-1`...; `offset` is in that file's stream), or
+    /// None for a single stream.
+    connection: Option<String>,
 }
 
 #[pymethods]
 impl Record {
     fn __repr__(&self) -> String {
         format!(
-            "Record(offset={}, length={}, kind={:?}, block={}, value={}, detail={})",
+            "Record(offset={}, length={}, kind={:?}, block={}, value={}, detail={}, connection={})",
             self.offset,
             self.length,
             self.kind,
             py_str(self.block.as_deref()),
             py_int(self.value),
-            py_str(self.detail.as_deref())
+            py_str(self.detail.as_deref()),
+            py_str(self.connection.as_deref())
         )
     }
 }
@@ -786,25 +990,75 @@ impl RecordIter {
                 .map(|(n, _)| n.clone()),
             value: r.value,
             detail: r.detail.as_deref().map(str::to_string),
+            connection: r.conn.as_deref().map(str::to_string),
         })
     }
 }
 
 /// Reads a migration stream: see the `qmig.open` docstring in `qmig/__init__.py`.
 #[pyfunction]
-#[pyo3(signature = (source, *, max_ram_below_4g = None, machine_layout = None, memory_limit = None))]
+#[pyo3(signature = (source, *, preempt = None, multifd = None, max_ram_below_4g = None, machine_layout = None, memory_limit = None))]
+#[allow(clippy::too_many_arguments)]
 fn open(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
+    preempt: Option<Vec<PathBuf>>,
+    multifd: Option<Vec<PathBuf>>,
     max_ram_below_4g: Option<u64>,
     machine_layout: Option<String>,
     memory_limit: Option<u64>,
 ) -> PyResult<Capture> {
-    let (src, name) = if let Ok(b) = source.downcast::<PyBytes>() {
+    let preempt = preempt.unwrap_or_default();
+    let multifd = multifd.unwrap_or_default();
+    let is_path = |o: &Bound<'_, PyAny>| -> PyResult<bool> {
+        Ok(o.is_instance_of::<PyString>() || o.hasattr("__fspath__")?)
+    };
+    let list: Option<Vec<PathBuf>> =
+        if source.is_instance_of::<PyList>() || source.is_instance_of::<PyTuple>() {
+            Some(source.extract().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(
+                    "a list of connections holds paths (str or path-like)",
+                )
+            })?)
+        } else if !preempt.is_empty() && is_path(source)? {
+            Some(vec![source.extract()?])
+        } else if !preempt.is_empty() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "preempt= takes the main connections as paths",
+            ));
+        } else {
+            None
+        };
+    let (src, name) = if let Some(mut mains) = list {
+        let plan = Plan {
+            mains: &mains,
+            preempt: &preempt,
+        };
+        plan.check()
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("open(): {e}")))?;
+        if mains.len() == 1 && preempt.is_empty() {
+            let p = mains.remove(0);
+            let n = p.display().to_string();
+            (Source::Path(p), n)
+        } else {
+            if !multifd.is_empty() {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "open(): multifd channels belong to one main connection (QEMU has no postcopy recovery or preempt channel with multifd)",
+                ));
+            }
+            let n = mains
+                .iter()
+                .chain(&preempt)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + ");
+            (Source::Set { mains, preempt }, n)
+        }
+    } else if let Ok(b) = source.downcast::<PyBytes>() {
         (Source::Bytes(b.as_bytes().to_vec()), "<bytes>".to_string())
     } else if let Ok(b) = source.downcast::<PyByteArray>() {
         (Source::Bytes(b.to_vec()), "<bytearray>".to_string())
-    } else if source.is_instance_of::<PyString>() || source.hasattr("__fspath__")? {
+    } else if is_path(source)? {
         let p: std::path::PathBuf = source.extract()?;
         let n = p.display().to_string();
         (Source::Path(p), n)
@@ -817,7 +1071,7 @@ fn open(
         (Source::File(source.clone().unbind()), n)
     } else {
         return Err(pyo3::exceptions::PyTypeError::new_err(
-            "open() takes a path, bytes or a binary file object",
+            "open() takes a path, a list of paths, bytes or a binary file object",
         ));
     };
     let mut opts = qmig_phys::Options {
@@ -833,9 +1087,9 @@ fn open(
     let limit = memory_limit.unwrap_or_else(mem_total);
     let is_file = matches!(src, Source::File(_));
     let loaded = if is_file {
-        load(src, limit)
+        load(src, limit, &multifd)
     } else {
-        py.allow_threads(|| load(src, limit))
+        py.allow_threads(|| load(src, limit, &multifd))
     }
     .map_err(|e| e.into_py(py, &name))?;
     let blocks: Vec<(&str, u64)> = loaded
