@@ -119,6 +119,11 @@ impl OpenError {
                 Some(source.offset()),
                 &rule_of(&format!("{source:?}")),
             ),
+            OpenError::Multifd(MultifdError::Rule {
+                rule: "--multifd-channel",
+                why,
+                ..
+            }) => raise::<InputError>(py, format!("multifd channel {why}"), None, "io"),
             OpenError::Multifd(e) => {
                 let rule = match &e {
                     MultifdError::Rule { rule, .. } => rule.trim_start_matches('-').replace('-', "_"),
