@@ -1,7 +1,7 @@
 """Type stubs of the compiled extension ``qmig._qmig``. Units: bytes."""
 
 from os import PathLike
-from typing import Any, BinaryIO, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
 
 class QmigError(Exception):
     """Base of every qmig error."""
@@ -48,6 +48,10 @@ class Record:
     id; header: stream version; ram_mem_size: total RAM bytes."""
     detail: Optional[str]
     """Sections: idstr; commands: command name; configuration: machine type."""
+    connection: Optional[str]
+    """The connection of a capture set read from (``main-1``, ``main-2``,
+    ``preempt-1``...; ``offset`` is in that file's stream), None for a single
+    stream."""
 
 class Capture:
     """A migration stream read into memory."""
@@ -84,9 +88,15 @@ class Capture:
     def __len__(self) -> int: ...
 
 def open(
-    source: Union[str, PathLike[str], bytes, bytearray, BinaryIO],
+    source: Union[str, PathLike[str], Sequence[Union[str, PathLike[str]]], bytes, bytearray, BinaryIO],
     *,
+    preempt: Optional[Sequence[Union[str, PathLike[str]]]] = None,
+    multifd: Optional[Sequence[Union[str, PathLike[str]]]] = None,
     max_ram_below_4g: Optional[int] = None,
     machine_layout: Optional[str] = None,
     memory_limit: Optional[int] = None,
-) -> Capture: ...
+) -> Capture:
+    """Read a stream, or a capture set: a list of the main connections of a
+    postcopy migration paused and recovered (then ``preempt``: its preempt
+    channel files, the k-th for the k-th main connection), or one main
+    stream with ``multifd`` channel files. See ``qmig.open``."""
