@@ -126,7 +126,9 @@ impl OpenError {
             }) => raise::<InputError>(py, format!("multifd channel {why}"), None, "io"),
             OpenError::Multifd(e) => {
                 let rule = match &e {
-                    MultifdError::Rule { rule, .. } => rule.trim_start_matches('-').replace('-', "_"),
+                    MultifdError::Rule { rule, .. } => {
+                        rule.trim_start_matches('-').replace('-', "_")
+                    }
                     _ => rule_of(&format!("{e:?}")),
                 };
                 raise::<StateError>(py, format!("{name}: {e}"), Some(e.offset()), &rule)
@@ -498,9 +500,8 @@ fn open_conn(
 /// handshake (RECV_BITMAP, POSTCOPY_RESUME) is checked by the walk and kept
 /// as records, not applied.
 fn apply_set(plan: &Plan<'_>, memory_limit: u64) -> Result<Loaded, OpenError> {
-    plan.check().map_err(|e| {
-        OpenError::Io(io::Error::new(io::ErrorKind::InvalidInput, e))
-    })?;
+    plan.check()
+        .map_err(|e| OpenError::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let mut dst = new_dst(memory_limit)?;
     let mut col = Collector::default();
     let mut layers = Vec::new();
