@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply convert recovery phys_map; do
+for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply multifd_offline convert recovery phys_map; do
     mkdir -p "$here/corpus/$t"
 done
 # Machine types, layouts and RAM blocks as qmig-phys sees them.
@@ -77,6 +77,7 @@ for c in "$data"/multifd/*/conn-*.bin.gz; do
     if [ "$(head -c 4 "$tmp" | od -An -tx1 | tr -d ' \n')" = "11223344" ]; then
         { printf '\x80'; head -c 300000 "$tmp"; } > "$here/corpus/multifd_packet/$n"
         head -c 300000 "$tmp" > "$here/corpus/multifd_apply/$n"
+        head -c 300000 "$tmp" > "$here/corpus/multifd_offline/$n"
         # (dd, not tail | head: under pipefail head's early exit is an error)
         { printf '\x02'; dd if="$tmp" iflag=skip_bytes,count_bytes skip=64 count=20000 status=none; } \
             > "$here/corpus/multifd_packet/$n-packet"
