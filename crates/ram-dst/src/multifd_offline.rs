@@ -290,7 +290,9 @@ pub struct OfflineChannels<R> {
 impl<R: Read> OfflineChannels<R> {
     /// The channel files `paths`, opened by `open` (which returns the
     /// channel's bytes, e.g. with its container peeled off, or a message)
-    /// at the first sync point, when the target page size is known.
+    /// at the first sync point, when the target page size is known. A
+    /// message from `open` becomes [`MultifdError::Rule`] with rule
+    /// `--multifd-channel` (the CLI option naming the files).
     pub fn new(
         paths: &[PathBuf],
         open: impl FnMut(&Path) -> Result<R, String> + Send + 'static,

@@ -8,8 +8,8 @@
 //! the first main file must be a whole stream's start; every later main
 //! file is read as the continuation of the one before it
 //! ([`Decoder::continuation`], refused unless that one was cut
-//! after POSTCOPY_RUN, as only then does QEMU pause); `--preempt-channel`
-//! files are read as preempt channels ([`Decoder::preempt_channel`]).
+//! after POSTCOPY_RUN, as only then does QEMU pause); preempt channel
+//! files (`--preempt-channel`) are read as preempt channels ([`Decoder::preempt_channel`]).
 //!
 //! Order of application: the k-th preempt channel belongs to the k-th main
 //! connection. It is read when that main connection ends (at its cut), or,
