@@ -25,14 +25,11 @@ It prints the compaction ratio (input stream bytes / output bytes).
 Exits non-zero naming the failed scenarios.
 """
 
-import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -296,40 +293,8 @@ def run_scenario(name, sc, work, qmig):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("scenarios", nargs="*")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("--keep", action="store_true", help="keep work directories")
-    a = ap.parse_args()
-    if a.list:
-        for k, v in SCENARIOS.items():
-            print(f"{k:16} {v['about']}")
-        return 0
-    names = a.scenarios or list(SCENARIOS)
-    for n in names:
-        if n not in SCENARIOS:
-            sys.exit(f"unknown scenario {n}; --list")
-    qmig = qmp.qmig_binary("convert_interop")
-    failed = []
-    for n in names:
-        sc = SCENARIOS[n]
-        print(f"convert_interop: {n}: {sc['about']}", flush=True)
-        work = tempfile.mkdtemp(prefix=f"qmig-convert-{n}-")
-        try:
-            run_scenario(n, sc, work, qmig)
-        except Exception as e:  # noqa: BLE001 - report every scenario
-            print(f"  FAIL: {e}", flush=True)
-            failed.append(n)
-        finally:
-            if a.keep:
-                print(f"  kept {work}")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
-    if failed:
-        print(f"convert_interop: FAILED: {', '.join(failed)}")
-        return 1
-    print(f"convert_interop: all {len(names)} scenarios passed")
-    return 0
+    return qmp.run_scenarios("convert_interop", SCENARIOS,
+                             lambda n, sc, qmig, work: run_scenario(n, sc, work, qmig))
 
 
 if __name__ == "__main__":

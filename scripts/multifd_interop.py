@@ -20,15 +20,11 @@ builds: those refusals are tested on crafted channels in crates/cli/tests/multif
 Scenarios run in parallel (--jobs, default 3). Exits non-zero naming the failed scenarios.
 """
 
-import argparse
-import concurrent.futures
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -140,44 +136,10 @@ def run(name, sc, qmig, work):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--jobs", type=int, default=3)
-    ap.add_argument("scenarios", nargs="*")
-    a = ap.parse_args()
-    if a.list:
-        for k, v in SCENARIOS.items():
-            print(k, v)
-        return
-    names = a.scenarios or list(SCENARIOS)
-    for n in names:
-        if n not in SCENARIOS:
-            sys.exit(f"unknown scenario {n}")
     if not qmp.have(qmp.QEMU10):
         sys.exit("multifd_interop: QEMU 10 not installed")
-    qmig = qmp.qmig_binary("multifd_interop")
-    root = tempfile.mkdtemp(prefix="qmig-multifd-interop-")
-    failed = []
-
-    def one(n):
-        try:
-            return n, True, run(n, SCENARIOS[n], qmig, os.path.join(root, n))
-        except (Fail, qmp.QMPError, OSError, subprocess.SubprocessError) as e:
-            return n, False, str(e)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        for n, ok, msg in pool.map(one, names):
-            log(f"{n}: {'ok' if ok else 'FAIL'}: {msg}")
-            if not ok:
-                failed.append(n)
-    if a.keep or failed:
-        log(f"work directory kept: {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    if failed:
-        sys.exit(f"multifd_interop: failed: {' '.join(failed)}")
+    return qmp.run_scenarios("multifd_interop", SCENARIOS, run, jobs=3)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

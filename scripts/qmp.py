@@ -206,6 +206,76 @@ def qmig_binary(who, given=None):
     sys.exit(f"{who}: no qmig binary (set QMIG or cargo build --release)")
 
 
+def run_scenarios(prog, scenarios, run_one, *, jobs=1, retries=0, skip=None, argv=None):
+    """The command line every interop script shares: `[NAME...] [--list] [--keep]
+    [--jobs N] [--retries N]`. Runs each named scenario (all by default) through
+    `run_one(name, scenario, qmig, workdir) -> message`, `jobs` at a time, each attempt
+    in its own work directory under one temporary root; a scenario passes when an
+    attempt returns, fails when every attempt raised. `skip(name, scenario)` may return
+    a reason the scenario cannot run here, which counts as a failure. Prints one line per
+    scenario and a summary; returns the exit code (0 only when every scenario passed)."""
+    import argparse
+    import concurrent.futures
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("scenarios", nargs="*")
+    ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--keep", action="store_true", help="keep the work directories")
+    ap.add_argument("--jobs", type=int, default=jobs, help="scenarios run at once")
+    ap.add_argument("--retries", type=int, default=retries, help="extra attempts per scenario")
+    a = ap.parse_args(argv)
+    if a.list:
+        for n, sc in scenarios.items():
+            about = sc.get("about", "") if isinstance(sc, dict) else ""
+            print(f"{n:24} {about}")
+        return 0
+    names = a.scenarios or list(scenarios)
+    unknown = [n for n in names if n not in scenarios]
+    if unknown:
+        sys.exit(f"{prog}: unknown scenario {' '.join(unknown)}; use --list")
+    qmig = qmig_binary(prog)
+    root = tempfile.mkdtemp(prefix=f"qmig-{prog}.", dir="/tmp")
+
+    def one(n):
+        sc = scenarios[n]
+        why = skip(n, sc) if skip else None
+        if why:
+            return n, False, why
+        err = "not run"
+        about = sc.get("about") if isinstance(sc, dict) else None
+        print(f"{prog}: {n}: start" + (f" ({about})" if about else ""), flush=True)
+        for attempt in range(max(0, a.retries) + 1):
+            work = os.path.join(root, f"{n}.{attempt}")
+            os.makedirs(work)
+            t0 = time.monotonic()
+            try:
+                msg = run_one(n, sc, qmig, work)
+                return n, True, f"ok in {time.monotonic() - t0:.1f}s" + (f": {msg}" if msg else "")
+            except Exception as e:  # noqa: BLE001 - every scenario is reported
+                err = f"{type(e).__name__}: {e}"
+                print(f"{prog}: {n}: attempt {attempt + 1} failed: {err}", flush=True)
+        return n, False, err
+
+    failed = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            for n, ok, msg in pool.map(one, names):
+                print(f"{prog}: {n}: {msg if ok else 'FAIL: ' + msg}", flush=True)
+                if not ok:
+                    failed.append(n)
+    finally:
+        if a.keep or failed:
+            print(f"{prog}: work directories kept in {root}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    if failed:
+        print(f"{prog}: FAILED: {' '.join(failed)}", flush=True)
+        return 1
+    print(f"{prog}: all {len(names)} scenarios passed", flush=True)
+    return 0
+
+
 class Fail(Exception):
     """A check of a live interop run failed; the message says which."""
 

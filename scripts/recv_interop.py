@@ -24,13 +24,11 @@ error offset in manifest.json and images consistent with `applied_up_to`.
 Exits non-zero with a message naming the failed scenarios.
 """
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -387,52 +385,16 @@ def killed(src, recv, out, qmig, work):
     return f"recv failed cleanly: {err.splitlines()[-1]}"
 
 
+def qemu_missing(_name, sc):
+    """Why scenario `sc` cannot run here (its QEMU is not installed), or None."""
+    if sc["qemu"] == "7.2" and not os.path.exists(qmp.QEMU72) and not shutil.which(qmp.QEMU72):
+        return "QEMU 7.2 not installed (scripts/install-qemu.sh)"
+    return None
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenarios", nargs="*")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--retries", type=int, default=1)
-    a = ap.parse_args()
-    if a.list:
-        for n, sc in SCENARIOS.items():
-            print(f"{n:24} {sc['about']}")
-        return 0
-    names = a.scenarios or list(SCENARIOS)
-    for n in names:
-        if n not in SCENARIOS:
-            sys.exit(f"unknown scenario {n}; use --list")
-    qmig = qmp.qmig_binary("recv_interop")
-    root = tempfile.mkdtemp(prefix="qmig-recv-interop.", dir="/tmp")
-    failed = []
-    try:
-        for n in names:
-            sc = SCENARIOS[n]
-            if sc["qemu"] == "7.2" and not os.path.exists(qmp.QEMU72) and not shutil.which(qmp.QEMU72):
-                failed.append(n)
-                log(f"{n}: FAILED: QEMU 7.2 not installed (scripts/install-qemu.sh)")
-                continue
-            for attempt in range(a.retries + 1):
-                t0 = time.monotonic()
-                try:
-                    msg = run_scenario(n, sc, qmig, os.path.join(root, f"{n}.{attempt}"))
-                    log(f"{n}: ok in {time.monotonic() - t0:.1f}s: {msg}")
-                    break
-                except (Fail, qmp.QMPError, subprocess.CalledProcessError, OSError) as e:
-                    log(f"{n}: attempt {attempt + 1} failed: {e}")
-            else:
-                failed.append(n)
-    finally:
-        if a.keep:
-            log(f"work dir kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    if failed:
-        log("FAILED: " + " ".join(failed))
-        return 1
-    log("all scenarios passed")
-    return 0
+    return qmp.run_scenarios("recv_interop", SCENARIOS, run_scenario, retries=1,
+                             skip=qemu_missing)
 
 
 if __name__ == "__main__":
