@@ -344,226 +344,70 @@ fn exit_codes_per_subcommand() {
     let p = |x: &Path| x.display().to_string();
     let to = format!("file:{}", dir.join("sent").display());
 
-    let cases: Vec<(Vec<String>, i32)> = vec![
-        (vec!["inspect".into(), p(&good)], 0),
-        (vec!["inspect".into(), p(&missing)], 2),
-        (vec!["inspect".into(), p(&dir)], 2),
-        (vec!["inspect".into(), p(&empty)], 1),
-        (vec!["inspect".into(), p(&truncated)], 1),
-        (vec!["inspect".into(), "--records".into(), p(&truncated)], 1),
-        (
-            vec![
-                "inspect".into(),
-                p(&good),
-                "--return-path".into(),
-                p(&rp_bad),
-            ],
-            1,
-        ),
-        (vec!["inspect".into(), "--bogus".into()], 2),
-        (vec!["roundtrip".into(), p(&good)], 0),
-        (vec!["roundtrip".into(), p(&missing)], 2),
-        (vec!["roundtrip".into(), p(&dir)], 2),
-        (vec!["roundtrip".into(), p(&truncated)], 1),
-        (vec!["diff".into(), p(&good), p(&good)], 0),
-        (vec!["diff".into(), p(&good), p(&other)], 1),
-        (vec!["diff".into(), p(&good), p(&truncated)], 1),
-        (vec!["diff".into(), p(&good), p(&missing)], 2),
-        (
-            vec!["extract".into(), p(&good), "-o".into(), p(&dir.join("x1"))],
-            0,
-        ),
-        (
-            vec![
-                "extract".into(),
-                p(&missing),
-                "-o".into(),
-                p(&dir.join("x2")),
-            ],
-            2,
-        ),
-        (vec!["extract".into(), p(&good), "-o".into(), p(&a_file)], 2),
-        (
-            vec![
-                "extract".into(),
-                p(&truncated),
-                "-o".into(),
-                p(&dir.join("x3")),
-            ],
-            1,
-        ),
-        (
-            vec![
-                "recv".into(),
-                "--listen".into(),
-                format!("file:{}", p(&good)),
-                "-o".into(),
-                p(&dir.join("r1")),
-            ],
-            0,
-        ),
-        (
-            vec![
-                "recv".into(),
-                "--listen".into(),
-                format!("file:{}", p(&truncated)),
-                "-o".into(),
-                p(&dir.join("r2")),
-            ],
-            1,
-        ),
-        (
-            vec![
-                "recv".into(),
-                "--listen".into(),
-                format!("file:{}", p(&missing)),
-                "-o".into(),
-                p(&dir.join("r3")),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "recv".into(),
-                "--listen".into(),
-                "tcp:127.0.0.1".into(),
-                "-o".into(),
-                p(&dir.join("r4")),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "recv".into(),
-                "--listen".into(),
-                format!("file:{}", p(&good)),
-                "-o".into(),
-                p(&dir.join("r5")),
-                "--save".into(),
-                "/dev/full".into(),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                to.clone(),
-            ],
-            0,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&missing),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                to.clone(),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&truncated),
-                "--to".into(),
-                to.clone(),
-            ],
-            1,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                "exec:exit 3".into(),
-            ],
-            1,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                "udp:x:1".into(),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                to.clone(),
-                "--passes".into(),
-                "0".into(),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                to.clone(),
-                "--dirty-fraction".into(),
-                "5".into(),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                to.clone(),
-                "--dirty-fraction".into(),
-                "nan".into(),
-            ],
-            2,
-        ),
-        (
-            vec![
-                "send".into(),
-                "--ram".into(),
-                p(&ram),
-                "--template".into(),
-                p(&good),
-                "--to".into(),
-                to.clone(),
-                "--compress".into(),
-                "1".into(),
-            ],
-            2,
-        ),
-        (vec!["completions".into(), "bash".into()], 0),
-        (vec!["completions".into(), "tcsh".into()], 2),
-        (vec!["man".into()], 0),
+    // Each case is a command line with {name} placeholders, split on spaces.
+    let vars = [
+        ("{good}", p(&good)),
+        ("{other}", p(&other)),
+        ("{missing}", p(&missing)),
+        ("{empty}", p(&empty)),
+        ("{truncated}", p(&truncated)),
+        ("{a_file}", p(&a_file)),
+        ("{ram}", p(&ram)),
+        ("{rp_bad}", p(&rp_bad)),
+        ("{to}", to.clone()),
+        ("{dir}", p(&dir)),
     ];
+    let line = |t: &str| -> Vec<String> {
+        t.split_whitespace()
+            .map(|w| vars.iter().fold(w.to_string(), |w, (k, v)| w.replace(k, v)))
+            .collect()
+    };
+    let send = "send --ram {ram} --template {good} --to";
+    let mut cases: Vec<(Vec<String>, i32)> = [
+        ("inspect {good}", 0),
+        ("inspect {missing}", 2),
+        ("inspect {dir}", 2),
+        ("inspect {empty}", 1),
+        ("inspect {truncated}", 1),
+        ("inspect --records {truncated}", 1),
+        ("inspect {good} --return-path {rp_bad}", 1),
+        ("inspect --bogus", 2),
+        ("roundtrip {good}", 0),
+        ("roundtrip {missing}", 2),
+        ("roundtrip {dir}", 2),
+        ("roundtrip {truncated}", 1),
+        ("diff {good} {good}", 0),
+        ("diff {good} {other}", 1),
+        ("diff {good} {truncated}", 1),
+        ("diff {good} {missing}", 2),
+        ("extract {good} -o {dir}/x1", 0),
+        ("extract {missing} -o {dir}/x2", 2),
+        ("extract {good} -o {a_file}", 2),
+        ("extract {truncated} -o {dir}/x3", 1),
+        ("recv --listen file:{good} -o {dir}/r1", 0),
+        ("recv --listen file:{truncated} -o {dir}/r2", 1),
+        ("recv --listen file:{missing} -o {dir}/r3", 2),
+        ("recv --listen tcp:127.0.0.1 -o {dir}/r4", 2),
+        ("recv --listen file:{good} -o {dir}/r5 --save /dev/full", 2),
+        ("send --ram {ram} --template {good} --to {to}", 0),
+        ("send --ram {missing} --template {good} --to {to}", 2),
+        ("send --ram {ram} --template {truncated} --to {to}", 1),
+        ("send --ram {ram} --template {good} --to udp:x:1", 2),
+        ("send --ram {ram} --template {good} --to {to} --passes 0", 2),
+        ("send --ram {ram} --template {good} --to {to} --dirty-fraction 5", 2),
+        ("send --ram {ram} --template {good} --to {to} --dirty-fraction nan", 2),
+        ("send --ram {ram} --template {good} --to {to} --compress 1", 2),
+        ("completions bash", 0),
+        ("completions tcsh", 2),
+        ("man", 0),
+    ]
+    .iter()
+    .map(|&(t, code)| (line(t), code))
+    .collect();
+    // A URI with a space: appended whole, not split.
+    let mut exec = line(send);
+    exec.push("exec:exit 3".into());
+    cases.push((exec, 1));
     for (args, want) in cases {
         let (rc, out, err) = run(qmig().args(&args));
         assert_eq!(rc, want, "qmig {args:?}: {out}{err}");
