@@ -394,9 +394,18 @@ fn exit_codes_per_subcommand() {
         ("send --ram {ram} --template {truncated} --to {to}", 1),
         ("send --ram {ram} --template {good} --to udp:x:1", 2),
         ("send --ram {ram} --template {good} --to {to} --passes 0", 2),
-        ("send --ram {ram} --template {good} --to {to} --dirty-fraction 5", 2),
-        ("send --ram {ram} --template {good} --to {to} --dirty-fraction nan", 2),
-        ("send --ram {ram} --template {good} --to {to} --compress 1", 2),
+        (
+            "send --ram {ram} --template {good} --to {to} --dirty-fraction 5",
+            2,
+        ),
+        (
+            "send --ram {ram} --template {good} --to {to} --dirty-fraction nan",
+            2,
+        ),
+        (
+            "send --ram {ram} --template {good} --to {to} --compress 1",
+            2,
+        ),
         ("completions bash", 0),
         ("completions tcsh", 2),
         ("man", 0),
