@@ -73,6 +73,41 @@ SCENARIOS = {
                                 args=["--postcopy", "--postcopy-after", "0",
                                       "--max-bandwidth", "1M"],
                                 about="qmig recv --touch 4 destination, postcopy"),
+    # qmig send --multifd N -> QEMU 10 destination with the same capabilities/parameters.
+    "q10-multifd4-none": dict(qemu="10", capture="q10-stopped", caps={"multifd": True},
+                              params={"multifd-channels": 4, "multifd-compression": "none"},
+                              args=["--multifd", "4", "--passes", "3", "--dirty-fraction", "0.2"],
+                              min_syncs=3, min_packets=100,
+                              about="QEMU 10 destination, 4 multifd channels, no compression, "
+                                    "3 passes"),
+    "q10-multifd4-zlib": dict(qemu="10", capture="q10-stopped", caps={"multifd": True},
+                              params={"multifd-channels": 4, "multifd-compression": "zlib"},
+                              args=["--multifd", "4", "--multifd-compression", "zlib",
+                                    "--passes", "2", "--dirty-fraction", "0.1"],
+                              min_syncs=2, min_packets=100,
+                              about="QEMU 10 destination, 4 multifd channels, zlib"),
+    "q10-multifd4-zstd": dict(qemu="10", capture="q10-stopped", caps={"multifd": True},
+                              params={"multifd-channels": 4, "multifd-compression": "zstd"},
+                              args=["--multifd", "4", "--multifd-compression", "zstd",
+                                    "--passes", "2", "--dirty-fraction", "0.1"],
+                              min_syncs=2, min_packets=100,
+                              about="QEMU 10 destination, 4 multifd channels, zstd"),
+    "q10-multifd2-legacy-rp": dict(qemu="10", capture="q10-stopped",
+                                   caps={"multifd": True, "return-path": True},
+                                   params={"multifd-channels": 2, "multifd-compression": "zstd",
+                                           "zero-page-detection": "legacy"},
+                                   args=["--multifd", "2", "--multifd-compression", "zstd",
+                                         "--zero-page-detection", "legacy", "--passes", "2"],
+                                   min_syncs=2, min_packets=10,
+                                   about="QEMU 10 destination, 2 multifd channels, zstd, "
+                                         "zero-page-detection legacy, return-path on"),
+    "q10-multifd2-zpd-none": dict(qemu="10", capture="q10-stopped", caps={"multifd": True},
+                                  params={"multifd-channels": 2,
+                                          "zero-page-detection": "none"},
+                                  args=["--multifd", "2", "--zero-page-detection", "none"],
+                                  min_packets=100,
+                                  about="QEMU 10 destination, 2 multifd channels, "
+                                        "zero-page-detection none"),
     "q72-compress6": dict(qemu="7.2", capture="q72-compress6", caps={"compress": True},
                           args=["--compress", "6"], min_compressed=50,
                           about="QEMU 7.2 destination, COMPRESS_PAGE at level 6"),
@@ -263,6 +298,8 @@ def run_scenario(name, sc, work, qmig):
         if caps:
             dst.cmd("migrate-set-capabilities",
                     capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+        if sc.get("params"):
+            dst.cmd("migrate-set-parameters", **sc["params"])
         dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         argv = [qmig, "send", "--ram", ramdir, "--template", template,
                 "--to", f"tcp:127.0.0.1:{port}", "--final-ram", final, "--json"] + sc["args"]
@@ -287,16 +324,25 @@ def run_scenario(name, sc, work, qmig):
         problems = []
         if stats["dirty_sync_count"] < sc.get("min_syncs", 0):
             problems.append(f"only {stats['dirty_sync_count']} syncs")
-        if stats["xbzrle"]["pages"] < sc.get("min_xbzrle", 0):
-            problems.append(f"only {stats['xbzrle']['pages']} XBZRLE pages")
-        if stats["compressed"]["pages"] < sc.get("min_compressed", 0):
-            problems.append(f"only {stats['compressed']['pages']} compressed pages")
+        xb = stats.get("xbzrle", {}).get("pages", 0)
+        cp = stats.get("compressed", {}).get("pages", 0)
+        mf = stats.get("multifd", {})
+        if xb < sc.get("min_xbzrle", 0):
+            problems.append(f"only {xb} XBZRLE pages")
+        if cp < sc.get("min_compressed", 0):
+            problems.append(f"only {cp} compressed pages")
+        if mf.get("packets", 0) < sc.get("min_packets", 0):
+            problems.append(f"only {mf.get('packets', 0)} multifd packets")
+        if "--multifd" in sc["args"] and mf.get("channels") != sc["params"]["multifd-channels"]:
+            problems.append(f"multifd channels {mf.get('channels')}")
         if problems:
             raise RuntimeError("; ".join(problems))
         print(f"  ok: {stats['bytes']} bytes in {took:.2f}s, dst {mig['status']}/{status}, "
               f"normal {stats['normal']} zero {stats['duplicate']} "
-              f"xbzrle {stats['xbzrle']['pages']} compressed {stats['compressed']['pages']} "
-              f"syncs {stats['dirty_sync_count']}; pmemsave equals the RAM sent")
+              f"xbzrle {xb} compressed {cp} syncs {stats['dirty_sync_count']}"
+              + (f" multifd {mf['channels']}x{mf['compression']} packets {mf['packets']} "
+                 f"syncs {mf['syncs']}" if mf else "")
+              + "; pmemsave equals the RAM sent")
     finally:
         dst.quit()
 

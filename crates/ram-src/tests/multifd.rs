@@ -261,7 +261,7 @@ fn run(
     t.begin_section(SectionKind::Start, &mut main).unwrap();
     src.poll_setup(&mut main).unwrap();
     t.end_section(&mut main);
-    let mut pass = |src: &mut RamSrc, mem: &[Vec<u8>], main: &mut Vec<u8>| loop {
+    let pass = |src: &mut RamSrc, mem: &[Vec<u8>], main: &mut Vec<u8>| loop {
         t.begin_section(SectionKind::Part, main).unwrap();
         let p = src.poll_iterate(mem, budget, main).unwrap();
         t.end_section(main);
@@ -377,7 +377,7 @@ fn flush_records_pair_with_sync_packets() {
     let mut flushes = 0;
     let mut pages = 0;
     for item in qmig_wire::SliceReader::new(&r.main) {
-        if let qmig_wire::Item::Ram(rec) = item.unwrap().item {
+        if let qmig_wire::Item::Ram(rec) = item.unwrap().1 {
             match rec.body {
                 qmig_wire::RamBody::MultifdFlush => flushes += 1,
                 _ if rec.is_page() => pages += 1,
