@@ -98,7 +98,7 @@ SCENARIOS = {
                                            "zero-page-detection": "legacy"},
                                    args=["--multifd", "2", "--multifd-compression", "zstd",
                                          "--zero-page-detection", "legacy", "--passes", "2"],
-                                   min_syncs=2, min_packets=10,
+                                   min_syncs=2, min_packets=5,
                                    about="QEMU 10 destination, 2 multifd channels, zstd, "
                                          "zero-page-detection legacy, return-path on"),
     "q10-multifd2-zpd-none": dict(qemu="10", capture_set="q10-zlib", caps={"multifd": True},
