@@ -92,11 +92,7 @@ fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
 
 /// Options that do not go with --multifd, with the reason.
 fn check_args(a: &SendArgs) -> Result<(), CliError> {
-    let clash = |opt: &str, why: &str| {
-        Err(CliError::Usage(format!(
-            "--multifd with {opt}: {why}"
-        )))
-    };
+    let clash = |opt: &str, why: &str| Err(CliError::Usage(format!("--multifd with {opt}: {why}")));
     if a.xbzrle {
         return clash(
             "--xbzrle",
@@ -230,7 +226,10 @@ impl Writer {
             return Ok(());
         }
         self.join()?;
-        Err(CliError::data(format!("{}: the connection's writer stopped", self.what)))
+        Err(CliError::data(format!(
+            "{}: the connection's writer stopped",
+            self.what
+        )))
     }
 
     /// Closes the queue and waits for the writer.
@@ -238,7 +237,10 @@ impl Writer {
         self.tx = None;
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(CliError::data(format!("{}: writer thread panicked", self.what))),
+            Some(Err(_)) => Err(CliError::data(format!(
+                "{}: writer thread panicked",
+                self.what
+            ))),
             None => Ok(()),
         }
     }
@@ -345,7 +347,11 @@ pub(crate) fn run(
     let uri = a.to.to_string();
     // QEMU connects the main channel first, then the multifd channels.
     let sink = Sink::open(&a.to, idle)?;
-    let main = Writer::spawn(stream_of(&sink, &a.to)?, "main connection".into(), uri.clone());
+    let main = Writer::spawn(
+        stream_of(&sink, &a.to)?,
+        "main connection".into(),
+        uri.clone(),
+    );
     let mut conns = Conns {
         main,
         channels: Vec::new(),
@@ -381,7 +387,11 @@ pub(crate) fn run(
         crate::send::write_final_ram(dir, &ram, &a.to)?;
     }
     let c = source.ram().counters();
-    let m = source.ram().multifd().map(|m| *m.stats()).unwrap_or_default();
+    let m = source
+        .ram()
+        .multifd()
+        .map(|m| *m.stats())
+        .unwrap_or_default();
     let summary = Summary {
         bytes: conns.sent,
         seconds: elapsed.as_secs_f64(),
@@ -446,11 +456,14 @@ fn stream(
     let pb = crate::progress::bytes(total, "send pass 1");
     for pass in 1..passes.max(2) {
         if pass > 1 {
-            let n = crate::send::workload(&mut rng, ram, src.ram_mut(), a.dirty_fraction, page_size)?;
+            let n =
+                crate::send::workload(&mut rng, ram, src.ram_mut(), a.dirty_fraction, page_size)?;
             let d = src.ram_mut().handle_sync().map_err(src_error)?;
             pb.set_message(format!("send pass {pass}"));
             if verbose {
-                pb.suspend(|| eprintln!("qmig: pass {pass}: workload changed {n} pages, {d} dirty"));
+                pb.suspend(|| {
+                    eprintln!("qmig: pass {pass}: workload changed {n} pages, {d} dirty")
+                });
             }
         }
         loop {

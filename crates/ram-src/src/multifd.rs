@@ -192,16 +192,15 @@ pub fn write_ram_packet(
     if block.is_empty() || block.len() > 255 {
         return Err(bad(format!("block name of {} bytes", block.len())));
     }
-    if compression == Compression::None && payload.len() as u64 != normal.len() as u64 * page_size
-    {
+    if compression == Compression::None && payload.len() as u64 != normal.len() as u64 * page_size {
         return Err(bad(format!(
             "{} payload bytes for {} uncompressed pages",
             payload.len(),
             normal.len()
         )));
     }
-    let next_packet_size =
-        u32::try_from(payload.len()).map_err(|_| bad(format!("{} payload bytes", payload.len())))?;
+    let next_packet_size = u32::try_from(payload.len())
+        .map_err(|_| bad(format!("{} payload bytes", payload.len())))?;
     out.reserve(320 + 8 * count + payload.len());
     out.extend_from_slice(&MAGIC.to_be_bytes());
     out.extend_from_slice(&VERSION.to_be_bytes());
@@ -231,7 +230,10 @@ pub fn write_sync_packet(out: &mut Vec<u8>, page_size: u64, packet_num: u64) {
     out.extend_from_slice(&flags::SYNC.to_be_bytes());
     out.extend_from_slice(&[0u8; 12]);
     out.extend_from_slice(&packet_num.to_be_bytes());
-    out.resize(out.len() + 4 + 28 + 256 + 8 * page_count(page_size) as usize, 0);
+    out.resize(
+        out.len() + 4 + 28 + 256 + 8 * page_count(page_size) as usize,
+        0,
+    );
 }
 
 fn compression_flag(c: Compression) -> u32 {
@@ -261,7 +263,10 @@ impl MultifdSender {
             )));
         }
         if cfg.zlib_level > 9 {
-            return Err(bad(format!("multifd-zlib-level {} (0..=9)", cfg.zlib_level)));
+            return Err(bad(format!(
+                "multifd-zlib-level {} (0..=9)",
+                cfg.zlib_level
+            )));
         }
         if !(0..=20).contains(&cfg.zstd_level) {
             return Err(bad(format!(
@@ -436,11 +441,7 @@ impl MultifdSender {
         } else {
             n
         };
-        let offsets: Vec<u64> = self
-            .order
-            .iter()
-            .map(|&p| self.queued_offsets[p])
-            .collect();
+        let offsets: Vec<u64> = self.order.iter().map(|&p| self.queued_offsets[p]).collect();
         let ch = self.next_channel;
         self.next_channel = (ch + 1) % self.channels.len();
         let name = self

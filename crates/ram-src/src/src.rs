@@ -506,7 +506,9 @@ impl RamSrc {
     }
 
     fn multifd_bytes(&self) -> usize {
-        self.multifd.as_ref().map_or(0, |m| m.stats().bytes as usize)
+        self.multifd
+            .as_ref()
+            .map_or(0, |m| m.stats().bytes as usize)
     }
 
     /// The blocks, in scan order.

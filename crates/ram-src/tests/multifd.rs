@@ -254,7 +254,8 @@ fn run(
             .zip(mem.iter().map(|m| m.len() as u64)),
     );
     let mut src = RamSrc::new(blocks, Config::default()).unwrap();
-    src.set_multifd(MultifdSender::new(cfg, PS).unwrap()).unwrap();
+    src.set_multifd(MultifdSender::new(cfg, PS).unwrap())
+        .unwrap();
     let t = Template::parse(template).unwrap();
     let mut main = Vec::new();
     t.write_prefix(&mut main);
@@ -373,7 +374,13 @@ fn flush_records_pair_with_sync_packets() {
         ..MultifdConfig::default()
     };
     let writes = vec![vec![(0, 3, 7), (1, 2, 0)], vec![(0, 9, 9)]];
-    let r = run(&mut mem, cfg, 1 << 30, &writes, &tests_support::tiny_template());
+    let r = run(
+        &mut mem,
+        cfg,
+        1 << 30,
+        &writes,
+        &tests_support::tiny_template(),
+    );
     let mut flushes = 0;
     let mut pages = 0;
     for item in qmig_wire::SliceReader::new(&r.main) {
