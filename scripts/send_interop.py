@@ -108,6 +108,15 @@ SCENARIOS = {
                                   min_packets=100,
                                   about="QEMU 10 destination, 2 multifd channels, "
                                         "zero-page-detection none"),
+    "q10-multifd2-q72-machine": dict(qemu="10", capture="q72-plain", machine="pc-i440fx-7.2",
+                                     caps={"multifd": True},
+                                     params={"multifd-channels": 2, "multifd-compression": "zlib"},
+                                     args=["--multifd", "2", "--multifd-compression", "zlib",
+                                           "--passes", "2"],
+                                     min_syncs=2, min_packets=3,
+                                     about="QEMU 10 destination -M pc-i440fx-7.2 (a QEMU 7.2 "
+                                           "template): multifd-flush-after-each-section, each "
+                                           "RAM EOS pairs with the channels' SYNC"),
     "q72-compress6": dict(qemu="7.2", capture="q72-compress6", caps={"compress": True},
                           args=["--compress", "6"], min_compressed=50,
                           about="QEMU 7.2 destination, COMPRESS_PAGE at level 6"),
@@ -317,7 +326,10 @@ def run_scenario(name, sc, work, qmig):
         extra = ["-drive", f"file={disk},format=raw,if=ide", "-serial", "null"]
     binary = qmp.qemu_binary(sc["qemu"])
     port = qmp.free_port()
-    args = oracle["machine_args"] + extra + ["-S", "-incoming", "defer"]
+    margs = list(oracle["machine_args"])
+    if sc.get("machine"):
+        margs[margs.index("-M") + 1] = sc["machine"]
+    args = margs + extra + ["-S", "-incoming", "defer"]
     dst = qmp.Qemu(binary, args, work, "dst")
     try:
         caps = sc.get("caps", {})
