@@ -458,8 +458,7 @@ impl MultifdSender {
         };
         let c = &mut self.channels[ch];
         let at = c.out.len();
-        let payload_len;
-        match &mut c.deflater {
+        let payload_len = match &mut c.deflater {
             Deflater::None => {
                 write_header_nocomp(
                     &mut c.out,
@@ -473,7 +472,7 @@ impl MultifdSender {
                 for &p in order {
                     c.out.extend_from_slice(&data[p * ps..(p + 1) * ps]);
                 }
-                payload_len = normal * ps;
+                normal * ps
             }
             Deflater::Zlib(z) => {
                 let used = zlib_pages(z, data, order, ps, &mut self.zbuf).map_err(comp_err)?;
@@ -487,7 +486,7 @@ impl MultifdSender {
                     &offsets[normal..],
                     &self.zbuf[..used],
                 )?;
-                payload_len = used;
+                used
             }
             Deflater::Zstd(z) => {
                 let used = zstd_pages(z, data, order, ps, &mut self.zbuf).map_err(comp_err)?;
@@ -501,9 +500,9 @@ impl MultifdSender {
                     &offsets[normal..],
                     &self.zbuf[..used],
                 )?;
-                payload_len = used;
+                used
             }
-        }
+        };
         self.stats.bytes += (c.out.len() - at) as u64;
         self.stats.payload_bytes += payload_len as u64;
         self.stats.packets += 1;

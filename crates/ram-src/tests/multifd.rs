@@ -227,7 +227,7 @@ fn memory(lengths: &[u64], seeds: &[u8]) -> Vec<Vec<u8>> {
             for page in v.chunks_mut(PS) {
                 let s = seeds[k % seeds.len()];
                 k += 1;
-                if s % 3 != 0 {
+                if !s.is_multiple_of(3) {
                     page.iter_mut()
                         .enumerate()
                         .for_each(|(i, b)| *b = (i as u8).wrapping_mul(s));
