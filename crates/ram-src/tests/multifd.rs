@@ -404,3 +404,57 @@ fn flush_records_pair_with_sync_packets() {
         assert!(g == w);
     }
 }
+
+/// `tiny_template` with machine type `pc-i440fx-7.2` (a machine type up to
+/// 8.0: `multifd-flush-after-each-section` is on).
+fn template_72() -> Vec<u8> {
+    let t = tests_support::tiny_template();
+    assert_eq!(t[8], 7, "configuration section");
+    assert_eq!(&t[9..15], b"\0\0\0\x02pc");
+    let mut out = t[..9].to_vec();
+    out.extend_from_slice(&13u32.to_be_bytes());
+    out.extend_from_slice(b"pc-i440fx-7.2");
+    out.extend_from_slice(&t[15..]);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// With `multifd-flush-after-each-section` every RAM EOS is the sync
+    /// point (no MULTIFD_FLUSH record): the destination, which takes the
+    /// sync point from the 7.2 machine type, still ends with the memory.
+    #[test]
+    fn flush_after_each_section_pairs_with_eos(
+        pages in prop::collection::vec(1u64..150, 1..3),
+        seeds in prop::collection::vec(any::<u8>(), 1..8),
+        comp in compression(),
+        channels in 1u8..4,
+        budget in prop_oneof![Just(1usize << 30), 4096usize..100_000],
+        writes in prop::collection::vec(
+            prop::collection::vec((any::<usize>(), any::<usize>(), any::<u8>()), 0..20), 0..3),
+    ) {
+        let lengths: Vec<u64> = pages.iter().map(|p| p * PS as u64).collect();
+        let mut mem = memory(&lengths, &seeds);
+        let cfg = MultifdConfig {
+            channels,
+            compression: comp,
+            flush_after_each_section: true,
+            ..MultifdConfig::default()
+        };
+        let r = run(&mut mem, cfg, budget, &writes, &template_72());
+        let mut flushes = 0;
+        for item in qmig_wire::SliceReader::new(&r.main) {
+            if let qmig_wire::Item::Ram(rec) = item.unwrap().1 {
+                if rec.body == qmig_wire::RamBody::MultifdFlush {
+                    flushes += 1;
+                }
+            }
+        }
+        prop_assert_eq!(flushes, 0);
+        let dst = apply(&r);
+        for (i, ((_, g), w)) in dst.memory().blocks().iter().zip(&mem).enumerate() {
+            prop_assert!(g == w, "block {} differs", i);
+        }
+    }
+}
