@@ -15,6 +15,7 @@ guest, lifts the cap and checks:
   * the --save capture set (conn-0.bin main, conn-1.bin.. channels) replays with
     `qmig extract conn-0.bin --multifd-channel ...` to the same pc.ram;
   * the channel count qmig reports equals multifd-channels.
+Also zero-page-detection legacy (ZERO records on main) and none (mfd2-*-zpd-*).
 (QEMU 10.0 itself refuses multifd with postcopy-ram; qpl/uadk/qatzip need hardware
 builds: those refusals are tested on crafted channels in crates/cli/tests/multifd_cli.rs.)
 Scenarios run in parallel (--jobs, default 3). Exits non-zero naming the failed scenarios.
@@ -45,6 +46,9 @@ for n in (2, 4):
         SCENARIOS[f"mfd{n}-{comp}"] = dict(channels=n, comp=comp, rp=(comp == "zlib"))
 SCENARIOS["mfd8-zstd-rp"] = dict(channels=8, comp="zstd", rp=True)
 SCENARIOS["mfd4-none-rp"] = dict(channels=4, comp="none", rp=True)
+# zero-page-detection legacy (zero pages as ZERO records on the main channel) and none.
+SCENARIOS["mfd2-zstd-zpd-legacy"] = dict(channels=2, comp="zstd", rp=False, zpd="legacy")
+SCENARIOS["mfd2-none-zpd-none"] = dict(channels=2, comp="none", rp=False, zpd="none")
 # The guest's pages compress ~20x: a lower cap keeps compressed migrations iterating.
 BANDWIDTH = {"none": 8 * MiB, "zlib": 256 << 10, "zstd": 256 << 10}
 
@@ -96,6 +100,8 @@ def run(name, sc, qmig, work):
                                              "multifd-compression": sc["comp"],
                                              "max-bandwidth": BANDWIDTH[sc["comp"]],
                                              "downtime-limit": 1})
+        if sc.get("zpd"):
+            src.cmd("migrate-set-parameters", **{"zero-page-detection": sc["zpd"]})
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         capture.wait_progress(src, {"min_syncs": 3})
         src.cmd("stop")

@@ -71,6 +71,50 @@ SCENARIOS = {
                                 args=["--postcopy", "--postcopy-after", "0",
                                       "--max-bandwidth", "1M"],
                                 about="qmig recv --touch 4 destination, postcopy"),
+    # qmig send --multifd N -> QEMU 10 destination with the same capabilities/parameters.
+    "q10-multifd4-none": dict(qemu="10", capture_set="q10-none", caps={"multifd": True},
+                              params={"multifd-channels": 4, "multifd-compression": "none"},
+                              args=["--multifd", "4", "--passes", "3", "--dirty-fraction", "0.2"],
+                              min_syncs=3, min_packets=100,
+                              about="QEMU 10 destination, 4 multifd channels, no compression, "
+                                    "3 passes"),
+    "q10-multifd4-zlib": dict(qemu="10", capture_set="q10-none", caps={"multifd": True},
+                              params={"multifd-channels": 4, "multifd-compression": "zlib"},
+                              args=["--multifd", "4", "--multifd-compression", "zlib",
+                                    "--passes", "2", "--dirty-fraction", "0.1"],
+                              min_syncs=2, min_packets=100,
+                              about="QEMU 10 destination, 4 multifd channels, zlib"),
+    "q10-multifd4-zstd": dict(qemu="10", capture_set="q10-none", caps={"multifd": True},
+                              params={"multifd-channels": 4, "multifd-compression": "zstd"},
+                              args=["--multifd", "4", "--multifd-compression", "zstd",
+                                    "--passes", "2", "--dirty-fraction", "0.1"],
+                              min_syncs=2, min_packets=100,
+                              about="QEMU 10 destination, 4 multifd channels, zstd"),
+    "q10-multifd2-legacy-rp": dict(qemu="10", capture_set="q10-zstd",
+                                   caps={"multifd": True, "return-path": True},
+                                   params={"multifd-channels": 2, "multifd-compression": "zstd",
+                                           "zero-page-detection": "legacy"},
+                                   args=["--multifd", "2", "--multifd-compression", "zstd",
+                                         "--zero-page-detection", "legacy", "--passes", "2"],
+                                   min_syncs=2, min_packets=5,
+                                   about="QEMU 10 destination, 2 multifd channels, zstd, "
+                                         "zero-page-detection legacy, return-path on"),
+    "q10-multifd2-zpd-none": dict(qemu="10", capture_set="q10-zlib", caps={"multifd": True},
+                                  params={"multifd-channels": 2,
+                                          "zero-page-detection": "none"},
+                                  args=["--multifd", "2", "--zero-page-detection", "none"],
+                                  min_packets=100,
+                                  about="QEMU 10 destination, 2 multifd channels, "
+                                        "zero-page-detection none"),
+    "q10-multifd2-q72-machine": dict(qemu="10", capture="q72-plain", machine="pc-i440fx-7.2",
+                                     caps={"multifd": True},
+                                     params={"multifd-channels": 2, "multifd-compression": "zlib"},
+                                     args=["--multifd", "2", "--multifd-compression", "zlib",
+                                           "--passes", "2"],
+                                     min_syncs=2, min_packets=3,
+                                     about="QEMU 10 destination -M pc-i440fx-7.2 (a QEMU 7.2 "
+                                           "template): multifd-flush-after-each-section, each "
+                                           "RAM EOS pairs with the channels' SYNC"),
     "q72-compress6": dict(qemu="7.2", capture="q72-compress6", caps={"compress": True},
                           args=["--compress", "6"], min_compressed=50,
                           about="QEMU 7.2 destination, COMPRESS_PAGE at level 6"),
@@ -235,32 +279,63 @@ def run_postcopy_qemu(name, sc, work, qmig):
         dst.quit()
 
 
+def capture_set(name, work, qmig, ramdir):
+    """A multifd capture set (tests/data/multifd/NAME, 64 MiB `-S` source): its main
+    connection as template, its RAM (main + channels) extracted to RAMDIR."""
+    d = os.path.join(DATA, "multifd", name)
+    oracle = json.load(open(os.path.join(d, "oracle.json")))
+    files = []
+    for c in oracle["connections"]:
+        out = os.path.join(work, c["file"])
+        with gzip.open(os.path.join(d, c["file"] + ".gz"), "rb") as f, open(out, "wb") as g:
+            shutil.copyfileobj(f, g)
+        files.append(out)
+    cmd = [qmig, "extract", files[0], "-o", ramdir]
+    for f in files[1:]:
+        cmd += ["--multifd-channel", f]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    size = oracle["pmemsave"]["length"]
+    # scripts/capture_multifd.py's source, less -S/-incoming added below.
+    args = ["-M", "pc", "-m", str(size >> 20), "-nodefaults", "-display", "none",
+            "-accel", "tcg"]
+    return files[0], {"ram_size": size, "machine_args": args}
+
+
 def run_scenario(name, sc, work, qmig):
     if sc.get("to_qmig"):
         return run_postcopy_qmig(name, sc, work, qmig)
     if sc.get("postcopy"):
         return run_postcopy_qemu(name, sc, work, qmig)
-    oracle = json.load(open(os.path.join(DATA, sc["capture"], "oracle.json")))
-    template = stream_path(sc["capture"], work)
     ramdir = os.path.join(work, "ram")
     final = os.path.join(work, "final")
-    subprocess.run([qmig, "extract", template, "-o", ramdir], check=True,
-                   stdout=subprocess.DEVNULL)
+    if sc.get("capture_set"):
+        template, oracle = capture_set(sc["capture_set"], work, qmig, ramdir)
+        extra = []
+    else:
+        oracle = json.load(open(os.path.join(DATA, sc["capture"], "oracle.json")))
+        template = stream_path(sc["capture"], work)
+        subprocess.run([qmig, "extract", template, "-o", ramdir], check=True,
+                       stdout=subprocess.DEVNULL)
+        # The captures' sources also had the guest's boot disk and a serial port
+        # (scripts/capture.py); their device state is in the stream.
+        disk = os.path.join(work, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(1 << 20)
+        extra = ["-drive", f"file={disk},format=raw,if=ide", "-serial", "null"]
     binary = qmp.qemu_binary(sc["qemu"])
     port = qmp.free_port()
-    # The captures' sources also had the guest's boot disk and a serial port
-    # (scripts/capture.py); their device state is in the stream.
-    disk = os.path.join(work, "disk.img")
-    with open(disk, "wb") as f:
-        f.truncate(1 << 20)
-    args = oracle["machine_args"] + ["-drive", f"file={disk},format=raw,if=ide",
-                                     "-serial", "null", "-S", "-incoming", "defer"]
+    margs = list(oracle["machine_args"])
+    if sc.get("machine"):
+        margs[margs.index("-M") + 1] = sc["machine"]
+    args = margs + extra + ["-S", "-incoming", "defer"]
     dst = qmp.Qemu(binary, args, work, "dst")
     try:
         caps = sc.get("caps", {})
         if caps:
             dst.cmd("migrate-set-capabilities",
                     capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+        if sc.get("params"):
+            dst.cmd("migrate-set-parameters", **sc["params"])
         dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         argv = [qmig, "send", "--ram", ramdir, "--template", template,
                 "--to", f"tcp:127.0.0.1:{port}", "--final-ram", final, "--json"] + sc["args"]
@@ -285,16 +360,25 @@ def run_scenario(name, sc, work, qmig):
         problems = []
         if stats["dirty_sync_count"] < sc.get("min_syncs", 0):
             problems.append(f"only {stats['dirty_sync_count']} syncs")
-        if stats["xbzrle"]["pages"] < sc.get("min_xbzrle", 0):
-            problems.append(f"only {stats['xbzrle']['pages']} XBZRLE pages")
-        if stats["compressed"]["pages"] < sc.get("min_compressed", 0):
-            problems.append(f"only {stats['compressed']['pages']} compressed pages")
+        xb = stats.get("xbzrle", {}).get("pages", 0)
+        cp = stats.get("compressed", {}).get("pages", 0)
+        mf = stats.get("multifd", {})
+        if xb < sc.get("min_xbzrle", 0):
+            problems.append(f"only {xb} XBZRLE pages")
+        if cp < sc.get("min_compressed", 0):
+            problems.append(f"only {cp} compressed pages")
+        if mf.get("packets", 0) < sc.get("min_packets", 0):
+            problems.append(f"only {mf.get('packets', 0)} multifd packets: {stats}")
+        if "--multifd" in sc["args"] and mf.get("channels") != sc["params"]["multifd-channels"]:
+            problems.append(f"multifd channels {mf.get('channels')}")
         if problems:
             raise RuntimeError("; ".join(problems))
         print(f"  ok: {stats['bytes']} bytes in {took:.2f}s, dst {mig['status']}/{status}, "
               f"normal {stats['normal']} zero {stats['duplicate']} "
-              f"xbzrle {stats['xbzrle']['pages']} compressed {stats['compressed']['pages']} "
-              f"syncs {stats['dirty_sync_count']}; pmemsave equals the RAM sent")
+              f"xbzrle {xb} compressed {cp} syncs {stats['dirty_sync_count']}"
+              + (f" multifd {mf['channels']}x{mf['compression']} packets {mf['packets']} "
+                 f"syncs {mf['syncs']}" if mf else "")
+              + "; pmemsave equals the RAM sent")
     finally:
         dst.quit()
 

@@ -18,6 +18,7 @@ mod inspect;
 mod manifest;
 mod multifd_apply;
 mod multifd_recv;
+mod multifd_send;
 mod postcopy;
 mod progress;
 mod recv;

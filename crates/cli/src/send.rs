@@ -120,10 +120,13 @@ pub struct SendArgs {
         requires = "postcopy"
     )]
     pub postcopy_after: u32,
+    /// Multifd (`--multifd N` and its settings).
+    #[command(flatten)]
+    pub multifd: crate::multifd_send::MultifdSendArgs,
 }
 
 /// Where the stream goes.
-enum Sink {
+pub(crate) enum Sink {
     Tcp(TcpStream),
     Unix(UnixStream),
     File(File),
@@ -136,7 +139,7 @@ const CONNECT_TRIES: u32 = 50;
 impl Sink {
     /// Opens the destination. A socket gets `idle` as its read and write
     /// timeout: a destination that stops reading cannot stall us forever.
-    fn open(uri: &MigUri, idle: Duration) -> Result<Sink, CliError> {
+    pub(crate) fn open(uri: &MigUri, idle: Duration) -> Result<Sink, CliError> {
         let retry = |f: &mut dyn FnMut() -> std::io::Result<Sink>| {
             let mut last = None;
             for _ in 0..CONNECT_TRIES {
@@ -263,7 +266,7 @@ impl Sink {
     }
 
     /// Ends the stream and waits for the destination to let go.
-    fn finish(self, uri: &MigUri) -> Result<(), CliError> {
+    pub(crate) fn finish(self, uri: &MigUri) -> Result<(), CliError> {
         let refused = |what: String| CliError::data(format!("{uri}: {what}"));
         let io = |op, e| CliError::io(uri.to_string(), op, e);
         match self {
@@ -335,10 +338,10 @@ fn wait_close(
 }
 
 /// The RAM to send: the manifest's blocks and their images.
-struct Ram {
-    names: Vec<String>,
+pub(crate) struct Ram {
+    pub(crate) names: Vec<String>,
     files: Vec<String>,
-    images: Vec<Image>,
+    pub(crate) images: Vec<Image>,
 }
 
 /// One block image: mapped from its file (nothing is read before a page is
@@ -346,7 +349,7 @@ struct Ram {
 /// whole image to be read), or owned (a file shorter than the block, padded
 /// with zeroes, or an image the workload changed). The files must not be
 /// truncated while `send` runs (reading a truncated mapping is SIGBUS).
-enum Image {
+pub(crate) enum Image {
     Owned(Vec<u8>),
     Mapped(qmig_ram_dst::MappedInput),
 }
@@ -456,7 +459,7 @@ pub(crate) fn machine_version(machine: &str) -> Option<(u32, u32)> {
 }
 
 /// splitmix64: a small deterministic PRNG for the workload.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -482,7 +485,7 @@ impl Rng {
 /// memory holds firmware and option-ROM state that devices check when they
 /// load), and three quarters of the writes go to a hot window of
 /// `fraction` of the block, so later passes rewrite the same pages, as guests do.
-fn workload(
+pub(crate) fn workload(
     rng: &mut Rng,
     ram: &mut Ram,
     src: &mut RamSrc,
@@ -685,7 +688,9 @@ pub fn run(a: &SendArgs) -> CliResult {
     }
     if t.has_capability("mapped-ram") {
         return Err(CliError::data(format!(
-            "{}: the template uses mapped-ram, which qmig does not support",
+            "{}: the template's configuration lists the mapped-ram capability (a `migrate file:` with \
+             mapped-ram), which a socket destination would refuse: `qmig convert` it to a plain stream \
+             first, or use a template from a socket migration",
             a.template.display()
         )));
     }
@@ -724,6 +729,9 @@ pub fn run(a: &SendArgs) -> CliResult {
         zero_page_detection: !a.no_zero_detection,
     };
     let src = RamSrc::new(blocks, config).map_err(|e| CliError::Usage(e.to_string()))?;
+    if let Some(n) = a.multifd.multifd {
+        return crate::multifd_send::run(a, t, src, ram, n);
+    }
     if a.postcopy && !matches!(a.to, MigUri::Tcp { .. } | MigUri::Unix(_)) {
         return Err(CliError::Usage(format!(
             "--postcopy needs a return path: use a tcp: or unix: destination, not {}",
@@ -1142,7 +1150,7 @@ fn stream_postcopy(
 }
 
 /// `--final-ram DIR`: the memory the destination must end with.
-fn write_final_ram(dir: &Path, ram: &Ram, to: &MigUri) -> Result<(), CliError> {
+pub(crate) fn write_final_ram(dir: &Path, ram: &Ram, to: &MigUri) -> Result<(), CliError> {
     manifest::begin(dir, "send", &to.to_string())?;
     let mut blocks = Vec::new();
     for ((n, f), img) in ram.names.iter().zip(&ram.files).zip(&ram.images) {

@@ -50,6 +50,7 @@ mod compress;
 pub mod convert;
 mod error;
 pub mod mapped;
+pub mod multifd;
 mod source;
 mod src;
 pub mod template;

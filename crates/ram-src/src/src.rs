@@ -357,6 +357,8 @@ pub struct RamSrc {
     shut: Option<u32>,
     /// The last PONG's value.
     last_pong: Option<u32>,
+    /// Multifd: pages go to the channels' packets (see [`RamSrc::set_multifd`]).
+    multifd: Option<crate::multifd::MultifdSender>,
 }
 
 impl RamSrc {
@@ -439,7 +441,74 @@ impl RamSrc {
             last_req_block: None,
             shut: None,
             last_pong: None,
+            multifd: None,
         })
+    }
+
+    /// Sends pages through multifd channels from now on (QEMU's `multifd`
+    /// capability): page data goes to `m`'s packets instead of PAGE records,
+    /// zero pages too unless `zero-page-detection` is `legacy`, and every
+    /// sync point of `m` is paired on the main stream (a MULTIFD_FLUSH
+    /// record, or the section's EOS with `multifd-flush-after-each-section`).
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Setup`];
+    /// [`RamSrcError::Config`] with XBZRLE or COMPRESS_PAGE configured
+    /// (QEMU's multifd path uses neither).
+    pub fn set_multifd(&mut self, m: crate::multifd::MultifdSender) -> Result<(), RamSrcError> {
+        self.expect("set_multifd", State::Setup)?;
+        if self.xbzrle.is_some() || self.compressor.is_some() {
+            return Err(RamSrcError::Config {
+                why: "multifd sends pages in packets: XBZRLE and COMPRESS_PAGE do not apply".into(),
+            });
+        }
+        self.multifd = Some(m);
+        Ok(())
+    }
+
+    /// The multifd sender, when multifd is on.
+    #[must_use]
+    pub fn multifd(&self) -> Option<&crate::multifd::MultifdSender> {
+        self.multifd.as_ref()
+    }
+
+    /// The multifd sender, to take the channels' output.
+    pub fn multifd_mut(&mut self) -> Option<&mut crate::multifd::MultifdSender> {
+        self.multifd.as_mut()
+    }
+
+    /// A multifd sync point: SYNC packets on every channel, paired with a
+    /// MULTIFD_FLUSH record on `out` unless `flush_record` is false (the
+    /// section's EOS pairs instead).
+    fn multifd_sync(&mut self, out: &mut Vec<u8>, flush_record: bool) -> Result<(), RamSrcError> {
+        if let Some(m) = self.multifd.as_mut() {
+            m.sync()?;
+            if flush_record {
+                let at = out.len();
+                RamRecord {
+                    offset: 0,
+                    flags: qmig_wire::ram::flags::MULTIFD_FLUSH,
+                    block: None,
+                    body: qmig_wire::RamBody::MultifdFlush,
+                }
+                .write(out)?;
+                self.counters.transferred += (out.len() - at) as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether syncs pair with EOS (`multifd-flush-after-each-section`).
+    fn multifd_per_section(&self) -> bool {
+        self.multifd
+            .as_ref()
+            .is_some_and(|m| m.config().flush_after_each_section)
+    }
+
+    fn multifd_bytes(&self) -> usize {
+        self.multifd
+            .as_ref()
+            .map_or(0, |m| m.stats().bytes as usize)
     }
 
     /// The blocks, in scan order.
@@ -630,6 +699,12 @@ impl RamSrc {
     /// reader would refuse; not expected after [`RamSrc::new`]'s checks).
     pub fn postcopy_switchover(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
         self.expect("postcopy_switchover", State::Iterating)?;
+        if self.multifd.is_some() {
+            // QEMU 10.0's migrate_caps_check refuses multifd with postcopy-ram.
+            return Err(RamSrcError::Config {
+                why: "postcopy with multifd (QEMU 10.0 refuses the multifd and postcopy-ram capabilities together)".into(),
+            });
+        }
         self.handle_sync()?;
         for blk in 0..self.blocks.len() {
             canonicalize_host_pages(&mut self.dirty[blk], self.host_pages[blk] as u64);
@@ -712,6 +787,9 @@ impl RamSrc {
             })
             .collect();
         RamRecord::mem_size(list).write(out)?;
+        // ram_save_setup: multifd_ram_flush_and_sync.
+        let per_section = self.multifd_per_section();
+        self.multifd_sync(out, !per_section)?;
         RamRecord::eos().write(out)?;
         self.dirty_count = self
             .dirty
@@ -814,12 +892,16 @@ impl RamSrc {
         // Requested pages are never held back by the budget.
         let budget = budget.saturating_add(out.len() - start);
         let mut progress = Progress::Budget;
-        while out.len() - start < budget {
+        let mf_start = self.multifd_bytes();
+        while out.len() - start + (self.multifd_bytes() - mf_start) < budget {
             if self.find_and_save(mem, out)? == 0 {
                 progress = Progress::Clean;
                 break;
             }
             self.counters.iterations += 1;
+        }
+        if self.multifd_per_section() {
+            self.multifd_sync(out, false)?;
         }
         RamRecord::eos().write(out)?;
         self.counters.transferred += (out.len() - start) as u64;
@@ -856,6 +938,9 @@ impl RamSrc {
         while self.find_and_save(mem, out)? != 0 {
             self.counters.iterations += 1;
         }
+        // ram_save_complete: multifd_ram_flush_and_sync.
+        let per_section = self.multifd_per_section();
+        self.multifd_sync(out, !per_section)?;
         RamRecord::eos().write(out)?;
         self.counters.transferred += (out.len() - start) as u64;
         if postcopy {
@@ -914,6 +999,10 @@ impl RamSrc {
                 if blk == n {
                     blk = 0;
                     complete_round = true;
+                    // find_dirty_block: a sync per round over RAM.
+                    if self.multifd.is_some() && !self.multifd_per_section() {
+                        self.multifd_sync(out, true)?;
+                    }
                     if self.xbzrle.is_some() {
                         self.xbzrle_started = true;
                     }
@@ -978,6 +1067,18 @@ impl RamSrc {
         let ps = self.page_size;
         let offset = (page as u64) << self.page_bits;
         let data = &mem.block(blk)[page * ps..(page + 1) * ps];
+        if let Some(m) = self.multifd.as_mut() {
+            // ram_save_target_page_multifd: only `legacy` detects zero
+            // pages on the migration thread (ZERO records on main).
+            let legacy =
+                m.config().zero_page_detection == crate::multifd::ZeroPageDetection::Legacy;
+            if legacy && is_zero(data) {
+                self.write_zero(out, blk, offset)?;
+                return Ok(1);
+            }
+            m.queue_page(blk, &self.blocks[blk].name, offset, data)?;
+            return Ok(1);
+        }
         let zero = self.zero_detection && is_zero(data);
 
         // Compression (QEMU <= 9.0, only until XBZRLE starts): pages that
