@@ -320,6 +320,11 @@ impl<'a> Source<'a> {
         self.ram.poll_resume(out)
     }
 
+    /// The preempt channel was (re)opened ([`RamSrc::handle_preempt_connected`]).
+    pub fn handle_preempt_connected(&mut self) {
+        self.ram.handle_preempt_connected();
+    }
+
     /// Requested pages for the preempt channel ([`RamSrc::poll_preempt`]).
     ///
     /// # Errors
