@@ -1262,6 +1262,10 @@ fn postcopy_phase(
     let mut shut_deadline = None;
     loop {
         loop {
+            // SHUT ends the migration (the return path closes right after).
+            if src.ram().shut().is_some() {
+                return Ok(());
+            }
             match rx.try_recv() {
                 Ok(ev) => rp_event(src, ev, uri)?,
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
