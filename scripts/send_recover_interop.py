@@ -148,9 +148,11 @@ def run(name, sc, work, qmig):
             took = time.monotonic() - t_kill
             if send.returncode == 0:
                 raise RuntimeError("qmig send exited 0 although the destination was killed")
-            msg = err.strip().splitlines()[-1] if err.strip() else ""
+            # With --json the error is the JSON on stdout.
+            text = (out.strip() + "\n" + err.strip()).strip()
+            msg = text.splitlines()[-1] if text else ""
             if "recover" not in msg:
-                raise RuntimeError(f"unclear error: {err.strip()}")
+                raise RuntimeError(f"unclear error (exit {send.returncode}): {text}")
             print(f"  ok: qmig send exited {send.returncode} {took:.2f}s after the kill: {msg}")
             return
         pmem = {}
