@@ -168,7 +168,11 @@ def run(name, sc, work, qmig):
             # (QEMU keeps its -incoming listener, which would take them at once).
             rport = qmp.free_port()
             relay.target = rport
-            relay.cut_after(30011)  # an odd count: the cut falls inside a record
+            # Cut once 30011 more bytes (an odd count: inside a record) of the main
+            # connection went through (with preempt, the newest is the preempt one).
+            with relay.lock:
+                c = relay.conns[-2 if sc["preempt"] else -1]
+                c["limit"] = c["bytes"]["src"] + 30011
             wait_status(dst.qmp, ("postcopy-paused",), 20)
             dst.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{rport}")
             wait_status(dst.qmp, ("postcopy-active", "completed"), 30)
