@@ -1037,7 +1037,11 @@ fn stream_postcopy(
     // most 1 MiB per PART (256 KiB with preempt) so that requests wait
     // little behind it.
     let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
-    let pc_budget = budget.min(if a.postcopy_preempt { 256 << 10 } else { 1 << 20 });
+    let pc_budget = budget.min(if a.postcopy_preempt {
+        256 << 10
+    } else {
+        1 << 20
+    });
     let mut out = Vec::with_capacity(budget + (1 << 16));
     let mut rng = Rng(a.seed);
     let mut rp_open = true;
@@ -1132,10 +1136,29 @@ fn stream_postcopy(
     let t_post = Instant::now();
     if !rp_open {
         // The return path ended during the switchover: a cut after RUN.
-        rx = recover(a, src, sink, &mut preempt, pacer, idle, "the return path closed".into())?;
+        rx = recover(
+            a,
+            src,
+            sink,
+            &mut preempt,
+            pacer,
+            idle,
+            "the return path closed".into(),
+        )?;
     }
     let postcopy = loop {
-        match postcopy_phase(a, ram, src, sink, &rx, &mut preempt, pacer, idle, pc_budget, &mut out) {
+        match postcopy_phase(
+            a,
+            ram,
+            src,
+            sink,
+            &rx,
+            &mut preempt,
+            pacer,
+            idle,
+            pc_budget,
+            &mut out,
+        ) {
             Ok(()) => break t_post.elapsed(),
             Err(Stop::Fatal(e)) => return Err(e),
             Err(Stop::Cut(why)) => {
@@ -1180,9 +1203,11 @@ fn cut_or_fatal(e: CliError) -> Stop {
 /// refused one ends the migration), the end of the return path is a cut.
 fn rp_event(src: &mut Source<'_>, ev: RpEvent, uri: &MigUri) -> Result<(), Stop> {
     match ev {
-        RpEvent::Closed(why) => Err(Stop::Cut(
-            why.unwrap_or_else(|| "the destination closed the return path".into()),
-        )),
+        RpEvent::Closed(why) => {
+            Err(Stop::Cut(why.unwrap_or_else(|| {
+                "the destination closed the return path".into()
+            })))
+        }
         RpEvent::Bad(why) => Err(Stop::Fatal(CliError::data(format!("{uri}: {why}")))),
         ev => take_rp_event(src, ev, uri).map(|_| ()).map_err(Stop::Fatal),
     }

@@ -59,8 +59,9 @@ pub use compress::PageCompressor;
 pub use error::{RamSrcError, RecoveryRule, RequestRule};
 pub use source::{ping, Source, SourcePhase};
 pub use src::{
-    canonicalize_host_pages, dirty_runs, Channel, Config, Counters, GuestRam, PageRequest, Progress,
-    RamSrc, SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE, MAX_DISCARDS_PER_COMMAND,
+    canonicalize_host_pages, dirty_runs, Channel, Config, Counters, GuestRam, PageRequest,
+    Progress, RamSrc, SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE,
+    MAX_DISCARDS_PER_COMMAND,
 };
 pub use template::Template;
 pub use zero::is_zero;

@@ -734,7 +734,12 @@ impl RamSrc {
     /// # Errors
     /// [`RamSrcError::State`] after [`poll_setup`](Self::poll_setup);
     /// [`RamSrcError::NoSuchBlock`], [`RamSrcError::OutOfBlock`].
-    pub fn set_discarded(&mut self, block: usize, offset: u64, len: u64) -> Result<(), RamSrcError> {
+    pub fn set_discarded(
+        &mut self,
+        block: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), RamSrcError> {
         self.expect("set_discarded", State::Setup)?;
         let b = self.blocks.get(block).ok_or(RamSrcError::NoSuchBlock {
             index: block,

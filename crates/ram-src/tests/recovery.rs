@@ -11,8 +11,8 @@ use std::io::Read;
 use proptest::prelude::*;
 use qmig_ram_dst::{GuestMemory, Place, PostcopyState, RamDst, VecMemory};
 use qmig_ram_src::{
-    template::tests_support, Config, Progress, RamSrc, RamSrcError, RecoveryRule, Source,
-    SrcBlock, State, Template,
+    template::tests_support, Config, Progress, RamSrc, RamSrcError, RecoveryRule, Source, SrcBlock,
+    State, Template,
 };
 use qmig_wire::{
     Command, Decoder, Item, Limits, PageBitmap, RamBody, ReturnPathReader, RpMessage, Step,
@@ -144,11 +144,10 @@ impl Harness<'_> {
     fn carry_back(&mut self, cut_at: Option<usize>) -> Result<(), RamSrcError> {
         let end = cut_at.map_or(self.rp.len(), |c| (self.rp_consumed + c).min(self.rp.len()));
         while self.rp_consumed < end {
-            match self
-                .src
-                .ram_mut()
-                .handle_return_path_bytes(&self.rp[self.rp_consumed..end], self.rp_consumed as u64)?
-            {
+            match self.src.ram_mut().handle_return_path_bytes(
+                &self.rp[self.rp_consumed..end],
+                self.rp_consumed as u64,
+            )? {
                 Some(n) => self.rp_consumed += n,
                 None => break,
             }
@@ -238,10 +237,7 @@ fn cut_before_listen_fails_cleanly() {
     // Nothing more is accepted.
     assert!(h.src.write_iteration(&h.mem, PS, &mut out).is_err());
     assert!(h.src.write_recovery_start(&mut out).is_err());
-    assert!(h
-        .src
-        .handle_return_path(&RpMessage::ResumeAck(1))
-        .is_err());
+    assert!(h.src.handle_return_path(&RpMessage::ResumeAck(1)).is_err());
 }
 
 #[test]
@@ -353,7 +349,11 @@ fn recovery_messages_are_checked() {
     .unwrap();
     let end = wire.len() - 8;
     wire[end] ^= 1;
-    let e = h.src.ram_mut().handle_return_path_bytes(&wire, 100).unwrap_err();
+    let e = h
+        .src
+        .ram_mut()
+        .handle_return_path_bytes(&wire, 100)
+        .unwrap_err();
     assert!(
         matches!(
             e,
@@ -412,8 +412,11 @@ fn recovery_messages_are_checked() {
 fn discarded_ranges_stay_unsent_after_recovery() {
     let template = tests_support::tiny_template();
     let t = Template::parse(&template).unwrap();
-    let mut ram = RamSrc::new(SrcBlock::sequential([("a", 16 * PS as u64)]), Config::default())
-        .unwrap();
+    let mut ram = RamSrc::new(
+        SrcBlock::sequential([("a", 16 * PS as u64)]),
+        Config::default(),
+    )
+    .unwrap();
     // Pages 2..6 discarded (partial pages at the ends do not count).
     ram.set_discarded(0, 2 * PS as u64 - 5, 4 * PS as u64 + 10)
         .unwrap();
@@ -544,14 +547,18 @@ fn preempt_channel_serves_requests_with_its_own_block_context() {
     // PART header (type, be32 section id), then ZERO|CONTINUE of page 6
     // (the first pass sent pages 0..6 of blk0, zero and non-zero in turn).
     let word = u64::from_be_bytes(out[5..13].try_into().unwrap());
-    assert_eq!(word, 6 * PS as u64 | 0x02 | 0x20);
+    assert_eq!(word, (6 * PS as u64) | 0x02 | 0x20);
 }
 
 #[test]
 fn qemu10_recovery_opening_and_replies() {
     // The blocks of the captured guest, in QEMU's RAM list order (the
     // RECV_BITMAP order of main-2).
-    for scenario in ["q10-postcopy-recover", "q10-preempt-recover", "q10-postcopy-relay-cut"] {
+    for scenario in [
+        "q10-postcopy-recover",
+        "q10-preempt-recover",
+        "q10-postcopy-relay-cut",
+    ] {
         let dir = format!(
             "{}/../../tests/data/recovery/{scenario}",
             env!("CARGO_MANIFEST_DIR")
@@ -572,8 +579,8 @@ fn qemu10_recovery_opening_and_replies() {
         let mut order = Vec::new();
         let mut at = 0;
         let (resume_at, resume_end) = loop {
-            let (c, n) = qmig_wire::command::decode_command(&main2[at..], at as u64, 1 << 20)
-                .unwrap();
+            let (c, n) =
+                qmig_wire::command::decode_command(&main2[at..], at as u64, 1 << 20).unwrap();
             match c {
                 Command::RecvBitmap { block } => order.push(block.to_string()),
                 Command::PostcopyResume => break (at, at + n),
@@ -635,7 +642,11 @@ fn qemu10_recovery_opening_and_replies() {
         assert!(not_received > 0);
         out.clear();
         src.write_resume(&mut out).unwrap();
-        assert_eq!(out, main2[resume_at..resume_end], "{scenario}: POSTCOPY_RESUME");
+        assert_eq!(
+            out,
+            main2[resume_at..resume_end],
+            "{scenario}: POSTCOPY_RESUME"
+        );
         // RESUME_ACK(1), then the re-sent requests (the first names its block).
         let mut first_req = true;
         let mut n_req = 0;
@@ -646,7 +657,10 @@ fn qemu10_recovery_opening_and_replies() {
                 RpMessage::ReqPages { .. } => assert!(!first_req),
                 _ => {}
             }
-            if matches!(msg, RpMessage::ReqPagesId { .. } | RpMessage::ReqPages { .. }) {
+            if matches!(
+                msg,
+                RpMessage::ReqPagesId { .. } | RpMessage::ReqPages { .. }
+            ) {
                 n_req += 1;
             }
             src.handle_return_path(&msg).unwrap();
@@ -663,7 +677,8 @@ fn qemu10_recovery_opening_and_replies() {
         let mut s = Vec::new();
         let t2 = Template::parse(&template).unwrap();
         t2.write_prefix(&mut s);
-        t2.begin_section(qmig_wire::SectionKind::Start, &mut s).unwrap();
+        t2.begin_section(qmig_wire::SectionKind::Start, &mut s)
+            .unwrap();
         qmig_wire::RamRecord::mem_size(
             blocks
                 .iter()
@@ -689,10 +704,9 @@ fn qemu10_recovery_opening_and_replies() {
                         d.commit(&item, len);
                         at += len;
                     }
-                    Step::PageSize { bits } => d.set_page_bits(
-                        bits,
-                        qmig_wire::target_page::PageSizeSource::Inferred,
-                    ),
+                    Step::PageSize { bits } => {
+                        d.set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred)
+                    }
                     _ => break,
                 }
             }
