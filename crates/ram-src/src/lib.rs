@@ -10,6 +10,10 @@
 //! For postcopy, [`RamSrc::handle_return_path`] takes the destination's page
 //! requests (checked as QEMU checks them) into a queue served before the
 //! background scan, and [`RamSrc::postcopy_switchover`] writes the discards.
+//! After POSTCOPY_RUN, a lost connection pauses the machine and a recovery
+//! ([`RamSrc::poll_recovery_start`], the RECV_BITMAP replies,
+//! [`RamSrc::poll_resume`], RESUME_ACK) resumes it; [`RamSrc::poll_preempt`]
+//! writes requested pages for the postcopy-preempt channel (see [`State`]).
 //!
 //! [`Template`] supplies everything around the RAM records from a real
 //! stream, precopy or postcopy (header, configuration, the `ram` section's
