@@ -795,3 +795,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn cuts_after_run_and_during_recovery_pause_and_resume() {
+    let pages = [20, 5];
+    let mut h = Harness::new(&pages, &[1, 2, 3, 4]);
+    let mut out = Vec::new();
+    h.src.write_setup(&mut out).unwrap();
+    h.deliver(&out, None);
+    out.clear();
+    h.src.write_postcopy_switchover(&mut out).unwrap();
+    h.deliver(&out, None);
+    h.src.handle_run_sent().unwrap();
+    // A cut inside a PART section (mid-record).
+    out.clear();
+    let _ = h.src.write_iteration(&h.mem, 6 * PS, &mut out).unwrap();
+    h.deliver(&out, Some(3 * PS + 100));
+    h.cut();
+    // The first recovery connection breaks after two bytes of its second
+    // RECV_BITMAP: paused again; the second one resumes.
+    h.recover(Some(15));
+    assert_eq!(h.cuts, 2);
+    assert_eq!(h.src.ram().counters().recoveries, 2);
+    assert_eq!(h.src.ram().counters().resumes, 1);
+    // The first record after the resume names its block.
+    out.clear();
+    let _ = h.src.write_iteration(&h.mem, PS, &mut out).unwrap();
+    let word = u64::from_be_bytes(out[5..13].try_into().unwrap());
+    assert_eq!(
+        word & 0x20,
+        0,
+        "no CONTINUE on the first record of a connection"
+    );
+    h.deliver(&out, None);
+    while !h.src.postcopy_done() {
+        out.clear();
+        let _ = h.src.write_iteration(&h.mem, 4 * PS, &mut out).unwrap();
+        h.deliver(&out, None);
+    }
+    out.clear();
+    h.src.write_completion(&h.mem, &mut out).unwrap();
+    h.deliver(&out, None);
+    let got = h.dst.memory().blocks();
+    for ((_, g), w) in got.iter().zip(&h.mem) {
+        assert!(g == w);
+    }
+}
