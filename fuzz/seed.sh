@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply multifd_offline convert recovery phys_map; do
+for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply multifd_offline convert recovery src_recovery phys_map; do
     mkdir -p "$here/corpus/$t"
 done
 # Machine types, layouts and RAM blocks as qmig-phys sees them.
@@ -53,6 +53,12 @@ for d in "$data"/recovery/*/; do
             *) m='\x02' ;;
         esac
         { printf "$m"; gzip -dc "$f" | head -c 65536 || true; } > "$here/corpus/recovery/$n-$b"
+        # src_recovery: the return path after the cut (RECV_BITMAP replies,
+        # RESUME_ACK, re-sent requests) behind the target's cut byte.
+        case "$b" in
+            rp-1) ;;
+            rp-*) { printf '\x00'; gzip -dc "$f" || true; } > "$here/corpus/src_recovery/$n-$b" ;;
+        esac
     done
 done
 # Field inputs: the mapped-ram file's head (configuration with mapped-ram,

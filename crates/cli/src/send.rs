@@ -26,7 +26,7 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use qmig_ram_src::{
-    Config, Progress, RamSrc, Source, SrcBlock, Template, DEFAULT_XBZRLE_CACHE_SIZE,
+    Config, Progress, RamSrc, Source, SourcePhase, SrcBlock, Template, DEFAULT_XBZRLE_CACHE_SIZE,
 };
 use qmig_wire::Item;
 use serde::Serialize;
@@ -123,6 +123,22 @@ pub struct SendArgs {
     /// Multifd (`--multifd N` and its settings).
     #[command(flatten)]
     pub multifd: crate::multifd_send::MultifdSendArgs,
+    /// Postcopy recovery: when the connection breaks after POSTCOPY_RUN,
+    /// pause and reconnect here (the destination's `migrate-recover` URI, or
+    /// the address a `qmig recv` keeps listening on). Default: `--to`.
+    #[arg(long, value_name = "URI", value_parser = crate::uri::MigUri::parse, requires = "postcopy")]
+    pub recover_to: Option<MigUri>,
+    /// Postcopy recovery: keep trying to reconnect for this many seconds
+    /// after a cut (counted from the cut), then fail.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..), requires = "postcopy")]
+    pub recover_timeout: u64,
+    /// Postcopy-preempt: open a second connection to the destination after
+    /// the first PONG (and again on each recovery) and send the pages it
+    /// requests there, while the background scan goes on on the main
+    /// connection (the destination needs the postcopy-preempt capability).
+    #[arg(long, requires = "postcopy")]
+    pub postcopy_preempt: bool,
 }
 
 /// Where the stream goes.
@@ -630,6 +646,10 @@ struct PostcopySummary {
     postcopy_bytes: u64,
     discard_commands: u64,
     discard_ranges: u64,
+    /// Recoveries completed (RESUME_ACK received) after a cut.
+    recoveries: u64,
+    /// Pages sent on the preempt channel.
+    preempt_pages: u64,
 }
 
 fn src_error(e: qmig_ram_src::RamSrcError) -> CliError {
@@ -807,6 +827,8 @@ pub fn run(a: &SendArgs) -> CliResult {
             postcopy_bytes: c.postcopy_bytes,
             discard_commands: c.discard_commands,
             discard_ranges: c.discard_ranges,
+            recoveries: c.resumes,
+            preempt_pages: c.preempt_pages,
         }),
     };
     if a.json {
@@ -830,13 +852,15 @@ pub fn run(a: &SendArgs) -> CliResult {
         if let Some(p) = &summary.postcopy {
             eprintln!(
                 "qmig: postcopy: switched over at {:.3}s, {} page requests, {} pages served on request, \
-                 {} bytes in postcopy, {} discard commands ({} ranges)",
+                 {} bytes in postcopy, {} discard commands ({} ranges), {} recoveries, {} pages on the preempt channel",
                 p.switchover_seconds,
                 p.requests,
                 p.requested_pages,
                 p.postcopy_bytes,
                 p.discard_commands,
-                p.discard_ranges
+                p.discard_ranges,
+                p.recoveries,
+                p.preempt_pages
             );
         }
     }
@@ -903,8 +927,11 @@ fn stream(
 enum RpEvent {
     /// One whole message (its bytes) and its offset in the return path.
     Msg(u64, Vec<u8>),
-    /// The return path ended: EOF (`None`) or a read or framing error.
+    /// The return path ended: EOF (`None`) or a read error.
     Closed(Option<String>),
+    /// A message broke the return path's framing (e.g. a RECV_BITMAP reply
+    /// with a wrong end marker): the migration fails.
+    Bad(String),
 }
 
 /// Reads the return path of a socket destination on a thread, message by
@@ -953,7 +980,7 @@ fn spawn_rp_reader(mut r: Box<dyn Read + Send>) -> std::sync::mpsc::Receiver<RpE
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = tx.send(RpEvent::Closed(Some(format!("return path: {e}"))));
+                        let _ = tx.send(RpEvent::Bad(format!("return path: {e}")));
                         return;
                     }
                 }
@@ -986,15 +1013,22 @@ fn take_rp_event(src: &mut Source<'_>, ev: RpEvent, uri: &MigUri) -> Result<bool
             Ok(true)
         }
         RpEvent::Closed(None) => Ok(false),
-        RpEvent::Closed(Some(why)) => Err(CliError::data(format!("{uri}: {why}"))),
+        RpEvent::Closed(Some(why)) | RpEvent::Bad(why) => {
+            Err(CliError::data(format!("{uri}: {why}")))
+        }
     }
 }
 
 /// The postcopy stream: setup with ADVISE, `--postcopy-after` precopy
-/// passes, the switchover, then PART sections that serve page requests
-/// first (never paced) and push the rest in the background (paced by
-/// `--max-bandwidth`), END, EOF; then waits (at most `--idle-timeout`) for
-/// the destination's SHUT.
+/// passes, `[--postcopy-preempt: wait for the first PONG, open the preempt
+/// channel]`, the switchover, then PART sections that serve page requests
+/// first (never paced; on the preempt channel with `--postcopy-preempt`)
+/// and push the rest in the background (paced by `--max-bandwidth`), END,
+/// EOF; then waits (at most `--idle-timeout`) for the destination's SHUT.
+///
+/// A broken connection before POSTCOPY_RUN was sent fails the migration;
+/// after it, the source pauses and recovers ([`recover`]) as often as the
+/// connection breaks, each time within `--recover-timeout`.
 fn stream_postcopy(
     a: &SendArgs,
     ram: &mut Ram,
@@ -1004,27 +1038,25 @@ fn stream_postcopy(
     idle: Duration,
 ) -> Result<PostcopyTimes, CliError> {
     let uri = &a.to;
-    let dup = |e| CliError::io(uri.to_string(), "dup", e);
-    let reader: Box<dyn Read + Send> = match &*sink {
-        Sink::Tcp(s) => Box::new(s.try_clone().map_err(dup)?),
-        Sink::Unix(s) => Box::new(s.try_clone().map_err(dup)?),
-        _ => {
-            return Err(CliError::Usage(
-                "--postcopy needs a socket destination".into(),
-            ))
-        }
-    };
-    let rx = spawn_rp_reader(reader);
+    let mut rx = spawn_rp_reader(sink_reader(sink, uri)?);
     let page_size = 1usize << src.template().page_bits;
     let verbose = !a.json && !crate::progress::quiet();
     // QEMU's rate limit: max-bandwidth per 100 ms period; in postcopy, at
-    // most 1 MiB per PART so that requests wait little behind it.
+    // most 1 MiB per PART (256 KiB with preempt) so that requests wait
+    // little behind it.
     let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
-    let pc_budget = budget.min(1 << 20);
+    let pc_budget = budget.min(if a.postcopy_preempt {
+        256 << 10
+    } else {
+        1 << 20
+    });
     let mut out = Vec::with_capacity(budget + (1 << 16));
     let mut rng = Rng(a.seed);
     let mut rp_open = true;
-    let drain = |src: &mut Source<'_>, open: &mut bool| -> Result<(), CliError> {
+    let drain = |src: &mut Source<'_>,
+                 rx: &std::sync::mpsc::Receiver<RpEvent>,
+                 open: &mut bool|
+     -> Result<(), CliError> {
         while *open {
             match rx.try_recv() {
                 Ok(ev) => *open = take_rp_event(src, ev, uri)?,
@@ -1044,7 +1076,7 @@ fn stream_postcopy(
     pacer.send(sink, &mut out, uri)?;
     for pass in 1..=a.postcopy_after {
         loop {
-            drain(src, &mut rp_open)?;
+            drain(src, &rx, &mut rp_open)?;
             if !rp_open {
                 return Err(lost("during precopy"));
             }
@@ -1064,9 +1096,43 @@ fn stream_postcopy(
             eprintln!("qmig: precopy pass {pass}: workload changed {n} pages");
         }
     }
+    let mut preempt = None;
+    if a.postcopy_preempt {
+        // QEMU 10 (8.0+ machine types, `postcopy_start`): the preempt
+        // channel is opened at switchover, once the main channel's first
+        // PONG proves the destination took the main channel.
+        let deadline = Instant::now() + idle;
+        while src.ram().last_pong().is_none() {
+            if !rp_open {
+                return Err(lost("before its first PONG"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CliError::data(format!(
+                    "{uri}: no PONG from the destination within the idle timeout (--idle-timeout)"
+                )));
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(ev) => rp_open = take_rp_event(src, ev, uri)?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => rp_open = false,
+            }
+        }
+        preempt = Some(Sink::open(uri, idle)?);
+        src.handle_preempt_connected();
+    }
     let switchover = pacer.start.elapsed();
     src.write_postcopy_switchover(&mut out).map_err(src_error)?;
-    pacer.write(sink, &mut out, uri)?;
+    if let Err(e) = pacer.write(sink, &mut out, uri) {
+        // POSTCOPY_RUN may not have reached the destination: fail, as
+        // QEMU's `postcopy_start` does.
+        let e = match src.handle_connection_lost() {
+            Err(p) => CliError::data(format!("{uri}: {p}: {e}")),
+            Ok(()) => e,
+        };
+        return Err(e);
+    }
+    src.handle_run_sent().map_err(src_error)?;
     if verbose {
         eprintln!(
             "qmig: postcopy switchover after {:.3}s: {} pages to go, {} discard commands",
@@ -1076,13 +1142,212 @@ fn stream_postcopy(
         );
     }
     let t_post = Instant::now();
+    if !rp_open {
+        // The return path ended during the switchover: a cut after RUN.
+        rx = recover(
+            a,
+            src,
+            sink,
+            &mut preempt,
+            pacer,
+            idle,
+            "the return path closed".into(),
+        )?;
+    }
+    let postcopy = loop {
+        match postcopy_phase(
+            a,
+            ram,
+            src,
+            sink,
+            &rx,
+            &mut preempt,
+            pacer,
+            idle,
+            pc_budget,
+            &mut out,
+        ) {
+            Ok(()) => break t_post.elapsed(),
+            Err(Stop::Fatal(e)) => return Err(e),
+            Err(Stop::Cut(why)) => {
+                out.clear();
+                rx = recover(a, src, sink, &mut preempt, pacer, idle, why)?;
+            }
+        }
+    };
+    if let Some(v) = src.ram().shut().filter(|&v| v != 0) {
+        return Err(CliError::data(format!(
+            "{uri}: the destination sent SHUT({v}): it failed to load the stream"
+        )));
+    }
+    close_sink(sink);
+    if let Some(p) = &preempt {
+        close_sink(p);
+    }
+    Ok(PostcopyTimes {
+        switchover,
+        postcopy,
+    })
+}
+
+/// Why the postcopy phase stopped before SHUT.
+enum Stop {
+    /// The connection broke (write or read error, EOF, idle timeout): pause
+    /// and recover.
+    Cut(String),
+    /// A protocol error, a signal, or a timeout that recovery cannot help.
+    Fatal(CliError),
+}
+
+/// A failed write: a signal ends the migration, anything else is a cut.
+fn cut_or_fatal(e: CliError) -> Stop {
+    match e {
+        e @ CliError::Interrupted { .. } => Stop::Fatal(e),
+        e => Stop::Cut(e.to_string()),
+    }
+}
+
+/// One return-path event in postcopy: messages go to the source (a
+/// refused one ends the migration), the end of the return path is a cut.
+fn rp_event(src: &mut Source<'_>, ev: RpEvent, uri: &MigUri) -> Result<(), Stop> {
+    match ev {
+        RpEvent::Closed(why) => {
+            Err(Stop::Cut(why.unwrap_or_else(|| {
+                "the destination closed the return path".into()
+            })))
+        }
+        RpEvent::Bad(why) => Err(Stop::Fatal(CliError::data(format!("{uri}: {why}")))),
+        ev => take_rp_event(src, ev, uri).map(|_| ()).map_err(Stop::Fatal),
+    }
+}
+
+/// A return-path reader for a socket sink.
+fn sink_reader(sink: &Sink, uri: &MigUri) -> Result<Box<dyn Read + Send>, CliError> {
+    let dup = |e| CliError::io(uri.to_string(), "dup", e);
+    match sink {
+        Sink::Tcp(s) => Ok(Box::new(s.try_clone().map_err(dup)?)),
+        Sink::Unix(s) => Ok(Box::new(s.try_clone().map_err(dup)?)),
+        _ => Err(CliError::Usage(
+            "--postcopy needs a socket destination".into(),
+        )),
+    }
+}
+
+/// Shuts a socket sink down both ways (its reader thread then ends).
+fn close_sink(sink: &Sink) {
+    match sink {
+        Sink::Tcp(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+        Sink::Unix(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+        _ => {}
+    }
+}
+
+/// One connection attempt (no retries: [`recover`] retries until its
+/// deadline), with `idle` as read and write timeout.
+fn connect_once(uri: &MigUri, idle: Duration) -> std::io::Result<Sink> {
+    match uri {
+        MigUri::Tcp { host, port } => {
+            use std::net::ToSocketAddrs;
+            let addr = MigUri::socket_addr(host, *port, "localhost");
+            let mut last = std::io::Error::other(format!("{addr}: no address"));
+            for sa in addr.to_socket_addrs()? {
+                match TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
+                    Ok(s) => {
+                        s.set_nodelay(true).ok();
+                        s.set_write_timeout(Some(idle))?;
+                        s.set_read_timeout(Some(idle))?;
+                        return Ok(Sink::Tcp(s));
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        MigUri::Unix(p) => {
+            let s = UnixStream::connect(p)?;
+            s.set_write_timeout(Some(idle))?;
+            s.set_read_timeout(Some(idle))?;
+            Ok(Sink::Unix(s))
+        }
+        _ => Err(std::io::Error::other("postcopy needs a tcp: or unix: URI")),
+    }
+}
+
+/// The postcopy phase on one connection, until SHUT: requested pages
+/// (preempt channel first), the paced background scan, END and EOF once
+/// nothing is left, then the wait for SHUT. A cut returns [`Stop::Cut`]
+/// with the source's state untouched; the caller pauses and recovers.
+#[allow(clippy::too_many_arguments)]
+fn postcopy_phase(
+    a: &SendArgs,
+    ram: &Ram,
+    src: &mut Source<'_>,
+    sink: &mut Sink,
+    rx: &std::sync::mpsc::Receiver<RpEvent>,
+    preempt: &mut Option<Sink>,
+    pacer: &mut Pacer,
+    idle: Duration,
+    pc_budget: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), Stop> {
+    let uri = &a.to;
+    let mut pre = Vec::new();
+    let mut shut_deadline = None;
     loop {
-        drain(src, &mut rp_open)?;
-        if !rp_open {
-            return Err(lost("during postcopy"));
+        loop {
+            // SHUT ends the migration (the return path closes right after).
+            if src.ram().shut().is_some() {
+                return Ok(());
+            }
+            match rx.try_recv() {
+                Ok(ev) => rp_event(src, ev, uri)?,
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    return Err(Stop::Cut("the return path ended".into()))
+                }
+            }
+        }
+        if src.phase() == SourcePhase::Finished {
+            // QEMU's source completes once the destination's SHUT arrives.
+            if src.ram().shut().is_some() {
+                return Ok(());
+            }
+            let deadline = *shut_deadline.get_or_insert_with(|| Instant::now() + idle);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::Fatal(CliError::data(format!(
+                    "{uri}: no SHUT from the destination within the idle timeout (--idle-timeout) after the stream"
+                ))));
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(ev) => rp_event(src, ev, uri)?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(signal) = crate::signals::pending() {
+                        return Err(Stop::Fatal(CliError::Interrupted {
+                            signal,
+                            detail: Some("waiting for SHUT".into()),
+                        }));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Stop::Cut("the return path ended".into()))
+                }
+            }
+            continue;
+        }
+        if let Some(p) = preempt.as_mut() {
+            src.write_preempt(&ram.images, &mut pre)
+                .map_err(|e| Stop::Fatal(src_error(e)))?;
+            if !pre.is_empty() {
+                pacer.exempt += pre.len() as u64;
+                pacer.write(p, &mut pre, uri).map_err(cut_or_fatal)?;
+            }
         }
         if src.postcopy_done() {
-            break;
+            src.write_completion(&ram.images, out)
+                .map_err(|e| Stop::Fatal(src_error(e)))?;
+            pacer.write(sink, out, uri).map_err(cut_or_fatal)?;
+            continue;
         }
         let before = src.ram().counters().requested_bytes;
         // Background pages only when the rate limit allows them; requested
@@ -1090,63 +1355,162 @@ fn stream_postcopy(
         let b = if pacer.due().is_none() { pc_budget } else { 0 };
         if b > 0 || src.ram().pending_requests().next().is_some() {
             let _ = src
-                .write_iteration(&ram.images, b, &mut out)
-                .map_err(src_error)?;
+                .write_iteration(&ram.images, b, out)
+                .map_err(|e| Stop::Fatal(src_error(e)))?;
         }
         pacer.exempt += src.ram().counters().requested_bytes - before;
-        pacer.write(sink, &mut out, uri)?;
+        pacer.write(sink, out, uri).map_err(cut_or_fatal)?;
         // Pace the background scan; a page request ends the wait.
         if let Some(wait) = pacer.due() {
             match rx.recv_timeout(wait) {
-                Ok(ev) => rp_open = take_rp_event(src, ev, uri)?,
+                Ok(ev) => rp_event(src, ev, uri)?,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => rp_open = false,
-            }
-        }
-    }
-    src.write_completion(&ram.images, &mut out)
-        .map_err(src_error)?;
-    pacer.write(sink, &mut out, uri)?;
-    let postcopy = t_post.elapsed();
-    // QEMU's source completes once the destination's SHUT arrives.
-    let deadline = Instant::now() + idle;
-    while src.ram().shut().is_none() {
-        if !rp_open {
-            return Err(lost("after the stream without sending SHUT"));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(CliError::data(format!(
-                "{uri}: no SHUT from the destination within the idle timeout (--idle-timeout) after the stream"
-            )));
-        }
-        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-            Ok(ev) => rp_open = take_rp_event(src, ev, uri)?,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(signal) = crate::signals::pending() {
-                    return Err(CliError::Interrupted {
-                        signal,
-                        detail: Some("waiting for SHUT".into()),
-                    });
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Stop::Cut("the return path ended".into()))
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => rp_open = false,
         }
     }
-    if let Some(v) = src.ram().shut().filter(|&v| v != 0) {
-        return Err(CliError::data(format!(
-            "{uri}: the destination sent SHUT({v}): it failed to load the stream"
-        )));
+}
+
+/// Postcopy recovery after a cut (QEMU 10's `postcopy_pause` and
+/// `postcopy_do_resume`): pause, then until `--recover-timeout` runs out,
+/// connect to `--recover-to` (default `--to`), send RECV_BITMAP for every
+/// block, take the replies (the dirty bitmap becomes what the destination
+/// lacks), `[--postcopy-preempt: open a new preempt channel]`, send
+/// POSTCOPY_RESUME and wait for RESUME_ACK. A cut during all this pauses
+/// again and the next attempt starts over. Returns the new connection's
+/// return-path events; `sink` (and `preempt`) are the new connections.
+#[allow(clippy::too_many_arguments)]
+fn recover(
+    a: &SendArgs,
+    src: &mut Source<'_>,
+    sink: &mut Sink,
+    preempt: &mut Option<Sink>,
+    pacer: &mut Pacer,
+    idle: Duration,
+    why: String,
+) -> Result<std::sync::mpsc::Receiver<RpEvent>, CliError> {
+    let to = a.recover_to.as_ref().unwrap_or(&a.to);
+    let verbose = !a.json && !crate::progress::quiet();
+    src.handle_connection_lost()
+        .map_err(|e| CliError::data(format!("{}: {e} ({why})", a.to)))?;
+    close_sink(sink);
+    if let Some(p) = preempt.take() {
+        close_sink(&p);
     }
-    match &*sink {
-        Sink::Tcp(s) => drop(s.shutdown(std::net::Shutdown::Both)),
-        Sink::Unix(s) => drop(s.shutdown(std::net::Shutdown::Both)),
-        _ => {}
+    if verbose {
+        eprintln!(
+            "qmig: postcopy paused ({why}); reconnecting to {to} for up to {}s (--recover-timeout)",
+            a.recover_timeout
+        );
     }
-    Ok(PostcopyTimes {
-        switchover,
-        postcopy,
-    })
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(a.recover_timeout);
+    let mut last = why;
+    loop {
+        if let Some(signal) = crate::signals::pending() {
+            return Err(CliError::Interrupted {
+                signal,
+                detail: Some("while recovering postcopy".into()),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::data(format!(
+                "{to}: postcopy recovery failed: no resumed connection within --recover-timeout {}s \
+                 (last: {last}); the destination holds only part of the guest's memory",
+                a.recover_timeout
+            )));
+        }
+        let s = match connect_once(to, idle) {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("connect: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        *sink = s;
+        let rx = spawn_rp_reader(sink_reader(sink, to)?);
+        match recovery_handshake(a, src, sink, &rx, preempt, pacer, idle, to, deadline) {
+            Ok(()) => {
+                if verbose {
+                    eprintln!(
+                        "qmig: postcopy resumed after {:.3}s: {} pages to go",
+                        t0.elapsed().as_secs_f64(),
+                        src.ram().remaining_pages()
+                    );
+                }
+                return Ok(rx);
+            }
+            Err(Stop::Fatal(e)) => return Err(e),
+            Err(Stop::Cut(w)) => {
+                last = w;
+                src.handle_connection_lost().map_err(src_error)?;
+                close_sink(sink);
+                if let Some(p) = preempt.take() {
+                    close_sink(&p);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// The recovery connection's opening, as QEMU 10 orders it: RECV_BITMAP
+/// × blocks; every reply; the preempt channel; POSTCOPY_RESUME; RESUME_ACK.
+#[allow(clippy::too_many_arguments)]
+fn recovery_handshake(
+    a: &SendArgs,
+    src: &mut Source<'_>,
+    sink: &mut Sink,
+    rx: &std::sync::mpsc::Receiver<RpEvent>,
+    preempt: &mut Option<Sink>,
+    pacer: &mut Pacer,
+    idle: Duration,
+    to: &MigUri,
+    deadline: Instant,
+) -> Result<(), Stop> {
+    let mut out = Vec::new();
+    let fatal = |e| Stop::Fatal(src_error(e));
+    src.write_recovery_start(&mut out).map_err(fatal)?;
+    pacer.write(sink, &mut out, to).map_err(cut_or_fatal)?;
+    let wait = |src: &mut Source<'_>, done: &dyn Fn(&Source<'_>) -> bool, what: &str| {
+        while !done(src) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::Cut(format!("no {what} from {to}")));
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(ev) => rp_event(src, ev, to)?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(signal) = crate::signals::pending() {
+                        return Err(Stop::Fatal(CliError::Interrupted {
+                            signal,
+                            detail: Some(format!("waiting for {what}")),
+                        }));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Stop::Cut("the return path ended".into()))
+                }
+            }
+        }
+        Ok(())
+    };
+    wait(src, &|s| s.ram().ready_to_resume(), "RECV_BITMAP replies")?;
+    if a.postcopy_preempt {
+        let p = connect_once(to, idle).map_err(|e| Stop::Cut(format!("preempt channel: {e}")))?;
+        *preempt = Some(p);
+        src.handle_preempt_connected();
+    }
+    src.write_resume(&mut out).map_err(fatal)?;
+    pacer.write(sink, &mut out, to).map_err(cut_or_fatal)?;
+    wait(
+        src,
+        &|s| s.ram().state() == qmig_ram_src::State::Postcopy,
+        "RESUME_ACK",
+    )
 }
 
 /// `--final-ram DIR`: the memory the destination must end with.

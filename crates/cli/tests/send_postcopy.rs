@@ -1,6 +1,7 @@
 //! `qmig send --postcopy` against a fake destination on a Unix socket:
-//! hostile page requests and a destination that dies mid-postcopy end the
-//! send with a clear error (exit 1), never a panic or a hang.
+//! hostile page requests, hostile recovery replies and a destination that
+//! dies mid-postcopy (no recovery within `--recover-timeout`) end the send
+//! with a clear error (exit 1), never a panic or a hang.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
@@ -31,6 +32,16 @@ fn with_fake_destination(
     name: &str,
     then: impl FnOnce(&mut std::os::unix::net::UnixStream) + Send + 'static,
 ) -> (i32, String, Duration) {
+    with_fake_destination_and(name, &[], move |s, _| then(s))
+}
+
+/// As [`with_fake_destination`], with extra `send` arguments; `then` also
+/// gets the listener, to take recovery connections.
+fn with_fake_destination_and(
+    name: &str,
+    extra: &[&str],
+    then: impl FnOnce(&mut std::os::unix::net::UnixStream, &UnixListener) + Send + 'static,
+) -> (i32, String, Duration) {
     let dir = scratch(name);
     let cap = qmig_tests::data_dir().join("q10-stopped").join("stream");
     let ram = dir.join("ram");
@@ -55,7 +66,7 @@ fn with_fake_destination(
             assert!(n > 0, "stream ended before POSTCOPY_RUN");
             seen.extend_from_slice(&buf[..n]);
         }
-        then(&mut s);
+        then(&mut s, &l);
     });
     let t0 = Instant::now();
     let out = qmig()
@@ -73,6 +84,7 @@ fn with_fake_destination(
         .arg(&cap)
         .arg("--to")
         .arg(format!("unix:{}", sock.display()))
+        .args(extra)
         .output()
         .unwrap();
     let took = t0.elapsed();
@@ -158,16 +170,95 @@ fn unaligned_request_fails_the_migration() {
 #[test]
 fn destination_killed_mid_postcopy_is_a_clear_error() {
     // The fake destination drops the connection right after RUN, while
-    // the background scan (64 KiB/s) still has most of RAM to send.
-    let (rc, err, took) = with_fake_destination("killed", |s| {
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    });
+    // the background scan (64 KiB/s) still has most of RAM to send, and
+    // never listens again: send pauses, retries, and gives up after
+    // --recover-timeout.
+    let (rc, err, took) =
+        with_fake_destination_and("killed", &["--recover-timeout", "2"], |s, _| {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        });
     assert_eq!(rc, 1, "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("postcopy paused"), "{err}");
     assert!(
-        err.contains("closed its return path during postcopy")
-            || err.contains("closed the connection"),
+        err.contains("postcopy recovery failed: no resumed connection within --recover-timeout 2s"),
         "{err}"
     );
-    assert!(took < Duration::from_secs(8), "took {took:?}: {err}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "took {took:?}: {err}"
+    );
+}
+
+/// Cuts the connection after RUN, takes the recovery connection, checks
+/// that it opens with RECV_BITMAP commands (no QEVM header), and answers
+/// the first with `reply`.
+fn bad_recovery_reply(
+    name: &str,
+    reply: impl FnOnce(&mut Vec<u8>) + Send + 'static,
+) -> (i32, String, Duration) {
+    with_fake_destination_and(name, &["--recover-timeout", "5"], move |s, l| {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        let (mut r, _) = l.accept().unwrap();
+        r.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut first = [0u8; 3];
+        r.read_exact(&mut first).unwrap();
+        // QEMU_VM_COMMAND, be16 MIG_CMD_RECV_BITMAP (10).
+        assert_eq!(first, [0x08, 0x00, 0x0a], "recovery opening");
+        let mut b = Vec::new();
+        reply(&mut b);
+        r.write_all(&b).unwrap();
+        let mut sink = [0u8; 65536];
+        while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+    })
+}
+
+#[test]
+fn recovery_reply_for_an_unknown_block_fails_the_migration() {
+    let (rc, err, took) = bad_recovery_reply("rb-unknown", |b| {
+        RpMessage::RecvBitmap {
+            block: "nope",
+            bitmap: &[0; 8],
+        }
+        .write(b)
+        .unwrap()
+    });
+    assert_clean_failure(rc, &err, took, "RECV_BITMAP reply for unknown block");
+}
+
+#[test]
+fn recovery_reply_of_the_wrong_size_fails_the_migration() {
+    // pc.ram of q10-stopped: 2 MiB, 512 pages, 64 bytes of bitmap.
+    let (rc, err, took) = bad_recovery_reply("rb-size", |b| {
+        RpMessage::RecvBitmap {
+            block: "pc.ram",
+            bitmap: &[0; 8],
+        }
+        .write(b)
+        .unwrap()
+    });
+    assert_clean_failure(rc, &err, took, "512 pages need 64");
+}
+
+#[test]
+fn recovery_reply_with_a_wrong_end_marker_fails_the_migration() {
+    let (rc, err, took) = bad_recovery_reply("rb-marker", |b| {
+        RpMessage::RecvBitmap {
+            block: "pc.ram",
+            bitmap: &[0; 64],
+        }
+        .write(b)
+        .unwrap();
+        let n = b.len();
+        b[n - 1] ^= 0xff;
+    });
+    assert_clean_failure(rc, &err, took, "end marker");
+}
+
+#[test]
+fn resume_ack_before_resume_fails_the_migration() {
+    let (rc, err, took) = bad_recovery_reply("rb-ack", |b| {
+        qmig_wire::recovery::write_resume_ack(b);
+    });
+    assert_clean_failure(rc, &err, took, "RESUME_ACK in state recovering");
 }

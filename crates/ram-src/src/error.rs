@@ -105,9 +105,89 @@ pub enum RamSrcError {
         /// Message type number.
         msg_type: u16,
     },
-    /// The template stream does not parse.
+    /// The template stream does not parse, or (through
+    /// [`crate::RamSrc::handle_return_path_bytes`]) a return-path message
+    /// breaks its framing, e.g. a RECV_BITMAP reply with a wrong end marker.
     #[error("template stream: {0}")]
     Wire(#[from] qmig_wire::WireError),
+    /// The connection was lost before POSTCOPY_RUN was on its way (QEMU's
+    /// `postcopy_pause` applies only once the destination may run the
+    /// guest): the migration fails; the machine is now
+    /// [`crate::State::Failed`].
+    #[error("connection lost in state {} before POSTCOPY_RUN was sent: the migration fails (only a postcopy migration whose destination runs can pause)", state.name())]
+    NotPausable {
+        /// The state the machine was in.
+        state: crate::State,
+    },
+    /// A postcopy recovery message breaks one of the recovery rules
+    /// (wire-format §11; QEMU's `ram_dirty_bitmap_reload`,
+    /// `migrate_handle_rp_resume_ack`): the migration fails.
+    #[error("postcopy recovery: {rule}")]
+    Recovery {
+        /// The rule broken.
+        rule: RecoveryRule,
+    },
+}
+
+/// Why a recovery message was refused (see [`RamSrcError::Recovery`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryRule {
+    /// A RECV_BITMAP reply names a block the source does not have.
+    #[error("RECV_BITMAP reply for unknown block \"{block}\"")]
+    UnknownBlock {
+        /// The name in the reply.
+        block: String,
+    },
+    /// A RECV_BITMAP reply's size is not `round_up(ceil(pages / 8), 8)`.
+    #[error("RECV_BITMAP reply for \"{block}\" holds {size} bytes, {pages} pages need {expected}")]
+    BitmapSize {
+        /// Block name.
+        block: String,
+        /// Bitmap bytes received.
+        size: u64,
+        /// Target pages of the block.
+        pages: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// A RECV_BITMAP reply sets a bit past the block's last page.
+    #[error("RECV_BITMAP reply for \"{block}\": {why}")]
+    BitmapBits {
+        /// Block name.
+        block: String,
+        /// What the wire layer said.
+        why: String,
+    },
+    /// A second RECV_BITMAP reply for one block in one recovery.
+    #[error("a second RECV_BITMAP reply for \"{block}\" in one recovery")]
+    DuplicateBitmap {
+        /// Block name.
+        block: String,
+    },
+    /// A recovery message in a state where it cannot come (RECV_BITMAP
+    /// outside recovery or after POSTCOPY_RESUME, RESUME_ACK before
+    /// POSTCOPY_RESUME).
+    #[error("{msg} in state {} (POSTCOPY_RESUME sent: {resume_sent})", state.name())]
+    WrongState {
+        /// The message or call.
+        msg: &'static str,
+        /// The machine's state.
+        state: crate::State,
+        /// Whether POSTCOPY_RESUME was written.
+        resume_sent: bool,
+    },
+    /// RESUME_ACK carries a value other than 1.
+    #[error("RESUME_ACK value {value}, expected 1")]
+    ResumeAckValue {
+        /// The value received.
+        value: u32,
+    },
+    /// POSTCOPY_RESUME was asked for while some blocks' bitmaps are missing.
+    #[error("POSTCOPY_RESUME before every RECV_BITMAP reply is in ({missing} missing)")]
+    BitmapsPending {
+        /// Blocks without a reply yet.
+        missing: usize,
+    },
 }
 
 /// Why a page request was refused (see [`RamSrcError::PageRequest`]).

@@ -10,6 +10,10 @@
 //! For postcopy, [`RamSrc::handle_return_path`] takes the destination's page
 //! requests (checked as QEMU checks them) into a queue served before the
 //! background scan, and [`RamSrc::postcopy_switchover`] writes the discards.
+//! After POSTCOPY_RUN, a lost connection pauses the machine and a recovery
+//! ([`RamSrc::poll_recovery_start`], the RECV_BITMAP replies,
+//! [`RamSrc::poll_resume`], RESUME_ACK) resumes it; [`RamSrc::poll_preempt`]
+//! writes requested pages for the postcopy-preempt channel (see [`State`]).
 //!
 //! [`Template`] supplies everything around the RAM records from a real
 //! stream, precopy or postcopy (header, configuration, the `ram` section's
@@ -57,11 +61,12 @@ pub mod template;
 mod zero;
 
 pub use compress::PageCompressor;
-pub use error::{RamSrcError, RequestRule};
+pub use error::{RamSrcError, RecoveryRule, RequestRule};
 pub use source::{ping, Source, SourcePhase};
 pub use src::{
-    canonicalize_host_pages, dirty_runs, Config, Counters, GuestRam, PageRequest, Progress, RamSrc,
-    SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE, MAX_DISCARDS_PER_COMMAND,
+    canonicalize_host_pages, dirty_runs, Channel, Config, Counters, GuestRam, PageRequest,
+    Progress, RamSrc, SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE,
+    MAX_DISCARDS_PER_COMMAND,
 };
 pub use template::Template;
 pub use zero::is_zero;

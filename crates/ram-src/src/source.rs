@@ -36,7 +36,15 @@ pub mod ping {
 /// ```
 ///
 /// `ram_mut().handle_dirty` / `handle_sync` report guest writes in
-/// `Precopy`. After `Finished` with postcopy, the caller waits for the
+/// `Precopy`. Postcopy recovery keeps the phase (`Postcopy`, or `Finished`
+/// when the cut came after EOF and before SHUT, which goes back to
+/// `Postcopy` at RESUME_ACK): after
+/// [`handle_run_sent`](Source::handle_run_sent),
+/// [`handle_connection_lost`](Source::handle_connection_lost) pauses,
+/// then on each new connection
+/// [`write_recovery_start`](Source::write_recovery_start), the replies,
+/// [`write_resume`](Source::write_resume), RESUME_ACK (see [`State`] for
+/// the RAM machine's states). After `Finished` with postcopy, the caller waits for the
 /// destination's SHUT on the return path ([`RamSrc::shut`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourcePhase {
@@ -264,7 +272,69 @@ impl<'a> Source<'a> {
     /// # Errors
     /// As [`RamSrc::handle_return_path`]; the migration must then fail.
     pub fn handle_return_path(&mut self, msg: &RpMessage<'_>) -> Result<(), RamSrcError> {
-        self.ram.handle_return_path(msg)
+        self.ram.handle_return_path(msg)?;
+        // A recovery after the END section went out resumes the postcopy
+        // phase: what the destination lost is sent again, then END and EOF.
+        if self.phase == SourcePhase::Finished && self.ram.state() == State::Postcopy {
+            self.phase = SourcePhase::Postcopy;
+        }
+        Ok(())
+    }
+
+    /// The caller handed the switchover (the package with POSTCOPY_RUN) to
+    /// the connection: a lost connection now pauses
+    /// ([`RamSrc::handle_run_sent`]).
+    ///
+    /// # Errors
+    /// As [`RamSrc::handle_run_sent`].
+    pub fn handle_run_sent(&mut self) -> Result<(), RamSrcError> {
+        self.ram.handle_run_sent()
+    }
+
+    /// The connection broke: pause after POSTCOPY_RUN, fail before
+    /// ([`RamSrc::handle_connection_lost`]).
+    ///
+    /// # Errors
+    /// [`RamSrcError::NotPausable`] before POSTCOPY_RUN.
+    pub fn handle_connection_lost(&mut self) -> Result<(), RamSrcError> {
+        self.ram.handle_connection_lost()
+    }
+
+    /// The opening of a recovery connection: one RECV_BITMAP command per
+    /// block, no header (QEMU 10's `ram_dirty_bitmap_sync_all`). Feed the
+    /// replies to [`handle_return_path`](Self::handle_return_path), then
+    /// call [`write_resume`](Self::write_resume).
+    ///
+    /// # Errors
+    /// As [`RamSrc::poll_recovery_start`].
+    pub fn write_recovery_start(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
+        self.ram.poll_recovery_start(out)
+    }
+
+    /// POSTCOPY_RESUME, once every RECV_BITMAP reply is in; RAM PART
+    /// sections follow RESUME_ACK.
+    ///
+    /// # Errors
+    /// As [`RamSrc::poll_resume`].
+    pub fn write_resume(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
+        self.ram.poll_resume(out)
+    }
+
+    /// The preempt channel was (re)opened ([`RamSrc::handle_preempt_connected`]).
+    pub fn handle_preempt_connected(&mut self) {
+        self.ram.handle_preempt_connected();
+    }
+
+    /// Requested pages for the preempt channel ([`RamSrc::poll_preempt`]).
+    ///
+    /// # Errors
+    /// As [`RamSrc::poll_preempt`].
+    pub fn write_preempt<M: GuestRam + ?Sized>(
+        &mut self,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, RamSrcError> {
+        self.ram.poll_preempt(mem, out)
     }
 
     /// Whether the postcopy phase has nothing left to send: no dirty page and

@@ -106,12 +106,34 @@ impl Default for Config {
 ///                         │                                             │
 ///                         └─postcopy_switchover─► Postcopy ─poll_complete┘
 ///                            (sync, host-page      │  ▲ poll_iterate (requested
-///                             canonicalisation,    └──┘ pages first), handle_return_path
-///                             RAM_DISCARD commands)
+///                             canonicalisation,    └──┘ pages first), poll_preempt,
+///                             RAM_DISCARD commands)      handle_return_path,
+///                                                        handle_run_sent
 /// ```
 ///
-/// [`RamSrc::handle_return_path`] is accepted in every state but `Setup`;
-/// in `Done` page requests are still checked but nothing is queued.
+/// Postcopy recovery (wire-format §11, QEMU's `postcopy_pause` and
+/// `postcopy_do_resume`): [`RamSrc::handle_connection_lost`] is the only
+/// way into [`State::Paused`], and it is taken only once the caller has
+/// reported POSTCOPY_RUN on its way ([`RamSrc::handle_run_sent`]): until
+/// then the destination does not run the guest and the migration fails
+/// instead ([`State::Failed`], [`RamSrcError::NotPausable`]).
+///
+/// ```text
+///   Postcopy / Done ──handle_connection_lost──► Paused      (run sent)
+///   Postcopy / Iterating / Setup ──handle_connection_lost──► Failed
+///                                                            (run not sent)
+///   Paused ──poll_recovery_start (RECV_BITMAP × blocks)──► Recovering
+///   Recovering: handle_return_path(RECV_BITMAP reply) × blocks
+///               (dirty bitmap := ¬received ∖ discarded, per block)
+///            ──poll_resume (POSTCOPY_RESUME, all replies in)──►
+///            ──handle_return_path(RESUME_ACK(1))──► Postcopy
+///   Recovering ──handle_connection_lost──► Paused (recover again)
+///   Failed: every call fails.
+/// ```
+///
+/// [`RamSrc::handle_return_path`] is accepted in every state but `Setup`
+/// and `Failed`; in `Done` page requests are still checked but nothing is
+/// queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Nothing sent yet: call [`RamSrc::poll_setup`].
@@ -121,8 +143,16 @@ pub enum State {
     /// Switched to postcopy: the guest runs on the destination, which
     /// requests the pages it faults on; no more dirty pages are reported.
     Postcopy,
+    /// The connection broke after POSTCOPY_RUN: nothing is sent until the
+    /// caller reconnects and calls [`RamSrc::poll_recovery_start`].
+    Paused,
+    /// A recovery connection is open: waiting for the RECV_BITMAP replies,
+    /// then for RESUME_ACK.
+    Recovering,
     /// The final pass was sent; nothing more to do.
     Done,
+    /// The connection broke before POSTCOPY_RUN: the migration failed.
+    Failed,
 }
 
 impl State {
@@ -132,9 +162,24 @@ impl State {
             State::Setup => "setup",
             State::Iterating => "iterating",
             State::Postcopy => "postcopy",
+            State::Paused => "paused",
+            State::Recovering => "recovering",
             State::Done => "done",
+            State::Failed => "failed",
         }
     }
+}
+
+/// The connection a page record goes on. Each channel has its own "last
+/// block" for CONTINUE, forgotten when the channel is (re)opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// The main migration connection (sections, commands, the background
+    /// scan).
+    Main,
+    /// The postcopy-preempt connection: raw page records of requested
+    /// pages only (wire-format §12).
+    Preempt,
 }
 
 /// How a call to [`RamSrc::poll_iterate`] ended.
@@ -189,6 +234,14 @@ pub struct Counters {
     pub postcopy_bytes: u64,
     /// POSTCOPY_RAM_DISCARD commands written at switchover.
     pub discard_commands: u64,
+    /// Postcopy recoveries started (RECV_BITMAP rounds).
+    pub recoveries: u64,
+    /// Recoveries completed (RESUME_ACK received).
+    pub resumes: u64,
+    /// Target pages sent on the preempt channel.
+    pub preempt_pages: u64,
+    /// Bytes written on the preempt channel.
+    pub preempt_bytes: u64,
     /// Ranges in those commands.
     pub discard_ranges: u64,
 }
@@ -340,8 +393,20 @@ pub struct RamSrc {
     dirty_count: u64,
     /// Where the last search stopped (`last_seen_block`, `last_page`).
     cursor: Option<(usize, usize)>,
-    /// The block of the last page record (`last_sent_block`).
+    /// The block of the last page record on the main channel
+    /// (`last_sent_block`).
     last_sent: Option<usize>,
+    /// The block of the last page record on the preempt channel.
+    last_sent_preempt: Option<usize>,
+    /// Pages never to send (QEMU's RamDiscardManager ranges, e.g. unplugged
+    /// virtio-mem memory), per block when any.
+    discarded: Vec<Option<PageBitmap>>,
+    /// POSTCOPY_RUN is on its way: a lost connection may pause.
+    run_sent: bool,
+    /// In recovery: blocks whose RECV_BITMAP reply has not come yet.
+    bitmaps_pending: Vec<bool>,
+    /// In recovery: POSTCOPY_RESUME was written.
+    resume_sent: bool,
     xbzrle: Option<PageCache>,
     xbzrle_started: bool,
     encoded: Vec<u8>,
@@ -418,6 +483,7 @@ impl RamSrc {
             Some(l) => Some(PageCompressor::new(l).map_err(|why| RamSrcError::Config { why })?),
             None => None,
         };
+        let nblocks = pages.len();
         Ok(RamSrc {
             dirty: pages.iter().map(|&n| PageBitmap::new(n as u64)).collect(),
             log: pages.iter().map(|&n| PageBitmap::new(n as u64)).collect(),
@@ -431,6 +497,11 @@ impl RamSrc {
             dirty_count: 0,
             cursor: None,
             last_sent: None,
+            last_sent_preempt: None,
+            discarded: vec![None; nblocks],
+            run_sent: false,
+            bitmaps_pending: Vec::new(),
+            resume_sent: false,
             xbzrle,
             xbzrle_started: false,
             encoded: vec![0; ps],
@@ -604,7 +675,7 @@ impl RamSrc {
         msg: &qmig_wire::RpMessage<'_>,
     ) -> Result<(), RamSrcError> {
         use qmig_wire::RpMessage;
-        if self.state == State::Setup {
+        if matches!(self.state, State::Setup | State::Failed) {
             return Err(RamSrcError::State {
                 call: "handle_return_path",
                 state: self.state,
@@ -620,6 +691,10 @@ impl RamSrc {
                 return Ok(());
             }
             RpMessage::SwitchoverAck => return Ok(()),
+            RpMessage::RecvBitmap { block, bitmap } => {
+                return self.handle_recv_bitmap(block, bitmap);
+            }
+            RpMessage::ResumeAck(v) => return self.handle_resume_ack(*v),
             RpMessage::ReqPagesId { start, len, block } => {
                 let Some(i) = self.blocks.iter().position(|b| b.name == *block) else {
                     return Err(RamSrcError::PageRequest {
@@ -725,6 +800,297 @@ impl RamSrc {
         Ok(())
     }
 
+    /// Marks bytes `[offset, offset + len)` of block `block` as discarded:
+    /// pages that are never sent (QEMU's `RamDiscardManager` ranges, e.g.
+    /// unplugged virtio-mem memory, which `ramblock_dirty_bitmap_clear_discarded_pages`
+    /// clears at setup and again when a recovery reloads the bitmap).
+    /// Partial pages at either end count as discarded only when whole.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] after [`poll_setup`](Self::poll_setup);
+    /// [`RamSrcError::NoSuchBlock`], [`RamSrcError::OutOfBlock`].
+    pub fn set_discarded(
+        &mut self,
+        block: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), RamSrcError> {
+        self.expect("set_discarded", State::Setup)?;
+        let b = self.blocks.get(block).ok_or(RamSrcError::NoSuchBlock {
+            index: block,
+            blocks: self.blocks.len(),
+        })?;
+        match offset.checked_add(len) {
+            Some(end) if end <= b.used_length => {
+                let ps = self.page_size as u64;
+                let first = offset.div_ceil(ps);
+                let last = end / ps;
+                if last > first {
+                    let n = self.pages[block] as u64;
+                    self.discarded[block]
+                        .get_or_insert_with(|| PageBitmap::new(n))
+                        .set_range(first, last - first);
+                }
+                Ok(())
+            }
+            _ => Err(RamSrcError::OutOfBlock {
+                block: b.name.clone(),
+                offset,
+                len,
+                used_length: b.used_length,
+            }),
+        }
+    }
+
+    /// Reports that POSTCOPY_RUN (the package holding it) has been handed
+    /// to the connection: from now on the destination may run the guest, so
+    /// a lost connection pauses instead of failing (QEMU's source enters
+    /// `postcopy-active` once `postcopy_start` has sent the package).
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Postcopy`].
+    pub fn handle_run_sent(&mut self) -> Result<(), RamSrcError> {
+        self.expect("handle_run_sent", State::Postcopy)?;
+        self.run_sent = true;
+        Ok(())
+    }
+
+    /// Whether POSTCOPY_RUN was reported sent ([`handle_run_sent`](Self::handle_run_sent)).
+    #[must_use]
+    pub fn run_sent(&self) -> bool {
+        self.run_sent
+    }
+
+    /// The connection (main channel, its return path or the preempt
+    /// channel) broke. After POSTCOPY_RUN ([`State::Postcopy`] with
+    /// [`handle_run_sent`](Self::handle_run_sent), [`State::Done`] before
+    /// SHUT, or [`State::Recovering`]) the machine pauses
+    /// ([`State::Paused`], QEMU's `postcopy_pause`): queued page requests are
+    /// dropped (the destination re-sends every pending one after
+    /// RESUME_ACK) and nothing is sent until the caller reconnects. In
+    /// [`State::Paused`] this does nothing.
+    ///
+    /// # Errors
+    /// [`RamSrcError::NotPausable`] in any other state, which becomes
+    /// [`State::Failed`]: before POSTCOPY_RUN the migration fails cleanly.
+    pub fn handle_connection_lost(&mut self) -> Result<(), RamSrcError> {
+        match self.state {
+            State::Paused => Ok(()),
+            State::Postcopy | State::Done | State::Recovering if self.run_sent => {
+                self.state = State::Paused;
+                self.urgent.clear();
+                self.last_req_block = None;
+                self.bitmaps_pending.clear();
+                self.resume_sent = false;
+                Ok(())
+            }
+            state => {
+                self.state = State::Failed;
+                self.urgent.clear();
+                Err(RamSrcError::NotPausable { state })
+            }
+        }
+    }
+
+    /// Starts a recovery on a new main connection (QEMU's
+    /// `ram_dirty_bitmap_sync_all`): writes one RECV_BITMAP command per
+    /// block, back to back, and waits for the replies
+    /// ([`handle_return_path`](Self::handle_return_path)). The first page
+    /// record on every channel will name its block again.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Paused`]; [`RamSrcError::Wire`]
+    /// for a block name a reader would refuse (not after [`RamSrc::new`]).
+    pub fn poll_recovery_start(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
+        self.expect("poll_recovery_start", State::Paused)?;
+        for b in &self.blocks {
+            qmig_wire::Command::RecvBitmap { block: &b.name }.write(out)?;
+        }
+        self.bitmaps_pending = vec![true; self.blocks.len()];
+        self.resume_sent = false;
+        self.last_sent = None;
+        self.last_sent_preempt = None;
+        self.last_req_block = None;
+        self.counters.recoveries += 1;
+        self.state = State::Recovering;
+        Ok(())
+    }
+
+    /// Blocks whose RECV_BITMAP reply is still awaited in this recovery.
+    #[must_use]
+    pub fn bitmaps_pending(&self) -> usize {
+        self.bitmaps_pending.iter().filter(|&&p| p).count()
+    }
+
+    /// Whether POSTCOPY_RESUME may be written now: recovering, every reply
+    /// in, not written yet.
+    #[must_use]
+    pub fn ready_to_resume(&self) -> bool {
+        self.state == State::Recovering && !self.resume_sent && self.bitmaps_pending() == 0
+    }
+
+    /// Writes POSTCOPY_RESUME once every RECV_BITMAP reply is in (QEMU's
+    /// `postcopy_resume_handshake`); RESUME_ACK is then awaited.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Recovering`];
+    /// [`RamSrcError::Recovery`] when a reply is missing or POSTCOPY_RESUME
+    /// was already written.
+    pub fn poll_resume(&mut self, out: &mut Vec<u8>) -> Result<(), RamSrcError> {
+        self.expect("poll_resume", State::Recovering)?;
+        if self.resume_sent {
+            return Err(self.wrong_state("POSTCOPY_RESUME"));
+        }
+        let missing = self.bitmaps_pending();
+        if missing > 0 {
+            return Err(RamSrcError::Recovery {
+                rule: crate::RecoveryRule::BitmapsPending { missing },
+            });
+        }
+        qmig_wire::Command::PostcopyResume.write(out)?;
+        self.resume_sent = true;
+        Ok(())
+    }
+
+    fn wrong_state(&self, msg: &'static str) -> RamSrcError {
+        RamSrcError::Recovery {
+            rule: crate::RecoveryRule::WrongState {
+                msg,
+                state: self.state,
+                resume_sent: self.resume_sent,
+            },
+        }
+    }
+
+    fn handle_recv_bitmap(&mut self, block: &str, bitmap: &[u8]) -> Result<(), RamSrcError> {
+        use crate::RecoveryRule as R;
+        if self.state != State::Recovering || self.resume_sent {
+            return Err(self.wrong_state("RECV_BITMAP reply"));
+        }
+        let fail = |rule| RamSrcError::Recovery { rule };
+        let Some(i) = self.blocks.iter().position(|b| b.name == block) else {
+            return Err(fail(R::UnknownBlock {
+                block: block.to_string(),
+            }));
+        };
+        let n = self.pages[i] as u64;
+        let expected = qmig_wire::return_path::recv_bitmap_size(n);
+        if bitmap.len() as u64 != expected {
+            return Err(fail(R::BitmapSize {
+                block: block.to_string(),
+                size: bitmap.len() as u64,
+                pages: n,
+                expected,
+            }));
+        }
+        if !self.bitmaps_pending[i] {
+            return Err(fail(R::DuplicateBitmap {
+                block: block.to_string(),
+            }));
+        }
+        let received = PageBitmap::from_le_bytes(bitmap, n).map_err(|e| {
+            fail(R::BitmapBits {
+                block: block.to_string(),
+                why: e.to_string(),
+            })
+        })?;
+        // The complement of what the destination placed, minus the
+        // discarded ranges.
+        let mut d = PageBitmap::new(n);
+        d.set_range(0, n);
+        for p in received.iter_ones() {
+            d.clear(p);
+        }
+        if let Some(x) = &self.discarded[i] {
+            for p in x.iter_ones() {
+                d.clear(p);
+            }
+        }
+        self.dirty_count = self.dirty_count - self.dirty[i].count_ones() + d.count_ones();
+        self.dirty[i] = d;
+        self.bitmaps_pending[i] = false;
+        Ok(())
+    }
+
+    fn handle_resume_ack(&mut self, value: u32) -> Result<(), RamSrcError> {
+        if self.state != State::Recovering || !self.resume_sent {
+            return Err(self.wrong_state("RESUME_ACK"));
+        }
+        if value != qmig_wire::recovery::RESUME_ACK_VALUE {
+            return Err(RamSrcError::Recovery {
+                rule: crate::RecoveryRule::ResumeAckValue { value },
+            });
+        }
+        self.resume_sent = false;
+        self.last_req_block = None;
+        self.counters.resumes += 1;
+        self.state = State::Postcopy;
+        Ok(())
+    }
+
+    /// Parses one return-path message at the start of `buf` (which starts
+    /// at return-path offset `base`) and takes it as
+    /// [`handle_return_path`](Self::handle_return_path) does. Returns the
+    /// bytes used, or `None` when `buf` holds no whole message yet.
+    ///
+    /// # Errors
+    /// [`RamSrcError::Wire`] for a framing error (a wrong length, a
+    /// RECV_BITMAP reply whose size is not a multiple of 8 or whose end
+    /// marker is not `0x0123456789ABCDEF`), with its offset; then as
+    /// [`handle_return_path`](Self::handle_return_path).
+    pub fn handle_return_path_bytes(
+        &mut self,
+        buf: &[u8],
+        base: u64,
+    ) -> Result<Option<usize>, RamSrcError> {
+        match qmig_wire::decode_rp_message(buf, base)? {
+            Some((m, used)) => {
+                self.handle_return_path(&m)?;
+                Ok(Some(used))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The preempt channel was (re)opened: its first page record will name
+    /// its block.
+    pub fn handle_preempt_connected(&mut self) {
+        self.last_sent_preempt = None;
+    }
+
+    /// Postcopy-preempt (wire-format §12, QEMU's `ram_save_host_page_urgent`):
+    /// writes the queued requested host pages that are still unsent as raw
+    /// page records for the preempt channel (no section, no EOS), with the
+    /// preempt channel's own CONTINUE context. The background scan's cursor
+    /// does not move. A host page is always sent whole by one call, so a
+    /// page the background scan has sent (or put in the main channel's
+    /// buffer) is clean and finishes on the main channel. Returns the
+    /// target pages written.
+    ///
+    /// # Errors
+    /// [`RamSrcError::State`] unless in [`State::Postcopy`];
+    /// [`RamSrcError::MemoryMismatch`] when `mem` does not cover the blocks.
+    pub fn poll_preempt<M: GuestRam + ?Sized>(
+        &mut self,
+        mem: &M,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, RamSrcError> {
+        self.expect("poll_preempt", State::Postcopy)?;
+        self.check_memory(mem)?;
+        let (start, pages) = (out.len(), self.counters.requested_pages);
+        std::mem::swap(&mut self.last_sent, &mut self.last_sent_preempt);
+        let r = self.serve_requests(mem, out, false);
+        std::mem::swap(&mut self.last_sent, &mut self.last_sent_preempt);
+        r?;
+        let n = self.counters.requested_pages - pages;
+        let bytes = (out.len() - start) as u64;
+        self.counters.preempt_pages += n;
+        self.counters.preempt_bytes += bytes;
+        self.counters.transferred += bytes;
+        self.counters.postcopy_bytes += bytes;
+        Ok(n)
+    }
+
     /// Sends the queued page requests: for each, the host pages of its range
     /// that are still dirty, in order; the background scan then goes on
     /// after the last one (QEMU's `get_queued_page`).
@@ -732,6 +1098,7 @@ impl RamSrc {
         &mut self,
         mem: &M,
         out: &mut Vec<u8>,
+        move_cursor: bool,
     ) -> Result<(), RamSrcError> {
         while let Some(r) = self.urgent.pop_front() {
             let at = out.len();
@@ -747,7 +1114,9 @@ impl RamSrc {
                     let mut p = page;
                     let sent = self.save_host_page(r.block, &mut p, mem, out)?;
                     self.counters.requested_pages += sent as u64;
-                    self.cursor = Some((r.block, p));
+                    if move_cursor {
+                        self.cursor = Some((r.block, p));
+                    }
                 }
                 page = next;
             }
@@ -802,6 +1171,14 @@ impl RamSrc {
         for l in &mut self.log {
             l.clear_range(0, l.len());
         }
+        for (d, x) in self.dirty.iter_mut().zip(&self.discarded) {
+            if let Some(x) = x {
+                for i in x.iter_ones() {
+                    d.clear(i);
+                }
+            }
+        }
+        self.dirty_count = self.dirty.iter().map(PageBitmap::count_ones).sum();
         self.counters.dirty_sync_count = 1;
         self.counters.transferred += (out.len() - start) as u64;
         self.state = State::Iterating;
@@ -815,7 +1192,7 @@ impl RamSrc {
     /// [`RamSrcError::NoSuchBlock`], [`RamSrcError::OutOfBlock`], or
     /// [`RamSrcError::State`] after completion.
     pub fn handle_dirty(&mut self, block: usize, offset: u64, len: u64) -> Result<(), RamSrcError> {
-        if matches!(self.state, State::Done | State::Postcopy) {
+        if !matches!(self.state, State::Setup | State::Iterating) {
             return Err(RamSrcError::State {
                 call: "handle_dirty",
                 state: self.state,
@@ -861,7 +1238,17 @@ impl RamSrc {
     pub fn handle_sync(&mut self) -> Result<u64, RamSrcError> {
         self.expect("handle_sync", State::Iterating)?;
         let mut n = 0;
-        for (d, l) in self.dirty.iter_mut().zip(self.log.iter_mut()) {
+        for ((d, l), x) in self
+            .dirty
+            .iter_mut()
+            .zip(self.log.iter_mut())
+            .zip(&self.discarded)
+        {
+            if let Some(x) = x {
+                for i in x.iter_ones() {
+                    l.clear(i);
+                }
+            }
             n += d.merge_from(l);
         }
         self.dirty_count += n;
@@ -888,7 +1275,7 @@ impl RamSrc {
         }
         self.check_memory(mem)?;
         let start = out.len();
-        self.serve_requests(mem, out)?;
+        self.serve_requests(mem, out, true)?;
         // Requested pages are never held back by the budget.
         let budget = budget.saturating_add(out.len() - start);
         let mut progress = Progress::Budget;
@@ -931,7 +1318,7 @@ impl RamSrc {
         if postcopy {
             // The guest runs on the destination: no sync (QEMU's
             // `ram_save_complete` syncs only outside postcopy).
-            self.serve_requests(mem, out)?;
+            self.serve_requests(mem, out, true)?;
         } else {
             self.handle_sync()?;
         }

@@ -292,10 +292,13 @@ fn bad_requests_get_typed_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("0x11000") && e.contains("used length"), "{e}");
-    // Recovery messages are refused, SHUT and PONG recorded.
+    // Recovery messages outside a recovery are refused, SHUT and PONG
+    // recorded.
     assert!(matches!(
         src.handle_return_path(&RpMessage::ResumeAck(1)),
-        Err(RamSrcError::UnexpectedMessage { .. })
+        Err(RamSrcError::Recovery {
+            rule: qmig_ram_src::RecoveryRule::WrongState { .. }
+        })
     ));
     src.handle_return_path(&RpMessage::Pong(2)).unwrap();
     src.handle_return_path(&RpMessage::Shut(0)).unwrap();
