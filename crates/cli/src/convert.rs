@@ -331,6 +331,7 @@ fn apply_slice(
     let buf = buf.get(base as usize..).unwrap_or(&[]);
     let pb = crate::progress::bytes(buf.len() as u64, "convert");
     let mut rd = SliceReader::new(buf);
+    crate::input::configure(rd.decoder_mut());
     let mut released = 0u64;
     let mut n = 0u32;
     let r = loop {
@@ -614,10 +615,12 @@ impl<'a> AnonImage<'a> {
     fn slice(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
         let start = self.check(index, offset, len)?;
         let (_, p, _) = self.blocks[index];
-        // SAFETY: `start..start + len` lies inside the block's mapping of
-        // `have` bytes (checked above), and the returned borrow of `self`
-        // keeps the mapping alive and unaliased for its lifetime.
-        Ok(unsafe { std::slice::from_raw_parts_mut(p.add(start), len) })
+        // SAFETY: `start` is inside the block's mapping (checked above).
+        let at = unsafe { p.add(start) };
+        // SAFETY: `at..at + len` lies inside the block's mapping of `have`
+        // bytes (checked above), and the returned borrow of `self` keeps the
+        // mapping alive and unaliased for its lifetime.
+        Ok(unsafe { std::slice::from_raw_parts_mut(at, len) })
     }
 
     /// The units of `start..start + len` (a checked range of block `index`).
@@ -649,10 +652,13 @@ impl<'a> AnonImage<'a> {
                 .as_slice()
                 .get(from..from + n)
                 .ok_or_else(|| invalid(format!("reference {from:#x} outside the input")))?;
-            // SAFETY: `at..at + n` lies inside the block's mapping of `have`
-            // bytes (`u` is a unit of a checked range, `n` clipped to `have`);
-            // `src` is the read-only input mapping, distinct from it.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p.add(at), n) };
+            // SAFETY: `at` is inside the block's mapping (`u` is a unit of a
+            // checked range, so `at < have`).
+            let dst = unsafe { p.add(at) };
+            // SAFETY: `dst..dst + n` lies inside the block's mapping of
+            // `have` bytes (`n` clipped to `have`); `src` is the read-only
+            // input mapping, distinct from it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n) };
         }
         Ok(())
     }
@@ -660,10 +666,10 @@ impl<'a> AnonImage<'a> {
     /// Forgets the references of the units wholly inside `start..start + len`
     /// and materializes the ones it covers in part.
     fn forget(&mut self, index: usize, start: usize, len: usize) -> std::io::Result<()> {
-        if start % UNIT != 0 {
+        if !start.is_multiple_of(UNIT) {
             self.materialize(index, start, 1)?;
         }
-        if (start + len) % UNIT != 0 {
+        if !(start + len).is_multiple_of(UNIT) {
             self.materialize(index, start + len - 1, 1)?;
         }
         if let Some(refs) = self.refs.get_mut(index) {
@@ -703,7 +709,7 @@ impl qmig_ram_dst::GuestMemory for AnonImage<'_> {
                 let (_, old, old_len) = self.blocks[index];
                 // A unit cut by the new end keeps only its image bytes.
                 let keep = old_len.min(len);
-                if keep % UNIT != 0 {
+                if !keep.is_multiple_of(UNIT) {
                     self.materialize(index, keep, 1)?;
                 }
                 let p = Self::map(len)?;
@@ -714,7 +720,7 @@ impl qmig_ram_dst::GuestMemory for AnonImage<'_> {
                 self.blocks[index] = (name.to_string(), p, len);
                 if let Some(r) = self.refs.get_mut(index).filter(|r| !r.is_empty()) {
                     r.resize(len.div_ceil(UNIT), 0);
-                    if keep % UNIT != 0 {
+                    if !keep.is_multiple_of(UNIT) {
                         r[keep / UNIT] = 0;
                     }
                 }
@@ -743,7 +749,7 @@ impl qmig_ram_dst::GuestMemory for AnonImage<'_> {
         let refs = self.refs.get(index).map_or(&[][..], |r| r.as_slice());
         let (first, whole) = (
             refs.get(units.start).copied().unwrap_or(0),
-            start % UNIT == 0,
+            start.is_multiple_of(UNIT),
         );
         if first != 0 && whole {
             // One input slice if every unit refers to the next unit's bytes.
@@ -774,7 +780,7 @@ impl qmig_ram_dst::GuestMemory for AnonImage<'_> {
         let start = self.check(index, offset, data.len())?;
         if let (Some(from), true) = (
             self.input_offset(data),
-            start % UNIT == 0 && data.len() % UNIT == 0,
+            start.is_multiple_of(UNIT) && data.len().is_multiple_of(UNIT),
         ) {
             let n = self.blocks[index].2.div_ceil(UNIT);
             let refs = &mut self.refs[index];

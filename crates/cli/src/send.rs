@@ -547,10 +547,47 @@ fn workload(
 /// MEM_SIZE list and device state, a few hundred KiB however large the
 /// template's RAM.
 fn template_skeleton(path: &Path) -> Result<Vec<u8>, CliError> {
-    let (mut rd, _) = crate::input::open_stream(path)?;
+    let (input, seekable) = crate::input::open_input(path)?;
     let mut out = Vec::new();
+    // A plain file is mapped and parsed in place (`SliceReader`, several
+    // times faster than reading it: the template is often the whole
+    // capture), its pages released as the parse moves on.
+    if let (crate::input::Input::Plain { file, base }, true) = (&input, seekable) {
+        let map = qmig_ram_dst::MappedInput::new(
+            file.try_clone()
+                .map_err(|e| CliError::io(path, "open", e))?,
+        )
+        .map_err(|e| CliError::io(path, "mmap", e))?;
+        let buf = map.as_slice().get(*base as usize..).unwrap_or(&[]);
+        let mut rd = qmig_wire::SliceReader::new(buf);
+        crate::input::configure(rd.decoder_mut());
+        let mut released = 0u64;
+        for r in rd.by_ref() {
+            let (offset, item) = r.map_err(|e| CliError::wire(path, e))?;
+            if offset - released > 16 << 20 {
+                map.release_prefix((base + offset) as usize);
+                released = offset;
+            }
+            skeleton_item(path, offset, &item, &mut out)?;
+        }
+        return Ok(out);
+    }
+    let (mut rd, _) = crate::input::reader_for(input, seekable, path)?;
     while let Some(ri) = rd.next_item().map_err(|e| CliError::wire(path, e))? {
-        match &ri.item {
+        skeleton_item(path, ri.offset, &ri.item, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Appends `item` to the template skeleton unless it is a page record.
+fn skeleton_item(
+    path: &Path,
+    offset: u64,
+    item: &Item<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), CliError> {
+    {
+        match item {
             Item::Ram(r) if r.is_page() => {}
             // Refused before its page areas are read into the skeleton.
             Item::MappedRam(_) => {
@@ -559,13 +596,13 @@ fn template_skeleton(path: &Path) -> Result<Vec<u8>, CliError> {
                     path.display()
                 )))
             }
-            it => it.write(&mut out).map_err(|e| CliError::Data {
+            it => it.write(out).map_err(|e| CliError::Data {
                 message: format!("{}: {e}", path.display()),
-                offset: Some(ri.offset),
+                offset: Some(offset),
             })?,
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes `buf` and paces to `bw` bytes per second.
