@@ -111,9 +111,14 @@ def main():
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     if sxx > 0:
         k = sum((x - mx) * (y - my) for x, y in pts) / sxx
-        print(f"  fit over the record streams (best times): fixed {my - k * mx:.3f} s + "
-              f"{k * (1 << 30):.3f} s/GiB; with that fixed part, a load time ratio equal to "
-              f"the compaction ratio is out of reach")
+        fixed = my - k * mx
+        print(f"  fit over the record streams (best times): fixed {fixed:.3f} s + "
+              f"{k * (1 << 30):.3f} s/GiB")
+        if fixed > 0 and k > 0:
+            o, c = size["original"], size["converted stream"]
+            print(f"  with that fixed part, the load time ratio at this compaction is at best "
+                  f"{(fixed + k * c) / (fixed + k * o):.2f}x (the per-byte part alone: "
+                  f"{c / o:.2f}x)")
     subprocess.run(["rm", "-rf", work])
 
 
