@@ -624,7 +624,9 @@ impl<M: GuestMemory> Converter<M> {
 
     /// Writes the output stream to `out` (see the module documentation) and
     /// reports what was converted. The memory is left holding the final RAM
-    /// image.
+    /// image (as [`GuestMemory::read`] gives it: pages are read one at a
+    /// time through it, so a memory may keep them elsewhere, e.g. in the
+    /// mapped input).
     ///
     /// # Errors
     /// [`ConvertError::Incomplete`] when the input has not reached its EOF;
