@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Peak-RSS check (issue 13, item 3): runs qmig inspect, extract, roundtrip and
-# convert on every committed capture (tests/data/*/stream, postcopy ones
-# included) and on a generated stream of at least 1 GiB piped through stdin
+# Peak-RSS check (issue 13, item 3): runs qmig inspect, extract, roundtrip,
+# send (of the extracted RAM, the capture as template) and convert on every
+# committed capture (tests/data/*/stream, postcopy ones included) and on a
+# generated stream of at least 1 GiB piped through stdin
 # (never stored: a synthetic precopy stream, several passes over a 256 MiB
 # block, written by the generator below as it is read), and fails if any run
-# peaks above 64 MiB RSS or exits non-zero (convert's documented refusal of
-# mapped-ram input excepted). `convert` must hold the final RAM image
+# peaks above 64 MiB RSS or exits non-zero (documented refusals excepted:
+# convert of mapped-ram input, send of a mapped-ram template or of one with
+# device sections before RAM ends). `convert` must hold the final RAM image
 # (issue 12: at most 64 MiB beyond it), so its limit is 64 MiB plus the
 # stream's RAM size (the block lengths `extract` reports).
 #
@@ -43,6 +45,13 @@ run() {
         rc=0
         verdict="${verdict/ok/ok (refused: mapped-ram input)}"
     fi
+    if [ "$rc" = 1 ] && grep -q -e "the template uses mapped-ram, which qmig does not support" \
+        -e "before the end of ram: not supported" "$work/stderr"; then
+        # Documented refusals of send's template: mapped-ram, and device
+        # sections QEMU sends before RAM ends (s390x, ppc64 spapr, xen).
+        rc=0
+        verdict="${verdict/ok/ok (refused template)}"
+    fi
     if [ "$rc" != 0 ]; then
         verdict="${verdict/ok/}${verdict:+; }exit $rc: $(tail -n 1 "$work/stderr")"
         verdict="${verdict#; }"
@@ -66,6 +75,9 @@ for s in "${captures[@]}"; do
     run "$cap: roundtrip" "$QMIG" -q roundtrip "$s"
     run "$cap: extract" "$QMIG" -q extract "$s" -o "$work/out"
     ram_kib="$(ram_kib "$work/out/manifest.json")"
+    # send maps the extracted images and drops the pages it has sent.
+    run "$cap: send" "$QMIG" -q send --ram "$work/out" --template "$s" --to "file:$work/sent" --force
+    rm -f "$work/sent"
     rm -rf "$work/out"
     RAM_KIB="$ram_kib" run "$cap: convert (RAM $((ram_kib / 1024)) MiB)" "$QMIG" -q convert "$s" "$work/conv"
     rm -f "$work/conv"
@@ -115,6 +127,13 @@ FEED_MIB="$BIG_MIB" run "$big: extract" "$QMIG" -q extract - -o "$work/out"
 rm -rf "$work/out"
 RAM_KIB=$((256 * 1024)) FEED_MIB="$BIG_MIB" run "$big: convert (RAM 256 MiB)" "$QMIG" -q convert - "$work/conv"
 rm -f "$work/conv"
+# send of the generated stream's final 256 MiB RAM (extracted from stdin),
+# with a 1 MiB stream of the same block as its template: the images are
+# mapped, not read, and sent pages leave the resident set.
+gen "$BIG_MIB" | "$QMIG" -q extract - -o "$work/out" >/dev/null
+gen 1 >"$work/template.stream"
+run "generated: send of its 256 MiB RAM" "$QMIG" -q send --ram "$work/out" --template "$work/template.stream" --to "file:$work/sent" --force
+rm -rf "$work/out" "$work/sent" "$work/template.stream"
 
 if [ -z "${1:-}" ]; then rm -rf "$work"; fi
 if [ "$fail" -ne 0 ]; then

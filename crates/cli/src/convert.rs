@@ -170,7 +170,17 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         keep_part: false,
     };
     fs::create_dir_all(&tmp.dir).map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
-    let mem = AnonImage { blocks: Vec::new() };
+    // A regular file is mapped, and the image refers to the mapping's pages
+    // instead of copying them (see `AnonImage`): it lives until the output
+    // is written.
+    let (map, other_input) = match opened.input {
+        crate::input::Input::Plain { file, base } if opened.seekable => {
+            let map = MappedInput::new(file).map_err(|e| format!("{}: {e}", a.input.display()))?;
+            (Some((map, base)), None)
+        }
+        other => (None, Some(other)),
+    };
+    let mem = AnonImage::new(map.as_ref().map(|(m, _)| m));
     let opts = Options {
         zero_pages: match a.zero_pages {
             ZeroArg::Zero => ZeroPages::Zero,
@@ -185,12 +195,10 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
     };
     let mut conv = Converter::new(mem, &tmp.dir, opts)?;
 
-    let apply = match opened.input {
-        crate::input::Input::Plain { file, base } if opened.seekable => {
-            let map = MappedInput::new(file).map_err(|e| format!("{}: {e}", a.input.display()))?;
-            apply_slice(&map, base, &mut conv)
-        }
-        other => {
+    let apply = match (&map, other_input) {
+        (Some((map, base)), _) => apply_slice(map, *base, &mut conv),
+        (None, None) => Ok(()),
+        (None, Some(other)) => {
             let (mut rd, _) = crate::input::reader_for(other, false, &a.input)?;
             let mut r = Ok(());
             loop {
@@ -316,13 +324,14 @@ fn finish_message(
 fn apply_slice(
     map: &MappedInput,
     base: u64,
-    conv: &mut Converter<AnonImage>,
+    conv: &mut Converter<AnonImage<'_>>,
 ) -> Result<(), ConvertError> {
     const RELEASE_STEP: u64 = 32 << 20;
     let buf = map.as_slice();
     let buf = buf.get(base as usize..).unwrap_or(&[]);
     let pb = crate::progress::bytes(buf.len() as u64, "convert");
     let mut rd = SliceReader::new(buf);
+    crate::input::configure(rd.decoder_mut());
     let mut released = 0u64;
     let mut n = 0u32;
     let r = loop {
@@ -508,11 +517,31 @@ pub fn send_mapped_ram<I: AsRef<[u8]>>(
 /// to disk (the image is read once, to write the output). It replaced
 /// sparse files mapped from the temporary directory: faulting page-cache
 /// pages of those files in, and their writeback, were a third of the run.
-struct AnonImage {
+///
+/// When the input is a mapped file, a PAGE record's data is not copied:
+/// the image notes where in the input the page is (`refs`, per 4 KiB unit)
+/// and gives that slice back when the output is written. Copying the pages
+/// in made the kernel allocate and zero the whole image first, half of the
+/// conversion's time. A page is copied in ("materialized") only when
+/// something reads it for writing (an XBZRLE record, a fill byte) or writes
+/// part of it; a ZERO record or a discard just forgets the reference.
+struct AnonImage<'a> {
     blocks: Vec<(String, *mut u8, usize)>,
+    /// Per block, per 4 KiB unit: 0, or 1 + the input offset of the unit's
+    /// content. Allocated zeroed on the first reference.
+    refs: Vec<Vec<u64>>,
+    input: Option<&'a MappedInput>,
+    /// Input bytes handed out by `read` since the mapping was last released.
+    read_since_release: usize,
 }
 
-impl std::fmt::Debug for AnonImage {
+/// The unit of `AnonImage::refs`.
+const UNIT: usize = 4096;
+/// `read` releases the input mapping's pages after handing out this many
+/// bytes of it, keeping the resident set bounded while the output is written.
+const READ_RELEASE_STEP: usize = 16 << 20;
+
+impl std::fmt::Debug for AnonImage<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
             .entries(self.blocks.iter().map(|(n, _, l)| (n, l)))
@@ -520,7 +549,20 @@ impl std::fmt::Debug for AnonImage {
     }
 }
 
-impl AnonImage {
+fn invalid(why: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, why)
+}
+
+impl<'a> AnonImage<'a> {
+    fn new(input: Option<&'a MappedInput>) -> Self {
+        AnonImage {
+            blocks: Vec::new(),
+            refs: Vec::new(),
+            input,
+            read_since_release: 0,
+        }
+    }
+
     fn map(len: usize) -> std::io::Result<*mut u8> {
         if len == 0 {
             return Ok(std::ptr::NonNull::<u8>::dangling().as_ptr());
@@ -554,33 +596,103 @@ impl AnonImage {
         }
     }
 
-    fn slice(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
-        let Some(&(_, p, have)) = self.blocks.get(index) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("block index {index} out of range"),
-            ));
+    /// Checks `offset..offset + len` against block `index`; gives the start.
+    fn check(&self, index: usize, offset: u64, len: usize) -> std::io::Result<usize> {
+        let Some(&(_, _, have)) = self.blocks.get(index) else {
+            return Err(invalid(format!("block index {index} out of range")));
         };
-        let start = usize::try_from(offset)
+        usize::try_from(offset)
             .ok()
-            .filter(|&o| o.checked_add(len).is_some_and(|e| e <= have));
-        let Some(start) = start else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{len} bytes at {offset:#x} outside block {index} of {have:#x} bytes"),
-            ));
-        };
-        // SAFETY: `start` is within the block's mapping of `have` bytes
-        // (checked above).
+            .filter(|&o| o.checked_add(len).is_some_and(|e| e <= have))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{len} bytes at {offset:#x} outside block {index} of {have:#x} bytes"
+                ))
+            })
+    }
+
+    /// The image's own bytes (not the references) of a checked range.
+    fn slice(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        let start = self.check(index, offset, len)?;
+        let (_, p, _) = self.blocks[index];
+        // SAFETY: `start` is inside the block's mapping (checked above).
         let at = unsafe { p.add(start) };
-        // SAFETY: `at..at + len` lies inside that mapping (checked above),
-        // and the returned borrow of `self` keeps the mapping alive and
-        // unaliased for its lifetime.
+        // SAFETY: `at..at + len` lies inside the block's mapping of `have`
+        // bytes (checked above), and the returned borrow of `self` keeps the
+        // mapping alive and unaliased for its lifetime.
         Ok(unsafe { std::slice::from_raw_parts_mut(at, len) })
+    }
+
+    /// The units of `start..start + len` (a checked range of block `index`).
+    fn units(start: usize, len: usize) -> std::ops::Range<usize> {
+        start / UNIT..(start + len).div_ceil(UNIT)
+    }
+
+    /// Copies the referenced input content of every unit touching
+    /// `start..start + len` of block `index` into the image; forgets the
+    /// references.
+    fn materialize(&mut self, index: usize, start: usize, len: usize) -> std::io::Result<()> {
+        let Some(input) = self.input else {
+            return Ok(());
+        };
+        let (_, p, have) = self.blocks[index];
+        let Some(refs) = self.refs.get_mut(index).filter(|r| !r.is_empty()) else {
+            return Ok(());
+        };
+        for u in Self::units(start, len) {
+            let Some(r) = refs.get_mut(u) else { break };
+            if *r == 0 {
+                continue;
+            }
+            let from = (*r - 1) as usize;
+            *r = 0;
+            let at = u * UNIT;
+            let n = UNIT.min(have - at);
+            let src = input
+                .as_slice()
+                .get(from..from + n)
+                .ok_or_else(|| invalid(format!("reference {from:#x} outside the input")))?;
+            // SAFETY: `at` is inside the block's mapping (`u` is a unit of a
+            // checked range, so `at < have`).
+            let dst = unsafe { p.add(at) };
+            // SAFETY: `dst..dst + n` lies inside the block's mapping of
+            // `have` bytes (`n` clipped to `have`); `src` is the read-only
+            // input mapping, distinct from it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n) };
+        }
+        Ok(())
+    }
+
+    /// Forgets the references of the units wholly inside `start..start + len`
+    /// and materializes the ones it covers in part.
+    fn forget(&mut self, index: usize, start: usize, len: usize) -> std::io::Result<()> {
+        if !start.is_multiple_of(UNIT) {
+            self.materialize(index, start, 1)?;
+        }
+        if !(start + len).is_multiple_of(UNIT) {
+            self.materialize(index, start + len - 1, 1)?;
+        }
+        if let Some(refs) = self.refs.get_mut(index) {
+            for u in Self::units(start, len) {
+                match refs.get_mut(u) {
+                    Some(r) => *r = 0,
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `data` lies in the input mapping, if it does.
+    fn input_offset(&self, data: &[u8]) -> Option<usize> {
+        let input = self.input?.as_slice();
+        let base = input.as_ptr() as usize;
+        let at = (data.as_ptr() as usize).checked_sub(base)?;
+        (at.checked_add(data.len())? <= input.len()).then_some(at)
     }
 }
 
-impl Drop for AnonImage {
+impl Drop for AnonImage<'_> {
     fn drop(&mut self) {
         for &(_, p, len) in &self.blocks {
             Self::unmap(p, len);
@@ -588,39 +700,108 @@ impl Drop for AnonImage {
     }
 }
 
-impl qmig_ram_dst::GuestMemory for AnonImage {
+impl qmig_ram_dst::GuestMemory for AnonImage<'_> {
     fn set_block_len(&mut self, index: usize, name: &str, len: u64) -> std::io::Result<()> {
         let len = usize::try_from(len)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::OutOfMemory, "block too large"))?;
-        let p = Self::map(len)?;
         match index.cmp(&self.blocks.len()) {
             std::cmp::Ordering::Less => {
                 let (_, old, old_len) = self.blocks[index];
+                // A unit cut by the new end keeps only its image bytes.
                 let keep = old_len.min(len);
+                if !keep.is_multiple_of(UNIT) {
+                    self.materialize(index, keep, 1)?;
+                }
+                let p = Self::map(len)?;
                 // SAFETY: both mappings are live and distinct; `keep` is
                 // within each.
                 unsafe { std::ptr::copy_nonoverlapping(old, p, keep) };
                 Self::unmap(old, old_len);
                 self.blocks[index] = (name.to_string(), p, len);
+                if let Some(r) = self.refs.get_mut(index).filter(|r| !r.is_empty()) {
+                    r.resize(len.div_ceil(UNIT), 0);
+                    if !keep.is_multiple_of(UNIT) {
+                        r[keep / UNIT] = 0;
+                    }
+                }
             }
-            std::cmp::Ordering::Equal => self.blocks.push((name.to_string(), p, len)),
+            std::cmp::Ordering::Equal => {
+                let p = Self::map(len)?;
+                self.blocks.push((name.to_string(), p, len));
+                self.refs.push(Vec::new());
+            }
             std::cmp::Ordering::Greater => {
-                Self::unmap(p, len);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("block index {index} skips ahead"),
-                ));
+                return Err(invalid(format!("block index {index} skips ahead")));
             }
         }
         Ok(())
     }
 
     fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&mut [u8]> {
+        let start = self.check(index, offset, len)?;
+        self.materialize(index, start, len)?;
         self.slice(index, offset, len)
     }
 
+    fn read(&mut self, index: usize, offset: u64, len: usize) -> std::io::Result<&[u8]> {
+        let start = self.check(index, offset, len)?;
+        let units = Self::units(start, len);
+        let refs = self.refs.get(index).map_or(&[][..], |r| r.as_slice());
+        let (first, whole) = (
+            refs.get(units.start).copied().unwrap_or(0),
+            start.is_multiple_of(UNIT),
+        );
+        if first != 0 && whole {
+            // One input slice if every unit refers to the next unit's bytes.
+            let from = (first - 1) as usize;
+            let contiguous = units
+                .clone()
+                .enumerate()
+                .all(|(i, u)| refs.get(u).copied() == Some(first + (i * UNIT) as u64));
+            if let (true, Some(input)) = (contiguous, self.input) {
+                self.read_since_release += len;
+                if self.read_since_release >= READ_RELEASE_STEP {
+                    // Drops this process's mappings of input pages (they
+                    // stay in the page cache); no slice of it is borrowed now.
+                    input.release_prefix(input.as_slice().len());
+                    self.read_since_release = len;
+                }
+                return input
+                    .as_slice()
+                    .get(from..from + len)
+                    .ok_or_else(|| invalid(format!("reference {from:#x} outside the input")));
+            }
+        }
+        self.materialize(index, start, len)?;
+        self.slice(index, offset, len).map(|b| &*b)
+    }
+
+    fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let start = self.check(index, offset, data.len())?;
+        if let (Some(from), true) = (
+            self.input_offset(data),
+            start.is_multiple_of(UNIT) && data.len().is_multiple_of(UNIT),
+        ) {
+            let n = self.blocks[index].2.div_ceil(UNIT);
+            let refs = &mut self.refs[index];
+            if refs.is_empty() {
+                *refs = vec![0; n];
+            }
+            for (i, u) in Self::units(start, data.len()).enumerate() {
+                refs[u] = (from + i * UNIT) as u64 + 1;
+            }
+            return Ok(());
+        }
+        self.forget(index, start, data.len())?;
+        self.slice(index, offset, data.len())?.copy_from_slice(data);
+        Ok(())
+    }
+
     fn zero_page(&mut self, index: usize, offset: u64, len: u64) -> std::io::Result<()> {
-        let b = self.slice(index, offset, len as usize)?;
+        let len = usize::try_from(len).map_err(|_| invalid(format!("{len} bytes")))?;
+        let start = self.check(index, offset, len)?;
+        self.forget(index, start, len)?;
+        let b = self.slice(index, offset, len)?;
         // Reading a page never written maps the zero page: no allocation.
         if !qmig_ram_src::is_zero(b) {
             b.fill(0);

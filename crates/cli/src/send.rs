@@ -383,6 +383,19 @@ impl Image {
     }
 }
 
+impl Ram {
+    /// Drops the resident pages of the mapped images (sent pages stay in
+    /// the page cache), keeping `send`'s RSS bounded by one iteration's
+    /// pages rather than the RAM's size.
+    fn release_mapped(&self) {
+        for i in &self.images {
+            if let Image::Mapped(m) = i {
+                m.release_prefix(m.as_slice().len());
+            }
+        }
+    }
+}
+
 impl std::ops::Deref for Image {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -450,9 +463,14 @@ fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
             )));
         }
         let img = if flen == b.length && flen > 0 {
-            Image::Mapped(
-                qmig_ram_dst::MappedInput::new(f).map_err(|e| CliError::io(&path, "mmap", e))?,
-            )
+            let mut m =
+                qmig_ram_dst::MappedInput::new(f).map_err(|e| CliError::io(&path, "mmap", e))?;
+            // Sent pages leave the resident set (they stay in the page
+            // cache) in every mode, not only where the precopy loop calls
+            // `Ram::release_mapped`: peak RSS under 64 MiB (scripts/rss_check.sh).
+            m.release_periodically(std::time::Duration::from_millis(10))
+                .map_err(|e| CliError::io(&path, "start a thread for", e))?;
+            Image::Mapped(m)
         } else {
             let mut v = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
             v.resize(b.length as usize, 0);
@@ -548,18 +566,62 @@ pub(crate) fn workload(
 /// MEM_SIZE list and device state, a few hundred KiB however large the
 /// template's RAM.
 fn template_skeleton(path: &Path) -> Result<Vec<u8>, CliError> {
-    let (mut rd, _) = crate::input::open_stream(path)?;
+    let (input, seekable) = crate::input::open_input(path)?;
     let mut out = Vec::new();
+    // A plain file is mapped and parsed in place (`SliceReader`, several
+    // times faster than reading it: the template is often the whole
+    // capture), its pages released as the parse moves on.
+    if let (crate::input::Input::Plain { file, base }, true) = (&input, seekable) {
+        let map = qmig_ram_dst::MappedInput::new(
+            file.try_clone()
+                .map_err(|e| CliError::io(path, "open", e))?,
+        )
+        .map_err(|e| CliError::io(path, "mmap", e))?;
+        let buf = map.as_slice().get(*base as usize..).unwrap_or(&[]);
+        let mut rd = qmig_wire::SliceReader::new(buf);
+        crate::input::configure(rd.decoder_mut());
+        let mut released = 0u64;
+        for r in rd.by_ref() {
+            let (offset, item) = r.map_err(|e| CliError::wire(path, e))?;
+            if offset - released > 16 << 20 {
+                map.release_prefix((base + offset) as usize);
+                released = offset;
+            }
+            skeleton_item(path, offset, &item, &mut out)?;
+        }
+        return Ok(out);
+    }
+    let (mut rd, _) = crate::input::reader_for(input, seekable, path)?;
     while let Some(ri) = rd.next_item().map_err(|e| CliError::wire(path, e))? {
-        match &ri.item {
+        skeleton_item(path, ri.offset, &ri.item, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Appends `item` to the template skeleton unless it is a page record.
+fn skeleton_item(
+    path: &Path,
+    offset: u64,
+    item: &Item<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), CliError> {
+    {
+        match item {
             Item::Ram(r) if r.is_page() => {}
-            it => it.write(&mut out).map_err(|e| CliError::Data {
+            // Refused before its page areas are read into the skeleton.
+            Item::MappedRam(_) => {
+                return Err(CliError::data(format!(
+                    "{}: the template uses mapped-ram, which qmig does not support",
+                    path.display()
+                )))
+            }
+            it => it.write(out).map_err(|e| CliError::Data {
                 message: format!("{}: {e}", path.display()),
-                offset: Some(ri.offset),
+                offset: Some(offset),
             })?,
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes `buf` and paces to `bw` bytes per second.
@@ -878,7 +940,9 @@ fn stream(
     let total: u64 = ram.images.iter().map(|i| i.len() as u64).sum();
     let page_size = 1usize << src.template().page_bits;
     // QEMU's rate limit: max-bandwidth per 100 ms period (default 128 MiB/s).
-    let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
+    // Unpaced, 4 MiB per iteration: the buffer and the image pages read
+    // between two `release_mapped` calls stay small.
+    let budget = pacer.bw.map_or(4 << 20, |b| (b / 10).max(1) as usize);
     let mut out = Vec::with_capacity(budget + (1 << 16));
     let mut rng = Rng(a.seed);
     let passes = a.passes.max(1);
@@ -906,6 +970,7 @@ fn stream(
                 .map_err(src_error)?;
             pb.set_position(src.ram().counters().transferred.min(total));
             pacer.send(sink, &mut out, uri)?;
+            ram.release_mapped();
             if p == Progress::Clean {
                 break;
             }

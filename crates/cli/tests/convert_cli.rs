@@ -407,3 +407,46 @@ fn send_mapped_ram_writes_the_ram() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("file:"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Every committed capture, from a plain file (so `convert` maps it and its
+/// image refers to the input's pages instead of copying them): the
+/// converted stream's memory equals the input's, for XBZRLE (pages
+/// materialized before decoding), COMPRESS_PAGE, postcopy discards and
+/// multi-pass inputs alike; the mapped-ram output of the multi-pass ones too.
+#[test]
+fn every_capture_from_a_mapped_file_keeps_its_memory() {
+    let caps = qmig_tests::captures();
+    assert!(caps.len() >= 20, "corpus missing: {} captures", caps.len());
+    let d = scratch("every");
+    for c in &caps {
+        let input = d.join(format!("{}.stream", c.name));
+        std::fs::write(&input, &c.stream).unwrap();
+        let want = extract(&input, &d.join(format!("{}.want", c.name)));
+        let out = d.join(format!("{}.conv", c.name));
+        ok(&run(&[&"-q", &"convert", &input, &out]));
+        let got = extract(&out, &d.join(format!("{}.got", c.name)));
+        assert!(got == want, "{}: memory differs after convert", c.name);
+        if ["q10-xbzrle", "q10-passes", "q10-postcopy", "q72-compress"].contains(&c.name.as_str()) {
+            let mr = d.join(format!("{}.mr", c.name));
+            ok(&run(&[
+                &"-q",
+                &"convert",
+                &input,
+                &mr,
+                &"--format",
+                &"mapped-ram",
+            ]));
+            let got = extract(&mr, &d.join(format!("{}.mrgot", c.name)));
+            // Pages that stayed zero are holes of the mapped-ram file.
+            for ((n, a), (m, b)) in got.iter().zip(&want) {
+                assert_eq!(n, m);
+                assert!(
+                    a == b,
+                    "{}: {n} differs after convert --format mapped-ram",
+                    c.name
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -25,6 +25,18 @@ pub trait GuestMemory {
     /// An unknown block or a range outside it.
     fn bytes_mut(&mut self, index: usize, offset: u64, len: usize) -> io::Result<&mut [u8]>;
 
+    /// The bytes `offset..offset + len` of block `index`, for reading only.
+    /// The default is [`GuestMemory::bytes_mut`]; a memory that can hold a
+    /// page's content elsewhere (`qmig convert`'s image refers to pages of
+    /// its mapped input instead of copying them) returns it from there.
+    ///
+    /// # Errors
+    /// As for [`GuestMemory::bytes_mut`].
+    #[inline]
+    fn read(&mut self, index: usize, offset: u64, len: usize) -> io::Result<&[u8]> {
+        self.bytes_mut(index, offset, len).map(|b| &*b)
+    }
+
     /// Writes `data` at `offset` of block `index` (a whole page or host page).
     /// Backends may buffer it until the next other call or [`GuestMemory::flush`].
     ///

@@ -320,6 +320,29 @@ pub struct MappedInput {
     ptr: Option<NonNull<u8>>,
     len: usize,
     _file: File,
+    /// The thread started by [`MappedInput::release_periodically`].
+    releaser: Option<Releaser>,
+}
+
+/// A thread that drops a mapping's resident pages at a fixed period, until
+/// it is told to stop (always before the mapping goes).
+#[derive(Debug)]
+struct Releaser {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Releaser {
+    fn stop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        if let Ok(mut g) = lock.lock() {
+            *g = true;
+        }
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 // SAFETY: the mapping is read-only and owned by this value; sharing `&[u8]`
@@ -341,6 +364,7 @@ impl MappedInput {
                 ptr: None,
                 len,
                 _file: file,
+                releaser: None,
             });
         }
         // SAFETY: a fresh private read-only mapping chosen by the kernel (null
@@ -365,6 +389,7 @@ impl MappedInput {
             ptr: NonNull::new(p.cast()),
             len,
             _file: file,
+            releaser: None,
         })
     }
 
@@ -382,6 +407,56 @@ impl MappedInput {
         }
     }
 
+    /// Starts a thread that drops this mapping's resident pages every
+    /// `period` (as [`release_prefix`](Self::release_prefix) of the whole
+    /// file) until the value drops: for a reader that walks the mapping in
+    /// an order this type cannot see (`qmig send` reading RAM images), so
+    /// that its resident set stays near what it reads in one period instead
+    /// of growing to the file's size. Readers are unaffected but for
+    /// faulting pages in again from the page cache. A second call does nothing.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn release_periodically(&mut self, period: std::time::Duration) -> io::Result<()> {
+        let Some(p) = self.ptr else {
+            return Ok(());
+        };
+        if self.releaser.is_some() {
+            return Ok(());
+        }
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let (addr, len) = (p.as_ptr() as usize, self.len & !4095);
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("qmig-release".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                let Ok(mut stopped) = lock.lock() else { return };
+                while !*stopped {
+                    if len > 0 {
+                        // SAFETY: `addr..addr + len` is the page-aligned part of
+                        // the private read-only file mapping made in `new`; it
+                        // stays mapped while this thread runs, because `drop`
+                        // stops and joins this thread before `munmap`.
+                        // MADV_DONTNEED there only drops this process's
+                        // page-table entries of unmodified file pages.
+                        unsafe {
+                            libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED)
+                        };
+                    }
+                    match cv.wait_timeout(stopped, period) {
+                        Ok((g, _)) => stopped = g,
+                        Err(_) => return,
+                    }
+                }
+            })?;
+        self.releaser = Some(Releaser {
+            stop,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
     /// The file's bytes.
     pub fn as_slice(&self) -> &[u8] {
         match self.ptr {
@@ -395,6 +470,11 @@ impl MappedInput {
 
 impl Drop for MappedInput {
     fn drop(&mut self) {
+        // The releaser thread must be gone before the range is unmapped (it
+        // could otherwise advise a later, unrelated mapping at that address).
+        if let Some(mut r) = self.releaser.take() {
+            r.stop();
+        }
         if let Some(p) = self.ptr.take() {
             // SAFETY: address and length of the mapping made in `new`; no slice
             // into it can outlive `self`.

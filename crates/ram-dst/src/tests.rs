@@ -1206,6 +1206,41 @@ fn mmap_memory_keeps_data_across_page_releases() {
 }
 
 #[test]
+fn mapped_input_reads_the_file_while_its_pages_are_released() {
+    // A releaser thread drops the mapping's pages every millisecond while the
+    // whole file is read over and over: every read sees the file's bytes,
+    // and dropping the value (which stops the thread before unmapping) and
+    // mapping again works.
+    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-input-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("image");
+    let want: Vec<u8> = (0..(8u32 << 20) + 123)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&path, &want).unwrap();
+    for _ in 0..3 {
+        let mut m = crate::MappedInput::new(std::fs::File::open(&path).unwrap()).unwrap();
+        m.release_periodically(std::time::Duration::from_millis(1))
+            .unwrap();
+        m.release_periodically(std::time::Duration::from_millis(1))
+            .unwrap();
+        for _ in 0..20 {
+            assert!(m.as_slice() == &want[..]);
+        }
+        drop(m);
+    }
+    // An empty file has nothing to release.
+    std::fs::write(&path, b"").unwrap();
+    let mut m = crate::MappedInput::new(std::fs::File::open(&path).unwrap()).unwrap();
+    m.release_periodically(std::time::Duration::from_millis(1))
+        .unwrap();
+    assert!(m.as_slice().is_empty());
+    drop(m);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn mmap_memory_writes_files_sparsely_and_punches_holes() {
     use std::os::unix::fs::MetadataExt;
     let dir = std::env::temp_dir().join(format!("qmig-ram-dst-test-{}", std::process::id()));

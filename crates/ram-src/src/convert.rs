@@ -624,7 +624,9 @@ impl<M: GuestMemory> Converter<M> {
 
     /// Writes the output stream to `out` (see the module documentation) and
     /// reports what was converted. The memory is left holding the final RAM
-    /// image.
+    /// image (as [`GuestMemory::read`] gives it: pages are read one at a
+    /// time through it, so a memory may keep them elsewhere, e.g. in the
+    /// mapped input).
     ///
     /// # Errors
     /// [`ConvertError::Incomplete`] when the input has not reached its EOF;
@@ -698,17 +700,19 @@ impl<M: GuestMemory> Converter<M> {
                     off += n_bytes as u64;
                     continue;
                 }
-                let data = self
-                    .dst
-                    .memory_mut()
-                    .bytes_mut(b, off, n_bytes)
-                    .map_err(io_err("RAM image"))?;
-                for (i, pg) in data.chunks_exact(page).enumerate() {
-                    let p = first + i as u64;
+                for i in 0..pages {
+                    let p = first + i;
                     if !touched.get(p) {
                         report.untouched_pages += 1;
                         continue;
                     }
+                    // One page at a time through `read`: a memory that refers
+                    // to the input's pages gives them without a copy.
+                    let pg = self
+                        .dst
+                        .memory_mut()
+                        .read(b, p * tps, page)
+                        .map_err(io_err("RAM image"))?;
                     let zero = is_zero(pg);
                     if zero && self.opts.zero_pages == ZeroPages::Skip {
                         report.skipped_zero_pages += 1;
@@ -917,7 +921,7 @@ struct MemBytes<'m, M> {
 
 impl<M: GuestMemory> BlockBytes for MemBytes<'_, M> {
     fn bytes(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
-        self.mem.bytes_mut(self.index, offset, len).map(|b| &*b)
+        self.mem.read(self.index, offset, len)
     }
 }
 
