@@ -4,8 +4,8 @@
 
 use crate::{uleb128, Overflow};
 
-const BLOCK: usize = 64;
-const MAX_RUN: usize = uleb128::MAX as usize;
+pub(crate) const BLOCK: usize = 64;
+pub(crate) const MAX_RUN: usize = uleb128::MAX as usize;
 
 /// Encodes `new` against `old` (the cached previous content of the page) into `out`.
 ///
@@ -317,7 +317,7 @@ where
 /// Length and literal bytes of the data run `new[start..p]` with QEMU's checks (given
 /// `d + 2 <= out.len()`, established by the check after the preceding skip run).
 #[inline(always)]
-fn emit_data_checked<const LONG: bool>(
+pub(crate) fn emit_data_checked<const LONG: bool>(
     out: &mut [u8],
     d: usize,
     new: &[u8],
@@ -346,7 +346,7 @@ fn tail_mask(old: &[u8], new: &[u8]) -> u64 {
 /// Writes a run length (`v <= 0x3FFF`) at `out[d..]`, given `d + 2 <= out.len()`; always
 /// stores two bytes (the second is scratch for short lengths) to avoid a branch.
 #[inline(always)]
-fn put_len(out: &mut [u8], d: usize, v: usize) -> usize {
+pub(crate) fn put_len(out: &mut [u8], d: usize, v: usize) -> usize {
     let two = usize::from(v >= 0x80);
     let o: &mut [u8; 2] = (&mut out[d..d + 2]).try_into().unwrap();
     o[0] = (v as u8 & 0x7F) | ((two as u8) << 7);
@@ -385,6 +385,7 @@ mod simd {
 
     use super::{encode_core, BLOCK, UNIFORM};
     use crate::Overflow;
+    use core::sync::atomic::{AtomicU8, Ordering};
     use core::arch::x86_64::{
         __m128i, __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
         _mm256_or_si256, _mm256_setzero_si256, _mm256_testz_si256, _mm256_xor_si256,
@@ -392,8 +393,46 @@ mod simd {
         _mm_xor_si128,
     };
 
+    /// Which kernel [`encode_x86`] uses: 0 not yet known, 1 SSE2, 2 AVX2, 3 AVX-512.
+    static KERNEL: AtomicU8 = AtomicU8::new(0);
+
+    fn kernel() -> u8 {
+        match KERNEL.load(Ordering::Relaxed) {
+            0 => {
+                let k = if crate::avx512::supported() {
+                    3
+                } else if avx2_supported() {
+                    2
+                } else {
+                    1
+                };
+                KERNEL.store(k, Ordering::Relaxed);
+                k
+            }
+            k => k,
+        }
+    }
+
+    pub(super) fn avx2_supported() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi1")
+    }
+
     pub(super) fn encode_x86(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi1") {
+        match kernel() {
+            // SAFETY: kernel 3 is only chosen when `avx512::supported()` said yes.
+            3 => unsafe { crate::avx512::encode_avx512(old, new, out) },
+            2 => encode_avx2_checked(old, new, out),
+            _ => encode_core(old, new, out, diff_mask_sse2, uniform_sse2),
+        }
+    }
+
+    /// The AVX2 kernel where the CPU has AVX2, else the SSE2 one.
+    pub(crate) fn encode_avx2_checked(
+        old: &[u8],
+        new: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, Overflow> {
+        if avx2_supported() {
             // SAFETY: the CPU supports AVX2 and BMI1 (checked just above), the only
             // requirement of `encode_avx2`.
             unsafe { encode_avx2(old, new, out) }
@@ -549,6 +588,33 @@ mod simd {
 #[doc(hidden)]
 pub mod variants {
     use crate::Overflow;
+
+    /// An encoder, as the variants are called.
+    pub type Encoder = fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Overflow>;
+
+    /// Every encoder path this CPU can run, by name: `"portable"` (the safe SWAR
+    /// fallback, always), and on x86_64 `"sse2"`, `"avx2"` and `"avx512"` where the CPU
+    /// has the features. [`encode`](crate::encode) picks the last one listed; tests run
+    /// them all to check each against the reference.
+    #[must_use]
+    pub fn available() -> Vec<(&'static str, Encoder)> {
+        let mut v: Vec<(&'static str, Encoder)> = vec![("portable", crate::encode_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            v.push(("sse2", encode_sse2));
+            if super::simd::avx2_supported() {
+                v.push(("avx2", super::simd::encode_avx2_checked));
+            }
+            if crate::avx512::supported() {
+                fn avx512(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
+                    // SAFETY: only listed after `avx512::supported()` said yes.
+                    unsafe { crate::avx512::encode_avx512(old, new, out) }
+                }
+                v.push(("avx512", avx512));
+            }
+        }
+        v
+    }
 
     /// SSE2 kernel (x86_64 only; otherwise the portable kernel).
     ///
