@@ -114,12 +114,40 @@ where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
     U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
 {
+    encode_core_wide::<M, U, _, NO_WIDE>(old, new, out, mask, uniform, |_, d, _, _, _| d)
+}
+
+/// `WIDE_MIN` that never selects the wide-block writer (a block has at most 64 run
+/// starts).
+pub(crate) const NO_WIDE: u32 = 65;
+
+/// [`encode_core`] with a writer for blocks with many runs: for a full block with at
+/// least `WIDE_MIN` run starts and room for all it can write, the encoder writes the run
+/// open since before the block's first run start itself, then calls
+/// `wide(out, d, new_block, m, t)`, which must write the runs wholly inside the block
+/// (from its first run start in `t` to its last; each below 64 bytes, so with one-byte
+/// lengths; changed bytes `m`) exactly as the run-by-run path would, at `out[d..]`, and
+/// return the new output length.
+#[inline(always)]
+pub(crate) fn encode_core_wide<M, U, W, const WIDE_MIN: u32>(
+    old: &[u8],
+    new: &[u8],
+    out: &mut [u8],
+    mask: M,
+    uniform: U,
+    wide: W,
+) -> Result<usize, Overflow>
+where
+    M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+    U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
+    W: Fn(&mut [u8], usize, &[u8; BLOCK], u64, u64) -> usize,
+{
     // Runs can only exceed the 14-bit limit on pages above 16 KiB: a separate copy of the
     // loop keeps those checks out of the common case.
     if new.len() > MAX_RUN {
-        encode_loop::<M, U, true>(old, new, out, mask, uniform)
+        encode_loop::<M, U, W, true, WIDE_MIN>(old, new, out, mask, uniform, wide)
     } else {
-        encode_loop::<M, U, false>(old, new, out, mask, uniform)
+        encode_loop::<M, U, W, false, WIDE_MIN>(old, new, out, mask, uniform, wide)
     }
 }
 
@@ -128,16 +156,18 @@ where
 const FAST_OUT: usize = 256 + 32;
 
 #[inline(always)]
-fn encode_loop<M, U, const LONG: bool>(
+fn encode_loop<M, U, W, const LONG: bool, const WIDE_MIN: u32>(
     old: &[u8],
     new: &[u8],
     out: &mut [u8],
     mask: M,
     uniform: U,
+    wide: W,
 ) -> Result<usize, Overflow>
 where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
     U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
+    W: Fn(&mut [u8], usize, &[u8; BLOCK], u64, u64) -> usize,
 {
     let len = new.len();
     let dlen = out.len();
@@ -150,6 +180,21 @@ where
     }
     let old = &old[..len];
     let full = len - len % BLOCK;
+
+    // Mostly changed pages (random content) usually overflow, and finding that out run by
+    // run means copying most of the page into `out` first. When the first block is at
+    // least 3/4 changed, count instead: every changed byte is sent, and every data run
+    // also costs its own length byte and the preceding skip run's, so the encoding is at
+    // least `changed + 2 * data_runs` bytes; above the limit, QEMU's encoder overflows
+    // (an encoding it completes is never longer than the limit), whatever the order of
+    // its checks. Otherwise the count was only a compare pass, and encoding goes on.
+    if full > 0 {
+        let a: &[u8; BLOCK] = old[..BLOCK].try_into().unwrap();
+        let b: &[u8; BLOCK] = new[..BLOCK].try_into().unwrap();
+        if mask(a, b).count_ones() >= 48 && lower_bound(old, new, full, &mask) > dlen {
+            return Err(Overflow);
+        }
+    }
 
     // The page is walked in 64-byte blocks. For each block, `m` has bit k set iff byte
     // base+k changed, and `t` has bit k set iff byte base+k starts a new run (its
@@ -185,6 +230,27 @@ where
                 base += UNIFORM;
             }
             continue;
+        }
+        if WIDE_MIN < NO_WIDE && base < full && t.count_ones() >= WIDE_MIN {
+            // Many runs: the run open since before the block here, the runs inside the
+            // block by `wide`. Everything written fits with 2 to spare, so no QEMU
+            // check can fire in this block (see `avx512` for the bound).
+            let p0 = t.trailing_zeros() as usize;
+            let plast = 63 - t.leading_zeros() as usize;
+            let pend = base + p0 - start;
+            if d + 4 + pend + 2 * (plast - p0) <= dlen && (!LONG || pend <= MAX_RUN) {
+                d += put_len(out, d, pend);
+                if in_diff {
+                    copy_literal(out, d, new, start, pend);
+                    d += pend;
+                }
+                let nb: &[u8; BLOCK] = new[base..base + BLOCK].try_into().unwrap();
+                d = wide(out, d, nb, m, t);
+                start = base + plast;
+                in_diff = (m >> plast) & 1 != 0;
+                base += BLOCK;
+                continue;
+            }
         }
         // Fast path, for blocks where none of QEMU's overflow checks can fire: while all
         // data runs are at most 32 bytes, one block produces at most 64 two-byte lengths
@@ -312,6 +378,34 @@ where
     }
     // Otherwise the trailing skip run is not sent; d == 0 means unchanged.
     Ok(d)
+}
+
+/// `changed + 2 * data_runs` for `old`/`new` (blocks of 64 up to `full`, then the tail):
+/// a lower bound on the encoded length, without any output limit.
+#[inline(always)]
+fn lower_bound<M>(old: &[u8], new: &[u8], full: usize, mask: &M) -> usize
+where
+    M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+{
+    let mut changed = 0usize;
+    let mut runs = 0usize;
+    let mut carry = 0u64;
+    let mut base = 0;
+    while base < full {
+        let a: &[u8; BLOCK] = old[base..base + BLOCK].try_into().unwrap();
+        let b: &[u8; BLOCK] = new[base..base + BLOCK].try_into().unwrap();
+        let m = mask(a, b);
+        changed += m.count_ones() as usize;
+        runs += (m & !((m << 1) | carry)).count_ones() as usize;
+        carry = m >> 63;
+        base += BLOCK;
+    }
+    if full < new.len() {
+        let m = tail_mask(&old[full..], &new[full..]);
+        changed += m.count_ones() as usize;
+        runs += (m & !((m << 1) | carry)).count_ones() as usize;
+    }
+    changed + 2 * runs
 }
 
 /// Length and literal bytes of the data run `new[start..p]` with QEMU's checks (given
