@@ -18,10 +18,10 @@
 use crate::encode::{encode_core_wide, BLOCK, UNIFORM};
 use crate::Overflow;
 use core::arch::x86_64::{
-    __m512i, _bzhi_u64, _mm512_add_epi8, _mm512_cmpeq_epi8_mask, _mm512_cmpneq_epi8_mask, _mm512_loadu_si512,
-    _mm512_mask_storeu_epi8, _mm512_maskz_compress_epi8, _mm512_maskz_expand_epi8,
-    _mm512_permutex2var_epi8, _mm512_permutexvar_epi8, _mm512_set1_epi8, _mm512_storeu_si512,
-    _mm512_sub_epi8, _pdep_u64,
+    __m512i, _bzhi_u64, _mm512_add_epi8, _mm512_cmpeq_epi8_mask, _mm512_cmpneq_epi8_mask,
+    _mm512_loadu_si512, _mm512_mask_storeu_epi8, _mm512_maskz_compress_epi8,
+    _mm512_maskz_expand_epi8, _mm512_permutex2var_epi8, _mm512_permutexvar_epi8, _mm512_set1_epi8,
+    _mm512_storeu_si512, _mm512_sub_epi8, _pdep_u64,
 };
 
 /// Run starts per block from which the vector writer is used.
@@ -131,19 +131,28 @@ unsafe fn diff_mask(a: &[u8; BLOCK], b: &[u8; BLOCK]) -> u64 {
 /// As for [`diff_mask`].
 #[inline(always)]
 unsafe fn uniform(a: &[u8; UNIFORM], b: &[u8; UNIFORM], differ: bool) -> bool {
-    // SAFETY: features guaranteed by the caller.
-    let (a0, b0) = unsafe { (load(a, 0), load(b, 0)) };
+    // SAFETY: features guaranteed by the caller (likewise for each block below).
+    let a0 = unsafe { load(a, 0) };
     // SAFETY: as above.
-    let (a1, b1) = unsafe { (load(a, BLOCK), load(b, BLOCK)) };
+    let b0 = unsafe { load(b, 0) };
+    // SAFETY: as above.
+    let a1 = unsafe { load(a, BLOCK) };
+    // SAFETY: as above.
+    let b1 = unsafe { load(b, BLOCK) };
     // Masks of the bytes that break uniformity; both empty (one `kortest`) if uniform.
-    let (m0, m1) = if differ {
+    if differ {
         // SAFETY: as above.
-        unsafe { (_mm512_cmpeq_epi8_mask(a0, b0), _mm512_cmpeq_epi8_mask(a1, b1)) }
+        let m0 = unsafe { _mm512_cmpeq_epi8_mask(a0, b0) };
+        // SAFETY: as above.
+        let m1 = unsafe { _mm512_cmpeq_epi8_mask(a1, b1) };
+        m0 | m1 == 0
     } else {
         // SAFETY: as above.
-        unsafe { (_mm512_cmpneq_epi8_mask(a0, b0), _mm512_cmpneq_epi8_mask(a1, b1)) }
-    };
-    m0 | m1 == 0
+        let m0 = unsafe { _mm512_cmpneq_epi8_mask(a0, b0) };
+        // SAFETY: as above.
+        let m1 = unsafe { _mm512_cmpneq_epi8_mask(a1, b1) };
+        m0 | m1 == 0
+    }
 }
 
 /// Writes the first `n <= 64` bytes of `v` at `out[d..d + n]` (a whole-vector store,
@@ -177,13 +186,19 @@ unsafe fn write_inner_runs(out: &mut [u8], d: usize, nb: &[u8; BLOCK], m: u64, t
     let plast = 63 - t.leading_zeros();
     let inner = t & !(1u64 << plast);
     let data = m & ((1u64 << plast) - (1u64 << p0));
-    // SAFETY (each block below): the features are guaranteed by the caller; the statics
-    // are 64 bytes long.
+    // SAFETY: the CPU features are guaranteed by the caller (likewise for each block
+    // below); `load` reads 64 bytes from 64-byte arrays.
     let iota = unsafe { load(&IOTA, 0) };
     // SAFETY: as above.
-    let next_idx = unsafe { _mm512_add_epi8(iota, _mm512_set1_epi8(1)) };
+    let one = unsafe { _mm512_set1_epi8(1) };
+    // SAFETY: as above.
+    let next_idx = unsafe { _mm512_add_epi8(iota, one) };
     // SAFETY: as above.
     let b = unsafe { load(nb, 0) };
+    // SAFETY: as above.
+    let il_lo = unsafe { load(&INTERLEAVE_LO, 0) };
+    // SAFETY: as above.
+    let il_hi = unsafe { load(&INTERLEAVE_HI, 0) };
     // Run-start positions, then the next start minus this start: the run lengths.
     // SAFETY: as above.
     let starts = unsafe { _mm512_maskz_compress_epi8(t, iota) };
@@ -194,13 +209,20 @@ unsafe fn write_inner_runs(out: &mut [u8], d: usize, nb: &[u8; BLOCK], m: u64, t
     // SAFETY: as above.
     let lens = unsafe { _mm512_maskz_expand_epi8(inner, diffs) };
     // SAFETY: as above.
-    let lo = unsafe { _mm512_permutex2var_epi8(lens, load(&INTERLEAVE_LO, 0), b) };
+    let lo = unsafe { _mm512_permutex2var_epi8(lens, il_lo, b) };
     // SAFETY: as above.
-    let hi = unsafe { _mm512_permutex2var_epi8(lens, load(&INTERLEAVE_HI, 0), b) };
+    let hi = unsafe { _mm512_permutex2var_epi8(lens, il_hi, b) };
+    // Slot masks: length slots (even) at inner run starts, data slots (odd) at changed
+    // bytes of the inner runs.
     // SAFETY: as above.
-    let k_lo = unsafe { _pdep_u64(inner & 0xFFFF_FFFF, EVEN) | _pdep_u64(data & 0xFFFF_FFFF, ODD) };
+    let len_lo = unsafe { _pdep_u64(inner & 0xFFFF_FFFF, EVEN) };
     // SAFETY: as above.
-    let k_hi = unsafe { _pdep_u64(inner >> 32, EVEN) | _pdep_u64(data >> 32, ODD) };
+    let dat_lo = unsafe { _pdep_u64(data & 0xFFFF_FFFF, ODD) };
+    // SAFETY: as above.
+    let len_hi = unsafe { _pdep_u64(inner >> 32, EVEN) };
+    // SAFETY: as above.
+    let dat_hi = unsafe { _pdep_u64(data >> 32, ODD) };
+    let (k_lo, k_hi) = (len_lo | dat_lo, len_hi | dat_hi);
     let n_lo = k_lo.count_ones() as usize;
     let n_hi = k_hi.count_ones() as usize;
     // SAFETY: as above.

@@ -229,6 +229,15 @@ where
                 }
                 base += UNIFORM;
             }
+            if in_diff {
+                // The open data run is at least `k` bytes long: if it alone no longer
+                // fits after what is written, QEMU's encoder overflows when it ends
+                // (at its `d + n > dlen` check, or at the 14-bit limit), so stop now.
+                let k = base.min(len) - start;
+                if d + 1 + usize::from(k >= 0x80) + k > dlen || (LONG && k > MAX_RUN) {
+                    return Err(Overflow);
+                }
+            }
             continue;
         }
         if WIDE_MIN < NO_WIDE && base < full && t.count_ones() >= WIDE_MIN {
@@ -479,13 +488,13 @@ mod simd {
 
     use super::{encode_core, BLOCK, UNIFORM};
     use crate::Overflow;
-    use core::sync::atomic::{AtomicU8, Ordering};
     use core::arch::x86_64::{
         __m128i, __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
         _mm256_or_si256, _mm256_setzero_si256, _mm256_testz_si256, _mm256_xor_si256,
         _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
         _mm_xor_si128,
     };
+    use core::sync::atomic::{AtomicU8, Ordering};
 
     /// Which kernel [`encode_x86`] uses: 0 not yet known, 1 SSE2, 2 AVX2, 3 AVX-512.
     static KERNEL: AtomicU8 = AtomicU8::new(0);

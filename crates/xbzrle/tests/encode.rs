@@ -307,7 +307,13 @@ fn every_cpu_path_is_checked() {
             .iter()
             .all(|f| {
                 std::fs::read_to_string("/proc/cpuinfo")
-                    .map(|c| c.split_whitespace().any(|w| w == *f || (*f == "avx512vbmi" && w == "avx512_vbmi") || (*f == "avx512vbmi2" && w == "avx512_vbmi2")))
+                    .map(|c| {
+                        c.split_whitespace().any(|w| {
+                            w == *f
+                                || (*f == "avx512vbmi" && w == "avx512_vbmi")
+                                || (*f == "avx512vbmi2" && w == "avx512_vbmi2")
+                        })
+                    })
                     .unwrap_or(false)
             });
         if avx512 {
