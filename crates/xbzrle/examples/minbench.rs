@@ -48,6 +48,15 @@ fn main() {
             black_box(qmig_xbzrle::encode(&old[page(i)], &new[page(i)], &mut *out).ok());
         });
         println!("{name} encode {e:.0} {m:.0} {:.2}", e / m);
+        if std::env::var_os("QMIG_BENCH_PATHS").is_some() {
+            // Each encoder path this CPU has, called directly.
+            for (path, f) in qmig_xbzrle::variants::available() {
+                let e = time(pages, passes, |i| {
+                    black_box(f(&old[page(i)], &new[page(i)], &mut *out).ok());
+                });
+                println!("{name} encode-{path} {e:.0} {m:.0} {:.2}", e / m);
+            }
+        }
         if matches!(name, "sparse-2runs" | "scattered-64x8" | "dense-alt-words") {
             let (enc, spans) = pack(&old, &new, out);
             let mut dst = old.clone();

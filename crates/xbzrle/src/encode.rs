@@ -4,8 +4,8 @@
 
 use crate::{uleb128, Overflow};
 
-const BLOCK: usize = 64;
-const MAX_RUN: usize = uleb128::MAX as usize;
+pub(crate) const BLOCK: usize = 64;
+pub(crate) const MAX_RUN: usize = uleb128::MAX as usize;
 
 /// Encodes `new` against `old` (the cached previous content of the page) into `out`.
 ///
@@ -114,12 +114,40 @@ where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
     U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
 {
+    encode_core_wide::<M, U, _, NO_WIDE>(old, new, out, mask, uniform, |_, d, _, _, _| d)
+}
+
+/// `WIDE_MIN` that never selects the wide-block writer (a block has at most 64 run
+/// starts).
+pub(crate) const NO_WIDE: u32 = 65;
+
+/// [`encode_core`] with a writer for blocks with many runs: for a full block with at
+/// least `WIDE_MIN` run starts and room for all it can write, the encoder writes the run
+/// open since before the block's first run start itself, then calls
+/// `wide(out, d, new_block, m, t)`, which must write the runs wholly inside the block
+/// (from its first run start in `t` to its last; each below 64 bytes, so with one-byte
+/// lengths; changed bytes `m`) exactly as the run-by-run path would, at `out[d..]`, and
+/// return the new output length.
+#[inline(always)]
+pub(crate) fn encode_core_wide<M, U, W, const WIDE_MIN: u32>(
+    old: &[u8],
+    new: &[u8],
+    out: &mut [u8],
+    mask: M,
+    uniform: U,
+    wide: W,
+) -> Result<usize, Overflow>
+where
+    M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+    U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
+    W: Fn(&mut [u8], usize, &[u8; BLOCK], u64, u64) -> usize,
+{
     // Runs can only exceed the 14-bit limit on pages above 16 KiB: a separate copy of the
     // loop keeps those checks out of the common case.
     if new.len() > MAX_RUN {
-        encode_loop::<M, U, true>(old, new, out, mask, uniform)
+        encode_loop::<M, U, W, true, WIDE_MIN>(old, new, out, mask, uniform, wide)
     } else {
-        encode_loop::<M, U, false>(old, new, out, mask, uniform)
+        encode_loop::<M, U, W, false, WIDE_MIN>(old, new, out, mask, uniform, wide)
     }
 }
 
@@ -128,16 +156,18 @@ where
 const FAST_OUT: usize = 256 + 32;
 
 #[inline(always)]
-fn encode_loop<M, U, const LONG: bool>(
+fn encode_loop<M, U, W, const LONG: bool, const WIDE_MIN: u32>(
     old: &[u8],
     new: &[u8],
     out: &mut [u8],
     mask: M,
     uniform: U,
+    wide: W,
 ) -> Result<usize, Overflow>
 where
     M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
     U: Fn(&[u8; UNIFORM], &[u8; UNIFORM], bool) -> bool,
+    W: Fn(&mut [u8], usize, &[u8; BLOCK], u64, u64) -> usize,
 {
     let len = new.len();
     let dlen = out.len();
@@ -150,6 +180,21 @@ where
     }
     let old = &old[..len];
     let full = len - len % BLOCK;
+
+    // Mostly changed pages (random content) usually overflow, and finding that out run by
+    // run means copying most of the page into `out` first. When the first block is at
+    // least 3/4 changed, count instead: every changed byte is sent, and every data run
+    // also costs its own length byte and the preceding skip run's, so the encoding is at
+    // least `changed + 2 * data_runs` bytes; above the limit, QEMU's encoder overflows
+    // (an encoding it completes is never longer than the limit), whatever the order of
+    // its checks. Otherwise the count was only a compare pass, and encoding goes on.
+    if full > 0 {
+        let a: &[u8; BLOCK] = old[..BLOCK].try_into().unwrap();
+        let b: &[u8; BLOCK] = new[..BLOCK].try_into().unwrap();
+        if mask(a, b).count_ones() >= 48 && lower_bound(old, new, full, &mask) > dlen {
+            return Err(Overflow);
+        }
+    }
 
     // The page is walked in 64-byte blocks. For each block, `m` has bit k set iff byte
     // base+k changed, and `t` has bit k set iff byte base+k starts a new run (its
@@ -184,7 +229,37 @@ where
                 }
                 base += UNIFORM;
             }
+            if in_diff {
+                // The open data run is at least `k` bytes long: if it alone no longer
+                // fits after what is written, QEMU's encoder overflows when it ends
+                // (at its `d + n > dlen` check, or at the 14-bit limit), so stop now.
+                let k = base.min(len) - start;
+                if d + 1 + usize::from(k >= 0x80) + k > dlen || (LONG && k > MAX_RUN) {
+                    return Err(Overflow);
+                }
+            }
             continue;
+        }
+        if WIDE_MIN < NO_WIDE && base < full && t.count_ones() >= WIDE_MIN {
+            // Many runs: the run open since before the block here, the runs inside the
+            // block by `wide`. Everything written fits with 2 to spare, so no QEMU
+            // check can fire in this block (see `avx512` for the bound).
+            let p0 = t.trailing_zeros() as usize;
+            let plast = 63 - t.leading_zeros() as usize;
+            let pend = base + p0 - start;
+            if d + 4 + pend + 2 * (plast - p0) <= dlen && (!LONG || pend <= MAX_RUN) {
+                d += put_len(out, d, pend);
+                if in_diff {
+                    copy_literal(out, d, new, start, pend);
+                    d += pend;
+                }
+                let nb: &[u8; BLOCK] = new[base..base + BLOCK].try_into().unwrap();
+                d = wide(out, d, nb, m, t);
+                start = base + plast;
+                in_diff = (m >> plast) & 1 != 0;
+                base += BLOCK;
+                continue;
+            }
         }
         // Fast path, for blocks where none of QEMU's overflow checks can fire: while all
         // data runs are at most 32 bytes, one block produces at most 64 two-byte lengths
@@ -314,10 +389,38 @@ where
     Ok(d)
 }
 
+/// `changed + 2 * data_runs` for `old`/`new` (blocks of 64 up to `full`, then the tail):
+/// a lower bound on the encoded length, without any output limit.
+#[inline(always)]
+fn lower_bound<M>(old: &[u8], new: &[u8], full: usize, mask: &M) -> usize
+where
+    M: Fn(&[u8; BLOCK], &[u8; BLOCK]) -> u64,
+{
+    let mut changed = 0usize;
+    let mut runs = 0usize;
+    let mut carry = 0u64;
+    let mut base = 0;
+    while base < full {
+        let a: &[u8; BLOCK] = old[base..base + BLOCK].try_into().unwrap();
+        let b: &[u8; BLOCK] = new[base..base + BLOCK].try_into().unwrap();
+        let m = mask(a, b);
+        changed += m.count_ones() as usize;
+        runs += (m & !((m << 1) | carry)).count_ones() as usize;
+        carry = m >> 63;
+        base += BLOCK;
+    }
+    if full < new.len() {
+        let m = tail_mask(&old[full..], &new[full..]);
+        changed += m.count_ones() as usize;
+        runs += (m & !((m << 1) | carry)).count_ones() as usize;
+    }
+    changed + 2 * runs
+}
+
 /// Length and literal bytes of the data run `new[start..p]` with QEMU's checks (given
 /// `d + 2 <= out.len()`, established by the check after the preceding skip run).
 #[inline(always)]
-fn emit_data_checked<const LONG: bool>(
+pub(crate) fn emit_data_checked<const LONG: bool>(
     out: &mut [u8],
     d: usize,
     new: &[u8],
@@ -346,7 +449,7 @@ fn tail_mask(old: &[u8], new: &[u8]) -> u64 {
 /// Writes a run length (`v <= 0x3FFF`) at `out[d..]`, given `d + 2 <= out.len()`; always
 /// stores two bytes (the second is scratch for short lengths) to avoid a branch.
 #[inline(always)]
-fn put_len(out: &mut [u8], d: usize, v: usize) -> usize {
+pub(crate) fn put_len(out: &mut [u8], d: usize, v: usize) -> usize {
     let two = usize::from(v >= 0x80);
     let o: &mut [u8; 2] = (&mut out[d..d + 2]).try_into().unwrap();
     o[0] = (v as u8 & 0x7F) | ((two as u8) << 7);
@@ -391,9 +494,48 @@ mod simd {
         _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
         _mm_xor_si128,
     };
+    use core::sync::atomic::{AtomicU8, Ordering};
+
+    /// Which kernel [`encode_x86`] uses: 0 not yet known, 1 SSE2, 2 AVX2, 3 AVX-512.
+    static KERNEL: AtomicU8 = AtomicU8::new(0);
+
+    fn kernel() -> u8 {
+        match KERNEL.load(Ordering::Relaxed) {
+            0 => {
+                let k = if crate::avx512::supported() {
+                    3
+                } else if avx2_supported() {
+                    2
+                } else {
+                    1
+                };
+                KERNEL.store(k, Ordering::Relaxed);
+                k
+            }
+            k => k,
+        }
+    }
+
+    pub(super) fn avx2_supported() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi1")
+    }
 
     pub(super) fn encode_x86(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi1") {
+        match kernel() {
+            // SAFETY: kernel 3 is only chosen when `avx512::supported()` said yes.
+            3 => unsafe { crate::avx512::encode_avx512(old, new, out) },
+            2 => encode_avx2_checked(old, new, out),
+            _ => encode_core(old, new, out, diff_mask_sse2, uniform_sse2),
+        }
+    }
+
+    /// The AVX2 kernel where the CPU has AVX2, else the SSE2 one.
+    pub(crate) fn encode_avx2_checked(
+        old: &[u8],
+        new: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, Overflow> {
+        if avx2_supported() {
             // SAFETY: the CPU supports AVX2 and BMI1 (checked just above), the only
             // requirement of `encode_avx2`.
             unsafe { encode_avx2(old, new, out) }
@@ -549,6 +691,33 @@ mod simd {
 #[doc(hidden)]
 pub mod variants {
     use crate::Overflow;
+
+    /// An encoder, as the variants are called.
+    pub type Encoder = fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Overflow>;
+
+    /// Every encoder path this CPU can run, by name: `"portable"` (the safe SWAR
+    /// fallback, always), and on x86_64 `"sse2"`, `"avx2"` and `"avx512"` where the CPU
+    /// has the features. [`encode`](crate::encode) picks the last one listed; tests run
+    /// them all to check each against the reference.
+    #[must_use]
+    pub fn available() -> Vec<(&'static str, Encoder)> {
+        let mut v: Vec<(&'static str, Encoder)> = vec![("portable", crate::encode_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            v.push(("sse2", encode_sse2));
+            if super::simd::avx2_supported() {
+                v.push(("avx2", super::simd::encode_avx2_checked));
+            }
+            if crate::avx512::supported() {
+                fn avx512(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Overflow> {
+                    // SAFETY: only listed after `avx512::supported()` said yes.
+                    unsafe { crate::avx512::encode_avx512(old, new, out) }
+                }
+                v.push(("avx512", avx512));
+            }
+        }
+        v
+    }
 
     /// SSE2 kernel (x86_64 only; otherwise the portable kernel).
     ///

@@ -34,6 +34,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod cache;
 mod decode;
 mod encode;

@@ -290,3 +290,34 @@ fn random_pages_overflow() {
         assert_eq!(check(&old, &new, len), Err(Overflow));
     }
 }
+
+/// The paths `check` runs include the AVX-512 encoder on a CPU that has it (so the
+/// property tests above exercise it), and always the portable fallback.
+#[test]
+fn every_cpu_path_is_checked() {
+    let names: Vec<&str> = qmig_xbzrle::variants::available()
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(names.contains(&"portable"), "{names:?}");
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(names.contains(&"sse2"), "{names:?}");
+        let avx512 = ["avx512f", "avx512bw", "avx512vbmi", "avx512vbmi2", "bmi2"]
+            .iter()
+            .all(|f| {
+                std::fs::read_to_string("/proc/cpuinfo")
+                    .map(|c| {
+                        c.split_whitespace().any(|w| {
+                            w == *f
+                                || (*f == "avx512vbmi" && w == "avx512_vbmi")
+                                || (*f == "avx512vbmi2" && w == "avx512_vbmi2")
+                        })
+                    })
+                    .unwrap_or(false)
+            });
+        if avx512 {
+            assert!(names.contains(&"avx512"), "{names:?}");
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! Shared test helpers.
 #![allow(dead_code)]
 
-use qmig_xbzrle::{decode, encode, encode_portable, reference, variants, Overflow};
+use qmig_xbzrle::{decode, encode, reference, variants, Overflow};
 
 /// xorshift64* — deterministic, no dependencies.
 pub struct Rng(pub u64);
@@ -38,12 +38,11 @@ pub fn unbounded_len(old: &[u8], new: &[u8]) -> Result<usize, Overflow> {
 pub fn check(old: &[u8], new: &[u8], dlen: usize) -> Result<usize, Overflow> {
     let mut want = vec![0xA5u8; dlen];
     let r = reference::encode(old, new, &mut want);
-    type Enc = fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Overflow>;
-    let encoders: [(&str, Enc); 3] = [
-        ("encode", encode),
-        ("portable", encode_portable),
-        ("sse2", variants::encode_sse2),
-    ];
+    let mut encoders: Vec<(&str, variants::Encoder)> = vec![("encode", encode)];
+    // Every path this CPU has (AVX-512, AVX2, SSE2) plus the portable fallback, each
+    // called directly so that the fallback is checked even where `encode` would not
+    // pick it.
+    encoders.extend(variants::available());
     for (name, f) in encoders {
         let mut got = vec![0x5Au8; dlen];
         let g = f(old, new, &mut got);
