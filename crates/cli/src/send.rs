@@ -892,67 +892,11 @@ fn stream(
 }
 
 /// What the return-path reader thread reports.
-enum RpEvent {
+pub(crate) enum RpEvent {
     /// One whole message (its bytes) and its offset in the return path.
     Msg(u64, Vec<u8>),
     /// The return path ended: EOF (`None`) or a read or framing error.
     Closed(Option<String>),
-}
-
-/// Reads the return path of a socket destination on a thread, message by
-/// message (QEMU's `source_return_path_thread`).
-fn spawn_rp_reader(mut r: Box<dyn Read + Send>) -> std::sync::mpsc::Receiver<RpEvent> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf: Vec<u8> = Vec::new();
-        let mut base = 0u64;
-        let mut chunk = [0u8; 4096];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) => {
-                    let why = (!buf.is_empty()).then(|| {
-                        format!("the return path ended inside a message at offset {base}")
-                    });
-                    let _ = tx.send(RpEvent::Closed(why));
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::Interrupted
-                            | std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => {
-                    let _ = tx.send(RpEvent::Closed(Some(format!(
-                        "reading the return path: {e}"
-                    ))));
-                    return;
-                }
-            }
-            loop {
-                match qmig_wire::decode_rp_message(&buf, base) {
-                    Ok(Some((_, used))) => {
-                        let msg = buf.drain(..used).collect();
-                        if tx.send(RpEvent::Msg(base, msg)).is_err() {
-                            return;
-                        }
-                        base += used as u64;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(RpEvent::Closed(Some(format!("return path: {e}"))));
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// When the postcopy phase started and how long it took.
@@ -997,22 +941,25 @@ fn stream_postcopy(
 ) -> Result<PostcopyTimes, CliError> {
     let uri = &a.to;
     let dup = |e| CliError::io(uri.to_string(), "dup", e);
-    let reader: Box<dyn Read + Send> = match &*sink {
-        Sink::Tcp(s) => Box::new(s.try_clone().map_err(dup)?),
-        Sink::Unix(s) => Box::new(s.try_clone().map_err(dup)?),
+    // Read on this thread (poll + MSG_DONTWAIT): a request wakes the thread
+    // that serves it, no reader thread in between.
+    let rx = crate::rp_poll::RpPoll::new(match &*sink {
+        Sink::Tcp(s) => s.try_clone().map_err(dup)?.into(),
+        Sink::Unix(s) => s.try_clone().map_err(dup)?.into(),
         _ => {
             return Err(CliError::Usage(
                 "--postcopy needs a socket destination".into(),
             ))
         }
-    };
-    let rx = spawn_rp_reader(reader);
+    });
     let page_size = 1usize << src.template().page_bits;
     let verbose = !a.json && !crate::progress::quiet();
     // QEMU's rate limit: max-bandwidth per 100 ms period; in postcopy, at
-    // most 1 MiB per PART so that requests wait little behind it.
+    // most 64 KiB of background pages per PART (at least one host page), so
+    // that a request waits behind little of our own writing and the return
+    // path is looked at between PARTs (bench_postcopy_latency.py).
     let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
-    let pc_budget = budget.min(1 << 20);
+    let pc_budget = budget.min(64 << 10);
     let mut out = Vec::with_capacity(budget + (1 << 16));
     let mut rng = Rng(a.seed);
     let mut rp_open = true;
