@@ -1015,6 +1015,7 @@ fn stream_postcopy(
         );
     }
     let t_post = Instant::now();
+    let mut urgent_only = false;
     loop {
         drain(src, &mut rp_open)?;
         if !rp_open {
@@ -1025,9 +1026,17 @@ fn stream_postcopy(
         }
         let before = src.ram().counters().requested_bytes;
         // Background pages only when the rate limit allows them; requested
-        // pages always.
-        let b = if pacer.due().is_none() { pc_budget } else { 0 };
-        if b > 0 || src.ram().pending_requests().next().is_some() {
+        // pages always, and in a PART of their own (written at once, not
+        // behind background pages), but not twice in a row so that a
+        // steady stream of requests cannot starve the background scan.
+        let urgent = src.ram().pending_requests().next().is_some();
+        urgent_only = urgent && !urgent_only;
+        let b = if pacer.due().is_none() && !urgent_only {
+            pc_budget
+        } else {
+            0
+        };
+        if b > 0 || urgent {
             let _ = src
                 .write_iteration(&ram.images, b, &mut out)
                 .map_err(src_error)?;
