@@ -153,6 +153,11 @@ pub(crate) struct Host {
     /// Host pages asked of the source and not placed yet, with the time the
     /// fault thread read the fault that caused the request.
     waiting: HashMap<(usize, u64), Instant>,
+    /// Requests written and not placed: when the current span started.
+    request_sent: HashMap<(usize, u64), Instant>,
+    /// `request_latency` in spans: fault → request written → page parsed →
+    /// placed (the manifest's `request_phases_us`).
+    request_phases: [Latency; 3],
     /// Round trips fault → request → placed.
     request_latency: Latency,
     /// Faults handed to the state machine.
@@ -261,6 +266,9 @@ impl Inner {
             .dst
             .handle_placed(block, offset, len)
             .map_err(StopError::Dst)?;
+        if let Some(t) = self.host.request_sent.remove(&(block, offset)) {
+            self.host.request_phases[2].record(t.elapsed());
+        }
         if let Some(t) = self.host.waiting.remove(&(block, offset)) {
             self.host.request_latency.record(t.elapsed());
         }
@@ -283,6 +291,10 @@ impl Inner {
         len: u64,
         stream: bool,
     ) -> Result<(), StopError> {
+        if let Some(t) = self.host.request_sent.get_mut(&(block, offset)) {
+            self.host.request_phases[1].record(t.elapsed());
+            *t = Instant::now();
+        }
         let live = self.host.live.as_ref().filter(|l| l.is_registered(block));
         let r = match (live, data) {
             (Some(l), Some(d)) => l.place_page(block, offset, d),
@@ -637,6 +649,7 @@ impl Running {
             fault_latency_dist_us: lat.dist().to_vec(),
             request_latency_us: summary(&g.host.request_latency),
             request_latency_dist_us: g.host.request_latency.dist().to_vec(),
+            request_phases_us: g.host.request_phases.iter().map(summary).collect(),
             blocktime_us: bt.all_vcpus_blocked().as_micros() as u64,
             blocktime_total_us: bt.total().as_micros() as u64,
             vcpu_blocktime,
@@ -666,10 +679,12 @@ fn summary(l: &Latency) -> LatencySummary {
 fn handle_fault(inner: &Mutex<Inner>, f: Fault, abort: &AtomicBool) -> bool {
     let mut g = lock(inner);
     g.host.faults_handled += 1;
+    let mut requested = None;
     let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
         Ok(FaultOutcome::Requested) => {
             let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
             g.host.waiting.insert((f.tag, start), f.seen);
+            requested = Some((f.tag, start));
             Ok(())
         }
         Ok(FaultOutcome::AlreadyRequested) => Ok(()),
@@ -682,6 +697,12 @@ fn handle_fault(inner: &Mutex<Inner>, f: Fault, abort: &AtomicBool) -> bool {
     let mut out = std::mem::take(&mut g.host.rp_buf);
     g.flush_transmit(&mut out);
     g.host.rp_buf = out;
+    if let Some(at) = requested {
+        if let Some(&t) = g.host.waiting.get(&at) {
+            g.host.request_phases[0].record(t.elapsed());
+            g.host.request_sent.insert(at, Instant::now());
+        }
+    }
     if let Err(e) = r {
         g.host.error.get_or_insert(e.to_string());
         drop(g);

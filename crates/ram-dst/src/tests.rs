@@ -1004,7 +1004,13 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
         !d.blocks()[0].received().get(2),
         "received only once the host reports the placement"
     );
+    assert_eq!(
+        d.stats().placed_host_pages,
+        0,
+        "counted once placed, not when handed out"
+    );
     d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
+    assert_eq!(d.stats().placed_host_pages, 1);
     assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
     assert!(
         mem(&d).iter().all(|&x| x == 0),
@@ -1020,6 +1026,8 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
             len: 2 * PS
         })]
     );
+    assert_eq!(d.stats().placed_zero_pages, 0, "handed out, not placed");
+    d.handle_placed(0, 4 * PS, 2 * PS).unwrap();
     assert_eq!(d.stats().placed_host_pages, 1);
     assert_eq!(d.stats().placed_zero_pages, 1);
 }
@@ -1668,6 +1676,12 @@ fn a_fault_on_a_received_page_is_placed_locally_as_zero() {
         "nothing asked of the source"
     );
     assert_eq!(d.stats().faults_resolved_locally, 1);
+    d.handle_placed(0, PS, PS).unwrap();
+    assert_eq!(
+        (d.stats().placed_host_pages, d.stats().placed_zero_pages),
+        (0, 0),
+        "a local zero page is not a page of the stream"
+    );
 }
 
 /// The machine stopped with SHUT(1) as the last (and only new) return-path message.
@@ -1792,6 +1806,11 @@ fn received_bits_are_set_only_when_the_placement_succeeded() {
     );
     assert!(e.to_string().contains("ENOMEM"), "{e}");
     assert!(!d.blocks()[0].received().get(2) && !d.blocks()[0].received().get(3));
+    assert_eq!(
+        (d.stats().placed_host_pages, d.stats().placed_zero_pages),
+        (0, 0),
+        "a failed placement is not counted"
+    );
     assert_shut_1(&mut d);
 }
 

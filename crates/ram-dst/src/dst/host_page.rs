@@ -6,7 +6,7 @@
 
 use qmig_wire::{RamBody, RamRecord};
 
-use super::{Event, Place, Placement, PostcopyState, RamDst};
+use super::{Event, InFlight, Place, Placement, PostcopyState, RamDst};
 use crate::memory::GuestMemory;
 use crate::RamDstError;
 
@@ -58,7 +58,7 @@ impl<M: GuestMemory> RamDst<M> {
         let within = off % hps;
         if within == 0
             && (self.blocks[b].received.any_in_range(off / tps, hps / tps)
-                || self.in_flight.contains(&(b, off)))
+                || self.in_flight.contains_key(&(b, off)))
         {
             // QEMU places each host page once (UFFDIO_COPY); a page already
             // present (received and not discarded) fails with EEXIST, which
@@ -189,17 +189,23 @@ impl<M: GuestMemory> RamDst<M> {
                         data: hp.data,
                     });
                 }
-                self.in_flight.insert((b, hp.start));
+                let kind = if hp.all_zero {
+                    InFlight::Zero
+                } else {
+                    InFlight::Data
+                };
+                self.in_flight.insert((b, hp.start), kind);
             }
         }
         if self.placement == Placement::Apply {
-            // Emit: set when the host reports success (handle_placed).
+            // Emit: set and counted when the host reports success
+            // (handle_placed).
             self.blocks[b].received.set_range(p, n);
-        }
-        if hp.all_zero {
-            self.stats.placed_zero_pages += 1;
-        } else {
-            self.stats.placed_host_pages += 1;
+            if hp.all_zero {
+                self.stats.placed_zero_pages += 1;
+            } else {
+                self.stats.placed_host_pages += 1;
+            }
         }
         Ok(())
     }
