@@ -153,7 +153,8 @@ impl<M: GuestMemory> RamDst<M> {
                 self.postcopy
             )));
         }
-        if self.requested.contains(&(block, start)) || self.in_flight.contains_key(&(block, start)) {
+        if self.requested.contains(&(block, start)) || self.in_flight.contains_key(&(block, start))
+        {
             self.stats.faults_already_requested += 1;
             return Ok(FaultOutcome::AlreadyRequested);
         }
