@@ -713,7 +713,13 @@ pub fn run(a: &SendArgs) -> CliResult {
                 b.name
             )));
         }
-        b.host_page_size = page_size as u64;
+        // Postcopy sends, requests and discards whole host pages: a block
+        // the template's MEM_SIZE gives a larger page size (hugetlbfs) has
+        // host pages of that size (QEMU's `qemu_ram_pagesize`).
+        b.host_page_size = match b.mem_size_page_size {
+            Some(ps) if a.postcopy => ps,
+            _ => page_size as u64,
+        };
     }
     let config = Config {
         page_size,
