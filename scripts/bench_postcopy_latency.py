@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Postcopy fault round trip (fault -> REQ_PAGES -> page placed) for QEMU 10 -> qmig recv on
-loopback, beside the bare userfaultfd round trip measured in the same run.
+"""Postcopy fault round trip (fault -> REQ_PAGES -> page placed) for qmig send -> qmig recv and
+QEMU 10 -> qmig recv on loopback, beside the bare userfaultfd round trip measured in the same run.
 
 usage: bench_postcopy_latency.py [--runs N] [VARIANT...]      (default: all variants)
 env:   QMIG   qmig binary (default target/release/qmig)
@@ -14,7 +14,24 @@ source. Variants change what the fault waits behind:
   unlimited   max-postcopy-bandwidth 0 (no limit in postcopy)
   unlimited-rcvbuf / limited-rcvbuf   as above with `recv --rcvbuf 131072`
   sequential  as limited, `--touch-pattern sequential`
-Prints one line per run and a summary table.
+  qmig-limited    `qmig send --postcopy --postcopy-after 0 --max-bandwidth 32M` -> `qmig recv
+                  --touch 2` over tcp:127.0.0.1, a 64 MiB `-M pc` template (QMIG_BENCH_RAM_MIB)
+                  whose pc.ram is 7/8 non-zero pages: every page is requested by a touch thread
+                  or pushed by the (paced) background scan; images checked equal
+  qmig-unlimited  the same without --max-bandwidth (background scan as fast as it goes)
+Prints one line per run and a summary table. recv's manifest also splits each round trip
+(`request_phases_us`): fault -> request written, written -> page parsed, parsed -> placed.
+
+qmig<->qmig (2026-11-30, 2 shared cores, load average ~38 from other work): `qmig-limited` p50
+44-60 us (p99 0.2-6 ms), split about 5-14 us (fault thread: lock, state machine, socket write)
++ 19-28 us (send's thread wakes, serves the page, recv's reader wakes and parses) + 9 us
+(UFFDIO_COPY, waking the toucher), against a bare userfaultfd round trip of 11-13 us. What got
+it there from p50 71 us: faults served on the fault thread itself (no handler-thread hop), the
+send side reading its return path on the sending thread (poll + MSG_DONTWAIT, no reader-thread
+hop), requested pages in a PART of their own, background PARTs of at most 64 KiB. Both sockets
+have TCP_NODELAY. `qmig-unlimited`: p50 5-24 ms with only ~30 requests: the background scan
+fills the socket buffers and a requested page waits behind them (one channel; QEMU's answer is
+the postcopy-preempt channel).
 
 Findings (2 shared cores, load average ~19, 3 runs each, 2026-11-30): bare userfaultfd round
 trip p50 11-13 us. `limited`: p50 1.3-99 ms, mostly ~90-100 ms with most samples in the
