@@ -364,7 +364,8 @@ impl Inner {
                     data,
                 } => {
                     let len = data.len() as u64;
-                    self.place(block, offset, Some(&data), len, stream)?
+                    self.place(block, offset, Some(&data), len, stream)?;
+                    self.session.dst.recycle_page_buffer(data);
                 }
                 Place::ZeroPage { block, offset, len } => {
                     self.place(block, offset, None, len, stream)?

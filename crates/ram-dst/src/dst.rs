@@ -237,6 +237,9 @@ pub struct RamDst<M> {
     machine_version: Option<(u32, u32)>,
     leniencies: Vec<Leniency>,
     pub(crate) host_page: Option<HostPage>,
+    /// Buffers of placed host pages given back ([`RamDst::recycle_page_buffer`]),
+    /// to assemble the next host pages in without allocating.
+    spare_pages: Vec<Vec<u8>>,
     /// Return-path bytes, placements and events waiting to be polled.
     out: Output,
     /// Host pages (block, host-page offset) handed out as a [`Place`] and
@@ -297,6 +300,7 @@ impl<M: GuestMemory> RamDst<M> {
             machine_version: None,
             leniencies: Vec::new(),
             host_page: None,
+            spare_pages: Vec::new(),
             out: Output::default(),
             in_flight: HashMap::new(),
             requested: HashSet::new(),

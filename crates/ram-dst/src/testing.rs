@@ -22,7 +22,8 @@ pub struct Placements {
 /// Drains [`RamDst::poll_placement`]: each placement is carried out by
 /// `place` (given the destination's memory and the placement), then
 /// reported with [`RamDst::handle_placed`] (host and zero pages; a discard
-/// is not reported). Returns what was done.
+/// is not reported), and a host page's buffer given back
+/// ([`RamDst::recycle_page_buffer`]). Returns what was done.
 ///
 /// # Errors
 /// When `place` fails, the placement is reported with
@@ -58,7 +59,10 @@ pub fn drain_placements<M: GuestMemory>(
         }
         dst.handle_placed(block, offset, len)?;
         match p {
-            Place::HostPage { .. } => done.host_pages += 1,
+            Place::HostPage { data, .. } => {
+                dst.recycle_page_buffer(data);
+                done.host_pages += 1
+            }
             _ => done.zero_pages += 1,
         }
     }

@@ -1033,6 +1033,33 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
 }
 
 #[test]
+fn a_recycled_page_buffer_assembles_the_next_host_page() {
+    let mut d = emit(vec![huge_block()]);
+    listening(&mut d);
+    let host_page = |d: &mut RamDst<VecMemory>, at: u64, off: u64, v: u8| {
+        feed(d, at, ram(RamRecord::page(off, Some("pc.ram"), &[v; 4096]))).unwrap();
+        feed(
+            d,
+            at + 1,
+            ram(RamRecord::page(off + PS, None, &[v + 1; 4096])),
+        )
+        .unwrap();
+        match d.poll_placement() {
+            Some(Place::HostPage { offset, data, .. }) if offset == off => data,
+            other => panic!("{other:?}"),
+        }
+    };
+    let first = host_page(&mut d, 10, 2 * PS, 1);
+    let ptr = first.as_ptr();
+    d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
+    d.recycle_page_buffer(first);
+    let second = host_page(&mut d, 20, 4 * PS, 5);
+    assert_eq!(second.as_ptr(), ptr, "assembled in the given-back buffer");
+    assert_eq!(second.len(), 2 * PS as usize);
+    assert!(second[..4096].iter().all(|&x| x == 5) && second[4096..].iter().all(|&x| x == 6));
+}
+
+#[test]
 fn postcopy_apply_mode_writes_memory() {
     let mut d = fixed(vec![huge_block()]);
     listening(&mut d);

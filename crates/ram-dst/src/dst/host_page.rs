@@ -119,13 +119,19 @@ impl<M: GuestMemory> RamDst<M> {
             }
         }
         let emit = self.placement == Placement::Emit;
-        let hp = self.host_page.get_or_insert_with(|| HostPage {
-            block: b,
-            start: off,
-            next: off,
-            all_zero: true,
-            data: Vec::new(),
-        });
+        if self.host_page.is_none() {
+            let data = if emit { self.page_buffer() } else { Vec::new() };
+            self.host_page = Some(HostPage {
+                block: b,
+                start: off,
+                next: off,
+                all_zero: true,
+                data,
+            });
+        }
+        let Some(hp) = self.host_page.as_mut() else {
+            return Ok(());
+        };
         match data {
             Some(d) => {
                 if emit {
@@ -181,6 +187,7 @@ impl<M: GuestMemory> RamDst<M> {
                         offset: hp.start,
                         len,
                     });
+                    self.recycle_page_buffer(hp.data);
                 } else {
                     blk.nonzero.set_range(p, n);
                     self.out.placements.push_back(Place::HostPage {
