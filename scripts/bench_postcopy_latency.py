@@ -23,7 +23,7 @@ Prints one line per run and a summary table. recv's manifest also splits each ro
 (`request_phases_us`): fault -> request written, written -> page parsed, parsed -> placed.
 
 qmig<->qmig (2026-11-30, 2 shared cores, load average ~38 from other work): `qmig-limited` p50
-45-57 us over 4 runs (p99 3-28 ms, CPU contention), split about 5-14 us (fault thread: lock, state machine, socket write)
+45-68 us over 6 runs (p99 0.14-28 ms, CPU contention), split about 5-14 us (fault thread: lock, state machine, socket write)
 + 19-28 us (send's thread wakes, serves the page, recv's reader wakes and parses) + 9 us
 (UFFDIO_COPY, waking the toucher), against a bare userfaultfd round trip of 11-13 us. What got
 it there from p50 71 us: faults served on the fault thread itself (no handler-thread hop), the
