@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Postcopy fault round trip (fault -> REQ_PAGES -> page placed) for QEMU 10 -> qmig recv on
-loopback, beside the bare userfaultfd round trip measured in the same run.
+"""Postcopy fault round trip (fault -> REQ_PAGES -> page placed) for qmig send -> qmig recv and
+QEMU 10 -> qmig recv on loopback, beside the bare userfaultfd round trip measured in the same run.
 
 usage: bench_postcopy_latency.py [--runs N] [VARIANT...]      (default: all variants)
 env:   QMIG   qmig binary (default target/release/qmig)
@@ -14,7 +14,24 @@ source. Variants change what the fault waits behind:
   unlimited   max-postcopy-bandwidth 0 (no limit in postcopy)
   unlimited-rcvbuf / limited-rcvbuf   as above with `recv --rcvbuf 131072`
   sequential  as limited, `--touch-pattern sequential`
-Prints one line per run and a summary table.
+  qmig-limited    `qmig send --postcopy --postcopy-after 0 --max-bandwidth 32M` -> `qmig recv
+                  --touch 2` over tcp:127.0.0.1, a 64 MiB `-M pc` template (QMIG_BENCH_RAM_MIB)
+                  whose pc.ram is 7/8 non-zero pages: every page is requested by a touch thread
+                  or pushed by the (paced) background scan; images checked equal
+  qmig-unlimited  the same without --max-bandwidth (background scan as fast as it goes)
+Prints one line per run and a summary table. recv's manifest also splits each round trip
+(`request_phases_us`): fault -> request written, written -> page parsed, parsed -> placed.
+
+qmig<->qmig (2026-11-30, 2 shared cores, load average ~38 from other work): `qmig-limited` p50
+45-68 us over 6 runs (p99 0.14-28 ms, CPU contention), split about 5-14 us (fault thread: lock, state machine, socket write)
++ 19-28 us (send's thread wakes, serves the page, recv's reader wakes and parses) + 9 us
+(UFFDIO_COPY, waking the toucher), against a bare userfaultfd round trip of 11-13 us. What got
+it there from p50 71 us: faults served on the fault thread itself (no handler-thread hop), the
+send side reading its return path on the sending thread (poll + MSG_DONTWAIT, no reader-thread
+hop), requested pages in a PART of their own, background PARTs of at most 64 KiB. Both sockets
+have TCP_NODELAY. `qmig-unlimited`: p50 5.6-80 ms with only ~30 requests: the background scan
+fills the socket buffers and a requested page waits behind them (one channel; QEMU's answer is
+the postcopy-preempt channel).
 
 Findings (2 shared cores, load average ~19, 3 runs each, 2026-11-30): bare userfaultfd round
 trip p50 11-13 us. `limited`: p50 1.3-99 ms, mostly ~90-100 ms with most samples in the
@@ -37,6 +54,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_instant_restore as bir  # noqa: E402
 import recv_interop as ri  # noqa: E402
 
 MiB = 1 << 20
@@ -49,7 +67,14 @@ VARIANTS = {
                            rcvbuf=128 * 1024),
     "sequential": dict(params={"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 32 * MiB},
                        pattern="sequential"),
+    # qmig send --postcopy -> qmig recv (tcp loopback, the QMIG_RAM_MIB template below).
+    "qmig-limited": dict(qmig=["--max-bandwidth", "32M"]),
+    "qmig-unlimited": dict(qmig=[]),
 }
+# RAM of the qmig<->qmig guest (MiB): a QEMU 10 `-M pc` template whose pc.ram above 1 MiB is
+# filled with non-zero pages (7 in 8), as bench_instant_restore.py builds it.
+QMIG_RAM_MIB = int(os.environ.get("QMIG_BENCH_RAM_MIB", "64"))
+QMIG_TOUCH = 2
 
 
 def baseline():
@@ -75,6 +100,49 @@ def live(name, v, qmig, work):
     return msg, m["postcopy"]
 
 
+def qmig_template(qmig, work):
+    """A QEMU 10 template and its filled RAM directory for the qmig<->qmig variants."""
+    os.makedirs(work, exist_ok=True)
+    tpl = bir.make_template(work, QMIG_RAM_MIB)
+    ramdir = os.path.join(work, "ram")
+    subprocess.run([qmig, "extract", tpl, "-o", ramdir], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bir.fill_ram(ramdir)
+    return tpl, ramdir
+
+
+def live_qmig(v, qmig, tpl, ramdir, work):
+    """qmig send --postcopy --postcopy-after 0 -> qmig recv --touch 2 on tcp loopback: every
+    page is requested by a touch thread or pushed by the background scan; images checked."""
+    out = os.path.join(work, "out")
+    port = ri.qmp.free_port()
+    recv = subprocess.Popen([qmig, "recv", "--listen", f"tcp:127.0.0.1:{port}", "-o", out,
+                             "--touch", str(QMIG_TOUCH), "--idle-timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        p = subprocess.run([qmig, "send", "--ram", ramdir, "--template", tpl,
+                            "--to", f"tcp:127.0.0.1:{port}", "--postcopy", "--postcopy-after",
+                            "0", "--json", "--idle-timeout", "30"] + v["qmig"],
+                           capture_output=True, text=True, timeout=300)
+        rlog = recv.communicate(timeout=60)[0]
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    if p.returncode != 0 or recv.returncode != 0:
+        raise ri.Fail(f"send exited {p.returncode}: {p.stderr.strip()}; "
+                      f"recv exited {recv.returncode}: {rlog.strip()}")
+    man = json.load(open(os.path.join(ramdir, "manifest.json")))
+    for b in man["blocks"]:
+        with open(os.path.join(ramdir, b["file"]), "rb") as f, \
+                open(os.path.join(out, b["file"]), "rb") as g:
+            a, c = f.read(), g.read()
+        if a.ljust(b["length"], b"\0") != c.ljust(b["length"], b"\0"):
+            raise ri.Fail(f"block {b['name']} differs")
+    st = json.loads(p.stdout)
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    return f"{st['seconds']:.2f}s", m["postcopy"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +150,9 @@ def main():
     ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args()
     names = a.variants or list(VARIANTS)
+    for n in names:
+        if n not in VARIANTS:
+            sys.exit(f"unknown variant {n}: {', '.join(VARIANTS)}")
     qmig = ri.qmp.qmig_binary("bench_postcopy_latency")
     b = baseline()
     print(f"bare userfaultfd: fault->placed p50 {b['fault_to_placed_us']['p50']} us "
@@ -90,11 +161,18 @@ def main():
           flush=True)
     rows = []
     root = tempfile.mkdtemp(prefix="qmig-bench-postcopy.", dir="/tmp")
+    tpl = None
+    if any("qmig" in VARIANTS[n] for n in names):
+        tpl, ramdir = qmig_template(qmig, os.path.join(root, "template"))
     for n in names:
         for r in range(a.runs):
             work = os.path.join(root, f"{n}.{r}")
             try:
-                msg, pc = live(n, VARIANTS[n], qmig, work)
+                if "qmig" in VARIANTS[n]:
+                    os.makedirs(work)
+                    msg, pc = live_qmig(VARIANTS[n], qmig, tpl, ramdir, work)
+                else:
+                    msg, pc = live(n, VARIANTS[n], qmig, work)
             except (ri.Fail, OSError) as e:
                 print(f"{n} run {r}: FAILED: {e}", flush=True)
                 continue

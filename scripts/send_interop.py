@@ -67,6 +67,13 @@ SCENARIOS = {
                                        "--dirty-fraction", "0.1", "--max-bandwidth", "512K"],
                                  about="QEMU 10 destination running the guest, postcopy "
                                        "template, switchover after one precopy pass"),
+    "q10-postcopy-hugepage": dict(qemu="10", capture="q10-hugepage-postcopy", postcopy=True,
+                                  hugepage=True, caps={"postcopy-ram": True},
+                                  args=["--postcopy", "--postcopy-after", "0",
+                                        "--max-bandwidth", "256K"],
+                                  about="QEMU 10 destination (-S) with a hugetlbfs block (2 MiB "
+                                        "host pages, -m 8 in two NUMA nodes), postcopy right "
+                                        "after setup: requests and placements of 2 MiB"),
     "qmig-postcopy-touch": dict(qemu=None, capture="q10-stopped", postcopy=True, to_qmig=True,
                                 args=["--postcopy", "--postcopy-after", "0",
                                       "--max-bandwidth", "1M"],
@@ -142,11 +149,20 @@ def differing_pages(a, b, skip):
     return out
 
 
-def check_same_ram(final, got_dir_or_bytes, size=None):
-    """FINAL's pc.ram against a pmemsave (bytes) outside the hole."""
+def check_same_ram(final, got_dir_or_bytes, size=None, layout=None):
+    """FINAL's pc.ram (or the blocks of the oracle's `layout` at their guest-physical
+    addresses) against a pmemsave (bytes) outside the hole."""
     man = json.load(open(os.path.join(final, "manifest.json")))
-    blk = next(b for b in man["blocks"] if b["name"] == "pc.ram")
-    want = open(os.path.join(final, blk["file"]), "rb").read()
+    if layout:
+        files = {b["name"]: b["file"] for b in man["blocks"]}
+        want = bytearray(max(r["gpa"] + r["size"] for r in layout))
+        for r in layout:
+            img = open(os.path.join(final, files[r["block"]]), "rb").read()[:r["size"]]
+            want[r["gpa"]:r["gpa"] + len(img)] = img
+        want = bytes(want)
+    else:
+        blk = next(b for b in man["blocks"] if b["name"] == "pc.ram")
+        want = open(os.path.join(final, blk["file"]), "rb").read()
     got = got_dir_or_bytes
     bad = differing_pages(got, want[:size or len(got)], HOLE)
     if bad:
@@ -209,12 +225,23 @@ def run_postcopy_qemu(name, sc, work, qmig):
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
     running = sc.get("running", False)
+    restore_hugepages = None
+    if sc.get("hugepage"):
+        # The destination's hugetlbfs block: its 2 MiB pages, and spares.
+        import recv_interop  # noqa: E402 - only for its hugepage reservation
+        restore_hugepages = recv_interop.reserve_hugepages(
+            2 * sum(r["size"] for r in oracle["layout"]) // (2 << 20))
     args = oracle["machine_args"] + ["-drive", f"file={disk},format=raw,if=ide",
                                      "-serial", "null", "-incoming", "defer"]
     if not running:
         args.append("-S")
-    dst = qmp.Qemu(qmp.qemu_binary(sc["qemu"]), args, work, "dst")
+    try:
+        dst = qmp.Qemu(qmp.qemu_binary(sc["qemu"]), args, work, "dst")
+    except BaseException:
+        restore_nr_hugepages(restore_hugepages)
+        raise
     size = oracle["ram_size"]
+    layout = oracle.get("layout") if sc.get("hugepage") else None
     try:
         dst.cmd("migrate-set-capabilities",
                 capabilities=[{"capability": k, "state": v} for k, v in sc["caps"].items()])
@@ -248,7 +275,7 @@ def run_postcopy_qemu(name, sc, work, qmig):
         if during is None:
             raise RuntimeError("the destination never reported postcopy-active")
         if not running:
-            check_same_ram(final, got, size)
+            check_same_ram(final, got, size, layout)
         dump = qmp.pmemsave(dst.qmp, 0, size, os.path.join(work, "dst.pmem"))
         if running:
             # The guest wrote its own memory since: it runs; compare only
@@ -266,7 +293,7 @@ def run_postcopy_qemu(name, sc, work, qmig):
             if status != "running" or status2 != "running":
                 raise RuntimeError(f"destination not running after postcopy: {status}/{status2}")
         else:
-            check_same_ram(final, open(dump, "rb").read(), size)
+            check_same_ram(final, open(dump, "rb").read(), size, layout)
         pc = stats["postcopy"]
         if pc["requested_pages"] == 0:
             raise RuntimeError("no page was requested during postcopy")
@@ -277,6 +304,17 @@ def run_postcopy_qemu(name, sc, work, qmig):
               f"{pc['discard_commands']} discard commands; memory equals the RAM sent")
     finally:
         dst.quit()
+        restore_nr_hugepages(restore_hugepages)
+
+
+def restore_nr_hugepages(n):
+    """Puts vm.nr_hugepages back to `n` (when this script raised it)."""
+    if n is not None:
+        try:
+            with open("/proc/sys/vm/nr_hugepages", "w") as f:
+                f.write(str(n))
+        except OSError:
+            pass
 
 
 def capture_set(name, work, qmig, ramdir):

@@ -5,30 +5,15 @@
 //! pc.ram (4 MiB) and pc.rom (128 KiB). No panic, every error names an
 //! offset inside the input, and the memory keeps its block sizes.
 #![no_main]
+#[path = "../common/multifd.rs"]
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use qmig_ram_dst::multifd::ChannelDecoder;
 use qmig_ram_dst::multifd_offline::{Channel, PacketReader, Reached};
-use qmig_ram_dst::{Config, RamDst, VecMemory};
-use qmig_wire::{Item, MemBlock, RamRecord};
 
 fuzz_target!(|data: &[u8]| {
-    let mut dst = RamDst::new(Config::default(), VecMemory::new()).unwrap();
-    let blocks = vec![
-        MemBlock {
-            name: "pc.ram",
-            used_length: 4 << 20,
-            page_size: None,
-            addr: None,
-        },
-        MemBlock {
-            name: "pc.rom",
-            used_length: 128 << 10,
-            page_size: None,
-            addr: None,
-        },
-    ];
-    dst.handle_item(0, 1, &Item::Ram(RamRecord::mem_size(blocks)))
-        .unwrap();
+    let mut dst = common::destination();
     let mut rd = PacketReader::new(data, 1, 4096, None);
     let init = match rd.init() {
         Ok(Some(i)) => i,
@@ -58,9 +43,5 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    assert_eq!(dst.memory().block("pc.ram").map(<[u8]>::len), Some(4 << 20));
-    assert_eq!(
-        dst.memory().block("pc.rom").map(<[u8]>::len),
-        Some(128 << 10)
-    );
+    common::assert_block_sizes(&dst);
 });

@@ -23,6 +23,7 @@ mod postcopy;
 mod progress;
 mod recv;
 mod roundtrip;
+mod rp_poll;
 mod send;
 mod signals;
 mod size;

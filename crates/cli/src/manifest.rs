@@ -197,6 +197,13 @@ pub struct PostcopyInfo {
     /// `fault_latency_dist_us`).
     #[serde(default)]
     pub request_latency_dist_us: Vec<u64>,
+    /// Where `request_latency_us` goes, in three spans per request, µs:
+    /// `[0]` fault read → REQ_PAGES written on the return path (lock, state
+    /// machine, socket write), `[1]` written → the page's record parsed from
+    /// the stream (the source and both socket hops), `[2]` parsed → placed
+    /// (UFFDIO_COPY, which wakes the faulting thread).
+    #[serde(default)]
+    pub request_phases_us: Vec<LatencySummary>,
     /// Time during which every vCPU (touch thread) was blocked at once, µs:
     /// QEMU's `postcopy-blocktime`.
     #[serde(default)]

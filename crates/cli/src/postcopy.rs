@@ -7,15 +7,16 @@
 //!
 //! Locking: the state machine, the return-path socket and the regions live
 //! in one [`Inner`] under one mutex, taken by the stream reader for each item
-//! and by the fault handler for each fault; placements and return-path writes
-//! happen under it, so a fault never sees a page half placed.
+//! and by the fault threads for each fault (served on the fault thread
+//! itself: the request goes out without waking another thread); placements
+//! and return-path writes happen under it, so a fault never sees a page half
+//! placed.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,8 @@ use qmig_ram_dst::{
     BlockState, Event, FaultOutcome, FileMemory, GuestMemory, ImageFile, Place, PostcopyState,
 };
 use qmig_uffd_host::{
-    AnonMemory, Backing, Blocktime, BlocktimeHandle, Fault, FaultThread, Latency, LiveMemory,
+    AnonMemory, Backing, Blocktime, BlocktimeHandle, Fault, FaultFn, FaultThread, Latency,
+    LiveMemory,
 };
 
 use crate::extract::{Images, Session, StopError};
@@ -151,6 +153,11 @@ pub(crate) struct Host {
     /// Host pages asked of the source and not placed yet, with the time the
     /// fault thread read the fault that caused the request.
     waiting: HashMap<(usize, u64), Instant>,
+    /// Requests written and not placed: when the current span started.
+    request_sent: HashMap<(usize, u64), Instant>,
+    /// `request_latency` in spans: fault → request written → page parsed →
+    /// placed (the manifest's `request_phases_us`).
+    request_phases: [Latency; 3],
     /// Round trips fault → request → placed.
     request_latency: Latency,
     /// Faults handed to the state machine.
@@ -158,6 +165,8 @@ pub(crate) struct Host {
     /// The first error of the fault handler.
     pub(crate) error: Option<String>,
     touch: Vec<JoinHandle<u64>>,
+    /// The return-path bytes of the fault handling (kept to reuse).
+    rp_buf: Vec<u8>,
 }
 
 /// Everything the stream reader and the fault handler share.
@@ -172,10 +181,13 @@ pub(crate) struct Inner {
     pub(crate) host: Host,
 }
 
-/// What the host needs besides [`Inner`]: the fault channel and the
-/// `--touch` configuration.
+/// What the host needs besides [`Inner`]: what the fault threads serve
+/// faults with, and the `--touch` configuration.
 pub(crate) struct Ctl {
-    fault_tx: Sender<Fault>,
+    /// The shared state, for the fault threads (weak: they are owned by it).
+    inner: Weak<Mutex<Inner>>,
+    /// Set when a fault could not be served: the stream reader stops.
+    abort: Arc<AtomicBool>,
     touch: Touch,
     touch_stop: Arc<AtomicBool>,
     touched: Arc<AtomicU64>,
@@ -254,6 +266,9 @@ impl Inner {
             .dst
             .handle_placed(block, offset, len)
             .map_err(StopError::Dst)?;
+        if let Some(t) = self.host.request_sent.remove(&(block, offset)) {
+            self.host.request_phases[2].record(t.elapsed());
+        }
         if let Some(t) = self.host.waiting.remove(&(block, offset)) {
             self.host.request_latency.record(t.elapsed());
         }
@@ -276,6 +291,10 @@ impl Inner {
         len: u64,
         stream: bool,
     ) -> Result<(), StopError> {
+        if let Some(t) = self.host.request_sent.get_mut(&(block, offset)) {
+            self.host.request_phases[1].record(t.elapsed());
+            *t = Instant::now();
+        }
         let live = self.host.live.as_ref().filter(|l| l.is_registered(block));
         let r = match (live, data) {
             (Some(l), Some(d)) => l.place_page(block, offset, d),
@@ -345,7 +364,8 @@ impl Inner {
                     data,
                 } => {
                     let len = data.len() as u64;
-                    self.place(block, offset, Some(&data), len, stream)?
+                    self.place(block, offset, Some(&data), len, stream)?;
+                    self.session.dst.recycle_page_buffer(data);
                 }
                 Place::ZeroPage { block, offset, len } => {
                     self.place(block, offset, None, len, stream)?
@@ -434,8 +454,13 @@ impl Inner {
                 host_page_size: r.page_size() as u64,
                 user_mode_only: r.features().user_mode_only,
             });
+            let (inner, stop, abort) = (ctl.inner.clone(), ctl.stop.clone(), ctl.abort.clone());
+            let serve = FaultFn(move |f: Fault| match inner.upgrade() {
+                Some(inner) if !stop.load(Ordering::Acquire) => handle_fault(&inner, f, &abort),
+                _ => false,
+            });
             let ft = r
-                .spawn_fault_thread(i, blocktime.clone(), ctl.fault_tx.clone())
+                .spawn_fault_thread(i, blocktime.clone(), serve)
                 .map_err(|e| StopError::Postcopy(format!("fault thread of block {i}: {e}")))?;
             self.host.fault_threads.push(ft);
             regions.push(Some(r));
@@ -516,35 +541,29 @@ fn touch(
     done
 }
 
-/// The running postcopy host: the fault handler thread and the shared state.
+/// The running postcopy host: how faults are served, and the shared state.
 pub(crate) struct Running {
     pub(crate) ctl: Ctl,
-    handler: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Starts the fault handler over `inner`; `abort` is set if it fails,
-    /// so the stream reader (which polls it) stops.
+    /// Prepares the fault handling over `inner` (the fault threads start at
+    /// LISTEN); `abort` is set if a fault cannot be served, so the stream
+    /// reader (which polls it) stops.
     pub(crate) fn start(
         inner: &Arc<Mutex<Inner>>,
         abort: Arc<AtomicBool>,
         touch: impl Into<Touch>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
         let ctl = Ctl {
-            fault_tx: tx,
+            inner: Arc::downgrade(inner),
+            abort,
             touch: touch.into(),
             touch_stop: Arc::new(AtomicBool::new(false)),
             touched: Arc::new(AtomicU64::new(0)),
-            stop: stop.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
         };
-        let inner = inner.clone();
-        let handler = std::thread::Builder::new()
-            .name("qmig-faults".into())
-            .spawn(move || handle_faults(&inner, &rx, &stop, &abort))
-            .ok();
-        Running { ctl, handler }
+        Running { ctl }
     }
 
     /// Stops the fault handler, the fault threads and the regions (closing
@@ -555,7 +574,7 @@ impl Running {
     /// After a complete migration (`ok`) the touch threads are first given
     /// `wait` to finish reading every page while faults are still served;
     /// after a failure they are told to stop at once.
-    pub(crate) fn stop(mut self, inner: &Mutex<Inner>, ok: bool, wait: Duration) -> PostcopyInfo {
+    pub(crate) fn stop(self, inner: &Mutex<Inner>, ok: bool, wait: Duration) -> PostcopyInfo {
         let t0 = Instant::now();
         if ok {
             loop {
@@ -568,18 +587,17 @@ impl Running {
         }
         self.ctl.stop.store(true, Ordering::Release);
         self.ctl.touch_stop.store(true, Ordering::Release);
-        if let Some(h) = self.handler.take() {
-            let _ = h.join();
-        }
-        let mut g = lock(inner);
+        // Stopped without the lock: a fault thread may be waiting for it.
+        let fault_threads: Vec<FaultThread> = lock(inner).host.fault_threads.drain(..).collect();
         let mut faults = 0u64;
         let mut thread_errors = Vec::new();
-        for ft in g.host.fault_threads.drain(..) {
+        for ft in fault_threads {
             match ft.stop() {
                 Ok(s) => faults += s.faults,
                 Err(e) => thread_errors.push(e.to_string()),
             }
         }
+        let mut g = lock(inner);
         // Drop the regions (closing the userfaultfds); touch threads still
         // hold the mappings, never a userfaultfd.
         if let Some(live) = g.host.live.take() {
@@ -632,6 +650,7 @@ impl Running {
             fault_latency_dist_us: lat.dist().to_vec(),
             request_latency_us: summary(&g.host.request_latency),
             request_latency_dist_us: g.host.request_latency.dist().to_vec(),
+            request_phases_us: g.host.request_phases.iter().map(summary).collect(),
             blocktime_us: bt.all_vcpus_blocked().as_micros() as u64,
             blocktime_total_us: bt.total().as_micros() as u64,
             vcpu_blocktime,
@@ -655,43 +674,42 @@ fn summary(l: &Latency) -> LatencySummary {
     }
 }
 
-/// The fault handler: each fault from the fault threads goes to the state
-/// machine, which decides what to ask for (REQ_PAGES) or place locally.
-fn handle_faults(
-    inner: &Mutex<Inner>,
-    rx: &Receiver<Fault>,
-    stop: &AtomicBool,
-    abort: &AtomicBool,
-) {
-    let mut out = Vec::new();
-    while !stop.load(Ordering::Acquire) {
-        let f = match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(f) => f,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let mut g = lock(inner);
-        g.host.faults_handled += 1;
-        let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
-            Ok(FaultOutcome::Requested) => {
-                let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
-                g.host.waiting.insert((f.tag, start), f.seen);
-                Ok(())
-            }
-            Ok(FaultOutcome::AlreadyRequested) => Ok(()),
-            Ok(FaultOutcome::PlaceLocally) => Ok(()),
-            Err(e) => Err(StopError::Dst(e)),
-        };
-        if r.is_ok() {
-            r = g.execute_placements(false);
+/// Serves one fault on its fault thread: the state machine decides what to
+/// ask for (REQ_PAGES, written at once) or place locally. `false` (and
+/// `abort` set, the error kept) when the migration cannot go on.
+fn handle_fault(inner: &Mutex<Inner>, f: Fault, abort: &AtomicBool) -> bool {
+    let mut g = lock(inner);
+    g.host.faults_handled += 1;
+    let mut requested = None;
+    let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
+        Ok(FaultOutcome::Requested) => {
+            let start = f.offset - f.offset % g.session.dst.blocks()[f.tag].page_size();
+            g.host.waiting.insert((f.tag, start), f.seen);
+            requested = Some((f.tag, start));
+            Ok(())
         }
-        g.flush_transmit(&mut out);
-        if let Err(e) = r {
-            g.host.error.get_or_insert(e.to_string());
-            drop(g);
-            // Wake the stream reader: the migration cannot go on.
-            abort.store(true, Ordering::Release);
-            return;
+        Ok(FaultOutcome::AlreadyRequested) => Ok(()),
+        Ok(FaultOutcome::PlaceLocally) => Ok(()),
+        Err(e) => Err(StopError::Dst(e)),
+    };
+    if r.is_ok() {
+        r = g.execute_placements(false);
+    }
+    let mut out = std::mem::take(&mut g.host.rp_buf);
+    g.flush_transmit(&mut out);
+    g.host.rp_buf = out;
+    if let Some(at) = requested {
+        if let Some(&t) = g.host.waiting.get(&at) {
+            g.host.request_phases[0].record(t.elapsed());
+            g.host.request_sent.insert(at, Instant::now());
         }
     }
+    if let Err(e) = r {
+        g.host.error.get_or_insert(e.to_string());
+        drop(g);
+        // Wake the stream reader: the migration cannot go on.
+        abort.store(true, Ordering::Release);
+        return false;
+    }
+    true
 }

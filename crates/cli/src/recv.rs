@@ -926,6 +926,17 @@ mod tests {
             );
             assert_eq!(pc["touch_threads_unfinished"], 0);
             assert!(pc["touched_pages"].as_u64().unwrap() > 0, "{pc}");
+            // Every request answered and placed; the counters count
+            // placements that succeeded, the phases split each round trip.
+            assert_eq!(pc["outstanding_requests"], 0);
+            let n = pc["request_latency_us"]["count"].as_u64().unwrap();
+            assert_eq!(n, reqs.len() as u64, "{pc}");
+            assert!(pc["placed_host_pages"].as_u64().unwrap() >= n, "{pc}");
+            let phases = pc["request_phases_us"].as_array().unwrap();
+            assert_eq!(phases.len(), 3, "{pc}");
+            for ph in phases {
+                assert_eq!(ph["count"].as_u64().unwrap(), n, "{pc}");
+            }
             for (_, r) in &reqs {
                 let (RpMessage::ReqPages { start, len } | RpMessage::ReqPagesId { start, len, .. }) =
                     r

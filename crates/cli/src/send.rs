@@ -800,7 +800,13 @@ pub fn run(a: &SendArgs) -> CliResult {
                 b.name
             )));
         }
-        b.host_page_size = page_size as u64;
+        // Postcopy sends, requests and discards whole host pages: a block
+        // the template's MEM_SIZE gives a larger page size (hugetlbfs) has
+        // host pages of that size (QEMU's `qemu_ram_pagesize`).
+        b.host_page_size = match b.mem_size_page_size {
+            Some(ps) if a.postcopy => ps,
+            _ => page_size as u64,
+        };
     }
     let config = Config {
         page_size,
@@ -989,7 +995,7 @@ fn stream(
 }
 
 /// What the return-path reader thread reports.
-enum RpEvent {
+pub(crate) enum RpEvent {
     /// One whole message (its bytes) and its offset in the return path.
     Msg(u64, Vec<u8>),
     /// The return path ended: EOF (`None`) or a read error.
@@ -997,62 +1003,6 @@ enum RpEvent {
     /// A message broke the return path's framing (e.g. a RECV_BITMAP reply
     /// with a wrong end marker): the migration fails.
     Bad(String),
-}
-
-/// Reads the return path of a socket destination on a thread, message by
-/// message (QEMU's `source_return_path_thread`).
-fn spawn_rp_reader(mut r: Box<dyn Read + Send>) -> std::sync::mpsc::Receiver<RpEvent> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf: Vec<u8> = Vec::new();
-        let mut base = 0u64;
-        let mut chunk = [0u8; 4096];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) => {
-                    let why = (!buf.is_empty()).then(|| {
-                        format!("the return path ended inside a message at offset {base}")
-                    });
-                    let _ = tx.send(RpEvent::Closed(why));
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::Interrupted
-                            | std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => {
-                    let _ = tx.send(RpEvent::Closed(Some(format!(
-                        "reading the return path: {e}"
-                    ))));
-                    return;
-                }
-            }
-            loop {
-                match qmig_wire::decode_rp_message(&buf, base) {
-                    Ok(Some((_, used))) => {
-                        let msg = buf.drain(..used).collect();
-                        if tx.send(RpEvent::Msg(base, msg)).is_err() {
-                            return;
-                        }
-                        base += used as u64;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(RpEvent::Bad(format!("return path: {e}")));
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// When the postcopy phase started and how long it took.
@@ -1103,23 +1053,20 @@ fn stream_postcopy(
     idle: Duration,
 ) -> Result<PostcopyTimes, CliError> {
     let uri = &a.to;
-    let mut rx = spawn_rp_reader(sink_reader(sink, uri)?);
+    let mut rx = sink_rp(sink, uri)?;
     let page_size = 1usize << src.template().page_bits;
     let verbose = !a.json && !crate::progress::quiet();
     // QEMU's rate limit: max-bandwidth per 100 ms period; in postcopy, at
-    // most 1 MiB per PART (256 KiB with preempt) so that requests wait
-    // little behind it.
+    // most 64 KiB of background pages per PART (at least one host page), so
+    // that a request waits behind little of our own writing and the return
+    // path is looked at between PARTs (bench_postcopy_latency.py).
     let budget = pacer.bw.map_or(16 << 20, |b| (b / 10).max(1) as usize);
-    let pc_budget = budget.min(if a.postcopy_preempt {
-        256 << 10
-    } else {
-        1 << 20
-    });
+    let pc_budget = budget.min(64 << 10);
     let mut out = Vec::with_capacity(budget + (1 << 16));
     let mut rng = Rng(a.seed);
     let mut rp_open = true;
     let drain = |src: &mut Source<'_>,
-                 rx: &std::sync::mpsc::Receiver<RpEvent>,
+                 rx: &crate::rp_poll::RpPoll,
                  open: &mut bool|
      -> Result<(), CliError> {
         while *open {
@@ -1286,12 +1233,17 @@ fn rp_event(src: &mut Source<'_>, ev: RpEvent, uri: &MigUri) -> Result<(), Stop>
     }
 }
 
-/// A return-path reader for a socket sink.
-fn sink_reader(sink: &Sink, uri: &MigUri) -> Result<Box<dyn Read + Send>, CliError> {
+/// The return path of a socket sink, read on the sending thread
+/// ([`crate::rp_poll::RpPoll`]: poll + `MSG_DONTWAIT` on a `dup` of it).
+fn sink_rp(sink: &Sink, uri: &MigUri) -> Result<crate::rp_poll::RpPoll, CliError> {
     let dup = |e| CliError::io(uri.to_string(), "dup", e);
     match sink {
-        Sink::Tcp(s) => Ok(Box::new(s.try_clone().map_err(dup)?)),
-        Sink::Unix(s) => Ok(Box::new(s.try_clone().map_err(dup)?)),
+        Sink::Tcp(s) => Ok(crate::rp_poll::RpPoll::new(
+            s.try_clone().map_err(dup)?.into(),
+        )),
+        Sink::Unix(s) => Ok(crate::rp_poll::RpPoll::new(
+            s.try_clone().map_err(dup)?.into(),
+        )),
         _ => Err(CliError::Usage(
             "--postcopy needs a socket destination".into(),
         )),
@@ -1348,7 +1300,7 @@ fn postcopy_phase(
     ram: &Ram,
     src: &mut Source<'_>,
     sink: &mut Sink,
-    rx: &std::sync::mpsc::Receiver<RpEvent>,
+    rx: &crate::rp_poll::RpPoll,
     preempt: &mut Option<Sink>,
     pacer: &mut Pacer,
     idle: Duration,
@@ -1358,6 +1310,7 @@ fn postcopy_phase(
     let uri = &a.to;
     let mut pre = Vec::new();
     let mut shut_deadline = None;
+    let mut urgent_only = false;
     loop {
         loop {
             // SHUT ends the migration (the return path closes right after).
@@ -1416,9 +1369,17 @@ fn postcopy_phase(
         }
         let before = src.ram().counters().requested_bytes;
         // Background pages only when the rate limit allows them; requested
-        // pages always.
-        let b = if pacer.due().is_none() { pc_budget } else { 0 };
-        if b > 0 || src.ram().pending_requests().next().is_some() {
+        // pages always, and in a PART of their own (written at once, not
+        // behind background pages), but not twice in a row so that a
+        // steady stream of requests cannot starve the background scan.
+        let urgent = src.ram().pending_requests().next().is_some();
+        urgent_only = urgent && !urgent_only;
+        let b = if pacer.due().is_none() && !urgent_only {
+            pc_budget
+        } else {
+            0
+        };
+        if b > 0 || urgent {
             let _ = src
                 .write_iteration(&ram.images, b, out)
                 .map_err(|e| Stop::Fatal(src_error(e)))?;
@@ -1455,7 +1416,7 @@ fn recover(
     pacer: &mut Pacer,
     idle: Duration,
     why: String,
-) -> Result<std::sync::mpsc::Receiver<RpEvent>, CliError> {
+) -> Result<crate::rp_poll::RpPoll, CliError> {
     let to = a.recover_to.as_ref().unwrap_or(&a.to);
     let verbose = !a.json && !crate::progress::quiet();
     src.handle_connection_lost()
@@ -1496,7 +1457,7 @@ fn recover(
             }
         };
         *sink = s;
-        let rx = spawn_rp_reader(sink_reader(sink, to)?);
+        let rx = sink_rp(sink, to)?;
         match recovery_handshake(a, src, sink, &rx, preempt, pacer, idle, to, deadline) {
             Ok(()) => {
                 if verbose {
@@ -1529,7 +1490,7 @@ fn recovery_handshake(
     a: &SendArgs,
     src: &mut Source<'_>,
     sink: &mut Sink,
-    rx: &std::sync::mpsc::Receiver<RpEvent>,
+    rx: &crate::rp_poll::RpPoll,
     preempt: &mut Option<Sink>,
     pacer: &mut Pacer,
     idle: Duration,

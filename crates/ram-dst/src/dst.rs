@@ -101,6 +101,17 @@ impl Default for Config {
     }
 }
 
+/// What a host page handed out as a [`Place`] is, until it is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InFlight {
+    /// A [`Place::HostPage`] of the stream.
+    Data,
+    /// A [`Place::ZeroPage`] of the stream.
+    Zero,
+    /// A [`Place::ZeroPage`] for a fault on a page received before.
+    Local,
+}
+
 /// Counters of what was applied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -118,11 +129,14 @@ pub struct Stats {
     pub mem_size: u64,
     /// Target pages dropped by POSTCOPY_RAM_DISCARD.
     pub discarded_pages: u64,
-    /// Host pages with data assembled in postcopy mode (written with
-    /// [`Placement::Apply`], handed out as [`Place::HostPage`] with
-    /// [`Placement::Emit`]).
+    /// Host pages with data of the postcopy stream placed: written with
+    /// [`Placement::Apply`]; with [`Placement::Emit`], a [`Place::HostPage`]
+    /// counts once the host reports it done ([`RamDst::handle_placed`]),
+    /// not when it is handed out.
     pub placed_host_pages: u64,
-    /// Zero host pages assembled in postcopy mode (as for `placed_host_pages`).
+    /// Zero host pages of the postcopy stream placed (as for
+    /// `placed_host_pages`); zero pages placed for a fault on a page received
+    /// before are counted in `faults_resolved_locally` instead.
     pub placed_zero_pages: u64,
     /// Page requests (REQ_PAGES / REQ_PAGES_ID) queued on the return path by
     /// [`RamDst::handle_page_fault`].
@@ -223,11 +237,14 @@ pub struct RamDst<M> {
     machine_version: Option<(u32, u32)>,
     leniencies: Vec<Leniency>,
     pub(crate) host_page: Option<HostPage>,
+    /// Buffers of placed host pages given back ([`RamDst::recycle_page_buffer`]),
+    /// to assemble the next host pages in without allocating.
+    spare_pages: Vec<Vec<u8>>,
     /// Return-path bytes, placements and events waiting to be polled.
     out: Output,
     /// Host pages (block, host-page offset) handed out as a [`Place`] and
     /// not yet reported placed.
-    in_flight: HashSet<(usize, u64)>,
+    in_flight: HashMap<(usize, u64), InFlight>,
     /// Host pages asked for (block, host-page offset) and not yet placed.
     requested: HashSet<(usize, u64)>,
     /// The block named by the last REQ_PAGES_ID (later requests for the same
@@ -283,8 +300,9 @@ impl<M: GuestMemory> RamDst<M> {
             machine_version: None,
             leniencies: Vec::new(),
             host_page: None,
+            spare_pages: Vec::new(),
             out: Output::default(),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
             requested: HashSet::new(),
             last_requested_block: None,
             stats: Stats::default(),

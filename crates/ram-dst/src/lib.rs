@@ -56,6 +56,7 @@ mod memory;
 mod mmap;
 pub mod multifd;
 pub mod multifd_offline;
+pub mod testing;
 
 pub use bitmap::{parse_recv_bitmap_reply, write_recv_bitmap_reply};
 pub use dst::{

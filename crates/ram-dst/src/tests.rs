@@ -1004,7 +1004,13 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
         !d.blocks()[0].received().get(2),
         "received only once the host reports the placement"
     );
+    assert_eq!(
+        d.stats().placed_host_pages,
+        0,
+        "counted once placed, not when handed out"
+    );
     d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
+    assert_eq!(d.stats().placed_host_pages, 1);
     assert!(d.blocks()[0].received().get(2) && d.blocks()[0].received().get(3));
     assert!(
         mem(&d).iter().all(|&x| x == 0),
@@ -1020,8 +1026,37 @@ fn postcopy_assembles_host_pages_and_emits_placements() {
             len: 2 * PS
         })]
     );
+    assert_eq!(d.stats().placed_zero_pages, 0, "handed out, not placed");
+    d.handle_placed(0, 4 * PS, 2 * PS).unwrap();
     assert_eq!(d.stats().placed_host_pages, 1);
     assert_eq!(d.stats().placed_zero_pages, 1);
+}
+
+#[test]
+fn a_recycled_page_buffer_assembles_the_next_host_page() {
+    let mut d = emit(vec![huge_block()]);
+    listening(&mut d);
+    let host_page = |d: &mut RamDst<VecMemory>, at: u64, off: u64, v: u8| {
+        feed(d, at, ram(RamRecord::page(off, Some("pc.ram"), &[v; 4096]))).unwrap();
+        feed(
+            d,
+            at + 1,
+            ram(RamRecord::page(off + PS, None, &[v + 1; 4096])),
+        )
+        .unwrap();
+        match d.poll_placement() {
+            Some(Place::HostPage { offset, data, .. }) if offset == off => data,
+            other => panic!("{other:?}"),
+        }
+    };
+    let first = host_page(&mut d, 10, 2 * PS, 1);
+    let ptr = first.as_ptr();
+    d.handle_placed(0, 2 * PS, 2 * PS).unwrap();
+    d.recycle_page_buffer(first);
+    let second = host_page(&mut d, 20, 4 * PS, 5);
+    assert_eq!(second.as_ptr(), ptr, "assembled in the given-back buffer");
+    assert_eq!(second.len(), 2 * PS as usize);
+    assert!(second[..4096].iter().all(|&x| x == 5) && second[4096..].iter().all(|&x| x == 6));
 }
 
 #[test]
@@ -1703,6 +1738,12 @@ fn a_fault_on_a_received_page_is_placed_locally_as_zero() {
         "nothing asked of the source"
     );
     assert_eq!(d.stats().faults_resolved_locally, 1);
+    d.handle_placed(0, PS, PS).unwrap();
+    assert_eq!(
+        (d.stats().placed_host_pages, d.stats().placed_zero_pages),
+        (0, 0),
+        "a local zero page is not a page of the stream"
+    );
 }
 
 /// The machine stopped with SHUT(1) as the last (and only new) return-path message.
@@ -1827,6 +1868,11 @@ fn received_bits_are_set_only_when_the_placement_succeeded() {
     );
     assert!(e.to_string().contains("ENOMEM"), "{e}");
     assert!(!d.blocks()[0].received().get(2) && !d.blocks()[0].received().get(3));
+    assert_eq!(
+        (d.stats().placed_host_pages, d.stats().placed_zero_pages),
+        (0, 0),
+        "a failed placement is not counted"
+    );
     assert_shut_1(&mut d);
 }
 

@@ -16,8 +16,8 @@ use std::collections::{HashSet, VecDeque};
 
 use proptest::prelude::*;
 use qmig_ram_dst::{
-    Config, FaultOutcome, GuestMemory, Layout, LocalBlock, Place, Placement, PostcopyState, RamDst,
-    RamDstError,
+    testing, Config, FaultOutcome, GuestMemory, Layout, LocalBlock, Place, Placement,
+    PostcopyState, RamDst, RamDstError,
 };
 use qmig_wire::header::Configuration;
 use qmig_wire::section::SectionHeader;
@@ -213,40 +213,30 @@ impl Dst {
     /// back), return-path bytes (to the source).
     fn host(&mut self, src: &mut Source) {
         while self.dst.poll_event().is_some() {}
-        while let Some(p) = self.dst.poll_placement() {
+        testing::drain_placements(&mut self.dst, |m, p| {
             match p {
-                Place::HostPage {
-                    block,
-                    offset,
-                    data,
-                } => {
-                    let m = self.dst.memory_mut();
-                    let range = m.host_pages(offset, data.len() as u64);
+                Place::HostPage { offset, data, .. } => {
+                    let range = m.host_pages(*offset, data.len() as u64);
                     assert!(
                         m.present[range.clone()].iter().all(|p| !p),
                         "UFFDIO_COPY onto a present page at {offset:#x} (EEXIST)"
                     );
-                    m.data[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    m.data[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
                     m.present[range].iter_mut().for_each(|p| *p = true);
-                    self.dst
-                        .handle_placed(block, offset, data.len() as u64)
-                        .unwrap();
                 }
-                Place::ZeroPage { block, offset, len } => {
-                    let m = self.dst.memory_mut();
-                    let range = m.host_pages(offset, len);
+                Place::ZeroPage { offset, len, .. } => {
+                    let range = m.host_pages(*offset, *len);
                     assert!(
                         m.present[range.clone()].iter().all(|p| !p),
                         "UFFDIO_ZEROPAGE onto a present page at {offset:#x}"
                     );
                     m.present[range].iter_mut().for_each(|p| *p = true);
-                    self.dst.handle_placed(block, offset, len).unwrap();
                 }
-                Place::Discard { block, offset, len } => {
-                    self.dst.memory_mut().discard(block, offset, len).unwrap();
-                }
+                Place::Discard { block, offset, len } => m.discard(*block, *offset, *len)?,
             }
-        }
+            Ok(())
+        })
+        .unwrap();
         let mut rp = Vec::new();
         if self.dst.poll_transmit(&mut rp) {
             src.take_return_path(&rp);

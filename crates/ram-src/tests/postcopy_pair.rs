@@ -5,7 +5,7 @@
 //! faults and budgets, the destination ends with the source's memory.
 
 use proptest::prelude::*;
-use qmig_ram_dst::{FaultOutcome, GuestMemory, Place, PostcopyState, RamDst, VecMemory};
+use qmig_ram_dst::{testing, FaultOutcome, PostcopyState, RamDst, VecMemory};
 use qmig_ram_src::{template::tests_support, Config, Progress, RamSrc, Source, SrcBlock, Template};
 use qmig_wire::{Decoder, Limits, ReturnPathReader, Step};
 
@@ -50,35 +50,7 @@ impl Harness<'_> {
 
     fn actions(&mut self) {
         while self.dst.poll_event().is_some() {}
-        while let Some(p) = self.dst.poll_placement() {
-            match p {
-                Place::HostPage {
-                    block,
-                    offset,
-                    data,
-                } => {
-                    let len = data.len() as u64;
-                    self.dst
-                        .memory_mut()
-                        .write(block, offset, &data)
-                        .expect("place");
-                    self.dst.handle_placed(block, offset, len).expect("placed");
-                }
-                Place::ZeroPage { block, offset, len } => {
-                    let z = vec![0u8; len as usize];
-                    self.dst
-                        .memory_mut()
-                        .write(block, offset, &z)
-                        .expect("place");
-                    self.dst.handle_placed(block, offset, len).expect("placed");
-                }
-                Place::Discard { block, offset, len } => self
-                    .dst
-                    .memory_mut()
-                    .discard(block, offset, len)
-                    .expect("discard"),
-            }
-        }
+        testing::drain_placements(&mut self.dst, testing::write_placement).expect("placed");
         self.dst.poll_transmit(&mut self.rp);
     }
 

@@ -32,6 +32,33 @@ pub struct Fault {
     pub seen: std::time::Instant,
 }
 
+/// Where a fault thread reports the faults the caller must serve: a
+/// channel (`Sender<Fault>`, read by another thread) or a function run on
+/// the fault thread itself ([`FaultFn`]), which saves a thread hop on every
+/// fault (the request can go out before any other thread is woken).
+pub trait FaultSink: Send + 'static {
+    /// Takes one fault; `false` when nobody can take it any more (counted
+    /// as [`FaultStats::undelivered`]).
+    fn report(&mut self, fault: Fault) -> bool;
+}
+
+impl FaultSink for Sender<Fault> {
+    fn report(&mut self, fault: Fault) -> bool {
+        self.send(fault).is_ok()
+    }
+}
+
+/// A function as a [`FaultSink`]: it runs on the fault thread, so it must
+/// not wait for that thread (e.g. must not stop it), and the faults of the
+/// region wait while it runs.
+pub struct FaultFn<F>(pub F);
+
+impl<F: FnMut(Fault) -> bool + Send + 'static> FaultSink for FaultFn<F> {
+    fn report(&mut self, fault: Fault) -> bool {
+        (self.0)(fault)
+    }
+}
+
 /// Counters kept by the fault thread.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultStats {
@@ -58,8 +85,8 @@ pub struct FaultThread {
 
 impl Region {
     /// Starts the fault thread of this region. Each missing fault on a host
-    /// page that is neither placed nor already reported is sent on `tx` as a
-    /// [`Fault`] tagged `tag`; faults on placed pages just wake their thread.
+    /// page that is neither placed nor already reported is given to `tx` (a
+    /// channel or a [`FaultFn`]) as a [`Fault`] tagged `tag`; faults on placed pages just wake their thread.
     /// `blocktime` says how many vCPUs (or which threads) to account for; a
     /// [`BlocktimeHandle`] may be shared by the fault threads of every
     /// region of a guest (waits are keyed by virtual address). It replaces
@@ -73,10 +100,11 @@ impl Region {
         &self,
         tag: usize,
         blocktime: impl Into<BlocktimeHandle>,
-        tx: Sender<Fault>,
+        tx: impl FaultSink,
     ) -> Result<FaultThread, UffdError> {
         self.claim_fault_thread()?;
-        let started = (|| {
+        let mut tx = tx;
+        let started = (move || {
             let stop = sys::eventfd()?;
             let stop_dup = stop
                 .try_clone()
@@ -85,7 +113,7 @@ impl Region {
             let shared = Arc::clone(&self.shared);
             let handle = std::thread::Builder::new()
                 .name("uffd-fault".into())
-                .spawn(move || run(&shared, &stop_dup, tag, &tx))
+                .spawn(move || run(&shared, &stop_dup, tag, &mut tx))
                 .map_err(|source| UffdError::Syscall {
                     op: "spawn",
                     source,
@@ -147,7 +175,7 @@ fn run(
     shared: &Shared,
     stop: &OwnedFd,
     tag: usize,
-    tx: &Sender<Fault>,
+    tx: &mut dyn FaultSink,
 ) -> Result<FaultStats, UffdError> {
     let mut stats = FaultStats::default();
     let mut buf = EventBuffer::new(16);
@@ -236,7 +264,7 @@ fn handle_fault(
     thread_id: Option<u32>,
     write: bool,
     tag: usize,
-    tx: &Sender<Fault>,
+    tx: &mut dyn FaultSink,
     stats: &mut FaultStats,
 ) -> Result<(), UffdError> {
     stats.faults += 1;
@@ -278,7 +306,7 @@ fn handle_fault(
         write,
         seen: std::time::Instant::now(),
     };
-    if tx.send(f).is_err() {
+    if !tx.report(f) {
         stats.undelivered += 1;
     }
     Ok(())

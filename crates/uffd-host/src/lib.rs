@@ -55,7 +55,7 @@ mod region;
 mod sys;
 
 pub use blocktime::{latency_bucket, Blocktime, Latency, LATENCY_BUCKETS};
-pub use fault::{Fault, FaultStats, FaultThread};
+pub use fault::{Fault, FaultFn, FaultSink, FaultStats, FaultThread};
 pub use guest::{AnonMemory, LiveMemory};
 pub use probe::{probe, Features};
 pub use region::{BlocktimeHandle, Placed, Region};

@@ -4,6 +4,7 @@
 //! offers none of these, each test prints why it is skipped.
 
 use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -164,6 +165,37 @@ fn fault_is_reported_and_placement_resolves_it() {
     let st = ft.stop().unwrap();
     assert_eq!((st.faults, st.reported, st.duplicates), (2, 2, 0));
     assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn a_fault_fn_serves_faults_on_the_fault_thread() {
+    let r = region!(8, "a_fault_fn_serves_faults_on_the_fault_thread");
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (r2, s2) = (r.clone(), served.clone());
+    let ft = r
+        .spawn_fault_thread(
+            4,
+            Blocktime::new(1),
+            FaultFn(move |f: Fault| {
+                // Placed from the fault thread itself: no other thread runs.
+                let page = vec![f.offset as u8 ^ 0x5A; PS];
+                r2.place_page(f.offset as usize, &page).unwrap();
+                s2.lock().unwrap().push((f.tag, f.offset));
+                true
+            }),
+        )
+        .unwrap();
+    let (_, h) = reader(&r, &[3, 1, 3]);
+    let got = join(h);
+    assert_eq!(got[0], vec![(3 * PS) as u8 ^ 0x5A; PS]);
+    assert_eq!(got[1], vec![PS as u8 ^ 0x5A; PS]);
+    assert_eq!(got[2], got[0]);
+    assert_eq!(
+        *served.lock().unwrap(),
+        vec![(4, 3 * PS as u64), (4, PS as u64)]
+    );
+    let st = ft.stop().unwrap();
+    assert_eq!((st.faults, st.reported, st.undelivered), (2, 2, 0));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qmig_ram_dst::{
-    Config, Event, Layout, LocalBlock, Place, Placement, PostcopyState, RamDst, VecMemory,
+    testing, Config, Event, Layout, LocalBlock, Place, Placement, PostcopyState, RamDst, VecMemory,
 };
 use qmig_uffd_host::{probe, Blocktime, Region};
 use qmig_wire::header::Configuration;
@@ -129,31 +129,31 @@ fn ram_dst_emit_actions_resolve_real_faults() {
                 other => panic!("unexpected event {other:?}"),
             }
         }
-        while let Some(a) = dst.poll_placement() {
-            match a {
+        let done = testing::drain_placements(&mut dst, |_, p| {
+            match p {
                 Place::HostPage {
                     block,
                     offset,
                     data,
                 } => {
-                    assert_eq!(block, 0);
-                    let p = region.place_page(offset as usize, &data).unwrap();
+                    assert_eq!(*block, 0);
+                    let p = region.place_page(*offset as usize, data).unwrap();
                     assert_eq!(p.already_present, 0);
-                    dst.handle_placed(block, offset, data.len() as u64).unwrap();
-                    placed += 1;
                 }
                 Place::ZeroPage { block, offset, len } => {
-                    assert_eq!(block, 0);
+                    assert_eq!(*block, 0);
                     region
-                        .place_zero_page(offset as usize, len as usize)
+                        .place_zero_page(*offset as usize, *len as usize)
                         .unwrap();
-                    dst.handle_placed(block, offset, len).unwrap();
-                    zeroed += 1;
                 }
                 // Nothing was written before the discards: none to carry out.
                 other => panic!("unexpected placement {other:?}"),
             }
-        }
+            Ok(())
+        })
+        .unwrap();
+        placed += done.host_pages;
+        zeroed += done.zero_pages;
     }
     assert_eq!(dst.applied_up_to(), s.len() as u64);
     assert_eq!((placed, zeroed), (2, 1));

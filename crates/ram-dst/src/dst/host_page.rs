@@ -6,7 +6,7 @@
 
 use qmig_wire::{RamBody, RamRecord};
 
-use super::{Event, Place, Placement, PostcopyState, RamDst};
+use super::{Event, InFlight, Place, Placement, PostcopyState, RamDst};
 use crate::memory::GuestMemory;
 use crate::RamDstError;
 
@@ -58,7 +58,7 @@ impl<M: GuestMemory> RamDst<M> {
         let within = off % hps;
         if within == 0
             && (self.blocks[b].received.any_in_range(off / tps, hps / tps)
-                || self.in_flight.contains(&(b, off)))
+                || self.in_flight.contains_key(&(b, off)))
         {
             // QEMU places each host page once (UFFDIO_COPY); a page already
             // present (received and not discarded) fails with EEXIST, which
@@ -119,13 +119,19 @@ impl<M: GuestMemory> RamDst<M> {
             }
         }
         let emit = self.placement == Placement::Emit;
-        let hp = self.host_page.get_or_insert_with(|| HostPage {
-            block: b,
-            start: off,
-            next: off,
-            all_zero: true,
-            data: Vec::new(),
-        });
+        if self.host_page.is_none() {
+            let data = if emit { self.page_buffer() } else { Vec::new() };
+            self.host_page = Some(HostPage {
+                block: b,
+                start: off,
+                next: off,
+                all_zero: true,
+                data,
+            });
+        }
+        let Some(hp) = self.host_page.as_mut() else {
+            return Ok(());
+        };
         match data {
             Some(d) => {
                 if emit {
@@ -181,6 +187,7 @@ impl<M: GuestMemory> RamDst<M> {
                         offset: hp.start,
                         len,
                     });
+                    self.recycle_page_buffer(hp.data);
                 } else {
                     blk.nonzero.set_range(p, n);
                     self.out.placements.push_back(Place::HostPage {
@@ -189,17 +196,23 @@ impl<M: GuestMemory> RamDst<M> {
                         data: hp.data,
                     });
                 }
-                self.in_flight.insert((b, hp.start));
+                let kind = if hp.all_zero {
+                    InFlight::Zero
+                } else {
+                    InFlight::Data
+                };
+                self.in_flight.insert((b, hp.start), kind);
             }
         }
         if self.placement == Placement::Apply {
-            // Emit: set when the host reports success (handle_placed).
+            // Emit: set and counted when the host reports success
+            // (handle_placed).
             self.blocks[b].received.set_range(p, n);
-        }
-        if hp.all_zero {
-            self.stats.placed_zero_pages += 1;
-        } else {
-            self.stats.placed_host_pages += 1;
+            if hp.all_zero {
+                self.stats.placed_zero_pages += 1;
+            } else {
+                self.stats.placed_host_pages += 1;
+            }
         }
         Ok(())
     }

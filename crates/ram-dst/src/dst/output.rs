@@ -124,6 +124,23 @@ impl<M: GuestMemory> RamDst<M> {
         true
     }
 
+    /// Gives back the `data` of a [`Place::HostPage`] once the host has
+    /// placed it: the next host pages are assembled in it instead of a new
+    /// allocation (a 2 MiB host page would otherwise be allocated, and its
+    /// memory faulted in, for every placement). Optional; at most two
+    /// buffers are kept.
+    pub fn recycle_page_buffer(&mut self, mut buf: Vec<u8>) {
+        if self.spare_pages.len() < 2 {
+            buf.clear();
+            self.spare_pages.push(buf);
+        }
+    }
+
+    /// A buffer for the next host page: a recycled one, else an empty one.
+    pub(super) fn page_buffer(&mut self) -> Vec<u8> {
+        self.spare_pages.pop().unwrap_or_default()
+    }
+
     /// The next memory operation for the host, if any. Drain after every
     /// `handle_*` call, in order, before the next input (see [`Place`]).
     #[must_use]

@@ -6,7 +6,7 @@
 
 use qmig_wire::Command;
 
-use super::{Event, Place, Placement, RamDst};
+use super::{Event, InFlight, Place, Placement, RamDst};
 use crate::memory::GuestMemory;
 use crate::RamDstError;
 
@@ -153,7 +153,8 @@ impl<M: GuestMemory> RamDst<M> {
                 self.postcopy
             )));
         }
-        if self.requested.contains(&(block, start)) || self.in_flight.contains(&(block, start)) {
+        if self.requested.contains(&(block, start)) || self.in_flight.contains_key(&(block, start))
+        {
             self.stats.faults_already_requested += 1;
             return Ok(FaultOutcome::AlreadyRequested);
         }
@@ -162,7 +163,7 @@ impl<M: GuestMemory> RamDst<M> {
         let (p, n) = (start / tps, hps / tps);
         if (p..p + n).all(|i| blk.received.get(i)) {
             self.stats.faults_resolved_locally += 1;
-            self.in_flight.insert((block, start));
+            self.in_flight.insert((block, start), InFlight::Local);
             self.out.placements.push_back(Place::ZeroPage {
                 block,
                 offset: start,
@@ -219,7 +220,7 @@ impl<M: GuestMemory> RamDst<M> {
         }
         if let Some(at) = (0..len / hps)
             .map(|k| offset + k * hps)
-            .find(|&at| !self.in_flight.contains(&(block, at)))
+            .find(|&at| !self.in_flight.contains_key(&(block, at)))
         {
             return Err(bad(format!(
                 "host page {at:#x} was not handed out for placement (or was reported already)"
@@ -259,7 +260,11 @@ impl<M: GuestMemory> RamDst<M> {
         let mut at = offset;
         while at < offset + len {
             self.requested.remove(&(block, at));
-            self.in_flight.remove(&(block, at));
+            match self.in_flight.remove(&(block, at)) {
+                Some(InFlight::Data) => self.stats.placed_host_pages += 1,
+                Some(InFlight::Zero) => self.stats.placed_zero_pages += 1,
+                Some(InFlight::Local) | None => {}
+            }
             at += hps;
         }
         Ok(())
