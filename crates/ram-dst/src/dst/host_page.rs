@@ -44,7 +44,12 @@ impl<M: GuestMemory> RamDst<M> {
                 })
             }
         };
-        if self.postcopy == PostcopyState::End {
+        if matches!(
+            self.postcopy,
+            PostcopyState::End | PostcopyState::Paused | PostcopyState::Recovering
+        ) {
+            // Paused: no connection; Recovering: the source sends pages only
+            // after POSTCOPY_RESUME (its first record names its block).
             return Err(RamDstError::IllegalTransition {
                 offset: at,
                 state: self.postcopy,
