@@ -62,7 +62,10 @@ fn replay(name: &str, preempt: &[&str]) -> (RamDst<VecMemory>, Vec<u8>) {
     }
     assert!(dst.handle_connection_lost().unwrap());
     assert_eq!(dst.postcopy_state(), PostcopyState::Paused);
-    assert!(!dst.poll_transmit(&mut sink), "nothing is sent while paused");
+    assert!(
+        !dst.poll_transmit(&mut sink),
+        "nothing is sent while paused"
+    );
     dst.handle_recovery_connection().unwrap();
     let main2 = gz(name, "main-2.bin.gz");
     let mut rd = StreamReader::with_decoder(&main2[..], cut.continuation().unwrap());

@@ -126,7 +126,8 @@ impl<M: GuestMemory> RamDst<M> {
     /// (in block and offset order, the first as REQ_PAGES_ID), and the
     /// migration runs again.
     pub(super) fn resume(&mut self, _at: u64) -> Result<(), RamDstError> {
-        RpMessage::ResumeAck(qmig_wire::recovery::RESUME_ACK_VALUE).write(&mut self.out.transmit)?;
+        RpMessage::ResumeAck(qmig_wire::recovery::RESUME_ACK_VALUE)
+            .write(&mut self.out.transmit)?;
         let mut pending: Vec<(usize, u64)> = self
             .requested
             .iter()
@@ -169,11 +170,7 @@ impl<M: GuestMemory> RamDst<M> {
     /// record or outside [`PostcopyState::Listening`] /
     /// [`PostcopyState::Running`], and the errors of a postcopy record (see
     /// [`RamDst::handle_item`]); the machine stops and SHUT(1) is queued.
-    pub fn handle_preempt_item(
-        &mut self,
-        offset: u64,
-        item: &Item<'_>,
-    ) -> Result<(), RamDstError> {
+    pub fn handle_preempt_item(&mut self, offset: u64, item: &Item<'_>) -> Result<(), RamDstError> {
         if self.stopped {
             return Err(RamDstError::Stopped {
                 offset: self.applied_to,
