@@ -209,6 +209,14 @@ impl Inner {
         self.rp.as_deref_mut()
     }
 
+    /// A new return path (a recovery connection's); it is open (the source
+    /// opened its return path on the first connection).
+    pub(crate) fn set_rp(&mut self, rp: Box<dyn Write + Send>) {
+        self.rp = Some(rp);
+        self.rp_open = true;
+        self.rp_dead = false;
+    }
+
     /// Closes the return path (half-closing a socket for writing).
     pub(crate) fn close_rp(&mut self) {
         self.rp = None;

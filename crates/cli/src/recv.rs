@@ -37,29 +37,29 @@ use crate::uri::MigUri;
 const AFTER_EOF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a blocked accept or socket read looks at the signal flag.
-const POLL: Duration = Duration::from_millis(200);
+pub(crate) const POLL: Duration = Duration::from_millis(200);
 
 /// The incoming stream as the stream reader sees it: every byte read is
 /// also saved (`--save`); a socket read wakes up every [`POLL`] to look at
 /// the signal flag, and once EOF was decoded, [`AFTER_EOF_TIMEOUT`] without
 /// data counts as the end. Before that, `idle` without data
 /// (`--idle-timeout`) is a `TimedOut` error naming the option.
-struct Tee {
-    src: Box<dyn Read>,
+pub(crate) struct Tee {
+    pub(crate) src: Box<dyn Read>,
     /// Whether `src` is a socket with a [`POLL`] read timeout.
-    polled: bool,
+    pub(crate) polled: bool,
     /// `--idle-timeout` (sockets only).
-    idle: Duration,
+    pub(crate) idle: Duration,
     /// When data last arrived (or the connection was accepted).
-    last_data: Instant,
-    save: Option<File>,
-    received: Rc<Cell<u64>>,
-    after_eof: Rc<Cell<Option<Instant>>>,
+    pub(crate) last_data: Instant,
+    pub(crate) save: Option<File>,
+    pub(crate) received: Rc<Cell<u64>>,
+    pub(crate) after_eof: Rc<Cell<Option<Instant>>>,
     /// The first failed `--save` write: stream offset and OS error.
-    save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
+    pub(crate) save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
     /// Set by the postcopy fault handler when it failed: the migration
     /// cannot go on (checked every [`POLL`] on sockets).
-    abort: Arc<AtomicBool>,
+    pub(crate) abort: Arc<AtomicBool>,
 }
 
 /// The error a read returns when a signal arrived (not `Interrupted`, which
@@ -185,6 +185,8 @@ pub(crate) enum Listener {
 /// description of the peer, and the `exec:` child to reap.
 struct Incoming {
     src: Box<dyn Read>,
+    /// Shuts the socket down (sockets only).
+    kick: Option<crate::recover::Kick>,
     polled: bool,
     rp: Option<Box<dyn Write + Send>>,
     peer: String,
@@ -303,8 +305,12 @@ impl Listener {
                     .and_then(|()| sock.set_write_timeout(Some(idle)))
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                let k = sock.try_clone().map_err(|e| io("accept", e))?;
                 Ok(Incoming {
                     src: Box::new(sock),
+                    kick: Some(Arc::new(move || {
+                        let _ = k.shutdown(std::net::Shutdown::Both);
+                    })),
                     polled: true,
                     rp: Some(Box::new(SocketRp(rp))),
                     peer: peer.to_string(),
@@ -324,8 +330,12 @@ impl Listener {
                     .and_then(|()| sock.set_write_timeout(Some(idle)))
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                let k = sock.try_clone().map_err(|e| io("accept", e))?;
                 Ok(Incoming {
                     src: Box::new(sock),
+                    kick: Some(Arc::new(move || {
+                        let _ = k.shutdown(std::net::Shutdown::Both);
+                    })),
                     polled: true,
                     rp: Some(Box::new(SocketRp(rp))),
                     peer: format!("unix:{}", p.display()),
@@ -334,6 +344,7 @@ impl Listener {
             }
             Listener::File(p) => Ok(Incoming {
                 src: Box::new(File::open(p).map_err(|e| CliError::io(p, "open", e))?),
+                kick: None,
                 polled: false,
                 rp: None,
                 peer: format!("file:{}", p.display()),
@@ -353,6 +364,7 @@ impl Listener {
                     .ok_or_else(|| CliError::Usage("exec: no stdout".into()))?;
                 Ok(Incoming {
                     src: Box::new(out),
+                    kick: None,
                     polled: false,
                     rp: None,
                     peer: format!("exec:{c}"),
@@ -372,7 +384,7 @@ impl Drop for Listener {
 }
 
 /// A stream socket whose writing half can be closed on its own.
-trait HalfClose: Write {
+pub(crate) trait HalfClose: Write {
     /// Half-closes for writing (errors ignored: the peer may be gone).
     fn close_write(&self);
 }
@@ -391,7 +403,7 @@ impl HalfClose for UnixStream {
 
 /// The return path over a TCP or Unix socket, half-closed for writing when
 /// dropped so the source sees its end.
-struct SocketRp<S: HalfClose>(S);
+pub(crate) struct SocketRp<S: HalfClose>(pub(crate) S);
 
 impl<S: HalfClose> Write for SocketRp<S> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -417,6 +429,7 @@ pub fn run(
     idle: Duration,
     touch: Touch,
     rcvbuf: Option<usize>,
+    recover: RecoverArgs<'_>,
 ) -> CliResult {
     let layout = match blocks {
         Some(p) => read_layout(p)?,
@@ -432,6 +445,20 @@ pub fn run(
     if let Some(n) = rcvbuf {
         listener.set_rcvbuf(n)?;
     }
+    if recover.timeout.is_zero() {
+        return Err(CliError::Usage(
+            "--recover-timeout must be at least 1 second".into(),
+        ));
+    }
+    let recover_listener = match recover.listen {
+        Some(u @ (MigUri::Tcp { .. } | MigUri::Unix(_))) => Some(Listener::open(u)?),
+        Some(u) => {
+            return Err(CliError::Usage(format!(
+                "--recover-listen {u}: a recovery connection comes on tcp: or unix: only"
+            )))
+        }
+        None => None,
+    };
     crate::signals::install();
     receive(
         listener,
@@ -441,8 +468,32 @@ pub fn run(
         &listen.to_string(),
         idle,
         touch,
+        Recover {
+            listener: recover_listener,
+            timeout: recover.timeout,
+        },
     )
 }
+
+/// `--recover-listen` and `--recover-timeout` as given.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoverArgs<'a> {
+    /// Where to wait for the recovery connection (default: the `--listen` address).
+    pub listen: Option<&'a MigUri>,
+    /// How long a paused migration waits for it.
+    pub timeout: Duration,
+}
+
+/// Postcopy recovery settings of [`receive`].
+pub(crate) struct Recover {
+    /// A listener of its own for recovery connections (`--recover-listen`).
+    pub(crate) listener: Option<Listener>,
+    /// How long a paused migration waits for the recovery connection.
+    pub(crate) timeout: Duration,
+}
+
+/// The default `--recover-timeout`, seconds.
+pub const DEFAULT_RECOVER_TIMEOUT: u64 = 600;
 
 /// How long the end of a migration waits for `--touch` threads.
 const TOUCH_WAIT: Duration = Duration::from_secs(10);
@@ -456,6 +507,7 @@ pub(crate) fn receive(
     listen: &str,
     idle: Duration,
     touch: impl Into<Touch>,
+    recover: Recover,
 ) -> CliResult {
     let mem = RecvMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
@@ -486,11 +538,15 @@ pub(crate) fn receive(
     }
     let Incoming {
         src,
+        kick,
         polled,
         rp,
         peer,
         child,
     } = inc;
+    let mut recover_listener = recover.listener;
+    let mut recovery: Option<crate::recover::Recovery> = None;
+    let mut main_n = 1usize;
     let received = Rc::new(Cell::new(0u64));
     let after_eof = Rc::new(Cell::new(None));
     let save_error = Rc::new(RefCell::new(None));
@@ -508,8 +564,15 @@ pub(crate) fn receive(
         save_error: save_error.clone(),
         abort: abort.clone(),
     };
+    let rp = rp.map(|w| -> Box<dyn Write + Send> {
+        Box::new(crate::recover::RpTee {
+            inner: w,
+            path: save.map(|s| crate::recover::conn_path(s, "rp", 1)),
+            file: None,
+        })
+    });
     let inner = Arc::new(Mutex::new(Inner::new(session, rp, idle)));
-    let host = Running::start(&inner, abort, touch);
+    let host = Running::start(&inner, abort.clone(), touch);
     let mut rd = StreamReader::new(tee);
     crate::input::configure(rd.decoder_mut());
     let pb = crate::progress::bytes(0, "recv");
@@ -520,8 +583,8 @@ pub(crate) fn receive(
     let result = loop {
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
-            Ok(None) => break Ok(()),
-            Err(e) => {
+            Ok(None) if !paused_state(&inner) => break Ok(()),
+            Err(e) if !paused_state(&inner) || crate::signals::pending().is_some() => {
                 break Err(match (crate::signals::pending(), e) {
                     (Some(sig), _) => StopError::Interrupted(sig),
                     // Only the idle timeout makes Tee return TimedOut.
@@ -535,6 +598,36 @@ pub(crate) fn receive(
                     }
                     (None, e) => StopError::Wire(e),
                 });
+            }
+            // The connection broke after POSTCOPY_RUN: pause and wait for
+            // the source's recovery connection.
+            cut => {
+                let why = match cut {
+                    Err(e) => e.to_string(),
+                    _ => "the source closed the connection".into(),
+                };
+                let Some(rec) = recovery.as_ref() else {
+                    break Err(StopError::Postcopy(format!(
+                        "{why} (no recovery possible on this input)"
+                    )));
+                };
+                main_n += 1;
+                match pause_and_recover(&inner, rec, &rd, &why, main_n, save, idle) {
+                    Ok((tee, dec)) => {
+                        rd = StreamReader::with_decoder(
+                            Tee {
+                                received: received.clone(),
+                                after_eof: after_eof.clone(),
+                                save_error: save_error.clone(),
+                                abort: abort.clone(),
+                                ..tee
+                            },
+                            dec,
+                        );
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
             }
         };
         if let Err(e) = mfd.before_item(&ri, &inner) {
@@ -560,6 +653,33 @@ pub(crate) fn receive(
         }
         if let Err(e) = g.session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
+        }
+        for a in &pending {
+            match a {
+                // From ADVISE on, later connections are the preempt channel
+                // and recovery connections: an acceptor thread takes them.
+                Event::PostcopyState(PostcopyState::Advised) if recovery.is_none() => {
+                    let mut ls: Vec<Listener> = mfd.take_listener().into_iter().collect();
+                    ls.extend(recover_listener.take());
+                    if !ls.is_empty() {
+                        recovery = Some(crate::recover::Recovery::start(
+                            ls,
+                            &inner,
+                            save,
+                            idle,
+                            abort.clone(),
+                            recover.timeout,
+                            kick.clone(),
+                        ));
+                    }
+                }
+                Event::PostcopyState(PostcopyState::Listening) => {
+                    if let Some(r) = &recovery {
+                        r.set_template(ri.decoder);
+                    }
+                }
+                _ => {}
+            }
         }
         let mut r = Ok(());
         for a in pending.drain(..) {
@@ -594,6 +714,10 @@ pub(crate) fn receive(
         }
     };
     let result = mfd.finish(result);
+    let mut saved: Vec<(&'static str, PathBuf)> = Vec::new();
+    if let Some(r) = recovery.take() {
+        saved = r.finish();
+    }
     // The fault handler may have failed while the reader was blocked (and
     // made it stop through `abort`): report that, not the read error.
     let result = match (result, lock(&inner).host.error.clone()) {
@@ -650,7 +774,15 @@ pub(crate) fn receive(
         .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }));
     let result = result.and(images);
     let state = g.session.dst.postcopy_state();
-    if result.is_err() && matches!(state, PostcopyState::Listening | PostcopyState::Running) {
+    if result.is_err()
+        && matches!(
+            state,
+            PostcopyState::Listening
+                | PostcopyState::Running
+                | PostcopyState::Paused
+                | PostcopyState::Recovering
+        )
+    {
         eprintln!(
             "qmig recv: the migration failed during postcopy ({state:?}): the source held \
              the only copy of the pages it had not sent; they are zero in the images"
@@ -669,6 +801,28 @@ pub(crate) fn receive(
         return Err(CliError::data(e));
     }
     let st = g.session.dst.stats();
+    if let (Some(s), false) = (save, saved.is_empty() || crate::progress::quiet()) {
+        let mut mains = vec![crate::multifd_recv::save_main_path(s).display().to_string()];
+        let mut rest = String::new();
+        for (role, p) in &saved {
+            match *role {
+                "main" => mains.push(p.display().to_string()),
+                r => rest.push_str(&format!(" --{r} {}", p.display())),
+            }
+        }
+        eprintln!(
+            "qmig recv: capture set: qmig extract {}{} -o DIR",
+            mains.join(" "),
+            rest.replace("--preempt", "--preempt-channel")
+                .replace("--rp", "--return-path")
+        );
+    }
+    if st.pauses > 0 && !crate::progress::quiet() {
+        eprintln!(
+            "qmig recv: postcopy paused {} times, resumed {} times; {} page requests sent again",
+            st.pauses, st.resumes, st.requests_resent
+        );
+    }
     if !crate::progress::quiet() {
         eprintln!(
             "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; \
@@ -683,6 +837,104 @@ pub(crate) fn receive(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a broken connection pauses the migration (QEMU pauses only
+/// after POSTCOPY_RUN, and again during a recovery).
+fn paused_state(inner: &Mutex<Inner>) -> bool {
+    matches!(
+        lock(inner).session.dst.postcopy_state(),
+        PostcopyState::Running | PostcopyState::Recovering
+    )
+}
+
+/// The main connection broke in postcopy: pauses the state machine (the
+/// touch threads stay blocked on their faults, which are recorded), waits
+/// for the recovery connection (`--recover-timeout`), and returns the
+/// reader parts for it: a [`Tee`] (its counters are the caller's) and the
+/// continuation decoder.
+fn pause_and_recover(
+    inner: &Arc<Mutex<Inner>>,
+    rec: &crate::recover::Recovery,
+    rd: &StreamReader<Tee>,
+    why: &str,
+    n: usize,
+    save: Option<&Path>,
+    idle: Duration,
+) -> Result<(Tee, qmig_wire::Decoder), StopError> {
+    let dec = rd.decoder().continuation().map_err(StopError::Wire)?;
+    {
+        let mut g = lock(inner);
+        g.session.dst.handle_connection_lost().map_err(StopError::Dst)?;
+        while g.session.dst.poll_event().is_some() {}
+        g.close_rp();
+        g.rp_dead = false;
+    }
+    rec.stop_preempt(Duration::from_secs(1));
+    eprintln!(
+        "qmig recv: postcopy paused at offset {} of main connection {} ({why}); waiting up to {} s \
+         for the recovery connection (--recover-timeout)",
+        rd.decoder().position(),
+        n - 1,
+        rec.timeout.as_secs()
+    );
+    let conn = match rec.wait_recovery() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return Err(StopError::Postcopy(format!(
+                "postcopy paused ({why}) and no recovery connection came within {} s \
+                 (--recover-timeout)",
+                rec.timeout.as_secs()
+            )))
+        }
+        Err(sig) => return Err(StopError::Interrupted(sig)),
+    };
+    eprintln!("qmig recv: recovery connection {n} from {}", conn.peer);
+    let save_file = match save {
+        Some(s) => {
+            let p = crate::recover::conn_path(s, "main", n);
+            let f = File::create(&p).map_err(|e| StopError::Io {
+                path: p.clone(),
+                op: "create (--save)",
+                offset: 0,
+                source: e,
+            })?;
+            rec.shared
+                .saved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(("main", p));
+            Some(f)
+        }
+        None => None,
+    };
+    rec.new_main(n, conn.kick.clone());
+    {
+        let mut g = lock(inner);
+        g.set_rp(Box::new(crate::recover::RpTee {
+            inner: conn.rp,
+            path: save.map(|s| crate::recover::conn_path(s, "rp", n)),
+            file: None,
+        }));
+        g.session
+            .dst
+            .handle_recovery_connection()
+            .map_err(StopError::Dst)?;
+        while g.session.dst.poll_event().is_some() {}
+    }
+    rec.set_template(&dec);
+    let tee = Tee {
+        src: conn.src,
+        polled: true,
+        idle,
+        last_data: Instant::now(),
+        save: save_file,
+        received: Rc::new(Cell::new(0)),
+        after_eof: Rc::new(Cell::new(None)),
+        save_error: Rc::new(RefCell::new(None)),
+        abort: Arc::new(AtomicBool::new(false)),
+    };
+    Ok((tee, dec))
 }
 
 #[cfg(test)]
@@ -790,6 +1042,10 @@ mod tests {
             "test",
             Duration::from_secs(60),
             touch,
+            Recover {
+                listener: None,
+                timeout: Duration::from_secs(5),
+            },
         ) {
             Ok(_) => 0,
             Err(e) => e.exit_code(),
@@ -870,6 +1126,10 @@ mod tests {
             &uri.to_string(),
             Duration::from_secs(60),
             0,
+            Recover {
+                listener: None,
+                timeout: Duration::from_secs(5),
+            },
         )
         .unwrap();
         let m = Manifest::read(&out).unwrap();
