@@ -166,6 +166,18 @@ pub struct PostcopyInfo {
     pub mode: Option<String>,
     /// REQ_PAGES / REQ_PAGES_ID messages sent on the return path.
     pub page_requests: u64,
+    /// Times the migration paused (connection lost after POSTCOPY_RUN).
+    #[serde(default)]
+    pub pauses: u64,
+    /// Times it resumed (POSTCOPY_RESUME answered with RESUME_ACK).
+    #[serde(default)]
+    pub resumes: u64,
+    /// Page requests sent again after a resume (included in `page_requests`).
+    #[serde(default)]
+    pub requests_resent: u64,
+    /// Page records received on postcopy-preempt channels.
+    #[serde(default)]
+    pub preempt_records: u64,
     /// Faults the userfaultfd fault threads read.
     pub faults: u64,
     /// Faults handed to the state machine.

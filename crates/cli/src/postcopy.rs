@@ -629,6 +629,10 @@ impl Running {
         PostcopyInfo {
             mode: g.host.mode.clone(),
             page_requests: st.page_requests,
+            pauses: st.pauses,
+            resumes: st.resumes,
+            requests_resent: st.requests_resent,
+            preempt_records: st.preempt_records,
             faults,
             faults_handled: g.host.faults_handled,
             faults_resolved_locally: st.faults_resolved_locally,
