@@ -277,6 +277,19 @@ impl Recovery {
         *self.shared.main_kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
     }
 
+    /// Shuts the current main connection down (its reader then pauses).
+    pub(crate) fn kick_main(&self) {
+        if let Some(k) = self
+            .shared
+            .main_kick
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            k();
+        }
+    }
+
     /// Stops the acceptor and the preempt readers.
     pub(crate) fn finish(mut self) -> Vec<(&'static str, PathBuf)> {
         self.stop.store(true, Ordering::Release);

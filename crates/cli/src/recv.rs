@@ -696,7 +696,13 @@ pub(crate) fn receive(
         if let Err(e) = r {
             break Err(e);
         }
-        if g.rp_dead {
+        if g.rp_dead && recovery.is_some() && paused_state_of(&g) {
+            // The return path broke after POSTCOPY_RUN: the connection is
+            // gone; shutting it down makes the next read end, and pause.
+            if let Some(r) = &recovery {
+                r.kick_main();
+            }
+        } else if g.rp_dead {
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
             let why = g.rp_error.clone().unwrap_or_default();
@@ -842,8 +848,12 @@ pub(crate) fn receive(
 /// Whether a broken connection pauses the migration (QEMU pauses only
 /// after POSTCOPY_RUN, and again during a recovery).
 fn paused_state(inner: &Mutex<Inner>) -> bool {
+    paused_state_of(&lock(inner))
+}
+
+fn paused_state_of(g: &Inner) -> bool {
     matches!(
-        lock(inner).session.dst.postcopy_state(),
+        g.session.dst.postcopy_state(),
         PostcopyState::Running | PostcopyState::Recovering
     )
 }
@@ -869,6 +879,8 @@ fn pause_and_recover(
         while g.session.dst.poll_event().is_some() {}
         g.close_rp();
         g.rp_dead = false;
+        // The old connection's return-path error is what paused it.
+        g.rp_error = None;
     }
     rec.stop_preempt(Duration::from_secs(1));
     eprintln!(
