@@ -225,7 +225,11 @@ impl Recovery {
     /// The main channel reached POSTCOPY_LISTEN (or a recovery connection
     /// was accepted): preempt channels are read with `dec`'s RAM context.
     pub(crate) fn set_template(&self, dec: &Decoder) {
-        *self.shared.template.lock().unwrap_or_else(|p| p.into_inner()) = Some(dec.clone());
+        *self
+            .shared
+            .template
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(dec.clone());
     }
 
     /// Stops and shuts down every preempt channel reader (pause, or end).
@@ -274,7 +278,11 @@ impl Recovery {
     /// A recovery connection was accepted: it is main connection `n`.
     pub(crate) fn new_main(&self, n: usize, kick: Kick) {
         self.shared.main_index.store(n, Ordering::Release);
-        *self.shared.main_kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+        *self
+            .shared
+            .main_kick
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(kick);
     }
 
     /// Shuts the current main connection down (its reader then pauses).
@@ -323,10 +331,7 @@ fn accept_loop(listeners: &[Listener], sh: &Arc<Shared>, stop: &AtomicBool, tx: 
             } else {
                 sh.preempt_for.store(main, Ordering::Release);
                 if !crate::progress::quiet() {
-                    eprintln!(
-                        "qmig recv: postcopy-preempt channel {main} from {}",
-                        c.peer
-                    );
+                    eprintln!("qmig recv: postcopy-preempt channel {main} from {}", c.peer);
                 }
                 start_preempt(sh, c, main);
             }

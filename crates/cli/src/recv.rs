@@ -875,7 +875,10 @@ fn pause_and_recover(
     let dec = rd.decoder().continuation().map_err(StopError::Wire)?;
     {
         let mut g = lock(inner);
-        g.session.dst.handle_connection_lost().map_err(StopError::Dst)?;
+        g.session
+            .dst
+            .handle_connection_lost()
+            .map_err(StopError::Dst)?;
         while g.session.dst.poll_event().is_some() {}
         g.close_rp();
         g.rp_dead = false;
@@ -1278,6 +1281,100 @@ mod tests {
             assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
         }
         same_images_as_extract(&m, "hp", "q10-hugepage-postcopy");
+    }
+
+    /// A recovered postcopy migration replayed by a fake source from the
+    /// real capture set (tests/data/recovery/q10-postcopy-relay-cut): the
+    /// first main connection is sent and closed (cut inside a record), the
+    /// destination pauses; a second connection to the same address sends the
+    /// recovery connection. The return path of the second connection carries
+    /// QEMU 10's own RECV_BITMAP replies and RESUME_ACK byte for byte, the
+    /// migration completes with SHUT(0), pc.ram equals the source's pmemsave
+    /// (oracle digests), and `--save` recorded the capture set.
+    #[test]
+    fn recovery_connection_on_the_same_address_completes() {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data/recovery/q10-postcopy-relay-cut");
+        let gz = |f: &str| qmig_tests::gunzip(&std::fs::read(d.join(f)).unwrap());
+        let (main1, main2, rp2) = (gz("main-1.bin.gz"), gz("main-2.bin.gz"), gz("rp-2.bin.gz"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let m1 = main1.clone();
+        let src = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&m1).unwrap();
+            // Give the destination time to answer, then cut both ways.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            drop(s);
+            std::thread::sleep(Duration::from_millis(700));
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&main2).unwrap();
+            let mut rp = Vec::new();
+            let _ = s.read_to_end(&mut rp);
+            rp
+        });
+        let out = tmpdir("recover");
+        std::fs::create_dir_all(&out).unwrap();
+        let save = out.with_extension("saved");
+        let r = receive(
+            Listener::Tcp(listener),
+            &out,
+            Layout::Adopt,
+            Some(&save),
+            "test",
+            Duration::from_secs(60),
+            0,
+            Recover {
+                listener: None,
+                timeout: Duration::from_secs(20),
+            },
+        );
+        let rp = src.join().unwrap();
+        let m: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        assert!(r.is_ok(), "{m}");
+        assert_eq!(m["complete"], true);
+        assert_eq!(m["postcopy"]["pauses"], 1);
+        assert_eq!(m["postcopy"]["resumes"], 1);
+        let ours = qmig_wire::parse_return_path(&rp).unwrap();
+        let theirs = qmig_wire::parse_return_path(&rp2).unwrap();
+        let ack = ours
+            .iter()
+            .position(|(_, x)| matches!(x, RpMessage::ResumeAck(1)))
+            .unwrap();
+        assert!(ack > 0);
+        let strip = |v: &[(u64, RpMessage<'_>)]| {
+            v.iter().map(|(_, x)| format!("{x:?}")).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&ours[..=ack]), strip(&theirs[..=ack]));
+        assert!(
+            matches!(ours.last(), Some((_, RpMessage::Shut(0)))),
+            "{ours:?}"
+        );
+        let o: Value =
+            serde_json::from_slice(&std::fs::read(d.join("oracle.json")).unwrap()).unwrap();
+        let img = std::fs::read(out.join(m["blocks"][0]["file"].as_str().unwrap())).unwrap();
+        for dg in o["digests"].as_array().unwrap() {
+            let (at, len) = (
+                dg["offset"].as_u64().unwrap() as usize,
+                dg["length"].as_u64().unwrap() as usize,
+            );
+            let mut buf = img[at.min(img.len())..(at + len).min(img.len())].to_vec();
+            buf.resize(len, 0);
+            assert_eq!(
+                qmig_tests::sha256::hex(&buf),
+                dg["sha256"].as_str().unwrap()
+            );
+        }
+        assert_eq!(std::fs::read(&save).unwrap(), main1);
+        let rec = crate::recover::conn_path(&save, "main", 2);
+        assert_eq!(std::fs::read(rec).unwrap(), gz("main-2.bin.gz"));
+        assert_eq!(
+            std::fs::read(crate::recover::conn_path(&save, "rp", 2)).unwrap(),
+            rp
+        );
     }
 
     /// The images `run_touch(.., tag, ..)` wrote equal `extract`'s of the capture.
