@@ -457,6 +457,10 @@ impl Inner {
 
     /// POSTCOPY_RUN: start the `--touch` threads.
     fn start_touch(&mut self, ctl: &Ctl) {
+        // Running again after a postcopy recovery: the threads still run.
+        if !self.host.touch.is_empty() {
+            return;
+        }
         let n = ctl.touch.threads;
         // Passive postcopy writes memory as pages come: no reader may run.
         let Some(live) = self.host.live.clone() else {

@@ -1,17 +1,19 @@
 //! Postcopy recovery and postcopy-preempt for `qmig recv` (wire-format
 //! §11, §12).
 //!
-//! From POSTCOPY_ADVISE on, an acceptor thread owns the listener (and the
-//! `--recover-listen` one) and sorts every new connection as QEMU's
-//! destination does, by the migration's state and the order of arrival:
-//! while the migration is paused the next connection is the source's
-//! recovery connection (handed to the stream reader, which waits for it
-//! for at most `--recover-timeout`); otherwise the first new connection
-//! of each main connection is its postcopy-preempt channel, read by a
-//! thread of its own (page records only, through
-//! [`RamDst::handle_preempt_item`](qmig_ram_dst::RamDst::handle_preempt_item)),
-//! and a later one is kept for the recovery (a source that noticed the cut
-//! before the reader did).
+//! From POSTCOPY_ADVISE on, [`Recovery`] holds the listener (and the
+//! `--recover-listen` one) and sorts new connections as QEMU's destination
+//! does, by when they arrive, never by their bytes:
+//! * while the migration is paused, the next connection is the source's
+//!   recovery connection (the stream reader waits for it for at most
+//!   `--recover-timeout`);
+//! * when the main channel reaches POSTCOPY_LISTEN, or POSTCOPY_RESUME on a
+//!   recovery connection, a connection already waiting is that main
+//!   connection's postcopy-preempt channel: a QEMU source opens it before it
+//!   sends the package (8.0+ machine types; 7.2: at connect) and re-opens it
+//!   before POSTCOPY_RESUME, and waits until it is connected. It is read by
+//!   a thread of its own (page records only, through
+//!   [`RamDst::handle_preempt_item`](qmig_ram_dst::RamDst::handle_preempt_item)).
 //!
 //! `--save`: every connection is recorded (main connections, preempt
 //! channels, return paths), see [`conn_path`].
@@ -23,7 +25,6 @@ use std::net::Shutdown;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -175,9 +176,7 @@ pub(crate) struct Shared {
 /// The recovery side of one `qmig recv`, from POSTCOPY_ADVISE on.
 pub(crate) struct Recovery {
     pub(crate) shared: Arc<Shared>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
-    recovery_rx: Receiver<Conn>,
+    listeners: Vec<Listener>,
     pub(crate) timeout: Duration,
 }
 
@@ -204,20 +203,9 @@ impl Recovery {
             main_kick: Mutex::new(main_kick),
             saved: Mutex::new(Vec::new()),
         });
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let acceptor = {
-            let (sh, stop) = (shared.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("qmig-accept".into())
-                .spawn(move || accept_loop(&listeners, &sh, &stop, &tx))
-                .ok()
-        };
         Recovery {
             shared,
-            stop,
-            acceptor,
-            recovery_rx: rx,
+            listeners,
             timeout,
         }
     }
@@ -264,13 +252,52 @@ impl Recovery {
             if let Some(sig) = crate::signals::pending() {
                 return Err(sig);
             }
+            for l in &self.listeners {
+                match try_accept(l, self.shared.idle) {
+                    Ok(Some(c)) => return Ok(Some(c)),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("qmig recv: note: accept: {e}"),
+                }
+            }
             if t0.elapsed() >= self.timeout {
                 return Ok(None);
             }
-            match self.recovery_rx.recv_timeout(crate::recv::POLL) {
-                Ok(c) => return Ok(Some(c)),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
+            std::thread::sleep(ACCEPT_POLL);
+        }
+    }
+
+    /// The main channel reached POSTCOPY_LISTEN or POSTCOPY_RESUME: a
+    /// connection waiting now is the current main connection's preempt
+    /// channel (see the module documentation); it is read from now on.
+    pub(crate) fn accept_preempt(&self) {
+        let main = self.shared.main_index.load(Ordering::Acquire);
+        for l in &self.listeners {
+            loop {
+                let c = match try_accept(l, self.shared.idle) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        eprintln!("qmig recv: note: accept: {e}");
+                        break;
+                    }
+                };
+                if self.shared.preempt_for.load(Ordering::Acquire) >= main {
+                    eprintln!(
+                        "qmig recv: note: a second connection from {} beside the preempt \
+                         channel of main connection {main}: closed",
+                        c.peer
+                    );
+                    (c.kick)();
+                    continue;
+                }
+                self.shared.preempt_for.store(main, Ordering::Release);
+                if !crate::progress::quiet() {
+                    eprintln!(
+                        "qmig recv: postcopy-preempt channel {main} from {}",
+                        c.peer
+                    );
+                }
+                start_preempt(&self.shared, c, main);
             }
         }
     }
@@ -299,46 +326,9 @@ impl Recovery {
     }
 
     /// Stops the acceptor and the preempt readers.
-    pub(crate) fn finish(mut self) -> Vec<(&'static str, PathBuf)> {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.acceptor.take() {
-            let _ = h.join();
-        }
+    pub(crate) fn finish(self) -> Vec<(&'static str, PathBuf)> {
         self.stop_preempt(Duration::from_secs(2));
         std::mem::take(&mut *self.shared.saved.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-fn accept_loop(listeners: &[Listener], sh: &Arc<Shared>, stop: &AtomicBool, tx: &Sender<Conn>) {
-    while !stop.load(Ordering::Acquire) {
-        let mut got = false;
-        for l in listeners {
-            let c = match try_accept(l, sh.idle) {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    eprintln!("qmig recv: note: accept: {e}");
-                    continue;
-                }
-            };
-            got = true;
-            let state = lock(&sh.inner).session.dst.postcopy_state();
-            let main = sh.main_index.load(Ordering::Acquire);
-            if state == PostcopyState::Paused || sh.preempt_for.load(Ordering::Acquire) >= main {
-                if tx.send(c).is_err() {
-                    return;
-                }
-            } else {
-                sh.preempt_for.store(main, Ordering::Release);
-                if !crate::progress::quiet() {
-                    eprintln!("qmig recv: postcopy-preempt channel {main} from {}", c.peer);
-                }
-                start_preempt(sh, c, main);
-            }
-        }
-        if !got {
-            std::thread::sleep(ACCEPT_POLL);
-        }
     }
 }
 

@@ -676,6 +676,13 @@ pub(crate) fn receive(
                 Event::PostcopyState(PostcopyState::Listening) => {
                     if let Some(r) = &recovery {
                         r.set_template(ri.decoder);
+                        r.accept_preempt();
+                    }
+                }
+                // POSTCOPY_RESUME on a recovery connection.
+                Event::PostcopyState(PostcopyState::Running) if main_n > 1 => {
+                    if let Some(r) = &recovery {
+                        r.accept_preempt();
                     }
                 }
                 _ => {}
