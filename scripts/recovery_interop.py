@@ -156,6 +156,18 @@ def run(name, sc, qmig, work):
             check(not m["complete"] and m["error"], f"manifest must record the failure: {m}")
             pc = m["postcopy"]
             check(pc["touch_threads_unfinished"] == 0, "touch threads still blocked at exit")
+            check(m["postcopy_state"] == "paused", f"state {m['postcopy_state']}")
+            # Images are consistent: the saved stream applied up to applied_up_to gives
+            # the same pc.ram (every page old or new content, none torn).
+            saved = open(save, "rb").read()
+            prefix = os.path.join(work, "prefix.stream")
+            open(prefix, "wb").write(saved[:m["applied_up_to"]])
+            ex = os.path.join(work, "prefix")
+            subprocess.run([qmig, "extract", prefix, "-o", ex], stderr=subprocess.DEVNULL)
+            mx = json.load(open(os.path.join(ex, "manifest.json")))
+            check(mx["applied_up_to"] == m["applied_up_to"], "prefix replay stops elsewhere")
+            check(image_of(ex, mx, "pc.ram") == image_of(out, m, "pc.ram"),
+                  "pc.ram differs from the stream applied up to applied_up_to")
             return f"recv failed {took:.1f}s after the kill: {err.splitlines()[-1]}"
         for i, how in enumerate(sc["cuts"]):
             time.sleep(0.7)
