@@ -400,8 +400,8 @@ fn main() -> ExitCode {
                 threads: touch,
                 pattern: touch_pattern,
             },
-            rcvbuf,
             recv::RecoverArgs {
+                rcvbuf,
                 listen: recover_listen.as_ref(),
                 timeout: std::time::Duration::from_secs(recover_timeout),
             },

@@ -292,10 +292,7 @@ impl Recovery {
                 }
                 self.shared.preempt_for.store(main, Ordering::Release);
                 if !crate::progress::quiet() {
-                    eprintln!(
-                        "qmig recv: postcopy-preempt channel {main} from {}",
-                        c.peer
-                    );
+                    eprintln!("qmig recv: postcopy-preempt channel {main} from {}", c.peer);
                 }
                 start_preempt(&self.shared, c, main);
             }

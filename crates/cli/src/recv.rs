@@ -428,9 +428,9 @@ pub fn run(
     save: Option<&Path>,
     idle: Duration,
     touch: Touch,
-    rcvbuf: Option<usize>,
     recover: RecoverArgs<'_>,
 ) -> CliResult {
+    let rcvbuf = recover.rcvbuf;
     let layout = match blocks {
         Some(p) => read_layout(p)?,
         None => Layout::Adopt,
@@ -466,26 +466,30 @@ pub fn run(
         layout,
         save,
         &listen.to_string(),
-        idle,
         touch,
         Recover {
+            idle,
             listener: recover_listener,
             timeout: recover.timeout,
         },
     )
 }
 
-/// `--recover-listen` and `--recover-timeout` as given.
+/// `--rcvbuf`, `--recover-listen` and `--recover-timeout` as given.
 #[derive(Debug, Clone, Copy)]
 pub struct RecoverArgs<'a> {
+    /// `--rcvbuf`: SO_RCVBUF of the listener.
+    pub rcvbuf: Option<usize>,
     /// Where to wait for the recovery connection (default: the `--listen` address).
     pub listen: Option<&'a MigUri>,
     /// How long a paused migration waits for it.
     pub timeout: Duration,
 }
 
-/// Postcopy recovery settings of [`receive`].
+/// Connection settings of [`receive`]: the idle timeout and postcopy recovery.
 pub(crate) struct Recover {
+    /// `--idle-timeout`.
+    pub(crate) idle: Duration,
     /// A listener of its own for recovery connections (`--recover-listen`).
     pub(crate) listener: Option<Listener>,
     /// How long a paused migration waits for the recovery connection.
@@ -505,10 +509,10 @@ pub(crate) fn receive(
     layout: Layout,
     save: Option<&Path>,
     listen: &str,
-    idle: Duration,
     touch: impl Into<Touch>,
     recover: Recover,
 ) -> CliResult {
+    let idle = recover.idle;
     let mem = RecvMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
         Some(p) => {
@@ -1062,9 +1066,9 @@ mod tests {
             layout,
             Some(&save),
             "test",
-            Duration::from_secs(60),
             touch,
             Recover {
+                idle: Duration::from_secs(60),
                 listener: None,
                 timeout: Duration::from_secs(5),
             },
@@ -1146,9 +1150,9 @@ mod tests {
             Layout::Adopt,
             None,
             &uri.to_string(),
-            Duration::from_secs(60),
             0,
             Recover {
+                idle: Duration::from_secs(60),
                 listener: None,
                 timeout: Duration::from_secs(5),
             },
@@ -1330,9 +1334,9 @@ mod tests {
             Layout::Adopt,
             Some(&save),
             "test",
-            Duration::from_secs(60),
             0,
             Recover {
+                idle: Duration::from_secs(60),
                 listener: None,
                 timeout: Duration::from_secs(20),
             },
