@@ -637,6 +637,7 @@ impl Running {
             resumes: st.resumes,
             requests_resent: st.requests_resent,
             preempt_records: st.preempt_records,
+            recoveries: Vec::new(),
             faults,
             faults_handled: g.host.faults_handled,
             faults_resolved_locally: st.faults_resolved_locally,

@@ -29,7 +29,7 @@ use qmig_wire::{Item, StreamReader};
 
 use crate::error::{CliError, CliResult};
 use crate::extract::{Session, StopError};
-use crate::manifest::{Manifest, RecvInfo};
+use crate::manifest::{Manifest, RecoveryTiming, RecvInfo};
 use crate::postcopy::{lock, Inner, RecvMemory, Running, Touch};
 use crate::uri::MigUri;
 
@@ -551,6 +551,9 @@ pub(crate) fn receive(
     let mut recover_listener = recover.listener;
     let mut recovery: Option<crate::recover::Recovery> = None;
     let mut main_n = 1usize;
+    // Postcopy recovery timings: the one under way (accepted at) and the done ones.
+    let mut recovering: Option<(Instant, RecoveryTiming)> = None;
+    let mut recoveries: Vec<RecoveryTiming> = Vec::new();
     let received = Rc::new(Cell::new(0u64));
     let after_eof = Rc::new(Cell::new(None));
     let save_error = Rc::new(RefCell::new(None));
@@ -618,6 +621,7 @@ pub(crate) fn receive(
                 main_n += 1;
                 match pause_and_recover(&inner, rec, &rd, &why, main_n, save, idle) {
                     Ok((tee, dec)) => {
+                        recovering = Some((Instant::now(), RecoveryTiming::default()));
                         rd = StreamReader::with_decoder(
                             Tee {
                                 received: received.clone(),
@@ -655,6 +659,11 @@ pub(crate) fn receive(
         if eof {
             after_eof.set(Some(Instant::now()));
         }
+        let bitmap_t0 = matches!(
+            ri.item,
+            Item::Command(qmig_wire::Command::RecvBitmap { .. })
+        )
+        .then(Instant::now);
         if let Err(e) = g.session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
         }
@@ -704,6 +713,16 @@ pub(crate) fn receive(
             r = g.execute_placements(true);
         }
         g.flush_transmit(&mut out);
+        if let Some((t0, rt)) = recovering.as_mut() {
+            if let Some(b) = bitmap_t0 {
+                rt.recv_bitmap_us += b.elapsed().as_micros() as u64;
+                rt.recv_bitmap_bytes += out.len() as u64;
+            }
+            if g.session.dst.postcopy_state() == PostcopyState::Running {
+                rt.accept_to_resume_ack_us = t0.elapsed().as_micros() as u64;
+                recoveries.extend(recovering.take().map(|(_, rt)| rt));
+            }
+        }
         if let Err(e) = r {
             break Err(e);
         }
@@ -742,7 +761,8 @@ pub(crate) fn receive(
         (r, _) => r,
     };
     pb.finish_and_clear();
-    let postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
+    let mut postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
+    postcopy.recoveries = recoveries;
     let mut g = lock(&inner);
     // The state machine decides SHUT: 0 for a complete stream, 1 after any
     // error (its own, already queued, or ours).
