@@ -200,6 +200,7 @@ impl<M: GuestMemory> RamDst<M> {
         if self.placement == Placement::Apply {
             // Emit: set when the host reports success (handle_placed).
             self.blocks[b].received.set_range(p, n);
+            self.requested.remove(&(b, hp.start));
         }
         if hp.all_zero {
             self.stats.placed_zero_pages += 1;

@@ -128,6 +128,13 @@ impl<M: GuestMemory> RamDst<M> {
     pub(super) fn resume(&mut self, _at: u64) -> Result<(), RamDstError> {
         RpMessage::ResumeAck(qmig_wire::recovery::RESUME_ACK_VALUE)
             .write(&mut self.out.transmit)?;
+        // A host page placed since it was asked for is not asked again.
+        let tps = self.page_size();
+        let blocks = &self.blocks;
+        self.requested.retain(|&(b, start)| {
+            let n = blocks[b].page_size / tps;
+            !(0..n).all(|i| blocks[b].received.get(start / tps + i))
+        });
         let mut pending: Vec<(usize, u64)> = self
             .requested
             .iter()
