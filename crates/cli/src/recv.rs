@@ -591,7 +591,12 @@ pub(crate) fn receive(
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
             Ok(None) if !paused_state(&inner) => break Ok(()),
-            Err(e) if !paused_state(&inner) || crate::signals::pending().is_some() => {
+            Err(e)
+                if !paused_state(&inner)
+                    || crate::signals::pending().is_some()
+                    || abort.load(Ordering::Acquire)
+                    || !is_cut(&e) =>
+            {
                 break Err(match (crate::signals::pending(), e) {
                     (Some(sig), _) => StopError::Interrupted(sig),
                     // Only the idle timeout makes Tee return TimedOut.
@@ -874,6 +879,18 @@ pub(crate) fn receive(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a read error is the connection breaking (it ended inside an
+/// item, or the socket failed), which pauses a postcopy migration; not the
+/// idle timeout, and not a stream that breaks a rule (that fails it: qmig
+/// pauses only for the network, where QEMU pauses for any load error).
+fn is_cut(e: &qmig_wire::WireError) -> bool {
+    match e {
+        qmig_wire::WireError::Truncated { .. } => true,
+        qmig_wire::WireError::Io { source, .. } => source.kind() != std::io::ErrorKind::TimedOut,
+        _ => false,
+    }
 }
 
 /// Whether a broken connection pauses the migration (QEMU pauses only
