@@ -11,6 +11,13 @@
 //! source with a return path keeps the socket open until it gets SHUT.
 //! SIGINT/SIGTERM stop it between items (socket reads wake up to check), with
 //! an interrupted manifest and without the cut-off `device-state.bin`.
+//!
+//! Postcopy recovery and preempt (`crate::recover`): a connection that
+//! breaks after POSTCOPY_RUN pauses the migration ([`pause_and_recover`]);
+//! the next connection on the same (or `--recover-listen`) address continues
+//! it, read with `Decoder::continuation`, for as many cuts as come; a
+//! connection waiting at POSTCOPY_LISTEN or POSTCOPY_RESUME is the
+//! postcopy-preempt channel.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
