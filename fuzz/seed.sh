@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../tests/data"
-for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply multifd_offline convert recovery src_recovery phys_map; do
+for t in parse_stream roundtrip return_path src_return_path xbzrle_decode xbzrle_roundtrip ram_dst_ops cli_args vmstate_decode container_open recv_state multifd_packet multifd_apply multifd_offline convert recovery src_recovery phys_map dst_recovery; do
     mkdir -p "$here/corpus/$t"
 done
 # Machine types, layouts and RAM blocks as qmig-phys sees them.
@@ -60,6 +60,17 @@ for d in "$data"/recovery/*/; do
             rp-*) { printf '\x00'; gzip -dc "$f" || true; } > "$here/corpus/src_recovery/$n-$b" ;;
         esac
     done
+done
+# dst_recovery: a recovery connection for the target's layout (RECV_BITMAP
+# pc.ram, small; POSTCOPY_RESUME; a PAGE naming pc.ram; EOF), the same cut
+# after the bitmaps (mode 2), a preempt channel's ZERO record (mode 1), and
+# the real recovery connections behind mode byte 0.
+printf '\x00\x08\x00\x09\x00\x07\x06pc.ram\x08\x00\x09\x00\x06\x05small\x08\x00\x07\x00\x00\x10\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x10\x02\x06pc.ram\x00\x00\x00\x00\x00\x00\x00\x10\x7e\x00\x00\x00\x02\x1f' > "$here/corpus/dst_recovery/resume"
+printf '\x02\x0a\x08\x00\x09\x00\x07\x06pc.ram\x08\x00\x09\x00\x06\x05small\x08\x00\x07\x00\x00' > "$here/corpus/dst_recovery/cut-twice"
+printf '\x01\x00\x00\x00\x00\x00\x00\x10\x02\x06pc.ram' > "$here/corpus/dst_recovery/preempt-zero"
+for f in "$data"/recovery/*/main-2.bin.gz; do
+    [ -f "$f" ] || continue
+    { printf '\x00'; gzip -dc "$f" | head -c 65536 || true; } > "$here/corpus/dst_recovery/$(basename "$(dirname "$f")")-main-2"
 done
 # Field inputs: the mapped-ram file's head (configuration with mapped-ram,
 # the MEM_SIZE word, the first block header, its bitmap and padding).

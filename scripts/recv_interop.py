@@ -267,7 +267,9 @@ def run_postcopy(name, sc, qmig, work):
     recv = None
     try:
         capture.wait_guest(serial)
-        recv, port = start_recv(qmig, out, work, ["--touch", str(sc["touch"])])
+        # A killed source pauses the migration (postcopy recovery): keep the wait short.
+        extra = ["--recover-timeout", "5"] if sc.get("kill") else []
+        recv, port = start_recv(qmig, out, work, ["--touch", str(sc["touch"]), *extra])
         t_migrate = time.monotonic()
         src.cmd("migrate-set-capabilities",
                 capabilities=[{"capability": k, "state": v} for k, v in sc["caps"].items()])

@@ -21,6 +21,7 @@ mod multifd_recv;
 mod multifd_send;
 mod postcopy;
 mod progress;
+mod recover;
 mod recv;
 mod roundtrip;
 mod rp_poll;
@@ -167,6 +168,9 @@ enum Cmd {
         /// Also record the whole incoming stream, byte for byte, in this file; multifd
         /// channels go to STREAM.conn-N.bin. An existing directory gets a capture set:
         /// conn-0.bin (main) and conn-1.bin... (channels, for --multifd-channel).
+        /// Postcopy: recovery connections go to STREAM.main-N.bin (N = 2, 3...),
+        /// preempt channels to STREAM.preempt-N.bin and return paths to
+        /// STREAM.rp-N.bin (DIR/main-N.bin... in a directory).
         #[arg(long, value_name = "STREAM|DIR")]
         save: Option<PathBuf>,
         /// Postcopy: from POSTCOPY_RUN on, N threads read every guest page
@@ -185,6 +189,14 @@ enum Cmd {
         /// path, for this many seconds (the manifest then says so).
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         idle_timeout: u64,
+        /// Postcopy recovery: where a paused migration waits for the source's
+        /// recovery connection (`migrate URI resume=true`); default the --listen address.
+        #[arg(long, value_name = "URI", value_parser = uri::MigUri::parse)]
+        recover_listen: Option<uri::MigUri>,
+        /// Postcopy recovery: how long a paused migration waits for the recovery
+        /// connection before it fails (seconds).
+        #[arg(long, value_name = "SECS", default_value_t = recv::DEFAULT_RECOVER_TIMEOUT)]
+        recover_timeout: u64,
     },
     /// Migrate RAM images (an `extract`/`recv` output) to a destination, in a
     /// container copied from a template stream (e.g. a capture of the same machine).
@@ -378,6 +390,8 @@ fn main() -> ExitCode {
             touch_pattern,
             rcvbuf,
             idle_timeout,
+            recover_listen,
+            recover_timeout,
         } => recv::run(
             &listen,
             &output,
@@ -388,7 +402,11 @@ fn main() -> ExitCode {
                 threads: touch,
                 pattern: touch_pattern,
             },
-            rcvbuf,
+            recv::RecoverArgs {
+                rcvbuf,
+                listen: recover_listen.as_ref(),
+                timeout: std::time::Duration::from_secs(recover_timeout),
+            },
         ),
         Cmd::Send(args) => send::run(&args),
         Cmd::Convert(args) => convert::run(&args).map_err(|e| CliError::from(e.to_string())),

@@ -119,6 +119,20 @@ pub struct RecvInfo {
     pub postcopy: Option<PostcopyInfo>,
 }
 
+/// How long one postcopy recovery took on the destination.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryTiming {
+    /// From accepting the recovery connection to RESUME_ACK written on its
+    /// return path (includes the source's own work between the RECV_BITMAP
+    /// replies and POSTCOPY_RESUME), microseconds.
+    pub accept_to_resume_ack_us: u64,
+    /// Time qmig spent on the RECV_BITMAP commands (decode, bitmap
+    /// serialization, write), microseconds.
+    pub recv_bitmap_us: u64,
+    /// Return-path bytes of the RECV_BITMAP replies.
+    pub recv_bitmap_bytes: u64,
+}
+
 /// Fault latencies in microseconds (`null` when there were none): each wait
 /// of a faulting thread, from the fault thread reading the fault to the
 /// placement that released it.
@@ -166,6 +180,21 @@ pub struct PostcopyInfo {
     pub mode: Option<String>,
     /// REQ_PAGES / REQ_PAGES_ID messages sent on the return path.
     pub page_requests: u64,
+    /// Times the migration paused (connection lost after POSTCOPY_RUN).
+    #[serde(default)]
+    pub pauses: u64,
+    /// Times it resumed (POSTCOPY_RESUME answered with RESUME_ACK).
+    #[serde(default)]
+    pub resumes: u64,
+    /// Page requests sent again after a resume (included in `page_requests`).
+    #[serde(default)]
+    pub requests_resent: u64,
+    /// Page records received on postcopy-preempt channels.
+    #[serde(default)]
+    pub preempt_records: u64,
+    /// One entry per postcopy recovery, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recoveries: Vec<RecoveryTiming>,
     /// Faults the userfaultfd fault threads read.
     pub faults: u64,
     /// Faults handed to the state machine.

@@ -282,6 +282,12 @@ impl MultifdRecv {
         Ok(())
     }
 
+    /// Gives the listener up (postcopy: later connections are the preempt
+    /// channel and recovery connections), if no channel took it.
+    pub(crate) fn take_listener(&mut self) -> Option<Listener> {
+        self.listener.take()
+    }
+
     /// Accepts every connection waiting on the listener as a channel and
     /// starts its thread.
     fn start(&mut self, at: u64, inner: &Arc<Mutex<Inner>>) -> Result<(), StopError> {

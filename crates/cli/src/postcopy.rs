@@ -221,6 +221,14 @@ impl Inner {
         self.rp.as_deref_mut()
     }
 
+    /// A new return path (a recovery connection's); it is open (the source
+    /// opened its return path on the first connection).
+    pub(crate) fn set_rp(&mut self, rp: Box<dyn Write + Send>) {
+        self.rp = Some(rp);
+        self.rp_open = true;
+        self.rp_dead = false;
+    }
+
     /// Closes the return path (half-closing a socket for writing).
     pub(crate) fn close_rp(&mut self) {
         self.rp = None;
@@ -474,6 +482,10 @@ impl Inner {
 
     /// POSTCOPY_RUN: start the `--touch` threads.
     fn start_touch(&mut self, ctl: &Ctl) {
+        // Running again after a postcopy recovery: the threads still run.
+        if !self.host.touch.is_empty() {
+            return;
+        }
         let n = ctl.touch.threads;
         // Passive postcopy writes memory as pages come: no reader may run.
         let Some(live) = self.host.live.clone() else {
@@ -639,6 +651,11 @@ impl Running {
         PostcopyInfo {
             mode: g.host.mode.clone(),
             page_requests: st.page_requests,
+            pauses: st.pauses,
+            resumes: st.resumes,
+            requests_resent: st.requests_resent,
+            preempt_records: st.preempt_records,
+            recoveries: Vec::new(),
             faults,
             faults_handled: g.host.faults_handled,
             faults_resolved_locally: st.faults_resolved_locally,

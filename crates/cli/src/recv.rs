@@ -11,6 +11,13 @@
 //! source with a return path keeps the socket open until it gets SHUT.
 //! SIGINT/SIGTERM stop it between items (socket reads wake up to check), with
 //! an interrupted manifest and without the cut-off `device-state.bin`.
+//!
+//! Postcopy recovery and preempt (`crate::recover`): a connection that
+//! breaks after POSTCOPY_RUN pauses the migration ([`pause_and_recover`]);
+//! the next connection on the same (or `--recover-listen`) address continues
+//! it, read with `Decoder::continuation`, for as many cuts as come; a
+//! connection waiting at POSTCOPY_LISTEN or POSTCOPY_RESUME is the
+//! postcopy-preempt channel.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -29,7 +36,7 @@ use qmig_wire::{Item, StreamReader};
 
 use crate::error::{CliError, CliResult};
 use crate::extract::{Session, StopError};
-use crate::manifest::{Manifest, RecvInfo};
+use crate::manifest::{Manifest, RecoveryTiming, RecvInfo};
 use crate::postcopy::{lock, Inner, RecvMemory, Running, Touch};
 use crate::uri::MigUri;
 
@@ -37,29 +44,29 @@ use crate::uri::MigUri;
 const AFTER_EOF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a blocked accept or socket read looks at the signal flag.
-const POLL: Duration = Duration::from_millis(200);
+pub(crate) const POLL: Duration = Duration::from_millis(200);
 
 /// The incoming stream as the stream reader sees it: every byte read is
 /// also saved (`--save`); a socket read wakes up every [`POLL`] to look at
 /// the signal flag, and once EOF was decoded, [`AFTER_EOF_TIMEOUT`] without
 /// data counts as the end. Before that, `idle` without data
 /// (`--idle-timeout`) is a `TimedOut` error naming the option.
-struct Tee {
-    src: Box<dyn Read>,
+pub(crate) struct Tee {
+    pub(crate) src: Box<dyn Read>,
     /// Whether `src` is a socket with a [`POLL`] read timeout.
-    polled: bool,
+    pub(crate) polled: bool,
     /// `--idle-timeout` (sockets only).
-    idle: Duration,
+    pub(crate) idle: Duration,
     /// When data last arrived (or the connection was accepted).
-    last_data: Instant,
-    save: Option<File>,
-    received: Rc<Cell<u64>>,
-    after_eof: Rc<Cell<Option<Instant>>>,
+    pub(crate) last_data: Instant,
+    pub(crate) save: Option<File>,
+    pub(crate) received: Rc<Cell<u64>>,
+    pub(crate) after_eof: Rc<Cell<Option<Instant>>>,
     /// The first failed `--save` write: stream offset and OS error.
-    save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
+    pub(crate) save_error: Rc<RefCell<Option<(u64, std::io::Error)>>>,
     /// Set by the postcopy fault handler when it failed: the migration
     /// cannot go on (checked every [`POLL`] on sockets).
-    abort: Arc<AtomicBool>,
+    pub(crate) abort: Arc<AtomicBool>,
 }
 
 /// The error a read returns when a signal arrived (not `Interrupted`, which
@@ -185,6 +192,8 @@ pub(crate) enum Listener {
 /// description of the peer, and the `exec:` child to reap.
 struct Incoming {
     src: Box<dyn Read>,
+    /// Shuts the socket down (sockets only).
+    kick: Option<crate::recover::Kick>,
     polled: bool,
     rp: Option<Box<dyn Write + Send>>,
     peer: String,
@@ -303,8 +312,12 @@ impl Listener {
                     .and_then(|()| sock.set_write_timeout(Some(idle)))
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                let k = sock.try_clone().map_err(|e| io("accept", e))?;
                 Ok(Incoming {
                     src: Box::new(sock),
+                    kick: Some(Arc::new(move || {
+                        let _ = k.shutdown(std::net::Shutdown::Both);
+                    })),
                     polled: true,
                     rp: Some(Box::new(SocketRp(rp))),
                     peer: peer.to_string(),
@@ -324,8 +337,12 @@ impl Listener {
                     .and_then(|()| sock.set_write_timeout(Some(idle)))
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
+                let k = sock.try_clone().map_err(|e| io("accept", e))?;
                 Ok(Incoming {
                     src: Box::new(sock),
+                    kick: Some(Arc::new(move || {
+                        let _ = k.shutdown(std::net::Shutdown::Both);
+                    })),
                     polled: true,
                     rp: Some(Box::new(SocketRp(rp))),
                     peer: format!("unix:{}", p.display()),
@@ -334,6 +351,7 @@ impl Listener {
             }
             Listener::File(p) => Ok(Incoming {
                 src: Box::new(File::open(p).map_err(|e| CliError::io(p, "open", e))?),
+                kick: None,
                 polled: false,
                 rp: None,
                 peer: format!("file:{}", p.display()),
@@ -353,6 +371,7 @@ impl Listener {
                     .ok_or_else(|| CliError::Usage("exec: no stdout".into()))?;
                 Ok(Incoming {
                     src: Box::new(out),
+                    kick: None,
                     polled: false,
                     rp: None,
                     peer: format!("exec:{c}"),
@@ -372,7 +391,7 @@ impl Drop for Listener {
 }
 
 /// A stream socket whose writing half can be closed on its own.
-trait HalfClose: Write {
+pub(crate) trait HalfClose: Write {
     /// Half-closes for writing (errors ignored: the peer may be gone).
     fn close_write(&self);
 }
@@ -391,7 +410,7 @@ impl HalfClose for UnixStream {
 
 /// The return path over a TCP or Unix socket, half-closed for writing when
 /// dropped so the source sees its end.
-struct SocketRp<S: HalfClose>(S);
+pub(crate) struct SocketRp<S: HalfClose>(pub(crate) S);
 
 impl<S: HalfClose> Write for SocketRp<S> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -416,8 +435,9 @@ pub fn run(
     save: Option<&Path>,
     idle: Duration,
     touch: Touch,
-    rcvbuf: Option<usize>,
+    recover: RecoverArgs<'_>,
 ) -> CliResult {
+    let rcvbuf = recover.rcvbuf;
     let layout = match blocks {
         Some(p) => read_layout(p)?,
         None => Layout::Adopt,
@@ -432,6 +452,20 @@ pub fn run(
     if let Some(n) = rcvbuf {
         listener.set_rcvbuf(n)?;
     }
+    if recover.timeout.is_zero() {
+        return Err(CliError::Usage(
+            "--recover-timeout must be at least 1 second".into(),
+        ));
+    }
+    let recover_listener = match recover.listen {
+        Some(u @ (MigUri::Tcp { .. } | MigUri::Unix(_))) => Some(Listener::open(u)?),
+        Some(u) => {
+            return Err(CliError::Usage(format!(
+                "--recover-listen {u}: a recovery connection comes on tcp: or unix: only"
+            )))
+        }
+        None => None,
+    };
     crate::signals::install();
     receive(
         listener,
@@ -439,10 +473,38 @@ pub fn run(
         layout,
         save,
         &listen.to_string(),
-        idle,
         touch,
+        Recover {
+            idle,
+            listener: recover_listener,
+            timeout: recover.timeout,
+        },
     )
 }
+
+/// `--rcvbuf`, `--recover-listen` and `--recover-timeout` as given.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoverArgs<'a> {
+    /// `--rcvbuf`: SO_RCVBUF of the listener.
+    pub rcvbuf: Option<usize>,
+    /// Where to wait for the recovery connection (default: the `--listen` address).
+    pub listen: Option<&'a MigUri>,
+    /// How long a paused migration waits for it.
+    pub timeout: Duration,
+}
+
+/// Connection settings of [`receive`]: the idle timeout and postcopy recovery.
+pub(crate) struct Recover {
+    /// `--idle-timeout`.
+    pub(crate) idle: Duration,
+    /// A listener of its own for recovery connections (`--recover-listen`).
+    pub(crate) listener: Option<Listener>,
+    /// How long a paused migration waits for the recovery connection.
+    pub(crate) timeout: Duration,
+}
+
+/// The default `--recover-timeout`, seconds.
+pub const DEFAULT_RECOVER_TIMEOUT: u64 = 600;
 
 /// How long the end of a migration waits for `--touch` threads.
 const TOUCH_WAIT: Duration = Duration::from_secs(10);
@@ -454,9 +516,10 @@ pub(crate) fn receive(
     layout: Layout,
     save: Option<&Path>,
     listen: &str,
-    idle: Duration,
     touch: impl Into<Touch>,
+    recover: Recover,
 ) -> CliResult {
+    let idle = recover.idle;
     let mem = RecvMemory::create(outdir).map_err(|e| CliError::io(outdir, "create", e))?;
     let save_file = match save {
         Some(p) => {
@@ -486,11 +549,18 @@ pub(crate) fn receive(
     }
     let Incoming {
         src,
+        kick,
         polled,
         rp,
         peer,
         child,
     } = inc;
+    let mut recover_listener = recover.listener;
+    let mut recovery: Option<crate::recover::Recovery> = None;
+    let mut main_n = 1usize;
+    // Postcopy recovery timings: the one under way (accepted at) and the done ones.
+    let mut recovering: Option<(Instant, RecoveryTiming)> = None;
+    let mut recoveries: Vec<RecoveryTiming> = Vec::new();
     let received = Rc::new(Cell::new(0u64));
     let after_eof = Rc::new(Cell::new(None));
     let save_error = Rc::new(RefCell::new(None));
@@ -508,8 +578,15 @@ pub(crate) fn receive(
         save_error: save_error.clone(),
         abort: abort.clone(),
     };
+    let rp = rp.map(|w| -> Box<dyn Write + Send> {
+        Box::new(crate::recover::RpTee {
+            inner: w,
+            path: save.map(|s| crate::recover::conn_path(s, "rp", 1)),
+            file: None,
+        })
+    });
     let inner = Arc::new(Mutex::new(Inner::new(session, rp, idle)));
-    let host = Running::start(&inner, abort, touch);
+    let host = Running::start(&inner, abort.clone(), touch);
     let mut rd = StreamReader::new(tee);
     crate::input::configure(rd.decoder_mut());
     let pb = crate::progress::bytes(0, "recv");
@@ -520,8 +597,13 @@ pub(crate) fn receive(
     let result = loop {
         let ri = match rd.next_item() {
             Ok(Some(ri)) => ri,
-            Ok(None) => break Ok(()),
-            Err(e) => {
+            Ok(None) if !paused_state(&inner) => break Ok(()),
+            Err(e)
+                if !paused_state(&inner)
+                    || crate::signals::pending().is_some()
+                    || abort.load(Ordering::Acquire)
+                    || !is_cut(&e) =>
+            {
                 break Err(match (crate::signals::pending(), e) {
                     (Some(sig), _) => StopError::Interrupted(sig),
                     // Only the idle timeout makes Tee return TimedOut.
@@ -535,6 +617,37 @@ pub(crate) fn receive(
                     }
                     (None, e) => StopError::Wire(e),
                 });
+            }
+            // The connection broke after POSTCOPY_RUN: pause and wait for
+            // the source's recovery connection.
+            cut => {
+                let why = match cut {
+                    Err(e) => e.to_string(),
+                    _ => "the source closed the connection".into(),
+                };
+                let Some(rec) = recovery.as_ref() else {
+                    break Err(StopError::Postcopy(format!(
+                        "{why} (no recovery possible on this input)"
+                    )));
+                };
+                main_n += 1;
+                match pause_and_recover(&inner, rec, &rd, &why, main_n, save, idle) {
+                    Ok((tee, dec)) => {
+                        recovering = Some((Instant::now(), RecoveryTiming::default()));
+                        rd = StreamReader::with_decoder(
+                            Tee {
+                                received: received.clone(),
+                                after_eof: after_eof.clone(),
+                                save_error: save_error.clone(),
+                                abort: abort.clone(),
+                                ..tee
+                            },
+                            dec,
+                        );
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
             }
         };
         if let Err(e) = mfd.before_item(&ri, &inner) {
@@ -558,8 +671,47 @@ pub(crate) fn receive(
         if eof {
             after_eof.set(Some(Instant::now()));
         }
+        let bitmap_t0 = matches!(
+            ri.item,
+            Item::Command(qmig_wire::Command::RecvBitmap { .. })
+        )
+        .then(Instant::now);
         if let Err(e) = g.session.handle(&ri, |a| pending.push(a)) {
             break Err(e);
+        }
+        for a in &pending {
+            match a {
+                // From ADVISE on, later connections are the preempt channel
+                // and recovery connections: an acceptor thread takes them.
+                Event::PostcopyState(PostcopyState::Advised) if recovery.is_none() => {
+                    let mut ls: Vec<Listener> = mfd.take_listener().into_iter().collect();
+                    ls.extend(recover_listener.take());
+                    if !ls.is_empty() {
+                        recovery = Some(crate::recover::Recovery::start(
+                            ls,
+                            &inner,
+                            save,
+                            idle,
+                            abort.clone(),
+                            recover.timeout,
+                            kick.clone(),
+                        ));
+                    }
+                }
+                Event::PostcopyState(PostcopyState::Listening) => {
+                    if let Some(r) = &recovery {
+                        r.set_template(ri.decoder);
+                        r.accept_preempt();
+                    }
+                }
+                // POSTCOPY_RESUME on a recovery connection.
+                Event::PostcopyState(PostcopyState::Running) if main_n > 1 => {
+                    if let Some(r) = &recovery {
+                        r.accept_preempt();
+                    }
+                }
+                _ => {}
+            }
         }
         let mut r = Ok(());
         for a in pending.drain(..) {
@@ -573,10 +725,26 @@ pub(crate) fn receive(
             r = g.execute_placements(true);
         }
         g.flush_transmit(&mut out);
+        if let Some((t0, rt)) = recovering.as_mut() {
+            if let Some(b) = bitmap_t0 {
+                rt.recv_bitmap_us += b.elapsed().as_micros() as u64;
+                rt.recv_bitmap_bytes += out.len() as u64;
+            }
+            if g.session.dst.postcopy_state() == PostcopyState::Running {
+                rt.accept_to_resume_ack_us = t0.elapsed().as_micros() as u64;
+                recoveries.extend(recovering.take().map(|(_, rt)| rt));
+            }
+        }
         if let Err(e) = r {
             break Err(e);
         }
-        if g.rp_dead {
+        if g.rp_dead && recovery.is_some() && paused_state_of(&g) {
+            // The return path broke after POSTCOPY_RUN: the connection is
+            // gone; shutting it down makes the next read end, and pause.
+            if let Some(r) = &recovery {
+                r.kick_main();
+            }
+        } else if g.rp_dead {
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
             let why = g.rp_error.clone().unwrap_or_default();
@@ -594,6 +762,10 @@ pub(crate) fn receive(
         }
     };
     let result = mfd.finish(result);
+    let mut saved: Vec<(&'static str, PathBuf)> = Vec::new();
+    if let Some(r) = recovery.take() {
+        saved = r.finish();
+    }
     // The fault handler may have failed while the reader was blocked (and
     // made it stop through `abort`): report that, not the read error.
     let result = match (result, lock(&inner).host.error.clone()) {
@@ -601,7 +773,8 @@ pub(crate) fn receive(
         (r, _) => r,
     };
     pb.finish_and_clear();
-    let postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
+    let mut postcopy = host.stop(&inner, result.is_ok(), TOUCH_WAIT);
+    postcopy.recoveries = recoveries;
     let mut g = lock(&inner);
     // The state machine decides SHUT: 0 for a complete stream, 1 after any
     // error (its own, already queued, or ours).
@@ -650,7 +823,15 @@ pub(crate) fn receive(
         .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }));
     let result = result.and(images);
     let state = g.session.dst.postcopy_state();
-    if result.is_err() && matches!(state, PostcopyState::Listening | PostcopyState::Running) {
+    if result.is_err()
+        && matches!(
+            state,
+            PostcopyState::Listening
+                | PostcopyState::Running
+                | PostcopyState::Paused
+                | PostcopyState::Recovering
+        )
+    {
         eprintln!(
             "qmig recv: the migration failed during postcopy ({state:?}): the source held \
              the only copy of the pages it had not sent; they are zero in the images"
@@ -669,6 +850,28 @@ pub(crate) fn receive(
         return Err(CliError::data(e));
     }
     let st = g.session.dst.stats();
+    if let (Some(s), false) = (save, saved.is_empty() || crate::progress::quiet()) {
+        let mut mains = vec![crate::multifd_recv::save_main_path(s).display().to_string()];
+        let mut rest = String::new();
+        for (role, p) in &saved {
+            match *role {
+                "main" => mains.push(p.display().to_string()),
+                r => rest.push_str(&format!(" --{r} {}", p.display())),
+            }
+        }
+        eprintln!(
+            "qmig recv: capture set: qmig extract {}{} -o DIR",
+            mains.join(" "),
+            rest.replace("--preempt", "--preempt-channel")
+                .replace("--rp", "--return-path")
+        );
+    }
+    if st.pauses > 0 && !crate::progress::quiet() {
+        eprintln!(
+            "qmig recv: postcopy paused {} times, resumed {} times; {} page requests sent again",
+            st.pauses, st.resumes, st.requests_resent
+        );
+    }
     if !crate::progress::quiet() {
         eprintln!(
             "qmig recv: complete: {} bytes in {secs:.2} s; {} pages, {} zero, {} xbzrle, {} compressed; \
@@ -683,6 +886,125 @@ pub(crate) fn receive(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a read error is the connection breaking (it ended inside an
+/// item, or the socket failed), which pauses a postcopy migration; not the
+/// idle timeout, and not a stream that breaks a rule (that fails it: qmig
+/// pauses only for the network, where QEMU pauses for any load error).
+fn is_cut(e: &qmig_wire::WireError) -> bool {
+    match e {
+        qmig_wire::WireError::Truncated { .. } => true,
+        qmig_wire::WireError::Io { source, .. } => source.kind() != std::io::ErrorKind::TimedOut,
+        _ => false,
+    }
+}
+
+/// Whether a broken connection pauses the migration (QEMU pauses only
+/// after POSTCOPY_RUN, and again during a recovery).
+fn paused_state(inner: &Mutex<Inner>) -> bool {
+    paused_state_of(&lock(inner))
+}
+
+fn paused_state_of(g: &Inner) -> bool {
+    matches!(
+        g.session.dst.postcopy_state(),
+        PostcopyState::Running | PostcopyState::Recovering
+    )
+}
+
+/// The main connection broke in postcopy: pauses the state machine (the
+/// touch threads stay blocked on their faults, which are recorded), waits
+/// for the recovery connection (`--recover-timeout`), and returns the
+/// reader parts for it: a [`Tee`] (its counters are the caller's) and the
+/// continuation decoder.
+fn pause_and_recover(
+    inner: &Arc<Mutex<Inner>>,
+    rec: &crate::recover::Recovery,
+    rd: &StreamReader<Tee>,
+    why: &str,
+    n: usize,
+    save: Option<&Path>,
+    idle: Duration,
+) -> Result<(Tee, qmig_wire::Decoder), StopError> {
+    let dec = rd.decoder().continuation().map_err(StopError::Wire)?;
+    {
+        let mut g = lock(inner);
+        g.session
+            .dst
+            .handle_connection_lost()
+            .map_err(StopError::Dst)?;
+        while g.session.dst.poll_event().is_some() {}
+        g.close_rp();
+        g.rp_dead = false;
+        // The old connection's return-path error is what paused it.
+        g.rp_error = None;
+    }
+    rec.stop_preempt(Duration::from_secs(1));
+    eprintln!(
+        "qmig recv: postcopy paused at offset {} of main connection {} ({why}); waiting up to {} s \
+         for the recovery connection (--recover-timeout)",
+        rd.decoder().position(),
+        n - 1,
+        rec.timeout.as_secs()
+    );
+    let conn = match rec.wait_recovery() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return Err(StopError::Postcopy(format!(
+                "postcopy paused ({why}) and no recovery connection came within {} s \
+                 (--recover-timeout)",
+                rec.timeout.as_secs()
+            )))
+        }
+        Err(sig) => return Err(StopError::Interrupted(sig)),
+    };
+    eprintln!("qmig recv: recovery connection {n} from {}", conn.peer);
+    let save_file = match save {
+        Some(s) => {
+            let p = crate::recover::conn_path(s, "main", n);
+            let f = File::create(&p).map_err(|e| StopError::Io {
+                path: p.clone(),
+                op: "create (--save)",
+                offset: 0,
+                source: e,
+            })?;
+            rec.shared
+                .saved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(("main", p));
+            Some(f)
+        }
+        None => None,
+    };
+    rec.new_main(n, conn.kick.clone());
+    {
+        let mut g = lock(inner);
+        g.set_rp(Box::new(crate::recover::RpTee {
+            inner: conn.rp,
+            path: save.map(|s| crate::recover::conn_path(s, "rp", n)),
+            file: None,
+        }));
+        g.session
+            .dst
+            .handle_recovery_connection()
+            .map_err(StopError::Dst)?;
+        while g.session.dst.poll_event().is_some() {}
+    }
+    rec.set_template(&dec);
+    let tee = Tee {
+        src: conn.src,
+        polled: true,
+        idle,
+        last_data: Instant::now(),
+        save: save_file,
+        received: Rc::new(Cell::new(0)),
+        after_eof: Rc::new(Cell::new(None)),
+        save_error: Rc::new(RefCell::new(None)),
+        abort: Arc::new(AtomicBool::new(false)),
+    };
+    Ok((tee, dec))
 }
 
 #[cfg(test)]
@@ -788,8 +1110,12 @@ mod tests {
             layout,
             Some(&save),
             "test",
-            Duration::from_secs(60),
             touch,
+            Recover {
+                idle: Duration::from_secs(60),
+                listener: None,
+                timeout: Duration::from_secs(5),
+            },
         ) {
             Ok(_) => 0,
             Err(e) => e.exit_code(),
@@ -868,8 +1194,12 @@ mod tests {
             Layout::Adopt,
             None,
             &uri.to_string(),
-            Duration::from_secs(60),
             0,
+            Recover {
+                idle: Duration::from_secs(60),
+                listener: None,
+                timeout: Duration::from_secs(5),
+            },
         )
         .unwrap();
         let m = Manifest::read(&out).unwrap();
@@ -1017,6 +1347,100 @@ mod tests {
             assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
         }
         same_images_as_extract(&m, "hp", "q10-hugepage-postcopy");
+    }
+
+    /// A recovered postcopy migration replayed by a fake source from the
+    /// real capture set (tests/data/recovery/q10-postcopy-relay-cut): the
+    /// first main connection is sent and closed (cut inside a record), the
+    /// destination pauses; a second connection to the same address sends the
+    /// recovery connection. The return path of the second connection carries
+    /// QEMU 10's own RECV_BITMAP replies and RESUME_ACK byte for byte, the
+    /// migration completes with SHUT(0), pc.ram equals the source's pmemsave
+    /// (oracle digests), and `--save` recorded the capture set.
+    #[test]
+    fn recovery_connection_on_the_same_address_completes() {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data/recovery/q10-postcopy-relay-cut");
+        let gz = |f: &str| qmig_tests::gunzip(&std::fs::read(d.join(f)).unwrap());
+        let (main1, main2, rp2) = (gz("main-1.bin.gz"), gz("main-2.bin.gz"), gz("rp-2.bin.gz"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let m1 = main1.clone();
+        let src = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&m1).unwrap();
+            // Give the destination time to answer, then cut both ways.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            drop(s);
+            std::thread::sleep(Duration::from_millis(700));
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&main2).unwrap();
+            let mut rp = Vec::new();
+            let _ = s.read_to_end(&mut rp);
+            rp
+        });
+        let out = tmpdir("recover");
+        std::fs::create_dir_all(&out).unwrap();
+        let save = out.with_extension("saved");
+        let r = receive(
+            Listener::Tcp(listener),
+            &out,
+            Layout::Adopt,
+            Some(&save),
+            "test",
+            0,
+            Recover {
+                idle: Duration::from_secs(60),
+                listener: None,
+                timeout: Duration::from_secs(20),
+            },
+        );
+        let rp = src.join().unwrap();
+        let m: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        assert!(r.is_ok(), "{m}");
+        assert_eq!(m["complete"], true);
+        assert_eq!(m["postcopy"]["pauses"], 1);
+        assert_eq!(m["postcopy"]["resumes"], 1);
+        let ours = qmig_wire::parse_return_path(&rp).unwrap();
+        let theirs = qmig_wire::parse_return_path(&rp2).unwrap();
+        let ack = ours
+            .iter()
+            .position(|(_, x)| matches!(x, RpMessage::ResumeAck(1)))
+            .unwrap();
+        assert!(ack > 0);
+        let strip = |v: &[(u64, RpMessage<'_>)]| {
+            v.iter().map(|(_, x)| format!("{x:?}")).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&ours[..=ack]), strip(&theirs[..=ack]));
+        assert!(
+            matches!(ours.last(), Some((_, RpMessage::Shut(0)))),
+            "{ours:?}"
+        );
+        let o: Value =
+            serde_json::from_slice(&std::fs::read(d.join("oracle.json")).unwrap()).unwrap();
+        let img = std::fs::read(out.join(m["blocks"][0]["file"].as_str().unwrap())).unwrap();
+        for dg in o["digests"].as_array().unwrap() {
+            let (at, len) = (
+                dg["offset"].as_u64().unwrap() as usize,
+                dg["length"].as_u64().unwrap() as usize,
+            );
+            let mut buf = img[at.min(img.len())..(at + len).min(img.len())].to_vec();
+            buf.resize(len, 0);
+            assert_eq!(
+                qmig_tests::sha256::hex(&buf),
+                dg["sha256"].as_str().unwrap()
+            );
+        }
+        assert_eq!(std::fs::read(&save).unwrap(), main1);
+        let rec = crate::recover::conn_path(&save, "main", 2);
+        assert_eq!(std::fs::read(rec).unwrap(), gz("main-2.bin.gz"));
+        assert_eq!(
+            std::fs::read(crate::recover::conn_path(&save, "rp", 2)).unwrap(),
+            rp
+        );
     }
 
     /// The images `run_touch(.., tag, ..)` wrote equal `extract`'s of the capture.

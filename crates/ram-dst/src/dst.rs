@@ -9,6 +9,7 @@
 //! | [`dst/apply.rs`](apply) | precopy apply: ZERO/PAGE/XBZRLE/COMPRESS_PAGE (inflate), mapped-ram |
 //! | [`dst/host_page.rs`](host_page) | postcopy host-page assembly and placement |
 //! | [`dst/postcopy.rs`](postcopy) | postcopy state, commands, faults, placement reports |
+//! | [`dst/recovery.rs`](recovery) | pause, recovery connection (RECV_BITMAP, RESUME), preempt channel |
 //! | [`dst/output.rs`](output) | outputs: return-path bytes, placements, events, SHUT |
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +24,7 @@ mod host_page;
 mod layout;
 mod output;
 mod postcopy;
+mod recovery;
 
 pub(crate) use host_page::HostPage;
 pub use layout::{
@@ -146,6 +148,16 @@ pub struct Stats {
     pub faults_resolved_locally: u64,
     /// Faults on a host page already asked for and not yet placed.
     pub faults_already_requested: u64,
+    /// Times the migration paused ([`RamDst::handle_connection_lost`]).
+    pub pauses: u64,
+    /// Times it resumed (POSTCOPY_RESUME answered with RESUME_ACK).
+    pub resumes: u64,
+    /// Page requests sent again after a resume (counted in `page_requests` too).
+    pub requests_resent: u64,
+    /// RECV_BITMAP replies queued.
+    pub recv_bitmaps_sent: u64,
+    /// Page records applied from the postcopy-preempt channel.
+    pub preempt_records: u64,
 }
 
 /// The sans-IO RAM destination (quinn-proto shape): inputs are `handle_*`
@@ -160,6 +172,9 @@ pub struct Stats {
 ///      | handle_page_fault(block, offset)                        // a thread faulted (after LISTEN)
 ///      | handle_placed(block, offset, len)                       // a Place succeeded
 ///      | handle_place_failed(block, offset, len, why)            // a Place failed
+///      | handle_preempt_item(offset, item)                       // preempt channel input
+///      | handle_connection_lost()                                // main channel cut
+///      | handle_recovery_connection()                            // then the new one's items
 ///      then drain, in this order:
 ///          poll_event()            -> Event   (register at Listening, start at Running, ...)
 ///          poll_placement()        -> Place   (carry out, then report with handle_placed)
@@ -195,11 +210,21 @@ pub struct Stats {
 ///                  │      gathered into host pages → Place::HostPage / Place::ZeroPage
 ///                  │ POSTCOPY_RUN
 ///                  ▼
-///             [Running]   guest runs; same as Listening
-///                  │ EOF
-///                  ▼
-///               [End]  ── handle_end_of_input ──► SHUT(0)
+///             [Running]   guest runs; same as Listening    ◄──────────────────────┐
+///                  │ EOF          │ handle_connection_lost                    │
+///                  ▼              ▼                                           │ POSTCOPY_RESUME:
+///               [End]          [Paused]  host pages being assembled dropped;  │ RESUME_ACK(1), then
+///                  │              │      received bits, requests kept;       │ pending requests
+///                  │              │      faults recorded, not sent            │ (first REQ_PAGES_ID)
+///                  │              │ handle_recovery_connection                │
+///                  │              ▼                                           │
+///                  │          [Recovering]  RECV_BITMAP → reply (size, LE    ─┘
+///                  │              │         bitmap, end marker) per block
+///                  │              └─ handle_connection_lost ──► [Paused] (again)
+///                  └── handle_end_of_input ──► SHUT(0)
 ///
+///  None..Listening ── handle_connection_lost ──► stopped, SHUT(1) (QEMU fails, it never
+///                                               pauses before POSTCOPY_RUN)
 ///  any state ── bad item, bad fault, failed placement, handle_failure ──► stopped, SHUT(1)
 /// ```
 /// Refused transitions (LISTEN twice, RUN before LISTEN, DISCARD after
@@ -240,6 +265,8 @@ pub struct RamDst<M> {
     /// Buffers of placed host pages given back ([`RamDst::recycle_page_buffer`]),
     /// to assemble the next host pages in without allocating.
     spare_pages: Vec<Vec<u8>>,
+    /// The postcopy-preempt channel's own host page and last block.
+    preempt: recovery::ChannelCtx,
     /// Return-path bytes, placements and events waiting to be polled.
     out: Output,
     /// Host pages (block, host-page offset) handed out as a [`Place`] and
@@ -301,6 +328,7 @@ impl<M: GuestMemory> RamDst<M> {
             leniencies: Vec::new(),
             host_page: None,
             spare_pages: Vec::new(),
+            preempt: recovery::ChannelCtx::default(),
             out: Output::default(),
             in_flight: HashMap::new(),
             requested: HashSet::new(),
@@ -414,6 +442,17 @@ impl<M: GuestMemory> RamDst<M> {
             return Err(RamDstError::Stopped {
                 offset: self.applied_to,
             });
+        }
+        if self.postcopy == PostcopyState::Paused {
+            // Items come from a connection: the host must report the
+            // recovery connection first.
+            let e = RamDstError::IllegalTransition {
+                offset,
+                state: self.postcopy,
+                event: "a stream item with no recovery connection",
+            };
+            self.fail();
+            return Err(e);
         }
         let r = match item {
             Item::Configuration(c) => {

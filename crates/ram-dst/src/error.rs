@@ -124,6 +124,18 @@ pub enum RamDstError {
         /// What arrived.
         event: &'static str,
     },
+    /// The connection was lost before the migration could pause (QEMU
+    /// pauses only after POSTCOPY_RUN: `postcopy_pause_incoming`).
+    #[error(
+        "offset {offset}: the connection was lost in postcopy state {state}: only a migration \
+         past POSTCOPY_RUN can pause and recover, so it failed"
+    )]
+    ConnectionLost {
+        /// Stream offset reached.
+        offset: u64,
+        /// State at that point.
+        state: PostcopyState,
+    },
     /// A record kind not allowed once the destination listens for postcopy pages.
     #[error(
         "offset {offset}: {kind} record in postcopy mode (only ZERO, PAGE and EOS are allowed; QEMU: ram_load_postcopy)"
@@ -239,6 +251,7 @@ impl RamDstError {
             | RamDstError::Compressed { offset, .. }
             | RamDstError::Discard { offset, .. }
             | RamDstError::IllegalTransition { offset, .. }
+            | RamDstError::ConnectionLost { offset, .. }
             | RamDstError::NotInPostcopy { offset, .. }
             | RamDstError::PostcopyOrder { offset, .. }
             | RamDstError::Unsupported { offset, .. }

@@ -1141,13 +1141,24 @@ fn recv_bitmap_and_resume_only_in_recovery() {
         );
         assert!(actions(&mut d).is_empty());
     }
-    // POSTCOPY_RESUME outside recovery: ignored (QEMU's
-    // loadvm_postcopy_handle_resume), no RESUME_ACK.
+    // POSTCOPY_RESUME outside recovery: refused (QEMU's
+    // loadvm_postcopy_handle_resume sends no RESUME_ACK then), a typed error.
     let mut d = with_ram(4 * PS);
     listening(&mut d);
     actions(&mut d);
-    feed(&mut d, 3, cmd(Command::PostcopyResume)).unwrap();
-    assert_eq!(actions(&mut d), vec![]);
+    let e = feed(&mut d, 3, cmd(Command::PostcopyResume)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RamDstError::IllegalTransition {
+                offset: 3,
+                state: PostcopyState::Listening,
+                event: "POSTCOPY_RESUME"
+            }
+        ),
+        "{e}"
+    );
+    assert!(d.is_stopped());
 }
 
 #[test]
@@ -2109,4 +2120,312 @@ proptest::proptest! {
             proptest::prop_assert_eq!(got, &want[..], "page {}", p);
         }
     }
+}
+
+// ---- postcopy recovery and the preempt channel (dst/recovery.rs) --------------------
+
+/// Return path open, POSTCOPY_RUN received, over a huge-page pc.ram (2
+/// target pages per host page) and a 4 KiB vram.
+fn running() -> RamDst<VecMemory> {
+    let mut d = faulting();
+    feed(&mut d, 3, cmd(Command::PostcopyRun)).unwrap();
+    let _ = actions(&mut d);
+    d
+}
+
+/// Carries out (reports as placed) every placement queued.
+fn place_all(d: &mut RamDst<VecMemory>) -> Vec<(usize, u64)> {
+    let mut placed = Vec::new();
+    while let Some(p) = d.poll_placement() {
+        let (b, off, len) = match p {
+            Place::HostPage {
+                block,
+                offset,
+                data,
+            } => (block, offset, data.len() as u64),
+            Place::ZeroPage { block, offset, len } => (block, offset, len),
+            Place::Discard { .. } => continue,
+        };
+        d.handle_placed(b, off, len).unwrap();
+        placed.push((b, off));
+    }
+    placed
+}
+
+#[test]
+fn a_cut_before_postcopy_run_fails_cleanly() {
+    use qmig_wire::RpMessage as M;
+    // Every phase before RUN: precopy, advised, discarding, listening.
+    for phase in 0..4 {
+        let mut d = with_ram(8 * PS);
+        feed(&mut d, 0, cmd(Command::OpenReturnPath)).unwrap();
+        if phase >= 1 {
+            feed(&mut d, 1, cmd(Command::PostcopyAdvise(None))).unwrap();
+        }
+        if phase >= 2 {
+            let d0 = Discard {
+                block: "pc.ram",
+                ranges: vec![DiscardRange { start: 0, len: PS }],
+            };
+            feed(&mut d, 2, cmd(Command::RamDiscard(d0))).unwrap();
+        }
+        if phase >= 3 {
+            feed(&mut d, 3, cmd(Command::PostcopyListen)).unwrap();
+        }
+        let state = d.postcopy_state();
+        let _ = actions(&mut d);
+        let e = d.handle_connection_lost().unwrap_err();
+        assert!(
+            matches!(e, RamDstError::ConnectionLost { state: s, .. } if s == state),
+            "{e}"
+        );
+        assert!(d.is_stopped());
+        assert_eq!(transmitted(&mut d), vec![M::Shut(1)], "phase {phase}");
+        assert!(d.handle_recovery_connection().is_err());
+    }
+}
+
+#[test]
+fn a_cut_after_run_pauses_keeps_requests_and_resumes() {
+    use qmig_wire::RpMessage as M;
+    let mut d = running();
+    let a = [3u8; 4096];
+    // Host page 0 of pc.ram placed; requests for pc.ram 4 and vram 2.
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 20, ram(RamRecord::page(PS, None, &a))).unwrap();
+    assert_eq!(place_all(&mut d), vec![(0, 0)]);
+    assert_eq!(
+        d.handle_page_fault(0, 4 * PS).unwrap(),
+        FaultOutcome::Requested
+    );
+    assert_eq!(
+        d.handle_page_fault(1, 2 * PS).unwrap(),
+        FaultOutcome::Requested
+    );
+    let _ = transmitted(&mut d);
+    // Half of host page 2 arrives, then the connection is cut; a PONG queued
+    // for the dead return path is dropped.
+    feed(&mut d, 30, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 40, cmd(Command::Ping(9))).unwrap();
+    assert!(d.handle_connection_lost().unwrap());
+    assert_eq!(d.postcopy_state(), PostcopyState::Paused);
+    assert_eq!(
+        actions(&mut d),
+        vec![Out::E(Event::PostcopyState(PostcopyState::Paused))]
+    );
+    assert!(
+        !d.poll_transmit(&mut Vec::new()),
+        "nothing for a dead return path"
+    );
+    // A fault while paused is recorded, not sent; the page being assembled
+    // was dropped (its bits stay clear).
+    assert_eq!(
+        d.handle_page_fault(0, 6 * PS).unwrap(),
+        FaultOutcome::Requested
+    );
+    assert!(!d.poll_transmit(&mut Vec::new()));
+    assert!(!d.blocks()[0].received().get(2));
+    assert!(d.blocks()[0].received().get(1));
+    // No item without a recovery connection.
+    let mut e2 = running();
+    feed(&mut e2, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    assert!(e2.handle_connection_lost().unwrap());
+    assert!(matches!(
+        feed(&mut e2, 0, cmd(Command::PostcopyResume)),
+        Err(RamDstError::IllegalTransition {
+            state: PostcopyState::Paused,
+            ..
+        })
+    ));
+    // The recovery connection: bitmaps, then RESUME.
+    d.handle_recovery_connection().unwrap();
+    assert_eq!(d.postcopy_state(), PostcopyState::Recovering);
+    feed(&mut d, 0, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
+    feed(&mut d, 10, cmd(Command::RecvBitmap { block: "vram" })).unwrap();
+    let msgs = transmitted(&mut d);
+    assert_eq!(msgs.len(), 2);
+    let M::RecvBitmap { block, bitmap } = &msgs[0] else {
+        panic!("{msgs:?}")
+    };
+    assert_eq!((*block, bitmap.len()), ("pc.ram", 8));
+    assert_eq!(bitmap[0], 0b11, "pages 0 and 1 placed, 2 dropped");
+    // No page record before RESUME (the source sends none).
+    let mut e3 = running();
+    assert!(e3.handle_connection_lost().unwrap());
+    e3.handle_recovery_connection().unwrap();
+    assert!(matches!(
+        feed(&mut e3, 5, ram(RamRecord::page(0, Some("pc.ram"), &a))),
+        Err(RamDstError::IllegalTransition {
+            state: PostcopyState::Recovering,
+            ..
+        })
+    ));
+    feed(&mut d, 20, cmd(Command::PostcopyResume)).unwrap();
+    assert_eq!(d.postcopy_state(), PostcopyState::Running);
+    assert_eq!(
+        transmitted(&mut d),
+        vec![
+            M::ResumeAck(1),
+            M::ReqPagesId {
+                start: 4 * PS,
+                len: 2 * PS as u32,
+                block: "pc.ram"
+            },
+            M::ReqPages {
+                start: 6 * PS,
+                len: 2 * PS as u32
+            },
+            M::ReqPagesId {
+                start: 2 * PS,
+                len: PS as u32,
+                block: "vram"
+            },
+        ]
+    );
+    // The source sends the dropped host page again, whole, naming its block.
+    feed(&mut d, 30, ram(RamRecord::page(2 * PS, Some("pc.ram"), &a))).unwrap();
+    feed(&mut d, 40, ram(RamRecord::page(3 * PS, None, &a))).unwrap();
+    assert_eq!(place_all(&mut d), vec![(0, 2 * PS)]);
+    let st = d.stats();
+    assert_eq!((st.pauses, st.resumes, st.requests_resent), (1, 1, 3));
+    // A second RESUME is in the wrong state.
+    assert!(matches!(
+        feed(&mut d, 50, cmd(Command::PostcopyResume)),
+        Err(RamDstError::IllegalTransition {
+            state: PostcopyState::Running,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_cut_during_recovery_pauses_again_and_repeated_cuts_recover() {
+    use qmig_wire::RpMessage as M;
+    let mut d = running();
+    assert_eq!(d.handle_page_fault(0, 0).unwrap(), FaultOutcome::Requested);
+    let _ = transmitted(&mut d);
+    for round in 0..3 {
+        assert!(d.handle_connection_lost().unwrap(), "round {round}");
+        d.handle_recovery_connection().unwrap();
+        feed(&mut d, 0, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
+        // Cut inside the recovery handshake: paused again.
+        assert!(d.handle_connection_lost().unwrap());
+        assert_eq!(d.postcopy_state(), PostcopyState::Paused);
+        d.handle_recovery_connection().unwrap();
+        feed(&mut d, 0, cmd(Command::RecvBitmap { block: "pc.ram" })).unwrap();
+        feed(&mut d, 9, cmd(Command::PostcopyResume)).unwrap();
+        let msgs = transmitted(&mut d);
+        assert!(
+            matches!(
+                msgs[0],
+                M::RecvBitmap {
+                    block: "pc.ram",
+                    ..
+                }
+            ),
+            "{msgs:?}"
+        );
+        assert_eq!(
+            msgs[1..],
+            [
+                M::ResumeAck(1),
+                M::ReqPagesId {
+                    start: 0,
+                    len: 2 * PS as u32,
+                    block: "pc.ram"
+                }
+            ]
+        );
+    }
+    assert_eq!(d.stats().pauses, 6);
+    assert_eq!(d.stats().resumes, 3);
+}
+
+#[test]
+fn recovery_messages_are_validated() {
+    let mut d = running();
+    assert!(d.handle_connection_lost().unwrap());
+    d.handle_recovery_connection().unwrap();
+    let e = feed(&mut d, 4, cmd(Command::RecvBitmap { block: "nope" })).unwrap_err();
+    assert!(
+        matches!(e, RamDstError::UnknownBlock { offset: 4, ref name } if name == "nope"),
+        "{e}"
+    );
+    assert!(d.is_stopped());
+    // A recovery connection while running, EOF before RESUME.
+    let mut d = running();
+    assert!(matches!(
+        d.handle_recovery_connection(),
+        Err(RamDstError::IllegalTransition {
+            state: PostcopyState::Running,
+            ..
+        })
+    ));
+    let mut d = running();
+    assert!(d.handle_connection_lost().unwrap());
+    d.handle_recovery_connection().unwrap();
+    assert!(matches!(
+        feed(&mut d, 7, Item::Eof),
+        Err(RamDstError::IllegalTransition {
+            offset: 7,
+            state: PostcopyState::Recovering,
+            ..
+        })
+    ));
+    // After EOF a cut changes nothing.
+    let mut d = running();
+    feed(&mut d, 7, Item::Eof).unwrap();
+    assert!(!d.handle_connection_lost().unwrap());
+    assert_eq!(d.postcopy_state(), PostcopyState::End);
+}
+
+#[test]
+fn preempt_channel_has_its_own_host_page_and_last_block() {
+    let mut d = running();
+    let (a, b) = ([1u8; 4096], [2u8; 4096]);
+    // Main: first half of host page 0; preempt: host page 4 whole, then
+    // vram 1 by name and vram 2 by CONTINUE (its own last block).
+    feed(&mut d, 10, ram(RamRecord::page(0, Some("pc.ram"), &a))).unwrap();
+    d.handle_preempt_item(0, &ram(RamRecord::page(4 * PS, Some("pc.ram"), &b)))
+        .unwrap();
+    assert!(d.preempt_in_host_page());
+    d.handle_preempt_item(10, &ram(RamRecord::page(5 * PS, None, &b)))
+        .unwrap();
+    d.handle_preempt_item(20, &ram(RamRecord::page(PS, Some("vram"), &b)))
+        .unwrap();
+    d.handle_preempt_item(30, &ram(RamRecord::zero(2 * PS, None)))
+        .unwrap();
+    // Main goes on with its own host page and its own last block (pc.ram).
+    feed(&mut d, 20, ram(RamRecord::page(PS, None, &a))).unwrap();
+    assert_eq!(
+        place_all(&mut d),
+        vec![(0, 4 * PS), (1, PS), (1, 2 * PS), (0, 0)]
+    );
+    assert_eq!(d.stats().preempt_records, 4);
+    // Only RAM records; a CONTINUE needs a block named on this channel.
+    let mut e = running();
+    assert!(matches!(
+        e.handle_preempt_item(0, &ram(RamRecord::page(0, None, &a))),
+        Err(RamDstError::NoCurrentBlock { .. })
+    ));
+    let mut e = running();
+    assert!(matches!(
+        e.handle_preempt_item(0, &cmd(Command::PostcopyRun)),
+        Err(RamDstError::IllegalTransition { .. })
+    ));
+    // A cut drops the preempt channel's half host page too.
+    let mut e = running();
+    e.handle_preempt_item(0, &ram(RamRecord::page(4 * PS, Some("pc.ram"), &b)))
+        .unwrap();
+    assert!(e.handle_connection_lost().unwrap());
+    assert!(!e.preempt_in_host_page());
+    // Before LISTEN the preempt channel carries nothing.
+    let mut e = with_ram(4 * PS);
+    assert!(matches!(
+        e.handle_preempt_item(0, &ram(RamRecord::page(0, Some("pc.ram"), &a))),
+        Err(RamDstError::IllegalTransition {
+            state: PostcopyState::None,
+            ..
+        })
+    ));
 }

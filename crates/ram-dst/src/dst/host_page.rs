@@ -44,7 +44,12 @@ impl<M: GuestMemory> RamDst<M> {
                 })
             }
         };
-        if self.postcopy == PostcopyState::End {
+        if matches!(
+            self.postcopy,
+            PostcopyState::End | PostcopyState::Paused | PostcopyState::Recovering
+        ) {
+            // Paused: no connection; Recovering: the source sends pages only
+            // after POSTCOPY_RESUME (its first record names its block).
             return Err(RamDstError::IllegalTransition {
                 offset: at,
                 state: self.postcopy,
@@ -208,6 +213,7 @@ impl<M: GuestMemory> RamDst<M> {
             // Emit: set and counted when the host reports success
             // (handle_placed).
             self.blocks[b].received.set_range(p, n);
+            self.requested.remove(&(b, hp.start));
             if hp.all_zero {
                 self.stats.placed_zero_pages += 1;
             } else {

@@ -113,9 +113,10 @@ impl<M: GuestMemory> RamDst<M> {
     /// and write the bytes to the return path as they are. Nothing is ever
     /// queued before OPEN_RETURN_PATH, and nothing after SHUT.
     ///
-    /// RECV_BITMAP replies and RESUME_ACK belong to postcopy recovery, which
-    /// this destination refuses (as QEMU outside postcopy-recover), so they
-    /// never come out here; [`RamDst::recv_bitmap_reply`] writes the former.
+    /// In postcopy recovery ([`PostcopyState::Recovering`](crate::PostcopyState::Recovering))
+    /// also the RECV_BITMAP replies, then RESUME_ACK(1) and the page
+    /// requests sent again. Bytes queued when the connection is lost are
+    /// dropped ([`RamDst::handle_connection_lost`]).
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
         if self.out.transmit.is_empty() {
             return false;
@@ -175,6 +176,18 @@ impl<M: GuestMemory> RamDst<M> {
             return Err(RamDstError::Stopped {
                 offset: self.applied_to,
             });
+        }
+        if matches!(
+            self.postcopy,
+            crate::PostcopyState::Paused | crate::PostcopyState::Recovering
+        ) {
+            let e = RamDstError::IllegalTransition {
+                offset: self.applied_to,
+                state: self.postcopy,
+                event: "the end of the input (the migration is paused)",
+            };
+            self.fail();
+            return Err(e);
         }
         if let Some(hp) = &self.host_page {
             let e = RamDstError::PostcopyOrder {

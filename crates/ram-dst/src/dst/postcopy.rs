@@ -16,8 +16,17 @@ use crate::RamDstError;
 ///  None ─ADVISE─► Advised ─DISCARD─► Discarding ─┐
 ///                    │               (DISCARD)*   │
 ///                    └────────LISTEN──────────────┴─► Listening ─RUN─► Running ─EOF─► End
+///                                                                     │  ▲
+///                                                     connection lost │  │ POSTCOPY_RESUME
+///                                                                     ▼  │ (RESUME_ACK sent)
+///                                           Paused ─recovery connection─► Recovering
+///                                             ▲                             │
+///                                             └────── connection lost ──────┘
 /// ```
 /// A stream that never leaves `None`/`Advised`/`Discarding` is plain precopy.
+/// `Paused` and `Recovering` are QEMU's destination migration states
+/// `postcopy-paused` and `postcopy-recover` (its `PostcopyState` stays
+/// RUNNING through them); only `Running` and `Recovering` can pause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PostcopyState {
     /// No postcopy advised.
@@ -30,13 +39,20 @@ pub enum PostcopyState {
     Listening,
     /// POSTCOPY_RUN received: the guest may run.
     Running,
+    /// The connection was lost after POSTCOPY_RUN ([`RamDst::handle_connection_lost`]):
+    /// waiting for the source's recovery connection. Faults are recorded
+    /// and asked for after POSTCOPY_RESUME.
+    Paused,
+    /// A recovery connection was accepted ([`RamDst::handle_recovery_connection`]):
+    /// RECV_BITMAP requests are answered until POSTCOPY_RESUME.
+    Recovering,
     /// The postcopy stream ended.
     End,
 }
 
 impl PostcopyState {
     /// A lower-case name for output (`none`, `advised`, `discarding`,
-    /// `listening`, `running`, `end`).
+    /// `listening`, `running`, `paused`, `recovering`, `end`).
     pub fn name(self) -> &'static str {
         match self {
             PostcopyState::None => "none",
@@ -44,6 +60,8 @@ impl PostcopyState {
             PostcopyState::Discarding => "discarding",
             PostcopyState::Listening => "listening",
             PostcopyState::Running => "running",
+            PostcopyState::Paused => "paused",
+            PostcopyState::Recovering => "recovering",
             PostcopyState::End => "end",
         }
     }
@@ -147,7 +165,10 @@ impl<M: GuestMemory> RamDst<M> {
             why,
         };
         use PostcopyState as S;
-        if !matches!(self.postcopy, S::Listening | S::Running | S::End) {
+        if !matches!(
+            self.postcopy,
+            S::Listening | S::Running | S::Paused | S::Recovering | S::End
+        ) {
             return Err(bad(format!(
                 "a fault before POSTCOPY_LISTEN (state {:?})",
                 self.postcopy
@@ -182,6 +203,13 @@ impl<M: GuestMemory> RamDst<M> {
             ));
         }
         let len = u32::try_from(hps).map_err(|_| bad(format!("host page {hps:#x} too large")))?;
+        if matches!(self.postcopy, S::Paused | S::Recovering) {
+            // No return path to the source (or one that must carry only the
+            // recovery handshake): asked for after POSTCOPY_RESUME, as
+            // QEMU's migrate_send_rp_req_pages_pending does.
+            self.requested.insert((block, start));
+            return Ok(FaultOutcome::Requested);
+        }
         let msg = if self.last_requested_block == Some(block) {
             qmig_wire::RpMessage::ReqPages { start, len }
         } else {
@@ -379,26 +407,30 @@ impl<M: GuestMemory> RamDst<M> {
                 }
                 self.set_postcopy(S::Running);
             }
-            // Both belong to postcopy recovery, a state this destination
-            // never enters (a new main channel after a failure).
+            // Postcopy recovery (dst/recovery.rs): only on a recovery
+            // connection, before POSTCOPY_RESUME.
             Command::PostcopyResume => {
-                // QEMU's loadvm_postcopy_handle_resume reports a resume
-                // outside postcopy-recover and ignores it: no RESUME_ACK.
-                if !matches!(state, S::Listening | S::Running) {
+                // QEMU's loadvm_postcopy_handle_resume refuses a resume
+                // outside postcopy-recover (and sends no RESUME_ACK).
+                if state != S::Recovering {
                     return Err(illegal("POSTCOPY_RESUME"));
                 }
+                self.resume(at)?;
             }
             Command::RecvBitmap { block } => {
                 // QEMU's loadvm_handle_recv_bitmap fails the load outside
                 // postcopy-recover; answering would let a few bytes of input
                 // ask for gigabytes of bitmap on the return path.
-                return Err(RamDstError::QemuRule {
-                    offset: at,
-                    function: "loadvm_handle_recv_bitmap",
-                    why: format!(
-                        "RECV_BITMAP for \"{block}\" outside postcopy recovery (state {state:?})"
-                    ),
-                });
+                if state != S::Recovering {
+                    return Err(RamDstError::QemuRule {
+                        offset: at,
+                        function: "loadvm_handle_recv_bitmap",
+                        why: format!(
+                            "RECV_BITMAP for \"{block}\" outside postcopy recovery (state {state:?})"
+                        ),
+                    });
+                }
+                self.answer_recv_bitmap(at, block)?;
             }
             Command::Packaged { .. } | Command::SwitchoverStart => {}
             Command::EnableColo => {
@@ -498,11 +530,19 @@ impl<M: GuestMemory> RamDst<M> {
                 why: "the stream ended inside a host page".into(),
             });
         }
-        if matches!(
-            self.postcopy,
-            PostcopyState::Listening | PostcopyState::Running
-        ) {
-            self.set_postcopy(PostcopyState::End);
+        match self.postcopy {
+            PostcopyState::Listening | PostcopyState::Running => {
+                self.set_postcopy(PostcopyState::End)
+            }
+            // The source sends RAM sections only after POSTCOPY_RESUME.
+            PostcopyState::Recovering => {
+                return Err(RamDstError::IllegalTransition {
+                    offset: at,
+                    state: self.postcopy,
+                    event: "EOF before POSTCOPY_RESUME",
+                })
+            }
+            _ => {}
         }
         Ok(())
     }
