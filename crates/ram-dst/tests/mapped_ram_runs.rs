@@ -151,7 +151,11 @@ fn runs_equal_per_page_on_qemu_files() {
         write_sparse(&file, &bytes);
         let o = check_same(&file, &dir);
         assert!(o.error.is_none(), "{name}: {:?}", o.error);
-        assert!(o.stats.page > 0 && o.stats.zero > 0, "{name}: {:?}", o.stats);
+        assert!(
+            o.stats.page > 0 && o.stats.zero > 0,
+            "{name}: {:?}",
+            o.stats
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
