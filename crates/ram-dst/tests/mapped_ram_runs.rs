@@ -121,9 +121,9 @@ fn write_sparse(path: &Path, bytes: &[u8]) {
 
 /// (bitmap offset, bitmap length) of every mapped-ram block of `bytes`.
 fn bitmaps(bytes: &[u8]) -> Vec<(usize, usize)> {
-    let mut rd = SliceReader::new(bytes);
+    let rd = SliceReader::new(bytes);
     let mut out = Vec::new();
-    while let Some(r) = rd.next() {
+    for r in rd {
         let (offset, item) = r.unwrap();
         if let Item::MappedRam(MappedRam::Bitmap(b)) = item {
             out.push((offset as usize, b.len()));
@@ -131,6 +131,9 @@ fn bitmaps(bytes: &[u8]) -> Vec<(usize, usize)> {
     }
     out
 }
+
+/// A bitmap pattern: its label and whether page `i` has its bit set.
+type Pattern = (&'static str, fn(u64) -> bool);
 
 fn captures() -> Vec<(&'static str, Vec<u8>)> {
     let data = qmig_tests::data_dir();
@@ -167,7 +170,7 @@ fn runs_equal_per_page_on_rewritten_bitmaps() {
     assert!(!maps.is_empty());
     // Patterns: runs of 1..=9 set pages between gaps of 1..=4 (some over
     // holes: set bits whose page is zero in the file), every bit set, none.
-    let patterns: [(&str, fn(u64) -> bool); 3] = [
+    let patterns: [Pattern; 3] = [
         ("mixed", |i| (i * 7 + i / 13) % 11 < 6),
         ("all", |_| true),
         ("none", |_| false),

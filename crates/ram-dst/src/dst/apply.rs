@@ -257,7 +257,7 @@ impl<M: GuestMemory> RamDst<M> {
                     .is_some_and(|e| e <= used)
             })
             .count() as u64;
-        let whole = if data.len() as u64 % tps == 0 {
+        let whole = if (data.len() as u64).is_multiple_of(tps) {
             n
         } else {
             n + 1
