@@ -573,6 +573,11 @@ pub fn run_with(path: &Path, outdir: &Path, channels: &[PathBuf], phys: &PhysArg
         // page cache, without a copy through read().
         // (A raw libvirt image's stream starts at `base`.)
         crate::input::Input::Plain { file, base } if seekable => {
+            // mapped-ram pages are copied from the file to the images in
+            // the kernel (`copy_file_range`), not through the mapping.
+            if let Ok(src) = file.try_clone() {
+                s.dst.set_mapped_ram_source(src, base);
+            }
             let map = MappedInput::new(file).map_err(|e| CliError::io(path, "map", e))?;
             apply_slice(&map, base, &mut s)
         }

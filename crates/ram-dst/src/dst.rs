@@ -285,6 +285,11 @@ pub struct RamDst<M> {
     /// mapped-ram: the block whose file region is being read, and its
     /// bitmap once read.
     mapped: Option<(usize, Vec<u8>)>,
+    /// mapped-ram: the input file and the file offset of stream offset 0,
+    /// for copying page runs file to file.
+    mapped_source: Option<(std::fs::File, u64)>,
+    /// mapped-ram: apply each page as a PAGE or ZERO record (the reference path).
+    mapped_per_page: bool,
 }
 
 impl<M: GuestMemory> RamDst<M> {
@@ -339,7 +344,25 @@ impl<M: GuestMemory> RamDst<M> {
             scratch: Vec::new(),
             inflate: flate2::Decompress::new(true),
             mapped: None,
+            mapped_source: None,
+            mapped_per_page: false,
         })
+    }
+
+    /// Says that the stream is read from `file`, stream offset 0 being at
+    /// file offset `base`: the pages of a mapped-ram file region (wire-format
+    /// §14) are then copied from the file to the memory file to file where
+    /// the memory can ([`GuestMemory::write_run`]), rather than from the
+    /// items' bytes. The items must be that file's bytes (a mapping of it).
+    pub fn set_mapped_ram_source(&mut self, file: std::fs::File, base: u64) {
+        self.mapped_source = Some((file, base));
+    }
+
+    /// With `on`, mapped-ram pages are applied one at a time as PAGE (bit
+    /// set) and ZERO (bit clear) records, the reference for the run path
+    /// that is used otherwise (same memory, counters and errors, slower).
+    pub fn set_mapped_ram_per_page(&mut self, on: bool) {
+        self.mapped_per_page = on;
     }
 
     /// The guest memory.

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::memory::{check_range, GuestMemory};
-use crate::mmap::{create_image, punch_hole};
+use crate::mmap::{copy_run, create_image, punch_hole};
 use crate::ImageFile;
 
 /// Largest run of consecutive page writes buffered before it is written
@@ -164,6 +164,26 @@ impl GuestMemory for FileMemory {
 
     fn flush(&mut self) -> io::Result<()> {
         self.settle()
+    }
+
+    /// Unbuffered: the run goes straight to the image, copied file to file
+    /// from `src` when given (falling back to `pwrite` of `data` where the
+    /// kernel refuses, e.g. across filesystems).
+    fn write_run(
+        &mut self,
+        index: usize,
+        offset: u64,
+        data: &[u8],
+        src: Option<(&File, u64)>,
+    ) -> io::Result<()> {
+        check_range(index, offset, data.len(), self.image(index)?.len)?;
+        self.settle()?;
+        let out = &self.blocks[index].file;
+        let r = match src {
+            Some((f, at)) => copy_run(f, at, out, offset, data),
+            None => out.write_all_at(data, offset),
+        };
+        r.map_err(|e| self.write_error(index, offset, data.len(), e))
     }
 
     fn discard(&mut self, index: usize, offset: u64, len: u64) -> io::Result<()> {

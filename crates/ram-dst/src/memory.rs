@@ -49,6 +49,26 @@ pub trait GuestMemory {
         Ok(())
     }
 
+    /// Writes a run of whole pages `data` at `offset` of block `index`: a
+    /// mapped-ram page run (wire-format §14, QEMU's `read_ramblock_mapped_ram`
+    /// reads such runs with one `pread` each). When `src` is given, the same
+    /// bytes are at file offset `src.1` of `src.0` (the input file), and a
+    /// file-backed memory may copy them file to file (`copy_file_range`)
+    /// instead of from `data`. The default writes `data`.
+    ///
+    /// # Errors
+    /// As for [`GuestMemory::write`].
+    fn write_run(
+        &mut self,
+        index: usize,
+        offset: u64,
+        data: &[u8],
+        src: Option<(&std::fs::File, u64)>,
+    ) -> io::Result<()> {
+        let _ = src;
+        self.write(index, offset, data)
+    }
+
     /// Makes everything written so far reach the backing store (files).
     ///
     /// # Errors

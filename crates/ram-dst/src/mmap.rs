@@ -309,6 +309,59 @@ pub(crate) fn punch_hole(file: &File, offset: libc::off_t, len: libc::off_t) -> 
     }
 }
 
+/// Copies `data.len()` bytes from file offset `src_at` of `src` to offset
+/// `dst_at` of `dst` with `copy_file_range` (in the kernel: no copy through
+/// user space); `data` must be those same bytes (a mapping of `src`). Where
+/// the kernel refuses (across filesystems on old kernels, filesystems
+/// without support) or `src` ends early, the rest is written from `data`.
+///
+/// # Errors
+/// The write error of the fallback `pwrite`.
+pub(crate) fn copy_run(
+    src: &File,
+    src_at: u64,
+    dst: &File,
+    dst_at: u64,
+    data: &[u8],
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0usize;
+    while done < data.len() {
+        let (Ok(mut off_in), Ok(mut off_out)) = (
+            libc::loff_t::try_from(src_at.saturating_add(done as u64)),
+            libc::loff_t::try_from(dst_at.saturating_add(done as u64)),
+        ) else {
+            break;
+        };
+        // SAFETY: both descriptors are open files we borrow for the call;
+        // the offsets are our own locals, which the kernel updates; no
+        // memory of ours is read or written otherwise.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                data.len() - done,
+                0,
+            )
+        };
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        // 0 (source shorter than expected) or refused: write the rest.
+        break;
+    }
+    if done < data.len() {
+        dst.write_all_at(&data[done..], dst_at.saturating_add(done as u64))?;
+    }
+    Ok(())
+}
+
 /// A whole file mapped read-only, for replaying a captured stream without
 /// copying it through `read()` first.
 ///

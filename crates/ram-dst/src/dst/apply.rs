@@ -193,25 +193,133 @@ impl<M: GuestMemory> RamDst<M> {
                 let Some((index, bm)) = self.mapped.take() else {
                     return Err(RamDstError::NoCurrentBlock { offset: at });
                 };
-                let tps = self.page_size();
-                let r = (|| {
-                    for (k, page) in data.chunks(tps as usize).enumerate() {
-                        let i = first.saturating_add(k as u64);
-                        let off = i.saturating_mul(tps);
-                        let rec = if qmig_wire::mapped_ram::page_is_set(&bm, i) {
-                            RamRecord::page(off, None, page)
-                        } else {
-                            RamRecord::zero(off, None)
-                        };
-                        self.current = Some(index);
-                        self.handle_record(at + k as u64 * tps, &rec)?;
-                    }
-                    Ok(())
-                })();
+                let r = if self.mapped_per_page || self.postcopy >= PostcopyState::Listening {
+                    self.mapped_pages_per_page(at, index, &bm, *first, data)
+                } else {
+                    self.mapped_pages_runs(at, index, &bm, *first, data)
+                };
                 self.mapped = Some((index, bm));
                 r
             }
         }
+    }
+
+    /// Applies mapped-ram pages one at a time as PAGE and ZERO records.
+    fn mapped_pages_per_page(
+        &mut self,
+        at: u64,
+        index: usize,
+        bm: &[u8],
+        first: u64,
+        data: &[u8],
+    ) -> Result<(), RamDstError> {
+        let tps = self.page_size();
+        for (k, page) in data.chunks(tps as usize).enumerate() {
+            let i = first.saturating_add(k as u64);
+            let off = i.saturating_mul(tps);
+            let rec = if qmig_wire::mapped_ram::page_is_set(bm, i) {
+                RamRecord::page(off, None, page)
+            } else {
+                RamRecord::zero(off, None)
+            };
+            self.current = Some(index);
+            self.handle_record(at + k as u64 * tps, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// Applies mapped-ram pages by runs: each run of set bits is written
+    /// with one [`GuestMemory::write_run`] (file to file when the input file
+    /// is known), pages with a clear bit are left alone unless they hold
+    /// data (then zeroed, as a ZERO record would). Same memory, counters
+    /// and errors (at the first page out of the block) as
+    /// [`RamDst::mapped_pages_per_page`].
+    fn mapped_pages_runs(
+        &mut self,
+        at: u64,
+        index: usize,
+        bm: &[u8],
+        first: u64,
+        data: &[u8],
+    ) -> Result<(), RamDstError> {
+        use qmig_wire::mapped_ram::page_is_set;
+        let tps = self.page_size();
+        let n = data.len() as u64 / tps;
+        // Pages inside the block; the first page past it fails as the
+        // per-page path fails there, after the pages before it.
+        let used = self.blocks[index].used_length;
+        let inside = (0..n)
+            .take_while(|k| {
+                first
+                    .checked_add(*k)
+                    .and_then(|i| i.checked_mul(tps))
+                    .and_then(|o| o.checked_add(tps))
+                    .is_some_and(|e| e <= used)
+            })
+            .count() as u64;
+        let whole = if (data.len() as u64).is_multiple_of(tps) {
+            n
+        } else {
+            n + 1
+        };
+        self.current = Some(index);
+        let mut k = 0u64;
+        while k < inside {
+            let set = page_is_set(bm, first + k);
+            let mut e = k + 1;
+            while e < inside && page_is_set(bm, first + e) == set {
+                e += 1;
+            }
+            if set {
+                let off = (first + k) * tps;
+                let bytes = &data[(k * tps) as usize..(e * tps) as usize];
+                let src = self
+                    .mapped_source
+                    .as_ref()
+                    .map(|(f, base)| (f, base.saturating_add(at + k * tps)));
+                self.memory
+                    .write_run(index, off, bytes, src)
+                    .map_err(|source| RamDstError::Memory {
+                        offset: at + k * tps,
+                        source,
+                    })?;
+                let blk = &mut self.blocks[index];
+                for p in first + k..first + e {
+                    blk.nonzero.set(p);
+                    blk.received.set(p);
+                }
+                self.stats.page += e - k;
+            } else {
+                for p in first + k..first + e {
+                    if self.blocks[index].nonzero.get(p) {
+                        self.memory
+                            .zero_page(index, p * tps, tps)
+                            .map_err(|source| RamDstError::Memory {
+                                offset: at + (p - first) * tps,
+                                source,
+                            })?;
+                    }
+                    let blk = &mut self.blocks[index];
+                    blk.nonzero.clear(p);
+                    blk.received.set(p);
+                    self.stats.zero += 1;
+                }
+            }
+            k = e;
+        }
+        if inside < whole {
+            // The rest (out of the block, or a short last page) fails
+            // exactly as the per-page path does.
+            let from = (inside * tps) as usize;
+            return self.mapped_pages_per_page(
+                at + inside * tps,
+                index,
+                bm,
+                first.saturating_add(inside),
+                &data[from..],
+            );
+        }
+        Ok(())
     }
 
     pub(super) fn check_page_len(&self, at: u64, len: usize) -> Result<(), RamDstError> {
