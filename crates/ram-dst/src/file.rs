@@ -219,8 +219,7 @@ impl GuestMemory for FileMemory {
                 Some(_) => len < MAX_PENDING_MAPPED,
                 None => self.buf.len() < MAX_PENDING,
             };
-            if !(i == index && start + len as u64 == offset && fits && self.segs.len() < MAX_SEGS)
-            {
+            if !(i == index && start + len as u64 == offset && fits && self.segs.len() < MAX_SEGS) {
                 self.settle()?;
             }
         }
@@ -287,14 +286,8 @@ fn pwritev_all(file: &File, mut iov: &mut [IoSlice<'_>], mut offset: u64) -> io:
         // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix; the
         // first `n` entries point to live borrowed slices, which pwritev only
         // reads; the descriptor is open for writing.
-        let r = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr().cast::<libc::iovec>(),
-                n,
-                off,
-            )
-        };
+        let r =
+            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr().cast::<libc::iovec>(), n, off) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {

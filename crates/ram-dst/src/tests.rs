@@ -2113,7 +2113,10 @@ fn file_matches_vec(
     let want = v.memory().block("pc.ram").unwrap();
     assert_eq!(img.len(), want.len());
     for (p, (a, b)) in img.chunks(4096).zip(want.chunks(4096)).enumerate() {
-        assert!(a == b, "{name}: page {p} differs from the Vec-memory result");
+        assert!(
+            a == b,
+            "{name}: page {p} differs from the Vec-memory result"
+        );
     }
     drop(f);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -2129,11 +2132,19 @@ fn file_memory_from_input_later_pass_overwrites_pending_pages() {
         let mut r = Vec::new();
         // Pass 1: pages 0..16 of the block, contiguous, all still pending.
         for p in 0..16 {
-            r.push(RamRecord::page(p * PS, Some("pc.ram"), input_page(b, p as usize)));
+            r.push(RamRecord::page(
+                p * PS,
+                Some("pc.ram"),
+                input_page(b, p as usize),
+            ));
         }
         // Pass 2 overwrites pages 3..6 and 0 of that run with other content.
         for p in 3..6 {
-            r.push(RamRecord::page(p * PS, None, input_page(b, 20 + p as usize)));
+            r.push(RamRecord::page(
+                p * PS,
+                None,
+                input_page(b, 20 + p as usize),
+            ));
         }
         r.push(RamRecord::page(0, None, input_page(b, 39)));
         // Continue the run past the overwritten pages, then overwrite its end.
@@ -2150,7 +2161,11 @@ fn file_memory_from_input_zero_after_page_in_same_batch() {
     file_matches_vec("xcp-zero", 16, 16, |b| {
         let mut r = Vec::new();
         for p in 0..8 {
-            r.push(RamRecord::page(p * PS, Some("pc.ram"), input_page(b, p as usize)));
+            r.push(RamRecord::page(
+                p * PS,
+                Some("pc.ram"),
+                input_page(b, p as usize),
+            ));
         }
         // ZERO of a page of the pending run, then the run goes on.
         r.push(RamRecord::zero(5 * PS, None));
