@@ -579,6 +579,13 @@ pub fn run_with(path: &Path, outdir: &Path, channels: &[PathBuf], phys: &PhysArg
                 s.dst.set_mapped_ram_source(src, base);
             }
             let map = MappedInput::new(file).map_err(|e| CliError::io(path, "map", e))?;
+            // PAGE data is written to the images straight from the mapping
+            // (pwritev), without a copy through a buffer.
+            let map = std::sync::Arc::new(map);
+            s.dst
+                .memory_mut()
+                .refer_to_input(Some(map.clone()))
+                .map_err(|e| CliError::io(outdir, "write", e))?;
             apply_slice(&map, base, &mut s)
         }
         other => {
@@ -670,6 +677,11 @@ fn apply_slice<M: Images>(
         // Keep the resident set bounded: what is applied is not read again.
         // (Checked at every item: mapped-ram page items are 1 MiB each.)
         if offset - released > RELEASE_STEP {
+            // Pending writes that point into the mapping go out first, so
+            // that they do not fault the released pages in again.
+            if let Err(source) = s.dst.memory_mut().flush() {
+                break Err(StopError::Dst(RamDstError::Memory { offset, source }));
+            }
             map.release_prefix((base + offset) as usize);
             released = offset;
         }

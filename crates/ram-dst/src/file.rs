@@ -1,19 +1,39 @@
 //! Guest memory in sparse image files written with `pwrite`: consecutive page
 //! writes are combined into large writes, which is faster than faulting pages
-//! into a mapping when a stream is replayed from a file.
+//! into a mapping when a stream is replayed from a file. Pages that lie in a
+//! mapped input ([`FileMemory::refer_to_input`]) are not copied at all: the
+//! run is written with one `pwritev` whose iovecs point into the mapping.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::memory::{check_range, GuestMemory};
 use crate::mmap::{copy_run, create_image, punch_hole};
-use crate::ImageFile;
+use crate::{ImageFile, MappedInput};
 
 /// Largest run of consecutive page writes buffered before it is written
 /// (small enough to stay in L2, so the copy in and the copy out hit cache).
 const MAX_PENDING: usize = 256 << 10;
+
+/// Most pieces in one pending run: `IOV_MAX` on Linux (one `pwritev`).
+const MAX_SEGS: usize = 1024;
+
+/// Largest run, in bytes, when its pages are referred to in the mapped input
+/// (nothing is copied, so only the iovec count bounds it).
+const MAX_PENDING_MAPPED: usize = 8 << 20;
+
+/// One piece of the pending run: bytes of the mapped input, or of `buf`.
+#[derive(Debug, Clone, Copy)]
+enum Seg {
+    /// `start..end` of the mapped input.
+    Input(usize, usize),
+    /// `start..end` of `FileMemory::buf`.
+    Buf(usize, usize),
+}
 
 #[derive(Debug)]
 struct Image {
@@ -33,9 +53,14 @@ struct Image {
 pub struct FileMemory {
     dir: PathBuf,
     blocks: Vec<Image>,
-    /// Buffered consecutive writes: block, start offset (bytes in `buf`).
-    pending: Option<(usize, u64)>,
+    /// Buffered consecutive writes: block, start offset, length in bytes;
+    /// the bytes are the pieces in `segs`.
+    pending: Option<(usize, u64, usize)>,
+    segs: Vec<Seg>,
     buf: Vec<u8>,
+    /// A mapped input whose bytes `write` may refer to instead of copying
+    /// (kept alive here as long as a pending run may point into it).
+    input: Option<Arc<MappedInput>>,
     /// The range last handed out by `bytes_mut`, to be written back.
     slot: Option<(usize, u64)>,
     slot_buf: Vec<u8>,
@@ -52,7 +77,9 @@ impl FileMemory {
             dir: dir.to_path_buf(),
             blocks: Vec::new(),
             pending: None,
+            segs: Vec::new(),
             buf: Vec::new(),
+            input: None,
             slot: None,
             slot_buf: Vec::new(),
         })
@@ -70,6 +97,32 @@ impl FileMemory {
             .collect()
     }
 
+    /// From now on, page data passed to [`GuestMemory::write`] that lies
+    /// inside `input`'s mapping is not copied: runs of such pages contiguous
+    /// in an image are written with `pwritev` straight from the mapping (up to
+    /// `IOV_MAX` pages per call), at the next call that is not a consecutive
+    /// write (so stream order is kept: a ZERO, XBZRLE, fill or discard of a
+    /// page, or a later write of it, comes after it in the image) or at
+    /// [`GuestMemory::flush`]. The mapping stays alive while this memory
+    /// holds it (until dropped or replaced); flush before releasing its
+    /// pages ([`MappedInput::release_prefix`]) so that the write does not
+    /// fault them in again.
+    ///
+    /// # Errors
+    /// Writing what is pending (into the previous input) fails.
+    pub fn refer_to_input(&mut self, input: Option<Arc<MappedInput>>) -> io::Result<()> {
+        self.settle()?;
+        self.input = input;
+        Ok(())
+    }
+
+    /// Where `data` lies in the mapped input, if it does.
+    fn in_input(&self, data: &[u8]) -> Option<usize> {
+        let base = self.input.as_ref()?.as_slice();
+        let start = (data.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+        (start.checked_add(data.len())? <= base.len()).then_some(start)
+    }
+
     fn image(&self, index: usize) -> io::Result<&Image> {
         self.blocks
             .get(index)
@@ -82,9 +135,23 @@ impl FileMemory {
             let r = self.blocks[i].file.write_all_at(&self.slot_buf, off);
             r.map_err(|e| self.write_error(i, off, self.slot_buf.len(), e))?;
         }
-        if let Some((i, off)) = self.pending.take() {
-            let r = self.blocks[i].file.write_all_at(&self.buf, off);
-            let len = self.buf.len();
+        if let Some((i, off, len)) = self.pending.take() {
+            let r = match self.segs.as_slice() {
+                [Seg::Buf(..)] => self.blocks[i].file.write_all_at(&self.buf, off),
+                _ => {
+                    let input = self.input.as_ref().map_or(&[][..], |m| m.as_slice());
+                    let mut iov: Vec<IoSlice<'_>> = self
+                        .segs
+                        .iter()
+                        .map(|s| match *s {
+                            Seg::Input(a, b) => IoSlice::new(&input[a..b]),
+                            Seg::Buf(a, b) => IoSlice::new(&self.buf[a..b]),
+                        })
+                        .collect();
+                    pwritev_all(&self.blocks[i].file, &mut iov, off)
+                }
+            };
+            self.segs.clear();
             self.buf.clear();
             r.map_err(|e| self.write_error(i, off, len, e))?;
         }
@@ -146,19 +213,33 @@ impl GuestMemory for FileMemory {
         if self.slot.is_some() {
             self.settle()?;
         }
-        if let Some((i, start)) = self.pending {
-            if i == index && start + self.buf.len() as u64 == offset && self.buf.len() < MAX_PENDING
-            {
-                self.buf.extend_from_slice(data);
-                return Ok(());
+        let mapped = self.in_input(data);
+        if let Some((i, start, len)) = self.pending {
+            let fits = match mapped {
+                Some(_) => len < MAX_PENDING_MAPPED,
+                None => self.buf.len() < MAX_PENDING,
+            };
+            if !(i == index && start + len as u64 == offset && fits && self.segs.len() < MAX_SEGS) {
+                self.settle()?;
             }
-            self.settle()?;
         }
-        if self.buf.capacity() < MAX_PENDING {
-            self.buf.reserve(MAX_PENDING + data.len());
+        self.pending.get_or_insert((index, offset, 0)).2 += data.len();
+        let seg = match mapped {
+            Some(a) => Seg::Input(a, a + data.len()),
+            None => {
+                if self.buf.capacity() < MAX_PENDING {
+                    self.buf.reserve(MAX_PENDING + data.len());
+                }
+                let a = self.buf.len();
+                self.buf.extend_from_slice(data);
+                Seg::Buf(a, a + data.len())
+            }
+        };
+        match (self.segs.last_mut(), seg) {
+            (Some(Seg::Input(_, e)), Seg::Input(a, b)) if *e == a => *e = b,
+            (Some(Seg::Buf(_, e)), Seg::Buf(a, b)) if *e == a => *e = b,
+            _ => self.segs.push(seg),
         }
-        self.buf.extend_from_slice(data);
-        self.pending = Some((index, offset));
         Ok(())
     }
 
@@ -214,6 +295,33 @@ impl GuestMemory for FileMemory {
         }
         Ok(())
     }
+}
+
+/// Writes all of `iov` at `offset` of `file` (`pwritev`, again after a short write).
+fn pwritev_all(file: &File, mut iov: &mut [IoSlice<'_>], mut offset: u64) -> io::Result<()> {
+    while !iov.is_empty() {
+        let n = iov.len().min(MAX_SEGS) as libc::c_int;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix; the
+        // first `n` entries point to live borrowed slices, which pwritev only
+        // reads; the descriptor is open for writing.
+        let r =
+            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr().cast::<libc::iovec>(), n, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        offset += r as u64;
+        IoSlice::advance_slices(&mut iov, r as usize);
+    }
+    Ok(())
 }
 
 impl Drop for FileMemory {

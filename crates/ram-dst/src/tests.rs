@@ -2429,3 +2429,144 @@ fn preempt_channel_has_its_own_host_page_and_last_block() {
         })
     ));
 }
+
+// ---- FileMemory writing pages straight from a mapped input ----------------------------
+
+/// A mapped input of `pages` pages, page `k` filled with a pattern of `k`.
+fn mapped_pages(dir: &std::path::Path, pages: usize) -> std::sync::Arc<MappedInput> {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("input.bin");
+    let mut data = Vec::with_capacity(pages * 4096);
+    for k in 0..pages {
+        data.extend((0..4096).map(|i| (k as u8).wrapping_mul(31) ^ (i as u8) ^ 0x5a));
+    }
+    std::fs::write(&path, &data).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    std::sync::Arc::new(MappedInput::new(f).unwrap())
+}
+
+/// Applies the records `recs(input)` to a `FileMemory` that refers to `input` and
+/// to a `VecMemory`; the image must equal the `Vec` block.
+fn file_matches_vec(
+    name: &str,
+    pages: usize,
+    block_pages: u64,
+    recs: impl Fn(&[u8]) -> Vec<RamRecord<'_>>,
+) {
+    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let input = mapped_pages(&dir, pages);
+    let out = dir.join("out");
+    let mut mem = FileMemory::create(&out).unwrap();
+    mem.refer_to_input(Some(input.clone())).unwrap();
+    let mut f = RamDst::new(Config::default(), mem).unwrap();
+    let mut v = adopt();
+    let size = ram(RamRecord::mem_size(vec![mb("pc.ram", block_pages * PS)]));
+    f.handle_item(0, 10, &size).unwrap();
+    v.handle_item(0, 10, &size).unwrap();
+    let bytes = input.as_slice();
+    for (k, r) in recs(bytes).into_iter().enumerate() {
+        let item = ram(r);
+        let at = 10 + k as u64 * 10;
+        f.handle_item(at, 10, &item).unwrap();
+        v.handle_item(at, 10, &item).unwrap();
+    }
+    // The mapping may go (the memory keeps it alive) before the last flush.
+    drop(input);
+    f.memory_mut().flush().unwrap();
+    let img = std::fs::read(out.join("pc.ram.img")).unwrap();
+    let want = v.memory().block("pc.ram").unwrap();
+    assert_eq!(img.len(), want.len());
+    for (p, (a, b)) in img.chunks(4096).zip(want.chunks(4096)).enumerate() {
+        assert!(
+            a == b,
+            "{name}: page {p} differs from the Vec-memory result"
+        );
+    }
+    drop(f);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn input_page(bytes: &[u8], k: usize) -> &[u8] {
+    &bytes[k * 4096..(k + 1) * 4096]
+}
+
+#[test]
+fn file_memory_from_input_later_pass_overwrites_pending_pages() {
+    file_matches_vec("xcp-pass", 40, 32, |b| {
+        let mut r = Vec::new();
+        // Pass 1: pages 0..16 of the block, contiguous, all still pending.
+        for p in 0..16 {
+            r.push(RamRecord::page(
+                p * PS,
+                Some("pc.ram"),
+                input_page(b, p as usize),
+            ));
+        }
+        // Pass 2 overwrites pages 3..6 and 0 of that run with other content.
+        for p in 3..6 {
+            r.push(RamRecord::page(
+                p * PS,
+                None,
+                input_page(b, 20 + p as usize),
+            ));
+        }
+        r.push(RamRecord::page(0, None, input_page(b, 39)));
+        // Continue the run past the overwritten pages, then overwrite its end.
+        for p in 6..20 {
+            r.push(RamRecord::page(p * PS, None, input_page(b, p as usize)));
+        }
+        r.push(RamRecord::page(19 * PS, None, input_page(b, 1)));
+        r
+    });
+}
+
+#[test]
+fn file_memory_from_input_zero_after_page_in_same_batch() {
+    file_matches_vec("xcp-zero", 16, 16, |b| {
+        let mut r = Vec::new();
+        for p in 0..8 {
+            r.push(RamRecord::page(
+                p * PS,
+                Some("pc.ram"),
+                input_page(b, p as usize),
+            ));
+        }
+        // ZERO of a page of the pending run, then the run goes on.
+        r.push(RamRecord::zero(5 * PS, None));
+        r.push(RamRecord::page(8 * PS, None, input_page(b, 8)));
+        r.push(RamRecord::page(9 * PS, None, input_page(b, 9)));
+        // ZERO of the page just written, immediately after it.
+        r.push(RamRecord::zero(9 * PS, None));
+        r.push(RamRecord::page(10 * PS, None, input_page(b, 10)));
+        r.push(RamRecord::page(11 * PS, None, input_page(b, 11)));
+        r.push(RamRecord::zero(10 * PS, None));
+        r
+    });
+}
+
+#[test]
+fn file_memory_from_input_mixed_copied_and_long_runs() {
+    static OTHER: [u8; 4096] = [0xc3; 4096];
+    // More pages in one contiguous run than one pwritev takes (IOV_MAX).
+    let n = 1500usize;
+    file_matches_vec("xcp-long", n, n as u64 + 4, move |b| {
+        let mut r = Vec::new();
+        for p in 0..n {
+            // Every 7th page comes from outside the mapping (copied).
+            let d: &[u8] = if p % 7 == 3 { &OTHER } else { input_page(b, p) };
+            r.push(RamRecord::page(p as u64 * PS, Some("pc.ram"), d));
+        }
+        r.push(RamRecord::page(n as u64 * PS, None, input_page(b, 2)));
+        // XBZRLE reads back a page of the last (pending) run and changes it.
+        let old = input_page(b, n - 1);
+        let mut new = old.to_vec();
+        new[100..108].fill(0xee);
+        let mut enc = vec![0u8; 4096];
+        let k = qmig_xbzrle::encode(old, &new, &mut enc).unwrap();
+        enc.truncate(k);
+        let enc: &'static [u8] = enc.leak();
+        r.push(RamRecord::xbzrle((n - 1) as u64 * PS, None, enc));
+        r
+    });
+}
