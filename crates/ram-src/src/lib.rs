@@ -66,7 +66,7 @@ pub use source::{ping, Source, SourcePhase};
 pub use src::{
     canonicalize_host_pages, dirty_runs, Channel, Config, Counters, GuestRam, PageRequest,
     Progress, RamSrc, SrcBlock, State, DEFAULT_PAGE_SIZE, DEFAULT_XBZRLE_CACHE_SIZE,
-    MAX_DISCARDS_PER_COMMAND,
+    MAX_DISCARDS_PER_COMMAND, SCAN_FACTOR,
 };
 pub use template::Template;
 pub use zero::is_zero;

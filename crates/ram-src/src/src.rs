@@ -8,6 +8,10 @@ use crate::error::RequestRule;
 use crate::zero::is_zero;
 use crate::RamSrcError;
 
+/// [`RamSrc::poll_iterate`] reads at most this many times its byte budget
+/// of guest memory per call (so zero pages, which cost a few bytes of
+/// output each, cannot make one call read a whole block).
+pub const SCAN_FACTOR: usize = 4;
 /// Target page size of x86 (and of every QEMU target qmig has met).
 pub const DEFAULT_PAGE_SIZE: usize = 4096;
 
@@ -1280,11 +1284,23 @@ impl RamSrc {
         let budget = budget.saturating_add(out.len() - start);
         let mut progress = Progress::Budget;
         let mf_start = self.multifd_bytes();
-        while out.len() - start + (self.multifd_bytes() - mf_start) < budget {
-            if self.find_and_save(mem, out)? == 0 {
+        // Pages read from `mem` by this call, in bytes: zero pages cost a few
+        // bytes of output each, so without this bound one call could read a
+        // whole block of them (a host that maps its images would then hold
+        // all of it resident). QEMU bounds the same loop by time
+        // (`ram_save_iterate`'s MAX_WAIT check); a sans-IO machine bounds
+        // it by the memory it reads: at most SCAN_FACTOR × budget.
+        let scan_limit = budget.saturating_mul(SCAN_FACTOR).max(1);
+        let tps = 1usize << self.page_bits;
+        let mut scanned = 0usize;
+        while out.len() - start + (self.multifd_bytes() - mf_start) < budget && scanned < scan_limit
+        {
+            let pages = self.find_and_save(mem, out)?;
+            if pages == 0 {
                 progress = Progress::Clean;
                 break;
             }
+            scanned = scanned.saturating_add(pages.saturating_mul(tps));
             self.counters.iterations += 1;
         }
         if self.multifd_per_section() {

@@ -445,3 +445,33 @@ fn xbzrle_decisions_follow_qemu() {
         "last stage does not insert"
     );
 }
+
+/// One `poll_iterate` call reads at most `SCAN_FACTOR` × its budget of guest
+/// memory (plus the host page it was in), even where pages cost only a few
+/// bytes of output (zero pages), and the calls still cover the whole block.
+#[test]
+fn one_iteration_reads_bounded_memory() {
+    const PAGES: usize = 4096; // 16 MiB of zero pages
+    let blocks = SrcBlock::sequential([("pc.ram", (PAGES * 4096) as u64)]);
+    let mem = vec![vec![0u8; PAGES * 4096]];
+    let mut src = RamSrc::new(blocks, Config::default()).unwrap();
+    let mut out = Vec::new();
+    src.poll_setup(&mut out).unwrap();
+    let budget = 64 << 10;
+    let limit = budget * qmig_ram_src::SCAN_FACTOR;
+    let mut calls = 0;
+    loop {
+        let c = src.counters();
+        let before = c.duplicate + c.normal;
+        let p = src.poll_iterate(&mem, budget, &mut out).unwrap();
+        let c = src.counters();
+        let read = (c.duplicate + c.normal - before) as usize * 4096;
+        assert!(read <= limit + 4096, "one call read {read} bytes");
+        calls += 1;
+        if p == Progress::Clean {
+            break;
+        }
+    }
+    assert_eq!(src.counters().duplicate as usize, PAGES);
+    assert!(calls >= PAGES * 4096 / (limit + 4096), "{calls} calls");
+}
