@@ -61,3 +61,35 @@ fn return_path_regressions() {
         assert_eq!(&out[..], &data[..out.len()], "{}", p.display());
     }
 }
+
+/// The `vmstate_decode` target's checks: a vmdesc JSON and a device payload
+/// split at the first NUL byte; every device decodes the payload to exactly
+/// its length or refuses it with an offset inside it.
+#[test]
+fn vmstate_decode_regressions() {
+    for (p, data) in inputs("vmstate_decode") {
+        let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+        let (json, payload) = (&data[..split], data.get(split + 1..).unwrap_or(&[]));
+        let desc = match qmig_wire::VmDesc::parse(json) {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(e.offset() <= json.len() as u64, "{}: {e}", p.display());
+                continue;
+            }
+        };
+        for dev in desc.devices() {
+            match dev.decode(payload, 1000) {
+                Ok(st) => {
+                    assert_eq!(payload.len() as u64, dev.payload_len(), "{}", p.display());
+                    serde_json::to_vec(&st).unwrap();
+                    let _ = st.to_text();
+                }
+                Err(e) => assert!(
+                    e.offset() >= 1000 && e.offset() <= 1000 + payload.len() as u64,
+                    "{}: {e}",
+                    p.display()
+                ),
+            }
+        }
+    }
+}
