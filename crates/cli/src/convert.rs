@@ -156,9 +156,11 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
     let mains = mains.to_vec();
     if mains.len() > 1 || !a.preempt_channel.is_empty() {
         if !a.multifd_channel.is_empty() {
-            return Err("--multifd-channel takes one main connection: QEMU does not combine \
+            return Err(
+                "--multifd-channel takes one main connection: QEMU does not combine \
                         multifd with postcopy recovery or preempt"
-                .into());
+                    .into(),
+            );
         }
         a.input = PathBuf::from(
             mains

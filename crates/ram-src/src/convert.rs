@@ -31,8 +31,17 @@
 //! `loadvm_process_command`, is the reference):
 //! - Page records are ZERO (all-zero page; left out with
 //!   [`ZeroPages::Skip`]) or PAGE, never XBZRLE or COMPRESS_PAGE (QEMU 9.1
-//!   removed the latter). A MULTIFD_FLUSH record is refused: QEMU ≥ 8.2
-//!   writes it only with multifd, whose pages are not in this stream.
+//!   removed the latter). A MULTIFD_FLUSH record is refused (QEMU ≥ 8.2
+//!   writes it only with multifd, whose pages are not in this stream)
+//!   unless [`Options::multifd_channels`] says the caller applies the
+//!   channels' pages (through [`Converter::dst_mut`]): it is then dropped,
+//!   and the output is a plain precopy stream without multifd.
+//! - A capture set of several connections is fed as the connection walk
+//!   (`qmig_wire::connections::walk`) orders it: each recovery connection's
+//!   items after its handshake (RECV_BITMAP, POSTCOPY_RESUME, which the
+//!   caller leaves out) with [`Converter::handle`], preempt channels'
+//!   records with [`Converter::handle_preempt`]. Every page the state
+//!   machine marks received (multifd and preempt pages too) is written.
 //! - Pages the input never sends nor discards are not written: the
 //!   destination keeps its own content there, as it would loading the input
 //!   (e.g. the shared blocks of `x-ignore-shared`, which QEMU refuses pages for).
@@ -433,7 +442,10 @@ impl<M: GuestMemory> Converter<M> {
     /// [`ConvertError::Dst`] when the item breaks a rule of QEMU's loader
     /// (nothing is applied after that); [`ConvertError::Unsupported`] for
     /// input that cannot become a precopy stream (RAM records outside a
-    /// `ram` section, COLO, postcopy recovery); [`ConvertError::Io`] when
+    /// `ram` section: preempt channel records go to
+    /// [`handle_preempt`](Self::handle_preempt); MULTIFD_FLUSH without
+    /// [`Options::multifd_channels`]; COLO; a recovery handshake command,
+    /// which the caller checks and leaves out); [`ConvertError::Io`] when
     /// spooling fails.
     pub fn handle(&mut self, ri: &ReadItem<'_>) -> Result<(), ConvertError> {
         self.dst.handle_read_item(ri)?;
