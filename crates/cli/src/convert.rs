@@ -54,9 +54,27 @@ pub enum OutCompression {
 /// Options of `qmig convert`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConvertArgs {
-    /// The input: any stream qmig reads (`-` for stdin), or a libvirt save image.
+    /// `IN... OUT`: the input, then the output file (written under a
+    /// temporary name, renamed when complete). The input is any stream qmig
+    /// reads (`-` for stdin) or a libvirt save image; several inputs: the
+    /// main connections of one recovered postcopy migration, in order
+    /// (`main-1.bin main-2.bin OUT`).
+    #[arg(required = true, num_args = 1.., value_name = "IN... OUT")]
+    pub paths: Vec<PathBuf>,
+    /// A recorded postcopy-preempt channel (page records only); the k-th
+    /// belongs to the k-th main connection (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub preempt_channel: Vec<PathBuf>,
+    /// A recorded multifd channel connection (repeatable): its pages are
+    /// applied at the main stream's sync points; the output has none of
+    /// multifd (a plain precopy stream).
+    #[arg(long, value_name = "FILE")]
+    pub multifd_channel: Vec<PathBuf>,
+    /// The input as named in messages (from `paths`).
+    #[arg(skip)]
     pub input: PathBuf,
-    /// The output file (written under a temporary name, renamed when complete).
+    /// The output (the last of `paths`).
+    #[arg(skip)]
     pub output: PathBuf,
     /// The output's form: a record stream, or a mapped-ram file (QEMU 9.0+,
     /// loaded with the mapped-ram capability on).
@@ -127,8 +145,162 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
-/// Runs `qmig convert`.
+/// Runs `qmig convert`: one input (with its `--multifd-channel`s), or a
+/// connection list (several main connections, `--preempt-channel`s).
 pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
+    let mut a = a.clone();
+    let Some((output, mains)) = a.paths.split_last().filter(|(_, m)| !m.is_empty()) else {
+        return Err("give the input(s), then the output: qmig convert IN... OUT".into());
+    };
+    a.output = output.clone();
+    let mains = mains.to_vec();
+    if mains.len() > 1 || !a.preempt_channel.is_empty() {
+        if !a.multifd_channel.is_empty() {
+            return Err(
+                "--multifd-channel takes one main connection: QEMU does not combine \
+                        multifd with postcopy recovery or preempt"
+                    .into(),
+            );
+        }
+        a.input = PathBuf::from(
+            mains
+                .iter()
+                .chain(&a.preempt_channel)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+        );
+        return run_set(&a, &mains);
+    }
+    a.input = mains[0].clone();
+    run_one(&a)
+}
+
+/// The output's temporary names next to OUT.
+fn temp_for(output: &std::path::Path) -> Result<Temp, Error> {
+    let name = output
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file name", output.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let pid = std::process::id();
+    let tmp = Temp {
+        dir: parent.join(format!(".{name}.qmig-convert-{pid}.d")),
+        part: parent.join(format!(".{name}.qmig-convert-{pid}.part")),
+        keep_part: false,
+    };
+    fs::create_dir_all(&tmp.dir).map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
+    Ok(tmp)
+}
+
+fn options(a: &ConvertArgs) -> Options {
+    Options {
+        zero_pages: match a.zero_pages {
+            ZeroArg::Zero => ZeroPages::Zero,
+            ZeroArg::Skip => ZeroPages::Skip,
+        },
+        format: if a.format == FormatArg::MappedRam {
+            Format::MappedRam
+        } else {
+            Format::Stream
+        },
+        multifd_channels: !a.multifd_channel.is_empty(),
+        ..Options::default()
+    }
+}
+
+/// Total bytes of regular files among `paths` (`None` if any is not one).
+fn files_bytes<'p>(paths: impl IntoIterator<Item = &'p PathBuf>) -> Option<u64> {
+    let mut n = 0;
+    for p in paths {
+        if !crate::input::is_regular_file(p) {
+            return None;
+        }
+        n += fs::metadata(p).ok()?.len();
+    }
+    Some(n)
+}
+
+/// `qmig convert MAIN1 MAIN2... [--preempt-channel P]... OUT`: the
+/// connections of a recovered postcopy migration read as one
+/// ([`crate::connections::walk`], the order `extract` applies them in):
+/// each recovery connection's handshake (RECV_BITMAP, POSTCOPY_RESUME) is
+/// checked and left out, preempt channels' pages are applied with their
+/// own channel context; the output is one precopy stream (or mapped-ram
+/// file) of the first connection's header, configuration and device state.
+fn run_set(a: &ConvertArgs, mains: &[PathBuf]) -> Result<ExitCode, Error> {
+    use crate::connections::{Event, Plan, WalkError};
+    use qmig_wire::connections::Role;
+    let plan = Plan {
+        mains,
+        preempt: &a.preempt_channel,
+    };
+    plan.check()?;
+    if let Some(p) = mains
+        .iter()
+        .chain(&a.preempt_channel)
+        .find(|p| crate::input::is_stdin(p))
+    {
+        return Err(format!(
+            "{}: stdin cannot be one of several connections; give files",
+            p.display()
+        )
+        .into());
+    }
+    if a.format == FormatArg::MappedRam && a.compress_output.is_some() {
+        return Err("--format mapped-ram cannot be compressed; leave out --compress-output".into());
+    }
+    let input_bytes = files_bytes(mains.iter().chain(&a.preempt_channel));
+    let tmp = temp_for(&a.output)?;
+    let mut conv = Converter::new(AnonImage::new(None), &tmp.dir, options(a))?;
+    let mut current = mains[0].display().to_string();
+    let mut stream_bytes = 0u64;
+    let r = crate::connections::walk(&plan, |ev| -> Result<(), ConvertError> {
+        match ev {
+            Event::Item { conn, ri, recovery } => {
+                current = conn.path.display().to_string();
+                if recovery {
+                    Ok(())
+                } else if conn.role == Role::Preempt {
+                    conv.handle_preempt(ri)
+                } else {
+                    conv.handle(ri)
+                }
+            }
+            // The QEMU stream bytes of every connection (past any container).
+            Event::Cut { end, .. } | Event::End { end, .. } => {
+                stream_bytes += end;
+                Ok(())
+            }
+        }
+    });
+    match r {
+        Ok(_) => {}
+        Err(WalkError::Open(e)) => return Err(format!("{e}; nothing written").into()),
+        Err(WalkError::Wire { file, err }) => {
+            return Err(format!("{file}: {err}; nothing written").into())
+        }
+        Err(WalkError::Visit(e)) => return Err(format!("{current}: {e}; nothing written").into()),
+    }
+    write_output(
+        a,
+        conv,
+        tmp,
+        input_bytes,
+        None,
+        Adjust {
+            stream_bytes: Some(stream_bytes),
+            ..Adjust::default()
+        },
+    )
+}
+
+/// One input (`qmig convert IN [--multifd-channel F]... OUT`).
+fn run_one(a: &ConvertArgs) -> Result<ExitCode, Error> {
     let opened = crate::input::open(&a.input)?;
     let libvirt = opened.layers.iter().find_map(|l| match l {
         Layer::Libvirt(i) => Some((**i).clone()),
@@ -148,28 +320,8 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         )
         .into());
     }
-    let input_bytes = if crate::input::is_regular_file(&a.input) {
-        fs::metadata(&a.input).map(|m| m.len()).ok()
-    } else {
-        None
-    };
-    let name = a
-        .output
-        .file_name()
-        .ok_or_else(|| format!("{}: not a file name", a.output.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match a.output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let pid = std::process::id();
-    let tmp = Temp {
-        dir: parent.join(format!(".{name}.qmig-convert-{pid}.d")),
-        part: parent.join(format!(".{name}.qmig-convert-{pid}.part")),
-        keep_part: false,
-    };
-    fs::create_dir_all(&tmp.dir).map_err(|e| format!("{}: {e}", tmp.dir.display()))?;
+    let input_bytes = files_bytes(std::iter::once(&a.input).chain(&a.multifd_channel));
+    let tmp = temp_for(&a.output)?;
     // A regular file is mapped, and the image refers to the mapping's pages
     // instead of copying them (see `AnonImage`): it lives until the output
     // is written.
@@ -181,22 +333,14 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
         other => (None, Some(other)),
     };
     let mem = AnonImage::new(map.as_ref().map(|(m, _)| m));
-    let opts = Options {
-        zero_pages: match a.zero_pages {
-            ZeroArg::Zero => ZeroPages::Zero,
-            ZeroArg::Skip => ZeroPages::Skip,
-        },
-        format: if mapped {
-            Format::MappedRam
-        } else {
-            Format::Stream
-        },
-        ..Options::default()
-    };
-    let mut conv = Converter::new(mem, &tmp.dir, opts)?;
+    let mut conv = Converter::new(mem, &tmp.dir, options(a))?;
+    // Multifd channels: applied at the main stream's sync points, as
+    // `extract` applies them (`OfflineChannels`).
+    let mut multifd = (!a.multifd_channel.is_empty())
+        .then(|| crate::multifd_apply::offline_channels(&a.multifd_channel));
 
     let apply = match (&map, other_input) {
-        (Some((map, base)), _) => apply_slice(map, *base, &mut conv),
+        (Some((map, base)), _) => apply_slice(map, *base, &mut conv, multifd.as_mut()),
         (None, None) => Ok(()),
         (None, Some(other)) => {
             let (mut rd, _) = crate::input::reader_for(other, false, &a.input)?;
@@ -204,14 +348,14 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
             loop {
                 match rd.next_item() {
                     Ok(Some(ri)) => {
-                        if let Err(e) = conv.handle(&ri) {
+                        if let Err(e) = apply_item(&mut conv, multifd.as_mut(), &ri) {
                             r = Err(e);
                             break;
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        r = Err(e.into());
+                        r = Err(ApplyError::Convert(e.into()));
                         break;
                     }
                 }
@@ -219,11 +363,85 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
             r
         }
     };
+    let mut adjust = Adjust::default();
+    let apply = apply.and_then(|()| match multifd.as_mut() {
+        Some(m) => {
+            let r = m.finish(conv.dst_mut()).map_err(ApplyError::Multifd);
+            let stats = m.stats();
+            crate::multifd_apply::report(&stats);
+            for (_, s) in &stats {
+                adjust.multifd.page += s.normal_pages;
+                adjust.multifd.zero += s.zero_pages;
+            }
+            r
+        }
+        None => Ok(()),
+    });
     apply.map_err(|e| format!("{}: {e}; nothing written", a.input.display()))?;
+    write_output(a, conv, tmp, input_bytes, libvirt, adjust)
+}
 
+/// What the report of the main stream's converter lacks.
+#[derive(Debug, Default)]
+struct Adjust {
+    /// The QEMU stream bytes of every connection (a connection list).
+    stream_bytes: Option<u64>,
+    /// Pages of the multifd channels (normal as `page`, zero as `zero`).
+    multifd: qmig_ram_src::convert::Kinds,
+}
+
+impl Adjust {
+    fn apply(&self, r: &mut Report) {
+        if let Some(n) = self.stream_bytes {
+            r.input_stream_bytes = n;
+        }
+        r.input.page += self.multifd.page;
+        r.input.zero += self.multifd.zero;
+    }
+}
+
+/// Why applying an input failed.
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    /// The main stream.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    /// A multifd channel (its offset is in that channel, or in the main
+    /// stream for the sync pairing).
+    #[error("multifd: {0}")]
+    Multifd(qmig_ram_dst::multifd::MultifdError),
+}
+
+/// Applies one main-stream item, after the multifd channels' pages up to
+/// the sync point it is (if it is one).
+fn apply_item<M: qmig_ram_dst::GuestMemory>(
+    conv: &mut Converter<M>,
+    multifd: Option<&mut crate::multifd_apply::OfflineChannels>,
+    ri: &ReadItem<'_>,
+) -> Result<(), ApplyError> {
+    if let Some(m) = multifd {
+        m.before_item(ri, conv.dst_mut())
+            .map_err(ApplyError::Multifd)?;
+    }
+    conv.handle(ri)?;
+    Ok(())
+}
+
+/// Writes the output of a converter fed its whole input (stream or
+/// mapped-ram, compressed or in a libvirt image) and moves it into place.
+fn write_output(
+    a: &ConvertArgs,
+    mut conv: Converter<AnonImage<'_>>,
+    tmp: Temp,
+    input_bytes: Option<u64>,
+    libvirt: Option<qmig_container::LibvirtImage>,
+    adjust: Adjust,
+) -> Result<ExitCode, Error> {
+    let mapped = a.format == FormatArg::MappedRam;
     let file = File::create(&tmp.part).map_err(|e| format!("{}: {e}", tmp.part.display()))?;
     if mapped {
-        let (report, w) = conv.finish_mapped_ram(BufWriter::with_capacity(1 << 20, file))?;
+        let (mut report, w) = conv.finish_mapped_ram(BufWriter::with_capacity(1 << 20, file))?;
+        adjust.apply(&mut report);
         let file = w.into_inner().map_err(|e| e.into_error())?;
         let meta = file.metadata()?;
         drop(file);
@@ -289,6 +507,8 @@ pub fn run(a: &ConvertArgs) -> Result<ExitCode, Error> {
             }
         }
     };
+    let mut report = report;
+    adjust.apply(&mut report);
     out.flush()?;
     let out_bytes = out.n;
     drop(out);
@@ -325,7 +545,8 @@ fn apply_slice(
     map: &MappedInput,
     base: u64,
     conv: &mut Converter<AnonImage<'_>>,
-) -> Result<(), ConvertError> {
+    mut multifd: Option<&mut crate::multifd_apply::OfflineChannels>,
+) -> Result<(), ApplyError> {
     const RELEASE_STEP: u64 = 32 << 20;
     let buf = map.as_slice();
     let buf = buf.get(base as usize..).unwrap_or(&[]);
@@ -338,7 +559,7 @@ fn apply_slice(
         let (offset, item) = match rd.next() {
             Some(Ok(x)) => x,
             None => break Ok(()),
-            Some(Err(e)) => break Err(e.into()),
+            Some(Err(e)) => break Err(ApplyError::Convert(e.into())),
         };
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
@@ -350,12 +571,13 @@ fn apply_slice(
         }
         let decoder = rd.decoder();
         let len = (decoder.position() - offset) as usize;
-        if let Err(e) = conv.handle(&ReadItem {
+        let ri = ReadItem {
             offset,
             len,
             item,
             decoder,
-        }) {
+        };
+        if let Err(e) = apply_item(conv, multifd.as_deref_mut(), &ri) {
             break Err(e);
         }
     };

@@ -450,3 +450,149 @@ fn every_capture_from_a_mapped_file_keeps_its_memory() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The files of a committed capture set as `qmig` arguments: the main
+/// connections in order (`main-N.bin.gz`, or `conn-0.bin.gz` of a multifd
+/// set, or `stream.gz`), then `--preempt-channel preempt-N.bin.gz` and
+/// `--multifd-channel conn-N.bin.gz` (N ≥ 1).
+fn capture_set_args(dir: &Path) -> Vec<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // main-1 < main-2 < ... (one digit in the committed sets; sorted by number).
+    let num = |n: &str| -> u32 {
+        n.trim_end_matches(".bin.gz")
+            .rsplit('-')
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    names.sort_by_key(|n| (num(n), n.clone()));
+    let mut mains = Vec::new();
+    let mut opts = Vec::new();
+    for n in &names {
+        let p = dir.join(n);
+        if n.starts_with("main-") || n == "conn-0.bin.gz" || n == "stream.gz" {
+            mains.push(p);
+        } else if n.starts_with("preempt-") {
+            opts.push(PathBuf::from("--preempt-channel"));
+            opts.push(p);
+        } else if n.starts_with("conn-") {
+            opts.push(PathBuf::from("--multifd-channel"));
+            opts.push(p);
+        }
+    }
+    assert!(!mains.is_empty(), "{}: no main connection", dir.display());
+    mains.extend(opts);
+    mains
+}
+
+/// `qmig extract` of a whole capture set (several files).
+fn extract_set(set: &[PathBuf], dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let o = qmig()
+        .arg("-q")
+        .arg("extract")
+        .args(set)
+        .arg("-o")
+        .arg(dir)
+        .output()
+        .unwrap();
+    ok(&o);
+    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap())
+        .expect("manifest");
+    assert_eq!(m["complete"], true);
+    m["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                std::fs::read(dir.join(b["file"].as_str().unwrap())).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every committed capture set of several connections (recovered postcopy:
+/// main connections, preempt channels; multifd: main stream and channels)
+/// converts to one plain precopy stream, and to a mapped-ram file, whose
+/// memory `extract` finds byte-equal to the set's, that re-serializes to
+/// its bytes, and that holds no multifd, recovery or postcopy command.
+#[test]
+fn every_capture_set_converts_to_one_stream() {
+    let d = scratch("sets");
+    let mut sets = Vec::new();
+    for group in ["recovery", "multifd"] {
+        for e in std::fs::read_dir(data(group)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                sets.push(p);
+            }
+        }
+    }
+    sets.sort();
+    assert!(sets.len() >= 7, "capture sets missing: {sets:?}");
+    let (mut recovered, mut multifd) = (0, 0);
+    for (i, dir) in sets.iter().enumerate() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let set = capture_set_args(dir);
+        let several_mains = set
+            .iter()
+            .filter(|p| p.to_string_lossy().contains("main-"))
+            .count()
+            > 1;
+        let has_multifd = set.iter().any(|p| p == Path::new("--multifd-channel"));
+        recovered += usize::from(several_mains);
+        multifd += usize::from(has_multifd);
+        let want = extract_set(&set, &d.join(format!("want{i}")));
+        for format in ["stream", "mapped-ram"] {
+            let out = d.join(format!("{name}.{format}"));
+            let o = qmig()
+                .arg("convert")
+                .args(&set)
+                .arg(&out)
+                .args(["--format", format, "--report", "--json"])
+                .output()
+                .unwrap();
+            ok(&o);
+            let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+            let dropped = &rep["dropped_commands"];
+            if has_multifd {
+                assert!(
+                    dropped["MULTIFD_FLUSH"].as_u64().unwrap_or(0) > 0,
+                    "{name}: {rep}"
+                );
+            }
+            if several_mains {
+                assert!(dropped["POSTCOPY_RUN"].as_u64() == Some(1), "{name}: {rep}");
+            }
+            let o = run(&[&"roundtrip", &out]);
+            ok(&o);
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("identical"),
+                "{name}"
+            );
+            let j = inspect_json(&out);
+            assert_eq!(j["totals"]["multifd_flush"], 0, "{name}");
+            let cmds: Vec<&str> = j["command_counts"]
+                .as_object()
+                .map(|m| m.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            assert!(
+                cmds.iter().all(|c| *c == "SWITCHOVER_START"),
+                "{name} -> {format}: commands left {cmds:?}"
+            );
+            let got = extract(&out, &d.join(format!("got{i}{format}")));
+            assert_eq!(got.len(), want.len(), "{name}");
+            for ((n, a), (m, b)) in got.iter().zip(&want) {
+                assert_eq!(n, m, "{name}");
+                assert!(a == b, "{name} -> {format}: block {n} differs");
+            }
+            only_no_temp(&d);
+        }
+    }
+    assert!(recovered >= 3 && multifd >= 3, "{recovered} {multifd}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

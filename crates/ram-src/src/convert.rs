@@ -31,8 +31,17 @@
 //! `loadvm_process_command`, is the reference):
 //! - Page records are ZERO (all-zero page; left out with
 //!   [`ZeroPages::Skip`]) or PAGE, never XBZRLE or COMPRESS_PAGE (QEMU 9.1
-//!   removed the latter). A MULTIFD_FLUSH record is refused: QEMU ≥ 8.2
-//!   writes it only with multifd, whose pages are not in this stream.
+//!   removed the latter). A MULTIFD_FLUSH record is refused (QEMU ≥ 8.2
+//!   writes it only with multifd, whose pages are not in this stream)
+//!   unless [`Options::multifd_channels`] says the caller applies the
+//!   channels' pages (through [`Converter::dst_mut`]): it is then dropped,
+//!   and the output is a plain precopy stream without multifd.
+//! - A capture set of several connections is fed as the connection walk
+//!   (`qmig_wire::connections::walk`) orders it: each recovery connection's
+//!   items after its handshake (RECV_BITMAP, POSTCOPY_RESUME, which the
+//!   caller leaves out) with [`Converter::handle`], preempt channels'
+//!   records with [`Converter::handle_preempt`]. Every page the state
+//!   machine marks received (multifd and preempt pages too) is written.
 //! - Pages the input never sends nor discards are not written: the
 //!   destination keeps its own content there, as it would loading the input
 //!   (e.g. the shared blocks of `x-ignore-shared`, which QEMU refuses pages for).
@@ -118,6 +127,12 @@ pub struct Options {
     /// Largest `ram` PART section payload written, in bytes (QEMU's own
     /// sections are bounded by its rate limit; the loader has no limit).
     pub section_bytes: usize,
+    /// The input's multifd channels are applied by the caller (through
+    /// [`Converter::dst_mut`], e.g. with `qmig_ram_dst::multifd_offline::
+    /// OfflineChannels::before_item` before each main-stream item): the main
+    /// stream's MULTIFD_FLUSH records are then sync points, dropped from the
+    /// output, instead of refused.
+    pub multifd_channels: bool,
 }
 
 impl Default for Options {
@@ -126,6 +141,7 @@ impl Default for Options {
             zero_pages: ZeroPages::Zero,
             format: Format::Stream,
             section_bytes: 16 << 20,
+            multifd_channels: false,
         }
     }
 }
@@ -389,13 +405,47 @@ impl<M: GuestMemory> Converter<M> {
         &self.dst
     }
 
+    /// The destination state machine, for applying what comes on other
+    /// connections than the main one (multifd channels:
+    /// [`RamDst::apply_multifd`]). Pages applied this way are written by
+    /// [`finish`](Self::finish) like the main stream's: every page the
+    /// state machine marks received is in the output.
+    pub fn dst_mut(&mut self) -> &mut RamDst<M> {
+        &mut self.dst
+    }
+
+    /// Takes one item of a postcopy-preempt channel (decoded with
+    /// `Decoder::preempt_channel`; `ri.offset` is the offset in that
+    /// connection), read where the connection walk
+    /// (`qmig_wire::connections::walk`) places it: ZERO and PAGE records
+    /// applied with the channel's own last block and host page
+    /// ([`RamDst::handle_preempt_item`], QEMU's `ram_load_postcopy` for
+    /// the preempt channel). Nothing of the channel is copied to the
+    /// output but its pages.
+    ///
+    /// # Errors
+    /// [`ConvertError::Dst`] when the state machine refuses the item
+    /// (anything else than a RAM record, or outside postcopy).
+    pub fn handle_preempt(&mut self, ri: &ReadItem<'_>) -> Result<(), ConvertError> {
+        self.dst.handle_preempt_item(ri.offset, &ri.item)?;
+        while let Some(a) = self.dst.poll_event() {
+            if let Event::BlockResized { .. } = a {
+                self.size_touched();
+            }
+        }
+        Ok(())
+    }
+
     /// Takes one input item, in stream order.
     ///
     /// # Errors
     /// [`ConvertError::Dst`] when the item breaks a rule of QEMU's loader
     /// (nothing is applied after that); [`ConvertError::Unsupported`] for
     /// input that cannot become a precopy stream (RAM records outside a
-    /// `ram` section, COLO, postcopy recovery); [`ConvertError::Io`] when
+    /// `ram` section: preempt channel records go to
+    /// [`handle_preempt`](Self::handle_preempt); MULTIFD_FLUSH without
+    /// [`Options::multifd_channels`]; COLO; a recovery handshake command,
+    /// which the caller checks and leaves out); [`ConvertError::Io`] when
     /// spooling fails.
     pub fn handle(&mut self, ri: &ReadItem<'_>) -> Result<(), ConvertError> {
         self.dst.handle_read_item(ri)?;
@@ -521,6 +571,9 @@ impl<M: GuestMemory> Converter<M> {
                         if let Some(t) = self.last_block.and_then(|b| self.touched.get_mut(b)) {
                             t.set(rec.offset / tps);
                         }
+                    }
+                    RamBody::MultifdFlush if self.opts.multifd_channels => {
+                        *self.dropped.entry("MULTIFD_FLUSH").or_default() += 1;
                     }
                     RamBody::MultifdFlush => {
                         // QEMU >= 8.2 writes it only with multifd, whose pages
@@ -850,6 +903,7 @@ impl<M: GuestMemory> Converter<M> {
             });
         }
         self.dst.memory_mut().flush().map_err(io_err("RAM image"))?;
+        self.touch_received();
         let st = *self.dst.stats();
         Ok(Report {
             postcopy: self.postcopy,
@@ -872,6 +926,24 @@ impl<M: GuestMemory> Converter<M> {
                 .collect(),
             ..Report::default()
         })
+    }
+
+    /// Marks touched every page the state machine received: the pages of
+    /// multifd and preempt channels, which the main stream's bookkeeping
+    /// (`touched`) does not see.
+    fn touch_received(&mut self) {
+        self.size_touched();
+        for (i, b) in self.dst.blocks().iter().enumerate() {
+            let (Some(t), r) = (self.touched.get_mut(i), b.received()) else {
+                continue;
+            };
+            let n = r.len().min(t.len());
+            let mut p = 0;
+            while let Some(q) = r.next_set(p, n) {
+                t.set(q);
+                p = q + 1;
+            }
+        }
     }
 
     /// Gives every block a touched bitmap of its current length.

@@ -815,6 +815,34 @@ fn multifd_main_channel_is_refused() {
     }
     drop(conv);
     let _ = std::fs::remove_dir_all(dir);
+    // With the channels applied by the caller (`Options::multifd_channels`),
+    // MULTIFD_FLUSH is a sync point: dropped, and the output has none.
+    let dir = spool_dir("mf");
+    let opts = Options {
+        multifd_channels: true,
+        ..Options::default()
+    };
+    let mut conv = Converter::new(VecMemory::new(), &dir, opts).unwrap();
+    let mut rd = StreamReader::new(&s[..]);
+    while let Some(ri) = rd.next_item().unwrap() {
+        conv.handle(&ri).unwrap();
+    }
+    let mut out = Vec::new();
+    let report = conv.finish(&mut out).unwrap();
+    assert_eq!(report.dropped_commands.get("MULTIFD_FLUSH"), Some(&1));
+    let mut rd = StreamReader::new(&out[..]);
+    let mut items = 0;
+    while let Some(ri) = rd.next_item().unwrap() {
+        items += 1;
+        assert!(
+            !matches!(&ri.item, qmig_wire::Item::Ram(r) if matches!(r.body, qmig_wire::RamBody::MultifdFlush)),
+            "MULTIFD_FLUSH at {} in the output",
+            ri.offset
+        );
+    }
+    assert!(items > 5, "{items} items");
+    drop(conv);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
