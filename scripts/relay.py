@@ -113,6 +113,7 @@ class MultiRelay:
         self.conns = []  # dicts: n, src, dst, a, b, threads, bytes
         self.error = None
         self.lock = threading.Lock()
+        self.arms = []  # (pattern, n) cuts queued by cut_after_pattern
         self.closed = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
 
@@ -129,6 +130,8 @@ class MultiRelay:
                     data = b""
                 if not data:
                     break
+                if key == "src" and self.arms and c.get("limit") is None:
+                    self._watch(c, data)
                 lim = c.get("limit") if key == "src" else None
                 last = lim is not None and c["bytes"][key] + len(data) >= lim
                 if last:
@@ -180,6 +183,28 @@ class MultiRelay:
                 self.conns.append(c)
             for t in c["threads"]:
                 t.start()
+
+    def _watch(self, c, data):
+        with self.lock:
+            if not self.arms:
+                return
+            pat, n = self.arms[0]
+            tail = c.get("tail", b"")
+            window = tail + data
+            i = window.find(pat)
+            if i >= 0:
+                self.arms.pop(0)
+                c["limit"] = c["bytes"]["src"] - len(tail) + i + len(pat) + n
+                c.pop("tail", None)
+            else:
+                c["tail"] = window[-(len(pat) - 1):] if len(pat) > 1 else b""
+
+    def cut_after_pattern(self, pattern, n):
+        """Queue a cut: once `pattern` passes (source -> destination) on any
+        connection, every connection is cut `n` bytes after its end. Queued cuts
+        are armed one at a time, in order."""
+        with self.lock:
+            self.arms.append((bytes(pattern), n))
 
     def cut_after(self, n):
         """Cut every connection once `n` more bytes of the newest connection's

@@ -20,6 +20,10 @@ so that postcopy lasts a few seconds.
                        connections); equal.
   q10-killed           the destination is killed in postcopy: qmig send exits non-zero with
                        a clear error within --recover-timeout (3 s) plus a margin.
+  qmig-recover         qmig to qmig: `qmig send --postcopy` -> relay -> `qmig recv --touch 2`,
+                       two cuts after POSTCOPY_RUN (recv keeps listening, send reconnects
+                       through the relay); both exit 0, recv's pc.ram equals the RAM sent.
+  qmig-preempt-recover qmig to qmig with --postcopy-preempt and one cut; the same checks.
 
 Each scenario uses its own ports and directory, takes well under a minute, and can run in
 parallel with the others. Exits non-zero naming the failed scenarios.
@@ -56,7 +60,18 @@ SCENARIOS = {
     "q10-killed": dict(preempt=False, cuts=0, kill=True,
                        about="QEMU 10 destination killed in postcopy: qmig send fails "
                              "clearly within --recover-timeout"),
+    "qmig-recover": dict(preempt=False, cuts=2, qmig_dst=True,
+                         about="qmig send --postcopy -> qmig recv --touch 2: two relay cuts "
+                               "after RUN, both recover, equal"),
+    "qmig-preempt-recover": dict(preempt=True, cuts=1, qmig_dst=True,
+                                 about="qmig send --postcopy --postcopy-preempt -> qmig recv "
+                                       "--touch 2: one relay cut after RUN, equal"),
 }
+
+# PING(4), which qmig send writes right after the package holding POSTCOPY_RUN.
+PING_AFTER_PACKAGE = bytes([0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x04])
+POSTCOPY_RESUME = bytes([0x08, 0x00, 0x09, 0x00, 0x00])
+
 
 
 def stream_path(work):
@@ -97,7 +112,108 @@ def wait_status(q, want, timeout):
     raise RuntimeError(f"destination migration status {st}, wanted {want}")
 
 
+def read_err(path):
+    try:
+        return open(path, "rb").read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def run_qmig_dst(name, sc, work, qmig):
+    """qmig send -> relay -> qmig recv, with cuts after POSTCOPY_RUN. Bounded: every
+    wait has a deadline and the whole scenario is cut off at 30 s."""
+    t_end = time.monotonic() + 30
+
+    def left():
+        r = t_end - time.monotonic()
+        if r <= 0:
+            raise RuntimeError("scenario took over 30 s")
+        return r
+
+    template = stream_path(work)
+    ramdir = os.path.join(work, "ram")
+    final = os.path.join(work, "final")
+    out = os.path.join(work, "out")
+    subprocess.run([qmig, "extract", template, "-o", ramdir], check=True,
+                   stdout=subprocess.DEVNULL)
+    rport = qmp.free_port()
+    errpath = os.path.join(work, "recv.stderr")
+    recv = send = relay = None
+    try:
+        recv = subprocess.Popen(
+            [qmig, "recv", "--listen", f"tcp:127.0.0.1:{rport}", "-o", out, "--touch", "2",
+             "--recover-timeout", "20", "--idle-timeout", "20"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(errpath, "wb"), start_new_session=True)
+        while "listening on" not in read_err(errpath):
+            if recv.poll() is not None:
+                raise RuntimeError("qmig recv did not start: " + read_err(errpath))
+            left()
+            time.sleep(0.02)
+        relay = MultiRelay(rport, os.path.join(work, "conn")).start()
+        argv = [qmig, "send", "--ram", ramdir, "--template", template,
+                "--to", f"tcp:127.0.0.1:{relay.port}", "--final-ram", final, "--json",
+                "--idle-timeout", "20", "--postcopy", "--postcopy-after", "0",
+                "--max-bandwidth", "250000", "--recover-timeout", "20"]
+        if sc["preempt"]:
+            argv.append("--postcopy-preempt")
+        # Cut 1: 2001 bytes after PING(4), which follows the package holding
+        # POSTCOPY_RUN (so the cut pauses, not fails); cut 2: 101 bytes after the
+        # recovery's POSTCOPY_RESUME (inside the first record sent again). The
+        # relay cuts as the bytes pass: qmig to qmig finishes in well under a
+        # second, too fast to cut from here.
+        plan = [(PING_AFTER_PACKAGE, 2001), (POSTCOPY_RESUME, 101)]
+        for pat, n in plan[:sc["cuts"]]:
+            relay.cut_after_pattern(pat, n)
+        t0 = time.monotonic()
+        send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            sout, serr = send.communicate(timeout=left())
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("qmig send did not finish within 30 s")
+        took = time.monotonic() - t0
+        if send.returncode != 0:
+            raise RuntimeError(f"qmig send exited {send.returncode}: {serr.strip()} "
+                               f"{sout.strip()}\nrecv: {read_err(errpath)}")
+        try:
+            recv.wait(timeout=left())
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("qmig recv did not exit: " + read_err(errpath))
+        if recv.returncode != 0:
+            raise RuntimeError(f"qmig recv exited {recv.returncode}: {read_err(errpath)}")
+        stats = json.loads(sout)
+        pc = stats["postcopy"]
+        if pc["recoveries"] != sc["cuts"]:
+            raise RuntimeError(f"qmig send: {pc['recoveries']} recoveries, {sc['cuts']} cuts")
+        m = json.load(open(os.path.join(out, "manifest.json")))
+        if not m["complete"]:
+            raise RuntimeError(f"recv manifest not complete: {m.get('error')}")
+        rpc = m["postcopy"]
+        if rpc.get("pauses", 0) != sc["cuts"]:
+            raise RuntimeError(f"qmig recv: {rpc.get('pauses')} pauses, {sc['cuts']} cuts")
+        if rpc.get("touch_threads_unfinished", 0) != 0:
+            raise RuntimeError("qmig recv: touch threads unfinished")
+        blk = next(b for b in m["blocks"] if b["name"] == "pc.ram")
+        check_same_ram(final, open(os.path.join(out, blk["file"]), "rb").read())
+        print(f"  ok: {stats['bytes']} bytes in {took:.2f}s; {pc['recoveries']} recoveries, "
+              f"{pc['requests']} requests, {pc['preempt_pages']} pages on the preempt "
+              f"channel; recv {rpc.get('pauses')} pauses, "
+              f"{rpc.get('preempt_records', 0)} preempt records; {len(relay.conns)} relay "
+              f"connections; recv's pc.ram equals the RAM sent")
+    finally:
+        for p in (send, recv):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if relay is not None:
+            relay.cut()
+            relay.close()
+
+
 def run(name, sc, work, qmig):
+    if sc.get("qmig_dst"):
+        return run_qmig_dst(name, sc, work, qmig)
     oracle = json.load(open(os.path.join(DATA, CAPTURE, "oracle.json")))
     size = oracle["ram_size"]
     template = stream_path(work)

@@ -244,6 +244,27 @@ impl Recovery {
         }
     }
 
+    /// Closes every connection already waiting on the listeners: when the
+    /// main connection pauses, those were opened before the cut (e.g. the
+    /// broken connection's preempt channel, not yet accepted) and would be
+    /// taken for the recovery connection. A source that reconnected that fast
+    /// sees its recovery connection cut and retries (QEMU's `migrate-recover`
+    /// listens afresh, so it never sees them either). Returns how many.
+    pub(crate) fn drop_pending(&self) -> usize {
+        let mut n = 0;
+        for l in &self.listeners {
+            while let Ok(Some(c)) = try_accept(l, self.shared.idle) {
+                eprintln!(
+                    "qmig recv: note: a connection from {} opened before the pause: closed",
+                    c.peer
+                );
+                (c.kick)();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Waits for the source's recovery connection, at most the recover
     /// timeout; `Ok(None)` when it did not come, `Err(signal)` on a signal.
     pub(crate) fn wait_recovery(&self) -> Result<Option<Conn>, i32> {
@@ -413,6 +434,17 @@ fn preempt_reader(sh: &Shared, c: Conn, n: usize, stop: &Arc<AtomicBool>) {
             }
         };
         let mut g = lock(&sh.inner);
+        // Bytes the cut channel delivered after the main connection paused
+        // (or after `stop_preempt`) are dropped: the source sends whatever
+        // the received bitmap lacks again after the resume.
+        if stop.load(Ordering::Acquire)
+            || matches!(
+                g.session.dst.postcopy_state(),
+                PostcopyState::Paused | PostcopyState::Recovering
+            )
+        {
+            return;
+        }
         let mut r = g
             .session
             .dst

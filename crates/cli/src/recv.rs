@@ -744,6 +744,14 @@ pub(crate) fn receive(
             if let Some(r) = &recovery {
                 r.kick_main();
             }
+        } else if g.rp_dead
+            && recovery.is_some()
+            && g.session.dst.postcopy_state() == PostcopyState::Listening
+        {
+            // The return path broke inside the switchover: POSTCOPY_RUN may
+            // be in the bytes this connection already delivered (a source
+            // that sent it pauses, not fails). Read on: the main connection
+            // ends too, pausing after RUN or failing before it.
         } else if g.rp_dead {
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
@@ -941,6 +949,7 @@ fn pause_and_recover(
         g.rp_error = None;
     }
     rec.stop_preempt(Duration::from_secs(1));
+    rec.drop_pending();
     eprintln!(
         "qmig recv: postcopy paused at offset {} of main connection {} ({why}); waiting up to {} s \
          for the recovery connection (--recover-timeout)",

@@ -511,7 +511,8 @@ impl Decoder {
     /// the channel's last block, which qmig refuses
     /// ([`WireError::ContinueWithoutBlock`]) so that a reader applying
     /// several channels one after the other never resolves it against
-    /// another channel's block. Call it on the decoder of the previous connection, at the
+    /// another channel's block. Sections ended on an earlier connection may
+    /// continue (PART, END) on this one. Call it on the decoder of the previous connection, at the
     /// end of its last whole item; a partly read item is dropped, as QEMU's
     /// destination drops it.
     ///
@@ -535,7 +536,12 @@ impl Decoder {
                 why: "the connection reached EOF: the migration was complete, no later connection can continue it",
             });
         }
-        Ok(self.new_connection(Phase::Top))
+        let mut d = self.new_connection(Phase::Top);
+        // A source cut after its END section resumes by sending the pages
+        // the destination lacks and the END section again (QEMU's
+        // destination does not track ended sections, `qemu_loadvm_section_part_end`).
+        d.ended.clear();
+        Ok(d)
     }
 
     /// A decoder for a postcopy-preempt channel of this migration
