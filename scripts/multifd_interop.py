@@ -144,7 +144,7 @@ def run(name, sc, qmig, work):
 def main():
     if not qmp.have(qmp.QEMU10):
         sys.exit("multifd_interop: QEMU 10 not installed")
-    return qmp.run_scenarios("multifd_interop", SCENARIOS, run, jobs=3)
+    return qmp.run_scenarios("multifd_interop", SCENARIOS, run, jobs=3, retries=1)
 
 
 if __name__ == "__main__":

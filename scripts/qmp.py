@@ -42,7 +42,15 @@ class QMP:
         self.sock.settimeout(timeout)
         self.buf = b""
         self.events = []
-        self.greeting = self._recv()
+        # The greeting comes first on a fresh connection; an event read
+        # before it (seen under load: RESUME of a guest started without -S)
+        # is kept for wait_event, anything else is a protocol error.
+        while True:
+            self.greeting = self._recv()
+            if "event" in self.greeting and "QMP" not in self.greeting:
+                self.events.append(self.greeting)
+                continue
+            break
         if "QMP" not in self.greeting:
             raise QMPError(f"bad QMP greeting: {self.greeting}")
         self.execute("qmp_capabilities")
