@@ -1382,11 +1382,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
             let _ = s.shutdown(std::net::Shutdown::Both);
             drop(s);
-            std::thread::sleep(Duration::from_millis(700));
-            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            s.write_all(&main2).unwrap();
+            // Like a real source, try again when the recovery connection is
+            // closed unanswered: one that arrives before the destination has
+            // seen the cut is closed as a connection "opened before the
+            // pause" (a loaded machine can take longer than the sleeps).
             let mut rp = Vec::new();
-            let _ = s.read_to_end(&mut rp);
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_millis(700));
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let _ = s.write_all(&main2);
+                let _ = s.read_to_end(&mut rp);
+                if !rp.is_empty() {
+                    break;
+                }
+            }
             rp
         });
         let out = tmpdir("recover");
