@@ -60,6 +60,9 @@ SCENARIOS = {
     "q10-preempt-cut": dict(cuts=["relay"], preempt=True,
                             about="postcopy-preempt, one relay cut, recovers (new main and "
                                   "preempt connections)"),
+    "q72-preempt": dict(cuts=[], preempt=True, qemu="7.2",
+                        about="QEMU 7.2 source with postcopy-preempt (it opens the preempt "
+                              "channel at connect, right after the main one)"),
     "q10-recover-killed": dict(cuts=[], kill=True,
                                about="source killed in postcopy: recv fails within "
                                      "--recover-timeout 5 with a clear error"),
@@ -106,7 +109,7 @@ def run(name, sc, qmig, work):
     serial = os.path.join(work, "src.serial")
     args = ["-M", "pc", "-m", str(RAM_MIB), "-nodefaults", "-display", "none",
             "-drive", f"file={img},format=raw,if=ide", "-serial", f"file:{serial}"]
-    src = qmp.Qemu(qmp.qemu_binary("10"), args, work, "src")
+    src = qmp.Qemu(qmp.qemu_binary(sc.get("qemu", "10")), args, work, "src")
     recv = relay = None
     errpath = os.path.join(work, "recv.stderr")
     try:
@@ -206,9 +209,14 @@ def run(name, sc, qmig, work):
         check(pc["touch_threads_unfinished"] == 0, "touch threads unfinished")
         check(pc.get("pauses", 0) == len(sc["cuts"]),
               f"qmig reports {pc.get('pauses')} pauses for {len(sc['cuts'])} cuts")
+        by = {c: pc[f"request_latency_{c}_us"]["count"] for c in ("main", "preempt")}
+        check(by["main"] + by["preempt"] == pc["request_latency_us"]["count"],
+              f"round trips by channel {by} do not add up to {pc['request_latency_us']}")
         if sc.get("preempt"):
-            check(pc.get("preempt_records", 0) > 0,
+            check(pc.get("preempt_records", 0) > 0 and by["preempt"] > 0,
                   f"no page came on the preempt channel: {pc}")
+        else:
+            check(by["preempt"] == 0, f"answers on a preempt channel without one: {by}")
         qmp.wait_status(src.qmp, "postmigrate")
         mem = open(qmp.pmemsave(src.qmp, 0, RAM_MIB * MiB, os.path.join(work, "src.mem")),
                    "rb").read()
@@ -234,7 +242,7 @@ def run(name, sc, qmig, work):
                 f"ram.postcopy-requests {q.get('postcopy-requests')}, qmig requests "
                 f"{pc['page_requests']} ({pc.get('requests_resent', 0)} re-sent); preempt "
                 f"records {pc.get('preempt_records', 0)}; request p50 {lat['p50']} us p99 "
-                f"{lat['p99']} us; capture set of {len(mains)} main + {len(pre)} preempt "
+                f"{lat['p99']} us ({by['preempt']} answered on the preempt channel); capture set of {len(mains)} main + {len(pre)} preempt "
                 f"connections extracts equal")
     finally:
         if recv and recv.poll() is None:

@@ -185,6 +185,12 @@ enum Cmd {
         /// requested pages queue behind what the socket buffers hold.
         #[arg(long, value_name = "BYTES")]
         rcvbuf: Option<usize>,
+        /// SO_RCVBUF (bytes; the kernel doubles it) given to the main connection at
+        /// POSTCOPY_LISTEN (and to recovery connections) unless --rcvbuf is given; 0 keeps
+        /// Linux's autotuning. A requested page the source had already queued on the main
+        /// channel (with postcopy-preempt too) waits behind this buffer.
+        #[arg(long, value_name = "BYTES", default_value_t = recv::DEFAULT_POSTCOPY_RCVBUF)]
+        postcopy_rcvbuf: usize,
         /// Give up when the source sends nothing, or does not read the return
         /// path, for this many seconds (the manifest then says so).
         #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -389,6 +395,7 @@ fn main() -> ExitCode {
             touch,
             touch_pattern,
             rcvbuf,
+            postcopy_rcvbuf,
             idle_timeout,
             recover_listen,
             recover_timeout,
@@ -404,6 +411,7 @@ fn main() -> ExitCode {
             },
             recv::RecoverArgs {
                 rcvbuf,
+                postcopy_rcvbuf,
                 listen: recover_listen.as_ref(),
                 timeout: std::time::Duration::from_secs(recover_timeout),
             },

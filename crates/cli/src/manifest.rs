@@ -226,6 +226,16 @@ pub struct PostcopyInfo {
     /// `fault_latency_dist_us`).
     #[serde(default)]
     pub request_latency_dist_us: Vec<u64>,
+    /// `request_latency_us` of the requests whose page came on the main
+    /// channel (with postcopy-preempt: the source had already queued the
+    /// page on the main channel, so the request waited behind the
+    /// background stream), µs.
+    #[serde(default)]
+    pub request_latency_main_us: LatencySummary,
+    /// `request_latency_us` of the requests whose page came on a
+    /// postcopy-preempt channel, µs.
+    #[serde(default)]
+    pub request_latency_preempt_us: LatencySummary,
     /// Where `request_latency_us` goes, in three spans per request, µs:
     /// `[0]` fault read → REQ_PAGES written on the return path (lock, state
     /// machine, socket write), `[1]` written → the page's record parsed from

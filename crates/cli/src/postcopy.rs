@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -137,6 +137,17 @@ impl Images for RecvMemory {
     }
 }
 
+/// Where the placements being carried out come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// Records of the main channel (the background stream).
+    Main,
+    /// Records of a postcopy-preempt channel (requested pages).
+    Preempt,
+    /// A fault decided locally (a zero page, nothing asked for).
+    Local,
+}
+
 /// Postcopy bookkeeping kept under the lock.
 #[derive(Default)]
 pub(crate) struct Host {
@@ -160,6 +171,9 @@ pub(crate) struct Host {
     request_phases: [Latency; 3],
     /// Round trips fault → request → placed.
     request_latency: Latency,
+    /// The same round trips, by the channel whose record was placed:
+    /// `[0]` the main channel, `[1]` a postcopy-preempt channel.
+    request_latency_by: [Latency; 2],
     /// Faults handed to the state machine.
     faults_handled: u64,
     /// The first error of the fault handler.
@@ -198,6 +212,37 @@ pub(crate) struct Ctl {
 pub(crate) fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Threads waiting for the lock to serve a requested page (fault threads,
+/// preempt channel readers): see [`lock_urgent`].
+static URGENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Takes the lock for a requested page: the main channel's reader, which
+/// takes it once per record of the background stream, lets this thread in
+/// first (see [`lock_background`]).
+pub(crate) fn lock_urgent(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    URGENT.fetch_add(1, Ordering::AcqRel);
+    let g = lock(m);
+    URGENT.fetch_sub(1, Ordering::AcqRel);
+    g
+}
+
+/// Takes the lock for a record of the background stream. A mutex is not
+/// fair: the reader, which releases and retakes it for every record,
+/// would mostly win it back before a woken fault thread or preempt reader
+/// runs (on a loaded machine for milliseconds). It yields while such a
+/// thread waits (at most [`URGENT_YIELDS`] times).
+pub(crate) fn lock_background(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    let mut n = 0;
+    while URGENT.load(Ordering::Acquire) > 0 && n < URGENT_YIELDS {
+        std::thread::yield_now();
+        n += 1;
+    }
+    lock(m)
+}
+
+/// How often [`lock_background`] yields at most before it takes the lock.
+const URGENT_YIELDS: u32 = 1000;
 
 impl Inner {
     pub(crate) fn new(
@@ -269,7 +314,7 @@ impl Inner {
 
     /// The host placed `len` bytes at `offset` of `block`: tell the state
     /// machine (fault latencies are closed by the region itself).
-    fn placed(&mut self, block: usize, offset: u64, len: u64) -> Result<(), StopError> {
+    fn placed(&mut self, block: usize, offset: u64, len: u64, via: Via) -> Result<(), StopError> {
         self.session
             .dst
             .handle_placed(block, offset, len)
@@ -278,7 +323,13 @@ impl Inner {
             self.host.request_phases[2].record(t.elapsed());
         }
         if let Some(t) = self.host.waiting.remove(&(block, offset)) {
-            self.host.request_latency.record(t.elapsed());
+            let d = t.elapsed();
+            self.host.request_latency.record(d);
+            match via {
+                Via::Main => self.host.request_latency_by[0].record(d),
+                Via::Preempt => self.host.request_latency_by[1].record(d),
+                Via::Local => {}
+            }
         }
         Ok(())
     }
@@ -289,16 +340,17 @@ impl Inner {
     ///
     /// A page of the stream that is already present (EEXIST) is an error, as
     /// in QEMU's `postcopy_place_page`: its new content would be lost. For a
-    /// zero page decided locally (`stream` false) it only means a race with
-    /// another placement, and is fine.
+    /// zero page decided locally (`via` [`Via::Local`]) it only means a race
+    /// with another placement, and is fine.
     fn place(
         &mut self,
         block: usize,
         offset: u64,
         data: Option<&[u8]>,
         len: u64,
-        stream: bool,
+        via: Via,
     ) -> Result<(), StopError> {
+        let stream = via != Via::Local;
         if let Some(t) = self.host.request_sent.get_mut(&(block, offset)) {
             self.host.request_phases[1].record(t.elapsed());
             *t = Instant::now();
@@ -320,7 +372,7 @@ impl Inner {
                     .map_err(|source| {
                         StopError::Dst(qmig_ram_dst::RamDstError::Memory { offset: at, source })
                     })
-                    .and_then(|()| self.placed(block, offset, len));
+                    .and_then(|()| self.placed(block, offset, len, via));
             }
         };
         let why = match r {
@@ -329,7 +381,7 @@ impl Inner {
                 "{:#x} bytes already present (EEXIST; QEMU: postcopy_place_page)",
                 placed.already_present
             ),
-            Ok(_) => return self.placed(block, offset, len),
+            Ok(_) => return self.placed(block, offset, len, via),
         };
         // The state machine keeps the pages unreceived and queues SHUT(1).
         let _ = self
@@ -361,9 +413,9 @@ impl Inner {
     }
 
     /// Carries out every placement the state machine queued, in order
-    /// (`stream`: they come from the stream, not from a fault decided
+    /// (`via`: the channel whose records they come from, or a fault decided
     /// locally; see [`Inner::place`]).
-    pub(crate) fn execute_placements(&mut self, stream: bool) -> Result<(), StopError> {
+    pub(crate) fn execute_placements(&mut self, via: Via) -> Result<(), StopError> {
         while let Some(p) = self.session.dst.poll_placement() {
             match p {
                 Place::HostPage {
@@ -372,11 +424,11 @@ impl Inner {
                     data,
                 } => {
                     let len = data.len() as u64;
-                    self.place(block, offset, Some(&data), len, stream)?;
+                    self.place(block, offset, Some(&data), len, via)?;
                     self.session.dst.recycle_page_buffer(data);
                 }
                 Place::ZeroPage { block, offset, len } => {
-                    self.place(block, offset, None, len, stream)?
+                    self.place(block, offset, None, len, via)?
                 }
                 // Before LISTEN: nothing is registered yet.
                 Place::Discard { block, offset, len } => {
@@ -667,6 +719,8 @@ impl Running {
             fault_latency_dist_us: lat.dist().to_vec(),
             request_latency_us: summary(&g.host.request_latency),
             request_latency_dist_us: g.host.request_latency.dist().to_vec(),
+            request_latency_main_us: summary(&g.host.request_latency_by[0]),
+            request_latency_preempt_us: summary(&g.host.request_latency_by[1]),
             request_phases_us: g.host.request_phases.iter().map(summary).collect(),
             blocktime_us: bt.all_vcpus_blocked().as_micros() as u64,
             blocktime_total_us: bt.total().as_micros() as u64,
@@ -695,7 +749,7 @@ fn summary(l: &Latency) -> LatencySummary {
 /// ask for (REQ_PAGES, written at once) or place locally. `false` (and
 /// `abort` set, the error kept) when the migration cannot go on.
 fn handle_fault(inner: &Mutex<Inner>, f: Fault, abort: &AtomicBool) -> bool {
-    let mut g = lock(inner);
+    let mut g = lock_urgent(inner);
     g.host.faults_handled += 1;
     let mut requested = None;
     let mut r = match g.session.dst.handle_page_fault(f.tag, f.offset) {
@@ -710,7 +764,7 @@ fn handle_fault(inner: &Mutex<Inner>, f: Fault, abort: &AtomicBool) -> bool {
         Err(e) => Err(StopError::Dst(e)),
     };
     if r.is_ok() {
-        r = g.execute_placements(false);
+        r = g.execute_placements(Via::Local);
     }
     let mut out = std::mem::take(&mut g.host.rp_buf);
     g.flush_transmit(&mut out);

@@ -105,6 +105,8 @@ pub(crate) fn try_accept(l: &Listener, idle: Duration) -> std::io::Result<Option
                 Err(e) => return Err(e),
             };
             let _ = s.set_nodelay(true);
+            // Recovery connections are postcopy from their first byte.
+            crate::recv::postcopy_rcvbuf(std::os::fd::AsRawFd::as_raw_fd(&s));
             s.set_nonblocking(false)?;
             s.set_read_timeout(Some(crate::recv::POLL))?;
             s.set_write_timeout(Some(idle))?;
@@ -389,7 +391,7 @@ fn preempt_reader(sh: &Shared, c: Conn, n: usize, stop: &Arc<AtomicBool>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(("preempt", p));
-        Some(f)
+        Some(crate::recv::SaveFile::new(f))
     });
     // The preempt channel carries nothing back; keep its writing half open.
     let _rp = c.rp;
@@ -433,7 +435,7 @@ fn preempt_reader(sh: &Shared, c: Conn, n: usize, stop: &Arc<AtomicBool>) {
                 return;
             }
         };
-        let mut g = lock(&sh.inner);
+        let mut g = crate::postcopy::lock_urgent(&sh.inner);
         // Bytes the cut channel delivered after the main connection paused
         // (or after `stop_preempt`) are dropped: the source sends whatever
         // the received bitmap lacks again after the resume.
@@ -451,7 +453,9 @@ fn preempt_reader(sh: &Shared, c: Conn, n: usize, stop: &Arc<AtomicBool>) {
             .handle_preempt_item(ri.offset, &ri.item)
             .map_err(|e| format!("preempt channel {n}: {e}"));
         if r.is_ok() {
-            r = g.execute_placements(true).map_err(|e| e.to_string());
+            r = g
+                .execute_placements(crate::postcopy::Via::Preempt)
+                .map_err(|e| e.to_string());
         }
         g.flush_transmit(&mut out);
         if let Err(e) = r {

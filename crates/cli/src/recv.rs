@@ -59,7 +59,7 @@ pub(crate) struct Tee {
     pub(crate) idle: Duration,
     /// When data last arrived (or the connection was accepted).
     pub(crate) last_data: Instant,
-    pub(crate) save: Option<File>,
+    pub(crate) save: Option<SaveFile>,
     pub(crate) received: Rc<Cell<u64>>,
     pub(crate) after_eof: Rc<Cell<Option<Instant>>>,
     /// The first failed `--save` write: stream offset and OS error.
@@ -115,34 +115,110 @@ impl Read for Tee {
             }
         };
         self.last_data = Instant::now();
-        let at = self.received.get();
-        self.received.set(at + n as u64);
+        self.received.set(self.received.get() + n as u64);
         if let Some(s) = &mut self.save {
-            // Unbuffered (reads are large), so a failure names its offset.
-            let mut done = 0;
-            while done < n {
-                match s.write(&buf[done..n]) {
-                    Ok(0) => {
-                        let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
-                        self.save_error
-                            .borrow_mut()
-                            .get_or_insert((at + done as u64, e));
-                        self.save = None;
-                        break;
+            s.write(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Tee {
+    /// Waits for `--save`'s writer: the file is complete (or its error
+    /// known, in `save_error`) once the connection's reader is gone.
+    fn drop(&mut self) {
+        if let Some(e) = self.save.take().and_then(SaveFile::finish) {
+            self.save_error.borrow_mut().get_or_insert(e);
+        }
+    }
+}
+
+/// How many chunks (each what one read returned, at most the reader's
+/// 1 MiB) `--save` queues for its writer before the reader waits.
+const SAVE_QUEUE: usize = 16;
+
+/// A `--save` file written by a thread of its own, so that the stream
+/// reader (in postcopy: the main channel's pages, which a requested page
+/// may wait behind) never waits for the file system. Memory: at most
+/// [`SAVE_QUEUE`] + 1 chunks queued; the reader waits when the writer is
+/// that far behind.
+pub(crate) struct SaveFile {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Written chunks handed back for reuse.
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    writer: Option<std::thread::JoinHandle<Option<(u64, std::io::Error)>>>,
+}
+
+impl SaveFile {
+    /// Starts the writer of `file`.
+    pub(crate) fn new(file: File) -> SaveFile {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SAVE_QUEUE);
+        let (back, free) = std::sync::mpsc::sync_channel::<Vec<u8>>(SAVE_QUEUE + 1);
+        let writer = std::thread::Builder::new()
+            .name("qmig-save".into())
+            .spawn(move || {
+                let mut file = file;
+                let mut at = 0u64;
+                for b in rx {
+                    let mut done = 0;
+                    while done < b.len() {
+                        match file.write(&b[done..]) {
+                            Ok(0) => {
+                                let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                                return Some((at + done as u64, e));
+                            }
+                            Ok(k) => done += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Some((at + done as u64, e)),
+                        }
                     }
-                    Ok(k) => done += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        self.save_error
-                            .borrow_mut()
-                            .get_or_insert((at + done as u64, e));
-                        self.save = None;
-                        break;
-                    }
+                    at += b.len() as u64;
+                    let _ = back.try_send(b);
+                }
+                None
+            });
+        match writer {
+            Ok(h) => SaveFile {
+                tx: Some(tx),
+                free,
+                writer: Some(h),
+            },
+            // No thread: nothing is saved, and `finish` says why.
+            Err(e) => {
+                let (_, free) = std::sync::mpsc::sync_channel(0);
+                let h = std::thread::spawn(move || Some((0, e)));
+                SaveFile {
+                    tx: None,
+                    free,
+                    writer: Some(h),
                 }
             }
         }
-        Ok(n)
+    }
+
+    /// Queues `bytes` for the file (after a write error: drops them, the
+    /// error is reported by [`SaveFile::finish`]).
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let mut b = self.free.try_recv().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(bytes);
+        if tx.send(b).is_err() {
+            // The writer stopped at an error.
+            self.tx = None;
+        }
+    }
+
+    /// Waits until everything queued is written: the first error, with the
+    /// file offset it happened at.
+    pub(crate) fn finish(mut self) -> Option<(u64, std::io::Error)> {
+        self.tx = None;
+        self.writer.take().and_then(|h| {
+            h.join()
+                .unwrap_or_else(|_| Some((0, std::io::Error::other("the --save writer panicked"))))
+        })
     }
 }
 
@@ -176,6 +252,62 @@ fn read_layout(path: &Path) -> Result<Layout, CliError> {
     ))
 }
 
+/// Sets SO_RCVBUF of the socket `fd` to `bytes` (the kernel doubles it and
+/// stops autotuning it).
+///
+/// # Errors
+/// `bytes` beyond `c_int`, or the OS error of `setsockopt`.
+pub(crate) fn set_rcvbuf(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
+    let n = libc::c_int::try_from(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("SO_RCVBUF {bytes} is too large"),
+        )
+    })?;
+    let p: *const libc::c_int = &n;
+    // SAFETY: SO_RCVBUF takes an int, which `p` points to for the call; an
+    // fd that is not an open socket only makes the call fail.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            p.cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `--postcopy-rcvbuf`: SO_RCVBUF (bytes, before the kernel doubles it)
+/// given to a TCP main connection at POSTCOPY_LISTEN and to every
+/// connection accepted after POSTCOPY_ADVISE, unless `--rcvbuf` was given;
+/// 0: left to autotuning. (Process-wide: one `recv` per process.)
+///
+/// A QEMU source sends a requested page on the preempt channel only while
+/// it is still dirty: a page already queued on the main channel is served
+/// there, behind everything buffered in between (QEMU's send buffer, up to
+/// `tcp_wmem`'s maximum, and this receive buffer, autotuned up to
+/// `tcp_rmem`'s, 32 MiB here). Without preempt every requested page waits
+/// behind the receive buffer. See scripts/bench_recovery_preempt.py.
+pub(crate) static POSTCOPY_RCVBUF: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_POSTCOPY_RCVBUF);
+
+/// The default `--postcopy-rcvbuf`.
+pub const DEFAULT_POSTCOPY_RCVBUF: usize = 128 << 10;
+
+/// Applies [`POSTCOPY_RCVBUF`] to the socket `fd` (errors are ignored: the
+/// buffer only bounds a queue, the migration works without it).
+pub(crate) fn postcopy_rcvbuf(fd: std::os::fd::RawFd) {
+    let n = POSTCOPY_RCVBUF.load(Ordering::Relaxed);
+    if n > 0 {
+        let _ = set_rcvbuf(fd, n);
+    }
+}
+
 /// Where the migration comes from, before it arrives.
 pub(crate) enum Listener {
     /// `tcp:`
@@ -198,6 +330,8 @@ struct Incoming {
     rp: Option<Box<dyn Write + Send>>,
     peer: String,
     child: Option<Child>,
+    /// The TCP socket (its receive buffer is bounded at POSTCOPY_LISTEN).
+    tcp_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Listener {
@@ -209,28 +343,8 @@ impl Listener {
         let Listener::Tcp(l) = self else {
             return Err(CliError::Usage("--rcvbuf applies to tcp: only".into()));
         };
-        let n = libc::c_int::try_from(bytes)
-            .map_err(|_| CliError::Usage(format!("--rcvbuf {bytes} is too large")))?;
-        let p: *const libc::c_int = &n;
-        // SAFETY: SO_RCVBUF takes an int, which `p` points to for the call;
-        // the listener's fd is open.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(l),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                p.cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(CliError::io(
-                self.describe(),
-                "setsockopt(SO_RCVBUF)",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        set_rcvbuf(std::os::fd::AsRawFd::as_raw_fd(l), bytes)
+            .map_err(|e| CliError::io(self.describe(), "setsockopt(SO_RCVBUF)", e))
     }
 
     /// Binds / checks the URI (before anything is written to the output).
@@ -313,6 +427,7 @@ impl Listener {
                     .map_err(|e| io("accept", e))?;
                 let rp = sock.try_clone().map_err(|e| io("accept", e))?;
                 let k = sock.try_clone().map_err(|e| io("accept", e))?;
+                let tcp_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&sock));
                 Ok(Incoming {
                     src: Box::new(sock),
                     kick: Some(Arc::new(move || {
@@ -322,6 +437,7 @@ impl Listener {
                     rp: Some(Box::new(SocketRp(rp))),
                     peer: peer.to_string(),
                     child: None,
+                    tcp_fd,
                 })
             }
             Listener::Unix(l, p) => {
@@ -347,6 +463,7 @@ impl Listener {
                     rp: Some(Box::new(SocketRp(rp))),
                     peer: format!("unix:{}", p.display()),
                     child: None,
+                    tcp_fd: None,
                 })
             }
             Listener::File(p) => Ok(Incoming {
@@ -356,6 +473,7 @@ impl Listener {
                 rp: None,
                 peer: format!("file:{}", p.display()),
                 child: None,
+                tcp_fd: None,
             }),
             Listener::Exec(c) => {
                 let mut child = Command::new("/bin/sh")
@@ -376,6 +494,7 @@ impl Listener {
                     rp: None,
                     peer: format!("exec:{c}"),
                     child: Some(child),
+                    tcp_fd: None,
                 })
             }
         }
@@ -451,6 +570,10 @@ pub fn run(
     let listener = Listener::open(listen)?;
     if let Some(n) = rcvbuf {
         listener.set_rcvbuf(n)?;
+        // The user's size stays.
+        POSTCOPY_RCVBUF.store(0, Ordering::Relaxed);
+    } else {
+        POSTCOPY_RCVBUF.store(recover.postcopy_rcvbuf, Ordering::Relaxed);
     }
     if recover.timeout.is_zero() {
         return Err(CliError::Usage(
@@ -487,6 +610,8 @@ pub fn run(
 pub struct RecoverArgs<'a> {
     /// `--rcvbuf`: SO_RCVBUF of the listener.
     pub rcvbuf: Option<usize>,
+    /// `--postcopy-rcvbuf`: SO_RCVBUF from POSTCOPY_LISTEN on (0: autotuned).
+    pub postcopy_rcvbuf: usize,
     /// Where to wait for the recovery connection (default: the `--listen` address).
     pub listen: Option<&'a MigUri>,
     /// How long a paused migration waits for it.
@@ -554,6 +679,7 @@ pub(crate) fn receive(
         rp,
         peer,
         child,
+        tcp_fd,
     } = inc;
     let mut recover_listener = recover.listener;
     let mut recovery: Option<crate::recover::Recovery> = None;
@@ -572,7 +698,7 @@ pub(crate) fn receive(
         polled,
         idle,
         last_data: Instant::now(),
-        save: save_file,
+        save: save_file.map(SaveFile::new),
         received: received.clone(),
         after_eof: after_eof.clone(),
         save_error: save_error.clone(),
@@ -632,18 +758,13 @@ pub(crate) fn receive(
                 };
                 main_n += 1;
                 match pause_and_recover(&inner, rec, &rd, &why, main_n, save, idle) {
-                    Ok((tee, dec)) => {
+                    Ok((mut tee, dec)) => {
                         recovering = Some((Instant::now(), RecoveryTiming::default()));
-                        rd = StreamReader::with_decoder(
-                            Tee {
-                                received: received.clone(),
-                                after_eof: after_eof.clone(),
-                                save_error: save_error.clone(),
-                                abort: abort.clone(),
-                                ..tee
-                            },
-                            dec,
-                        );
+                        tee.received = received.clone();
+                        tee.after_eof = after_eof.clone();
+                        tee.save_error = save_error.clone();
+                        tee.abort = abort.clone();
+                        rd = StreamReader::with_decoder(tee, dec);
                         continue;
                     }
                     Err(e) => break Err(e),
@@ -653,7 +774,7 @@ pub(crate) fn receive(
         if let Err(e) = mfd.before_item(&ri, &inner) {
             break Err(e);
         }
-        let mut g = lock(&inner);
+        let mut g = crate::postcopy::lock_background(&inner);
         n = n.wrapping_add(1);
         if n.is_multiple_of(256) {
             let st = g.session.dst.stats();
@@ -699,6 +820,10 @@ pub(crate) fn receive(
                     }
                 }
                 Event::PostcopyState(PostcopyState::Listening) => {
+                    // The first connection is still open (it is being read).
+                    if let Some(fd) = tcp_fd.filter(|_| main_n == 1) {
+                        postcopy_rcvbuf(fd);
+                    }
                     if let Some(r) = &recovery {
                         r.set_template(ri.decoder);
                         r.accept_preempt();
@@ -722,7 +847,7 @@ pub(crate) fn receive(
             }
         }
         if r.is_ok() {
-            r = g.execute_placements(true);
+            r = g.execute_placements(crate::postcopy::Via::Main);
         }
         g.flush_transmit(&mut out);
         if let Some((t0, rt)) = recovering.as_mut() {
@@ -1007,7 +1132,7 @@ fn pause_and_recover(
         polled: true,
         idle,
         last_data: Instant::now(),
-        save: save_file,
+        save: save_file.map(SaveFile::new),
         received: Rc::new(Cell::new(0)),
         after_eof: Rc::new(Cell::new(None)),
         save_error: Rc::new(RefCell::new(None)),
@@ -1276,6 +1401,9 @@ mod tests {
             for ph in phases {
                 assert_eq!(ph["count"].as_u64().unwrap(), n, "{pc}");
             }
+            // No preempt channel: every page came on the main channel.
+            assert_eq!(pc["request_latency_main_us"]["count"].as_u64(), Some(n));
+            assert_eq!(pc["request_latency_preempt_us"]["count"].as_u64(), Some(0));
             for (_, r) in &reqs {
                 let (RpMessage::ReqPages { start, len } | RpMessage::ReqPagesId { start, len, .. }) =
                     r
