@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Postcopy-preempt and recovery benchmarks, QEMU 10 source -> `qmig recv` on loopback.
 
-usage: bench_recovery_preempt.py [--runs N] [--skip-latency] [--skip-recovery]
+usage: bench_recovery_preempt.py [--runs N] [--baseline QMIG_BIN] [--skip-latency] [--skip-recovery]
 env:   QMIG   qmig binary (default target/release/qmig)
+--baseline: another qmig binary (an older build) run in the same runs, interleaved, for 1.
 
 1. Page-request round trip (fault -> REQ_PAGES -> page placed: the manifest's
    `request_latency_us`) with and without `postcopy-preempt`, in the same run, runs
@@ -39,16 +40,19 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
-def latency(qmig, root, runs):
-    rows = {"no-preempt": [], "preempt": []}
+def latency(qmigs, root, runs):
+    rows = {}
     for r in range(runs):
-        for name in ("no-preempt", "preempt"):
+        for (label, qmig), pre in ((q, p) for q in qmigs for p in (False, True)):
+            name = ("preempt" if pre else "no-preempt") + label
+            rows.setdefault(name, [])
             sc = dict(ri.SCENARIOS["q10-postcopy"])
             sc["params"] = UNLIMITED
             sc["caps"] = {"postcopy-ram": True}
-            if name == "preempt":
+            if pre:
                 sc["caps"]["postcopy-preempt"] = True
-            work = os.path.join(root, f"lat-{name}-{r}")
+            slug = "".join(c if c.isalnum() or c == "-" else "_" for c in name)
+            work = os.path.join(root, f"lat-{slug}-{r}")
             load = os.getloadavg()[0]
             try:
                 ri.run_postcopy(name, sc, qmig, work)
@@ -68,12 +72,12 @@ def latency(qmig, root, runs):
                   f"channel: n={by['preempt'].get('count')} p50 {by['preempt'].get('p50')} "
                   f"p99 {by['preempt'].get('p99')} us; preempt records "
                   f"{pc.get('preempt_records', 0)}, load {load:.1f}", flush=True)
-    print("\nvariant       runs  requests  p50_us(median of runs)  p99_us(median of runs)  load"
+    print("\nvariant                  runs  requests  p50_us(median of runs)  p99_us(median of runs)  load"
           "  on_main  main_p50(median)  preempt_p99(median)")
     for name, rs in rows.items():
         if not rs:
             continue
-        print(f"{name:12} {len(rs):5} {sum(x[0] for x in rs):9} "
+        print(f"{name:23} {len(rs):5} {sum(x[0] for x in rs):9} "
               f"{pct([x[1] for x in rs], 0.5)!s:>23} {pct([x[2] for x in rs], 0.5)!s:>23} "
               f"{sum(x[4] for x in rs) / len(rs):5.1f} "
               f"{sum(x[5]['main'].get('count') or 0 for x in rs):8} "
@@ -110,6 +114,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baseline", metavar="QMIG_BIN",
+                    help="also run this qmig binary, interleaved (latency only)")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-recovery", action="store_true")
     a = ap.parse_args()
@@ -119,7 +125,8 @@ def main():
           f"{os.getloadavg()}", flush=True)
     try:
         if not a.skip_latency:
-            latency(qmig, root, a.runs)
+            qmigs = [("", qmig)] + ([(" (baseline)", a.baseline)] if a.baseline else [])
+            latency(qmigs, root, a.runs)
         if not a.skip_recovery:
             recovery(qmig, root, a.runs)
     finally:

@@ -322,6 +322,36 @@ impl Recovery {
         }
     }
 
+    /// POSTCOPY_RESUME on a recovery connection: when the source used a
+    /// preempt channel before the cut, it has opened a new one before it
+    /// sent the command (QEMU's destination waits for it there too), but
+    /// through a proxy it may reach the listener a little later: waits for
+    /// it, at most `timeout`. Without this, the requested pages the source
+    /// writes on it would never be read.
+    pub(crate) fn accept_preempt_after_resume(&self, timeout: Duration) {
+        if self.shared.preempt_for.load(Ordering::Acquire) == 0 {
+            // No preempt channel so far: the source does not use one.
+            return;
+        }
+        let t0 = Instant::now();
+        loop {
+            self.accept_preempt();
+            let main = self.shared.main_index.load(Ordering::Acquire);
+            if self.shared.preempt_for.load(Ordering::Acquire) >= main {
+                return;
+            }
+            if t0.elapsed() >= timeout {
+                eprintln!(
+                    "qmig recv: note: no postcopy-preempt channel for main connection {main} \
+                     within {} s of POSTCOPY_RESUME",
+                    timeout.as_secs_f64()
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// A recovery connection was accepted: it is main connection `n`.
     pub(crate) fn new_main(&self, n: usize, kick: Kick) {
         self.shared.main_index.store(n, Ordering::Release);

@@ -631,6 +631,10 @@ pub(crate) struct Recover {
 /// The default `--recover-timeout`, seconds.
 pub const DEFAULT_RECOVER_TIMEOUT: u64 = 600;
 
+/// How long POSTCOPY_RESUME waits for the new preempt channel of a source
+/// that used one (see `Recovery::accept_preempt_after_resume`).
+const PREEMPT_AFTER_RESUME: Duration = Duration::from_secs(5);
+
 /// How long the end of a migration waits for `--touch` threads.
 const TOUCH_WAIT: Duration = Duration::from_secs(10);
 
@@ -832,7 +836,7 @@ pub(crate) fn receive(
                 // POSTCOPY_RESUME on a recovery connection.
                 Event::PostcopyState(PostcopyState::Running) if main_n > 1 => {
                     if let Some(r) = &recovery {
-                        r.accept_preempt();
+                        r.accept_preempt_after_resume(PREEMPT_AFTER_RESUME);
                     }
                 }
                 _ => {}
