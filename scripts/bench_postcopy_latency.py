@@ -182,6 +182,10 @@ def main():
             print(f"{n} run {r}: requests {pc['page_requests']}, round trip p50 {rl['p50']} us "
                   f"p99 {rl['p99']} us (n={rl['count']}), dist {pc['request_latency_dist_us']}",
                   flush=True)
+            ph = pc.get("request_phases_us") or []
+            if ph:
+                print("    phases p50/p99 us (fault->request written, ->page parsed, ->placed): "
+                      + ", ".join(f"{x['p50']}/{x['p99']}" for x in ph), flush=True)
     subprocess.run(["rm", "-rf", root])
     print("\nvariant            n    p50_us    p99_us  blocktime_us  migration")
     print(f"{'bare-uffd':16} {4000:4} {b['fault_to_placed_us']['p50']:9} "

@@ -358,7 +358,18 @@ pub(crate) struct Ram {
     pub(crate) names: Vec<String>,
     files: Vec<String>,
     pub(crate) images: Vec<Image>,
+    /// Bytes sent when the mapped images' pages were last released
+    /// (postcopy, [`Ram::release_every`]).
+    released_at: std::cell::Cell<u64>,
 }
+
+/// Postcopy: bytes sent after which the sending thread drops the mapped
+/// images' resident pages. Not the 10 ms releaser thread of the other
+/// modes: each of its passes unmapped every page, so nearly every requested
+/// page was a page fault (with fault-around) on the sending thread, and the
+/// thread itself took CPU from the round trip (request serve time p50
+/// 28 -> 15 us; scripts/bench_postcopy_latency.py).
+const POSTCOPY_RELEASE_EVERY: u64 = 16 << 20;
 
 /// One block image: mapped from its file (nothing is read before a page is
 /// sent, so a postcopy destination runs the guest without waiting for the
@@ -384,6 +395,15 @@ impl Image {
 }
 
 impl Ram {
+    /// Postcopy: [`Ram::release_mapped`] once `sent` has grown by
+    /// [`POSTCOPY_RELEASE_EVERY`] since the last time.
+    fn release_every(&self, sent: u64) {
+        if sent.saturating_sub(self.released_at.get()) >= POSTCOPY_RELEASE_EVERY {
+            self.release_mapped();
+            self.released_at.set(sent);
+        }
+    }
+
     /// Drops the resident pages of the mapped images (sent pages stay in
     /// the page cache), keeping `send`'s RSS bounded by one iteration's
     /// pages rather than the RAM's size.
@@ -412,7 +432,7 @@ impl AsRef<[u8]> for Image {
     }
 }
 
-fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
+fn load_ram(dir: &Path, allow_incomplete: bool, release_thread: bool) -> Result<Ram, CliError> {
     let mpath = dir.join(manifest::MANIFEST);
     let m = Manifest::read(dir)?;
     if !m.complete && !allow_incomplete {
@@ -434,6 +454,7 @@ fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
         names: Vec::new(),
         files: Vec::new(),
         images: Vec::new(),
+        released_at: std::cell::Cell::new(0),
     };
     for b in m.blocks {
         let Some(file) = b.file else {
@@ -468,8 +489,12 @@ fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
             // Sent pages leave the resident set (they stay in the page
             // cache) in every mode, not only where the precopy loop calls
             // `Ram::release_mapped`: peak RSS under 64 MiB (scripts/rss_check.sh).
-            m.release_periodically(std::time::Duration::from_millis(10))
-                .map_err(|e| CliError::io(&path, "start a thread for", e))?;
+            // Not in postcopy: there the sending thread releases them
+            // every POSTCOPY_RELEASE_EVERY bytes ([`Ram::release_every`]).
+            if release_thread {
+                m.release_periodically(std::time::Duration::from_millis(10))
+                    .map_err(|e| CliError::io(&path, "start a thread for", e))?;
+            }
             Image::Mapped(m)
         } else {
             let mut v = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
@@ -776,7 +801,7 @@ pub fn run(a: &SendArgs) -> CliResult {
             a.template.display()
         )));
     }
-    let mut ram = load_ram(&a.ram, a.allow_incomplete)?;
+    let mut ram = load_ram(&a.ram, a.allow_incomplete, !a.postcopy)?;
     check_layout(&t, &ram, a.force)?;
     if a.mapped_ram {
         return crate::convert::send_mapped_ram(a, &t, &ram.names, &ram.images);
@@ -1096,6 +1121,7 @@ fn stream_postcopy(
                 .write_iteration(&ram.images, budget, &mut out)
                 .map_err(src_error)?;
             pacer.send(sink, &mut out, uri)?;
+            ram.release_every(pacer.sent);
             if p == Progress::Clean {
                 break;
             }
@@ -1386,6 +1412,10 @@ fn postcopy_phase(
         }
         pacer.exempt += src.ram().counters().requested_bytes - before;
         pacer.write(sink, out, uri).map_err(cut_or_fatal)?;
+        // Not while a request waits: the release takes a while.
+        if src.ram().pending_requests().next().is_none() {
+            ram.release_every(pacer.sent);
+        }
         // Pace the background scan; a page request ends the wait.
         if let Some(wait) = pacer.due() {
             match rx.recv_timeout(wait) {
