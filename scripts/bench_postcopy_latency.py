@@ -140,7 +140,8 @@ def live_qmig(v, qmig, tpl, ramdir, work):
             raise ri.Fail(f"block {b['name']} differs")
     st = json.loads(p.stdout)
     m = json.load(open(os.path.join(out, "manifest.json")))
-    return f"{st['seconds']:.2f}s", m["postcopy"]
+    pc = dict(m["postcopy"], send_serve_us=st["postcopy"]["request_serve_us"])
+    return f"{st['seconds']:.2f}s", pc
 
 
 def main():
@@ -186,6 +187,10 @@ def main():
             if ph:
                 print("    phases p50/p99 us (fault->request written, ->page parsed, ->placed): "
                       + ", ".join(f"{x['p50']}/{x['p99']}" for x in ph), flush=True)
+            sv = pc.get("send_serve_us")
+            if sv:
+                print(f"    send: request read -> page written p50/p99 {sv['p50']}/{sv['p99']} us "
+                      f"(n={sv['count']}); load average {os.getloadavg()[0]:.1f}", flush=True)
     subprocess.run(["rm", "-rf", root])
     print("\nvariant            n    p50_us    p99_us  blocktime_us  migration")
     print(f"{'bare-uffd':16} {4000:4} {b['fault_to_placed_us']['p50']:9} "

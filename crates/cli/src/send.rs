@@ -737,6 +737,8 @@ struct PostcopySummary {
     recoveries: u64,
     /// Pages sent on the preempt channel.
     preempt_pages: u64,
+    /// From reading a page request to having written it ([`ServeTime`]).
+    request_serve_us: LatencyUs,
 }
 
 fn src_error(e: qmig_ram_src::RamSrcError) -> CliError {
@@ -922,6 +924,11 @@ pub fn run(a: &SendArgs) -> CliResult {
             discard_ranges: c.discard_ranges,
             recoveries: c.resumes,
             preempt_pages: c.preempt_pages,
+            request_serve_us: LatencyUs {
+                count: p.serve.lat.count(),
+                p50: p.serve.lat.quantile_us(0.50),
+                p99: p.serve.lat.quantile_us(0.99),
+            },
         }),
     };
     if a.json {
@@ -1034,6 +1041,45 @@ pub(crate) enum RpEvent {
 struct PostcopyTimes {
     switchover: Duration,
     postcopy: Duration,
+    serve: ServeTime,
+}
+
+/// How long page requests wait on the source: from reading a request off
+/// the return path until every pending request has been written to the
+/// socket (the source's share of the fault round trip; the `--json`
+/// summary's `request_serve_us`).
+#[derive(Default)]
+struct ServeTime {
+    /// When the oldest request not yet written was read.
+    since: Option<Instant>,
+    lat: qmig_uffd_host::Latency,
+}
+
+impl ServeTime {
+    /// After return-path messages were taken: start the clock if requests
+    /// are now pending.
+    fn read(&mut self, src: &Source<'_>) {
+        if self.since.is_none() && src.ram().pending_requests().next().is_some() {
+            self.since = Some(Instant::now());
+        }
+    }
+
+    /// After a write: stop the clock once no request is pending.
+    fn written(&mut self, src: &Source<'_>) {
+        if self.since.is_some() && src.ram().pending_requests().next().is_none() {
+            if let Some(t) = self.since.take() {
+                self.lat.record(t.elapsed());
+            }
+        }
+    }
+}
+
+/// p50 / p99 / count of a latency, in µs (the `--json` summary).
+#[derive(Serialize)]
+struct LatencyUs {
+    count: u64,
+    p50: Option<u64>,
+    p99: Option<u64>,
 }
 
 /// Hands one return-path event to the source. `Ok(false)`: the return
@@ -1192,6 +1238,7 @@ fn stream_postcopy(
             "the return path closed".into(),
         )?;
     }
+    let mut serve = ServeTime::default();
     let postcopy = loop {
         match postcopy_phase(
             a,
@@ -1204,6 +1251,7 @@ fn stream_postcopy(
             idle,
             pc_budget,
             &mut out,
+            &mut serve,
         ) {
             Ok(()) => break t_post.elapsed(),
             Err(Stop::Fatal(e)) => return Err(e),
@@ -1225,6 +1273,7 @@ fn stream_postcopy(
     Ok(PostcopyTimes {
         switchover,
         postcopy,
+        serve,
     })
 }
 
@@ -1332,6 +1381,7 @@ fn postcopy_phase(
     idle: Duration,
     pc_budget: usize,
     out: &mut Vec<u8>,
+    serve: &mut ServeTime,
 ) -> Result<(), Stop> {
     let uri = &a.to;
     let mut pre = Vec::new();
@@ -1350,6 +1400,7 @@ fn postcopy_phase(
                     return Err(Stop::Cut("the return path ended".into()))
                 }
             }
+            serve.read(src);
         }
         if src.phase() == SourcePhase::Finished {
             // QEMU's source completes once the destination's SHUT arrives.
@@ -1385,6 +1436,7 @@ fn postcopy_phase(
             if !pre.is_empty() {
                 pacer.exempt += pre.len() as u64;
                 pacer.write(p, &mut pre, uri).map_err(cut_or_fatal)?;
+                serve.written(src);
             }
         }
         if src.postcopy_done() {
@@ -1412,6 +1464,7 @@ fn postcopy_phase(
         }
         pacer.exempt += src.ram().counters().requested_bytes - before;
         pacer.write(sink, out, uri).map_err(cut_or_fatal)?;
+        serve.written(src);
         // Not while a request waits: the release takes a while.
         if src.ram().pending_requests().next().is_none() {
             ram.release_every(pacer.sent);
@@ -1419,7 +1472,10 @@ fn postcopy_phase(
         // Pace the background scan; a page request ends the wait.
         if let Some(wait) = pacer.due() {
             match rx.recv_timeout(wait) {
-                Ok(ev) => rp_event(src, ev, uri)?,
+                Ok(ev) => {
+                    rp_event(src, ev, uri)?;
+                    serve.read(src);
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(Stop::Cut("the return path ended".into()))
