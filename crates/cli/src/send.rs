@@ -358,18 +358,22 @@ pub(crate) struct Ram {
     pub(crate) names: Vec<String>,
     files: Vec<String>,
     pub(crate) images: Vec<Image>,
-    /// Bytes sent when the mapped images' pages were last released
-    /// (postcopy, [`Ram::release_every`]).
-    released_at: std::cell::Cell<u64>,
+    /// Bytes sent and requested pages served when the mapped images' pages
+    /// were last released (postcopy, [`Ram::release_every`]).
+    released_at: std::cell::Cell<(u64, u64)>,
 }
 
-/// Postcopy: bytes sent after which the sending thread drops the mapped
-/// images' resident pages. Not the 10 ms releaser thread of the other
-/// modes: each of its passes unmapped every page, so nearly every requested
-/// page was a page fault (with fault-around) on the sending thread, and the
-/// thread itself took CPU from the round trip (request serve time p50
-/// 28 -> 15 us; scripts/bench_postcopy_latency.py).
-const POSTCOPY_RELEASE_EVERY: u64 = 16 << 20;
+/// Postcopy: how much of the mapped images may be resident before the
+/// sending thread drops their pages ([`Ram::release_every`]). Not the 10 ms
+/// releaser thread of the other modes: each of its passes unmapped every
+/// page, so nearly every requested page was a page fault on the sending
+/// thread again (request read -> page written p50 27-31 us, 7-19 us
+/// without; scripts/bench_postcopy_latency.py).
+const POSTCOPY_MAPPED_MAX: u64 = 64 << 20;
+
+/// Bytes a requested page may map: the kernel maps up to 16 pages around a
+/// faulting one of a file mapping (fault-around, 64 KiB).
+const FAULT_AROUND: u64 = 64 << 10;
 
 /// One block image: mapped from its file (nothing is read before a page is
 /// sent, so a postcopy destination runs the guest without waiting for the
@@ -395,12 +399,17 @@ impl Image {
 }
 
 impl Ram {
-    /// Postcopy: [`Ram::release_mapped`] once `sent` has grown by
-    /// [`POSTCOPY_RELEASE_EVERY`] since the last time.
-    fn release_every(&self, sent: u64) {
-        if sent.saturating_sub(self.released_at.get()) >= POSTCOPY_RELEASE_EVERY {
+    /// Postcopy: [`Ram::release_mapped`] once what may have been mapped
+    /// since the last time (`sent` bytes, plus [`FAULT_AROUND`] for each of
+    /// the `requested` pages served) reaches [`POSTCOPY_MAPPED_MAX`].
+    fn release_every(&self, sent: u64, requested: u64) {
+        let (s0, r0) = self.released_at.get();
+        let mapped = sent
+            .saturating_sub(s0)
+            .saturating_add(requested.saturating_sub(r0).saturating_mul(FAULT_AROUND));
+        if mapped >= POSTCOPY_MAPPED_MAX {
             self.release_mapped();
-            self.released_at.set(sent);
+            self.released_at.set((sent, requested));
         }
     }
 
@@ -454,7 +463,7 @@ fn load_ram(dir: &Path, allow_incomplete: bool, release_thread: bool) -> Result<
         names: Vec::new(),
         files: Vec::new(),
         images: Vec::new(),
-        released_at: std::cell::Cell::new(0),
+        released_at: std::cell::Cell::new((0, 0)),
     };
     for b in m.blocks {
         let Some(file) = b.file else {
@@ -1167,7 +1176,7 @@ fn stream_postcopy(
                 .write_iteration(&ram.images, budget, &mut out)
                 .map_err(src_error)?;
             pacer.send(sink, &mut out, uri)?;
-            ram.release_every(pacer.sent);
+            ram.release_every(pacer.sent, 0);
             if p == Progress::Clean {
                 break;
             }
@@ -1467,7 +1476,7 @@ fn postcopy_phase(
         serve.written(src);
         // Not while a request waits: the release takes a while.
         if src.ram().pending_requests().next().is_none() {
-            ram.release_every(pacer.sent);
+            ram.release_every(pacer.sent, src.ram().counters().requested_pages);
         }
         // Pace the background scan; a page request ends the wait.
         if let Some(wait) = pacer.due() {
