@@ -358,22 +358,7 @@ pub(crate) struct Ram {
     pub(crate) names: Vec<String>,
     files: Vec<String>,
     pub(crate) images: Vec<Image>,
-    /// Bytes sent and requested pages served when the mapped images' pages
-    /// were last released (postcopy, [`Ram::release_every`]).
-    released_at: std::cell::Cell<(u64, u64)>,
 }
-
-/// Postcopy: how much of the mapped images may be resident before the
-/// sending thread drops their pages ([`Ram::release_every`]). Not the 10 ms
-/// releaser thread of the other modes: each of its passes unmapped every
-/// page, so nearly every requested page was a page fault on the sending
-/// thread again (request read -> page written p50 27-31 us, 7-19 us
-/// without; scripts/bench_postcopy_latency.py).
-const POSTCOPY_MAPPED_MAX: u64 = 64 << 20;
-
-/// Bytes a requested page may map: the kernel maps up to 16 pages around a
-/// faulting one of a file mapping (fault-around, 64 KiB).
-const FAULT_AROUND: u64 = 64 << 10;
 
 /// One block image: mapped from its file (nothing is read before a page is
 /// sent, so a postcopy destination runs the guest without waiting for the
@@ -399,20 +384,6 @@ impl Image {
 }
 
 impl Ram {
-    /// Postcopy: [`Ram::release_mapped`] once what may have been mapped
-    /// since the last time (`sent` bytes, plus [`FAULT_AROUND`] for each of
-    /// the `requested` pages served) reaches [`POSTCOPY_MAPPED_MAX`].
-    fn release_every(&self, sent: u64, requested: u64) {
-        let (s0, r0) = self.released_at.get();
-        let mapped = sent
-            .saturating_sub(s0)
-            .saturating_add(requested.saturating_sub(r0).saturating_mul(FAULT_AROUND));
-        if mapped >= POSTCOPY_MAPPED_MAX {
-            self.release_mapped();
-            self.released_at.set((sent, requested));
-        }
-    }
-
     /// Drops the resident pages of the mapped images (sent pages stay in
     /// the page cache), keeping `send`'s RSS bounded by one iteration's
     /// pages rather than the RAM's size.
@@ -441,7 +412,7 @@ impl AsRef<[u8]> for Image {
     }
 }
 
-fn load_ram(dir: &Path, allow_incomplete: bool, release_thread: bool) -> Result<Ram, CliError> {
+fn load_ram(dir: &Path, allow_incomplete: bool) -> Result<Ram, CliError> {
     let mpath = dir.join(manifest::MANIFEST);
     let m = Manifest::read(dir)?;
     if !m.complete && !allow_incomplete {
@@ -463,7 +434,6 @@ fn load_ram(dir: &Path, allow_incomplete: bool, release_thread: bool) -> Result<
         names: Vec::new(),
         files: Vec::new(),
         images: Vec::new(),
-        released_at: std::cell::Cell::new((0, 0)),
     };
     for b in m.blocks {
         let Some(file) = b.file else {
@@ -498,12 +468,8 @@ fn load_ram(dir: &Path, allow_incomplete: bool, release_thread: bool) -> Result<
             // Sent pages leave the resident set (they stay in the page
             // cache) in every mode, not only where the precopy loop calls
             // `Ram::release_mapped`: peak RSS under 64 MiB (scripts/rss_check.sh).
-            // Not in postcopy: there the sending thread releases them
-            // every POSTCOPY_RELEASE_EVERY bytes ([`Ram::release_every`]).
-            if release_thread {
-                m.release_periodically(std::time::Duration::from_millis(10))
-                    .map_err(|e| CliError::io(&path, "start a thread for", e))?;
-            }
+            m.release_periodically(std::time::Duration::from_millis(10))
+                .map_err(|e| CliError::io(&path, "start a thread for", e))?;
             Image::Mapped(m)
         } else {
             let mut v = std::fs::read(&path).map_err(|e| CliError::io(&path, "read", e))?;
@@ -812,7 +778,7 @@ pub fn run(a: &SendArgs) -> CliResult {
             a.template.display()
         )));
     }
-    let mut ram = load_ram(&a.ram, a.allow_incomplete, !a.postcopy)?;
+    let mut ram = load_ram(&a.ram, a.allow_incomplete)?;
     check_layout(&t, &ram, a.force)?;
     if a.mapped_ram {
         return crate::convert::send_mapped_ram(a, &t, &ram.names, &ram.images);
@@ -1176,7 +1142,6 @@ fn stream_postcopy(
                 .write_iteration(&ram.images, budget, &mut out)
                 .map_err(src_error)?;
             pacer.send(sink, &mut out, uri)?;
-            ram.release_every(pacer.sent, 0);
             if p == Progress::Clean {
                 break;
             }
@@ -1474,10 +1439,6 @@ fn postcopy_phase(
         pacer.exempt += src.ram().counters().requested_bytes - before;
         pacer.write(sink, out, uri).map_err(cut_or_fatal)?;
         serve.written(src);
-        // Not while a request waits: the release takes a while.
-        if src.ram().pending_requests().next().is_none() {
-            ram.release_every(pacer.sent, src.ram().counters().requested_pages);
-        }
         // Pace the background scan; a page request ends the wait.
         if let Some(wait) = pacer.due() {
             match rx.recv_timeout(wait) {
