@@ -33,14 +33,12 @@ have TCP_NODELAY. `qmig-unlimited`: p50 5.6-80 ms with only ~30 requests: the ba
 fills the socket buffers and a requested page waits behind them (one channel; QEMU's answer is
 the postcopy-preempt channel).
 
-Then (2026-11-30, load average 11-18, runs interleaved with the previous binary): send's 10 ms
-thread dropping the mapped images' resident pages made nearly every requested page a page fault
-on the sending thread; without it (the sending thread releases once up to 64 MiB may be mapped)
-send's request read -> page written (`send --json` `request_serve_us`, printed per run) went from
-p50 27-31 to 13-21 us, but end to end the p50 stayed within the noise (44-80 us, median 57, vs
-47-78, median 56, over 18 interleaved runs): wake-up and scheduling delay of the four threads on
-the path dominate at this load. Busy polling recv's reader or send's return path measured worse
-(README, Postcopy).
+Re-measured (2026-11-30, load average 11-18, runs beside the previous binary): p50 51-83 us
+(previous 45-85): the goal is met in some runs only. send's request read -> page written
+(`send --json` `request_serve_us`, printed per run) is p50 23-38 us, 10-15 us of it page faults
+on the mapped image after send's 10 ms resident-page releaser; dropping or slowing the releaser
+cut that but cost RSS and gave no end-to-end gain; busy polling recv's reader or send's return
+path measured worse (README, Postcopy).
 
 Findings (2 shared cores, load average ~19, 3 runs each, 2026-11-30): bare userfaultfd round
 trip p50 11-13 us. `limited`: p50 1.3-99 ms, mostly ~90-100 ms with most samples in the
