@@ -35,7 +35,7 @@ the postcopy-preempt channel).
 
 Re-measured (2026-11-30, load average 11-18, runs beside the previous binary): p50 51-83 us
 (previous 45-85): the goal is met in some runs only. send's request read -> page written
-(`send --json` `request_serve_us`, printed per run) is p50 23-38 us, 10-15 us of it page faults
+(`send --json` `request_serve_us`, printed per run) is p50 17-38 us, 10-15 us of it page faults
 on the mapped image after send's 10 ms resident-page releaser; dropping or slowing the releaser
 cut that but cost RSS and gave no end-to-end gain; busy polling recv's reader or send's return
 path measured worse (README, Postcopy).
