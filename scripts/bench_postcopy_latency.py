@@ -33,6 +33,13 @@ have TCP_NODELAY. `qmig-unlimited`: p50 5.6-80 ms with only ~30 requests: the ba
 fills the socket buffers and a requested page waits behind them (one channel; QEMU's answer is
 the postcopy-preempt channel).
 
+Re-measured (2026-11-30, load average 11-18, runs beside the previous binary): p50 51-83 us
+(previous 45-85): the goal is met in some runs only. send's request read -> page written
+(`send --json` `request_serve_us`, printed per run) is p50 17-38 us, 10-15 us of it page faults
+on the mapped image after send's 10 ms resident-page releaser; dropping or slowing the releaser
+cut that but cost RSS and gave no end-to-end gain; busy polling recv's reader or send's return
+path measured worse (README, Postcopy).
+
 Findings (2 shared cores, load average ~19, 3 runs each, 2026-11-30): bare userfaultfd round
 trip p50 11-13 us. `limited`: p50 1.3-99 ms, mostly ~90-100 ms with most samples in the
 [65, 131) ms bucket: with max-postcopy-bandwidth set, QEMU serves a page request only when
@@ -140,7 +147,8 @@ def live_qmig(v, qmig, tpl, ramdir, work):
             raise ri.Fail(f"block {b['name']} differs")
     st = json.loads(p.stdout)
     m = json.load(open(os.path.join(out, "manifest.json")))
-    return f"{st['seconds']:.2f}s", m["postcopy"]
+    pc = dict(m["postcopy"], send_serve_us=st["postcopy"]["request_serve_us"])
+    return f"{st['seconds']:.2f}s", pc
 
 
 def main():
@@ -182,6 +190,14 @@ def main():
             print(f"{n} run {r}: requests {pc['page_requests']}, round trip p50 {rl['p50']} us "
                   f"p99 {rl['p99']} us (n={rl['count']}), dist {pc['request_latency_dist_us']}",
                   flush=True)
+            ph = pc.get("request_phases_us") or []
+            if ph:
+                print("    phases p50/p99 us (fault->request written, ->page parsed, ->placed): "
+                      + ", ".join(f"{x['p50']}/{x['p99']}" for x in ph), flush=True)
+            sv = pc.get("send_serve_us")
+            if sv:
+                print(f"    send: request read -> page written p50/p99 {sv['p50']}/{sv['p99']} us "
+                      f"(n={sv['count']}); load average {os.getloadavg()[0]:.1f}", flush=True)
     subprocess.run(["rm", "-rf", root])
     print("\nvariant            n    p50_us    p99_us  blocktime_us  migration")
     print(f"{'bare-uffd':16} {4000:4} {b['fault_to_placed_us']['p50']:9} "

@@ -5,7 +5,11 @@
 //! fault round trip; QEMU's `source_return_path_thread` is such a reader).
 //!
 //! [`RpPoll`] offers the two calls of an `mpsc::Receiver<RpEvent>` that the
-//! postcopy loop uses, `try_recv` and `recv_timeout`.
+//! postcopy loop uses, `try_recv` and `recv_timeout`. Syscalls per page
+//! request are kept few (each costs on the fault round trip): a short read
+//! means the socket was empty, so the `try_recv` right after it does not
+//! read again, and `recv_timeout` goes straight to `ppoll` (which returns at
+//! once when bytes are there).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -34,6 +38,9 @@ struct State {
     ready: VecDeque<RpEvent>,
     /// EOF or an error was queued: nothing more is read.
     closed: bool,
+    /// The last read was short (the socket had nothing more): the next
+    /// `try_recv` answers `Empty` without reading (once).
+    drained: bool,
 }
 
 impl RpPoll {
@@ -50,6 +57,9 @@ impl RpPoll {
     pub(crate) fn try_recv(&self) -> Result<RpEvent, TryRecvError> {
         let mut st = self.st.borrow_mut();
         if st.ready.is_empty() && !st.closed {
+            if std::mem::take(&mut st.drained) {
+                return Err(TryRecvError::Empty);
+            }
             self.fill(&mut st);
         }
         match st.ready.pop_front() {
@@ -64,10 +74,14 @@ impl RpPoll {
     pub(crate) fn recv_timeout(&self, wait: Duration) -> Result<RpEvent, RecvTimeoutError> {
         let deadline = Instant::now() + wait;
         loop {
-            match self.try_recv() {
-                Ok(ev) => return Ok(ev),
-                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
-                Err(TryRecvError::Empty) => {}
+            {
+                let mut st = self.st.borrow_mut();
+                if let Some(ev) = st.ready.pop_front() {
+                    return Ok(ev);
+                }
+                if st.closed {
+                    return Err(RecvTimeoutError::Disconnected);
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -88,6 +102,11 @@ impl RpPoll {
             if r < 0 {
                 // EINTR (a signal): let the caller look at it.
                 return Err(RecvTimeoutError::Timeout);
+            }
+            if r > 0 {
+                let mut st = self.st.borrow_mut();
+                st.drained = false;
+                self.fill(&mut st);
             }
         }
     }
@@ -151,6 +170,7 @@ impl RpPoll {
                 }
             }
             if (n as usize) < chunk.len() {
+                st.drained = true;
                 return;
             }
         }
@@ -198,6 +218,23 @@ mod tests {
             rp.recv_timeout(Duration::from_millis(1)),
             Err(RecvTimeoutError::Disconnected)
         ));
+    }
+
+    #[test]
+    fn a_short_read_skips_one_read_and_the_next_try_reads_again() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let rp = RpPoll::new(b.into());
+        let mut pong = Vec::new();
+        qmig_wire::RpMessage::Pong(1).write(&mut pong).unwrap();
+        a.write_all(&pong).unwrap();
+        assert!(matches!(rp.try_recv(), Ok(RpEvent::Msg(0, _))));
+        a.write_all(&pong).unwrap();
+        // The socket was empty after the short read: this one does not read.
+        assert!(matches!(rp.try_recv(), Err(TryRecvError::Empty)));
+        match rp.try_recv() {
+            Ok(RpEvent::Msg(at, _)) => assert_eq!(at, pong.len() as u64),
+            _ => panic!("the second PONG was not read"),
+        }
     }
 
     #[test]

@@ -712,6 +712,8 @@ struct PostcopySummary {
     recoveries: u64,
     /// Pages sent on the preempt channel.
     preempt_pages: u64,
+    /// From reading a page request to having written it ([`ServeTime`]).
+    request_serve_us: LatencyUs,
 }
 
 fn src_error(e: qmig_ram_src::RamSrcError) -> CliError {
@@ -897,6 +899,11 @@ pub fn run(a: &SendArgs) -> CliResult {
             discard_ranges: c.discard_ranges,
             recoveries: c.resumes,
             preempt_pages: c.preempt_pages,
+            request_serve_us: LatencyUs {
+                count: p.serve.lat.count(),
+                p50: p.serve.lat.quantile_us(0.50),
+                p99: p.serve.lat.quantile_us(0.99),
+            },
         }),
     };
     if a.json {
@@ -1009,6 +1016,45 @@ pub(crate) enum RpEvent {
 struct PostcopyTimes {
     switchover: Duration,
     postcopy: Duration,
+    serve: ServeTime,
+}
+
+/// How long page requests wait on the source: from reading a request off
+/// the return path until every pending request has been written to the
+/// socket (the source's share of the fault round trip; the `--json`
+/// summary's `request_serve_us`).
+#[derive(Default)]
+struct ServeTime {
+    /// When the oldest request not yet written was read.
+    since: Option<Instant>,
+    lat: qmig_uffd_host::Latency,
+}
+
+impl ServeTime {
+    /// After return-path messages were taken: start the clock if requests
+    /// are now pending.
+    fn read(&mut self, src: &Source<'_>) {
+        if self.since.is_none() && src.ram().pending_requests().next().is_some() {
+            self.since = Some(Instant::now());
+        }
+    }
+
+    /// After a write: stop the clock once no request is pending.
+    fn written(&mut self, src: &Source<'_>) {
+        if self.since.is_some() && src.ram().pending_requests().next().is_none() {
+            if let Some(t) = self.since.take() {
+                self.lat.record(t.elapsed());
+            }
+        }
+    }
+}
+
+/// p50 / p99 / count of a latency, in µs (the `--json` summary).
+#[derive(Serialize)]
+struct LatencyUs {
+    count: u64,
+    p50: Option<u64>,
+    p99: Option<u64>,
 }
 
 /// Hands one return-path event to the source. `Ok(false)`: the return
@@ -1166,6 +1212,7 @@ fn stream_postcopy(
             "the return path closed".into(),
         )?;
     }
+    let mut serve = ServeTime::default();
     let postcopy = loop {
         match postcopy_phase(
             a,
@@ -1178,6 +1225,7 @@ fn stream_postcopy(
             idle,
             pc_budget,
             &mut out,
+            &mut serve,
         ) {
             Ok(()) => break t_post.elapsed(),
             Err(Stop::Fatal(e)) => return Err(e),
@@ -1199,6 +1247,7 @@ fn stream_postcopy(
     Ok(PostcopyTimes {
         switchover,
         postcopy,
+        serve,
     })
 }
 
@@ -1306,6 +1355,7 @@ fn postcopy_phase(
     idle: Duration,
     pc_budget: usize,
     out: &mut Vec<u8>,
+    serve: &mut ServeTime,
 ) -> Result<(), Stop> {
     let uri = &a.to;
     let mut pre = Vec::new();
@@ -1324,6 +1374,7 @@ fn postcopy_phase(
                     return Err(Stop::Cut("the return path ended".into()))
                 }
             }
+            serve.read(src);
         }
         if src.phase() == SourcePhase::Finished {
             // QEMU's source completes once the destination's SHUT arrives.
@@ -1359,6 +1410,7 @@ fn postcopy_phase(
             if !pre.is_empty() {
                 pacer.exempt += pre.len() as u64;
                 pacer.write(p, &mut pre, uri).map_err(cut_or_fatal)?;
+                serve.written(src);
             }
         }
         if src.postcopy_done() {
@@ -1386,10 +1438,14 @@ fn postcopy_phase(
         }
         pacer.exempt += src.ram().counters().requested_bytes - before;
         pacer.write(sink, out, uri).map_err(cut_or_fatal)?;
+        serve.written(src);
         // Pace the background scan; a page request ends the wait.
         if let Some(wait) = pacer.due() {
             match rx.recv_timeout(wait) {
-                Ok(ev) => rp_event(src, ev, uri)?,
+                Ok(ev) => {
+                    rp_event(src, ev, uri)?;
+                    serve.read(src);
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(Stop::Cut("the return path ended".into()))
