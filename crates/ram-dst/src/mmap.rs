@@ -309,6 +309,24 @@ pub(crate) fn punch_hole(file: &File, offset: libc::off_t, len: libc::off_t) -> 
     }
 }
 
+/// Allocates blocks for `offset..offset + len` of `file` (`fallocate` mode 0:
+/// unwritten extents, read as zeros, size unchanged inside the file), so that
+/// a following buffered write of the range skips the filesystem's delayed
+/// allocation bookkeeping (on ext4 a third of a page-cache write's CPU time).
+///
+/// # Errors
+/// The OS error (e.g. `EOPNOTSUPP` where the filesystem has no `fallocate`).
+pub(crate) fn preallocate(file: &File, offset: libc::off_t, len: libc::off_t) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; `file` is an open
+    // descriptor we borrow for the duration of the call.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Copies `data.len()` bytes from file offset `src_at` of `src` to offset
 /// `dst_at` of `dst` with `copy_file_range` (in the kernel: no copy through
 /// user space); `data` must be those same bytes (a mapping of `src`). Where
