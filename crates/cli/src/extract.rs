@@ -675,6 +675,9 @@ fn apply_slice<M: Images>(
     let buf = map.as_slice();
     let buf = buf.get(base as usize..).unwrap_or(&[]);
     let mut released = 0u64;
+    // Page tables for the first window at once, then one window ahead of
+    // each release.
+    map.populate(base as usize, (base + RELEASE_STEP) as usize);
     let pb = crate::progress::bytes(buf.len() as u64, "extract");
     let mut rd = SliceReader::new(buf);
     crate::input::configure(rd.decoder_mut());
@@ -702,6 +705,10 @@ fn apply_slice<M: Images>(
                 break Err(StopError::Dst(RamDstError::Memory { offset, source }));
             }
             map.release_prefix((base + offset) as usize);
+            map.populate(
+                (base + offset) as usize,
+                (base + offset + RELEASE_STEP) as usize,
+            );
             released = offset;
         }
         let decoder = rd.decoder();
