@@ -489,16 +489,11 @@ impl MappedInput {
         let start = start.min(self.len) & !4095;
         let end = end.min(self.len);
         if let (Some(p), true) = (self.ptr, end > start) {
+            let at = p.as_ptr().wrapping_add(start);
             // SAFETY: `start..end` lies inside the private read-only mapping
             // made in `new` (start page-aligned); MADV_POPULATE_READ only
             // faults its file pages in for reading.
-            unsafe {
-                libc::madvise(
-                    p.as_ptr().add(start).cast(),
-                    end - start,
-                    MADV_POPULATE_READ,
-                )
-            };
+            unsafe { libc::madvise(at.cast(), end - start, MADV_POPULATE_READ) };
         }
     }
 

@@ -28,6 +28,9 @@ enum Mode {
     RunsFromFile,
 }
 
+/// Data ranges of a file, `start..end` in bytes.
+type DataRanges = Vec<(u64, u64)>;
+
 /// What an apply left: counters, applied offset, error text, images (name,
 /// bytes, data ranges as `SEEK_DATA`/`SEEK_HOLE` report them).
 #[derive(Debug, PartialEq)]
@@ -35,7 +38,7 @@ struct Outcome {
     stats: Stats,
     applied: u64,
     error: Option<String>,
-    images: Vec<(String, Vec<u8>, Vec<(u64, u64)>)>,
+    images: Vec<(String, Vec<u8>, DataRanges)>,
 }
 
 fn apply(file: &Path, mode: Mode, out: &Path) -> Outcome {
@@ -89,11 +92,11 @@ fn apply(file: &Path, mode: Mode, out: &Path) -> Outcome {
 
 /// The data ranges of `path` (`start..end`, adjacent ones merged), as
 /// `lseek(SEEK_DATA)`/`lseek(SEEK_HOLE)` report them.
-fn data_ranges(path: &Path) -> Vec<(u64, u64)> {
+fn data_ranges(path: &Path) -> DataRanges {
     use std::os::unix::io::AsRawFd;
     let f = File::open(path).unwrap();
     let len = f.metadata().unwrap().len() as libc::off_t;
-    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut out: DataRanges = Vec::new();
     let mut at: libc::off_t = 0;
     while at < len {
         // SAFETY: lseek on a descriptor we own; integer arguments only.
