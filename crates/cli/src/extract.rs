@@ -243,11 +243,18 @@ impl DeviceState {
 pub(crate) trait Images: GuestMemory {
     /// The images so far.
     fn images(&self) -> Vec<ImageFile>;
+
+    /// Writes what is pending and fsyncs the images.
+    fn sync_images(&mut self) -> std::io::Result<()>;
 }
 
 impl Images for FileMemory {
     fn images(&self) -> Vec<ImageFile> {
         self.files()
+    }
+
+    fn sync_images(&mut self) -> std::io::Result<()> {
+        self.sync_all()
     }
 }
 
@@ -371,18 +378,28 @@ impl<M: Images> Session<M> {
         input: &str,
     ) -> Result<(), CliError> {
         let at = self.dst.applied_up_to();
-        let flushed = self
-            .dst
-            .memory_mut()
-            .flush()
+        // With `--sync` (Durability::All) the images and the device state
+        // reach the disk before the manifest that describes them.
+        let sync = crate::files::durability() == crate::files::Durability::All;
+        let mem = self.dst.memory_mut();
+        let flushed = if sync { mem.sync_images() } else { mem.flush() }
             .map_err(|source| StopError::Dst(RamDstError::Memory { offset: at, source }))
             .and_then(|()| {
-                self.device.out.flush().map_err(|source| StopError::Io {
-                    path: self.device_path.clone(),
-                    op: "write",
-                    offset: at,
-                    source,
-                })
+                let out = &mut self.device.out;
+                out.flush()
+                    .and_then(|()| {
+                        if sync {
+                            out.get_ref().sync_all()
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .map_err(|source| StopError::Io {
+                        path: self.device_path.clone(),
+                        op: "write",
+                        offset: at,
+                        source,
+                    })
             });
         let result = result.and(flushed);
         let err = result.as_ref().err();
@@ -525,7 +542,9 @@ fn write_physical<M: Images>(
     };
     let n = qmig_phys::image::write_image(format, &map, &mut out, read)
         .map_err(|e| CliError::io(&path, "write", e))?;
-    out.sync_all().map_err(|e| CliError::io(&path, "sync", e))?;
+    if crate::files::durability() != crate::files::Durability::None {
+        out.sync_all().map_err(|e| CliError::io(&path, "sync", e))?;
+    }
     if !crate::progress::quiet() {
         eprintln!(
             "wrote {} ({} layout, {} ranges, {n} bytes; RAM below 4 GiB {:#x}, above {:#x})",
@@ -656,6 +675,9 @@ fn apply_slice<M: Images>(
     let buf = map.as_slice();
     let buf = buf.get(base as usize..).unwrap_or(&[]);
     let mut released = 0u64;
+    // Page tables for the first window at once, then one window ahead of
+    // each release.
+    map.populate(base as usize, (base + RELEASE_STEP) as usize);
     let pb = crate::progress::bytes(buf.len() as u64, "extract");
     let mut rd = SliceReader::new(buf);
     crate::input::configure(rd.decoder_mut());
@@ -683,6 +705,10 @@ fn apply_slice<M: Images>(
                 break Err(StopError::Dst(RamDstError::Memory { offset, source }));
             }
             map.release_prefix((base + offset) as usize);
+            map.populate(
+                (base + offset) as usize,
+                (base + offset + RELEASE_STEP) as usize,
+            );
             released = offset;
         }
         let decoder = rd.decoder();

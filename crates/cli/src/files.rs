@@ -1,13 +1,45 @@
 //! Output files that cannot lie: created fresh without following symlinks,
-//! and metadata replaced atomically (temporary file, fsync, rename, fsync of
-//! the directory).
+//! and metadata replaced atomically (temporary file, rename; with fsyncs of
+//! the file and the directory unless [`Durability::None`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::error::CliError;
+
+/// What a command makes durable (fsyncs) before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Nothing, like `cp`: the output is in the page cache when the command
+    /// returns; a crash may lose it. Metadata files are still replaced
+    /// atomically (rename), so a reader sees the old file or the new one.
+    /// `qmig extract`'s default.
+    None,
+    /// The metadata files (manifest.json, vmdesc.json) and their directory,
+    /// not the images: the default of the other commands.
+    Metadata,
+    /// Everything written: images, device state and metadata (`extract --sync`).
+    All,
+}
+
+static DURABILITY: AtomicU8 = AtomicU8::new(1);
+
+/// Sets what this process fsyncs (see [`Durability`]).
+pub fn set_durability(d: Durability) {
+    DURABILITY.store(d as u8, Ordering::Relaxed);
+}
+
+/// What this process fsyncs (default [`Durability::Metadata`]).
+pub fn durability() -> Durability {
+    match DURABILITY.load(Ordering::Relaxed) {
+        0 => Durability::None,
+        2 => Durability::All,
+        _ => Durability::Metadata,
+    }
+}
 
 /// Creates `path` as a new regular file: whatever is there (a stale file, or
 /// a symlink planted in the output directory) is unlinked first, and the
@@ -55,18 +87,25 @@ pub fn sync_dir(dir: &Path) -> Result<(), CliError> {
 
 /// Replaces `dir/name` with `bytes` atomically: readers see the old file or
 /// the new one, never a partial one. On failure the temporary file is
-/// removed and the old file (if any) is left as it was.
+/// removed and the old file (if any) is left as it was. The file and the
+/// directory are fsynced unless [`durability`] is [`Durability::None`].
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CliError> {
     let tmp: PathBuf = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
+    let sync = durability() != Durability::None;
     let r = (|| {
         let mut f = create_fresh(&tmp)?;
         f.write_all(bytes)
             .map_err(|e| CliError::io(&tmp, "write", e))?;
-        f.sync_all().map_err(|e| CliError::io(&tmp, "fsync", e))?;
+        if sync {
+            f.sync_all().map_err(|e| CliError::io(&tmp, "fsync", e))?;
+        }
         drop(f);
         fs::rename(&tmp, &target).map_err(|e| CliError::io(&target, "rename into place", e))?;
-        sync_dir(dir)
+        if sync {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if r.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -149,6 +149,11 @@ enum Cmd {
         /// blocks in address order (`q35:m0,m1`).
         #[arg(long, value_name = "LAYOUT[:BLOCKS]", requires = "format")]
         machine_layout: Option<String>,
+        /// fsync the images, device state and metadata before returning
+        /// (durable output). Without it, like `cp`, nothing is fsynced: the
+        /// output is in the page cache when the command returns.
+        #[arg(long)]
+        sync: bool,
     },
     /// Receive a live precopy or postcopy migration from a QEMU source (`migrate tcp:...`) into
     /// raw block images plus manifest.json, device-state.bin and vmdesc.json.
@@ -369,23 +374,33 @@ fn main() -> ExitCode {
             format,
             max_ram_below_4g,
             machine_layout,
+            sync,
         } => match connection_plan(&stream, &preempt_channel, &multifd_channel) {
             Err(e) => Err(e),
             Ok(Some(_)) if format.is_some() => Err(CliError::Usage(
                 "--format takes one main connection (extract the list first, then the images)"
                     .into(),
             )),
-            Ok(Some(plan)) => connections::extract(&plan, &output),
-            Ok(None) => extract::run_with(
-                &stream[0],
-                &output,
-                &multifd_channel,
-                &extract::PhysArgs {
-                    format,
-                    max_ram_below_4g,
-                    machine_layout,
-                },
-            ),
+            Ok(plan) => {
+                files::set_durability(if sync {
+                    files::Durability::All
+                } else {
+                    files::Durability::None
+                });
+                match plan {
+                    Some(plan) => connections::extract(&plan, &output),
+                    None => extract::run_with(
+                        &stream[0],
+                        &output,
+                        &multifd_channel,
+                        &extract::PhysArgs {
+                            format,
+                            max_ram_below_4g,
+                            machine_layout,
+                        },
+                    ),
+                }
+            }
         },
         Cmd::Recv {
             listen,

@@ -359,25 +359,16 @@ impl Manifest {
 }
 
 /// Marks `dir` as being written by `writer` from `source`, before any new
-/// output: the images an old manifest listed are removed, and the old
-/// manifest is atomically replaced by one that says `"complete": false,
-/// "in_progress": true`.
+/// output: the old manifest is atomically replaced by one that says
+/// `"complete": false, "in_progress": true`, then the images it listed are
+/// removed (in that order, so that even unsynced, a crash cannot leave a
+/// complete-looking manifest whose images are gone: ext4 and other
+/// journalling filesystems commit the rename before the later unlinks).
 ///
 /// # Errors
 /// I/O errors naming the path.
 pub fn begin(dir: &Path, writer: &str, source: &str) -> Result<(), CliError> {
-    if let Ok(old) = Manifest::read(dir) {
-        for b in &old.blocks {
-            if let Some(f) = &b.file {
-                if is_plain_file_name(f) {
-                    files::remove_if_present(&dir.join(f))?;
-                }
-            }
-        }
-    }
-    for f in ["device-state.bin", "vmdesc.json"] {
-        files::remove_if_present(&dir.join(f))?;
-    }
+    let old = Manifest::read(dir).ok();
     let marker = Manifest {
         writer: Some(writer.to_string()),
         source: Some(source.to_string()),
@@ -385,7 +376,18 @@ pub fn begin(dir: &Path, writer: &str, source: &str) -> Result<(), CliError> {
         in_progress: true,
         ..Manifest::default()
     };
-    write(dir, &marker)
+    write(dir, &marker)?;
+    for b in old.iter().flat_map(|m| &m.blocks) {
+        if let Some(f) = &b.file {
+            if is_plain_file_name(f) {
+                files::remove_if_present(&dir.join(f))?;
+            }
+        }
+    }
+    for f in ["device-state.bin", "vmdesc.json"] {
+        files::remove_if_present(&dir.join(f))?;
+    }
+    Ok(())
 }
 
 /// Writes `dir/manifest.json` atomically.

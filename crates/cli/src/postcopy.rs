@@ -135,6 +135,10 @@ impl Images for RecvMemory {
     fn images(&self) -> Vec<ImageFile> {
         self.files.files()
     }
+
+    fn sync_images(&mut self) -> io::Result<()> {
+        self.files.sync_all()
+    }
 }
 
 /// Where the placements being carried out come from.

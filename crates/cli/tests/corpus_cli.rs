@@ -174,6 +174,60 @@ fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `extract --sync` (images, device state and metadata fsynced) writes the
+/// same files as the default, unsynced extract, complete and identical.
+#[test]
+fn extract_with_sync_writes_the_same_output() {
+    for name in ["q10-stopped", "q10-passes", "q10-xbzrle"] {
+        let c = captures()
+            .into_iter()
+            .find(|c| c.name == name)
+            .expect("capture");
+        let dir = scratch(&format!("sync-{name}"));
+        let s = stream_file(&c, &dir);
+        let mut files = Vec::new();
+        for (sub, sync) in [("plain", false), ("sync", true)] {
+            let outdir = dir.join(sub);
+            let mut cmd = qmig();
+            cmd.arg("extract").arg(&s).arg("-o").arg(&outdir);
+            if sync {
+                cmd.arg("--sync");
+            }
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{name} {sub}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut names: Vec<_> = std::fs::read_dir(&outdir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            let contents: Vec<_> = names
+                .iter()
+                .map(|n| (n.clone(), std::fs::read(outdir.join(n)).unwrap()))
+                .collect();
+            files.push(contents);
+        }
+        assert!(
+            files[0].len() >= 4,
+            "{name}: images, manifest, device state"
+        );
+        assert_eq!(files[0], files[1], "{name}: --sync output differs");
+        let m: serde_json::Value = serde_json::from_slice(
+            &files[1]
+                .iter()
+                .find(|(n, _)| n == "manifest.json")
+                .unwrap()
+                .1,
+        )
+        .unwrap();
+        assert_eq!(m["complete"], true, "{name}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[test]
 fn roundtrip_reports_parse_errors_with_offset() {
     let c = captures()

