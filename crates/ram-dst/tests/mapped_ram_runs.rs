@@ -35,8 +35,11 @@ struct Outcome {
     stats: Stats,
     applied: u64,
     error: Option<String>,
-    images: Vec<(String, Vec<u8>, Vec<(u64, u64)>)>,
+    images: Vec<(String, Vec<u8>, DataRanges)>,
 }
+
+/// `[start, end)` byte ranges of a file that are not holes.
+type DataRanges = Vec<(u64, u64)>;
 
 fn apply(file: &Path, mode: Mode, out: &Path) -> Outcome {
     let bytes = std::fs::read(file).unwrap();
@@ -89,7 +92,7 @@ fn apply(file: &Path, mode: Mode, out: &Path) -> Outcome {
 
 /// The `[start, end)` ranges of `path` that hold data, by
 /// `SEEK_DATA`/`SEEK_HOLE` (file systems without holes report one range).
-fn data_ranges(path: &Path) -> Vec<(u64, u64)> {
+fn data_ranges(path: &Path) -> DataRanges {
     use std::os::fd::AsRawFd;
     let f = File::open(path).unwrap();
     let len = f.metadata().unwrap().len() as i64;
