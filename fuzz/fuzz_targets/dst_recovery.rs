@@ -9,34 +9,18 @@
 //! (a RECV_BITMAP reply per command of at most the largest block's bitmap).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+
+#[path = "../common/recovery.rs"]
+mod common;
 use qmig_ram_dst::{Config, RamDst, VecMemory};
-use qmig_wire::target_page::PageSizeSource;
-use qmig_wire::{Command, Decoder, Item, Limits, SliceReader, StreamStart};
+use qmig_wire::{Command, Decoder, Item, SliceReader};
 
 /// The cut main connection: RAM START (MEM_SIZE pc.ram 1 MiB + small
 /// 12 KiB, EOS, footer), LISTEN, RUN; fed to `dst` with OPEN_RETURN_PATH
 /// and ADVISE first. Returns the decoder at the cut.
 fn cut_main(dst: &mut RamDst<VecMemory>) -> Decoder {
-    let mut b = vec![0x01u8];
-    b.extend_from_slice(&2u32.to_be_bytes());
-    b.push(3);
-    b.extend_from_slice(b"ram");
-    b.extend_from_slice(&0u32.to_be_bytes());
-    b.extend_from_slice(&4u32.to_be_bytes());
-    b.extend_from_slice(&(((1u64 << 20) + 3 * 4096) | 4).to_be_bytes());
-    b.push(6);
-    b.extend_from_slice(b"pc.ram");
-    b.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    b.push(5);
-    b.extend_from_slice(b"small");
-    b.extend_from_slice(&(3u64 * 4096).to_be_bytes());
-    b.extend_from_slice(&0x10u64.to_be_bytes());
-    b.push(0x7e);
-    b.extend_from_slice(&2u32.to_be_bytes());
-    b.extend_from_slice(&[8, 0, 4, 0, 0, 8, 0, 5, 0, 0]);
-    let mut dec = Decoder::with_start(StreamStart::Sections, 0, Limits::default());
-    dec.set_page_bits(12, PageSizeSource::Override);
-    let mut rd = SliceReader::with_decoder(&b, dec);
+    let b = common::cut_main_bytes();
+    let mut rd = SliceReader::with_decoder(&b, common::main_decoder());
     let mut first_cmd = true;
     for r in rd.by_ref() {
         let Ok((off, item)) = r else { break };

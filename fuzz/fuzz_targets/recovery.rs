@@ -8,11 +8,13 @@
 //! No panic; errors inside the input; what parses re-serializes to itself.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+
+#[path = "../common/recovery.rs"]
+mod common;
 use qmig_wire::recovery::{
     check_rp_message, parse_recv_bitmap_reply, parse_resume_ack, RecoveryChannel,
 };
-use qmig_wire::target_page::PageSizeSource;
-use qmig_wire::{Decoder, Limits, ReturnPathReader, SliceReader, StreamStart};
+use qmig_wire::{Decoder, ReturnPathReader, SliceReader};
 
 /// "pc.ram" (256 target pages of 4 KiB), "small" (3 pages), and the other
 /// blocks of the seeds (the real captures' pc machine).
@@ -30,26 +32,8 @@ fn pages(n: &str) -> Option<u64> {
 /// A decoder at the end of a postcopy main connection cut after RUN: RAM
 /// START (MEM_SIZE pc.ram 1 MiB + small 12 KiB, EOS, footer), LISTEN, RUN.
 fn cut_main() -> Decoder {
-    let mut b = vec![0x01u8];
-    b.extend_from_slice(&2u32.to_be_bytes());
-    b.push(3);
-    b.extend_from_slice(b"ram");
-    b.extend_from_slice(&0u32.to_be_bytes());
-    b.extend_from_slice(&4u32.to_be_bytes());
-    b.extend_from_slice(&((1u64 << 20) + 3 * 4096 | 4).to_be_bytes());
-    b.push(6);
-    b.extend_from_slice(b"pc.ram");
-    b.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    b.push(5);
-    b.extend_from_slice(b"small");
-    b.extend_from_slice(&(3u64 * 4096).to_be_bytes());
-    b.extend_from_slice(&0x10u64.to_be_bytes());
-    b.push(0x7e);
-    b.extend_from_slice(&2u32.to_be_bytes());
-    b.extend_from_slice(&[8, 0, 4, 0, 0, 8, 0, 5, 0, 0]);
-    let mut dec = Decoder::with_start(StreamStart::Sections, 0, Limits::default());
-    dec.set_page_bits(12, PageSizeSource::Override);
-    let mut rd = SliceReader::with_decoder(&b, dec);
+    let b = common::cut_main_bytes();
+    let mut rd = SliceReader::with_decoder(&b, common::main_decoder());
     for r in rd.by_ref() {
         if let Err(e) = r {
             // The connection was cut after RUN, between items.

@@ -412,13 +412,8 @@ pub(crate) fn run(
             bytes: m.bytes,
         },
     };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&summary).map_err(|e| CliError::data(e.to_string()))?
-        );
-    } else if !crate::progress::quiet() {
-        eprintln!(
+    crate::send::print_summary(a.json, &summary, || {
+        vec![format!(
             "qmig: sent {} bytes in {:.3}s over 1 + {channels} connections ({} multifd, {}): {} normal, {} zero pages, {} packets, {} syncs",
             conns.sent,
             elapsed.as_secs_f64(),
@@ -428,8 +423,8 @@ pub(crate) fn run(
             summary.duplicate,
             m.packets,
             m.syncs,
-        );
-    }
+        )]
+    })?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -1511,31 +1511,37 @@ mod tests {
         let src = std::thread::spawn(move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             s.write_all(&m1).unwrap();
-            // The connection ends inside a record: every byte of it is
-            // delivered (a reset would drop what still sits in this
-            // socket's send buffer: the destination bounds its receive
-            // buffer in postcopy, and how much it has taken when the reset
-            // comes depends on the machine's load; QEMU's replies, compared
-            // below, saw all of it). The destination reads the end as a
-            // cut, pauses and closes its return path.
-            let _ = s.shutdown(std::net::Shutdown::Write);
-            let _ = s.read_to_end(&mut Vec::new());
+            // The cut: FIN follows the last byte of main-1, so the
+            // destination reads all of it (the bitmaps it replies later are
+            // those of the whole first connection) before the stream ends
+            // inside a record. Its return path is read meanwhile (a socket
+            // closed with unread bytes sends RST, which would discard main-1
+            // bytes the destination has not read yet) until the destination
+            // closes it, which it does when it pauses.
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut rp1 = Vec::new();
+            s.read_to_end(&mut rp1)
+                .expect("the destination ends the return path when it pauses");
+            qmig_wire::parse_return_path(&rp1).expect("return path of main-1");
             drop(s);
             // Like a real source, try again when the recovery connection is
-            // closed unanswered: one that arrives before the destination has
-            // seen the cut is closed as a connection "opened before the
-            // pause" (a loaded machine can take longer than the sleeps).
-            let mut rp = Vec::new();
-            for _ in 0..50 {
-                std::thread::sleep(Duration::from_millis(700));
+            // closed unanswered: one that arrives between the pause and the
+            // destination dropping connections "opened before the pause"
+            // is closed. The pause has happened (the return path ended), so
+            // only that short window is retried, for at most 30 s.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut rp = Vec::new();
                 let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                 let _ = s.write_all(&main2);
                 let _ = s.read_to_end(&mut rp);
-                if !rp.is_empty() {
-                    break;
+                if !rp.is_empty() || std::time::Instant::now() > deadline {
+                    break rp;
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            rp
         });
         let out = tmpdir("recover");
         std::fs::create_dir_all(&out).unwrap();

@@ -932,13 +932,8 @@ pub fn run(a: &SendArgs) -> CliResult {
             },
         }),
     };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&summary).map_err(|e| CliError::data(e.to_string()))?
-        );
-    } else if !crate::progress::quiet() {
-        eprintln!(
+    print_summary(a.json, &summary, || {
+        let mut text = vec![format!(
             "qmig: sent {} bytes in {:.3}s: {} normal, {} zero, {} xbzrle ({} cache misses, {} overflows), {} compressed, {} syncs",
             pacer.sent,
             elapsed.as_secs_f64(),
@@ -949,9 +944,9 @@ pub fn run(a: &SendArgs) -> CliResult {
             c.xbzrle_overflow,
             c.compressed_pages,
             c.dirty_sync_count
-        );
+        )];
         if let Some(p) = &summary.postcopy {
-            eprintln!(
+            text.push(format!(
                 "qmig: postcopy: switched over at {:.3}s, {} page requests, {} pages served on request, \
                  {} bytes in postcopy, {} discard commands ({} ranges), {} recoveries, {} pages on the preempt channel",
                 p.switchover_seconds,
@@ -962,10 +957,35 @@ pub fn run(a: &SendArgs) -> CliResult {
                 p.discard_ranges,
                 p.recoveries,
                 p.preempt_pages
-            );
+            ));
+        }
+        text
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ends a send (single connection or multifd) with its summary: with
+/// `--json` (`json`), `summary` as one JSON line on stdout; otherwise the
+/// lines `text` makes on stderr, unless `--quiet`.
+///
+/// # Errors
+/// A summary serde_json cannot serialize (a data error).
+pub(crate) fn print_summary<S: Serialize>(
+    json: bool,
+    summary: &S,
+    text: impl FnOnce() -> Vec<String>,
+) -> Result<(), CliError> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).map_err(|e| CliError::data(e.to_string()))?
+        );
+    } else if !crate::progress::quiet() {
+        for line in text() {
+            eprintln!("{line}");
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// The precopy stream: setup, passes, completion (device state, EOF, vmdesc).

@@ -223,37 +223,104 @@ fn planted_symlinks_are_not_followed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Unmounts on drop.
-struct Mount(PathBuf);
+/// A full disk: a 1 MiB tmpfs, gone when dropped. Any user the kernel
+/// gives user namespaces mounts it in a user and mount namespace of its
+/// own (`unshare -rm`, the holder process then sleeps) and reaches it here
+/// through `/proc/PID/root` of that process; root without user namespaces
+/// mounts it directly.
+enum FullDisk {
+    /// The process holding the namespace (killed on drop) and the tmpfs
+    /// as seen from here.
+    Namespace(std::process::Child, PathBuf),
+    /// Mounted here (root); unmounted on drop.
+    Mounted(PathBuf),
+}
 
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+impl FullDisk {
+    /// Mounts the tmpfs on the empty directory `mnt`, or says why not.
+    fn new(mnt: &Path) -> Result<FullDisk, String> {
+        let why = match Command::new("unshare")
+            .args(["-rm", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o size=1m none "$0" && echo ready && exec sleep 600"#)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(mut c) => {
+                let mut line = String::new();
+                // The shell prints `ready` or ends (its stdout closes).
+                let _ = BufReader::new(c.stdout.take().unwrap()).read_line(&mut line);
+                if line.trim() == "ready" {
+                    let seen = Path::new(&format!("/proc/{}/root", c.id()))
+                        .join(mnt.strip_prefix("/").unwrap());
+                    return Ok(FullDisk::Namespace(c, seen));
+                }
+                let _ = c.kill();
+                let out = c.wait_with_output().unwrap();
+                format!(
+                    "unshare -rm + mount -t tmpfs: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            }
+            Err(e) => format!("unshare: {e}"),
+        };
+        if !is_root() {
+            return Err(format!("{why}; not root either"));
+        }
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "none"])
+            .arg(mnt)
+            .status();
+        match st {
+            Ok(s) if s.success() => Ok(FullDisk::Mounted(mnt.to_path_buf())),
+            st => Err(format!("{why}; mount -t tmpfs as root: {st:?}")),
+        }
+    }
+
+    /// The tmpfs's root as this process reaches it.
+    fn path(&self) -> &Path {
+        match self {
+            FullDisk::Namespace(_, p) | FullDisk::Mounted(p) => p,
+        }
     }
 }
 
-/// A full disk (a 1 MiB tmpfs): the image write that failed is reported
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        match self {
+            FullDisk::Namespace(c, _) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            FullDisk::Mounted(p) => {
+                let _ = Command::new("umount").arg(&*p).status();
+            }
+        }
+    }
+}
+
+/// A full disk (a 1 MiB tmpfs, [`FullDisk`]: any user with user
+/// namespaces, or root): the image write that failed is reported
 /// with its path, stream offset and OS error, once; the manifest stays
 /// parseable and says incomplete. send --to file: reports the real byte
 /// count and removes the partial file unless --keep-partial.
 #[test]
 fn full_disk_is_reported_where_it_happened() {
-    if !is_root() {
-        eprintln!("full_disk_is_reported_where_it_happened: SKIPPED (mounting a tmpfs needs root)");
-        return;
-    }
     let dir = scratch("enospc");
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "none"])
-        .arg(&mnt)
-        .status();
-    if !st.is_ok_and(|s| s.success()) {
-        eprintln!("full_disk_is_reported_where_it_happened: SKIPPED (mount -t tmpfs failed)");
-        return;
-    }
-    let _m = Mount(mnt.clone());
+    let mnt_dir = dir.join("mnt");
+    std::fs::create_dir_all(&mnt_dir).unwrap();
+    let disk = match FullDisk::new(&mnt_dir) {
+        Ok(d) => d,
+        Err(why) => {
+            // Nothing here can make a disk full without filling a real one.
+            eprintln!("full_disk_is_reported_where_it_happened: SKIPPED: no tmpfs to fill: {why}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    };
+    let mnt = disk.path().to_path_buf();
     let stream = dir.join("big.stream");
     std::fs::write(&stream, generated_stream(1024)).unwrap();
 
@@ -314,7 +381,7 @@ fn full_disk_is_reported_where_it_happened() {
             assert!(!target.exists(), "partial output removed");
         }
     }
-    drop(_m);
+    drop(disk);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -111,7 +111,9 @@ fn check_wrapped(r: &Reference, file: &Path, what: &str) -> Value {
         r.json,
         "{what}: pipe"
     );
-    let dir = file.with_extension("out");
+    // Into the reference's scratch directory, never next to `file` (a
+    // committed input may sit in a checkout the user cannot write).
+    let dir = r.plain.with_file_name("wrapped.out");
     let _ = std::fs::remove_dir_all(&dir);
     let out = run(&[&"extract", &file, &"-o", &dir]);
     assert!(out.status.success(), "{what}: extract: {out:?}");

@@ -488,9 +488,13 @@ fn send_to_a_destination_that_never_reads() {
     assert!(o.status.success(), "{}", text(&o));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    // The peer accepts and never reads, until send has ended (at most 60 s):
+    // a fixed hold could end first on a loaded machine, and send would then
+    // see the peer go, not its own idle timeout.
+    let (done, ended) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        std::thread::sleep(Duration::from_secs(15));
+        let _ = ended.recv_timeout(Duration::from_secs(60));
         drop(s);
     });
     let t = Instant::now();
@@ -505,6 +509,7 @@ fn send_to_a_destination_that_never_reads() {
             .args(["--idle-timeout", "1"]),
         "send",
     );
+    let _ = done.send(());
     assert!(!o.status.success(), "{}", text(&o));
     assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
     assert!(

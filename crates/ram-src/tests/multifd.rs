@@ -14,11 +14,12 @@ use qmig_ram_dst::{Layout, Placement, RamDst, VecMemory};
 use qmig_ram_src::multifd::{
     write_ram_packet, write_sync_packet, MultifdConfig, MultifdSender, ZeroPageDetection,
 };
-use qmig_ram_src::{template::tests_support, Config, Progress, RamSrc, SrcBlock, Template};
+use qmig_ram_src::{template::tests_support, Config, Progress, RamSrc, Template};
 use qmig_wire::multifd::{parse_packet, ChannelReader, Compression, Packet, PacketContext};
 use qmig_wire::{Decoder, Limits, SectionKind, StreamReader};
 
-const PS: usize = 4096;
+mod common;
+use common::{memory, PS};
 
 fn compression() -> impl Strategy<Value = Compression> {
     prop_oneof![
@@ -218,26 +219,6 @@ struct Run {
     channels: Vec<Vec<u8>>,
 }
 
-fn memory(lengths: &[u64], seeds: &[u8]) -> Vec<Vec<u8>> {
-    let mut k = 0;
-    lengths
-        .iter()
-        .map(|&l| {
-            let mut v = vec![0u8; l as usize];
-            for page in v.chunks_mut(PS) {
-                let s = seeds[k % seeds.len()];
-                k += 1;
-                if !s.is_multiple_of(3) {
-                    page.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(s));
-                }
-            }
-            v
-        })
-        .collect()
-}
-
 /// Runs a source with multifd over `mem`, changing pages between passes.
 fn run(
     mem: &mut [Vec<u8>],
@@ -246,13 +227,7 @@ fn run(
     writes: &[Vec<(usize, usize, u8)>],
     template: &[u8],
 ) -> Run {
-    let names: Vec<String> = (0..mem.len()).map(|i| format!("blk{i}")).collect();
-    let blocks = SrcBlock::sequential(
-        names
-            .iter()
-            .map(String::as_str)
-            .zip(mem.iter().map(|m| m.len() as u64)),
-    );
+    let blocks = common::blocks(mem.iter().map(|m| m.len() as u64));
     let mut src = RamSrc::new(blocks, Config::default()).unwrap();
     src.set_multifd(MultifdSender::new(cfg, PS).unwrap())
         .unwrap();

@@ -5,9 +5,10 @@
 use proptest::prelude::*;
 use qmig_ram_dst::{RamDst, VecMemory};
 use qmig_ram_src::{template::tests_support, Config, Progress, RamSrc, SrcBlock, Template};
-use qmig_wire::{Decoder, Limits, SectionKind, Step};
+use qmig_wire::{Decoder, Limits, SectionKind};
 
-const PS: usize = 4096;
+mod common;
+use common::{memory, PS};
 
 /// A source, a destination, and the bytes in flight between them.
 struct Pair {
@@ -22,15 +23,9 @@ struct Pair {
 
 impl Pair {
     fn new(lengths: &[u64], config: Config, mem: Vec<Vec<u8>>) -> Self {
-        let names: Vec<String> = (0..lengths.len()).map(|i| format!("blk{i}")).collect();
-        let blocks = SrcBlock::sequential(
-            names
-                .iter()
-                .map(String::as_str)
-                .zip(lengths.iter().copied()),
-        );
         Pair {
-            src: RamSrc::new(blocks, config).expect("valid layout"),
+            src: RamSrc::new(common::blocks(lengths.iter().copied()), config)
+                .expect("valid layout"),
             mem,
             dst: RamDst::new(qmig_ram_dst::Config::default(), VecMemory::new()).expect("dst"),
             dec: Decoder::new(Limits::default()),
@@ -42,25 +37,9 @@ impl Pair {
 
     /// Feeds everything written so far to the destination.
     fn drive(&mut self) {
-        loop {
-            let buf = &self.wire[self.consumed..];
-            match self.dec.decode(buf, false).expect("stream decodes") {
-                Step::Item { item, len } => {
-                    let at = self.dec.position();
-                    self.dst
-                        .handle_item(at, len, &item)
-                        .expect("destination accepts");
-                    self.dec.commit(&item, len);
-                    self.consumed += len;
-                }
-                // The vmdesc comes last; PAGE sizes are declared.
-                Step::NeedVmdesc => self.dec.give_up_vmdesc(),
-                Step::PageSize { bits } => self
-                    .dec
-                    .set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred),
-                Step::NeedMore | Step::End => return,
-            }
-        }
+        while common::apply_next(&mut self.dec, &mut self.dst, &self.wire, &mut self.consumed)
+            .expect("destination accepts")
+        {}
     }
 
     fn start(&mut self) {
@@ -123,26 +102,6 @@ impl Pair {
             assert!(g == w, "block {i} differs");
         }
     }
-}
-
-fn memory(lengths: &[u64], seeds: &[u8]) -> Vec<Vec<u8>> {
-    let mut k = 0;
-    lengths
-        .iter()
-        .map(|&l| {
-            let mut v = vec![0u8; l as usize];
-            for page in v.chunks_mut(PS) {
-                let s = seeds[k % seeds.len()];
-                k += 1;
-                if !s.is_multiple_of(3) {
-                    page.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(s));
-                }
-            }
-            v
-        })
-        .collect()
 }
 
 prop_compose! {

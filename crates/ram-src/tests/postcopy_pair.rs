@@ -6,10 +6,11 @@
 
 use proptest::prelude::*;
 use qmig_ram_dst::{testing, FaultOutcome, PostcopyState, RamDst, VecMemory};
-use qmig_ram_src::{template::tests_support, Config, Progress, RamSrc, Source, SrcBlock, Template};
-use qmig_wire::{Decoder, Limits, ReturnPathReader, Step};
+use qmig_ram_src::{Progress, Source};
+use qmig_wire::{Decoder, Limits, ReturnPathReader};
 
-const PS: usize = 4096;
+mod common;
+use common::{memory_pages as memory, PS};
 
 struct Harness<'t> {
     src: Source<'t>,
@@ -27,24 +28,10 @@ impl Harness<'_> {
     /// Feeds every byte written so far to the destination, placing what it
     /// asks to place.
     fn drive(&mut self) {
-        loop {
-            let buf = &self.wire[self.consumed..];
-            match self.dec.decode(buf, false).expect("stream decodes") {
-                Step::Item { item, len } => {
-                    let at = self.dec.position();
-                    self.dst
-                        .handle_item(at, len, &item)
-                        .expect("destination accepts");
-                    self.dec.commit(&item, len);
-                    self.consumed += len;
-                    self.actions();
-                }
-                Step::NeedVmdesc => self.dec.give_up_vmdesc(),
-                Step::PageSize { bits } => self
-                    .dec
-                    .set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred),
-                Step::NeedMore | Step::End => return,
-            }
+        while common::apply_next(&mut self.dec, &mut self.dst, &self.wire, &mut self.consumed)
+            .expect("destination accepts")
+        {
+            self.actions();
         }
     }
 
@@ -85,26 +72,6 @@ impl Harness<'_> {
     }
 }
 
-fn memory(lengths: &[usize], seeds: &[u8]) -> Vec<Vec<u8>> {
-    let mut k = 0;
-    lengths
-        .iter()
-        .map(|&l| {
-            let mut v = vec![0u8; l * PS];
-            for page in v.chunks_mut(PS) {
-                let s = seeds[k % seeds.len()];
-                k += 1;
-                if !s.is_multiple_of(3) {
-                    page.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(s) ^ s);
-                }
-            }
-            v
-        })
-        .collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -117,12 +84,6 @@ proptest! {
         faults in prop::collection::vec((any::<prop::sample::Index>(), 0usize..3), 0..60),
         budget in 1usize..20000,
     ) {
-        let template = tests_support::tiny_template();
-        let t = Template::parse(&template).unwrap();
-        let names: Vec<String> = (0..pages.len()).map(|i| format!("blk{i}")).collect();
-        let blocks = SrcBlock::sequential(
-            names.iter().map(String::as_str).zip(pages.iter().map(|&p| (p * PS) as u64)),
-        );
         let total: usize = pages.iter().sum();
         let locate = |i: &prop::sample::Index| {
             let mut n = i.index(total);
@@ -132,15 +93,10 @@ proptest! {
             }
             unreachable!()
         };
-        let ram = RamSrc::new(blocks, Config::default()).unwrap();
-        let dst_cfg = qmig_ram_dst::Config {
-            placement: qmig_ram_dst::Placement::Emit,
-            ..qmig_ram_dst::Config::default()
-        };
         let mut h = Harness {
-            src: Source::new(t, ram, true),
+            src: common::postcopy_source(&pages),
             mem: memory(&pages, &seeds),
-            dst: RamDst::new(dst_cfg, VecMemory::new()).unwrap(),
+            dst: common::emit_dst(),
             dec: Decoder::new(Limits::default()),
             wire: Vec::new(),
             consumed: 0,

@@ -18,7 +18,8 @@ use qmig_wire::{
     Command, Decoder, Item, Limits, PageBitmap, RamBody, ReturnPathReader, RpMessage, Step,
 };
 
-const PS: usize = 4096;
+mod common;
+use common::{memory_pages as memory, PS};
 
 /// One connection's bytes as the destination receives them.
 struct Conn {
@@ -42,24 +43,10 @@ struct Harness<'t> {
 
 impl Harness<'_> {
     fn new(pages: &[usize], seeds: &[u8]) -> Self {
-        let template = Box::leak(tests_support::tiny_template().into_boxed_slice());
-        let t = Template::parse(template).unwrap();
-        let names: Vec<String> = (0..pages.len()).map(|i| format!("blk{i}")).collect();
-        let blocks = SrcBlock::sequential(
-            names
-                .iter()
-                .map(String::as_str)
-                .zip(pages.iter().map(|&p| (p * PS) as u64)),
-        );
-        let ram = RamSrc::new(blocks, Config::default()).unwrap();
-        let dst_cfg = qmig_ram_dst::Config {
-            placement: qmig_ram_dst::Placement::Emit,
-            ..qmig_ram_dst::Config::default()
-        };
         Harness {
-            src: Source::new(t, ram, true),
+            src: common::postcopy_source(pages),
             mem: memory(pages, seeds),
-            dst: RamDst::new(dst_cfg, VecMemory::new()).unwrap(),
+            dst: common::emit_dst(),
             conn: Conn {
                 wire: Vec::new(),
                 consumed: 0,
@@ -80,36 +67,27 @@ impl Harness<'_> {
     }
 
     fn drive(&mut self) {
-        loop {
-            let buf = &self.conn.wire[self.conn.consumed..];
-            match self.conn.dec.decode(buf, false).expect("stream decodes") {
-                Step::Item { item, len } => {
-                    let at = self.conn.dec.position();
-                    match &item {
-                        // The destination's side of a recovery.
-                        Item::Command(Command::RecvBitmap { block }) => {
-                            let i = self.dst.block_index(block).expect("known block");
-                            assert!(self.dst.recv_bitmap_reply(i, &mut self.rp).unwrap());
-                        }
-                        Item::Command(Command::PostcopyResume) => {
-                            qmig_wire::recovery::write_resume_ack(&mut self.rp);
-                        }
-                        _ => self
-                            .dst
-                            .handle_item(at, len, &item)
-                            .expect("destination accepts"),
-                    }
-                    self.conn.dec.commit(&item, len);
-                    self.conn.consumed += len;
-                    self.place();
+        while let Some((item, len)) =
+            common::next_item(&mut self.conn.dec, &self.conn.wire[self.conn.consumed..])
+        {
+            let at = self.conn.dec.position();
+            match &item {
+                // The destination's side of a recovery.
+                Item::Command(Command::RecvBitmap { block }) => {
+                    let i = self.dst.block_index(block).expect("known block");
+                    assert!(self.dst.recv_bitmap_reply(i, &mut self.rp).unwrap());
                 }
-                Step::NeedVmdesc => self.conn.dec.give_up_vmdesc(),
-                Step::PageSize { bits } => self
-                    .conn
-                    .dec
-                    .set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred),
-                Step::NeedMore | Step::End => return,
+                Item::Command(Command::PostcopyResume) => {
+                    qmig_wire::recovery::write_resume_ack(&mut self.rp);
+                }
+                _ => self
+                    .dst
+                    .handle_item(at, len, &item)
+                    .expect("destination accepts"),
             }
+            self.conn.dec.commit(&item, len);
+            self.conn.consumed += len;
+            self.place();
         }
     }
 
@@ -195,26 +173,6 @@ impl Harness<'_> {
             return;
         }
     }
-}
-
-fn memory(lengths: &[usize], seeds: &[u8]) -> Vec<Vec<u8>> {
-    let mut k = 0;
-    lengths
-        .iter()
-        .map(|&l| {
-            let mut v = vec![0u8; l * PS];
-            for page in v.chunks_mut(PS) {
-                let s = seeds[k % seeds.len()];
-                k += 1;
-                if !s.is_multiple_of(3) {
-                    page.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(s) ^ s);
-                }
-            }
-            v
-        })
-        .collect()
 }
 
 #[test]

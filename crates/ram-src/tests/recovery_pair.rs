@@ -11,13 +11,11 @@
 
 use proptest::prelude::*;
 use qmig_ram_dst::{testing, FaultOutcome, PostcopyState, RamDst, RamDstError, VecMemory};
-use qmig_ram_src::{
-    template::tests_support, Config, RamSrc, RamSrcError, Source, SourcePhase, SrcBlock, State,
-    Template,
-};
+use qmig_ram_src::{RamSrcError, Source, SourcePhase, State};
 use qmig_wire::{Decoder, Limits, Step};
 
-const PS: usize = 4096;
+mod common;
+use common::{memory_pages as memory, PS};
 
 /// One direction of one connection as the destination reads it.
 struct Conn {
@@ -67,46 +65,12 @@ enum Link {
     Cut,
 }
 
-fn memory(lengths: &[usize], seeds: &[u8]) -> Vec<Vec<u8>> {
-    let mut k = 0;
-    lengths
-        .iter()
-        .map(|&l| {
-            let mut v = vec![0u8; l * PS];
-            for page in v.chunks_mut(PS) {
-                let s = seeds[k % seeds.len()];
-                k += 1;
-                if !s.is_multiple_of(3) {
-                    page.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(s) ^ s);
-                }
-            }
-            v
-        })
-        .collect()
-}
-
 impl Harness<'_> {
     fn new(pages: &[usize], seeds: &[u8], use_preempt: bool) -> Self {
-        let template = Box::leak(tests_support::tiny_template().into_boxed_slice());
-        let t = Template::parse(template).unwrap();
-        let names: Vec<String> = (0..pages.len()).map(|i| format!("blk{i}")).collect();
-        let blocks = SrcBlock::sequential(
-            names
-                .iter()
-                .map(String::as_str)
-                .zip(pages.iter().map(|&p| (p * PS) as u64)),
-        );
-        let ram = RamSrc::new(blocks, Config::default()).unwrap();
-        let dst_cfg = qmig_ram_dst::Config {
-            placement: qmig_ram_dst::Placement::Emit,
-            ..qmig_ram_dst::Config::default()
-        };
         Harness {
-            src: Source::new(t, ram, true),
+            src: common::postcopy_source(pages),
             mem: memory(pages, seeds),
-            dst: RamDst::new(dst_cfg, VecMemory::new()).unwrap(),
+            dst: common::emit_dst(),
             main: Conn::new(Decoder::new(Limits::default())),
             preempt: None,
             use_preempt,
@@ -143,29 +107,15 @@ impl Harness<'_> {
     }
 
     fn drive_main(&mut self) -> Result<(), RamDstError> {
-        loop {
-            let buf = &self.main.wire[self.main.consumed..];
-            match self
-                .main
-                .dec
-                .decode(buf, false)
-                .expect("main stream decodes")
-            {
-                Step::Item { item, len } => {
-                    let at = self.main.dec.position();
-                    self.dst.handle_item(at, len, &item)?;
-                    self.main.dec.commit(&item, len);
-                    self.main.consumed += len;
-                    self.actions();
-                }
-                Step::NeedVmdesc => self.main.dec.give_up_vmdesc(),
-                Step::PageSize { bits } => self
-                    .main
-                    .dec
-                    .set_page_bits(bits, qmig_wire::target_page::PageSizeSource::Inferred),
-                Step::NeedMore | Step::End => return Ok(()),
-            }
+        while common::apply_next(
+            &mut self.main.dec,
+            &mut self.dst,
+            &self.main.wire,
+            &mut self.main.consumed,
+        )? {
+            self.actions();
         }
+        Ok(())
     }
 
     /// Delivers `bytes` on the preempt channel up to its next cut.
