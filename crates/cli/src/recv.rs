@@ -876,12 +876,18 @@ pub(crate) fn receive(
             }
         } else if g.rp_dead
             && recovery.is_some()
-            && g.session.dst.postcopy_state() == PostcopyState::Listening
+            && matches!(
+                g.session.dst.postcopy_state(),
+                PostcopyState::Advised | PostcopyState::Discarding | PostcopyState::Listening
+            )
         {
-            // The return path broke inside the switchover: POSTCOPY_RUN may
-            // be in the bytes this connection already delivered (a source
-            // that sent it pauses, not fails). Read on: the main connection
-            // ends too, pausing after RUN or failing before it.
+            // The return path broke after POSTCOPY_ADVISE but before RUN was
+            // read: RUN may be in the bytes this connection already
+            // delivered (a destination that is slow to read still holds
+            // them in its socket buffer when the cut comes, and the source
+            // that sent them pauses, not fails). Read on, replies dropped
+            // (nothing stalls): the main connection ends too, pausing after
+            // RUN or failing before it, as QEMU's destination does.
         } else if g.rp_dead {
             // A peer that does not read its return path would stall every
             // later reply: stop here, with the reason in the manifest.
