@@ -8,16 +8,18 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qmig_ram_dst::{Config, FileMemory, GuestMemory, RamDst, Stats};
 use qmig_wire::{Item, MappedRam, ReadItem, SliceReader};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mr-runs-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mr-runs-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// How the pages are applied.
@@ -180,7 +182,8 @@ fn captures() -> Vec<(&'static str, Vec<u8>)> {
 #[test]
 fn runs_equal_per_page_on_qemu_files() {
     for (name, bytes) in captures() {
-        let dir = scratch(&name.replace('/', "-"));
+        let dir_tmp = scratch(&name.replace('/', "-"));
+        let dir = dir_tmp.path();
         let file = dir.join("stream");
         write_sparse(&file, &bytes);
         let o = check_same(&file, &dir);
@@ -218,7 +221,8 @@ fn runs_equal_per_page_on_rewritten_bitmaps() {
                 }
             }
         }
-        let dir = scratch(label);
+        let dir_tmp = scratch(label);
+        let dir = dir_tmp.path();
         let file = dir.join("stream");
         write_sparse(&file, &b);
         let o = check_same(&file, &dir);
@@ -243,7 +247,8 @@ fn runs_stop_where_per_page_stops_on_a_cut_file() {
     // The file ends inside a page area: the decoder refuses the block entry
     // (its region passes the end of the input) in every mode alike.
     let (_, bytes) = captures().remove(0);
-    let dir = scratch("cut");
+    let dir_tmp = scratch("cut");
+    let dir = dir_tmp.path();
     let file = dir.join("stream");
     write_sparse(&file, &bytes[..bytes.len() * 3 / 4]);
     let o = check_same(&file, &dir);
