@@ -2471,7 +2471,7 @@ fn file_matches_vec(
 ) {
     // Removed with its contents when `tmp` drops (also on panic).
     let tmp = tempfile::Builder::new()
-        .prefix(&format!("qmig-ram-dst-{name}-"))
+        .prefix(&format!("qmig-ram-dst-{}-", name.replace('/', "_")))
         .tempdir()
         .unwrap();
     let dir = tmp.path().join("d");

@@ -17,7 +17,7 @@ use qmig_wire::{Item, MappedRam, ReadItem, SliceReader};
 /// `TempDir` drops (also when the test panics).
 fn scratch(name: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
-        .prefix(&format!("qmig-mr-runs-{name}-"))
+        .prefix(&format!("qmig-mr-runs-{}-", name.replace('/', "_")))
         .tempdir()
         .unwrap()
 }

@@ -27,7 +27,7 @@ use qmig_wire::{
 /// `TempDir` drops (also when the test panics).
 fn spool_dir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
-        .prefix(&format!("qmig-convert-test-{tag}-"))
+        .prefix(&format!("qmig-convert-test-{}-", tag.replace('/', "_")))
         .tempdir()
         .unwrap()
 }
