@@ -16,14 +16,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "qmig-containers-test-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-containers-test-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 fn capture(name: &str) -> Capture {
@@ -211,7 +210,8 @@ impl Comp {
 #[test]
 fn whole_file_compression_on_files_and_pipes() {
     let c = capture("q10-stopped");
-    let dir = scratch("whole");
+    let dir_tmp = scratch("whole");
+    let dir = dir_tmp.path();
     let r = reference(&c.stream, &dir);
     for (k, want) in c.expectations() {
         let key = k.trim_start_matches("totals.");
@@ -238,7 +238,8 @@ fn whole_file_compression_on_files_and_pipes() {
 #[test]
 fn multi_member_gzip_is_read_to_the_end() {
     let c = capture("q72-plain");
-    let dir = scratch("multigz");
+    let dir_tmp = scratch("multigz");
+    let dir = dir_tmp.path();
     let r = reference(&c.stream, &dir);
     let f = dir.join("multi.gz");
     std::fs::write(&f, Comp::Gzip.compress_multi(&c.stream, 7)).unwrap();
@@ -318,7 +319,8 @@ impl Image<'_> {
 #[test]
 fn libvirt_images_built_from_the_documented_header() {
     let c = capture("q10-stopped");
-    let dir = scratch("libvirt");
+    let dir_tmp = scratch("libvirt");
+    let dir = dir_tmp.path();
     let r = reference(&c.stream, &dir);
     let formats: Vec<(u32, Option<Comp>)> = std::iter::once((0, None))
         .chain(ALL.map(|c| (c.libvirt_code(), Some(c))))
@@ -420,7 +422,8 @@ fn assert_refused(dir: &Path, name: &str, bytes: &[u8], needles: &[&str]) {
 #[test]
 fn libvirt_partial_truncated_and_refused_images() {
     let c = capture("q10-stopped");
-    let dir = scratch("libvirt-bad");
+    let dir_tmp = scratch("libvirt-bad");
+    let dir = dir_tmp.path();
     let r = reference(&c.stream, &dir);
     // A Part image is read, and says so.
     let f = dir.join("part.sav");
@@ -508,7 +511,8 @@ fn libvirt_partial_truncated_and_refused_images() {
 #[test]
 fn real_libvirt_save_images() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/libvirt-save");
-    let dir = scratch("libvirt-real");
+    let dir_tmp = scratch("libvirt-real");
+    let dir = dir_tmp.path();
     let mut seen = Vec::new();
     for (name, comp) in [
         ("raw", None),

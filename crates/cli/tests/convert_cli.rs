@@ -15,11 +15,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-convert-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-convert-cli-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 fn data(p: &str) -> PathBuf {
@@ -83,7 +85,8 @@ fn inspect_json(p: &Path) -> Value {
 #[test]
 fn libvirt_images_stay_libvirt_images() {
     for name in ["raw", "gzip", "bzip2", "xz"] {
-        let d = scratch(&format!("libvirt-{name}"));
+        let d_tmp = scratch(&format!("libvirt-{name}"));
+        let d = d_tmp.path();
         let out_dir = d.join("out");
         std::fs::create_dir_all(&out_dir).unwrap();
         let input = data(&format!("libvirt-save/{name}.sav"));
@@ -129,7 +132,8 @@ fn libvirt_images_stay_libvirt_images() {
 #[test]
 fn compressed_outputs() {
     let input = data("q10-xbzrle/stream");
-    let d = scratch("compress");
+    let d_tmp = scratch("compress");
+    let d = d_tmp.path();
     let want = extract(&input, &d.join("want"));
     for (c, magic) in [
         ("gzip", &[0x1f, 0x8b][..]),
@@ -165,7 +169,8 @@ fn compressed_outputs() {
 fn report_json_and_stdin() {
     let input = data("q10-xbzrle/stream");
     let bytes = std::fs::read(&input).unwrap();
-    let d = scratch("report");
+    let d_tmp = scratch("report");
+    let d = d_tmp.path();
     let out = d.join("out");
     let mut child = qmig()
         .args(["convert", "-"])
@@ -218,7 +223,8 @@ fn report_json_and_stdin() {
 
 #[test]
 fn failed_conversion_leaves_nothing() {
-    let d = scratch("fail");
+    let d_tmp = scratch("fail");
+    let d = d_tmp.path();
     let stream = std::fs::read(data("q10-passes/stream")).unwrap();
     let cut = d.join("cut.stream");
     std::fs::write(&cut, &stream[..stream.len() / 2]).unwrap();
@@ -274,7 +280,8 @@ fn allocated(p: &Path) -> u64 {
 
 #[test]
 fn mapped_ram_both_ways() {
-    let d = scratch("mapped");
+    let d_tmp = scratch("mapped");
+    let d = d_tmp.path();
     // Streams (one pass, several passes, XBZRLE, COMPRESS_PAGE, postcopy) to
     // mapped-ram files, and QEMU 10's mapped-ram files (plain and multifd)
     // to streams and to mapped-ram again: each output re-serializes to its
@@ -350,7 +357,8 @@ fn only_no_temp(dir: &Path) {
 
 #[test]
 fn send_mapped_ram_writes_the_ram() {
-    let d = scratch("send-mapped");
+    let d_tmp = scratch("send-mapped");
+    let d = d_tmp.path();
     let tpl = data("q10-xbzrle/stream");
     let want = extract(&tpl, &d.join("ram"));
     let out = d.join("out.mapped");
@@ -417,7 +425,8 @@ fn send_mapped_ram_writes_the_ram() {
 fn every_capture_from_a_mapped_file_keeps_its_memory() {
     let caps = qmig_tests::captures();
     assert!(caps.len() >= 20, "corpus missing: {} captures", caps.len());
-    let d = scratch("every");
+    let d_tmp = scratch("every");
+    let d = d_tmp.path();
     for c in &caps {
         let input = d.join(format!("{}.stream", c.name));
         std::fs::write(&input, &c.stream).unwrap();
@@ -522,7 +531,8 @@ fn extract_set(set: &[PathBuf], dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// its bytes, and that holds no multifd, recovery or postcopy command.
 #[test]
 fn every_capture_set_converts_to_one_stream() {
-    let d = scratch("sets");
+    let d_tmp = scratch("sets");
+    let d = d_tmp.path();
     let mut sets = Vec::new();
     for group in ["recovery", "multifd"] {
         for e in std::fs::read_dir(data(group)).unwrap() {

@@ -20,11 +20,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-hostile-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// A finished child: its output and its peak RSS in bytes.
@@ -230,7 +232,8 @@ fn extract(dir: &Path, stream: &Path) -> (Output, Value) {
 #[test]
 fn discard_bomb() {
     const BIG: u64 = 512 << 30;
-    let dir = scratch("discard");
+    let dir_tmp = scratch("discard");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     s.cmd(3, &[]); // POSTCOPY_ADVISE, 0-length
     s.ram_start(&[("pc.ram", BIG, None)]);
@@ -271,7 +274,8 @@ fn discard_bomb() {
 /// (816 MB peak); now it keeps the first 1000 and counts the rest.
 #[test]
 fn million_pings() {
-    let dir = scratch("pings");
+    let dir_tmp = scratch("pings");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     s.open_return_path();
     for i in 0..1_000_000u32 {
@@ -307,7 +311,8 @@ fn million_pings() {
 #[test]
 fn gigabyte_host_page() {
     const GIB: u64 = 1 << 30;
-    let dir = scratch("hugepage");
+    let dir_tmp = scratch("hugepage");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     let mut adv = Vec::new();
     adv.extend_from_slice(&(PS | GIB).to_be_bytes());
@@ -366,7 +371,8 @@ fn wait_bounded(child: std::process::Child, limit: Duration) -> Output {
 
 /// A source that connects, sends `bytes`, then goes silent (socket open).
 fn silent_after(bytes: &[u8], tag: &str) {
-    let dir = scratch(tag);
+    let dir_tmp = scratch(tag);
+    let dir = dir_tmp.path();
     let out = dir.join("out");
     let (child, port) = spawn_recv(&out, 1);
     let mut s = connect(port);
@@ -398,7 +404,8 @@ fn peer_stops_after_header() {
 /// recv stops after --idle-timeout with the reason in the manifest.
 #[test]
 fn stalled_return_path() {
-    let dir = scratch("stalled");
+    let dir_tmp = scratch("stalled");
+    let dir = dir_tmp.path();
     let out = dir.join("out");
     let (child, port) = spawn_recv(&out, 1);
     let mut s = S::new("pc-i440fx-10.0");
@@ -432,7 +439,8 @@ fn stalled_return_path() {
 /// only SHUT(1).
 #[test]
 fn recv_bitmap_flood() {
-    let dir = scratch("recvbitmap");
+    let dir_tmp = scratch("recvbitmap");
+    let dir = dir_tmp.path();
     let out = dir.join("out");
     let (child, port) = spawn_recv(&out, 5);
     let mut s = S::new("pc-i440fx-10.0");
@@ -475,7 +483,8 @@ fn recv_bitmap_flood() {
 /// it gives up after --idle-timeout.
 #[test]
 fn send_to_a_destination_that_never_reads() {
-    let dir = scratch("sendstall");
+    let dir_tmp = scratch("sendstall");
+    let dir = dir_tmp.path();
     let cap = qmig_tests::data_dir().join("q10-stopped").join("stream");
     let ram = dir.join("ram");
     let o = qmig()
@@ -529,7 +538,8 @@ fn send_to_a_destination_that_never_reads() {
 #[test]
 fn zero_fill_0x55() {
     for (machine, strict) in [("pc-i440fx-10.0", true), ("pc-i440fx-7.2", false)] {
-        let dir = scratch(&format!("fill-{machine}"));
+        let dir_tmp = scratch(&format!("fill-{machine}"));
+        let dir = dir_tmp.path();
         let mut s = S::new(machine);
         s.ram_start(&[("pc.ram", 16 * PS, None)]);
         s.ram_part()
@@ -577,7 +587,8 @@ fn zero_fill_0x55() {
 /// listing the first 1000 and counting the rest.
 #[test]
 fn many_device_sections() {
-    let dir = scratch("devsections");
+    let dir_tmp = scratch("devsections");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     s.ram_start(&[("pc.ram", 16 * PS, None)]);
     s.u8(0x03).be32(RAM_ID).ram_section_end();
@@ -604,7 +615,8 @@ fn many_device_sections() {
 #[test]
 fn bitmap_spread() {
     for (len, ok) in [(512u64 << 30, true), (1 << 40, false)] {
-        let dir = scratch(&format!("spread-{len}"));
+        let dir_tmp = scratch(&format!("spread-{len}"));
+        let dir = dir_tmp.path();
         let mut s = S::new("pc-i440fx-7.2");
         s.ram_start(&[("pc.ram", len, None)]);
         s.ram_part();

@@ -85,7 +85,12 @@ fn inspect_channels_zstd() {
 #[test]
 fn truncated_channel_is_an_error() {
     let raw = qmig_tests::gunzip(&std::fs::read(dir("q10-none").join("conn-1.bin.gz")).unwrap());
-    let d = std::env::temp_dir().join(format!("qmig-multifd-cli-{}", std::process::id()));
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-multifd-cli-")
+        .tempdir()
+        .unwrap();
+    let d = tmp.path().join("d");
     std::fs::create_dir_all(&d).unwrap();
     let p = d.join("cut.bin");
     std::fs::write(&p, &raw[..5000]).unwrap();
@@ -110,11 +115,13 @@ fn oracle(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(dir(name).join("oracle.json")).unwrap()).unwrap()
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mfd-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn tmp(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mfd-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// The capture set's files, uncompressed into `d`: main, then channels.
@@ -186,7 +193,8 @@ fn matches_oracle(name: &str, ram: &[u8]) -> bool {
 }
 
 fn extract_set(name: &str) {
-    let d = tmp(&format!("x-{name}"));
+    let d_tmp = tmp(&format!("x-{name}"));
+    let d = d_tmp.path();
     let (main, mut chans) = unpack(name, &d);
     // Channels are identified by their header, not by the order given.
     chans.reverse();
@@ -255,7 +263,8 @@ fn packets(b: &[u8]) -> Vec<(usize, u32, u32, usize)> {
 
 /// Extracts q10-none with channel 1 replaced by `bytes`; returns the error text.
 fn hostile(tag: &str, bytes: &[u8], twice: bool) -> String {
-    let d = tmp(&format!("h-{tag}"));
+    let d_tmp = tmp(&format!("h-{tag}"));
+    let d = d_tmp.path();
     let (main, mut chans) = unpack("q10-none", &d);
     std::fs::write(&chans[1], bytes).unwrap();
     if twice {
@@ -323,7 +332,8 @@ fn channel_ending_before_its_sync_breaks_the_pairing_rule() {
 #[test]
 fn recv_over_tcp_applies_channels_and_saves_the_set() {
     use std::io::{BufRead, Write};
-    let d = tmp("recv");
+    let d_tmp = tmp("recv");
+    let d = d_tmp.path();
     let (main, chans) = unpack("q10-zstd", &d);
     let (out, save) = (d.join("out"), d.join("save"));
     std::fs::create_dir_all(&save).unwrap();

@@ -11,11 +11,13 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mfsend-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn tmp(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mfsend-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// q10-zstd's files uncompressed into `d` and its RAM extracted to
@@ -51,7 +53,8 @@ fn setup(d: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn send_into_recv(tag: &str, extra: &[&str], channels: u32) -> Value {
-    let d = tmp(tag);
+    let d_tmp = tmp(tag);
+    let d = d_tmp.path();
     let (template, ram) = setup(&d);
     let (out, fin) = (d.join("out"), d.join("final"));
     let mut recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
@@ -153,7 +156,8 @@ fn send_multifd_legacy_zero_pages_into_recv() {
 
 #[test]
 fn combinations_qemu_refuses_are_refused_naming_the_capability() {
-    let d = tmp("refuse");
+    let d_tmp = tmp("refuse");
+    let d = d_tmp.path();
     let (template, ram) = setup(&d);
     let cases: [(&[&str], &str); 5] = [
         (&["--xbzrle"], "xbzrle"),
