@@ -156,18 +156,18 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
-        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temporary() {
         let d_tmp = tmp("atomic");
         let d = d_tmp.path();
-        write_atomic(&d, "m.json", b"one").unwrap();
-        write_atomic(&d, "m.json", b"two").unwrap();
+        write_atomic(d, "m.json", b"one").unwrap();
+        write_atomic(d, "m.json", b"two").unwrap();
         assert_eq!(fs::read(d.join("m.json")).unwrap(), b"two");
         assert!(!d.join(".m.json.tmp").exists());
-        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -179,6 +179,6 @@ mod tests {
         let e = output_dir(&f).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("not a directory"), "{e}");
-        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(d).unwrap();
     }
 }

@@ -1326,7 +1326,7 @@ mod tests {
         let stream = capture("q10-stopped");
         let dir_tmp = tmpdir("file");
         let dir = dir_tmp.path();
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
         let input = dir.join("in.stream");
         std::fs::write(&input, &stream).unwrap();
         let out = dir.join("out");
@@ -1621,7 +1621,7 @@ mod tests {
             .join("../../tests/data")
             .join(name)
             .join("stream");
-        crate::extract::run(&p, &ex, &[]).unwrap();
+        crate::extract::run(&p, ex, &[]).unwrap();
         let mx: Value =
             serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
                 .unwrap();

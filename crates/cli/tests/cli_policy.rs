@@ -187,7 +187,7 @@ fn interrupted_extract_leaves_an_honest_manifest_and_send_refuses_it() {
         "{err}"
     );
     assert!(!dir.join("x").exists());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Symlinks planted in the output directory are replaced, never followed.
@@ -224,7 +224,7 @@ fn planted_symlinks_are_not_followed() {
         assert!(t.is_file(), "{name} is a regular file now");
     }
     assert_eq!(manifest(&d)["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A full disk: a 1 MiB tmpfs, gone when dropped. Any user the kernel
@@ -321,7 +321,7 @@ fn full_disk_is_reported_where_it_happened() {
         Err(why) => {
             // Nothing here can make a disk full without filling a real one.
             eprintln!("full_disk_is_reported_where_it_happened: SKIPPED: no tmpfs to fill: {why}");
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(dir);
             return;
         }
     };
@@ -387,7 +387,7 @@ fn full_disk_is_reported_where_it_happened() {
         }
     }
     drop(disk);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Every subcommand follows the same policy: 0 success, 1 the data says
@@ -428,7 +428,7 @@ fn exit_codes_per_subcommand() {
         ("{ram}", p(&ram)),
         ("{rp_bad}", p(&rp_bad)),
         ("{to}", to.clone()),
-        ("{dir}", p(&dir)),
+        ("{dir}", p(dir)),
     ];
     let line = |t: &str| -> Vec<String> {
         t.split_whitespace()
@@ -513,7 +513,7 @@ fn exit_codes_per_subcommand() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// An empty file is not a stream: no fake summary, the error once.
@@ -557,7 +557,7 @@ fn empty_input_prints_no_summary_and_json_carries_the_error() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["kind"], "data");
     assert!(v["totals"]["page"].as_u64().unwrap() > 0);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// inspect --records --json: one JSON object per line, with filters.
@@ -632,7 +632,7 @@ fn size_suffixes_are_accepted() {
     assert!(err.contains("\"X\""), "{err}");
     let (rc, _, err) = run(&mut base(&["--max-bandwidth", "-1"]));
     assert_eq!(rc, 2, "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// --compress is refused for a QEMU >= 9.1 machine type (with the reason),
@@ -707,7 +707,7 @@ fn send_safety_checks() {
     let (rc, _, err) = send_small(&["--force"]);
     assert_eq!(rc, 0, "{err}");
     assert!(err.contains("warning"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// send --to unix:PATH and recv --listen unix:PATH / tcp::PORT.
@@ -791,7 +791,7 @@ fn unix_and_all_interfaces_uris() {
     let st = child.wait().unwrap();
     assert!(st.success());
     assert_eq!(manifest(&out)["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Completions and the man page come from the clap definitions.
@@ -870,5 +870,5 @@ fn interrupted_recv_removes_device_state() {
     assert!(m["device_state"].is_null(), "{m}");
     assert!(!out.join("device-state.bin").exists());
     drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

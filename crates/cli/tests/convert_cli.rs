@@ -125,7 +125,7 @@ fn libvirt_images_stay_libvirt_images() {
             extract(&input, &d.join("b")),
             "{name}: memory differs"
         );
-        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
 
@@ -162,7 +162,7 @@ fn compressed_outputs() {
         extract(&out, &d.join("lv")),
         extract(&data("libvirt-save/raw.sav"), &d.join("lv-in"))
     );
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn report_json_and_stdin() {
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("compaction ratio"), "{t}");
     assert!(t.contains("xbzrle"), "{t}");
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn failed_conversion_leaves_nothing() {
         assert!(e.contains(want), "{}: {e}", input.display());
         only(&out_dir, &["keep"]);
     }
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 /// Allocated bytes of a file (sparse files allocate less than their length).
@@ -341,10 +341,10 @@ fn mapped_ram_both_ways() {
                 assert_eq!(n, m);
                 assert!(a == b, "{name} -> {format}: block {n} differs");
             }
-            only_no_temp(&d);
+            only_no_temp(d);
         }
     }
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 /// No temporary name of convert is left in `dir`.
@@ -413,7 +413,7 @@ fn send_mapped_ram_writes_the_ram() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("file:"));
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 /// Every committed capture, from a plain file (so `convert` maps it and its
@@ -457,7 +457,7 @@ fn every_capture_from_a_mapped_file_keeps_its_memory() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }
 
 /// The files of a committed capture set as `qmig` arguments: the main
@@ -600,9 +600,9 @@ fn every_capture_set_converts_to_one_stream() {
                 assert_eq!(n, m, "{name}");
                 assert!(a == b, "{name} -> {format}: block {n} differs");
             }
-            only_no_temp(&d);
+            only_no_temp(d);
         }
     }
     assert!(recovered >= 3 && multifd >= 3, "{recovered} {multifd}");
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }

@@ -37,7 +37,7 @@ fn roundtrip_inspect_extract_every_capture() {
     for c in caps {
         let dir_tmp = scratch(&c.name);
         let dir = dir_tmp.path();
-        let s = stream_file(&c, &dir);
+        let s = stream_file(&c, dir);
 
         let out = qmig().arg("roundtrip").arg(&s).output().unwrap();
         assert!(
@@ -116,7 +116,7 @@ fn roundtrip_inspect_extract_every_capture() {
                 c.name
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -175,7 +175,7 @@ fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
         }
     }
     assert!(checked > 0);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `extract --sync` (images, device state and metadata fsynced) writes the
@@ -189,7 +189,7 @@ fn extract_with_sync_writes_the_same_output() {
             .expect("capture");
         let dir_tmp = scratch(&format!("sync-{name}"));
         let dir = dir_tmp.path();
-        let s = stream_file(&c, &dir);
+        let s = stream_file(&c, dir);
         let mut files = Vec::new();
         for (sub, sync) in [("plain", false), ("sync", true)] {
             let outdir = dir.join(sub);
@@ -229,7 +229,7 @@ fn extract_with_sync_writes_the_same_output() {
         )
         .unwrap();
         assert_eq!(m["complete"], true, "{name}");
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -253,5 +253,5 @@ fn roundtrip_reports_parse_errors_with_offset() {
     assert!(msg.starts_with("qmig: roundtrip: "), "{msg}");
     assert!(msg.contains(&format!("offset {at}")), "{msg}");
     assert!(out.stdout.is_empty(), "error printed once, on stderr");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -194,7 +194,7 @@ fn mapped_ram_file() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// QEMU 10 `migrate file:` with `mapped-ram` and `multifd` (4 channels):

@@ -133,7 +133,7 @@ fn fake_ram_records_in_cmos_are_never_applied() {
     let dir = dir_tmp.path();
     let orig = dir.join("stream");
     std::fs::write(&orig, s).unwrap();
-    let want = extract(&orig, &dir).expect("original extracts");
+    let want = extract(&orig, dir).expect("original extracts");
     let (_, want_json) = inspect_pipe(s);
     assert!(!blocks.is_empty());
     for block in &blocks {
@@ -147,7 +147,7 @@ fn fake_ram_records_in_cmos_are_never_applied() {
         let p = d.join("stream");
         std::fs::write(&p, &evil).unwrap();
         // With the vmdesc: exactly the original memory, file and pipe.
-        let out = extract(&p, &d).unwrap_or_else(|| panic!("{block}: extract refused"));
+        let out = extract(&p, d).unwrap_or_else(|| panic!("{block}: extract refused"));
         let img = format!("{block}.img").replace('/', "_");
         let got = std::fs::read(out.join(&img)).or_else(|_| {
             // Image names are sanitised by the manifest; find it there.

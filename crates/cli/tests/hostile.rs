@@ -249,9 +249,9 @@ fn discard_bomb() {
         d.extend_from_slice(&BIG.to_be_bytes());
     }
     s.cmd(6, &d);
-    let stream = write_stream(&dir, &s.finish());
+    let stream = write_stream(dir, &s.finish());
     let t = Instant::now();
-    let (o, m) = extract(&dir, &stream);
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(m["complete"], true);
     eprintln!("discard bomb: extract took {:?}", t.elapsed());
@@ -265,7 +265,7 @@ fn discard_bomb() {
         meta.blocks() * 512 < 1 << 20,
         "the discarded page is a hole again"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- bounded memory ------------------------------------------------------------------
@@ -282,7 +282,7 @@ fn million_pings() {
         s.ping(i);
     }
     s.ram_start(&[("pc.ram", 16 * PS, None)]);
-    let stream = write_stream(&dir, &s.finish());
+    let stream = write_stream(dir, &s.finish());
     let o = run(
         qmig().arg("inspect").arg(&stream).arg("--json"),
         "inspect --json",
@@ -299,10 +299,10 @@ fn million_pings() {
         "{}",
         text(&o)
     );
-    let (o, m) = extract(&dir, &stream);
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(m["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 14 case 3: a 1 GiB host page in a postcopy stream, all ZERO
@@ -326,11 +326,11 @@ fn gigabyte_host_page() {
         s.zero(p * PS, (p == 0).then_some("mem0"), 0);
     }
     s.ram_section_end();
-    let stream = write_stream(&dir, &s.finish());
-    let (o, m) = extract(&dir, &stream);
+    let stream = write_stream(dir, &s.finish());
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(m["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- peers -----------------------------------------------------------------------------
@@ -384,7 +384,7 @@ fn silent_after(bytes: &[u8], tag: &str) {
     let err = m["error"].as_str().unwrap();
     assert!(err.contains("--idle-timeout"), "{err}");
     drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 14 case 2: a peer that connects and sends nothing.
@@ -430,7 +430,7 @@ fn stalled_return_path() {
         "{err}"
     );
     drop(writer.join().unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 14 case 3: RECV_BITMAP outside postcopy recovery. Eight of them in
@@ -469,14 +469,14 @@ fn recv_bitmap_flood() {
     let err = m["error"].as_str().unwrap();
     assert!(err.contains("loadvm_handle_recv_bitmap"), "{err}");
     // Offline too.
-    let stream = write_stream(&dir, &bytes);
-    let (o, m) = extract(&dir, &stream);
+    let stream = write_stream(dir, &bytes);
+    let (o, m) = extract(dir, &stream);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(m["error"]
         .as_str()
         .unwrap()
         .contains("loadvm_handle_recv_bitmap"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `send` to a destination that accepts the connection and never reads:
@@ -527,7 +527,7 @@ fn send_to_a_destination_that_never_reads() {
         text(&o)
     );
     holder.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- parity with QEMU 10's loader ---------------------------------------------------------
@@ -546,8 +546,8 @@ fn zero_fill_0x55() {
             .page(0, Some("pc.ram"), 1)
             .zero(PS, None, 0x55)
             .ram_section_end();
-        let stream = write_stream(&dir, &s.finish());
-        let (o, m) = extract(&dir, &stream);
+        let stream = write_stream(dir, &s.finish());
+        let (o, m) = extract(dir, &stream);
         let v: Value = serde_json::from_slice(
             &run(qmig().arg("inspect").arg(&stream).arg("--json"), "inspect").stdout,
         )
@@ -579,7 +579,7 @@ fn zero_fill_0x55() {
             .unwrap();
             assert!(img[4096..8192].iter().all(|&b| b == 0x55));
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -597,15 +597,15 @@ fn many_device_sections() {
         s.be64(0x1234).u8(0x7e).be32(10 + i);
     }
     s.u8(0x00);
-    let stream = write_stream(&dir, &s.0);
-    let (o, m) = extract(&dir, &stream);
+    let stream = write_stream(dir, &s.0);
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         m["device_state"]["sections"].as_array().unwrap().len(),
         1000
     );
     assert_eq!(m["device_state"]["sections_omitted"], 2000);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Bitmap memory: a few kilobytes of ZERO records spread over the largest
@@ -625,12 +625,12 @@ fn bitmap_spread() {
             s.zero(i * stride, (i == 0).then_some("pc.ram"), 0x55);
         }
         s.ram_section_end();
-        let stream = write_stream(&dir, &s.finish());
-        let (o, m) = extract(&dir, &stream);
+        let stream = write_stream(dir, &s.finish());
+        let (o, m) = extract(dir, &stream);
         assert_eq!(o.status.success(), ok, "{}", text(&o));
         if !ok {
             assert!(m["error"].as_str().unwrap().contains("target pages"), "{m}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -77,6 +77,6 @@ fn in_place_equals_pipe() {
         assert!(i_file == i_gz && i_file == i_pipe, "{name}: images differ");
         assert!(m_file["records"]["page"].as_u64().unwrap() > 0);
         assert_eq!(m_file["complete"], true);
-        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(d);
     }
 }

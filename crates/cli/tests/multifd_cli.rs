@@ -195,7 +195,7 @@ fn matches_oracle(name: &str, ram: &[u8]) -> bool {
 fn extract_set(name: &str) {
     let d_tmp = tmp(&format!("x-{name}"));
     let d = d_tmp.path();
-    let (main, mut chans) = unpack(name, &d);
+    let (main, mut chans) = unpack(name, d);
     // Channels are identified by their header, not by the order given.
     chans.reverse();
     let out = d.join("out");
@@ -229,7 +229,7 @@ fn extract_set(name: &str) {
     let so = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success(), "{name}: {so}");
     assert_eq!(so.matches("identical").count(), 1 + chans.len(), "{so}");
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }
 
 #[test]
@@ -265,7 +265,7 @@ fn packets(b: &[u8]) -> Vec<(usize, u32, u32, usize)> {
 fn hostile(tag: &str, bytes: &[u8], twice: bool) -> String {
     let d_tmp = tmp(&format!("h-{tag}"));
     let d = d_tmp.path();
-    let (main, mut chans) = unpack("q10-none", &d);
+    let (main, mut chans) = unpack("q10-none", d);
     std::fs::write(&chans[1], bytes).unwrap();
     if twice {
         chans[1] = chans[0].clone();
@@ -275,7 +275,7 @@ fn hostile(tag: &str, bytes: &[u8], twice: bool) -> String {
     let m: Value =
         serde_json::from_slice(&std::fs::read(d.join("out/manifest.json")).unwrap()).unwrap();
     assert!(!m["complete"].as_bool().unwrap());
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
     format!("{}{}", String::from_utf8_lossy(&r.stderr), m["error"])
 }
 
@@ -334,7 +334,7 @@ fn recv_over_tcp_applies_channels_and_saves_the_set() {
     use std::io::{BufRead, Write};
     let d_tmp = tmp("recv");
     let d = d_tmp.path();
-    let (main, chans) = unpack("q10-zstd", &d);
+    let (main, chans) = unpack("q10-zstd", d);
     let (out, save) = (d.join("out"), d.join("save"));
     std::fs::create_dir_all(&save).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_qmig"))
@@ -392,5 +392,5 @@ fn recv_over_tcp_applies_channels_and_saves_the_set() {
         );
     }
     drop(threads);
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -55,7 +55,7 @@ fn setup(d: &Path) -> (PathBuf, PathBuf) {
 fn send_into_recv(tag: &str, extra: &[&str], channels: u32) -> Value {
     let d_tmp = tmp(tag);
     let d = d_tmp.path();
-    let (template, ram) = setup(&d);
+    let (template, ram) = setup(d);
     let (out, fin) = (d.join("out"), d.join("final"));
     let mut recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
         .args([
@@ -114,7 +114,7 @@ fn send_into_recv(tag: &str, extra: &[&str], channels: u32) -> Value {
         assert!(want == got, "{tag}: block {} differs", b["name"]);
     }
     let v: Value = serde_json::from_slice(&send.stdout).unwrap();
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
     v
 }
 
@@ -158,7 +158,7 @@ fn send_multifd_legacy_zero_pages_into_recv() {
 fn combinations_qemu_refuses_are_refused_naming_the_capability() {
     let d_tmp = tmp("refuse");
     let d = d_tmp.path();
-    let (template, ram) = setup(&d);
+    let (template, ram) = setup(d);
     let cases: [(&[&str], &str); 5] = [
         (&["--xbzrle"], "xbzrle"),
         (&["--compress", "1"], "compress"),
@@ -198,5 +198,5 @@ fn combinations_qemu_refuses_are_refused_naming_the_capability() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("tcp: or unix:"), "{err}");
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }

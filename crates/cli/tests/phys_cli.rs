@@ -28,7 +28,7 @@ fn extract(c: &Capture, format: &str, extra: &[&str]) -> (tempfile::TempDir, Vec
         .arg("extract")
         .arg(&c.stream_path)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(["--format", format])
         .args(extra)
         .output()
@@ -219,7 +219,7 @@ fn aarch64_virt_ram_is_at_1g() {
     let out = out_tmp.path();
     assert_eq!(u16::from_le_bytes([img[18], img[19]]), 183);
     let segs = parse_elf(&img);
-    let block = std::fs::read(out.join(image_file(&out, "mach-virt.ram"))).unwrap();
+    let block = std::fs::read(out.join(image_file(out, "mach-virt.ram"))).unwrap();
     assert_eq!(segs.len(), 1);
     assert_eq!(segs[0].0, 0x4000_0000);
     assert_eq!(segs[0].1, &block[..]);
@@ -249,7 +249,7 @@ fn overrides_and_errors() {
     let c = all.iter().find(|c| c.name == "q35-backends").unwrap();
     let (out_tmp, img) = extract(c, "raw", &["--machine-layout", "q35:m1,m0"]);
     let out = out_tmp.path();
-    let m1 = std::fs::read(out.join(image_file(&out, "m1"))).unwrap();
+    let m1 = std::fs::read(out.join(image_file(out, "m1"))).unwrap();
     assert_eq!(&img[..0xa0000], &m1[..0xa0000]);
     let _ = std::fs::remove_dir_all(out);
 
@@ -260,7 +260,7 @@ fn overrides_and_errors() {
         .arg("extract")
         .arg(&c.stream_path)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(["--format", "raw"])
         .output()
         .unwrap();
@@ -280,7 +280,7 @@ fn overrides_and_errors() {
         .arg("extract")
         .arg(&c.stream_path)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(["--format", "raw", "--max-ram-below-4g", "8G"])
         .output()
         .unwrap();

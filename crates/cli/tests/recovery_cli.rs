@@ -135,8 +135,8 @@ fn extract_of_connection_list_equals_pmemsave() {
             String::from_utf8_lossy(&r.stderr).contains("truncated"),
             "{sc}"
         );
-        let _ = std::fs::remove_dir_all(&out);
-        let _ = std::fs::remove_dir_all(&out1);
+        let _ = std::fs::remove_dir_all(out);
+        let _ = std::fs::remove_dir_all(out1);
     }
 }
 
@@ -248,7 +248,7 @@ fn continuation_only_when_listed_after_another() {
     let s = std::fs::read(qmig_tests::data_dir().join("q10-stopped/stream")).unwrap();
     let d_tmp = tmpdir("precopy-cut");
     let d = d_tmp.path();
-    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(d).unwrap();
     let (a, b) = (d.join("a"), d.join("b"));
     std::fs::write(&a, &s[..s.len() / 2]).unwrap();
     std::fs::write(&b, &s[s.len() / 2..]).unwrap();
@@ -260,8 +260,8 @@ fn continuation_only_when_listed_after_another() {
     let p = [m[0].clone(), m[0].clone()];
     let r = qmig(&args(&["inspect"], &m[..1], &p));
     assert_eq!(r.status.code(), Some(2));
-    let _ = std::fs::remove_dir_all(&d);
-    let _: &Path = &d;
+    let _ = std::fs::remove_dir_all(d);
+    let _: &Path = d;
 }
 
 /// The destination state machine, fed the connections recorded before the
@@ -339,7 +339,7 @@ fn hostile_recovery_messages_are_typed_errors() {
     let (m, _, rp) = files("q10-postcopy-recover");
     let d_tmp = tmpdir("hostile");
     let d = d_tmp.path();
-    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(d).unwrap();
     let raw = |f: &PathBuf| qmig_tests::gunzip(&std::fs::read(f).unwrap());
     // RECV_BITMAP "pc.xam" at offset 0 of the recovery connection.
     let mut m2 = raw(&m[1]);
@@ -413,5 +413,5 @@ fn hostile_recovery_messages_are_typed_errors() {
         let e = String::from_utf8_lossy(&r.stderr).into_owned();
         assert!(e.contains(&want), "{name}: {e}");
     }
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -91,7 +91,7 @@ fn with_fake_destination_and(
         .unwrap();
     let took = t0.elapsed();
     fake.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),

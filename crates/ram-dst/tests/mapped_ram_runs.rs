@@ -186,14 +186,14 @@ fn runs_equal_per_page_on_qemu_files() {
         let dir = dir_tmp.path();
         let file = dir.join("stream");
         write_sparse(&file, &bytes);
-        let o = check_same(&file, &dir);
+        let o = check_same(&file, dir);
         assert!(o.error.is_none(), "{name}: {:?}", o.error);
         assert!(
             o.stats.page > 0 && o.stats.zero > 0,
             "{name}: {:?}",
             o.stats
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -225,7 +225,7 @@ fn runs_equal_per_page_on_rewritten_bitmaps() {
         let dir = dir_tmp.path();
         let file = dir.join("stream");
         write_sparse(&file, &b);
-        let o = check_same(&file, &dir);
+        let o = check_same(&file, dir);
         assert!(o.error.is_none(), "{label}: {:?}", o.error);
         match label {
             "all" => assert_eq!(o.stats.zero, 0),
@@ -238,7 +238,7 @@ fn runs_equal_per_page_on_rewritten_bitmaps() {
             }
             _ => assert!(o.stats.page > 0 && o.stats.zero > 0),
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -251,7 +251,7 @@ fn runs_stop_where_per_page_stops_on_a_cut_file() {
     let dir = dir_tmp.path();
     let file = dir.join("stream");
     write_sparse(&file, &bytes[..bytes.len() * 3 / 4]);
-    let o = check_same(&file, &dir);
+    let o = check_same(&file, dir);
     assert!(o.error.is_some());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

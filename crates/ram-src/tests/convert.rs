@@ -42,7 +42,7 @@ fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
         section_bytes: 64 << 10,
         ..Options::default()
     };
-    let mut conv = Converter::new(VecMemory::new(), &dir, opts).expect("converter");
+    let mut conv = Converter::new(VecMemory::new(), dir, opts).expect("converter");
     let mut rd = StreamReader::new(stream);
     while let Some(ri) = rd.next_item().expect("input parses") {
         conv.handle(&ri).expect("input converts");
@@ -50,7 +50,7 @@ fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
     let mut out = Vec::new();
     let report = conv.finish(&mut out).expect("finish");
     drop(conv);
-    std::fs::remove_dir_all(&dir).expect("spool files removed with the converter");
+    std::fs::remove_dir_all(dir).expect("spool files removed with the converter");
     assert_eq!(report.output_stream_bytes, out.len() as u64);
     (out, report)
 }
@@ -64,14 +64,14 @@ fn convert_mapped(stream: &[u8]) -> Result<(Vec<u8>, Report), ConvertError> {
         format: Format::MappedRam,
         ..Options::default()
     };
-    let mut conv = Converter::new(VecMemory::new(), &dir, opts).expect("converter");
+    let mut conv = Converter::new(VecMemory::new(), dir, opts).expect("converter");
     let mut rd = StreamReader::new(stream);
     while let Some(ri) = rd.next_item().expect("input parses") {
         conv.handle(&ri).expect("input converts");
     }
     let r = conv.finish_mapped_ram(std::io::Cursor::new(Vec::new()));
     drop(conv);
-    std::fs::remove_dir_all(&dir).expect("spool files removed with the converter");
+    std::fs::remove_dir_all(dir).expect("spool files removed with the converter");
     let (report, cur) = r?;
     let out = cur.into_inner();
     assert_eq!(report.output_stream_bytes, out.len() as u64);
@@ -346,7 +346,7 @@ fn single_pass_stopped_capture_is_unchanged() {
         .expect("q10-stopped");
     let dir_tmp = spool_dir("s");
     let dir = dir_tmp.path();
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&c.stream[..]);
     while let Some(ri) = rd.next_item().unwrap() {
         conv.handle(&ri).unwrap();
@@ -422,7 +422,7 @@ fn truncated_input_is_refused() {
     let cut = c.stream.len() / 2;
     let dir_tmp = spool_dir("t");
     let dir = dir_tmp.path();
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&c.stream[..cut]);
     let mut failed = false;
     loop {
@@ -798,7 +798,7 @@ fn multifd_main_channel_is_refused() {
     s.push(0);
     let dir_tmp = spool_dir("m");
     let dir = dir_tmp.path();
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&s[..]);
     let mut err = None;
     while let Some(ri) = rd.next_item().unwrap() {
@@ -824,7 +824,7 @@ fn multifd_main_channel_is_refused() {
         multifd_channels: true,
         ..Options::default()
     };
-    let mut conv = Converter::new(VecMemory::new(), &dir, opts).unwrap();
+    let mut conv = Converter::new(VecMemory::new(), dir, opts).unwrap();
     let mut rd = StreamReader::new(&s[..]);
     while let Some(ri) = rd.next_item().unwrap() {
         conv.handle(&ri).unwrap();
@@ -893,7 +893,7 @@ fn stream_to_mapped_ram_and_back_is_the_original() {
     let (mapped, _) = convert_mapped(&c.stream).unwrap();
     let dir_tmp = spool_dir("b");
     let dir = dir_tmp.path();
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&mapped[..]);
     while let Some(ri) = rd.next_item().unwrap() {
         conv.handle(&ri).unwrap();
