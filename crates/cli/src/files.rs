@@ -133,16 +133,19 @@ pub fn output_dir(dir: &Path) -> Result<(), CliError> {
 mod tests {
     use super::*;
 
-    fn tmp(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("qmig-files-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh scratch directory, removed with its contents when the returned
+    /// `TempDir` drops (also when the test panics).
+    fn tmp(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("qmig-files-{}-", tag.replace('/', "_")))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn create_fresh_does_not_follow_a_planted_symlink() {
-        let d = tmp("link");
+        let d_tmp = tmp("link");
+        let d = d_tmp.path();
         let victim = d.join("victim");
         fs::write(&victim, b"keep me").unwrap();
         std::os::unix::fs::symlink(&victim, d.join("pc.ram.img")).unwrap();
@@ -153,27 +156,29 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
-        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temporary() {
-        let d = tmp("atomic");
-        write_atomic(&d, "m.json", b"one").unwrap();
-        write_atomic(&d, "m.json", b"two").unwrap();
+        let d_tmp = tmp("atomic");
+        let d = d_tmp.path();
+        write_atomic(d, "m.json", b"one").unwrap();
+        write_atomic(d, "m.json", b"two").unwrap();
         assert_eq!(fs::read(d.join("m.json")).unwrap(), b"two");
         assert!(!d.join(".m.json.tmp").exists());
-        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn output_dir_refuses_a_file() {
-        let d = tmp("outdir");
+        let d_tmp = tmp("outdir");
+        let d = d_tmp.path();
         let f = d.join("file");
         fs::write(&f, b"x").unwrap();
         let e = output_dir(&f).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("not a directory"), "{e}");
-        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(d).unwrap();
     }
 }

@@ -1169,21 +1169,25 @@ mod tests {
         std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("qmig-recv-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+    /// A fresh scratch directory, removed with its contents when the returned
+    /// `TempDir` drops (also when the test panics).
+    fn tmpdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("qmig-recv-test-{}-", tag.replace('/', "_")))
+            .tempdir()
+            .unwrap()
     }
 
     /// Runs `receive` while a source thread sends `stream` (then keeps the socket
     /// open, as QEMU does with a return path, until SHUT or `close_after`).
-    /// Returns the exit code, the manifest and the return-path bytes.
+    /// Returns the exit code, the manifest, the return-path bytes and the
+    /// scratch directory (`out/`: the output, `saved`: the `--save` copy).
     fn run_with(
         stream: Vec<u8>,
         layout: Layout,
         tag: &str,
         close_after: bool,
-    ) -> (u8, Value, Vec<u8>, PathBuf) {
+    ) -> (u8, Value, Vec<u8>, tempfile::TempDir) {
         run_touch(stream, layout, tag, close_after, 0, None)
     }
 
@@ -1214,7 +1218,7 @@ mod tests {
         close_after: bool,
         touch: usize,
         hold_at: Option<usize>,
-    ) -> (u8, Value, Vec<u8>, PathBuf) {
+    ) -> (u8, Value, Vec<u8>, tempfile::TempDir) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let src = std::thread::spawn(move || {
@@ -1246,8 +1250,9 @@ mod tests {
             let _ = s.read_to_end(&mut rp);
             rp
         });
-        let out = tmpdir(tag);
-        let save = out.with_extension("saved");
+        let dir = tmpdir(tag);
+        let out = dir.path().join("out");
+        let save = dir.path().join("saved");
         std::fs::create_dir_all(&out).unwrap();
         let code = match receive(
             Listener::Tcp(listener),
@@ -1269,13 +1274,13 @@ mod tests {
         let m: Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
                 .unwrap();
-        (code, m, rp, save)
+        (code, m, rp, dir)
     }
 
     #[test]
     fn return_path_gets_pong_and_shut_while_the_socket_stays_open() {
         let stream = capture("q10-return-path");
-        let (code, m, rp, save) = run_with(stream.clone(), Layout::Adopt, "rp", false);
+        let (code, m, rp, dir) = run_with(stream.clone(), Layout::Adopt, "rp", false);
         assert_eq!(code, 0);
         assert_eq!(m["complete"], true);
         assert_eq!(m["return_path"], true);
@@ -1290,7 +1295,7 @@ mod tests {
             "{msgs:?}"
         );
         assert_eq!(
-            std::fs::read(&save).unwrap(),
+            std::fs::read(dir.path().join("saved")).unwrap(),
             stream,
             "--save is byte for byte"
         );
@@ -1325,8 +1330,9 @@ mod tests {
     #[test]
     fn file_uri_is_received_without_return_path() {
         let stream = capture("q10-stopped");
-        let dir = tmpdir("file");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir_tmp = tmpdir("file");
+        let dir = dir_tmp.path();
+        std::fs::create_dir_all(dir).unwrap();
         let input = dir.join("in.stream");
         std::fs::write(&input, &stream).unwrap();
         let out = dir.join("out");
@@ -1373,7 +1379,7 @@ mod tests {
             }
         }
         let uffd = qmig_uffd_host::probe().is_ok();
-        let (code, m, rp, _) = run_touch(stream.clone(), Layout::Adopt, "pc", false, 2, hold);
+        let (code, m, rp, dir) = run_touch(stream.clone(), Layout::Adopt, "pc", false, 2, hold);
         assert_eq!(code, 0, "{m}");
         assert_eq!(m["complete"], true);
         assert_eq!(m["postcopy_state"], "end");
@@ -1432,7 +1438,7 @@ mod tests {
         } else {
             assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
         }
-        same_images_as_extract(&m, "pc", "q10-postcopy");
+        same_images_as_extract(&m, &dir.path().join("out"), "pc", "q10-postcopy");
     }
 
     /// Where POSTCOPY_RUN ends in a capture (the fake source holds the rest
@@ -1459,7 +1465,7 @@ mod tests {
         let hold = after_postcopy_run(&stream);
         assert!(hold.is_some(), "the capture has POSTCOPY_RUN");
         let uffd = qmig_uffd_host::probe().is_ok();
-        let (code, m, rp, _) = run_touch(stream, Layout::Adopt, "hp", false, 2, hold);
+        let (code, m, rp, dir) = run_touch(stream, Layout::Adopt, "hp", false, 2, hold);
         assert_eq!(code, 0, "{m}");
         let pc = &m["postcopy"];
         let msgs = qmig_wire::parse_return_path(&rp).unwrap();
@@ -1494,7 +1500,7 @@ mod tests {
         } else {
             assert!(pc["mode"].as_str().unwrap().starts_with("passive"), "{pc}");
         }
-        same_images_as_extract(&m, "hp", "q10-hugepage-postcopy");
+        same_images_as_extract(&m, &dir.path().join("out"), "hp", "q10-hugepage-postcopy");
     }
 
     /// A recovered postcopy migration replayed by a fake source from the
@@ -1549,9 +1555,10 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        let out = tmpdir("recover");
+        let dir = tmpdir("recover");
+        let out = dir.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
-        let save = out.with_extension("saved");
+        let save = dir.path().join("saved");
         let r = receive(
             Listener::Tcp(listener),
             &out,
@@ -1612,16 +1619,15 @@ mod tests {
         );
     }
 
-    /// The images `run_touch(.., tag, ..)` wrote equal `extract`'s of the capture.
-    fn same_images_as_extract(m: &Value, tag: &str, name: &str) {
-        // run_touch's output directory (tmpdir would remove it).
-        let out = std::env::temp_dir().join(format!("qmig-recv-test-{tag}-{}", std::process::id()));
-        let ex = tmpdir(&format!("{tag}-extract"));
+    /// The images `run_touch(.., tag, ..)` wrote to `out` equal `extract`'s of the capture.
+    fn same_images_as_extract(m: &Value, out: &Path, tag: &str, name: &str) {
+        let ex_tmp = tmpdir(&format!("{tag}-extract"));
+        let ex = ex_tmp.path();
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/data")
             .join(name)
             .join("stream");
-        crate::extract::run(&p, &ex, &[]).unwrap();
+        crate::extract::run(&p, ex, &[]).unwrap();
         let mx: Value =
             serde_json::from_str(&std::fs::read_to_string(ex.join("manifest.json")).unwrap())
                 .unwrap();

@@ -18,11 +18,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-policy-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-policy-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 fn capture(name: &str) -> PathBuf {
@@ -103,7 +105,8 @@ fn is_root() -> bool {
 /// must refuse D unless --allow-incomplete.
 #[test]
 fn interrupted_extract_leaves_an_honest_manifest_and_send_refuses_it() {
-    let dir = scratch("sigint");
+    let dir_tmp = scratch("sigint");
+    let dir = dir_tmp.path();
     let d = dir.join("out");
     let a = capture("q10-stopped");
     let (rc, _, err) = run(qmig().arg("extract").arg(&a).arg("-o").arg(&d));
@@ -184,13 +187,14 @@ fn interrupted_extract_leaves_an_honest_manifest_and_send_refuses_it() {
         "{err}"
     );
     assert!(!dir.join("x").exists());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Symlinks planted in the output directory are replaced, never followed.
 #[test]
 fn planted_symlinks_are_not_followed() {
-    let dir = scratch("symlink");
+    let dir_tmp = scratch("symlink");
+    let dir = dir_tmp.path();
     let d = dir.join("out");
     std::fs::create_dir_all(&d).unwrap();
     let victim = dir.join("victim");
@@ -220,7 +224,7 @@ fn planted_symlinks_are_not_followed() {
         assert!(t.is_file(), "{name} is a regular file now");
     }
     assert_eq!(manifest(&d)["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A full disk: a 1 MiB tmpfs, gone when dropped. Any user the kernel
@@ -308,7 +312,8 @@ impl Drop for FullDisk {
 /// count and removes the partial file unless --keep-partial.
 #[test]
 fn full_disk_is_reported_where_it_happened() {
-    let dir = scratch("enospc");
+    let dir_tmp = scratch("enospc");
+    let dir = dir_tmp.path();
     let mnt_dir = dir.join("mnt");
     std::fs::create_dir_all(&mnt_dir).unwrap();
     let disk = match FullDisk::new(&mnt_dir) {
@@ -316,7 +321,7 @@ fn full_disk_is_reported_where_it_happened() {
         Err(why) => {
             // Nothing here can make a disk full without filling a real one.
             eprintln!("full_disk_is_reported_where_it_happened: SKIPPED: no tmpfs to fill: {why}");
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(dir);
             return;
         }
     };
@@ -382,7 +387,7 @@ fn full_disk_is_reported_where_it_happened() {
         }
     }
     drop(disk);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Every subcommand follows the same policy: 0 success, 1 the data says
@@ -390,7 +395,8 @@ fn full_disk_is_reported_where_it_happened() {
 /// `qmig: <command>: ...`, nothing on stdout.
 #[test]
 fn exit_codes_per_subcommand() {
-    let dir = scratch("codes");
+    let dir_tmp = scratch("codes");
+    let dir = dir_tmp.path();
     let good = capture("q10-stopped");
     let other = capture("q10-passes");
     let missing = dir.join("missing");
@@ -422,7 +428,7 @@ fn exit_codes_per_subcommand() {
         ("{ram}", p(&ram)),
         ("{rp_bad}", p(&rp_bad)),
         ("{to}", to.clone()),
-        ("{dir}", p(&dir)),
+        ("{dir}", p(dir)),
     ];
     let line = |t: &str| -> Vec<String> {
         t.split_whitespace()
@@ -507,13 +513,14 @@ fn exit_codes_per_subcommand() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// An empty file is not a stream: no fake summary, the error once.
 #[test]
 fn empty_input_prints_no_summary_and_json_carries_the_error() {
-    let dir = scratch("empty");
+    let dir_tmp = scratch("empty");
+    let dir = dir_tmp.path();
     let empty = dir.join("empty");
     std::fs::write(&empty, b"").unwrap();
     let (rc, out, err) = run(qmig().arg("inspect").arg(&empty));
@@ -550,7 +557,7 @@ fn empty_input_prints_no_summary_and_json_carries_the_error() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["kind"], "data");
     assert!(v["totals"]["page"].as_u64().unwrap() > 0);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// inspect --records --json: one JSON object per line, with filters.
@@ -591,7 +598,8 @@ fn records_json_lines_with_filters() {
 /// Sizes with QEMU's suffixes; ranges checked by the parser.
 #[test]
 fn size_suffixes_are_accepted() {
-    let dir = scratch("sizes");
+    let dir_tmp = scratch("sizes");
+    let dir = dir_tmp.path();
     let cap = capture("q10-stopped");
     let ram = dir.join("ram");
     assert_eq!(
@@ -624,7 +632,7 @@ fn size_suffixes_are_accepted() {
     assert!(err.contains("\"X\""), "{err}");
     let (rc, _, err) = run(&mut base(&["--max-bandwidth", "-1"]));
     assert_eq!(rc, 2, "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// --compress is refused for a QEMU >= 9.1 machine type (with the reason),
@@ -632,7 +640,8 @@ fn size_suffixes_are_accepted() {
 /// error unless --force.
 #[test]
 fn send_safety_checks() {
-    let dir = scratch("safety");
+    let dir_tmp = scratch("safety");
+    let dir = dir_tmp.path();
     let q72 = capture("q72-plain");
     let q10 = capture("q10-stopped");
     let ram = dir.join("ram");
@@ -698,13 +707,14 @@ fn send_safety_checks() {
     let (rc, _, err) = send_small(&["--force"]);
     assert_eq!(rc, 0, "{err}");
     assert!(err.contains("warning"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// send --to unix:PATH and recv --listen unix:PATH / tcp::PORT.
 #[test]
 fn unix_and_all_interfaces_uris() {
-    let dir = scratch("uris");
+    let dir_tmp = scratch("uris");
+    let dir = dir_tmp.path();
     let cap = capture("q10-stopped");
     let ram = dir.join("ram");
     assert_eq!(
@@ -781,7 +791,7 @@ fn unix_and_all_interfaces_uris() {
     let st = child.wait().unwrap();
     assert!(st.success());
     assert_eq!(manifest(&out)["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Completions and the man page come from the clap definitions.
@@ -808,7 +818,8 @@ fn completions_and_man_page() {
 /// it got, and the cut-off device-state.bin is removed.
 #[test]
 fn interrupted_recv_removes_device_state() {
-    let dir = scratch("recv-int");
+    let dir_tmp = scratch("recv-int");
+    let dir = dir_tmp.path();
     let bytes = std::fs::read(capture("q10-stopped")).unwrap();
     let sock = dir.join("recv.sock");
     let out = dir.join("out");
@@ -859,5 +870,5 @@ fn interrupted_recv_removes_device_state() {
     assert!(m["device_state"].is_null(), "{m}");
     assert!(!out.join("device-state.bin").exists());
     drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -16,14 +16,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "qmig-containers-test-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-containers-test-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 fn capture(name: &str) -> Capture {
@@ -211,8 +210,9 @@ impl Comp {
 #[test]
 fn whole_file_compression_on_files_and_pipes() {
     let c = capture("q10-stopped");
-    let dir = scratch("whole");
-    let r = reference(&c.stream, &dir);
+    let dir_tmp = scratch("whole");
+    let dir = dir_tmp.path();
+    let r = reference(&c.stream, dir);
     for (k, want) in c.expectations() {
         let key = k.trim_start_matches("totals.");
         assert_eq!(r.json["totals"][key].as_u64(), Some(want), "{k}");
@@ -230,7 +230,7 @@ fn whole_file_compression_on_files_and_pipes() {
             assert_eq!(layers[0]["format"], comp.name(), "{what}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A gzip member boundary inside a record: every member must be read (a
@@ -238,12 +238,13 @@ fn whole_file_compression_on_files_and_pipes() {
 #[test]
 fn multi_member_gzip_is_read_to_the_end() {
     let c = capture("q72-plain");
-    let dir = scratch("multigz");
-    let r = reference(&c.stream, &dir);
+    let dir_tmp = scratch("multigz");
+    let dir = dir_tmp.path();
+    let r = reference(&c.stream, dir);
     let f = dir.join("multi.gz");
     std::fs::write(&f, Comp::Gzip.compress_multi(&c.stream, 7)).unwrap();
     check_wrapped(&r, &f, "7 gzip members");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// libvirt's `virQEMUSaveHeader`, written here from its documented layout
@@ -318,8 +319,9 @@ impl Image<'_> {
 #[test]
 fn libvirt_images_built_from_the_documented_header() {
     let c = capture("q10-stopped");
-    let dir = scratch("libvirt");
-    let r = reference(&c.stream, &dir);
+    let dir_tmp = scratch("libvirt");
+    let dir = dir_tmp.path();
+    let r = reference(&c.stream, dir);
     let formats: Vec<(u32, Option<Comp>)> = std::iter::once((0, None))
         .chain(ALL.map(|c| (c.libvirt_code(), Some(c))))
         .collect();
@@ -390,7 +392,7 @@ fn libvirt_images_built_from_the_documented_header() {
     std::fs::write(&f, img.build(&c.stream)).unwrap();
     let layers = check_wrapped(&r, &f, "version 1");
     assert_eq!(layers[0]["cookie_length"], Value::Null);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Runs inspect on `bytes` from a file and from a pipe; both must fail with
@@ -420,8 +422,9 @@ fn assert_refused(dir: &Path, name: &str, bytes: &[u8], needles: &[&str]) {
 #[test]
 fn libvirt_partial_truncated_and_refused_images() {
     let c = capture("q10-stopped");
-    let dir = scratch("libvirt-bad");
-    let r = reference(&c.stream, &dir);
+    let dir_tmp = scratch("libvirt-bad");
+    let dir = dir_tmp.path();
+    let r = reference(&c.stream, dir);
     // A Part image is read, and says so.
     let f = dir.join("part.sav");
     std::fs::write(
@@ -440,7 +443,7 @@ fn libvirt_partial_truncated_and_refused_images() {
 
     let good = Image::new(0).build(&c.stream);
     assert_refused(
-        &dir,
+        dir,
         "trunc-header",
         &good[..50],
         &["offset 50", "truncated"],
@@ -451,7 +454,7 @@ fn libvirt_partial_truncated_and_refused_images() {
     };
     let short = img.build(&c.stream[..1000]);
     assert_refused(
-        &dir,
+        dir,
         "data-len-beyond-file",
         &short,
         &[&format!("offset {}", short.len()), "truncated"],
@@ -461,35 +464,35 @@ fn libvirt_partial_truncated_and_refused_images() {
         ..Image::new(0)
     };
     assert_refused(
-        &dir,
+        dir,
         "data-len-cap",
         &img.build(&c.stream),
         &["offset 20", "data_len"],
     );
     let mut bad_version = good.clone();
     bad_version[16..20].copy_from_slice(&3u32.to_le_bytes());
-    assert_refused(&dir, "version-3", &bad_version, &["offset 16", "version"]);
+    assert_refused(dir, "version-3", &bad_version, &["offset 16", "version"]);
     let lzop_magic = [
         0x89, b'L', b'Z', b'O', 0, 0x0d, 0x0a, 0x1a, 0x0a, 0x10, 0x30,
     ];
     assert_refused(
-        &dir,
+        dir,
         "lzop-payload",
         &Image::new(4).build(&lzop_magic),
         &["lzop", "lzop -dc"],
     );
     let mut lzop_file = lzop_magic.to_vec();
     lzop_file.extend_from_slice(&[0; 64]);
-    assert_refused(&dir, "whole.lzo", &lzop_file, &["lzop", "lzop -dc"]);
+    assert_refused(dir, "whole.lzo", &lzop_file, &["lzop", "lzop -dc"]);
     assert_refused(
-        &dir,
+        dir,
         "sparse",
         &Image::new(6).build(&c.stream),
         &["offset 28", "sparse"],
     );
     // The header says xz, the payload is gzip.
     assert_refused(
-        &dir,
+        dir,
         "mismatch",
         &Image::new(3).build(&Comp::Gzip.compress(&c.stream)),
         &["offset 28", "xz", "gzip"],
@@ -498,7 +501,7 @@ fn libvirt_partial_truncated_and_refused_images() {
     let out = run(&[&"inspect", &r.plain, &"--libvirt-xml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a libvirt save image"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Real images made by `virsh save` (libvirt 9.0, QEMU 10; see
@@ -508,7 +511,8 @@ fn libvirt_partial_truncated_and_refused_images() {
 #[test]
 fn real_libvirt_save_images() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/libvirt-save");
-    let dir = scratch("libvirt-real");
+    let dir_tmp = scratch("libvirt-real");
+    let dir = dir_tmp.path();
     let mut seen = Vec::new();
     for (name, comp) in [
         ("raw", None),
@@ -527,7 +531,7 @@ fn real_libvirt_save_images() {
             |c| c.decompress(&bytes[start..]),
         );
         assert_eq!(&stream[..4], b"QEVM", "{name}");
-        let r = reference(&stream, &dir);
+        let r = reference(&stream, dir);
         assert!(
             run(&[&"roundtrip", &r.plain]).status.success(),
             "{name}: plain roundtrip"
@@ -545,5 +549,5 @@ fn real_libvirt_save_images() {
         seen.push(name);
     }
     assert_eq!(seen.len(), 4);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

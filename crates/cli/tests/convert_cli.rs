@@ -15,11 +15,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-convert-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-convert-cli-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 fn data(p: &str) -> PathBuf {
@@ -83,7 +85,8 @@ fn inspect_json(p: &Path) -> Value {
 #[test]
 fn libvirt_images_stay_libvirt_images() {
     for name in ["raw", "gzip", "bzip2", "xz"] {
-        let d = scratch(&format!("libvirt-{name}"));
+        let d_tmp = scratch(&format!("libvirt-{name}"));
+        let d = d_tmp.path();
         let out_dir = d.join("out");
         std::fs::create_dir_all(&out_dir).unwrap();
         let input = data(&format!("libvirt-save/{name}.sav"));
@@ -122,14 +125,15 @@ fn libvirt_images_stay_libvirt_images() {
             extract(&input, &d.join("b")),
             "{name}: memory differs"
         );
-        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
 
 #[test]
 fn compressed_outputs() {
     let input = data("q10-xbzrle/stream");
-    let d = scratch("compress");
+    let d_tmp = scratch("compress");
+    let d = d_tmp.path();
     let want = extract(&input, &d.join("want"));
     for (c, magic) in [
         ("gzip", &[0x1f, 0x8b][..]),
@@ -158,14 +162,15 @@ fn compressed_outputs() {
         extract(&out, &d.join("lv")),
         extract(&data("libvirt-save/raw.sav"), &d.join("lv-in"))
     );
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
 fn report_json_and_stdin() {
     let input = data("q10-xbzrle/stream");
     let bytes = std::fs::read(&input).unwrap();
-    let d = scratch("report");
+    let d_tmp = scratch("report");
+    let d = d_tmp.path();
     let out = d.join("out");
     let mut child = qmig()
         .args(["convert", "-"])
@@ -213,12 +218,13 @@ fn report_json_and_stdin() {
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("compaction ratio"), "{t}");
     assert!(t.contains("xbzrle"), "{t}");
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
 fn failed_conversion_leaves_nothing() {
-    let d = scratch("fail");
+    let d_tmp = scratch("fail");
+    let d = d_tmp.path();
     let stream = std::fs::read(data("q10-passes/stream")).unwrap();
     let cut = d.join("cut.stream");
     std::fs::write(&cut, &stream[..stream.len() / 2]).unwrap();
@@ -263,7 +269,7 @@ fn failed_conversion_leaves_nothing() {
         assert!(e.contains(want), "{}: {e}", input.display());
         only(&out_dir, &["keep"]);
     }
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 /// Allocated bytes of a file (sparse files allocate less than their length).
@@ -274,7 +280,8 @@ fn allocated(p: &Path) -> u64 {
 
 #[test]
 fn mapped_ram_both_ways() {
-    let d = scratch("mapped");
+    let d_tmp = scratch("mapped");
+    let d = d_tmp.path();
     // Streams (one pass, several passes, XBZRLE, COMPRESS_PAGE, postcopy) to
     // mapped-ram files, and QEMU 10's mapped-ram files (plain and multifd)
     // to streams and to mapped-ram again: each output re-serializes to its
@@ -334,10 +341,10 @@ fn mapped_ram_both_ways() {
                 assert_eq!(n, m);
                 assert!(a == b, "{name} -> {format}: block {n} differs");
             }
-            only_no_temp(&d);
+            only_no_temp(d);
         }
     }
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 /// No temporary name of convert is left in `dir`.
@@ -350,7 +357,8 @@ fn only_no_temp(dir: &Path) {
 
 #[test]
 fn send_mapped_ram_writes_the_ram() {
-    let d = scratch("send-mapped");
+    let d_tmp = scratch("send-mapped");
+    let d = d_tmp.path();
     let tpl = data("q10-xbzrle/stream");
     let want = extract(&tpl, &d.join("ram"));
     let out = d.join("out.mapped");
@@ -405,7 +413,7 @@ fn send_mapped_ram_writes_the_ram() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("file:"));
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 /// Every committed capture, from a plain file (so `convert` maps it and its
@@ -417,7 +425,8 @@ fn send_mapped_ram_writes_the_ram() {
 fn every_capture_from_a_mapped_file_keeps_its_memory() {
     let caps = qmig_tests::captures();
     assert!(caps.len() >= 20, "corpus missing: {} captures", caps.len());
-    let d = scratch("every");
+    let d_tmp = scratch("every");
+    let d = d_tmp.path();
     for c in &caps {
         let input = d.join(format!("{}.stream", c.name));
         std::fs::write(&input, &c.stream).unwrap();
@@ -448,7 +457,7 @@ fn every_capture_from_a_mapped_file_keeps_its_memory() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }
 
 /// The files of a committed capture set as `qmig` arguments: the main
@@ -522,7 +531,8 @@ fn extract_set(set: &[PathBuf], dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// its bytes, and that holds no multifd, recovery or postcopy command.
 #[test]
 fn every_capture_set_converts_to_one_stream() {
-    let d = scratch("sets");
+    let d_tmp = scratch("sets");
+    let d = d_tmp.path();
     let mut sets = Vec::new();
     for group in ["recovery", "multifd"] {
         for e in std::fs::read_dir(data(group)).unwrap() {
@@ -590,9 +600,9 @@ fn every_capture_set_converts_to_one_stream() {
                 assert_eq!(n, m, "{name}");
                 assert!(a == b, "{name} -> {format}: block {n} differs");
             }
-            only_no_temp(&d);
+            only_no_temp(d);
         }
     }
     assert!(recovered >= 3 && multifd >= 3, "{recovered} {multifd}");
-    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
 }

@@ -10,11 +10,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-cli-test-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// A path to the plain stream (decompressing `.gz` captures into `dir`).
@@ -33,8 +35,9 @@ fn roundtrip_inspect_extract_every_capture() {
     let caps = captures();
     assert!(caps.len() >= 8, "corpus present");
     for c in caps {
-        let dir = scratch(&c.name);
-        let s = stream_file(&c, &dir);
+        let dir_tmp = scratch(&c.name);
+        let dir = dir_tmp.path();
+        let s = stream_file(&c, dir);
 
         let out = qmig().arg("roundtrip").arg(&s).output().unwrap();
         assert!(
@@ -113,7 +116,7 @@ fn roundtrip_inspect_extract_every_capture() {
                 c.name
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -125,7 +128,8 @@ fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
         .into_iter()
         .find(|c| c.name == "q10-stopped")
         .expect("q10-stopped");
-    let dir = scratch("trunc");
+    let dir_tmp = scratch("trunc");
+    let dir = dir_tmp.path();
     let cut = c.stream.len() / 2 + 1234;
     let s = dir.join("cut");
     std::fs::write(&s, &c.stream[..cut]).unwrap();
@@ -171,7 +175,7 @@ fn extract_of_truncated_stream_reports_offset_and_keeps_applied_pages() {
         }
     }
     assert!(checked > 0);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `extract --sync` (images, device state and metadata fsynced) writes the
@@ -183,8 +187,9 @@ fn extract_with_sync_writes_the_same_output() {
             .into_iter()
             .find(|c| c.name == name)
             .expect("capture");
-        let dir = scratch(&format!("sync-{name}"));
-        let s = stream_file(&c, &dir);
+        let dir_tmp = scratch(&format!("sync-{name}"));
+        let dir = dir_tmp.path();
+        let s = stream_file(&c, dir);
         let mut files = Vec::new();
         for (sub, sync) in [("plain", false), ("sync", true)] {
             let outdir = dir.join(sub);
@@ -224,7 +229,7 @@ fn extract_with_sync_writes_the_same_output() {
         )
         .unwrap();
         assert_eq!(m["complete"], true, "{name}");
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -234,7 +239,8 @@ fn roundtrip_reports_parse_errors_with_offset() {
         .into_iter()
         .find(|c| c.name == "q10-stopped")
         .unwrap();
-    let dir = scratch("corrupt");
+    let dir_tmp = scratch("corrupt");
+    let dir = dir_tmp.path();
     let mut bytes = c.stream.clone();
     // Corrupt the RAM START section's idstr length: a zero-length name.
     let at = bytes.windows(4).position(|w| w == b"\x03ram").unwrap();
@@ -247,5 +253,5 @@ fn roundtrip_reports_parse_errors_with_offset() {
     assert!(msg.starts_with("qmig: roundtrip: "), "{msg}");
     assert!(msg.contains(&format!("offset {at}")), "{msg}");
     assert!(out.stdout.is_empty(), "error printed once, on stderr");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

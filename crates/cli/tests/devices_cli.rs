@@ -101,7 +101,12 @@ fn postcopy_stream_needs_and_takes_another_captures_vmdesc() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(json(&o)["cpu (4)"]["env.regs"].is_array());
     // A bare JSON works as well.
-    let dir = std::env::temp_dir().join(format!("qmig-devices-{}", std::process::id()));
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-devices-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     let vj = dir.join("vmdesc.json");
     let d = qmig(&["inspect", &data("q10-stopped/stream"), "--vmdesc"]);

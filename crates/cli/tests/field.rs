@@ -28,11 +28,13 @@ fn oracle(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(field_dir(name).join("oracle.json")).unwrap()).unwrap()
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-field-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-field-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// `inspect --json` of `bytes` given through a pipe.
@@ -74,7 +76,8 @@ fn check_counts(name: &str, how: &str, v: &Value) {
 }
 
 fn check_extract(name: &str, stream: &Path) {
-    let out_dir = scratch(name).join("out");
+    let dir = scratch(name);
+    let out_dir = dir.path().join("out");
     let out = qmig()
         .arg("extract")
         .arg(stream)
@@ -159,7 +162,8 @@ fn mapped_ram_file() {
     assert_eq!(pc_ram["mapped_ram"]["pages_offset"], 1 << 20);
     assert_eq!(v["section_headers"]["START"], 1);
     // The same file decompressed: read in place (seekable, mapped by extract).
-    let dir = scratch("mapped-ram-plain");
+    let dir_tmp = scratch("mapped-ram-plain");
+    let dir = dir_tmp.path();
     let plain = dir.join("stream");
     let mut dec = flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap());
     std::io::copy(&mut dec, &mut std::fs::File::create(&plain).unwrap()).unwrap();
@@ -190,7 +194,7 @@ fn mapped_ram_file() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// QEMU 10 `migrate file:` with `mapped-ram` and `multifd` (4 channels):
@@ -275,7 +279,8 @@ fn guest_fake_footer_without_vmdesc() {
     let bytes = std::fs::read(field_dir(name).join("stream")).unwrap();
     let t = qmig_wire::vmdesc::find_trailer(&bytes).expect("trailer");
     let stripped = &bytes[..=t];
-    let dir = scratch("fake-stripped");
+    let dir_tmp = scratch("fake-stripped");
+    let dir = dir_tmp.path();
     let p = dir.join("stream");
     std::fs::write(&p, stripped).unwrap();
     for (how, (ok, v)) in [("file", inspect_file(&p)), ("pipe", inspect_pipe(stripped))] {
@@ -298,7 +303,8 @@ fn guest_fake_footer_without_vmdesc() {
 
 /// PART sections in the real stream (read with its vmdesc).
 fn json_count(bytes: &[u8], kind: &str) -> Value {
-    let dir = scratch("fake-count");
+    let dir_tmp = scratch("fake-count");
+    let dir = dir_tmp.path();
     let p = dir.join("stream");
     std::fs::write(&p, bytes).unwrap();
     inspect_file(&p).1["section_headers"][kind].clone()

@@ -17,11 +17,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-cmos-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-cmos-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// Where the RTC's `cmos_data` lies in the stream, the RAM section id, and
@@ -127,10 +129,11 @@ fn fake_ram_records_in_cmos_are_never_applied() {
             _ => None,
         })
         .unwrap();
-    let dir = scratch("orig");
+    let dir_tmp = scratch("orig");
+    let dir = dir_tmp.path();
     let orig = dir.join("stream");
     std::fs::write(&orig, s).unwrap();
-    let want = extract(&orig, &dir).expect("original extracts");
+    let want = extract(&orig, dir).expect("original extracts");
     let (_, want_json) = inspect_pipe(s);
     assert!(!blocks.is_empty());
     for block in &blocks {
@@ -139,11 +142,12 @@ fn fake_ram_records_in_cmos_are_never_applied() {
         assert!(f.len() <= 128 - 14, "{block}: {} bytes", f.len());
         let mut evil = s.clone();
         evil[cmos + 14..cmos + 14 + f.len()].copy_from_slice(&f);
-        let d = scratch(&block.replace('/', "_"));
+        let d_tmp = scratch(&block.replace('/', "_"));
+        let d = d_tmp.path();
         let p = d.join("stream");
         std::fs::write(&p, &evil).unwrap();
         // With the vmdesc: exactly the original memory, file and pipe.
-        let out = extract(&p, &d).unwrap_or_else(|| panic!("{block}: extract refused"));
+        let out = extract(&p, d).unwrap_or_else(|| panic!("{block}: extract refused"));
         let img = format!("{block}.img").replace('/', "_");
         let got = std::fs::read(out.join(&img)).or_else(|_| {
             // Image names are sanitised by the manifest; find it there.

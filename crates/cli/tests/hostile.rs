@@ -20,11 +20,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-hostile-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// A finished child: its output and its peak RSS in bytes.
@@ -230,7 +232,8 @@ fn extract(dir: &Path, stream: &Path) -> (Output, Value) {
 #[test]
 fn discard_bomb() {
     const BIG: u64 = 512 << 30;
-    let dir = scratch("discard");
+    let dir_tmp = scratch("discard");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     s.cmd(3, &[]); // POSTCOPY_ADVISE, 0-length
     s.ram_start(&[("pc.ram", BIG, None)]);
@@ -246,9 +249,9 @@ fn discard_bomb() {
         d.extend_from_slice(&BIG.to_be_bytes());
     }
     s.cmd(6, &d);
-    let stream = write_stream(&dir, &s.finish());
+    let stream = write_stream(dir, &s.finish());
     let t = Instant::now();
-    let (o, m) = extract(&dir, &stream);
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(m["complete"], true);
     eprintln!("discard bomb: extract took {:?}", t.elapsed());
@@ -262,7 +265,7 @@ fn discard_bomb() {
         meta.blocks() * 512 < 1 << 20,
         "the discarded page is a hole again"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- bounded memory ------------------------------------------------------------------
@@ -271,14 +274,15 @@ fn discard_bomb() {
 /// (816 MB peak); now it keeps the first 1000 and counts the rest.
 #[test]
 fn million_pings() {
-    let dir = scratch("pings");
+    let dir_tmp = scratch("pings");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     s.open_return_path();
     for i in 0..1_000_000u32 {
         s.ping(i);
     }
     s.ram_start(&[("pc.ram", 16 * PS, None)]);
-    let stream = write_stream(&dir, &s.finish());
+    let stream = write_stream(dir, &s.finish());
     let o = run(
         qmig().arg("inspect").arg(&stream).arg("--json"),
         "inspect --json",
@@ -295,10 +299,10 @@ fn million_pings() {
         "{}",
         text(&o)
     );
-    let (o, m) = extract(&dir, &stream);
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(m["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 14 case 3: a 1 GiB host page in a postcopy stream, all ZERO
@@ -307,7 +311,8 @@ fn million_pings() {
 #[test]
 fn gigabyte_host_page() {
     const GIB: u64 = 1 << 30;
-    let dir = scratch("hugepage");
+    let dir_tmp = scratch("hugepage");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     let mut adv = Vec::new();
     adv.extend_from_slice(&(PS | GIB).to_be_bytes());
@@ -321,11 +326,11 @@ fn gigabyte_host_page() {
         s.zero(p * PS, (p == 0).then_some("mem0"), 0);
     }
     s.ram_section_end();
-    let stream = write_stream(&dir, &s.finish());
-    let (o, m) = extract(&dir, &stream);
+    let stream = write_stream(dir, &s.finish());
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(m["complete"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- peers -----------------------------------------------------------------------------
@@ -366,7 +371,8 @@ fn wait_bounded(child: std::process::Child, limit: Duration) -> Output {
 
 /// A source that connects, sends `bytes`, then goes silent (socket open).
 fn silent_after(bytes: &[u8], tag: &str) {
-    let dir = scratch(tag);
+    let dir_tmp = scratch(tag);
+    let dir = dir_tmp.path();
     let out = dir.join("out");
     let (child, port) = spawn_recv(&out, 1);
     let mut s = connect(port);
@@ -378,7 +384,7 @@ fn silent_after(bytes: &[u8], tag: &str) {
     let err = m["error"].as_str().unwrap();
     assert!(err.contains("--idle-timeout"), "{err}");
     drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 14 case 2: a peer that connects and sends nothing.
@@ -398,7 +404,8 @@ fn peer_stops_after_header() {
 /// recv stops after --idle-timeout with the reason in the manifest.
 #[test]
 fn stalled_return_path() {
-    let dir = scratch("stalled");
+    let dir_tmp = scratch("stalled");
+    let dir = dir_tmp.path();
     let out = dir.join("out");
     let (child, port) = spawn_recv(&out, 1);
     let mut s = S::new("pc-i440fx-10.0");
@@ -423,7 +430,7 @@ fn stalled_return_path() {
         "{err}"
     );
     drop(writer.join().unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 14 case 3: RECV_BITMAP outside postcopy recovery. Eight of them in
@@ -432,7 +439,8 @@ fn stalled_return_path() {
 /// only SHUT(1).
 #[test]
 fn recv_bitmap_flood() {
-    let dir = scratch("recvbitmap");
+    let dir_tmp = scratch("recvbitmap");
+    let dir = dir_tmp.path();
     let out = dir.join("out");
     let (child, port) = spawn_recv(&out, 5);
     let mut s = S::new("pc-i440fx-10.0");
@@ -461,21 +469,22 @@ fn recv_bitmap_flood() {
     let err = m["error"].as_str().unwrap();
     assert!(err.contains("loadvm_handle_recv_bitmap"), "{err}");
     // Offline too.
-    let stream = write_stream(&dir, &bytes);
-    let (o, m) = extract(&dir, &stream);
+    let stream = write_stream(dir, &bytes);
+    let (o, m) = extract(dir, &stream);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(m["error"]
         .as_str()
         .unwrap()
         .contains("loadvm_handle_recv_bitmap"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `send` to a destination that accepts the connection and never reads:
 /// it gives up after --idle-timeout.
 #[test]
 fn send_to_a_destination_that_never_reads() {
-    let dir = scratch("sendstall");
+    let dir_tmp = scratch("sendstall");
+    let dir = dir_tmp.path();
     let cap = qmig_tests::data_dir().join("q10-stopped").join("stream");
     let ram = dir.join("ram");
     let o = qmig()
@@ -518,7 +527,7 @@ fn send_to_a_destination_that_never_reads() {
         text(&o)
     );
     holder.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- parity with QEMU 10's loader ---------------------------------------------------------
@@ -529,15 +538,16 @@ fn send_to_a_destination_that_never_reads() {
 #[test]
 fn zero_fill_0x55() {
     for (machine, strict) in [("pc-i440fx-10.0", true), ("pc-i440fx-7.2", false)] {
-        let dir = scratch(&format!("fill-{machine}"));
+        let dir_tmp = scratch(&format!("fill-{machine}"));
+        let dir = dir_tmp.path();
         let mut s = S::new(machine);
         s.ram_start(&[("pc.ram", 16 * PS, None)]);
         s.ram_part()
             .page(0, Some("pc.ram"), 1)
             .zero(PS, None, 0x55)
             .ram_section_end();
-        let stream = write_stream(&dir, &s.finish());
-        let (o, m) = extract(&dir, &stream);
+        let stream = write_stream(dir, &s.finish());
+        let (o, m) = extract(dir, &stream);
         let v: Value = serde_json::from_slice(
             &run(qmig().arg("inspect").arg(&stream).arg("--json"), "inspect").stdout,
         )
@@ -569,7 +579,7 @@ fn zero_fill_0x55() {
             .unwrap();
             assert!(img[4096..8192].iter().all(|&b| b == 0x55));
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -577,7 +587,8 @@ fn zero_fill_0x55() {
 /// listing the first 1000 and counting the rest.
 #[test]
 fn many_device_sections() {
-    let dir = scratch("devsections");
+    let dir_tmp = scratch("devsections");
+    let dir = dir_tmp.path();
     let mut s = S::new("pc-i440fx-10.0");
     s.ram_start(&[("pc.ram", 16 * PS, None)]);
     s.u8(0x03).be32(RAM_ID).ram_section_end();
@@ -586,15 +597,15 @@ fn many_device_sections() {
         s.be64(0x1234).u8(0x7e).be32(10 + i);
     }
     s.u8(0x00);
-    let stream = write_stream(&dir, &s.0);
-    let (o, m) = extract(&dir, &stream);
+    let stream = write_stream(dir, &s.0);
+    let (o, m) = extract(dir, &stream);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         m["device_state"]["sections"].as_array().unwrap().len(),
         1000
     );
     assert_eq!(m["device_state"]["sections_omitted"], 2000);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Bitmap memory: a few kilobytes of ZERO records spread over the largest
@@ -604,7 +615,8 @@ fn many_device_sections() {
 #[test]
 fn bitmap_spread() {
     for (len, ok) in [(512u64 << 30, true), (1 << 40, false)] {
-        let dir = scratch(&format!("spread-{len}"));
+        let dir_tmp = scratch(&format!("spread-{len}"));
+        let dir = dir_tmp.path();
         let mut s = S::new("pc-i440fx-7.2");
         s.ram_start(&[("pc.ram", len, None)]);
         s.ram_part();
@@ -613,12 +625,12 @@ fn bitmap_spread() {
             s.zero(i * stride, (i == 0).then_some("pc.ram"), 0x55);
         }
         s.ram_section_end();
-        let stream = write_stream(&dir, &s.finish());
-        let (o, m) = extract(&dir, &stream);
+        let stream = write_stream(dir, &s.finish());
+        let (o, m) = extract(dir, &stream);
         assert_eq!(o.status.success(), ok, "{}", text(&o));
         if !ok {
             assert!(m["error"].as_str().unwrap().contains("target pages"), "{m}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

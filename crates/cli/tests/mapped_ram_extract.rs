@@ -3,7 +3,7 @@
 //! items' bytes) give the same images and the same manifest (but for the
 //! `source` it names), on QEMU 10's mapped-ram files and on a sparse copy.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -12,11 +12,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mrx-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mrx-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// The manifest without its `source`, and every image's bytes.
@@ -53,7 +55,8 @@ fn in_place_equals_pipe() {
     for name in ["field/mapped-ram-file", "multifd/mapped-ram-multifd4"] {
         let gz = qmig_tests::data_dir().join(name).join("stream.gz");
         let bytes = qmig_tests::gunzip(&std::fs::read(&gz).unwrap());
-        let d = scratch(&name.replace('/', "-"));
+        let d_tmp = scratch(&name.replace('/', "-"));
+        let d = d_tmp.path();
         // A sparse plain copy: zero 4 KiB chunks are holes.
         let plain = d.join("stream");
         {
@@ -74,6 +77,6 @@ fn in_place_equals_pipe() {
         assert!(i_file == i_gz && i_file == i_pipe, "{name}: images differ");
         assert!(m_file["records"]["page"].as_u64().unwrap() > 0);
         assert_eq!(m_file["complete"], true);
-        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(d);
     }
 }

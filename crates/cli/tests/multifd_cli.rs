@@ -85,7 +85,12 @@ fn inspect_channels_zstd() {
 #[test]
 fn truncated_channel_is_an_error() {
     let raw = qmig_tests::gunzip(&std::fs::read(dir("q10-none").join("conn-1.bin.gz")).unwrap());
-    let d = std::env::temp_dir().join(format!("qmig-multifd-cli-{}", std::process::id()));
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-multifd-cli-")
+        .tempdir()
+        .unwrap();
+    let d = tmp.path().join("d");
     std::fs::create_dir_all(&d).unwrap();
     let p = d.join("cut.bin");
     std::fs::write(&p, &raw[..5000]).unwrap();
@@ -110,11 +115,13 @@ fn oracle(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(dir(name).join("oracle.json")).unwrap()).unwrap()
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mfd-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn tmp(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mfd-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// The capture set's files, uncompressed into `d`: main, then channels.
@@ -186,8 +193,9 @@ fn matches_oracle(name: &str, ram: &[u8]) -> bool {
 }
 
 fn extract_set(name: &str) {
-    let d = tmp(&format!("x-{name}"));
-    let (main, mut chans) = unpack(name, &d);
+    let d_tmp = tmp(&format!("x-{name}"));
+    let d = d_tmp.path();
+    let (main, mut chans) = unpack(name, d);
     // Channels are identified by their header, not by the order given.
     chans.reverse();
     let out = d.join("out");
@@ -221,7 +229,7 @@ fn extract_set(name: &str) {
     let so = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success(), "{name}: {so}");
     assert_eq!(so.matches("identical").count(), 1 + chans.len(), "{so}");
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }
 
 #[test]
@@ -255,8 +263,9 @@ fn packets(b: &[u8]) -> Vec<(usize, u32, u32, usize)> {
 
 /// Extracts q10-none with channel 1 replaced by `bytes`; returns the error text.
 fn hostile(tag: &str, bytes: &[u8], twice: bool) -> String {
-    let d = tmp(&format!("h-{tag}"));
-    let (main, mut chans) = unpack("q10-none", &d);
+    let d_tmp = tmp(&format!("h-{tag}"));
+    let d = d_tmp.path();
+    let (main, mut chans) = unpack("q10-none", d);
     std::fs::write(&chans[1], bytes).unwrap();
     if twice {
         chans[1] = chans[0].clone();
@@ -266,7 +275,7 @@ fn hostile(tag: &str, bytes: &[u8], twice: bool) -> String {
     let m: Value =
         serde_json::from_slice(&std::fs::read(d.join("out/manifest.json")).unwrap()).unwrap();
     assert!(!m["complete"].as_bool().unwrap());
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
     format!("{}{}", String::from_utf8_lossy(&r.stderr), m["error"])
 }
 
@@ -323,8 +332,9 @@ fn channel_ending_before_its_sync_breaks_the_pairing_rule() {
 #[test]
 fn recv_over_tcp_applies_channels_and_saves_the_set() {
     use std::io::{BufRead, Write};
-    let d = tmp("recv");
-    let (main, chans) = unpack("q10-zstd", &d);
+    let d_tmp = tmp("recv");
+    let d = d_tmp.path();
+    let (main, chans) = unpack("q10-zstd", d);
     let (out, save) = (d.join("out"), d.join("save"));
     std::fs::create_dir_all(&save).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_qmig"))
@@ -382,5 +392,5 @@ fn recv_over_tcp_applies_channels_and_saves_the_set() {
         );
     }
     drop(threads);
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }

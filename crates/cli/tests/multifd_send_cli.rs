@@ -11,11 +11,13 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mfsend-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn tmp(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mfsend-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// q10-zstd's files uncompressed into `d` and its RAM extracted to
@@ -51,8 +53,9 @@ fn setup(d: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn send_into_recv(tag: &str, extra: &[&str], channels: u32) -> Value {
-    let d = tmp(tag);
-    let (template, ram) = setup(&d);
+    let d_tmp = tmp(tag);
+    let d = d_tmp.path();
+    let (template, ram) = setup(d);
     let (out, fin) = (d.join("out"), d.join("final"));
     let mut recv = Command::new(env!("CARGO_BIN_EXE_qmig"))
         .args([
@@ -111,7 +114,7 @@ fn send_into_recv(tag: &str, extra: &[&str], channels: u32) -> Value {
         assert!(want == got, "{tag}: block {} differs", b["name"]);
     }
     let v: Value = serde_json::from_slice(&send.stdout).unwrap();
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
     v
 }
 
@@ -153,8 +156,9 @@ fn send_multifd_legacy_zero_pages_into_recv() {
 
 #[test]
 fn combinations_qemu_refuses_are_refused_naming_the_capability() {
-    let d = tmp("refuse");
-    let (template, ram) = setup(&d);
+    let d_tmp = tmp("refuse");
+    let d = d_tmp.path();
+    let (template, ram) = setup(d);
     let cases: [(&[&str], &str); 5] = [
         (&["--xbzrle"], "xbzrle"),
         (&["--compress", "1"], "compress"),
@@ -194,5 +198,5 @@ fn combinations_qemu_refuses_are_refused_naming_the_capability() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("tcp: or unix:"), "{err}");
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -3,7 +3,7 @@
 //! address) at the addresses the oracle's layout gives, and the ELF and
 //! LiME files parse back to the same ranges.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use qmig_tests::{captures, sha256, Capture};
@@ -12,19 +12,23 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-phys-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn tmpdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-phys-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
-fn extract(c: &Capture, format: &str, extra: &[&str]) -> (PathBuf, Vec<u8>) {
-    let out = tmpdir(&format!("{}-{format}", c.name));
+fn extract(c: &Capture, format: &str, extra: &[&str]) -> (tempfile::TempDir, Vec<u8>) {
+    let out_tmp = tmpdir(&format!("{}-{format}", c.name));
+    let out = out_tmp.path();
     let o = qmig()
         .arg("extract")
         .arg(&c.stream_path)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(["--format", format])
         .args(extra)
         .output()
@@ -36,7 +40,7 @@ fn extract(c: &Capture, format: &str, extra: &[&str]) -> (PathBuf, Vec<u8>) {
         String::from_utf8_lossy(&o.stderr)
     );
     let img = std::fs::read(out.join(format!("physical.{format}"))).unwrap();
-    (out, img)
+    (out_tmp, img)
 }
 
 /// The legacy hole qmig-phys leaves out on x86.
@@ -147,7 +151,8 @@ fn raw_images_equal_pmemsave_outside_the_hole() {
         } else {
             &["--machine-layout", "flat"]
         };
-        let (out, img) = extract(&c, "raw", extra);
+        let (out_tmp, img) = extract(&c, "raw", extra);
+        let out = out_tmp.path();
         for (gpa, len, sha) in &digests {
             let part = &img[*gpa as usize..(gpa + len) as usize];
             assert_eq!(
@@ -178,7 +183,8 @@ fn elf_and_lime_parse_back_to_pmemsave() {
     for name in ["q35-backends", "q72-plain", "q10-hugepage-postcopy"] {
         let c = all.iter().find(|c| c.name == name).unwrap();
         for fmt in ["elf", "lime"] {
-            let (out, img) = extract(c, fmt, &[]);
+            let (out_tmp, img) = extract(c, fmt, &[]);
+            let out = out_tmp.path();
             let segs = if fmt == "elf" {
                 parse_elf(&img)
             } else {
@@ -209,10 +215,11 @@ fn elf_and_lime_parse_back_to_pmemsave() {
 fn aarch64_virt_ram_is_at_1g() {
     let all = captures();
     let c = all.iter().find(|c| c.name == "aarch64-virt").unwrap();
-    let (out, img) = extract(c, "elf", &[]);
+    let (out_tmp, img) = extract(c, "elf", &[]);
+    let out = out_tmp.path();
     assert_eq!(u16::from_le_bytes([img[18], img[19]]), 183);
     let segs = parse_elf(&img);
-    let block = std::fs::read(out.join(image_file(&out, "mach-virt.ram"))).unwrap();
+    let block = std::fs::read(out.join(image_file(out, "mach-virt.ram"))).unwrap();
     assert_eq!(segs.len(), 1);
     assert_eq!(segs[0].0, 0x4000_0000);
     assert_eq!(segs[0].1, &block[..]);
@@ -240,36 +247,40 @@ fn image_file(out: &Path, block: &str) -> String {
 fn overrides_and_errors() {
     let all = captures();
     let c = all.iter().find(|c| c.name == "q35-backends").unwrap();
-    let (out, img) = extract(c, "raw", &["--machine-layout", "q35:m1,m0"]);
-    let m1 = std::fs::read(out.join(image_file(&out, "m1"))).unwrap();
+    let (out_tmp, img) = extract(c, "raw", &["--machine-layout", "q35:m1,m0"]);
+    let out = out_tmp.path();
+    let m1 = std::fs::read(out.join(image_file(out, "m1"))).unwrap();
     assert_eq!(&img[..0xa0000], &m1[..0xa0000]);
     let _ = std::fs::remove_dir_all(out);
 
     let c = all.iter().find(|c| c.name == "sparc64-sun4u").unwrap();
-    let out = tmpdir("sun4u");
+    let out_tmp = tmpdir("sun4u");
+    let out = out_tmp.path();
     let o = qmig()
         .arg("extract")
         .arg(&c.stream_path)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(["--format", "raw"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--machine-layout"), "{err}");
-    let (out2, img) = extract(c, "raw", &["--machine-layout", "flat"]);
+    let (out2_tmp, img) = extract(c, "raw", &["--machine-layout", "flat"]);
+    let out2 = out2_tmp.path();
     assert_eq!(img.len(), 16 << 20);
     let _ = std::fs::remove_dir_all(out2);
     let _ = std::fs::remove_dir_all(out);
 
     let c = all.iter().find(|c| c.name == "q10-stopped").unwrap();
-    let out = tmpdir("mrb");
+    let out_tmp = tmpdir("mrb");
+    let out = out_tmp.path();
     let o = qmig()
         .arg("extract")
         .arg(&c.stream_path)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(["--format", "raw", "--max-ram-below-4g", "8G"])
         .output()
         .unwrap();

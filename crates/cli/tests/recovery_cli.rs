@@ -62,10 +62,13 @@ fn args<'a>(
     v
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-recovery-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn tmpdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-recovery-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// `extract` of the connection list: every digest of the destination's
@@ -76,7 +79,8 @@ fn extract_of_connection_list_equals_pmemsave() {
         let (m, p, _) = files(sc);
         assert!(m.len() == 2, "{sc}: two main connections");
         assert_eq!(p.len(), if sc.contains("preempt") { 2 } else { 0 });
-        let out = tmpdir(sc);
+        let out_tmp = tmpdir(sc);
+        let out = out_tmp.path();
         let mut a = args(&["extract", "-q"], &m, &p);
         a.push("-o".as_ref());
         a.push(out.as_os_str());
@@ -117,7 +121,8 @@ fn extract_of_connection_list_equals_pmemsave() {
             );
         }
         // Without the second main connection the migration is incomplete.
-        let out1 = tmpdir(&format!("{sc}-one"));
+        let out1_tmp = tmpdir(&format!("{sc}-one"));
+        let out1 = out1_tmp.path();
         let r = qmig(&[
             "extract".as_ref(),
             "-q".as_ref(),
@@ -130,8 +135,8 @@ fn extract_of_connection_list_equals_pmemsave() {
             String::from_utf8_lossy(&r.stderr).contains("truncated"),
             "{sc}"
         );
-        let _ = std::fs::remove_dir_all(&out);
-        let _ = std::fs::remove_dir_all(&out1);
+        let _ = std::fs::remove_dir_all(out);
+        let _ = std::fs::remove_dir_all(out1);
     }
 }
 
@@ -241,8 +246,9 @@ fn continuation_only_when_listed_after_another() {
     assert!(e.contains("offset 0"), "{e}");
     // A precopy capture cut in two cannot be continued: QEMU would have failed, not paused.
     let s = std::fs::read(qmig_tests::data_dir().join("q10-stopped/stream")).unwrap();
-    let d = tmpdir("precopy-cut");
-    std::fs::create_dir_all(&d).unwrap();
+    let d_tmp = tmpdir("precopy-cut");
+    let d = d_tmp.path();
+    std::fs::create_dir_all(d).unwrap();
     let (a, b) = (d.join("a"), d.join("b"));
     std::fs::write(&a, &s[..s.len() / 2]).unwrap();
     std::fs::write(&b, &s[s.len() / 2..]).unwrap();
@@ -254,8 +260,8 @@ fn continuation_only_when_listed_after_another() {
     let p = [m[0].clone(), m[0].clone()];
     let r = qmig(&args(&["inspect"], &m[..1], &p));
     assert_eq!(r.status.code(), Some(2));
-    let _ = std::fs::remove_dir_all(&d);
-    let _: &Path = &d;
+    let _ = std::fs::remove_dir_all(d);
+    let _: &Path = d;
 }
 
 /// The destination state machine, fed the connections recorded before the
@@ -331,8 +337,9 @@ fn received_bitmaps_at_the_pause_equal_qemus() {
 #[test]
 fn hostile_recovery_messages_are_typed_errors() {
     let (m, _, rp) = files("q10-postcopy-recover");
-    let d = tmpdir("hostile");
-    std::fs::create_dir_all(&d).unwrap();
+    let d_tmp = tmpdir("hostile");
+    let d = d_tmp.path();
+    std::fs::create_dir_all(d).unwrap();
     let raw = |f: &PathBuf| qmig_tests::gunzip(&std::fs::read(f).unwrap());
     // RECV_BITMAP "pc.xam" at offset 0 of the recovery connection.
     let mut m2 = raw(&m[1]);
@@ -406,5 +413,5 @@ fn hostile_recovery_messages_are_typed_errors() {
         let e = String::from_utf8_lossy(&r.stderr).into_owned();
         assert!(e.contains(&want), "{name}: {e}");
     }
-    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,11 +14,13 @@ fn qmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qmig"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-sendpc-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-sendpc-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// POSTCOPY_RUN as it is on the wire: the switchover is over when it went by.
@@ -42,7 +43,8 @@ fn with_fake_destination_and(
     extra: &[&str],
     then: impl FnOnce(&mut std::os::unix::net::UnixStream, &UnixListener) + Send + 'static,
 ) -> (i32, String, Duration) {
-    let dir = scratch(name);
+    let dir_tmp = scratch(name);
+    let dir = dir_tmp.path();
     let cap = qmig_tests::data_dir().join("q10-stopped").join("stream");
     let ram = dir.join("ram");
     let st = qmig()
@@ -89,7 +91,7 @@ fn with_fake_destination_and(
         .unwrap();
     let took = t0.elapsed();
     fake.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -1225,8 +1225,12 @@ fn mmap_memory_keeps_data_across_page_releases() {
     // Writes and reads back more than RELEASE_EVERY several times over, so the
     // mapped pages are released (MADV_DONTNEED) between accesses: every byte
     // written must still read back, through the mapping and in the file.
-    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-release-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-ram-dst-release-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("d");
     let mut mem = MmapMemory::create(&dir).unwrap();
     let len = 3 * crate::mmap::RELEASE_EVERY;
     mem.set_block_len(0, "pc.ram", len).unwrap();
@@ -1257,8 +1261,12 @@ fn mapped_input_reads_the_file_while_its_pages_are_released() {
     // whole file is read over and over: every read sees the file's bytes,
     // and dropping the value (which stops the thread before unmapping) and
     // mapping again works.
-    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-input-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-ram-dst-input-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("image");
     let want: Vec<u8> = (0..(8u32 << 20) + 123)
@@ -1289,8 +1297,12 @@ fn mapped_input_reads_the_file_while_its_pages_are_released() {
 #[test]
 fn mmap_memory_writes_files_sparsely_and_punches_holes() {
     use std::os::unix::fs::MetadataExt;
-    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-ram-dst-test-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("d");
     let mem = MmapMemory::create(&dir).unwrap();
     let mut d = RamDst::new(Config::default(), mem).unwrap();
     let len = 64u64 << 20;
@@ -1354,8 +1366,12 @@ fn vec_memory_limit_and_bounds() {
 
 #[test]
 fn file_memory_combines_writes_and_writes_back_modified_pages() {
-    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-file-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-ram-dst-file-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("d");
     let mut d = RamDst::new(Config::default(), FileMemory::create(&dir).unwrap()).unwrap();
     d.handle_item(0, 10, &ram(RamRecord::mem_size(vec![mb("pc.ram", 8 * PS)])))
         .unwrap();
@@ -2453,8 +2469,12 @@ fn file_matches_vec(
     block_pages: u64,
     recs: impl Fn(&[u8]) -> Vec<RamRecord<'_>>,
 ) {
-    let dir = std::env::temp_dir().join(format!("qmig-ram-dst-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("qmig-ram-dst-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("d");
     let input = mapped_pages(&dir, pages);
     let out = dir.join("out");
     let mut mem = FileMemory::create(&out).unwrap();

@@ -8,16 +8,18 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qmig_ram_dst::{Config, FileMemory, GuestMemory, RamDst, Stats};
 use qmig_wire::{Item, MappedRam, ReadItem, SliceReader};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmig-mr-runs-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-mr-runs-{}-", name.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// How the pages are applied.
@@ -180,17 +182,18 @@ fn captures() -> Vec<(&'static str, Vec<u8>)> {
 #[test]
 fn runs_equal_per_page_on_qemu_files() {
     for (name, bytes) in captures() {
-        let dir = scratch(&name.replace('/', "-"));
+        let dir_tmp = scratch(&name.replace('/', "-"));
+        let dir = dir_tmp.path();
         let file = dir.join("stream");
         write_sparse(&file, &bytes);
-        let o = check_same(&file, &dir);
+        let o = check_same(&file, dir);
         assert!(o.error.is_none(), "{name}: {:?}", o.error);
         assert!(
             o.stats.page > 0 && o.stats.zero > 0,
             "{name}: {:?}",
             o.stats
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -218,10 +221,11 @@ fn runs_equal_per_page_on_rewritten_bitmaps() {
                 }
             }
         }
-        let dir = scratch(label);
+        let dir_tmp = scratch(label);
+        let dir = dir_tmp.path();
         let file = dir.join("stream");
         write_sparse(&file, &b);
-        let o = check_same(&file, &dir);
+        let o = check_same(&file, dir);
         assert!(o.error.is_none(), "{label}: {:?}", o.error);
         match label {
             "all" => assert_eq!(o.stats.zero, 0),
@@ -234,7 +238,7 @@ fn runs_equal_per_page_on_rewritten_bitmaps() {
             }
             _ => assert!(o.stats.page > 0 && o.stats.zero > 0),
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -243,10 +247,11 @@ fn runs_stop_where_per_page_stops_on_a_cut_file() {
     // The file ends inside a page area: the decoder refuses the block entry
     // (its region passes the end of the input) in every mode alike.
     let (_, bytes) = captures().remove(0);
-    let dir = scratch("cut");
+    let dir_tmp = scratch("cut");
+    let dir = dir_tmp.path();
     let file = dir.join("stream");
     write_sparse(&file, &bytes[..bytes.len() * 3 / 4]);
-    let o = check_same(&file, &dir);
+    let o = check_same(&file, dir);
     assert!(o.error.is_some());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

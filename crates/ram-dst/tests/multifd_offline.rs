@@ -120,7 +120,12 @@ fn channel_errors_are_typed() {
     let e = apply(&main, &[dir("no-such-file")]).err().unwrap();
     assert!(e.to_string().contains("no-such-file"), "{e}");
     // A channel cut inside a packet.
-    let cut = std::env::temp_dir().join(format!("qmig-offline-cut-{}.gz", std::process::id()));
+    // Removed with its contents when `tmp` drops (also on panic).
+    let tmp = tempfile::Builder::new()
+        .prefix("qmig-offline-cut-")
+        .tempdir()
+        .unwrap();
+    let cut = tmp.path().join("cut.gz");
     let bytes = qmig_tests::gunzip(&std::fs::read(&chans[0]).unwrap());
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &bytes[..bytes.len() / 2]).unwrap();

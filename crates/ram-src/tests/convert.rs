@@ -10,7 +10,7 @@
 //! - keeps every non-RAM item (header, configuration, device sections,
 //!   EOF, vmdesc) byte for byte and in order.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use proptest::prelude::*;
 use qmig_ram_dst::{RamDst, VecMemory};
@@ -23,29 +23,26 @@ use qmig_wire::{
     ReadItem, SectionHeader, SectionIdent, SectionKind, SliceReader, StreamReader,
 };
 
-/// A fresh spool directory.
-fn spool_dir(tag: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "qmig-convert-test-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).expect("spool dir");
-    d
+/// A fresh scratch directory, removed with its contents when the returned
+/// `TempDir` drops (also when the test panics).
+fn spool_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("qmig-convert-test-{}-", tag.replace('/', "_")))
+        .tempdir()
+        .unwrap()
 }
 
 /// Converts `stream` (read incrementally, as from a pipe).
 fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
-    let dir = spool_dir("c");
+    let dir_tmp = spool_dir("c");
+    let dir = dir_tmp.path();
     let opts = Options {
         zero_pages,
         // Small sections, so that PART splitting is exercised.
         section_bytes: 64 << 10,
         ..Options::default()
     };
-    let mut conv = Converter::new(VecMemory::new(), &dir, opts).expect("converter");
+    let mut conv = Converter::new(VecMemory::new(), dir, opts).expect("converter");
     let mut rd = StreamReader::new(stream);
     while let Some(ri) = rd.next_item().expect("input parses") {
         conv.handle(&ri).expect("input converts");
@@ -53,7 +50,7 @@ fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
     let mut out = Vec::new();
     let report = conv.finish(&mut out).expect("finish");
     drop(conv);
-    std::fs::remove_dir_all(&dir).expect("spool files removed with the converter");
+    std::fs::remove_dir_all(dir).expect("spool files removed with the converter");
     assert_eq!(report.output_stream_bytes, out.len() as u64);
     (out, report)
 }
@@ -61,19 +58,20 @@ fn convert(stream: &[u8], zero_pages: ZeroPages) -> (Vec<u8>, Report) {
 /// Converts `stream` to a mapped-ram file (written through a seekable
 /// in-memory cursor: gaps read back as zeros, as holes do).
 fn convert_mapped(stream: &[u8]) -> Result<(Vec<u8>, Report), ConvertError> {
-    let dir = spool_dir("m");
+    let dir_tmp = spool_dir("m");
+    let dir = dir_tmp.path();
     let opts = Options {
         format: Format::MappedRam,
         ..Options::default()
     };
-    let mut conv = Converter::new(VecMemory::new(), &dir, opts).expect("converter");
+    let mut conv = Converter::new(VecMemory::new(), dir, opts).expect("converter");
     let mut rd = StreamReader::new(stream);
     while let Some(ri) = rd.next_item().expect("input parses") {
         conv.handle(&ri).expect("input converts");
     }
     let r = conv.finish_mapped_ram(std::io::Cursor::new(Vec::new()));
     drop(conv);
-    std::fs::remove_dir_all(&dir).expect("spool files removed with the converter");
+    std::fs::remove_dir_all(dir).expect("spool files removed with the converter");
     let (report, cur) = r?;
     let out = cur.into_inner();
     assert_eq!(report.output_stream_bytes, out.len() as u64);
@@ -346,8 +344,9 @@ fn single_pass_stopped_capture_is_unchanged() {
         .into_iter()
         .find(|c| c.name == "q10-stopped")
         .expect("q10-stopped");
-    let dir = spool_dir("s");
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let dir_tmp = spool_dir("s");
+    let dir = dir_tmp.path();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&c.stream[..]);
     while let Some(ri) = rd.next_item().unwrap() {
         conv.handle(&ri).unwrap();
@@ -421,8 +420,9 @@ fn truncated_input_is_refused() {
         .expect("q10-passes");
     // Cut right after the first RAM START section: items parse, EOF never comes.
     let cut = c.stream.len() / 2;
-    let dir = spool_dir("t");
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let dir_tmp = spool_dir("t");
+    let dir = dir_tmp.path();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&c.stream[..cut]);
     let mut failed = false;
     loop {
@@ -796,8 +796,9 @@ fn multifd_main_channel_is_refused() {
     s.extend_from_slice(&flags::EOS.to_be_bytes());
     footer(&mut s);
     s.push(0);
-    let dir = spool_dir("m");
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let dir_tmp = spool_dir("m");
+    let dir = dir_tmp.path();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&s[..]);
     let mut err = None;
     while let Some(ri) = rd.next_item().unwrap() {
@@ -817,12 +818,13 @@ fn multifd_main_channel_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
     // With the channels applied by the caller (`Options::multifd_channels`),
     // MULTIFD_FLUSH is a sync point: dropped, and the output has none.
-    let dir = spool_dir("mf");
+    let dir_tmp = spool_dir("mf");
+    let dir = dir_tmp.path();
     let opts = Options {
         multifd_channels: true,
         ..Options::default()
     };
-    let mut conv = Converter::new(VecMemory::new(), &dir, opts).unwrap();
+    let mut conv = Converter::new(VecMemory::new(), dir, opts).unwrap();
     let mut rd = StreamReader::new(&s[..]);
     while let Some(ri) = rd.next_item().unwrap() {
         conv.handle(&ri).unwrap();
@@ -889,8 +891,9 @@ fn stream_to_mapped_ram_and_back_is_the_original() {
         .find(|c| c.name == "q10-stopped")
         .expect("q10-stopped");
     let (mapped, _) = convert_mapped(&c.stream).unwrap();
-    let dir = spool_dir("b");
-    let mut conv = Converter::new(VecMemory::new(), &dir, Options::default()).unwrap();
+    let dir_tmp = spool_dir("b");
+    let dir = dir_tmp.path();
+    let mut conv = Converter::new(VecMemory::new(), dir, Options::default()).unwrap();
     let mut rd = StreamReader::new(&mapped[..]);
     while let Some(ri) = rd.next_item().unwrap() {
         conv.handle(&ri).unwrap();
