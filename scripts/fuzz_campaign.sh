@@ -28,6 +28,8 @@ logs="$here/target/fuzz-campaign"
 rm -rf "$logs"
 mkdir -p "$logs"
 started="$(date -u +%FT%TZ)"
+stamp="$logs/.started"
+touch "$stamp"
 echo "fuzz campaign: $(echo "$targets" | wc -w) targets x ${secs}s, $jobs at a time ($started)"
 
 run_one() {
@@ -69,8 +71,9 @@ for t in $targets; do
     ft="$(printf '%s' "$last" | grep -o 'ft: [0-9]*' | grep -o '[0-9]*' || true)"
     corpus="$(find "corpus/$t" -type f | wc -l)"
     crashes=0
-    for a in "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* "artifacts/$t"/leak-*; do
-        [ -e "$a" ] || continue
+    # Only what this campaign wrote: artifacts/ keeps those of earlier runs.
+    for a in $(find "artifacts/$t" -maxdepth 1 -type f -newer "$stamp" \
+        \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' \) | sort); do
         crashes=$((crashes + 1))
         mkdir -p "regressions/$t"
         cp "$a" "regressions/$t/"
