@@ -44,10 +44,9 @@ fn ok(o: &Output) {
     );
 }
 
-/// `qmig extract`'s images of `stream`: (block name, bytes).
-fn extract(stream: &Path, dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let o = run(&[&"extract", &stream, &"-o", &dir]);
-    ok(&o);
+/// The images a complete extract wrote into `dir`: (block name, bytes), in
+/// the manifest's order.
+fn images(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap())
         .expect("manifest");
     assert_eq!(m["complete"], true);
@@ -62,6 +61,13 @@ fn extract(stream: &Path, dir: &Path) -> Vec<(String, Vec<u8>)> {
             )
         })
         .collect()
+}
+
+/// `qmig extract`'s images of `stream`: (block name, bytes).
+fn extract(stream: &Path, dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let o = run(&[&"extract", &stream, &"-o", &dir]);
+    ok(&o);
+    images(dir)
 }
 
 /// The directory holds exactly `names` (no temporary files left).
@@ -508,20 +514,7 @@ fn extract_set(set: &[PathBuf], dir: &Path) -> Vec<(String, Vec<u8>)> {
         .output()
         .unwrap();
     ok(&o);
-    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap())
-        .expect("manifest");
-    assert_eq!(m["complete"], true);
-    m["blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                std::fs::read(dir.join(b["file"].as_str().unwrap())).unwrap(),
-            )
-        })
-        .collect()
+    images(dir)
 }
 
 /// Every committed capture set of several connections (recovered postcopy:
